@@ -1,0 +1,53 @@
+"""The `apar` command line: one entry point, one module per command group.
+
+Each command module exposes `register(subparsers)`, adding its parser(s) with `set_defaults(func=...)`.
+A command function returns an exit code. Errors a user can cause are raised as `UserError` and printed
+as one line on stderr (never a traceback), with exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from apar.errors import UserError
+
+# Modules that add commands; each has register(subparsers).
+COMMAND_MODULES = (
+    "apar.commands.generate",
+    "apar.commands.model",
+    "apar.commands.bench",
+    "apar.data.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="apar", description="APAR serve: parallel-thread LLM decoding")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # a command group not built yet
+                continue
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"apar {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"apar {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
