@@ -1,0 +1,255 @@
+"""The KV ledger: which thread owns which KV block, who still reads it, and when it is free.
+
+Plain Python bookkeeping (no torch, no gRPC): the worker asks it for slots, the engine's tensors never
+come here. Data flows one way: the worker's scheduler calls `start`, `append`, `fork` and `finish` for
+each step; the ledger answers with block ids and the ids it freed.
+
+A thread's context in blocks (SPEC sections 2 and 5)::
+
+    refs (ancestors' blocks, read only)   own (this thread's blocks, it writes the last one)
+    [ root b0 | root b1 | parent b4 ]     [ b7 | b9 (partly filled) ]
+
+`fork(parent, child)` is called right after the parent's `[Fork]` token got its slot. The child's refs are
+the parent's refs + the parent's own blocks; nothing is copied. The parent's last block is then *sealed*:
+the child reads it, so the parent's next token opens a fresh block. That keeps the rule "no block is
+written while shared" without copy-on-write, at the cost of at most one partly filled block per fork.
+
+Invariants (enforced where they apply, all checked by `check()`):
+  I1. free + used == total, and the free list holds each free id once.
+  I2. refcount(block) == (1 if its owner is running) + (number of running threads whose refs hold it);
+      a block is freed exactly when its count reaches 0, never while referenced.
+  I3. a thread only writes into its own last block, and only while that block's count is 1 (unshared).
+  I4. after a request is released (ended, cancelled or failed) none of its blocks is in use.
+  I5. a fork copies no KV: it only adds references.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+
+class ThreadRef(NamedTuple):
+    """A thread, named by its request and its id within the request (the root is 0)."""
+
+    request: str
+    thread: int
+
+
+class LedgerError(RuntimeError):
+    """A call that would break an invariant: a bug in the caller, never silently accepted."""
+
+
+class OutOfBlocks(LedgerError):
+    """Not enough free blocks for an allocation; nothing was changed."""
+
+
+@dataclass(slots=True)
+class _Block:
+    owner: ThreadRef
+    refcount: int = 1
+    used: int = 0  # token slots written
+
+
+@dataclass(slots=True)
+class _Thread:
+    ref: ThreadRef
+    refs: list[int]
+    own: list[int] = field(default_factory=list)
+    sealed: bool = False  # last own block shared with a child: the next token opens a new block
+    running: bool = True
+
+
+class KVLedger:
+    """Block ownership and reference counts for every thread of every request."""
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        if num_blocks <= 0 or block_size <= 0:
+            raise ValueError("num_blocks and block_size must be positive")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self._free: deque[int] = deque(range(num_blocks))  # allocate from the left, freed ids go right
+        self._blocks: dict[int, _Block] = {}
+        self._threads: dict[ThreadRef, _Thread] = {}
+        self._request_blocks: dict[str, int] = {}  # blocks in use owned by each request's threads
+
+    # ---- read side ---------------------------------------------------------------------------------
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return len(self._blocks)
+
+    def blocks_of(self, request: str) -> int:
+        """Blocks in use that belong to `request`'s threads."""
+        return self._request_blocks.get(request, 0)
+
+    def context_blocks(self, ref: ThreadRef) -> list[int]:
+        """The blocks of the thread's context, in reading order (refs then own)."""
+        t = self._thread(ref)
+        return t.refs + t.own
+
+    def own_blocks(self, ref: ThreadRef) -> list[int]:
+        return list(self._thread(ref).own)
+
+    def refcount(self, block: int) -> int:
+        b = self._blocks.get(block)
+        return 0 if b is None else b.refcount
+
+    def is_running(self, ref: ThreadRef) -> bool:
+        t = self._threads.get(ref)
+        return t is not None and t.running
+
+    def blocks_needed(self, ref: ThreadRef | None, n_tokens: int) -> int:
+        """New blocks that appending `n_tokens` to `ref` (or to a new thread if None) would take."""
+        room = 0
+        if ref is not None:
+            t = self._thread(ref)
+            if t.own and not t.sealed:
+                room = self.block_size - self._blocks[t.own[-1]].used
+        extra = max(0, n_tokens - room)
+        return -(-extra // self.block_size)
+
+    # ---- write side --------------------------------------------------------------------------------
+    def start(self, ref: ThreadRef) -> None:
+        """Register a root thread (no context yet); its prompt and tokens come by `append`."""
+        if ref in self._threads:
+            raise LedgerError(f"thread {ref} already exists")
+        self._threads[ref] = _Thread(ref=ref, refs=[])
+        self._request_blocks.setdefault(ref.request, 0)
+
+    def append(self, ref: ThreadRef, n_tokens: int = 1) -> list[tuple[int, int]]:
+        """Give `n_tokens` new tokens of a running thread their slots: a list of (block id, offset).
+
+        Fills the thread's last block when it is unsealed, then opens fresh blocks. All or nothing:
+        raises OutOfBlocks without changing anything when the free list is too short.
+        """
+        t = self._thread(ref)
+        if not t.running:
+            raise LedgerError(f"append to finished thread {ref}")
+        need = self.blocks_needed(ref, n_tokens)
+        if need > len(self._free):
+            raise OutOfBlocks(f"{need} blocks needed, {len(self._free)} free")
+        slots: list[tuple[int, int]] = []
+        remaining = n_tokens
+        if t.own and not t.sealed:
+            last = self._blocks[t.own[-1]]
+            if last.refcount != 1:  # I3
+                raise LedgerError(f"write to shared block {t.own[-1]}")
+            take = min(remaining, self.block_size - last.used)
+            slots.extend((t.own[-1], last.used + i) for i in range(take))
+            last.used += take
+            remaining -= take
+        while remaining:
+            block_id = self._free.popleft()
+            take = min(remaining, self.block_size)
+            self._blocks[block_id] = _Block(owner=ref, used=take)
+            self._request_blocks[ref.request] += 1
+            t.own.append(block_id)
+            t.sealed = False
+            slots.extend((block_id, i) for i in range(take))
+            remaining -= take
+        return slots
+
+    def fork(self, parent: ThreadRef, child: ThreadRef) -> None:
+        """Spawn `child` reading all of `parent`'s context so far (which ends with its `[Fork]`).
+
+        Copies no KV (I5): the child's refs are block ids whose counts go up by one. The parent's last
+        block is sealed, so it is never written while shared (I3).
+        """
+        p = self._thread(parent)
+        if not p.running:
+            raise LedgerError(f"fork from finished thread {parent}")
+        if child in self._threads:
+            raise LedgerError(f"thread {child} already exists")
+        if child.request != parent.request:
+            raise LedgerError("a child belongs to its parent's request")
+        refs = p.refs + p.own
+        for block_id in refs:
+            self._blocks[block_id].refcount += 1
+        p.sealed = True
+        self._threads[child] = _Thread(ref=child, refs=refs)
+
+    def finish(self, ref: ThreadRef) -> list[int]:
+        """End a thread: drop its owner reference and its context references; return the freed ids."""
+        t = self._thread(ref)
+        if not t.running:
+            raise LedgerError(f"thread {ref} finished twice")
+        t.running = False
+        freed: list[int] = []
+        for block_id in t.own + t.refs:
+            self._unref(block_id, freed)
+        return freed
+
+    def release(self, request: str) -> list[int]:
+        """End every running thread of a request (done, cancelled or failed) and forget it.
+
+        Returns the ids freed by this call; afterwards none of the request's blocks is in use (I4).
+        """
+        refs = [r for r in self._threads if r.request == request]
+        freed: list[int] = []
+        # children first, so freed ids come out leaf to root
+        for ref in sorted(refs, key=lambda r: -r.thread):
+            if self._threads[ref].running:
+                freed.extend(self.finish(ref))
+        for ref in refs:
+            del self._threads[ref]
+        left = self._request_blocks.pop(request, 0)
+        if left:
+            raise LedgerError(f"request {request} leaked {left} blocks")
+        return freed
+
+    def _unref(self, block_id: int, freed: list[int]) -> None:
+        b = self._blocks[block_id]
+        b.refcount -= 1
+        if b.refcount < 0:
+            raise LedgerError(f"block {block_id} dereferenced below zero")
+        if b.refcount == 0:
+            del self._blocks[block_id]
+            self._request_blocks[b.owner.request] -= 1
+            self._free.append(block_id)
+            freed.append(block_id)
+
+    def _thread(self, ref: ThreadRef) -> _Thread:
+        try:
+            return self._threads[ref]
+        except KeyError:
+            raise LedgerError(f"unknown thread {ref}") from None
+
+    # ---- invariants --------------------------------------------------------------------------------
+    def check(self) -> None:
+        """Verify I1-I4 from scratch; raises LedgerError naming the first broken one."""
+        free = list(self._free)
+        if len(set(free)) != len(free):
+            raise LedgerError("I1: a block is on the free list twice")
+        if set(free) & set(self._blocks):
+            raise LedgerError("I1: a block is both free and in use")
+        if len(free) + len(self._blocks) != self.num_blocks:
+            raise LedgerError("I1: free + used != total")
+        expected: dict[int, int] = {}
+        for t in self._threads.values():
+            if not t.running:
+                continue
+            for block_id in t.own:
+                expected[block_id] = expected.get(block_id, 0) + 1
+            for block_id in t.refs:
+                expected[block_id] = expected.get(block_id, 0) + 1
+        for block_id, b in self._blocks.items():
+            if b.refcount != expected.get(block_id, 0):
+                raise LedgerError(
+                    f"I2: block {block_id} count {b.refcount}, expected {expected.get(block_id, 0)}"
+                )
+        missing = set(expected) - set(self._blocks)
+        if missing:
+            raise LedgerError(f"I2: referenced blocks {sorted(missing)} are free")
+        per_request: dict[str, int] = {}
+        for b in self._blocks.values():
+            per_request[b.owner.request] = per_request.get(b.owner.request, 0) + 1
+        for request, n in self._request_blocks.items():
+            if per_request.get(request, 0) != n:
+                raise LedgerError(f"I4: request {request} counts {n} blocks, owns {per_request.get(request, 0)}")
+        orphans = set(per_request) - set(self._request_blocks)
+        if orphans:
+            raise LedgerError(f"I4: blocks of released requests {sorted(orphans)} still in use")
