@@ -1,0 +1,77 @@
+"""Small random-weight model directories built from a config: real HF models for tests and benchmarks.
+
+`make_model(out, arch="llama")` writes config.json, model.safetensors, a generation config and a byte-level
+BPE tokenizer (trained here on the shared data's train split, or on built-in text when it is absent) with
+the control tokens `[Fork]` and `[Child]`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, MistralConfig, Qwen2Config
+
+from apar.errors import UserError
+from apar.split import shared_data_dir
+from apar.tokenizer import CHILD, FORK, save, shared_texts, train_bpe
+
+ARCHS = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
+
+_FALLBACK_TEXT = (
+    "Here are three ways to stay focused:\n1. Plan: write the day's tasks first.\n"
+    "2. Rest: take short breaks.\n3. Focus: silence your phone. The end of the answer. "
+) * 20
+
+
+@dataclass(slots=True)
+class ModelShape:
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2  # < heads: grouped-query attention
+    intermediate: int = 128
+    max_positions: int = 1024
+    vocab: int = 1024
+
+
+def build_tokenizer(vocab: int, control: tuple[str, str] = (FORK, CHILD)):
+    data = shared_data_dir()
+    texts = shared_texts(data, limit=3000) if data.is_dir() else []
+    if not texts:
+        texts = [_FALLBACK_TEXT]
+    return train_bpe(texts, vocab, control_tokens=control)
+
+
+def make_model(out: str | Path, arch: str = "llama", shape: ModelShape | None = None, seed: int = 0,
+               control: tuple[str, str] = (FORK, CHILD), tokenizer=None) -> Path:
+    if arch not in ARCHS:
+        raise UserError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    shape = shape or ModelShape()
+    out = Path(out)
+    tok = tokenizer or build_tokenizer(shape.vocab, control)
+    cfg = ARCHS[arch](
+        vocab_size=len(tok),
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=shape.max_positions,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    # wider random logits than the default init, so greedy choices are far from ties
+    with torch.no_grad():
+        model.get_output_embeddings().weight.normal_(0.0, 0.5)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    save(tok, out)
+    return out

@@ -1,0 +1,89 @@
+"""Typed configuration of the engine and of one request's sampling; every field checked on creation."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from apar.errors import UserError
+
+MAX_TOKENS_LIMIT = 1 << 20  # anything above is absurd for any model this engine loads
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """How one request samples. temperature 0 is greedy; `max_tokens` counts tokens over all threads."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    auto_parallel: bool = True  # False: auto-regressive mode, [Fork] banned
+    max_threads: int = 16  # threads per request, the root included
+    max_depth: int = 4  # fork depth: the root is depth 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
+            raise UserError("max_tokens must be an integer")
+        if self.max_tokens <= 0:
+            raise UserError(f"max_tokens must be > 0, got {self.max_tokens}")
+        if self.max_tokens > MAX_TOKENS_LIMIT:
+            raise UserError(f"max_tokens {self.max_tokens} is absurd (limit {MAX_TOKENS_LIMIT})")
+        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature):
+            raise UserError("temperature must be a finite number")
+        if self.temperature < 0:
+            raise UserError(f"temperature must be >= 0, got {self.temperature}")
+        if not isinstance(self.top_p, (int, float)) or not (0.0 < self.top_p <= 1.0):
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise UserError(f"top_k must be an integer >= 0, got {self.top_k}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+            raise UserError(f"seed must be an integer in [0, 2^63), got {self.seed}")
+        if self.max_threads < 1:
+            raise UserError(f"max_threads must be >= 1, got {self.max_threads}")
+        if self.max_depth < 0:
+            raise UserError(f"max_depth must be >= 0, got {self.max_depth}")
+        self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(slots=True)
+class ControlTokens:
+    """The strings of the APAR control tokens; ids are looked up in the tokenizer, never hard-coded."""
+
+    fork: str = "[Fork]"
+    child: str = "[Child]"
+
+    # the published THUDM/apar checkpoints
+    @classmethod
+    def published(cls) -> "ControlTokens":
+        return cls(fork="[SplitMask]", child="[SplitSop]")
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """The engine's fixed sizes: KV pool, batch, devices."""
+
+    block_size: int = 16
+    num_blocks: int | None = None  # None: derived from kv_memory_mb
+    kv_memory_mb: float = 256.0
+    max_batch_tokens: int = 512  # tokens per step: every decode token first, then prefill chunks
+    device: str | None = None  # None: cuda when present, else cpu
+    dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu; or float32 / float16 / bfloat16
+    control: ControlTokens = field(default_factory=ControlTokens)
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise UserError(f"block_size must be a power of two, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks <= 0:
+            raise UserError(f"num_blocks must be > 0, got {self.num_blocks}")
+        if self.kv_memory_mb <= 0:
+            raise UserError(f"kv_memory_mb must be > 0, got {self.kv_memory_mb}")
+        if self.max_batch_tokens < 16:
+            raise UserError(f"max_batch_tokens must be >= 16, got {self.max_batch_tokens}")
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise UserError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype}")

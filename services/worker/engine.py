@@ -1,0 +1,266 @@
+"""The APAR engine: continuous batching of every thread of every request, one forward pass a step.
+
+`step()` reads like its description: admit, plan, allocate slots in the ledger, run the model, sample,
+then apply the tokens (fork, finish, free) and report events. Callers add requests and abort them
+between steps; the engine is single-threaded by design (a server drives it from one loop).
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from apar.errors import CapacityError, UserError
+from services.kvmanager.ledger import KVLedger, OutOfBlocks, ThreadRef
+from services.worker.config import EngineConfig, SamplingParams
+from services.worker.events import Event, RequestFinished, ThreadFinished, ThreadStarted, TokenEvent
+from services.worker.model_runner import ModelRunner
+from services.worker.sampler import fork_allowed, sample
+from services.worker.scheduler import Scheduler, Work
+from services.worker.sequence import FinishReason, ReplayCursor, ReplayNode, Request, Thread, context_tokens
+
+
+@dataclass(slots=True)
+class StepResult:
+    events: list[Event]
+    tokens: int = 0  # tokens computed in this step (prefill and decode)
+    sampled: int = 0
+    # (request, thread) -> (context token ids, logits [V]) when the engine keeps logits (tests)
+    logits: dict[tuple[str, int], tuple[list[int], torch.Tensor]] = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(self, model_dir: str | Path, config: EngineConfig | None = None, keep_logits: bool = False):
+        self.config = config or EngineConfig()
+        self.runner = ModelRunner(model_dir, self.config)
+        self.tokenizer = self.runner.tokenizer
+        self.fork_id = self.runner.token_id(self.config.control.fork)
+        self.child_id = self.runner.token_id(self.config.control.child)
+        self.eos_ids = self.runner.eos_ids()
+        self.ledger = KVLedger(self.runner.num_blocks, self.config.block_size)
+        self.scheduler = Scheduler(self.ledger, self.config.max_batch_tokens)
+        self.keep_logits = keep_logits
+        self.requests: dict[str, Request] = {}
+        self.steps = 0
+        self.peak_blocks = 0
+        self._ids = itertools.count()
+
+    # ---- requests in and out -----------------------------------------------------------------------
+    def add_request(self, prompt: list[int], params: SamplingParams, request_id: str | None = None,
+                    replay: ReplayNode | None = None) -> str:
+        """Queue a request; raises UserError (nothing queued) when it is invalid or can never fit."""
+        if not prompt:
+            raise UserError("prompt is empty")
+        if any((not isinstance(t, int)) or t < 0 or t >= self.runner.vocab_size for t in prompt):
+            raise UserError(f"prompt holds token ids outside the vocabulary (0..{self.runner.vocab_size - 1})")
+        limit = self.runner.max_positions
+        if len(prompt) >= limit:
+            raise CapacityError(f"prompt of {len(prompt)} tokens is longer than the model allows ({limit})")
+        if len(prompt) + params.max_tokens > limit and not params.auto_parallel:
+            raise CapacityError(
+                f"prompt ({len(prompt)}) + max_tokens ({params.max_tokens}) exceeds the model's context ({limit})"
+            )
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise UserError(f"request id {request_id!r} is already in use")
+        if replay is not None:
+            replay.validate(self.fork_id)
+        req = Request(id=request_id, prompt=list(prompt), params=params, arrival=self.steps)
+        if not params.greedy:
+            gen = torch.Generator(device=self.runner.device)
+            gen.manual_seed(params.seed if params.seed is not None else torch.seed())
+            req.generator = gen
+        root = Thread(id=0, parent=None, anchor=-1, start_pos=0, depth=0, kv_tokens=list(prompt),
+                      n_prompt=len(prompt))
+        if replay is not None:
+            root.replay = ReplayCursor(replay)
+        req.threads.append(root)
+        req.usage.prompt_tokens = len(prompt)
+        req.usage.threads = 1
+        self.scheduler.add(req)
+        self.requests[request_id] = req
+        return request_id
+
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> list[Event]:
+        """Cancel a request between steps: every block of it is free on return."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return []
+        return self._end_request(req, reason)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- one step ----------------------------------------------------------------------------------
+    def step(self) -> StepResult:
+        result = StepResult(events=[])
+        for req in self.scheduler.admit():
+            result.events.append(ThreadStarted(req.id, 0, None, -1))
+        work = self._allocate(self.scheduler.plan(), result)
+        if not work:
+            return result
+        batch = self._build_batch(work)
+        logits = self.runner.forward(*batch["args"])  # [S, V]
+        self.steps += 1
+        result.tokens = len(batch["args"][0])
+        produced: set[str] = set()
+        by_request: dict[str, list[tuple[Thread, int]]] = {}
+        for (req, t), row in zip(batch["samplers"], range(logits.shape[0])):
+            by_request.setdefault(req.id, []).append((t, row))
+        for req_id, items in by_request.items():
+            req = self.requests[req_id]
+            if req.finish is not None:
+                continue
+            self._sample_request(req, items, logits, result)
+            produced.add(req_id)
+        for req in list(self.scheduler.running):
+            if req.id in produced:
+                req.usage.steps += 1
+            req.usage.peak_kv_blocks = max(req.usage.peak_kv_blocks, self.ledger.blocks_of(req.id))
+            if not req.running_threads:
+                result.events.extend(self._end_request(req, None))
+        self.peak_blocks = max(self.peak_blocks, self.ledger.num_used)
+        return result
+
+    def _allocate(self, work: list[Work], result: StepResult) -> list[Work]:
+        """Give every planned token a slot; a request the pool cannot serve ends with `length`."""
+        ok: list[Work] = []
+        failed: set[str] = set()
+        for w in work:
+            req, t = w.request, w.thread
+            if req.id in failed:
+                continue
+            ref = ThreadRef(req.id, t.id)
+            if not t.in_ledger:  # a new child: its parent's [Fork] got its slot earlier this step
+                self.ledger.fork(ThreadRef(req.id, t.parent.id), ref)
+                t.slots = t.parent.slots[: t.start_pos].clone()
+                t.n_ctx = t.start_pos
+                t.in_ledger = True
+            try:
+                slots = self.ledger.append(ref, w.n)
+            except OutOfBlocks:
+                failed.add(req.id)
+                req.error = "the KV cache is full"
+                result.events.extend(self._end_request(req, FinishReason.LENGTH))
+                continue
+            bs = self.config.block_size
+            t.push_slots([b * bs + o for b, o in slots])
+            ok.append(w)
+        return [w for w in ok if w.request.id not in failed]
+
+    def _build_batch(self, work: list[Work]) -> dict:
+        token_ids: list[int] = []
+        positions: list[int] = []
+        write_slots: list[int] = []
+        decode, chunks, sample_rows, samplers = [], [], [], []
+        for w in work:
+            t, n = w.thread, w.n
+            row = len(token_ids)
+            first = t.computed
+            token_ids.extend(t.kv_tokens[first : first + n])
+            pos0 = t.start_pos + first
+            positions.extend(range(pos0, pos0 + n))
+            write_slots.extend(t.slots[pos0 : pos0 + n].tolist())
+            ctx = t.slots[: pos0 + n]
+            if n == 1:
+                decode.append((row, ctx, pos0))
+            else:
+                chunks.append((row, n, ctx))
+            w.request.usage.attended_tokens += n * pos0 + n * (n + 1) // 2  # sum of context lengths
+            t.computed += n
+            if t.pending == 0:
+                sample_rows.append(row + n - 1)
+                samplers.append((w.request, t))
+        return {"args": (token_ids, positions, write_slots, decode, chunks, sample_rows), "samplers": samplers}
+
+    def _sample_request(self, req: Request, items: list[tuple[Thread, int]], logits: torch.Tensor,
+                        result: StepResult) -> None:
+        rows = torch.tensor([row for _, row in items], device=logits.device)
+        lg = logits[rows].clone()  # [T, V]
+        if self.keep_logits:
+            for (t, _), row_logits in zip(items, lg):
+                result.logits[(req.id, t.id)] = (context_tokens(t), row_logits.cpu())
+        lg[:, self.child_id] = float("-inf")
+        for i, (t, _) in enumerate(items):
+            if not fork_allowed(req, t, self.fork_id, self.child_id):
+                lg[i, self.fork_id] = float("-inf")
+        if req.root.replay is not None:
+            chosen = [t.replay.next_token() for t, _ in items]
+        else:
+            chosen = sample(lg, req.params, req.generator).tolist()
+        for (t, _), token in zip(items, chosen):
+            self._apply(req, t, token, result)
+        result.sampled += len(items)
+
+    def _apply(self, req: Request, t: Thread, token: int | None, result: StepResult) -> None:
+        """Add one sampled token to a thread: extend it, fork a child, or end it."""
+        if not t.running:
+            return
+        if req.budget_left <= 0:
+            self._end_threads(req, FinishReason.LENGTH, result)
+            return
+        if token is None:  # a replayed thread ran out of tokens
+            self._finish_thread(req, t, FinishReason.STOP, result)
+            return
+        req.usage.completion_tokens += 1
+        if token in self.eos_ids or token in req.params.stop_token_ids:
+            self._finish_thread(req, t, FinishReason.STOP, result)
+            return
+        t.kv_tokens.append(token)
+        result.events.append(TokenEvent(req.id, t.id, token))
+        if token == self.fork_id:
+            self._fork(req, t, result)
+        if t.start_pos + len(t.kv_tokens) >= self.runner.max_positions:
+            self._finish_thread(req, t, FinishReason.LENGTH, result)
+        if req.budget_left <= 0:
+            self._end_threads(req, FinishReason.LENGTH, result)
+
+    def _fork(self, req: Request, parent: Thread, result: StepResult) -> None:
+        anchor = len(parent.tokens) - 1
+        child = Thread(id=len(req.threads), parent=parent, anchor=anchor,
+                       start_pos=parent.start_pos + len(parent.kv_tokens), depth=parent.depth + 1,
+                       kv_tokens=[self.child_id])
+        if parent.replay is not None:
+            k = sum(1 for tok in parent.tokens if tok == self.fork_id) - 1
+            child.replay = ReplayCursor(parent.replay.node.children[k])
+        req.threads.append(child)
+        req.usage.threads += 1
+        req.usage.forks += 1
+        req.usage.completion_tokens += 1  # the forced [Child]
+        result.events.append(ThreadStarted(req.id, child.id, parent.id, anchor))
+
+    def _finish_thread(self, req: Request, t: Thread, reason: FinishReason, result: StepResult) -> None:
+        t.finish = reason
+        if t.in_ledger:
+            self.ledger.finish(ThreadRef(req.id, t.id))
+        result.events.append(ThreadFinished(req.id, t.id, reason))
+
+    def _end_threads(self, req: Request, reason: FinishReason, result: StepResult) -> None:
+        for t in req.threads:
+            if t.running:
+                self._finish_thread(req, t, reason, result)
+
+    def _end_request(self, req: Request, reason: FinishReason | None) -> list[Event]:
+        """Finish what still runs, free every block of the request, report it; reason None: all ended."""
+        tmp = StepResult(events=[])
+        if reason is not None:
+            self._end_threads(req, reason, tmp)
+        if req in self.scheduler.running:
+            self.ledger.release(req.id)
+        self.scheduler.remove(req)
+        self.requests.pop(req.id, None)
+        if reason is None:
+            reasons = {t.finish for t in req.threads}
+            reason = FinishReason.LENGTH if FinishReason.LENGTH in reasons else FinishReason.STOP
+        req.finish = reason
+        tmp.events.append(RequestFinished(req.id, reason, req.usage, req.error))
+        return tmp.events
+
+    # ---- convenience -------------------------------------------------------------------------------
+    def run_to_completion(self) -> list[Event]:
+        events: list[Event] = []
+        while self.has_work():
+            events.extend(self.step().events)
+        return events
