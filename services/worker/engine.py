@@ -181,7 +181,7 @@ class Engine:
         lg = logits[rows].clone()  # [T, V]
         if self.keep_logits:
             for (t, _), row_logits in zip(items, lg):
-                result.logits[(req.id, t.id)] = (context_tokens(t), row_logits.cpu())
+                result.logits[(req.id, t.id)] = (context_tokens(t), row_logits.detach().to("cpu", copy=True))
         lg[:, self.child_id] = float("-inf")
         for i, (t, _) in enumerate(items):
             if not fork_allowed(req, t, self.fork_id, self.child_id):

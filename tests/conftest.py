@@ -1,0 +1,27 @@
+"""Shared fixtures: small random-weight model directories, built once per test session."""
+from __future__ import annotations
+
+import pytest
+
+from apar.modelgen import ModelShape, build_tokenizer, make_model
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer(1024)
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory, tokenizer):
+    return make_model(tmp_path_factory.mktemp("llama"), "llama", tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="session")
+def qwen2_dir(tmp_path_factory, tokenizer):
+    return make_model(tmp_path_factory.mktemp("qwen2"), "qwen2", seed=1, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="session")
+def short_llama_dir(tmp_path_factory, tokenizer):
+    """A model with a 64-token context, for limits."""
+    return make_model(tmp_path_factory.mktemp("short"), "llama", ModelShape(max_positions=64), tokenizer=tokenizer)
