@@ -39,13 +39,16 @@ _TABLE_ROW = re.compile(r"^[ \t]*\|.*\|[ \t]*\r?$", re.M)
 _MATH = re.compile(r"\$\$|\\\(|\\\[|\\begin\{|\$[^$\n]*\\[a-zA-Z]+[^$\n]*\$")
 
 
+DEFAULT_MAX_DEPTH = 3
+
+
 @dataclass(frozen=True, slots=True)
 class TreeRules:
     """How eagerly responses fork; the defaults follow SPEC section 4."""
 
     min_items: int = 3
     min_paragraphs: int = 3
-    max_depth: int = 3
+    max_depth: int = DEFAULT_MAX_DEPTH
     max_title_chars: int = 100
     paragraphs: bool = True
     sentence_titles: bool = True
