@@ -19,7 +19,7 @@ from apar.data.pipeline import (
     write_trees,
 )
 from apar.data.readers import read_conversations
-from apar.data.rules import TreeRules, build_tree
+from apar.data.rules import DEFAULT_MAX_DEPTH, TreeRules, build_tree
 from apar.data.tree import Node, TreeError
 from apar.errors import UserError
 
@@ -58,7 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_rule_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-depth", type=int, default=TreeRules.max_depth, help="deepest fork nesting")
+    parser.add_argument("--max-depth", type=int, default=DEFAULT_MAX_DEPTH, help="deepest fork nesting")
     parser.add_argument("--no-paragraphs", action="store_true", help="fork lists only, never paragraphs")
 
 
