@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from apar.errors import UserError
@@ -47,6 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"apar {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, not the user's fault: still one line unless APAR_DEBUG is set
+        if os.environ.get("APAR_DEBUG"):
+            raise
+        print(f"apar {args.command}: internal error: {type(exc).__name__}: {exc} (APAR_DEBUG=1 shows the "
+              "traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

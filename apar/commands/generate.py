@@ -1,0 +1,101 @@
+"""`apar generate`: one prompt through the engine in this process (or, later, through a server)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from apar.errors import UserError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="generate an answer with parallel threads",
+                              description="Generate one answer. Temperature 0 (the default) is greedy.")
+    p.add_argument("--model", required=True, help="local Hugging Face model directory")
+    p.add_argument("--prompt", required=True, help="the prompt (the chat template is applied when the "
+                                                   "tokenizer has one)")
+    p.add_argument("--ar", action="store_true", help="auto-regressive mode: never fork (the baseline)")
+    p.add_argument("--stream", choices=("linear", "threads"), default="linear",
+                   help="linear: restored text as it becomes final; threads: one JSON line per thread event")
+    p.add_argument("--json", action="store_true", help="print one final JSON object instead of streaming")
+    p.add_argument("--max-tokens", type=int, default=256, help="generated tokens over all threads")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-threads", type=int, default=16, help="threads per request, the root included")
+    p.add_argument("--max-depth", type=int, default=4, help="how deep forks may nest")
+    p.add_argument("--no-chat-template", action="store_true", help="use the prompt as given")
+    add_engine_args(p)
+    p.set_defaults(func=run)
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--fork-token", default="[Fork]", help="control token string that forks "
+                                                          "([SplitMask] for the published APAR checkpoints)")
+    g.add_argument("--child-token", default="[Child]", help="control token string a child starts with "
+                                                            "([SplitSop] for the published APAR checkpoints)")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    g.add_argument("--kv-blocks", type=int, default=None, help="KV blocks in the pool (default: from --kv-memory-mb)")
+    g.add_argument("--kv-memory-mb", type=float, default=256.0, help="KV pool size when --kv-blocks is not given")
+    g.add_argument("--max-batch-tokens", type=int, default=512, help="tokens computed per step")
+    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
+    g.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
+
+
+def engine_config(args):
+    from services.worker.config import ControlTokens, EngineConfig
+
+    return EngineConfig(block_size=args.block_size, num_blocks=args.kv_blocks, kv_memory_mb=args.kv_memory_mb,
+                        max_batch_tokens=args.max_batch_tokens, device=args.device, dtype=args.dtype,
+                        control=ControlTokens(fork=args.fork_token, child=args.child_token))
+
+
+def sampling_params(args):
+    from services.worker.config import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.seed, auto_parallel=not args.ar,
+                          max_threads=args.max_threads, max_depth=args.max_depth)
+
+
+def run(args) -> int:
+    params = sampling_params(args)  # bad sampling values fail before the model loads
+    if not args.prompt.strip():
+        raise UserError("prompt is empty")
+    from apar.quiet import quiet_transformers
+    from services.router.prompt import encode_prompt
+    from services.router.stream import Final, LinearDelta, RequestStream
+    from services.worker.engine import Engine
+
+    quiet_transformers()
+    engine = Engine(args.model, engine_config(args))
+    prompt = encode_prompt(engine.tokenizer, args.prompt, use_chat_template=not args.no_chat_template)
+    rid = engine.add_request(prompt, params)
+    stream = RequestStream(engine.tokenizer, engine.fork_id, engine.child_id, engine.eos_ids)
+    out = sys.stdout
+    while engine.has_work():
+        for event in engine.step().events:
+            if event.request != rid:
+                continue
+            for item in stream.feed(event):
+                if args.json:
+                    continue
+                if isinstance(item, LinearDelta) and args.stream == "linear":
+                    out.write(item.text)
+                    out.flush()
+                elif args.stream == "threads" and not isinstance(item, (LinearDelta, Final)):
+                    out.write(json.dumps({k: getattr(item, k) for k in item.__slots__}) + "\n")
+                    out.flush()
+    final = stream.final
+    assert final is not None
+    if args.json:
+        print(json.dumps({"text": final.text, "finish_reason": final.finish_reason, "usage": final.usage,
+                          "error": final.error}, ensure_ascii=False))
+    elif args.stream == "linear":
+        out.write("\n")
+    else:
+        print(json.dumps({"final": final.text, "finish_reason": final.finish_reason, "usage": final.usage},
+                         ensure_ascii=False))
+    return 0 if final.error is None else 1

@@ -1,0 +1,39 @@
+"""`apar make-model`: a small random-weight model directory built from a config (tests, benchmarks)."""
+from __future__ import annotations
+
+from apar.errors import UserError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("make-model", help="build a small random-weight model directory",
+                              description="Build a random-weight HF causal LM (with a BPE tokenizer trained "
+                                          "here and the [Fork]/[Child] tokens) for tests and benchmarks.")
+    p.add_argument("--out", required=True, help="directory to write")
+    p.add_argument("--arch", default="llama", help="llama, qwen2 or mistral")
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--intermediate", type=int, default=128)
+    p.add_argument("--max-positions", type=int, default=1024)
+    p.add_argument("--vocab", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from apar.modelgen import ModelShape, make_model
+    from apar.quiet import quiet_transformers
+
+    if min(args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate, args.max_positions) <= 0:
+        raise UserError("model sizes must be positive")
+    if args.hidden % args.heads or args.heads % args.kv_heads:
+        raise UserError("hidden must be a multiple of heads, and heads a multiple of kv-heads")
+    if args.vocab < 300:
+        raise UserError("vocab must be at least 300 (256 bytes plus special tokens)")
+    quiet_transformers()
+    shape = ModelShape(args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate,
+                       args.max_positions, args.vocab)
+    out = make_model(args.out, args.arch, shape, seed=args.seed)
+    print(out)
+    return 0
