@@ -47,15 +47,15 @@ def read_conversations(path: Path) -> list[Conversation]:
 
 
 def iter_file(path: Path) -> Iterator[Conversation]:
-    """Conversations of one file: JSONL when it ends in `.jsonl` or does not start with `[`."""
+    """Conversations of one file: a JSON list for `.json` (or any text starting with `[`), else JSONL."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: cannot read: {exc}") from None
-    if path.suffix == ".jsonl" or not text.lstrip().startswith("["):
-        yield from _iter_jsonl(path, text)
-    else:
+    if path.suffix == ".json" or (path.suffix != ".jsonl" and text.lstrip().startswith("[")):
         yield from _iter_json_list(path, text)
+    else:
+        yield from _iter_jsonl(path, text)
 
 
 def _iter_json_list(path: Path, text: str) -> Iterator[Conversation]:
