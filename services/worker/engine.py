@@ -218,7 +218,7 @@ class Engine:
             self._end_threads(req, FinishReason.LENGTH, result)
 
     def _fork(self, req: Request, parent: Thread, result: StepResult) -> None:
-        anchor = len(parent.tokens) - 1
+        anchor = len(parent.output_tokens) - 1
         child = Thread(id=len(req.threads), parent=parent, anchor=anchor,
                        start_pos=parent.start_pos + len(parent.kv_tokens), depth=parent.depth + 1,
                        kv_tokens=[self.child_id])

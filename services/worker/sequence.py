@@ -26,7 +26,7 @@ class FinishReason(enum.Enum):
 class Thread:
     id: int
     parent: "Thread | None"
-    anchor: int  # index in the parent's own tokens of the [Fork] that spawned it (-1 for the root)
+    anchor: int  # index in the parent's output_tokens of the [Fork] that spawned it (-1 for the root)
     start_pos: int  # position of its first kv token
     depth: int
     kv_tokens: list[int]
@@ -48,6 +48,11 @@ class Thread:
     def tokens(self) -> list[int]:
         """Its own tokens (no prompt)."""
         return self.kv_tokens[self.n_prompt :]
+
+    @property
+    def output_tokens(self) -> list[int]:
+        """What it reports: its own tokens without the forced [Child] (anchors index into this)."""
+        return self.kv_tokens[self.n_prompt + (self.parent is not None) :]
 
     @property
     def pending(self) -> int:
