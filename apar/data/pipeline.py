@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from apar.data.readers import Conversation
+from apar.data.readers import Conversation, read_conversations
 from apar.data.rules import TreeRules, build_tree
 from apar.data.tree import CHILD, FORK, Node, TreeError, from_json, longest_chain, restore, to_json, validate
 from apar.errors import UserError
@@ -107,9 +107,16 @@ def read_trees(path: Path) -> list[TreeRecord]:
     return records
 
 
+def load_records(path: Path, rules: TreeRules | None = None) -> list[TreeRecord]:
+    """Checked tree records from a tree file, or built from conversations (a file or a directory)."""
+    if is_tree_file(path):
+        return read_trees(path)
+    return [tree_record(conv, rules) for conv in read_conversations(path)]
+
+
 def is_tree_file(path: Path) -> bool:
     """True for a JSONL file whose first record has a 'tree' (a file `apar data trees` wrote)."""
-    if path.is_dir() or path.suffix != ".jsonl":
+    if path.suffix != ".jsonl" or not path.is_file():
         return False
     with path.open(encoding="utf-8", errors="replace") as fh:
         for line in fh:
