@@ -8,7 +8,8 @@ Recipe (seeded, so one command gives the same model again on the same machine):
 4. training on train-split trees in APAR form (packed trees), or with `ar=True` on the same responses
    flattened (no control tokens): the twin that every comparison runs against;
 5. held-out loss on restored test-split responses, written with the model to OUT/train_summary.json.
-Responses longer than the preset's character limit are left out, so whole trees fit its context.
+Responses longer than the preset's character limit are left out; a packed tree longer than the preset's
+context is cut to a prefix, which keeps the root thread (where forks are decided) and the first children.
 """
 from __future__ import annotations
 
@@ -48,8 +49,8 @@ class Preset:
 PRESETS = {
     # a couple of minutes on 2 CPU cores: forks on list prompts, rough text
     "quick": Preset(vocab=2048, hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384,
-                    max_length=384, max_response_chars=1200, tokenizer_texts=4000, held_out_records=96,
-                    steps=240, batch_size=8, lr=3e-3, warmup_steps=20),
+                    max_length=256, max_response_chars=3000, tokenizer_texts=4000, held_out_records=64,
+                    steps=120, batch_size=8, lr=3e-3, warmup_steps=10),
     # tens of minutes on 2 CPU cores (minutes on a GPU): the one to measure quality with
     "full": Preset(vocab=8192, hidden=256, layers=6, heads=8, kv_heads=4, intermediate=768,
                    max_length=768, max_response_chars=2800, tokenizer_texts=20000, held_out_records=256,

@@ -22,6 +22,7 @@ class SamplingParams:
     auto_parallel: bool = True  # False: auto-regressive mode, [Fork] banned
     max_threads: int = 16  # threads per request, the root included
     max_depth: int = 4  # fork depth: the root is depth 0
+    ignore_eos: bool = False  # EOS banned: generate exactly max_tokens (benchmarks)
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):

@@ -39,6 +39,7 @@ class Engine:
         self.fork_id = self.runner.token_id(self.config.control.fork)
         self.child_id = self.runner.token_id(self.config.control.child)
         self.eos_ids = self.runner.eos_ids()
+        self._eos_list = sorted(self.eos_ids)
         self.ledger = KVLedger(self.runner.num_blocks, self.config.block_size)
         self.scheduler = Scheduler(self.ledger, self.config.max_batch_tokens)
         self.keep_logits = keep_logits
@@ -183,6 +184,8 @@ class Engine:
             for (t, _), row_logits in zip(items, lg):
                 result.logits[(req.id, t.id)] = (context_tokens(t), row_logits.detach().to("cpu", copy=True))
         lg[:, self.child_id] = float("-inf")
+        if req.params.ignore_eos:
+            lg[:, self._eos_list] = float("-inf")
         for i, (t, _) in enumerate(items):
             if not fork_allowed(req, t, self.fork_id, self.child_id):
                 lg[i, self.fork_id] = float("-inf")

@@ -1,0 +1,78 @@
+"""`apar bench engine`: APAR beside AR on replayed real answers, and the engine beside HF generate."""
+from __future__ import annotations
+
+import random
+import tempfile
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="benchmarks (not tests): print APAR beside the AR baseline")
+    sub = p.add_subparsers(dest="bench", metavar="BENCH")
+    sub.required = True
+    e = sub.add_parser("engine", help="the decode engine on replayed answer trees and against HF generate")
+    e.add_argument("--model", default=None, help="model directory (default: build a random-weight one)")
+    e.add_argument("--requests", type=int, default=16, help="answers replayed concurrently")
+    e.add_argument("--max-answer-tokens", type=int, default=400)
+    e.add_argument("--batch", type=int, default=8, help="HF comparison: prompts per batch")
+    e.add_argument("--prompt-tokens", type=int, default=64, help="HF comparison: tokens per prompt")
+    e.add_argument("--new-tokens", type=int, default=128, help="HF comparison: tokens generated per prompt")
+    e.add_argument("--hidden", type=int, default=256, help="random model width")
+    e.add_argument("--layers", type=int, default=4, help="random model depth")
+    e.add_argument("--seed", type=int, default=0)
+    from apar.commands.generate import add_engine_args
+
+    add_engine_args(e)
+    e.set_defaults(func=run_engine_bench)
+
+
+def run_engine_bench(args) -> int:
+    import torch
+
+    from apar.bench import answer_trees, run_engine_ar, run_hf_generate, run_replay, table
+    from apar.commands.generate import engine_config
+    from apar.modelgen import ModelShape, make_model
+    from apar.quiet import quiet_transformers
+    from services.worker.engine import Engine
+
+    quiet_transformers()
+    torch.manual_seed(args.seed)
+    model_dir = Path(args.model) if args.model else None
+    if model_dir is None:
+        model_dir = Path(tempfile.mkdtemp(prefix="apar-bench-"))
+        shape = ModelShape(hidden=args.hidden, layers=args.layers, heads=max(1, args.hidden // 32),
+                           kv_heads=max(1, args.hidden // 64), intermediate=args.hidden * 3, max_positions=4096,
+                           vocab=4096)
+        make_model(model_dir, "llama", shape, seed=args.seed)
+        print(f"random-weight llama: width {args.hidden}, {args.layers} layers, at {model_dir}")
+    engine = Engine(model_dir, engine_config(args))
+    r = engine.runner
+    print(f"device {r.device}, dtype {str(r.dtype).removeprefix('torch.')}, {r.num_blocks} KV blocks of "
+          f"{engine.config.block_size} tokens, {torch.get_num_threads()} CPU threads")
+
+    items = answer_trees(engine, args.requests, args.max_answer_tokens, args.seed)
+    threads = sum(t.threads() for _, t, _ in items)
+    print(f"\n1) {len(items)} test-split answers replayed concurrently ({threads} threads in all)")
+    run_replay(engine, "warm-up", [(p, t) for p, t, _ in items[:2]], True)
+    apar = run_replay(engine, "APAR", [(p, t) for p, t, _ in items], True)
+    from services.worker.sequence import ReplayNode
+
+    ar = run_replay(engine, "AR", [(p, ReplayNode(lin)) for p, _, lin in items], False)
+    print(table([ar, apar], [("gen tokens", "tokens"), ("engine steps", "engine_steps"),
+                             ("steps/request", "steps_mean"), ("wall s", "wall_s"), ("tokens/s", "tok_s"),
+                             ("peak KV blocks", "peak_blocks"), ("attended KV tokens", "attended")]))
+    print(f"AR/APAR: steps per request {ar.steps_mean / apar.steps_mean:.2f}x, engine steps "
+          f"{ar.engine_steps / apar.engine_steps:.2f}x, wall {ar.wall_s / apar.wall_s:.2f}x, peak KV blocks "
+          f"{ar.peak_blocks / apar.peak_blocks:.2f}x, attended tokens {ar.attended / apar.attended:.2f}x")
+
+    rng = random.Random(args.seed)
+    prompts = [[rng.randrange(300, len(engine.tokenizer)) for _ in range(args.prompt_tokens)]
+               for _ in range(args.batch)]
+    print(f"\n2) AR throughput: batch {args.batch}, {args.prompt_tokens}-token prompts, {args.new_tokens} "
+          f"new tokens each, greedy")
+    run_engine_ar(engine, prompts[:2], 4)  # warm up
+    ours = run_engine_ar(engine, prompts, args.new_tokens)
+    hf = run_hf_generate(model_dir, prompts, args.new_tokens, r.device, r.dtype)
+    print(table([hf, ours], [("gen tokens", "tokens"), ("wall s", "wall_s"), ("tokens/s", "tok_s")]))
+    print(f"engine / HF generate throughput: {ours.tok_s / hf.tok_s:.2f}x")
+    return 0

@@ -1,0 +1,47 @@
+"""The `apar` command as a user runs it: real processes, output on stdout, one-line errors."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def apar(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "apar.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_generate_streams_linear_text_and_json_agrees(llama_dir):
+    common = ["generate", "--model", llama_dir, "--prompt", "Name three colours.", "--max-tokens", 24,
+              "--kv-blocks", 64]
+    linear = apar(*common)
+    assert linear.returncode == 0, linear.stderr
+    final = apar(*common, "--json")
+    assert final.returncode == 0, final.stderr
+    out = json.loads(final.stdout)
+    assert out["finish_reason"] in ("stop", "length")
+    assert linear.stdout == out["text"] + "\n"
+    assert out["usage"]["prompt_tokens"] > 0 and 0 < out["usage"]["completion_tokens"] <= 24
+    assert set(out["usage"]) >= {"steps", "threads", "peak_kv_blocks", "attended_tokens"}
+    assert "Loading" not in final.stderr
+    threads = apar(*common, "--stream", "threads")
+    lines = [json.loads(x) for x in threads.stdout.splitlines()]
+    assert lines[0]["kind"] == "started" and lines[-1]["final"] == out["text"]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--prompt", ""], "prompt is empty"),
+    (["--prompt", "x", "--temperature", "-1"], "temperature must be >= 0"),
+    (["--prompt", "x", "--top-p", "2"], "top_p must be in (0, 1]"),
+    (["--prompt", "x", "--max-tokens", "0"], "max_tokens must be > 0"),
+    (["--prompt", "x", "--fork-token", "[SplitMask]"], "control token '[SplitMask]' is not in"),
+])
+def test_errors_are_one_line(llama_dir, args, words):
+    r = apar("generate", "--model", llama_dir, *args)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and words in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_model_directory(tmp_path):
+    r = apar("generate", "--model", tmp_path / "nope", "--prompt", "hi")
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
