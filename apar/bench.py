@@ -136,6 +136,10 @@ def run_hf_generate(model_dir: Path, prompts: list[list[int]], new_tokens: int, 
     return RunStats("HF generate", len(prompts), n, new_tokens, float(new_tokens), wall, 0, 0)
 
 
+def fastest(runs: list[RunStats]) -> RunStats:
+    return min(runs, key=lambda r: r.wall_s)
+
+
 def table(rows: list[RunStats], columns: list[tuple[str, str]]) -> str:
     head = ["run"] + [c for c, _ in columns]
     body = [[r.name] + [_fmt(getattr(r, attr)) for _, attr in columns] for r in rows]

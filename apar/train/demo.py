@@ -50,7 +50,7 @@ PRESETS = {
     # a couple of minutes on 2 CPU cores: forks on list prompts, rough text
     "quick": Preset(vocab=2048, hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384,
                     max_length=256, max_response_chars=3000, tokenizer_texts=4000, held_out_records=64,
-                    steps=120, batch_size=8, lr=3e-3, warmup_steps=10),
+                    steps=600, batch_size=8, lr=3e-3, warmup_steps=30),
     # tens of minutes on 2 CPU cores (minutes on a GPU): the one to measure quality with
     "full": Preset(vocab=8192, hidden=256, layers=6, heads=8, kv_heads=4, intermediate=768,
                    max_length=768, max_response_chars=2800, tokenizer_texts=20000, held_out_records=256,

@@ -38,12 +38,12 @@ class KVPool:
 
 @dataclass(slots=True)
 class DecodeGroup:
-    """Threads feeding one token each. q_index: [T] rows of the flat batch; ctx: [T, C] slots; mask: [T, C];
-    pos: [T] position of the query."""
+    """Threads feeding one token each. q_index: [T] rows of the flat batch; ctx: [T, C] slots (padded);
+    bias: [T, 1, 1, C] additive mask (0 on the context, -inf on padding); pos: [T] query positions."""
 
     q_index: torch.Tensor
     ctx: torch.Tensor
-    mask: torch.Tensor
+    bias: torch.Tensor
     pos: torch.Tensor
 
 
@@ -69,37 +69,54 @@ class StepBatch:
 
 
 class TorchBackend:
-    """Portable: gather each thread's context from the pool, then scaled-dot-product attention."""
+    """Portable: gather each thread's context from the pool, then scaled-dot-product attention.
+
+    Grouped-query attention without copying K/V per query head: the G query heads that share a KV head
+    are laid out as G query rows of that KV head (q: [T, Hkv, G, D]), so SDPA reads each K/V once.
+    """
 
     def attend(self, query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, step: StepBatch,
                scaling: float, window: int | None) -> torch.Tensor:
         # query: [N, H, D] -> out: [N, H, D]
+        n_tok, n_heads, dim = query.shape
+        kv_heads = k_pool.shape[1]
+        group = n_heads // kv_heads
         out = torch.empty_like(query)
         if step.decode is not None:
             g = step.decode
-            q = query[g.q_index].unsqueeze(2)  # [T, H, 1, D]
-            k = k_pool[g.ctx].transpose(1, 2)  # [T, Hkv, C, D]
-            v = v_pool[g.ctx].transpose(1, 2)
-            mask = g.mask
-            if window is not None:
-                cols = torch.arange(g.ctx.shape[1], device=mask.device)
-                mask = mask & (cols[None, :] > g.pos[:, None] - window)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=scaling,
-                                               enable_gqa=True)  # [T, H, 1, D]
-            out[g.q_index] = o.squeeze(2)
+            n_thr = g.q_index.numel()
+            q = query[g.q_index].view(n_thr, kv_heads, group, dim)  # [T, Hkv, G, D]
+            k = _gather(k_pool, g.ctx).transpose(1, 2)  # [T, Hkv, C, D]
+            v = _gather(v_pool, g.ctx).transpose(1, 2)
+            bias = g.bias if window is None else _window_bias(g, window)  # [T, 1, 1, C]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=scaling)
+            out[g.q_index] = o.reshape(n_thr, n_heads, dim)
         for c in step.chunks:
             n_ctx = c.ctx.numel()
-            q = query[c.start : c.start + c.n].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
-            k = k_pool[c.ctx].transpose(0, 1).unsqueeze(0)  # [1, Hkv, C, D]
-            v = v_pool[c.ctx].transpose(0, 1).unsqueeze(0)
+            q = query[c.start : c.start + c.n].view(c.n, kv_heads, group, dim).permute(1, 2, 0, 3)
+            q = q.reshape(kv_heads, group * c.n, dim)  # [Hkv, G*n, D]: rows are (head in group, token)
+            k = k_pool.index_select(0, c.ctx).transpose(0, 1)  # [Hkv, C, D]
+            v = v_pool.index_select(0, c.ctx).transpose(0, 1)
             rows = torch.arange(n_ctx - c.n, n_ctx, device=query.device)[:, None]
             cols = torch.arange(n_ctx, device=query.device)[None, :]
-            mask = cols <= rows  # [n, C]
+            mask = cols <= rows  # [n, C]: causal within the chunk, all of the context before it
             if window is not None:
                 mask = mask & (cols > rows - window)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
-            out[c.start : c.start + c.n] = o[0].transpose(0, 1)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(group, 1), scale=scaling)
+            o = o.view(kv_heads, group, c.n, dim).permute(2, 0, 1, 3)  # [n, Hkv, G, D]
+            out[c.start : c.start + c.n] = o.reshape(c.n, n_heads, dim)
         return out
+
+
+def _gather(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """pool: [S, Hkv, D], slots: [T, C] -> [T, C, Hkv, D] (index_select: much faster than pool[slots])."""
+    return pool.index_select(0, slots.reshape(-1)).view(*slots.shape, *pool.shape[1:])
+
+
+def _window_bias(g: DecodeGroup, window: int) -> torch.Tensor:
+    cols = torch.arange(g.ctx.shape[1], device=g.ctx.device)
+    outside = cols[None, :] <= g.pos[:, None] - window  # [T, C]
+    return g.bias.masked_fill(outside[:, None, None, :], float("-inf"))
 
 
 def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -111,8 +128,8 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         raise RuntimeError("apar_paged attention needs the engine's step (model(..., apar_step=...))")
     layer = module.layer_idx
     k_pool, v_pool = step.pool.k[layer], step.pool.v[layer]
-    k_pool[step.write_slots] = key[0].transpose(0, 1).to(k_pool.dtype)  # [N, Hkv, D]
-    v_pool[step.write_slots] = value[0].transpose(0, 1).to(v_pool.dtype)
+    k_pool.index_copy_(0, step.write_slots, key[0].transpose(0, 1).to(k_pool.dtype))  # [N, Hkv, D]
+    v_pool.index_copy_(0, step.write_slots, value[0].transpose(0, 1).to(v_pool.dtype))
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     window = kwargs.get("sliding_window")

@@ -95,6 +95,7 @@ class Engine:
         return self.scheduler.has_work()
 
     # ---- one step ----------------------------------------------------------------------------------
+    @torch.inference_mode()
     def step(self) -> StepResult:
         result = StepResult(events=[])
         for req in self.scheduler.admit():
@@ -106,16 +107,7 @@ class Engine:
         logits = self.runner.forward(*batch["args"])  # [S, V]
         self.steps += 1
         result.tokens = len(batch["args"][0])
-        produced: set[str] = set()
-        by_request: dict[str, list[tuple[Thread, int]]] = {}
-        for (req, t), row in zip(batch["samplers"], range(logits.shape[0])):
-            by_request.setdefault(req.id, []).append((t, row))
-        for req_id, items in by_request.items():
-            req = self.requests[req_id]
-            if req.finish is not None:
-                continue
-            self._sample_request(req, items, logits, result)
-            produced.add(req_id)
+        produced = self._sample(batch["samplers"], logits, result)
         for req in list(self.scheduler.running):
             if req.id in produced:
                 req.usage.steps += 1
@@ -176,26 +168,42 @@ class Engine:
                 samplers.append((w.request, t))
         return {"args": (token_ids, positions, write_slots, decode, chunks, sample_rows), "samplers": samplers}
 
-    def _sample_request(self, req: Request, items: list[tuple[Thread, int]], logits: torch.Tensor,
-                        result: StepResult) -> None:
-        rows = torch.tensor([row for _, row in items], device=logits.device)
-        lg = logits[rows].clone()  # [T, V]
+    def _sample(self, samplers: list[tuple[Request, Thread]], logits: torch.Tensor, result: StepResult) -> set[str]:
+        """Pick one token per sampling thread (logits: [S, V], row i for samplers[i]); apply them in order.
+
+        Bans are applied to all rows at once; greedy rows take one argmax together; a sampling request
+        draws from its own generator, its threads in id order. Returns the ids of requests that produced.
+        """
         if self.keep_logits:
-            for (t, _), row_logits in zip(items, lg):
-                result.logits[(req.id, t.id)] = (context_tokens(t), row_logits.detach().to("cpu", copy=True))
-        lg[:, self.child_id] = float("-inf")
-        if req.params.ignore_eos:
-            lg[:, self._eos_list] = float("-inf")
-        for i, (t, _) in enumerate(items):
-            if not fork_allowed(req, t, self.fork_id, self.child_id):
-                lg[i, self.fork_id] = float("-inf")
-        if req.root.replay is not None:
-            chosen = [t.replay.next_token() for t, _ in items]
-        else:
-            chosen = sample(lg, req.params, req.generator).tolist()
-        for (t, _), token in zip(items, chosen):
+            for (req, t), row in zip(samplers, logits):
+                result.logits[(req.id, t.id)] = (context_tokens(t), row.detach().to("cpu", copy=True))
+        logits[:, self.child_id] = float("-inf")
+        no_fork = [i for i, (req, t) in enumerate(samplers) if not fork_allowed(req, t, self.fork_id, self.child_id)]
+        if no_fork:
+            logits[no_fork, self.fork_id] = float("-inf")
+        no_eos = [i for i, (req, _) in enumerate(samplers) if req.params.ignore_eos]
+        if no_eos:
+            logits[torch.tensor(no_eos)[:, None], torch.tensor(self._eos_list)[None, :]] = float("-inf")
+        chosen: list[int | None] = [None] * len(samplers)
+        greedy, by_request = [], {}
+        for i, (req, t) in enumerate(samplers):
+            if t.replay is not None:
+                chosen[i] = t.replay.next_token()
+            elif req.params.greedy:
+                greedy.append(i)
+            else:
+                by_request.setdefault(req.id, []).append(i)
+        if greedy:
+            for i, tok in zip(greedy, logits[greedy].argmax(dim=-1).tolist()):
+                chosen[i] = tok
+        for rows in by_request.values():
+            req = samplers[rows[0]][0]
+            for i, tok in zip(rows, sample(logits[rows], req.params, req.generator).tolist()):
+                chosen[i] = tok
+        for (req, t), token in zip(samplers, chosen):
             self._apply(req, t, token, result)
-        result.sampled += len(items)
+        result.sampled += len(samplers)
+        return {req.id for req, _ in samplers}
 
     def _apply(self, req: Request, t: Thread, token: int | None, result: StepResult) -> None:
         """Add one sampled token to a thread: extend it, fork a child, or end it."""

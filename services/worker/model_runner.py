@@ -128,9 +128,10 @@ class ModelRunner:
             rows = torch.tensor([d[0] for d in decode], dtype=torch.long)
             ctx = torch.nn.utils.rnn.pad_sequence([d[1] for d in decode], batch_first=True)  # [T, C]
             lens = torch.tensor([d[1].numel() for d in decode])
-            mask = torch.arange(ctx.shape[1])[None, :] < lens[:, None]  # [T, C]
+            pad = torch.arange(ctx.shape[1])[None, :] >= lens[:, None]  # [T, C]
+            bias = torch.zeros(pad.shape, dtype=self.dtype).masked_fill_(pad, float("-inf"))[:, None, None, :]
             pos = torch.tensor([d[2] for d in decode], dtype=torch.long)
-            decode_group = DecodeGroup(rows.to(dev), ctx.to(dev), mask.to(dev), pos.to(dev))
+            decode_group = DecodeGroup(rows.to(dev), ctx.to(dev), bias.to(dev), pos.to(dev))
         step = StepBatch(
             pool=self.pool,
             write_slots=torch.tensor(write_slots, dtype=torch.long).to(dev),
