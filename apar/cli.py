@@ -19,7 +19,6 @@ COMMAND_MODULES = (
     "apar.commands.model",
     "apar.commands.bench",
     "apar.data.cli",
-    "apar.train.cli",
 )
 
 
