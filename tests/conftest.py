@@ -22,6 +22,11 @@ def qwen2_dir(tmp_path_factory, tokenizer):
 
 
 @pytest.fixture(scope="session")
+def mistral_dir(tmp_path_factory, tokenizer):
+    return make_model(tmp_path_factory.mktemp("mistral"), "mistral", seed=2, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="session")
 def short_llama_dir(tmp_path_factory, tokenizer):
     """A model with a 64-token context, for limits."""
     return make_model(tmp_path_factory.mktemp("short"), "llama", ModelShape(max_positions=64), tokenizer=tokenizer)

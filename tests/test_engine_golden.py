@@ -31,15 +31,31 @@ def random_tree(rng: random.Random, plain: list[int], fork: int, depth: int, eos
 
 def reference_logits(model, context: list[int]) -> torch.Tensor:
     with torch.no_grad():
-        return model(input_ids=torch.tensor([context])).logits[0, -1].float()
+        return model(input_ids=torch.tensor([context], device=model.device)).logits[0, -1].float().cpu()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_replayed_trees_match_plain_model(arch, request):
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def tolerance(device: str, ref: torch.Tensor) -> float:
+    """float32 on the CPU: 1e-4 absolute. bf16 on a GPU: both sides round every op to an 8-bit
+    significand (relative step 2^-8 = 0.4%) and sum in different orders, so differences of a few steps
+    at the scale of the logits are expected: 3% of the largest |logit|, at least 0.05."""
+    if device == "cpu":
+        return 1e-4
+    return max(0.05, 0.03 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_replayed_trees_match_plain_model(arch, device, request):
     model_dir = request.getfixturevalue(f"{arch}_dir")
+    dtype = "float32" if device == "cpu" else "bfloat16"
     # 4-token blocks and 16-token steps: block boundaries, sealed fork blocks and chunked prefill all occur
-    eng = Engine(model_dir, EngineConfig(block_size=4, num_blocks=256, max_batch_tokens=16), keep_logits=True)
-    ref = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager")
+    eng = Engine(model_dir, EngineConfig(block_size=4, num_blocks=256, max_batch_tokens=16, device=device,
+                                         dtype=dtype), keep_logits=True)
+    ref = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=eng.runner.dtype,
+                                               attn_implementation="eager").to(device)
     rng = random.Random(7)
     eos = next(iter(eng.eos_ids))
     plain = [i for i in range(5, 400) if i not in (eng.fork_id, eng.child_id, eos)]
@@ -58,7 +74,9 @@ def test_replayed_trees_match_plain_model(arch, request):
     while eng.has_work():
         res = eng.step()
         for (rid, tid), (ctx, logits) in res.logits.items():
-            diff = (logits - reference_logits(ref, ctx)).abs().max().item()
+            want = reference_logits(ref, ctx)
+            diff = (logits - want).abs().max().item()
+            assert diff < tolerance(device, want), (rid, tid, len(ctx), diff)
             worst = max(worst, diff)
             checked += 1
         for ev in res.events:
@@ -67,7 +85,6 @@ def test_replayed_trees_match_plain_model(arch, request):
             elif isinstance(ev, RequestFinished):
                 finished[ev.request] = ev
         eng.ledger.check()
-    assert worst < 1e-4, worst
     assert checked > 60
     # the engine fed exactly the replayed trees: threads in fork order, tokens without the EOS
     for rid, tree in trees.items():
@@ -86,7 +103,7 @@ def test_replayed_trees_match_plain_model(arch, request):
     assert eng.ledger.num_used == 0
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_ar_mode_equals_hf_generate_greedy(arch, request):
     model_dir = request.getfixturevalue(f"{arch}_dir")
     eng = Engine(model_dir, EngineConfig(block_size=8, num_blocks=128, max_batch_tokens=32))

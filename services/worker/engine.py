@@ -178,7 +178,9 @@ class Engine:
             for (req, t), row in zip(samplers, logits):
                 result.logits[(req.id, t.id)] = (context_tokens(t), row.detach().to("cpu", copy=True))
         logits[:, self.child_id] = float("-inf")
-        no_fork = [i for i, (req, t) in enumerate(samplers) if not fork_allowed(req, t, self.fork_id, self.child_id)]
+        limit = self.runner.max_positions
+        no_fork = [i for i, (req, t) in enumerate(samplers)
+                   if not fork_allowed(req, t, self.fork_id, self.child_id, limit)]
         if no_fork:
             logits[no_fork, self.fork_id] = float("-inf")
         no_eos = [i for i, (req, _) in enumerate(samplers) if req.params.ignore_eos]

@@ -3,7 +3,8 @@
 Rules applied to a thread's logits before sampling:
   - `[Child]` is never sampled (it is only forced as a child's first token);
   - `[Fork]` is banned after `[Fork]` or `[Child]`, in auto-regressive mode, and when a limit is reached
-    (threads per request, fork depth, or fewer than 3 tokens of budget: [Fork], [Child], one more).
+    (threads per request, fork depth, fewer than 3 tokens of budget or of the model's context:
+    [Fork], [Child], one more).
 Each request samples with its own generator, its threads in id order, so the same seed gives the same
 answer whatever else shares the batch.
 """
@@ -15,9 +16,10 @@ from services.worker.config import SamplingParams
 from services.worker.sequence import Request, Thread
 
 
-def fork_allowed(req: Request, thread: Thread, fork_id: int, child_id: int) -> bool:
+def fork_allowed(req: Request, thread: Thread, fork_id: int, child_id: int, max_positions: int) -> bool:
     p = req.params
     last = thread.kv_tokens[-1]
+    next_pos = thread.start_pos + len(thread.kv_tokens)  # where the [Fork] would sit
     return (
         p.auto_parallel
         and last not in (fork_id, child_id)
@@ -25,6 +27,7 @@ def fork_allowed(req: Request, thread: Thread, fork_id: int, child_id: int) -> b
         and len(req.threads) < p.max_threads
         and thread.depth < p.max_depth
         and req.budget_left >= 3
+        and next_pos + 2 < max_positions  # room for the [Child] and one token of the child
     )
 
 
