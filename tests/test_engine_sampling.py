@@ -106,3 +106,29 @@ def test_model_driven_forks_obey_the_rules_and_match_the_plain_model(forking, ll
     ar_toks, ar_started, _ = run(eng, PROMPT, SamplingParams(max_tokens=60, auto_parallel=False))
     assert len(ar_started) == 1 and eng.fork_id not in ar_toks[0]
     assert eng.ledger.num_used == 0
+
+
+def test_stream_of_a_forking_answer_restores_the_tree(forking):
+    from services.router.stitch import restore_tokens
+    from services.router.stream import Final, LinearDelta, RequestStream
+
+    eng = forking
+    rid = eng.add_request(PROMPT, SamplingParams(max_tokens=100, max_threads=5))
+    stream = RequestStream(eng.tokenizer, eng.fork_id, eng.child_id, eng.eos_ids)
+    deltas, per_thread, children = [], {}, {}
+    while eng.has_work():
+        for ev in eng.step().events:
+            if isinstance(ev, TokenEvent):
+                per_thread.setdefault(ev.thread, []).append(ev.token)
+            elif isinstance(ev, ThreadStarted):
+                per_thread.setdefault(ev.thread, [])
+                if ev.parent is not None:
+                    children.setdefault(ev.parent, {})[ev.anchor] = ev.thread
+            for item in stream.feed(ev):
+                if isinstance(item, LinearDelta):
+                    deltas.append(item.text)
+    final = stream.final
+    assert isinstance(final, Final) and final.usage["threads"] >= 3
+    linear = restore_tokens({t: (toks, children.get(t, {})) for t, toks in per_thread.items()}, eng.fork_id)
+    assert "".join(deltas) == final.text == eng.tokenizer.decode(linear)
+    assert eng.fork_id not in linear and eng.child_id not in linear
