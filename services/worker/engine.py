@@ -13,8 +13,10 @@ from pathlib import Path
 import torch
 
 from apar.errors import CapacityError, UserError
-from services.kvmanager.ledger import KVLedger, OutOfBlocks, ThreadRef
+from services.kvmanager.ledger import KVLedger, ThreadRef
+from services.kvmanager.ops import Append, Finish, Fork, Release, Start
 from services.worker.config import EngineConfig, SamplingParams
+from services.worker.kv import LocalKV
 from services.worker.events import Event, RequestFinished, ThreadFinished, ThreadStarted, TokenEvent
 from services.worker.model_runner import ModelRunner
 from services.worker.sampler import fork_allowed, sample
@@ -32,7 +34,8 @@ class StepResult:
 
 
 class Engine:
-    def __init__(self, model_dir: str | Path, config: EngineConfig | None = None, keep_logits: bool = False):
+    def __init__(self, model_dir: str | Path, config: EngineConfig | None = None, keep_logits: bool = False,
+                 kv_factory=None):
         self.config = config or EngineConfig()
         self.runner = ModelRunner(model_dir, self.config)
         self.tokenizer = self.runner.tokenizer
@@ -41,6 +44,7 @@ class Engine:
         self.eos_ids = self.runner.eos_ids()
         self._eos_list = sorted(self.eos_ids)
         self.ledger = KVLedger(self.runner.num_blocks, self.config.block_size)
+        self.kv = kv_factory(self.ledger) if kv_factory else LocalKV(self.ledger)
         self.scheduler = Scheduler(self.ledger, self.config.max_batch_tokens)
         self.keep_logits = keep_logits
         self.requests: dict[str, Request] = {}
@@ -98,10 +102,12 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> StepResult:
         result = StepResult(events=[])
-        for req in self.scheduler.admit():
+        admitted = self.scheduler.admit()
+        for req in admitted:
             result.events.append(ThreadStarted(req.id, 0, None, -1))
-        work = self._allocate(self.scheduler.plan(), result)
+        work = self._allocate(admitted, self.scheduler.plan(), result)
         if not work:
+            self.kv.flush()
             return result
         batch = self._build_batch(work)
         logits = self.runner.forward(*batch["args"])  # [S, V]
@@ -117,31 +123,38 @@ class Engine:
         self.peak_blocks = max(self.peak_blocks, self.ledger.num_used)
         return result
 
-    def _allocate(self, work: list[Work], result: StepResult) -> list[Work]:
-        """Give every planned token a slot; a request the pool cannot serve ends with `length`."""
-        ok: list[Work] = []
-        failed: set[str] = set()
+    def _allocate(self, admitted: list[Request], work: list[Work], result: StepResult) -> list[Work]:
+        """Give every planned token a slot in ONE ledger call: new roots, then per thread in plan order
+        a new child's fork (after its parent's [Fork] got its slot) and the append. A request the pool
+        cannot serve ends with `length`; the others go on."""
+        ops: list = [Start(ThreadRef(req.id, 0)) for req in admitted]
+        for req in admitted:
+            req.root.in_ledger = True
+        new_children: set[int] = set()
         for w in work:
             req, t = w.request, w.thread
-            if req.id in failed:
-                continue
             ref = ThreadRef(req.id, t.id)
-            if not t.in_ledger:  # a new child: its parent's [Fork] got its slot earlier this step
-                self.ledger.fork(ThreadRef(req.id, t.parent.id), ref)
+            if not t.in_ledger:
+                ops.append(Fork(ThreadRef(req.id, t.parent.id), ref))
+                t.in_ledger = True
+                new_children.add(id(t))
+            ops.append(Append(ref, w.n))
+        answer = self.kv.apply(ops)
+        bs = self.config.block_size
+        failed: set[str] = set()
+        for w, slots in zip(work, answer.appends):
+            if slots is None:
+                if w.request.id not in failed:
+                    failed.add(w.request.id)
+                    w.request.error = "the KV cache is full"
+                    result.events.extend(self._end_request(w.request, FinishReason.LENGTH))
+                continue
+            t = w.thread
+            if id(t) in new_children:  # its context: the parent's, up to the [Fork] slot just pushed
                 t.slots = t.parent.slots[: t.start_pos].clone()
                 t.n_ctx = t.start_pos
-                t.in_ledger = True
-            try:
-                slots = self.ledger.append(ref, w.n)
-            except OutOfBlocks:
-                failed.add(req.id)
-                req.error = "the KV cache is full"
-                result.events.extend(self._end_request(req, FinishReason.LENGTH))
-                continue
-            bs = self.config.block_size
             t.push_slots([b * bs + o for b, o in slots])
-            ok.append(w)
-        return [w for w in ok if w.request.id not in failed]
+        return [w for w in work if w.request.id not in failed]
 
     def _build_batch(self, work: list[Work]) -> dict:
         token_ids: list[int] = []
@@ -247,7 +260,7 @@ class Engine:
     def _finish_thread(self, req: Request, t: Thread, reason: FinishReason, result: StepResult) -> None:
         t.finish = reason
         if t.in_ledger:
-            self.ledger.finish(ThreadRef(req.id, t.id))
+            self.kv.defer(Finish(ThreadRef(req.id, t.id)))
         result.events.append(ThreadFinished(req.id, t.id, reason))
 
     def _end_threads(self, req: Request, reason: FinishReason, result: StepResult) -> None:
@@ -261,7 +274,7 @@ class Engine:
         if reason is not None:
             self._end_threads(req, reason, tmp)
         if req in self.scheduler.running:
-            self.ledger.release(req.id)
+            self.kv.defer(Release(req.id))
         self.scheduler.remove(req)
         self.requests.pop(req.id, None)
         if reason is None:

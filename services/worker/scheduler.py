@@ -16,7 +16,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from apar.errors import CapacityError
-from services.kvmanager.ledger import KVLedger, ThreadRef
+from services.kvmanager.ledger import KVLedger
 from services.worker.sequence import Request, Thread
 
 
@@ -66,8 +66,6 @@ class Scheduler:
             if self.ledger.num_free - self.outstanding < req.reserved_blocks:
                 break
             self.waiting.popleft()
-            self.ledger.start(ThreadRef(req.id, 0))
-            req.root.in_ledger = True
             self.running.append(req)
             admitted.append(req)
         return admitted
