@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "apar.commands.generate",
     "apar.commands.model",
     "apar.commands.bench",
+    "apar.commands.serve",
     "apar.data.cli",
 )
 

@@ -6,4 +6,4 @@ class UserError(ValueError):
 
 
 class CapacityError(UserError):
-    """A request that can never fit the KV budget or the model's context."""
+    """A request the KV budget cannot take (RESOURCE_EXHAUSTED in the API)."""

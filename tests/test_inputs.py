@@ -34,11 +34,11 @@ def short(short_llama_dir):
 def test_bad_prompts_queue_nothing(short):
     with pytest.raises(UserError, match="prompt is empty"):
         short.add_request([], SamplingParams())
-    with pytest.raises(CapacityError, match="longer than the model allows"):
+    with pytest.raises(UserError, match="longer than the model allows"):
         short.add_request(list(range(10, 80)), SamplingParams())
     with pytest.raises(UserError, match="outside the vocabulary"):
         short.add_request([1, 10**7], SamplingParams())
-    with pytest.raises(CapacityError, match="exceeds the model's context"):
+    with pytest.raises(UserError, match="exceeds the model's context"):
         short.add_request(list(range(10, 40)), SamplingParams(max_tokens=50, auto_parallel=False))
     with pytest.raises(CapacityError, match="needs 9 KV blocks, the pool has 8"):
         short.add_request(list(range(10, 43)), SamplingParams(max_tokens=5))

@@ -11,7 +11,8 @@ from apar.errors import UserError
 def register(subparsers) -> None:
     p = subparsers.add_parser("generate", help="generate an answer with parallel threads",
                               description="Generate one answer. Temperature 0 (the default) is greedy.")
-    p.add_argument("--model", required=True, help="local Hugging Face model directory")
+    p.add_argument("--model", help="local Hugging Face model directory (in-process generation)")
+    p.add_argument("--server", help="HOST:PORT of an `apar serve` or `apar router` to stream from instead")
     p.add_argument("--prompt", required=True, help="the prompt (the chat template is applied when the "
                                                    "tokenizer has one)")
     p.add_argument("--ar", action="store_true", help="auto-regressive mode: never fork (the baseline)")
@@ -64,6 +65,12 @@ def run(args) -> int:
     params = sampling_params(args)  # bad sampling values fail before the model loads
     if not args.prompt.strip():
         raise UserError("prompt is empty")
+    if args.server:
+        from apar.client import generate_remote
+
+        return generate_remote(args, params)
+    if not args.model:
+        raise UserError("give --model DIR (in-process) or --server HOST:PORT")
     from apar.quiet import quiet_transformers
     from services.router.prompt import encode_prompt
     from services.router.stream import Final, LinearDelta, RequestStream
@@ -88,8 +95,12 @@ def run(args) -> int:
                 elif args.stream == "threads" and not isinstance(item, (LinearDelta, Final)):
                     out.write(json.dumps({k: getattr(item, k) for k in item.__slots__}) + "\n")
                     out.flush()
-    final = stream.final
-    assert final is not None
+    return print_final(stream.final, args)
+
+
+def print_final(final, args) -> int:
+    """The end of the output, alike in-process and from a server."""
+    out = sys.stdout
     if args.json:
         print(json.dumps({"text": final.text, "finish_reason": final.finish_reason, "usage": final.usage,
                           "error": final.error}, ensure_ascii=False))

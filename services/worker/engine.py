@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from apar.errors import CapacityError, UserError
+from apar.errors import UserError
 from services.kvmanager.ledger import KVLedger, ThreadRef
 from services.kvmanager.ops import Append, Finish, Fork, Release, Start
 from services.worker.config import EngineConfig, SamplingParams
@@ -62,9 +62,9 @@ class Engine:
             raise UserError(f"prompt holds token ids outside the vocabulary (0..{self.runner.vocab_size - 1})")
         limit = self.runner.max_positions
         if len(prompt) >= limit:
-            raise CapacityError(f"prompt of {len(prompt)} tokens is longer than the model allows ({limit})")
+            raise UserError(f"prompt of {len(prompt)} tokens is longer than the model allows ({limit})")
         if len(prompt) + params.max_tokens > limit and not params.auto_parallel:
-            raise CapacityError(
+            raise UserError(
                 f"prompt ({len(prompt)}) + max_tokens ({params.max_tokens}) exceeds the model's context ({limit})"
             )
         request_id = request_id or f"req-{next(self._ids)}"

@@ -1,0 +1,63 @@
+"""The streaming client behind `apar generate --server`: the same flags and output as in-process."""
+from __future__ import annotations
+
+import json
+import sys
+
+import grpc
+
+from apar.errors import UserError
+from services.router.stream import Final
+
+_STATUS_WORDS = {grpc.StatusCode.INVALID_ARGUMENT: "invalid request", grpc.StatusCode.RESOURCE_EXHAUSTED:
+                 "server is full", grpc.StatusCode.UNAVAILABLE: "server unavailable",
+                 grpc.StatusCode.DEADLINE_EXCEEDED: "deadline exceeded"}
+
+
+def build_request(args, params, pb):
+    from services.worker.convert import params_to_pb
+
+    A = pb.apar_pb2
+    sampling, limits, ar = params_to_pb(params, pb)
+    mode = A.STREAM_MODE_FINAL if args.json else (A.STREAM_MODE_THREADS if args.stream == "threads"
+                                                  else A.STREAM_MODE_LINEAR)
+    return A.GenerateRequest(prompt=args.prompt, sampling=sampling, limits=limits, auto_regressive=ar, stream=mode,
+                             raw_prompt=args.no_chat_template)
+
+
+def generate_remote(args, params) -> int:
+    from apar.commands.generate import print_final
+    from apar.protogen import stubs
+
+    pb = stubs()
+    A = pb.apar_pb2
+    request = build_request(args, params, pb)
+    out = sys.stdout
+    kinds = {A.ThreadEvent.STARTED: "started", A.ThreadEvent.DELTA: "delta", A.ThreadEvent.FINISHED: "finished"}
+    final = None
+    with grpc.insecure_channel(args.server) as channel:
+        stub = pb.apar_pb2_grpc.AparStub(channel)
+        try:
+            for resp in stub.Generate(request, timeout=getattr(args, "timeout", None)):
+                kind = resp.WhichOneof("event")
+                if kind == "delta":
+                    out.write(resp.delta)
+                    out.flush()
+                elif kind == "thread":
+                    t = resp.thread
+                    out.write(json.dumps({"kind": kinds.get(t.kind, "unknown"), "thread": t.thread,
+                                          "parent": t.parent if t.HasField("parent") else None,
+                                          "anchor": t.anchor, "text": t.text,
+                                          "reason": t.finish_reason or None}) + "\n")
+                    out.flush()
+                elif kind == "final":
+                    f = resp.final
+                    usage = {k.name: getattr(f.usage, k.name) for k in f.usage.DESCRIPTOR.fields}
+                    final = Final(f.text, f.finish_reason, usage, f.error or None)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            words = _STATUS_WORDS.get(code, code.name.lower())
+            raise UserError(f"{words}: {exc.details()}") from None
+    if final is None:
+        raise UserError("the server ended the stream without a final message")
+    return print_final(final, args)

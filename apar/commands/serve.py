@@ -1,0 +1,154 @@
+"""`apar serve` (router + worker + in-process KV ledger in one process), `apar worker`, `apar router`."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import uuid
+
+from apar.errors import UserError
+
+
+def register(subparsers) -> None:
+    from apar.commands.generate import add_engine_args
+
+    s = subparsers.add_parser("serve", help="serve a model: router, worker and KV ledger in one process")
+    s.add_argument("--model", required=True, help="local Hugging Face model directory")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=50051)
+    s.add_argument("--metrics-port", type=int, default=None, help="expose Prometheus metrics on this port")
+    add_engine_args(s)
+    s.set_defaults(func=run_serve)
+
+    w = subparsers.add_parser("worker", help="run a worker: the decode engine behind the internal gRPC API")
+    w.add_argument("--model", required=True)
+    w.add_argument("--host", default="127.0.0.1")
+    w.add_argument("--port", type=int, default=50061)
+    w.add_argument("--worker-id", default=None)
+    w.add_argument("--metrics-port", type=int, default=None)
+    add_engine_args(w)
+    w.set_defaults(func=run_worker)
+
+    r = subparsers.add_parser("router", help="run the router: the public gRPC API in front of workers")
+    r.add_argument("--model", required=True, help="model directory (its tokenizer is used)")
+    r.add_argument("--workers", required=True, help="comma-separated worker addresses host:port")
+    r.add_argument("--host", default="127.0.0.1")
+    r.add_argument("--port", type=int, default=50051)
+    r.add_argument("--metrics-port", type=int, default=None)
+    r.set_defaults(func=run_router)
+
+
+def _setup() -> None:
+    from apar.quiet import quiet_transformers
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    quiet_transformers()
+
+
+async def _until_signal(*servers) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    for server in servers:
+        await server.stop(grace=2.0)
+
+
+def _engine(args):
+    from apar.commands.generate import engine_config
+    from services.worker.engine import Engine
+    from services.worker.loop import EngineLoop
+
+    engine = Engine(args.model, engine_config(args))
+    return engine, EngineLoop(engine)
+
+
+def _metrics(port: int | None, *registries) -> None:
+    if port is None:
+        return
+    from prometheus_client import start_http_server
+    from prometheus_client.registry import CollectorRegistry
+
+    merged = CollectorRegistry()
+    for reg in registries:
+        for collector in list(reg._collector_to_names):
+            merged.register(collector)
+    start_http_server(port, registry=merged)
+
+
+def run_serve(args) -> int:
+    _setup()
+    engine, loop = _engine(args)
+    return asyncio.run(_serve(args, engine, loop))
+
+
+async def _serve(args, engine, loop) -> int:
+    from services.router.service import RouterService, start_router_server
+    from services.router.workers import WorkerDirectory
+    from services.worker.service import start_worker_server
+
+    worker_server, worker_port = await start_worker_server(loop, "127.0.0.1:0", "embedded", str(args.model))
+    directory = WorkerDirectory([f"127.0.0.1:{worker_port}"])
+    service = RouterService(engine.tokenizer, directory, str(args.model))
+    router_server, port = await start_router_server(service, f"{args.host}:{args.port}")
+    _metrics(args.metrics_port, service.metrics.registry)
+    print(f"apar serve: listening on {args.host}:{port} (model {args.model})", file=sys.stderr, flush=True)
+    try:
+        await _until_signal(router_server, worker_server)
+    finally:
+        await directory.close()
+        loop.stop()
+    return 0
+
+
+def run_worker(args) -> int:
+    _setup()
+    engine, loop = _engine(args)
+
+    async def main() -> int:
+        from services.worker.service import start_worker_server
+
+        wid = args.worker_id or f"worker-{uuid.uuid4().hex[:8]}"
+        server, port = await start_worker_server(loop, f"{args.host}:{args.port}", wid, str(args.model))
+        print(f"apar worker: {wid} listening on {args.host}:{port}", file=sys.stderr, flush=True)
+        try:
+            await _until_signal(server)
+        finally:
+            loop.stop()
+        return 0
+
+    return asyncio.run(main())
+
+
+def run_router(args) -> int:
+    _setup()
+    from transformers import AutoTokenizer
+
+    from services.worker.model_runner import check_model_dir
+
+    path = check_model_dir(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    addresses = [a.strip() for a in args.workers.split(",") if a.strip()]
+    if not addresses:
+        raise UserError("--workers needs at least one host:port")
+
+    async def main() -> int:
+        from services.router.service import RouterService, start_router_server
+        from services.router.workers import WorkerDirectory
+
+        directory = WorkerDirectory(addresses)
+        service = RouterService(tokenizer, directory, str(args.model))
+        server, port = await start_router_server(service, f"{args.host}:{args.port}")
+        _metrics(args.metrics_port, service.metrics.registry)
+        print(f"apar router: listening on {args.host}:{port}, workers {','.join(addresses)}", file=sys.stderr,
+              flush=True)
+        try:
+            await _until_signal(server)
+        finally:
+            await directory.close()
+        return 0
+
+    return asyncio.run(main())

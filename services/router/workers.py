@@ -1,0 +1,80 @@
+"""The router's view of the workers: their info, which are alive, and the one with the most free blocks."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from apar.protogen import stubs
+
+log = logging.getLogger(__name__)
+pb = stubs()
+
+
+@dataclass(slots=True)
+class WorkerHandle:
+    address: str
+    channel: grpc.aio.Channel
+    stub: object
+    info: object | None = None  # the last WorkerInfo
+    alive: bool = False
+    checked: float = 0.0
+
+
+class WorkerDirectory:
+    """Static worker addresses; liveness and free blocks from each worker's Info (refreshed at most every
+    `refresh_s`). A worker that fails a call is marked dead until its Info answers again."""
+
+    def __init__(self, addresses: list[str], refresh_s: float = 0.2) -> None:
+        if not addresses:
+            raise ValueError("no worker addresses")
+        self.refresh_s = refresh_s
+        self.workers = []
+        for addr in addresses:
+            channel = grpc.aio.insecure_channel(addr)
+            self.workers.append(WorkerHandle(addr, channel, pb.worker_pb2_grpc.WorkerStub(channel)))
+
+    async def refresh(self, force: bool = False) -> None:
+        now = time.monotonic()
+        stale = [w for w in self.workers if force or now - w.checked > self.refresh_s]
+        if stale:
+            await asyncio.gather(*(self._check(w) for w in stale))
+
+    async def _check(self, w: WorkerHandle) -> None:
+        try:
+            w.info = await w.stub.Info(pb.worker_pb2.WorkerInfoRequest(), timeout=2.0)
+            w.alive = True
+        except grpc.aio.AioRpcError as exc:
+            if w.alive:
+                log.warning("worker %s is down: %s", w.address, exc.code().name)
+            w.alive = False
+        w.checked = time.monotonic()
+
+    def mark_dead(self, w: WorkerHandle) -> None:
+        w.alive = False
+        w.checked = time.monotonic()
+
+    async def choose(self) -> WorkerHandle | None:
+        """The live worker with the most free KV blocks (fewest queued on a tie), or None."""
+        await self.refresh()
+        live = [w for w in self.workers if w.alive and w.info is not None]
+        if not live:
+            await self.refresh(force=True)
+            live = [w for w in self.workers if w.alive and w.info is not None]
+        if not live:
+            return None
+        return max(live, key=lambda w: (w.info.free_blocks, -w.info.waiting, -w.info.running))
+
+    async def any_info(self):
+        await self.refresh(force=True)
+        for w in self.workers:
+            if w.alive and w.info is not None:
+                return w.info
+        return None
+
+    async def close(self) -> None:
+        for w in self.workers:
+            await w.channel.close()

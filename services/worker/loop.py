@@ -1,0 +1,130 @@
+"""The engine loop: one thread owns the engine; servers talk to it through commands and event sinks.
+
+Data flow: a server thread (or asyncio task) calls `submit` / `abort`; the loop thread runs those
+commands between steps, then steps while there is work, and hands each request its events of the step
+in one batch (`sink(events)`, called on the loop thread). The engine itself stays single-threaded.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+
+from services.worker.config import SamplingParams
+from services.worker.engine import Engine
+from services.worker.events import Event, RequestFinished
+from services.worker.sequence import FinishReason
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[list[Event]], None]
+
+
+class EngineLoop:
+    def __init__(self, engine: Engine, on_step: Callable[[Engine, float, int], None] | None = None) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._sinks: dict[str, Sink] = {}
+        self._on_step = on_step
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="apar-engine", daemon=True)
+        self._thread.start()
+
+    # ---- called from any thread --------------------------------------------------------------------
+    def submit(self, prompt: list[int], params: SamplingParams, request_id: str, sink: Sink) -> Future:
+        """Queue a request; the future resolves to its id, or raises the engine's UserError."""
+        fut: Future = Future()
+        self._commands.put(("add", (prompt, params, request_id, sink), fut))
+        return fut
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id, None))
+
+    def call(self, fn: Callable[[Engine], object]) -> Future:
+        """Run fn(engine) on the loop thread between steps (consistent reads for info and checks)."""
+        fut: Future = Future()
+        self._commands.put(("call", fn, fut))
+        return fut
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._commands.put(("noop", None, None))
+        self._thread.join(timeout=10)
+
+    # ---- the loop thread ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._drain(block=not self.engine.has_work())
+            if self._stop.is_set():
+                break
+            if self.engine.has_work():
+                self._step()
+        for rid in list(self._sinks):  # shutting down: every open request ends cleanly
+            self._dispatch(self.engine.abort(rid, FinishReason.CANCELLED))
+
+    def _drain(self, block: bool) -> None:
+        try:
+            cmd = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._command(*cmd)
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _command(self, kind: str, arg, fut: Future | None) -> None:
+        if kind == "add":
+            prompt, params, rid, sink = arg
+            try:
+                self.engine.add_request(prompt, params, request_id=rid)
+            except Exception as exc:  # a UserError for bad input; anything else still reaches the caller
+                fut.set_exception(exc)
+                return
+            self._sinks[rid] = sink
+            fut.set_result(rid)
+        elif kind == "abort":
+            self._dispatch(self.engine.abort(arg))
+        elif kind == "call":
+            try:
+                fut.set_result(arg(self.engine))
+            except Exception as exc:
+                fut.set_exception(exc)
+
+    def _step(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            result = self.engine.step()
+        except Exception:  # a bug: fail every running request cleanly, keep serving
+            log.exception("engine step failed; ending every running request")
+            events: list[Event] = []
+            for rid in list(self.engine.requests):
+                req = self.engine.requests[rid]
+                req.error = "internal engine error"
+                events.extend(self.engine.abort(rid, FinishReason.ERROR))
+            self._dispatch(events)
+            return
+        self._dispatch(result.events)
+        if self._on_step:
+            self._on_step(self.engine, time.perf_counter() - t0, result.tokens)
+
+    def _dispatch(self, events: list[Event]) -> None:
+        by_request: dict[str, list[Event]] = {}
+        for ev in events:
+            by_request.setdefault(ev.request, []).append(ev)
+        for rid, evs in by_request.items():
+            sink = self._sinks.get(rid)
+            if sink is None:
+                continue
+            if isinstance(evs[-1], RequestFinished):
+                del self._sinks[rid]
+            try:
+                sink(evs)
+            except Exception:
+                log.exception("event sink of %s failed; cancelling it", rid)
+                self._sinks.pop(rid, None)
+                self.engine.abort(rid)

@@ -1,0 +1,85 @@
+"""The worker's gRPC service: the engine behind the internal API (token ids in, thread events out).
+
+Thin: a request is converted (`convert.params_from_pb`), handed to the engine loop, and each step's
+events for it stream back as one `WorkerEvents` message. A client that cancels, disconnects or passes its
+deadline ends the handler, which aborts the request: its KV blocks are free after the next command drain.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+import grpc
+
+from apar.errors import UserError
+from apar.protogen import stubs
+from services.grpc_common import add_health_and_reflection, server_options, status_of
+from services.worker.convert import events_to_pb, params_from_pb
+from services.worker.engine import Engine
+from services.worker.events import RequestFinished
+from services.worker.loop import EngineLoop
+
+log = logging.getLogger(__name__)
+pb = stubs()
+MAX_PROMPT_IDS = 1 << 20
+
+
+class WorkerService(pb.worker_pb2_grpc.WorkerServicer):
+    def __init__(self, loop: EngineLoop, worker_id: str, model_name: str) -> None:
+        self.loop = loop
+        self.worker_id = worker_id
+        self.model_name = model_name
+
+    async def Generate(self, request, context):
+        rid = request.request_id or uuid.uuid4().hex
+        try:
+            if len(rid) > 200:
+                raise UserError("request_id is longer than 200 characters")
+            if len(request.prompt_ids) > MAX_PROMPT_IDS:
+                raise UserError("prompt is absurdly long")
+            params = params_from_pb(request.sampling, request.limits, request.auto_regressive)
+        except UserError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        events: asyncio.Queue = asyncio.Queue()
+        aloop = asyncio.get_running_loop()
+
+        def sink(evs):
+            aloop.call_soon_threadsafe(events.put_nowait, evs)
+
+        try:
+            await asyncio.wrap_future(self.loop.submit(list(request.prompt_ids), params, rid, sink))
+        except UserError as exc:
+            await context.abort(status_of(exc), str(exc))
+        done = False
+        try:
+            while not done:
+                evs = await events.get()
+                done = isinstance(evs[-1], RequestFinished)
+                yield events_to_pb(evs, pb)
+        finally:
+            if not done:  # cancelled, disconnected or past its deadline: free its KV now
+                self.loop.abort(rid)
+
+    async def Info(self, request, context):
+        def read(e: Engine):
+            r = e.runner
+            return pb.worker_pb2.WorkerInfo(
+                worker_id=self.worker_id, model=self.model_name, num_blocks=e.ledger.num_blocks,
+                block_size=e.ledger.block_size, free_blocks=e.ledger.num_free, running=len(e.scheduler.running),
+                waiting=len(e.scheduler.waiting), fork_token=e.config.control.fork, child_token=e.config.control.child,
+                max_positions=min(r.max_positions, 2**32 - 1), vocab_size=r.vocab_size)
+
+        return await asyncio.wrap_future(self.loop.call(read))
+
+
+async def start_worker_server(loop: EngineLoop, address: str, worker_id: str, model_name: str) -> tuple[grpc.aio.Server, int]:
+    """Start the worker's gRPC server on `address` (host:port, port 0 picks one); returns it and its port."""
+    server = grpc.aio.server(options=server_options())
+    pb.worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(loop, worker_id, model_name), server)
+    await add_health_and_reflection(server, [pb.worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name])
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise UserError(f"cannot listen on {address}")
+    await server.start()
+    return server, port
