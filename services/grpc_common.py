@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import grpc
+from google.protobuf import message as _message
+from google.protobuf import message_factory
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -31,3 +33,49 @@ def status_of(exc: BaseException) -> grpc.StatusCode:
     if isinstance(exc, UserError):
         return grpc.StatusCode.INVALID_ARGUMENT
     return grpc.StatusCode.INTERNAL
+
+
+class _Malformed:
+    """What a request that is not a valid message deserializes to; the handler answers INVALID_ARGUMENT."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _safe_parser(cls):
+    def parse(data: bytes):
+        try:
+            return cls.FromString(data)
+        except _message.DecodeError as exc:
+            return _Malformed(str(exc))
+
+    return parse
+
+
+def add_servicer(server: grpc.aio.Server, servicer, service_descriptor) -> None:
+    """Register an aio servicer's unary-unary and unary-stream methods from the service descriptor, with
+    a request parser that turns undecodable bytes into INVALID_ARGUMENT instead of an UNKNOWN failure."""
+    handlers = {}
+    for method in service_descriptor.methods:
+        req_cls = message_factory.GetMessageClass(method.input_type)
+        resp_cls = message_factory.GetMessageClass(method.output_type)
+        impl = getattr(servicer, method.name)
+        if method.server_streaming:
+            async def stream(request, context, _impl=impl):
+                if isinstance(request, _Malformed):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.error}")
+                async for item in _impl(request, context):
+                    yield item
+
+            handler = grpc.unary_stream_rpc_method_handler(stream, request_deserializer=_safe_parser(req_cls),
+                                                           response_serializer=resp_cls.SerializeToString)
+        else:
+            async def unary(request, context, _impl=impl):
+                if isinstance(request, _Malformed):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.error}")
+                return await _impl(request, context)
+
+            handler = grpc.unary_unary_rpc_method_handler(unary, request_deserializer=_safe_parser(req_cls),
+                                                          response_serializer=resp_cls.SerializeToString)
+        handlers[method.name] = handler
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service_descriptor.full_name, handlers),))

@@ -16,7 +16,7 @@ import grpc
 
 from apar.errors import UserError
 from apar.protogen import stubs
-from services.grpc_common import add_health_and_reflection, server_options
+from services.grpc_common import add_health_and_reflection, add_servicer, server_options
 from services.router.metrics import RouterMetrics
 from services.router.prompt import encode_prompt
 from services.router.stitch import ThreadDelta
@@ -156,7 +156,7 @@ class RouterService(pb.apar_pb2_grpc.AparServicer):
 
 async def start_router_server(service: RouterService, address: str) -> tuple[grpc.aio.Server, int]:
     server = grpc.aio.server(options=server_options())
-    pb.apar_pb2_grpc.add_AparServicer_to_server(service, server)
+    add_servicer(server, service, A.DESCRIPTOR.services_by_name["Apar"])
     await add_health_and_reflection(server, [A.DESCRIPTOR.services_by_name["Apar"].full_name])
     port = server.add_insecure_port(address)
     if port == 0:

@@ -14,7 +14,7 @@ import grpc
 
 from apar.errors import UserError
 from apar.protogen import stubs
-from services.grpc_common import add_health_and_reflection, server_options, status_of
+from services.grpc_common import add_health_and_reflection, add_servicer, server_options, status_of
 from services.worker.convert import events_to_pb, params_from_pb
 from services.worker.engine import Engine
 from services.worker.events import RequestFinished
@@ -76,7 +76,7 @@ class WorkerService(pb.worker_pb2_grpc.WorkerServicer):
 async def start_worker_server(loop: EngineLoop, address: str, worker_id: str, model_name: str) -> tuple[grpc.aio.Server, int]:
     """Start the worker's gRPC server on `address` (host:port, port 0 picks one); returns it and its port."""
     server = grpc.aio.server(options=server_options())
-    pb.worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(loop, worker_id, model_name), server)
+    add_servicer(server, WorkerService(loop, worker_id, model_name), pb.worker_pb2.DESCRIPTOR.services_by_name["Worker"])
     await add_health_and_reflection(server, [pb.worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name])
     port = server.add_insecure_port(address)
     if port == 0:

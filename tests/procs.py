@@ -1,0 +1,63 @@
+"""Real service processes for tests: start `apar ...`, wait until it listens, stop it for sure."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    """A child process whose stderr is collected; `wait_for(pattern)` blocks until a line matches."""
+
+    def __init__(self, *args: str, env: dict | None = None) -> None:
+        self.args = args
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self.p = subprocess.Popen([sys.executable, "-m", "apar.cli", *args], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
+                                  start_new_session=True)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.p.stderr:
+            with self._cond:
+                self.lines.append(line)
+                self._cond.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float = 60.0) -> re.Match:
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._cond:
+            while True:
+                for line in self.lines[seen:]:
+                    m = rx.search(line)
+                    if m:
+                        return m
+                seen = len(self.lines)
+                if self.p.poll() is not None:
+                    raise RuntimeError(f"{self.args[0]} exited {self.p.returncode}:\n{''.join(self.lines)[-3000:]}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{self.args[0]} never printed {pattern!r}:\n{''.join(self.lines)[-3000:]}")
+                self._cond.wait(min(left, 0.5))
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.p.poll() is None:
+            os.killpg(self.p.pid, sig)
+            self.p.wait(timeout=20)
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.kill(signal.SIGTERM)

@@ -1,0 +1,197 @@
+"""`apar serve` as a real process on loopback: streaming, equality with the in-process engine, errors,
+cancellation, health and reflection, fuzzing, and 200 concurrent clients."""
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from apar.protogen import stubs
+from services.router.prompt import encode_prompt
+from services.router.stream import RequestStream
+from services.worker.config import EngineConfig, SamplingParams
+from services.worker.engine import Engine
+from tests.procs import Proc, free_port
+
+pb = stubs()
+A = pb.apar_pb2
+KV_BLOCKS = 48
+
+
+@pytest.fixture(scope="module")
+def server(llama_dir):
+    port = free_port()
+    proc = Proc("serve", "--model", str(llama_dir), "--port", str(port), "--kv-blocks", str(KV_BLOCKS),
+                "--block-size", "16")
+    proc.wait_for(r"listening on")
+    yield f"127.0.0.1:{port}"
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    with grpc.insecure_channel(server) as channel:
+        yield pb.apar_pb2_grpc.AparStub(channel)
+
+
+def request(prompt="Give me three tips for sleep.", mode=A.STREAM_MODE_LINEAR, **sampling):
+    return A.GenerateRequest(prompt=prompt, stream=mode, sampling=pb.common_pb2.SamplingParameters(**sampling))
+
+
+def collect(stub, req, timeout=60):
+    deltas, threads, final = [], [], None
+    for resp in stub.Generate(req, timeout=timeout):
+        kind = resp.WhichOneof("event")
+        if kind == "delta":
+            deltas.append(resp.delta)
+        elif kind == "thread":
+            threads.append(resp.thread)
+        else:
+            final = resp.final
+    return deltas, threads, final
+
+
+def wait_all_free(stub, timeout=5.0) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        info = stub.ModelInfo(A.ModelInfoRequest())
+        if info.free_kv_blocks == info.total_kv_blocks or time.monotonic() > deadline:
+            return info.total_kv_blocks - info.free_kv_blocks
+        time.sleep(0.05)
+
+
+def test_streams_the_in_process_answer(stub, llama_dir):
+    deltas, _, final = collect(stub, request(max_tokens=40, temperature=0.9, seed=5))
+    assert "".join(deltas) == final.text and final.usage.completion_tokens == 40
+    engine = Engine(llama_dir, EngineConfig(num_blocks=64))
+    ids = encode_prompt(engine.tokenizer, "Give me three tips for sleep.")
+    rid = engine.add_request(ids, SamplingParams(max_tokens=40, temperature=0.9, seed=5))
+    local = RequestStream(engine.tokenizer, engine.fork_id, engine.child_id, engine.eos_ids)
+    for ev in engine.run_to_completion():
+        local.feed(ev)
+    assert local.final.text == final.text
+    assert final.usage.prompt_tokens == len(ids)
+
+
+def test_thread_and_final_modes(stub):
+    _, threads, final = collect(stub, request(mode=A.STREAM_MODE_THREADS, max_tokens=12))
+    assert threads[0].kind == A.ThreadEvent.STARTED and not threads[0].HasField("parent")
+    assert threads[-1].kind == A.ThreadEvent.FINISHED
+    assert "".join(t.text for t in threads if t.kind == A.ThreadEvent.DELTA) == final.text
+    deltas, threads, final2 = collect(stub, request(mode=A.STREAM_MODE_FINAL, max_tokens=12))
+    assert deltas == [] and threads == [] and final2.text == final.text
+
+
+@pytest.mark.parametrize("req, words", [
+    (A.GenerateRequest(prompt=""), "prompt is empty"),
+    (A.GenerateRequest(prompt="   "), "prompt is empty"),
+    (request(top_p=1.5), "top_p"),
+    (request(temperature=-1), "temperature"),
+    (request(max_tokens=0), "max_tokens"),
+    (A.GenerateRequest(prompt="hi", stream=9), "unknown stream mode"),
+    (A.GenerateRequest(prompt="word " * 1500), "longer than the model allows"),
+    (A.GenerateRequest(prompt="hi", messages=[A.ChatMessage(role="user", content="x")]), "either a prompt"),
+    (A.GenerateRequest(messages=[A.ChatMessage(role="robot", content="x")]), "role"),
+])
+def test_bad_requests_are_invalid_argument(stub, req, words):
+    with pytest.raises(grpc.RpcError) as err:
+        collect(stub, req)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in err.value.details()
+
+
+def test_a_request_the_pool_cannot_hold_is_resource_exhausted(stub):
+    with pytest.raises(grpc.RpcError) as err:  # ~1,000 prompt tokens > 48 blocks of 16
+        collect(stub, A.GenerateRequest(prompt="a b c d " * 250, raw_prompt=True))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "KV blocks" in err.value.details()
+
+
+def test_cancel_mid_stream_frees_the_blocks(stub):
+    call = stub.Generate(request(max_tokens=2000, ignore_eos=True), timeout=60)
+    got = 0
+    for _ in call:
+        got += 1
+        if got == 5:
+            break
+    assert stub.ModelInfo(A.ModelInfoRequest()).free_kv_blocks < KV_BLOCKS
+    call.cancel()
+    assert wait_all_free(stub) == 0
+
+
+def test_deadline_frees_the_blocks(stub):
+    with pytest.raises(grpc.RpcError) as err:
+        collect(stub, request(max_tokens=3000, ignore_eos=True), timeout=0.5)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_all_free(stub) == 0
+
+
+def test_health_and_reflection(server):
+    with grpc.insecure_channel(server) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for name in ("", "apar.v1.Apar"):
+            assert health.Check(health_pb2.HealthCheckRequest(service=name)).status == \
+                health_pb2.HealthCheckResponse.SERVING
+        refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+        answers = list(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        names = {s.name for s in answers[0].list_services_response.service}
+        assert "apar.v1.Apar" in names and "grpc.health.v1.Health" in names
+
+
+def test_fuzzed_requests_never_crash_the_server(server, stub):
+    rng = random.Random(1)
+    raw = grpc.insecure_channel(server).unary_stream("/apar.v1.Apar/Generate", request_serializer=None,
+                                                     response_deserializer=None)
+    codes = set()
+    for i in range(1500):
+        if i % 2:
+            payload = bytes(rng.randrange(256) for _ in range(rng.randrange(0, 64)))
+            call = raw(payload, timeout=10)
+        else:
+            s = pb.common_pb2.SamplingParameters(
+                max_tokens=rng.choice([0, 1, 2, 3, 2**32 - 1]), temperature=rng.choice([0, 0.5, -3, 1e30]),
+                top_p=rng.choice([0.0, 0.5, 1.0, 7.0]), top_k=rng.choice([0, 1, 2**31]),
+                stop_token_ids=rng.sample(range(2**20), rng.randrange(3)))
+            req = A.GenerateRequest(prompt=rng.choice(["", "hi", "\x00\ud7ff", "x" * 50]), sampling=s,
+                                    stream=rng.randrange(-2, 6), auto_regressive=rng.random() < 0.5,
+                                    limits=pb.common_pb2.Limits(max_threads=rng.randrange(0, 4)))
+            call = stub.Generate(req, timeout=10)
+        try:
+            for _ in call:
+                pass
+            codes.add("OK")
+        except grpc.RpcError as exc:
+            codes.add(exc.code().name)
+    assert codes <= {"OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"}
+    assert "INVALID_ARGUMENT" in codes
+    _, _, final = collect(stub, request(max_tokens=4))
+    assert final.usage.completion_tokens == 4
+    assert wait_all_free(stub) == 0
+
+
+def test_200_concurrent_streaming_clients(server):
+    async def one(stub, i):
+        text, final = [], None
+        async for resp in stub.Generate(request(prompt=f"Question {i}: list three things.", max_tokens=8,
+                                                temperature=0.7, seed=i), timeout=120):
+            if resp.WhichOneof("event") == "delta":
+                text.append(resp.delta)
+            elif resp.WhichOneof("event") == "final":
+                final = resp.final
+        return "".join(text), final
+
+    async def main():
+        async with grpc.aio.insecure_channel(server) as channel:
+            stub = pb.apar_pb2_grpc.AparStub(channel)
+            results = await asyncio.gather(*(one(stub, i) for i in range(200)))
+            info = await stub.ModelInfo(A.ModelInfoRequest())
+            return results, info
+
+    results, info = asyncio.run(main())
+    assert len(results) == 200
+    for text, final in results:
+        assert final is not None and final.text == text and final.usage.completion_tokens == 8
+    assert info.free_kv_blocks == info.total_kv_blocks
