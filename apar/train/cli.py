@@ -47,6 +47,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     demo.set_defaults(func=run_demo)
 
+    ev = subparsers.add_parser(
+        "demo-eval", help="test-split prompts through the engine: APAR model beside its AR twin",
+        description="Answer the shared data's test-split prompts (never trained on) with the APAR model "
+                    "in APAR mode and its twin in AR mode; report fork share, threads, well-formed "
+                    "answers, generation steps and the held-out losses of both training summaries.",
+    )
+    ev.add_argument("--apar", type=Path, required=True, help="APAR model directory (apar demo-model)")
+    ev.add_argument("--ar", type=Path, required=True, help="AR twin directory (apar demo-model --ar)")
+    ev.add_argument("--prompts", type=int, default=32, help="how many test prompts (first seen first)")
+    ev.add_argument("--structured-only", action="store_true",
+                    help="only prompts whose reference answers mostly fork (lists, paragraphs)")
+    ev.add_argument("--max-tokens", type=int, default=256, help="generated tokens per answer")
+    ev.add_argument("--temperature", type=float, default=0.7)
+    ev.add_argument("--top-p", type=float, default=0.9)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.set_defaults(func=run_eval)
+
 
 def run_train(args: argparse.Namespace) -> int:
     from apar.data.pipeline import load_records
@@ -90,3 +108,44 @@ def _print_result(result, out: Path) -> None:
     from dataclasses import asdict
 
     print(json.dumps({"out": str(out), **asdict(result)}, indent=2))
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from apar.data.pipeline import load_records
+    from apar.split import shared_data_dir
+    from apar.train.evaluate import generate_all, held_out_prompts, report
+    from apar.train.trainer import SUMMARY_FILE
+    from services.worker.config import SamplingParams
+
+    for directory in (args.apar, args.ar):
+        if not (directory / "config.json").is_file():
+            raise UserError(f"{directory}: not a model directory (no config.json)")
+    if args.prompts <= 0:
+        raise UserError("--prompts must be positive")
+    prompts = held_out_prompts(load_records(shared_data_dir()))
+    if args.structured_only:
+        prompts = [p for p in prompts if p[1]]
+    prompts = prompts[: args.prompts]
+    texts = [p for p, _ in prompts]
+    common = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    apar = generate_all(args.apar, texts, SamplingParams(**common, auto_parallel=True))
+    ar = generate_all(args.ar, texts, SamplingParams(**common, auto_parallel=False))
+    result = asdict(report(prompts, apar, ar))
+    losses = {}
+    for name, directory in (("apar", args.apar), ("ar", args.ar)):
+        summary = directory / SUMMARY_FILE
+        if summary.is_file():
+            losses[name] = json.loads(summary.read_text())["result"]["held_out_loss"]
+    if len(losses) == 2 and losses["ar"]:
+        result["held_out_loss_apar"] = losses["apar"]
+        result["held_out_loss_ar"] = losses["ar"]
+        result["held_out_loss_ratio"] = losses["apar"] / losses["ar"]
+    if args.json:
+        print(json.dumps(result))
+    else:
+        width = max(map(len, result))
+        for key, value in result.items():
+            print(f"{key:<{width}}  {round(value, 4) if isinstance(value, float) else value}")
+    return 0
