@@ -25,17 +25,28 @@ class WorkerHandle:
 
 
 class WorkerDirectory:
-    """Static worker addresses; liveness and free blocks from each worker's Info (refreshed at most every
-    `refresh_s`). A worker that fails a call is marked dead until its Info answers again."""
+    """Static worker addresses; liveness and free blocks from each worker's Info, polled in the background
+    every `refresh_s` so a request never waits on a dead worker. A worker that fails a call is marked
+    dead until its Info answers again."""
 
     def __init__(self, addresses: list[str], refresh_s: float = 0.2) -> None:
         if not addresses:
             raise ValueError("no worker addresses")
         self.refresh_s = refresh_s
+        self._poller: asyncio.Task | None = None
         self.workers = []
         for addr in addresses:
             channel = grpc.aio.insecure_channel(addr)
             self.workers.append(WorkerHandle(addr, channel, pb.worker_pb2_grpc.WorkerStub(channel)))
+
+    def _ensure_poller(self) -> None:
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.get_running_loop().create_task(self._poll())
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            await self.refresh(force=True)
 
     async def refresh(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -45,7 +56,7 @@ class WorkerDirectory:
 
     async def _check(self, w: WorkerHandle) -> None:
         try:
-            w.info = await w.stub.Info(pb.worker_pb2.WorkerInfoRequest(), timeout=2.0)
+            w.info = await w.stub.Info(pb.worker_pb2.WorkerInfoRequest(), timeout=1.0)
             w.alive = True
         except grpc.aio.AioRpcError as exc:
             if w.alive:
@@ -59,7 +70,7 @@ class WorkerDirectory:
 
     async def choose(self) -> WorkerHandle | None:
         """The live worker with the most free KV blocks (fewest queued on a tie), or None."""
-        await self.refresh()
+        self._ensure_poller()
         live = [w for w in self.workers if w.alive and w.info is not None]
         if not live:
             await self.refresh(force=True)
@@ -76,5 +87,7 @@ class WorkerDirectory:
         return None
 
     async def close(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
         for w in self.workers:
             await w.channel.close()
