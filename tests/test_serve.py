@@ -21,14 +21,16 @@ from tests.procs import Proc, free_port
 pb = stubs()
 A = pb.apar_pb2
 KV_BLOCKS = 48
+METRICS_URL: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")
 def server(llama_dir):
-    port = free_port()
+    port, mport = free_port(), free_port()
     proc = Proc("serve", "--model", str(llama_dir), "--port", str(port), "--kv-blocks", str(KV_BLOCKS),
-                "--block-size", "16")
+                "--block-size", "16", "--metrics-port", str(mport))
     proc.wait_for(r"listening on")
+    METRICS_URL[f"127.0.0.1:{port}"] = f"http://127.0.0.1:{mport}/metrics"
     yield f"127.0.0.1:{port}"
     proc.stop()
 
@@ -195,3 +197,24 @@ def test_200_concurrent_streaming_clients(server):
     for text, final in results:
         assert final is not None and final.text == text and final.usage.completion_tokens == 8
     assert info.free_kv_blocks == info.total_kv_blocks
+
+
+def test_prometheus_metrics(server, stub):
+    import urllib.request
+
+    collect(stub, request(max_tokens=6))
+    text = urllib.request.urlopen(METRICS_URL[server], timeout=5).read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    assert values["apar_router_requests_total"] >= 1
+    assert values["apar_router_generated_tokens_total"] >= 6
+    assert values["apar_worker_steps_total"] >= 6
+    assert values["apar_worker_kv_blocks_used"] + values["apar_worker_kv_blocks_free"] == KV_BLOCKS
+    for name in ("apar_router_time_to_first_token_seconds_count", "apar_router_inter_token_seconds_count",
+                 "apar_router_request_seconds_count", "apar_worker_threads_running", "apar_worker_forks",
+                 "apar_worker_kv_blocks_released_early", "apar_worker_requests_waiting",
+                 "apar_router_steps_per_request_count", "apar_router_attended_tokens_total"):
+        assert name in values, name

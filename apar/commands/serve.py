@@ -57,44 +57,44 @@ async def _until_signal(*servers) -> None:
         await server.stop(grace=2.0)
 
 
-def _engine(args):
+def _engine(args, registry):
     from apar.commands.generate import engine_config
     from services.worker.engine import Engine
     from services.worker.loop import EngineLoop
+    from services.worker.metrics import WorkerMetrics
 
     engine = Engine(args.model, engine_config(args))
-    return engine, EngineLoop(engine)
+    metrics = WorkerMetrics(registry)
+    return engine, EngineLoop(engine, on_step=metrics.on_step), metrics
 
 
-def _metrics(port: int | None, *registries) -> None:
-    if port is None:
-        return
-    from prometheus_client import start_http_server
-    from prometheus_client.registry import CollectorRegistry
+def _metrics(port: int | None, registry) -> None:
+    if port is not None:
+        from prometheus_client import start_http_server
 
-    merged = CollectorRegistry()
-    for reg in registries:
-        for collector in list(reg._collector_to_names):
-            merged.register(collector)
-    start_http_server(port, registry=merged)
+        start_http_server(port, registry=registry)
 
 
 def run_serve(args) -> int:
+    from prometheus_client import CollectorRegistry
+
     _setup()
-    engine, loop = _engine(args)
-    return asyncio.run(_serve(args, engine, loop))
+    registry = CollectorRegistry()
+    engine, loop, _ = _engine(args, registry)
+    return asyncio.run(_serve(args, engine, loop, registry))
 
 
-async def _serve(args, engine, loop) -> int:
+async def _serve(args, engine, loop, registry) -> int:
+    from services.router.metrics import RouterMetrics
     from services.router.service import RouterService, start_router_server
     from services.router.workers import WorkerDirectory
     from services.worker.service import start_worker_server
 
     worker_server, worker_port = await start_worker_server(loop, "127.0.0.1:0", "embedded", str(args.model))
     directory = WorkerDirectory([f"127.0.0.1:{worker_port}"])
-    service = RouterService(engine.tokenizer, directory, str(args.model))
+    service = RouterService(engine.tokenizer, directory, str(args.model), RouterMetrics(registry))
     router_server, port = await start_router_server(service, f"{args.host}:{args.port}")
-    _metrics(args.metrics_port, service.metrics.registry)
+    _metrics(args.metrics_port, registry)
     print(f"apar serve: listening on {args.host}:{port} (model {args.model})", file=sys.stderr, flush=True)
     try:
         await _until_signal(router_server, worker_server)
@@ -106,7 +106,11 @@ async def _serve(args, engine, loop) -> int:
 
 def run_worker(args) -> int:
     _setup()
-    engine, loop = _engine(args)
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+    engine, loop, _ = _engine(args, registry)
+    _metrics(args.metrics_port, registry)
 
     async def main() -> int:
         from services.worker.service import start_worker_server

@@ -50,6 +50,8 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self.steps = 0
         self.peak_blocks = 0
+        self.forks = 0
+        self.blocks_released_early = 0  # freed by a thread's end while its request still ran
         self._ids = itertools.count()
 
     # ---- requests in and out -----------------------------------------------------------------------
@@ -254,13 +256,16 @@ class Engine:
         req.threads.append(child)
         req.usage.threads += 1
         req.usage.forks += 1
+        self.forks += 1
         req.usage.completion_tokens += 1  # the forced [Child]
         result.events.append(ThreadStarted(req.id, child.id, parent.id, anchor))
 
     def _finish_thread(self, req: Request, t: Thread, reason: FinishReason, result: StepResult) -> None:
         t.finish = reason
         if t.in_ledger:
-            self.kv.defer(Finish(ThreadRef(req.id, t.id)))
+            freed = self.kv.defer(Finish(ThreadRef(req.id, t.id)))
+            if req.running_threads:
+                self.blocks_released_early += len(freed)
         result.events.append(ThreadFinished(req.id, t.id, reason))
 
     def _end_threads(self, req: Request, reason: FinishReason, result: StepResult) -> None:
