@@ -27,28 +27,59 @@ def register(subparsers) -> None:
     add_engine_args(e)
     e.set_defaults(func=run_engine_bench)
 
+    s = sub.add_parser("serve", help="per-token latency of apar serve beside the separated services")
+    s.add_argument("--model", default=None, help="model directory (default: build a random-weight one)")
+    s.add_argument("--requests", type=int, default=20)
+    s.add_argument("--max-tokens", type=int, default=64)
+    s.add_argument("--hidden", type=int, default=256)
+    s.add_argument("--layers", type=int, default=4)
+    s.set_defaults(func=run_serve_bench)
+
+
+def _model(args) -> Path:
+    from apar.modelgen import ModelShape, make_model
+    from apar.quiet import quiet_transformers
+
+    quiet_transformers()
+    if args.model:
+        return Path(args.model)
+    model_dir = Path(tempfile.mkdtemp(prefix="apar-bench-"))
+    shape = ModelShape(hidden=args.hidden, layers=args.layers, heads=max(1, args.hidden // 32),
+                       kv_heads=max(1, args.hidden // 64), intermediate=args.hidden * 3, max_positions=4096,
+                       vocab=4096)
+    make_model(model_dir, "llama", shape, seed=getattr(args, "seed", 0))
+    print(f"random-weight llama: width {args.hidden}, {args.layers} layers, at {model_dir}")
+    return model_dir
+
+
+def run_serve_bench(args) -> int:
+    from apar.bench import table
+    from apar.bench_serve import run
+
+    model_dir = _model(args)
+    rows = run(str(model_dir), args.requests, args.max_tokens, ["--kv-blocks", "1024"])
+    print(f"{args.requests} sequential requests, {args.max_tokens} tokens each, greedy, client on loopback")
+    head = ["setup", "TTFT p50 ms", "per-token p50 ms", "per-token p99 ms"]
+    body = [r.row() for r in rows]
+    widths = [max(len(x[i]) for x in [head] + body) for i in range(4)]
+    for line in [head] + body:
+        print("  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(line, widths))))
+    base, split = (sorted(r.per_token)[len(r.per_token) // 2] for r in rows)
+    print(f"cost of the split: {100 * (split / base - 1):+.1f}% per-token latency (p50)")
+    return 0
+
 
 def run_engine_bench(args) -> int:
     import torch
 
     from apar.bench import answer_trees, fastest, run_engine_ar, run_hf_generate, run_replay, table
     from apar.commands.generate import engine_config
-    from apar.modelgen import ModelShape, make_model
-    from apar.quiet import quiet_transformers
     from services.worker.engine import Engine
 
-    quiet_transformers()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    model_dir = Path(args.model) if args.model else None
-    if model_dir is None:
-        model_dir = Path(tempfile.mkdtemp(prefix="apar-bench-"))
-        shape = ModelShape(hidden=args.hidden, layers=args.layers, heads=max(1, args.hidden // 32),
-                           kv_heads=max(1, args.hidden // 64), intermediate=args.hidden * 3, max_positions=4096,
-                           vocab=4096)
-        make_model(model_dir, "llama", shape, seed=args.seed)
-        print(f"random-weight llama: width {args.hidden}, {args.layers} layers, at {model_dir}")
+    model_dir = _model(args)
     engine = Engine(model_dir, engine_config(args))
     r = engine.runner
     print(f"device {r.device}, dtype {str(r.dtype).removeprefix('torch.')}, {r.num_blocks} KV blocks of "
