@@ -1,7 +1,6 @@
 """The streaming client behind `apar generate --server`: the same flags and output as in-process."""
 from __future__ import annotations
 
-import json
 import sys
 
 import grpc
@@ -26,7 +25,7 @@ def build_request(args, params, pb):
 
 
 def generate_remote(args, params) -> int:
-    from apar.commands.generate import print_final
+    from apar.commands.generate import print_final, show_thread_event, thread_view
     from apar.protogen import stubs
 
     pb = stubs()
@@ -35,6 +34,7 @@ def generate_remote(args, params) -> int:
     out = sys.stdout
     kinds = {A.ThreadEvent.STARTED: "started", A.ThreadEvent.DELTA: "delta", A.ThreadEvent.FINISHED: "finished"}
     final = None
+    view = thread_view(args)
     with grpc.insecure_channel(args.server) as channel:
         stub = pb.apar_pb2_grpc.AparStub(channel)
         try:
@@ -45,11 +45,9 @@ def generate_remote(args, params) -> int:
                     out.flush()
                 elif kind == "thread":
                     t = resp.thread
-                    out.write(json.dumps({"kind": kinds.get(t.kind, "unknown"), "thread": t.thread,
-                                          "parent": t.parent if t.HasField("parent") else None,
-                                          "anchor": t.anchor, "text": t.text,
-                                          "reason": t.finish_reason or None}) + "\n")
-                    out.flush()
+                    show_thread_event({"kind": kinds.get(t.kind, "unknown"), "thread": t.thread,
+                                       "parent": t.parent if t.HasField("parent") else None,
+                                       "anchor": t.anchor, "text": t.text, "reason": t.finish_reason or None}, view)
                 elif kind == "final":
                     f = resp.final
                     usage = {k.name: getattr(f.usage, k.name) for k in f.usage.DESCRIPTOR.fields}

@@ -82,6 +82,7 @@ def run(args) -> int:
     rid = engine.add_request(prompt, params)
     stream = RequestStream(engine.tokenizer, engine.fork_id, engine.child_id, engine.eos_ids)
     out = sys.stdout
+    view = thread_view(args)
     while engine.has_work():
         for event in engine.step().events:
             if event.request != rid:
@@ -93,9 +94,25 @@ def run(args) -> int:
                     out.write(item.text)
                     out.flush()
                 elif args.stream == "threads" and not isinstance(item, (LinearDelta, Final)):
-                    out.write(json.dumps({k: getattr(item, k) for k in item.__slots__}) + "\n")
-                    out.flush()
+                    show_thread_event({k: getattr(item, k) for k in item.__slots__}, view)
     return print_final(stream.final, args)
+
+
+def thread_view(args):
+    """Threads side by side when stdout is a terminal; None: JSON lines."""
+    if args.stream == "threads" and not args.json and sys.stdout.isatty():
+        from apar.threadview import ThreadView
+
+        return ThreadView(sys.stdout)
+    return None
+
+
+def show_thread_event(event: dict, view) -> None:
+    if view is None:
+        sys.stdout.write(json.dumps(event) + "\n")
+        sys.stdout.flush()
+    else:
+        view.event(event["kind"], event["thread"], event["parent"], event["text"], event["reason"])
 
 
 def print_final(final, args) -> int:
@@ -106,6 +123,8 @@ def print_final(final, args) -> int:
                           "error": final.error}, ensure_ascii=False))
     elif args.stream == "linear":
         out.write("\n")
+    elif sys.stdout.isatty():
+        print(f"\n{final.text}\n[{final.finish_reason}] {json.dumps(final.usage)}")
     else:
         print(json.dumps({"final": final.text, "finish_reason": final.finish_reason, "usage": final.usage},
                          ensure_ascii=False))

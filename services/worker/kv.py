@@ -28,3 +28,68 @@ class LocalKV:
 
     def flush(self) -> None:
         """Send what was deferred (nothing to send for a local ledger)."""
+
+
+class KVManagerUnavailable(RuntimeError):
+    """The KV manager did not answer a step within the retry window."""
+
+
+class RemoteKV:
+    """Cluster mode: the local ledger mirrors the KV manager's ledger of this worker's pool.
+
+    Every op is applied locally first (so the engine sees its answer at once), then sent: thread ends
+    wait for the next step and travel in its message, so a step is ONE `Step` call. Batches keep their
+    sequence number until the manager acknowledges them, so a resend after a lost answer is not applied
+    twice; while the manager is away the step blocks and retries for `retry_s`, then raises (the engine
+    loop fails the running requests cleanly; their releases go out with the next batch).
+    """
+
+    def __init__(self, ledger: KVLedger, client, retry_s: float = 10.0) -> None:
+        self.ledger = ledger
+        self.client = client  # services.worker.kvclient.KVManagerClient
+        self.retry_s = retry_s
+        self._deferred: list[Op] = []
+        self._batches: list[tuple[int, list[Op]]] = []
+        self._seq = 0
+
+    def apply(self, ops: list[Op]) -> StepAnswer:
+        answer = apply(self.ledger, ops)
+        if answer.error:
+            raise RuntimeError(f"KV ledger refused an op: {answer.error}")
+        self._queue(self._deferred + ops)
+        self._deferred = []
+        self._send()
+        return answer
+
+    def defer(self, op: Op) -> list[int]:
+        answer = apply(self.ledger, [op])
+        if answer.error:
+            raise RuntimeError(f"KV ledger refused an op: {answer.error}")
+        self._deferred.append(op)
+        return answer.freed
+
+    def flush(self) -> None:
+        if self._deferred:
+            self._queue(self._deferred)
+            self._deferred = []
+        if self._batches:
+            self._send()
+
+    def _queue(self, ops: list[Op]) -> None:
+        self._seq += 1
+        self._batches.append((self._seq, ops))
+
+    def _send(self) -> None:
+        import time
+
+        deadline = time.monotonic() + self.retry_s
+        while self._batches:
+            seq, ops = self._batches[0]
+            try:
+                self.client.step(seq, ops)
+            except ConnectionError:
+                if time.monotonic() > deadline:
+                    raise KVManagerUnavailable(f"the KV manager did not answer step {seq} for {self.retry_s:.0f} s")
+                time.sleep(0.1)
+                continue
+            self._batches.pop(0)

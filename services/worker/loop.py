@@ -62,6 +62,8 @@ class EngineLoop:
                 break
             if self.engine.has_work():
                 self._step()
+            else:
+                self._flush()
         for rid in list(self._sinks):  # shutting down: every open request ends cleanly
             self._dispatch(self.engine.abort(rid, FinishReason.CANCELLED))
 
@@ -111,6 +113,13 @@ class EngineLoop:
         self._dispatch(result.events)
         if self._on_step:
             self._on_step(self.engine, time.perf_counter() - t0, result.tokens)
+
+    def _flush(self) -> None:
+        """Idle: send thread ends still waiting for a step message (cluster mode)."""
+        try:
+            self.engine.kv.flush()
+        except Exception as exc:
+            log.warning("KV flush failed, will retry: %s", exc)
 
     def _dispatch(self, events: list[Event]) -> None:
         by_request: dict[str, list[Event]] = {}
