@@ -25,14 +25,21 @@ def register(subparsers) -> None:
     w.add_argument("--model", required=True)
     w.add_argument("--host", default="127.0.0.1")
     w.add_argument("--port", type=int, default=50061)
-    w.add_argument("--worker-id", default=None)
+    w.add_argument("--worker-id", default=None, help="default: a new id each start")
+    w.add_argument("--advertise", default=None, help="address the router reaches this worker at "
+                                                      "(default: host:port)")
+    w.add_argument("--kvmanager", default=None, help="HOST:PORT of the KV manager (cluster mode); "
+                                                     "without it the worker keeps its ledger in-process")
+    w.add_argument("--kv-ttl", type=int, default=10, help="registration time-to-live at the KV manager, s")
     w.add_argument("--metrics-port", type=int, default=None)
     add_engine_args(w)
     w.set_defaults(func=run_worker)
 
     r = subparsers.add_parser("router", help="run the router: the public gRPC API in front of workers")
     r.add_argument("--model", required=True, help="model directory (its tokenizer is used)")
-    r.add_argument("--workers", required=True, help="comma-separated worker addresses host:port")
+    r.add_argument("--workers", default=None, help="comma-separated worker addresses host:port")
+    r.add_argument("--kvmanager", default=None, help="HOST:PORT of the KV manager: workers and their free "
+                                                     "blocks come from it")
     r.add_argument("--host", default="127.0.0.1")
     r.add_argument("--port", type=int, default=50051)
     r.add_argument("--metrics-port", type=int, default=None)
@@ -112,19 +119,40 @@ def run_worker(args) -> int:
     engine, loop, _ = _engine(args, registry)
     _metrics(args.metrics_port, registry)
 
+    wid = args.worker_id or f"worker-{uuid.uuid4().hex[:8]}"
+    client = None
+    if args.kvmanager:
+        client = _lease_pool(engine, loop, args, wid)
+
     async def main() -> int:
         from services.worker.service import start_worker_server
 
-        wid = args.worker_id or f"worker-{uuid.uuid4().hex[:8]}"
         server, port = await start_worker_server(loop, f"{args.host}:{args.port}", wid, str(args.model))
         print(f"apar worker: {wid} listening on {args.host}:{port}", file=sys.stderr, flush=True)
         try:
             await _until_signal(server)
         finally:
             loop.stop()
+            if client is not None:
+                client.close()
         return 0
 
     return asyncio.run(main())
+
+
+def _lease_pool(engine, loop, args, wid: str):
+    """Cluster mode: register the pool with the KV manager and mirror its ledger (RemoteKV)."""
+    from services.worker.kv import RemoteKV
+    from services.worker.kvclient import KVManagerClient
+
+    address = args.advertise or f"{args.host}:{args.port}"
+    client = KVManagerClient(args.kvmanager, wid, address, engine.ledger.num_blocks, engine.ledger.block_size,
+                             args.kv_ttl)
+    if client.register():
+        raise UserError(f"the KV manager still holds a ledger for worker {wid}: start with a new --worker-id")
+    loop.call(lambda e: setattr(e, "kv", RemoteKV(e.ledger, client))).result(timeout=10)
+    client.start_heartbeat()
+    return client
 
 
 def run_router(args) -> int:
@@ -135,20 +163,25 @@ def run_router(args) -> int:
 
     path = check_model_dir(args.model)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    addresses = [a.strip() for a in args.workers.split(",") if a.strip()]
-    if not addresses:
-        raise UserError("--workers needs at least one host:port")
+    addresses = [a.strip() for a in (args.workers or "").split(",") if a.strip()]
+    if not addresses and not args.kvmanager:
+        raise UserError("give --workers host:port,... or --kvmanager host:port")
 
     async def main() -> int:
         from services.router.service import RouterService, start_router_server
         from services.router.workers import WorkerDirectory
 
-        directory = WorkerDirectory(addresses)
+        if args.kvmanager:
+            from services.router.workers import KVManagerDirectory
+
+            directory = KVManagerDirectory(args.kvmanager)
+        else:
+            directory = WorkerDirectory(addresses)
         service = RouterService(tokenizer, directory, str(args.model))
         server, port = await start_router_server(service, f"{args.host}:{args.port}")
         _metrics(args.metrics_port, service.metrics.registry)
-        print(f"apar router: listening on {args.host}:{port}, workers {','.join(addresses)}", file=sys.stderr,
-              flush=True)
+        source = f"KV manager {args.kvmanager}" if args.kvmanager else f"workers {','.join(addresses)}"
+        print(f"apar router: listening on {args.host}:{port}, {source}", file=sys.stderr, flush=True)
         try:
             await _until_signal(server)
         finally:

@@ -30,14 +30,17 @@ class WorkerDirectory:
     dead until its Info answers again."""
 
     def __init__(self, addresses: list[str], refresh_s: float = 0.2) -> None:
-        if not addresses:
-            raise ValueError("no worker addresses")
         self.refresh_s = refresh_s
         self._poller: asyncio.Task | None = None
-        self.workers = []
+        self.workers: list[WorkerHandle] = []
         for addr in addresses:
-            channel = grpc.aio.insecure_channel(addr)
-            self.workers.append(WorkerHandle(addr, channel, pb.worker_pb2_grpc.WorkerStub(channel)))
+            self._add(addr)
+
+    def _add(self, addr: str) -> WorkerHandle:
+        channel = grpc.aio.insecure_channel(addr)
+        handle = WorkerHandle(addr, channel, pb.worker_pb2_grpc.WorkerStub(channel))
+        self.workers.append(handle)
+        return handle
 
     def _ensure_poller(self) -> None:
         if self._poller is None or self._poller.done():
@@ -91,3 +94,41 @@ class WorkerDirectory:
             self._poller.cancel()
         for w in self.workers:
             await w.channel.close()
+
+
+class KVManagerDirectory(WorkerDirectory):
+    """Workers as the KV manager knows them: registered (alive within their time-to-live), with free
+    blocks from the manager's ledger; each worker's Info still gives its model facts."""
+
+    def __init__(self, kvmanager: str, refresh_s: float = 0.2) -> None:
+        super().__init__([], refresh_s)
+        self._kv_channel = grpc.aio.insecure_channel(kvmanager)
+        self._kv = pb.kvmanager_pb2_grpc.KVManagerStub(self._kv_channel)
+
+    async def refresh(self, force: bool = False) -> None:
+        try:
+            usage = await self._kv.Usage(pb.kvmanager_pb2.UsageRequest(), timeout=1.0)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("KV manager usage failed: %s; keeping the last view", exc.code().name)
+            await super().refresh(force)
+            return
+        known = {w.address: w for w in self.workers}
+        listed = {u.address: u for u in usage.workers}
+        for addr in listed:
+            if addr not in known:
+                known[addr] = self._add(addr)
+        for addr, w in known.items():
+            if addr not in listed:
+                w.alive = False
+        await super().refresh(force)
+        for addr, u in listed.items():  # the manager's count of free blocks is the authority
+            w = known[addr]
+            if w.info is not None:
+                w.info.free_blocks = u.free_blocks
+        for addr, w in known.items():
+            if addr not in listed:
+                w.alive = False
+
+    async def close(self) -> None:
+        await super().close()
+        await self._kv_channel.close()
