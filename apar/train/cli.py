@@ -39,7 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Tokenizer and small Llama trained here on the shared data's train split, seeded.",
     )
     demo.add_argument("--preset", choices=("quick", "full"), default="quick",
-                      help="quick: a couple of minutes on 2 CPU cores; full: the one for quality")
+                      help="quick: a couple of minutes on 2 idle CPU cores; "
+                           "full: about half an hour, for quality")
     demo.add_argument("--out", type=Path, required=True, help="model directory to write")
     demo.add_argument("--ar", action="store_true", help="the auto-regressive twin (responses flattened)")
     demo.add_argument("--seed", type=int, default=0)
