@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "apar.commands.bench",
     "apar.commands.serve",
     "apar.data.cli",
+    "apar.train.cli",
 )
 
 

@@ -56,13 +56,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_rule_flags(stats)
     stats.set_defaults(func=run_stats)
 
-    # `apar train` and `apar demo-model` live in apar.train.cli; registered from here until
-    # apar/cli.py's COMMAND_MODULES names that module (then this is skipped).
-    if "train" not in subparsers.choices:
-        from apar.train.cli import register as register_train
-
-        register_train(subparsers)
-
 
 def _add_rule_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-depth", type=int, default=DEFAULT_MAX_DEPTH, help="deepest fork nesting")
