@@ -36,6 +36,11 @@ def generate_remote(args, params) -> int:
     final = None
     view = thread_view(args)
     with grpc.insecure_channel(args.server) as channel:
+        try:  # a server that is still starting (loading its model) is waited for
+            grpc.channel_ready_future(channel).result(timeout=args.connect_timeout)
+        except grpc.FutureTimeoutError:
+            raise UserError(f"server unavailable: no answer from {args.server} within "
+                            f"{args.connect_timeout:g} s") from None
         stub = pb.apar_pb2_grpc.AparStub(channel)
         try:
             for resp in stub.Generate(request, timeout=getattr(args, "timeout", None)):

@@ -45,3 +45,25 @@ def test_errors_are_one_line(llama_dir, args, words):
 def test_missing_model_directory(tmp_path):
     r = apar("generate", "--model", tmp_path / "nope", "--prompt", "hi")
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_client_against_serve_prints_what_in_process_prints(llama_dir, tmp_path):
+    from tests.procs import Proc, free_port
+
+    port = free_port()
+    proc = Proc("serve", "--model", str(llama_dir), "--port", str(port), "--kv-blocks", "64")
+    try:
+        common = ["--prompt", "Name three colours.", "--max-tokens", 16, "--temperature", 0.8, "--seed", 4]
+        remote = apar("generate", "--server", f"127.0.0.1:{port}", *common)  # waits while the server starts
+        local = apar("generate", "--model", llama_dir, "--kv-blocks", 64, *common)
+        assert remote.returncode == 0, remote.stderr
+        assert remote.stdout == local.stdout
+        remote_json = json.loads(apar("generate", "--server", f"127.0.0.1:{port}", *common, "--json").stdout)
+        local_json = json.loads(apar("generate", "--model", llama_dir, "--kv-blocks", 64, *common, "--json").stdout)
+        assert remote_json == local_json
+        bad = apar("generate", "--server", f"127.0.0.1:{port}", "--prompt", "hi", "--max-threads", "0")
+        assert bad.returncode == 2 and "max_threads" in bad.stderr
+    finally:
+        proc.stop()
+    gone = apar("generate", "--server", f"127.0.0.1:{port}", "--prompt", "hi", "--connect-timeout", "0.5")
+    assert gone.returncode == 2 and "server unavailable" in gone.stderr

@@ -13,6 +13,8 @@ def register(subparsers) -> None:
                               description="Generate one answer. Temperature 0 (the default) is greedy.")
     p.add_argument("--model", help="local Hugging Face model directory (in-process generation)")
     p.add_argument("--server", help="HOST:PORT of an `apar serve` or `apar router` to stream from instead")
+    p.add_argument("--connect-timeout", type=float, default=60.0,
+                   help="with --server: seconds to wait for a server that is still starting")
     p.add_argument("--prompt", required=True, help="the prompt (the chat template is applied when the "
                                                    "tokenizer has one)")
     p.add_argument("--ar", action="store_true", help="auto-regressive mode: never fork (the baseline)")
