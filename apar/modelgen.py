@@ -43,13 +43,40 @@ def build_tokenizer(vocab: int, control: tuple[str, str] = (FORK, CHILD)):
     return train_bpe(texts, vocab, control_tokens=control)
 
 
+def config_from_file(path: str | Path, tokenizer):
+    """An HF config from a config.json of any causal LM; its vocabulary becomes the tokenizer's."""
+    import json
+
+    from transformers import AutoConfig
+
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read config {p}: {exc}") from None
+    model_type = data.pop("model_type", None)
+    if not model_type:
+        raise UserError(f"{p} has no model_type")
+    try:
+        cfg = AutoConfig.for_model(model_type, **data)
+    except ValueError as exc:
+        raise UserError(f"{p}: {exc}") from None
+    cfg.vocab_size = len(tokenizer)
+    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id, \
+        tokenizer.pad_token_id
+    return cfg
+
+
 def make_model(out: str | Path, arch: str = "llama", shape: ModelShape | None = None, seed: int = 0,
-               control: tuple[str, str] = (FORK, CHILD), tokenizer=None) -> Path:
-    if arch not in ARCHS:
+               control: tuple[str, str] = (FORK, CHILD), tokenizer=None, config_file: str | Path | None = None
+               ) -> Path:
+    if arch not in ARCHS and config_file is None:
         raise UserError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     shape = shape or ModelShape()
     out = Path(out)
     tok = tokenizer or build_tokenizer(shape.vocab, control)
+    if config_file is not None:
+        return _save(out, config_from_file(config_file, tok), tok, seed)
     cfg = ARCHS[arch](
         vocab_size=len(tok),
         hidden_size=shape.hidden,
@@ -63,6 +90,10 @@ def make_model(out: str | Path, arch: str = "llama", shape: ModelShape | None = 
         pad_token_id=tok.pad_token_id,
         tie_word_embeddings=False,
     )
+    return _save(out, cfg, tok, seed)
+
+
+def _save(out: Path, cfg, tok, seed: int) -> Path:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     # wider random logits than the default init, so greedy choices are far from ties

@@ -10,6 +10,8 @@ def register(subparsers) -> None:
                                           "here and the [Fork]/[Child] tokens) for tests and benchmarks.")
     p.add_argument("--out", required=True, help="directory to write")
     p.add_argument("--arch", default="llama", help="llama, qwen2 or mistral")
+    p.add_argument("--config", default=None, help="an HF config.json to build from instead of the size flags "
+                                                   "(its vocabulary becomes the trained tokenizer's)")
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
@@ -34,6 +36,6 @@ def run(args) -> int:
     quiet_transformers()
     shape = ModelShape(args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate,
                        args.max_positions, args.vocab)
-    out = make_model(args.out, args.arch, shape, seed=args.seed)
+    out = make_model(args.out, args.arch, shape, seed=args.seed, config_file=args.config)
     print(out)
     return 0

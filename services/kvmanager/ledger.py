@@ -218,6 +218,44 @@ class KVLedger:
         except KeyError:
             raise LedgerError(f"unknown thread {ref}") from None
 
+    # ---- snapshot and restore ------------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        """The whole ledger as plain JSON-able data, every order kept (free list, thread and block lists).
+
+        `from_snapshot(led.snapshot())` behaves exactly like `led` for every later call: the ledger is
+        deterministic, so the KV manager restores a worker's ledger from a snapshot plus the ops since.
+        """
+        return {
+            "num_blocks": self.num_blocks,
+            "block_size": self.block_size,
+            "free": list(self._free),
+            "blocks": [[i, b.owner.request, b.owner.thread, b.refcount, b.used] for i, b in self._blocks.items()],
+            "threads": [[t.ref.request, t.ref.thread, list(t.refs), list(t.own), t.sealed, t.running]
+                        for t in self._threads.values()],
+            "requests": [[r, n] for r, n in self._request_blocks.items()],
+        }
+
+    @classmethod
+    def from_snapshot(cls, data: dict) -> KVLedger:
+        """Rebuild a ledger from `snapshot()`; raises LedgerError when the data breaks an invariant."""
+        try:
+            led = cls(int(data["num_blocks"]), int(data["block_size"]))
+            led._free = deque(int(i) for i in data["free"])
+            led._blocks = {int(i): _Block(owner=ThreadRef(str(r), int(t)), refcount=int(c), used=int(u))
+                           for i, r, t, c, u in data["blocks"]}
+            led._threads = {}
+            for r, t, refs, own, sealed, running in data["threads"]:
+                ref = ThreadRef(str(r), int(t))
+                led._threads[ref] = _Thread(ref=ref, refs=[int(i) for i in refs], own=[int(i) for i in own],
+                                            sealed=bool(sealed), running=bool(running))
+            led._request_blocks = {str(r): int(n) for r, n in data["requests"]}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LedgerError(f"malformed ledger snapshot: {exc}") from None
+        if set(led._free) | set(led._blocks) != set(range(led.num_blocks)):
+            raise LedgerError("I1: snapshot block ids are not 0..num_blocks-1")
+        led.check()
+        return led
+
     # ---- invariants --------------------------------------------------------------------------------
     def check(self) -> None:
         """Verify I1-I4 from scratch; raises LedgerError naming the first broken one."""
