@@ -1,0 +1,46 @@
+"""The KV manager's Prometheus metrics: per-worker block usage, steps, frees and Redis traffic.
+
+The manager updates them after every message it applies; the store counts its round trips through
+`round_trip` (one per Step is the design, and the test checks it). Each manager gets its own registry
+unless one is given, so several managers can live in one process (tests, embedded mode).
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+
+class KVMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = registry if registry is not None else CollectorRegistry()
+        self.registry = r
+        self.used = Gauge("apar_kvmanager_blocks_used", "KV blocks in use, per worker", ["worker"], registry=r)
+        self.free = Gauge("apar_kvmanager_blocks_free", "KV blocks free, per worker", ["worker"], registry=r)
+        self.workers = Gauge("apar_kvmanager_workers", "Workers with a ledger", registry=r)
+        self.steps = Counter("apar_kvmanager_steps", "Messages applied (Step and Release)", registry=r)
+        self.resent = Counter("apar_kvmanager_steps_resent", "Steps resent with a seq already applied: "
+                              "answered again, not applied", registry=r)
+        self.freed = Counter("apar_kvmanager_blocks_freed", "KV blocks freed", registry=r)
+        self.round_trips = Counter("apar_kvmanager_redis_round_trips", "Redis round trips", registry=r)
+        self.store_errors = Counter("apar_kvmanager_redis_errors", "Redis calls that failed", registry=r)
+        self.reaped = Counter("apar_kvmanager_workers_reaped", "Workers dropped when their registration "
+                              "expired", registry=r)
+
+        self._known: set[str] = set()
+
+    def round_trip(self) -> None:
+        self.round_trips.inc()
+
+    def ledger(self, worker_id: str, used: int, free: int) -> None:
+        self.used.labels(worker_id).set(used)
+        self.free.labels(worker_id).set(free)
+        self._known.add(worker_id)
+        self.workers.set(len(self._known))
+
+    def forget(self, worker_id: str) -> None:
+        """A worker's ledger was dropped: its series go away."""
+        if worker_id in self._known:
+            self.used.remove(worker_id)
+            self.free.remove(worker_id)
+            self._known.discard(worker_id)
+        self.workers.set(len(self._known))
+        self.reaped.inc()
