@@ -6,7 +6,7 @@ import pytest
 import redis.connection
 
 from services.kvmanager.ledger import ThreadRef
-from services.kvmanager.manager import KVManager
+from services.kvmanager.manager import InProcessClient, KVManager
 from services.kvmanager.metrics import KVMetrics
 from services.kvmanager.ops import Append, Start
 from services.kvmanager.records import BadRequest, SeqConflict, StoreUnavailable, UnknownWorker, WorkerSpec
@@ -67,6 +67,18 @@ def test_memory_mode_equals_apply_and_expires_on_its_clock():
     with pytest.raises(UnknownWorker):
         m.step("w1", sim.seq + 1, [])
     assert m.register(SPEC) == (False, 64)  # after expiry: a fresh ledger
+
+
+def test_in_process_client_for_the_embedded_mode():
+    client = InProcessClient(KVManager(), "embedded", "", num_blocks=64, block_size=4)
+    assert client.register() is False and client.register() is True
+    sim = SimWorker(seed=8)
+    for _ in range(60):
+        seq, ops, local = sim.step()
+        assert client.step(seq, ops).answer == local
+    assert client.state() == sim.ledger.snapshot()
+    with pytest.raises(RuntimeError, match="unknown thread"):
+        client.step(sim.seq + 1, [Append(ThreadRef("nobody", 0), 1)])
 
 
 def test_one_pipelined_round_trip_per_step(make, monkeypatch):

@@ -241,3 +241,40 @@ class KVManager:
     def _observe(self, rec: WorkerRecord) -> None:
         if self.metrics is not None:
             self.metrics.ledger(rec.worker_id, rec.ledger.num_used, rec.ledger.num_free)
+
+
+class InProcessClient:
+    """A worker's handle on an in-process `KVManager` (embedded mode): the calls of the gRPC client
+    `services.worker.kvclient.KVManagerClient` (register, start_heartbeat, step, state, close) without
+    gRPC. A registration lives `ttl_s` (default a day) and needs no heartbeat unless something reaps."""
+
+    def __init__(self, manager: KVManager, worker_id: str, worker_address: str, num_blocks: int, block_size: int,
+                 ttl_s: int = 24 * 3600) -> None:
+        self.manager = manager
+        self.spec = WorkerSpec(worker_id, worker_address, num_blocks, block_size, ttl_s)
+
+    def register(self, timeout: float | None = None) -> bool:
+        return self.manager.register(self.spec)[0]
+
+    def start_heartbeat(self) -> None:
+        """Nothing to do in-process; `heartbeat()` extends the registration if a caller reaps."""
+
+    def heartbeat(self) -> bool:
+        return self.manager.heartbeat(self.spec.worker_id)
+
+    def step(self, seq: int, ops: list[Op]) -> StepResult:
+        """One step's ops; raises ConnectionError when the store is away (retry later), RuntimeError when
+        the ledger refused an op (the worker's view and the manager's disagree)."""
+        try:
+            result = self.manager.step(self.spec.worker_id, seq, ops)
+        except StoreUnavailable as exc:
+            raise ConnectionError(str(exc)) from None
+        if result.answer.error:
+            raise RuntimeError(f"KV manager refused step {seq}: {result.answer.error}")
+        return result
+
+    def state(self) -> dict:
+        return self.manager.state(self.spec.worker_id)
+
+    def close(self) -> None:
+        """Nothing to close in-process."""
