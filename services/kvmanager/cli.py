@@ -1,0 +1,82 @@
+"""`apar kvmanager`: the KV manager as its own process (cluster mode), ledgers kept in Redis.
+
+    apar kvmanager --port 50071 --redis redis://127.0.0.1:6379/0 --ttl 10 [--metrics-port 9471]
+
+Also runnable as `python -m services.kvmanager ...` with the same flags.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from apar.errors import UserError
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50071)
+    p.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="Redis URL holding the ledgers")
+    p.add_argument("--no-redis", action="store_true", help="keep the ledgers in memory only (lost on exit)")
+    p.add_argument("--prefix", default="apar:", help="prefix of every Redis key")
+    p.add_argument("--ttl", type=int, default=10, help="registration time-to-live, s, for workers that give none")
+    p.add_argument("--reap-every", type=float, default=1.0, help="how often expired workers are reclaimed, s")
+    p.add_argument("--snapshot-every", type=int, default=64, help="log entries between ledger snapshots")
+    p.add_argument("--metrics-port", type=int, default=None, help="expose Prometheus metrics on this port")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("kvmanager", help="run the KV manager: block ownership for every worker, in Redis")
+    add_args(p)
+    p.set_defaults(func=run)
+
+
+def _check(args) -> None:
+    for name in ("port", "metrics_port"):
+        value = getattr(args, name)
+        if value is not None and not 0 <= value <= 65535:
+            raise UserError(f"--{name.replace('_', '-')} must be 0..65535, got {value}")
+    if not 1 <= args.ttl <= 24 * 3600:
+        raise UserError(f"--ttl must be 1..86400 s, got {args.ttl}")
+    if not 0.01 <= args.reap_every <= 3600:
+        raise UserError(f"--reap-every must be 0.01..3600 s, got {args.reap_every}")
+    if args.snapshot_every < 1:
+        raise UserError(f"--snapshot-every must be 1 or more, got {args.snapshot_every}")
+    if not args.no_redis and not args.redis.startswith(("redis://", "rediss://", "unix://")):
+        raise UserError(f"--redis must be a redis://, rediss:// or unix:// URL, got {args.redis!r}")
+
+
+def run(args) -> int:
+    _check(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    from services.kvmanager.service import serve
+
+    redis_url = None if args.no_redis else args.redis
+    try:
+        handle = serve(f"{args.host}:{args.port}", redis_url, prefix=args.prefix, ttl_s=args.ttl,
+                       reap_every_s=args.reap_every, snapshot_every=args.snapshot_every,
+                       metrics_port=args.metrics_port)
+    except RuntimeError as exc:  # grpc: the port cannot be bound
+        raise UserError(f"cannot listen on {args.host}:{args.port}: {exc}") from None
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    where = f"Redis {redis_url} prefix {args.prefix!r}" if redis_url else "memory only"
+    print(f"apar kvmanager: listening on {args.host}:{handle.port} ({where})", file=sys.stderr, flush=True)
+    stop.wait()
+    handle.stop(grace=2.0)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.kvmanager", description="the APAR KV manager")
+    add_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except UserError as exc:
+        print(f"apar kvmanager: error: {exc}", file=sys.stderr)
+        return 2
