@@ -172,17 +172,21 @@ class ManagerProcess:
 
 def test_killed_manager_process_restarts_from_redis(redis_server, request, tmp_path):
     port = free_port()
-    args = ("--port", str(port), "--redis", redis_server.url, "--prefix", f"t-{request.node.name}:")
+    args = ("--port", str(port), "--redis", redis_server.url, "--prefix", f"t-{request.node.name}:",
+            "--reap-every", "0.1")
     proc = ManagerProcess(args, tmp_path / "kv.log")
     try:
         client = Client(f"127.0.0.1:{port}")
-        client.register()
+        client.register(ttl=1)
         sim = SimWorker(BLOCKS, BLOCK_SIZE, seed=14)
         seq, ops, last = client.drive(sim, 90)
         before = client.state()
         proc.kill()  # SIGKILL: nothing is flushed on the way out
+        time.sleep(1.2)  # longer than the ttl: no heartbeat could arrive meanwhile
         proc = ManagerProcess(args, tmp_path / "kv.log")
-        assert client.register().restored
+        time.sleep(0.3)
+        assert [u.worker_id for u in client.stub.Usage(K.UsageRequest(), timeout=5).workers] == ["w1"]  # not reaped
+        assert client.register(ttl=1).restored
         assert client.state() == before
         assert client.step(seq, ops) == last  # the worker resends the step it never heard back from
         client.drive(sim, 40)

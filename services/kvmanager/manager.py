@@ -10,7 +10,9 @@ ledger in memory -> the answer. Memory is never ahead of the store: when Redis f
 its next store call, `_sync`s: it loads every ledger from Redis and keeps, per worker, the newer of
 memory and store (`WorkerRecord.version`), writing memory back wherever Redis is behind (Redis restarted
 empty) and taking Redis' version where it is ahead (a transaction that succeeded but whose reply was
-lost). One lock serializes every call: a step is a few microseconds of bookkeeping plus one round trip.
+lost). A ledger loaded at start gets a fresh registration time-to-live: while no manager ran, its
+worker's heartbeats could not arrive, so it is reclaimed only if they stay away for a whole ttl after the
+restart. One lock serializes every call: a step is a few microseconds of bookkeeping plus one round trip.
 """
 from __future__ import annotations
 
@@ -229,6 +231,8 @@ class KVManager:
                 red.expires_at = self.clock() + red.spec.ttl_s
                 self._workers[w] = red
                 self._observe(red)
+                if mem is None:  # loaded at start: its heartbeats failed while no manager ran
+                    self._guard(self.store.renew, red.spec)
             elif intact and (red is None or red.version < mem.version):
                 self._guard(self.store.save, mem, False)
         if not intact:  # Redis lost its data: write every ledger back, registrations renewed
