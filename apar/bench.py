@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from apar.errors import UserError
-from services.worker.config import EngineConfig, SamplingParams
+from services.worker.config import SamplingParams
 from services.worker.engine import Engine
 from services.worker.events import RequestFinished
 from services.worker.sequence import ReplayNode

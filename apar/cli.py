@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "apar.commands.model",
     "apar.commands.bench",
     "apar.commands.serve",
+    "services.kvmanager.cli",
     "apar.data.cli",
     "apar.train.cli",
 )

@@ -53,7 +53,6 @@ def _model(args) -> Path:
 
 
 def run_serve_bench(args) -> int:
-    from apar.bench import table
     from apar.bench_serve import run
 
     model_dir = _model(args)

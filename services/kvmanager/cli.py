@@ -61,6 +61,8 @@ def run(args) -> int:
                        metrics_port=args.metrics_port)
     except RuntimeError as exc:  # grpc: the port cannot be bound
         raise UserError(f"cannot listen on {args.host}:{args.port}: {exc}") from None
+    except OSError as exc:  # the metrics port cannot be bound
+        raise UserError(f"cannot serve metrics on port {args.metrics_port}: {exc}") from None
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

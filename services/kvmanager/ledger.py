@@ -219,6 +219,13 @@ class KVLedger:
             raise LedgerError(f"unknown thread {ref}") from None
 
     # ---- snapshot and restore ------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget everything: all blocks free in id order, as a new ledger of the same size."""
+        self._free = deque(range(self.num_blocks))
+        self._blocks.clear()
+        self._threads.clear()
+        self._request_blocks.clear()
+
     def snapshot(self) -> dict:
         """The whole ledger as plain JSON-able data, every order kept (free list, thread and block lists).
 

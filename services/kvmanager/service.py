@@ -123,6 +123,7 @@ class KVManagerServer:
     reap_every_s: float
     _stop: threading.Event = field(default_factory=threading.Event)
     _reaper: threading.Thread | None = None
+    _metrics_http: object | None = None  # prometheus_client's HTTP server, when a metrics port was given
 
     def start_reaper(self) -> None:
         self._reaper = threading.Thread(target=self._reap_loop, name="apar-kv-reaper", daemon=True)
@@ -151,6 +152,9 @@ class KVManagerServer:
         self._stop.set()
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
         if self._reaper is not None:
             self._reaper.join(timeout=5)
 
@@ -187,10 +191,10 @@ def serve(address: str = "127.0.0.1:0", redis_url: str | None = None, *, prefix:
     except StoreUnavailable as exc:
         log.warning("Redis unreachable at start (%s); ledgers load when it answers", exc)
         handle._serving(False)
-    server.start()
-    handle.start_reaper()
     if metrics_port is not None:
         from prometheus_client import start_http_server
 
-        start_http_server(metrics_port, registry=metrics.registry)
+        handle._metrics_http, _ = start_http_server(metrics_port, registry=metrics.registry)
+    server.start()
+    handle.start_reaper()
     return handle

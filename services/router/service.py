@@ -7,7 +7,6 @@ worker call, which aborts the request on the worker: its KV is freed at once.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid

@@ -58,7 +58,10 @@ class RemoteKV:
             raise RuntimeError(f"KV ledger refused an op: {answer.error}")
         self._queue(self._deferred + ops)
         self._deferred = []
-        self._send()
+        remote = self._send()
+        if remote is not None and [list(zip(a.blocks, a.offsets)) if not a.failed else None
+                                   for a in remote.appends] != answer.appends:
+            raise RuntimeError("the KV manager's ledger and this worker's disagree on the step's slots")
         return answer
 
     def defer(self, op: Op) -> list[int]:
@@ -75,21 +78,42 @@ class RemoteKV:
         if self._batches:
             self._send()
 
+    def recover(self) -> bool:
+        """After a failed step, once every request was ended: when the manager forgot this worker,
+        register again and start both ledgers afresh (so they agree block for block). True if done."""
+        from services.worker.kvclient import WorkerForgotten
+
+        try:
+            self.flush()
+            return False
+        except WorkerForgotten:
+            pass
+        except (ConnectionError, KVManagerUnavailable):
+            return False
+        if self.client.register():
+            raise RuntimeError("the KV manager restored a ledger it had reported forgotten")
+        self.ledger.reset()
+        self._deferred, self._batches = [], []
+        return True
+
     def _queue(self, ops: list[Op]) -> None:
         self._seq += 1
         self._batches.append((self._seq, ops))
 
-    def _send(self) -> None:
+    def _send(self):
+        """Send the queued batches in order; returns the manager's answer to the last one."""
         import time
 
         deadline = time.monotonic() + self.retry_s
+        resp = None
         while self._batches:
             seq, ops = self._batches[0]
             try:
-                self.client.step(seq, ops)
+                resp = self.client.step(seq, ops)
             except ConnectionError:
                 if time.monotonic() > deadline:
                     raise KVManagerUnavailable(f"the KV manager did not answer step {seq} for {self.retry_s:.0f} s")
                 time.sleep(0.1)
                 continue
             self._batches.pop(0)
+        return resp

@@ -7,7 +7,8 @@ import threading
 import grpc
 
 from apar.protogen import stubs
-from services.kvmanager.ops import Append, Finish, Fork, Op, Release, Start
+from services.kvmanager.convert import step_to_pb
+from services.kvmanager.ops import Op
 
 log = logging.getLogger(__name__)
 pb = stubs()
@@ -15,24 +16,8 @@ K = pb.kvmanager_pb2
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
-def _key(ref) -> object:
-    return K.ThreadKey(request=ref.request, thread=ref.thread)
-
-
-def ops_to_pb(ops: list[Op]) -> list:
-    out = []
-    for op in ops:
-        if isinstance(op, Append):
-            out.append(K.KVOp(append=K.AppendOp(thread=_key(op.thread), tokens=op.tokens)))
-        elif isinstance(op, Fork):
-            out.append(K.KVOp(fork=K.ForkOp(parent=_key(op.parent), child=_key(op.child))))
-        elif isinstance(op, Start):
-            out.append(K.KVOp(start=_key(op.thread)))
-        elif isinstance(op, Finish):
-            out.append(K.KVOp(finish=_key(op.thread)))
-        elif isinstance(op, Release):
-            out.append(K.KVOp(release=op.request))
-    return out
+class WorkerForgotten(RuntimeError):
+    """The KV manager no longer knows this worker (its registration expired): the ledgers must restart."""
 
 
 class KVManagerClient:
@@ -46,12 +31,14 @@ class KVManagerClient:
         self.stub = pb.kvmanager_pb2_grpc.KVManagerStub(self.channel)
         self._stop = threading.Event()
         self._heart: threading.Thread | None = None
+        self.forgotten = False  # set by the heartbeat; the engine loop re-registers and restarts its ledger
 
     def register(self, timeout: float = 30.0) -> bool:
         """Lease this worker's pool; returns whether the manager already had its ledger."""
         req = K.RegisterRequest(worker_id=self.worker_id, address=self.worker_address, num_blocks=self.num_blocks,
                                 block_size=self.block_size, ttl_seconds=self.ttl_s)
         resp = self.stub.Register(req, timeout=timeout, wait_for_ready=True)
+        self.forgotten = False
         return resp.restored
 
     def start_heartbeat(self) -> None:
@@ -62,19 +49,23 @@ class KVManagerClient:
         while not self._stop.wait(max(0.5, self.ttl_s / 3)):
             try:
                 resp = self.stub.Heartbeat(K.HeartbeatRequest(worker_id=self.worker_id), timeout=2.0)
-                if not resp.known:
-                    log.error("the KV manager no longer knows worker %s; registering again", self.worker_id)
-                    self.register()
+                if not resp.known and not self.forgotten:
+                    log.error("the KV manager no longer knows worker %s", self.worker_id)
+                    self.forgotten = True
             except grpc.RpcError as exc:
                 log.warning("heartbeat to the KV manager failed: %s", exc.code().name)
 
     def step(self, seq: int, ops: list[Op]):
         """One step's ops; raises ConnectionError when the manager cannot be reached (retry later)."""
+        if self.forgotten:
+            raise WorkerForgotten(f"the KV manager no longer knows worker {self.worker_id}")
         try:
-            resp = self.stub.Step(K.StepRequest(worker_id=self.worker_id, seq=seq, ops=ops_to_pb(ops)), timeout=5.0)
+            resp = self.stub.Step(step_to_pb(self.worker_id, seq, ops), timeout=5.0)
         except grpc.RpcError as exc:
             if exc.code() in _RETRYABLE:
                 raise ConnectionError(exc.details()) from None
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                raise WorkerForgotten(exc.details()) from None
             raise RuntimeError(f"KV manager refused step {seq}: {exc.code().name} {exc.details()}") from None
         if resp.error:
             raise RuntimeError(f"KV manager refused step {seq}: {resp.error}")

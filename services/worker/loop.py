@@ -73,13 +73,18 @@ class EngineLoop:
         except queue.Empty:
             return
         while True:
-            self._command(*cmd)
+            try:
+                self._command(*cmd)
+            except Exception:  # never let one command end the loop thread
+                log.exception("engine loop command %s failed", cmd[0])
             try:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 return
 
     def _command(self, kind: str, arg, fut: Future | None) -> None:
+        if fut is not None and not fut.set_running_or_notify_cancel():
+            return  # the caller gave up (its client went away) before the loop got to it
         if kind == "add":
             prompt, params, rid, sink = arg
             try:
@@ -109,6 +114,7 @@ class EngineLoop:
                 req.error = "internal engine error"
                 events.extend(self.engine.abort(rid, FinishReason.ERROR))
             self._dispatch(events)
+            self._recover()
             return
         self._dispatch(result.events)
         if self._on_step:
@@ -120,6 +126,17 @@ class EngineLoop:
             self.engine.kv.flush()
         except Exception as exc:
             log.warning("KV flush failed, will retry: %s", exc)
+            self._recover()
+
+    def _recover(self) -> None:
+        recover = getattr(self.engine.kv, "recover", None)
+        if recover is None:
+            return
+        try:
+            if recover():
+                log.warning("the KV manager had forgotten this worker: registered again, ledger restarted")
+        except Exception:
+            log.exception("KV recovery failed; will retry")
 
     def _dispatch(self, events: list[Event]) -> None:
         by_request: dict[str, list[Event]] = {}

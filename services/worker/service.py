@@ -16,7 +16,6 @@ from apar.errors import UserError
 from apar.protogen import stubs
 from services.grpc_common import add_health_and_reflection, add_servicer, server_options, status_of
 from services.worker.convert import events_to_pb, params_from_pb
-from services.worker.engine import Engine
 from services.worker.events import RequestFinished
 from services.worker.loop import EngineLoop
 
@@ -62,15 +61,15 @@ class WorkerService(pb.worker_pb2_grpc.WorkerServicer):
                 self.loop.abort(rid)
 
     async def Info(self, request, context):
-        def read(e: Engine):
-            r = e.runner
-            return pb.worker_pb2.WorkerInfo(
-                worker_id=self.worker_id, model=self.model_name, num_blocks=e.ledger.num_blocks,
-                block_size=e.ledger.block_size, free_blocks=e.ledger.num_free, running=len(e.scheduler.running),
-                waiting=len(e.scheduler.waiting), fork_token=e.config.control.fork, child_token=e.config.control.child,
-                max_positions=min(r.max_positions, 2**32 - 1), vocab_size=r.vocab_size)
-
-        return await asyncio.wrap_future(self.loop.call(read))
+        # plain reads of counters, not through the loop: Info answers even while a step is blocked
+        # (say, on a KV manager that is restarting)
+        e = self.loop.engine
+        r = e.runner
+        return pb.worker_pb2.WorkerInfo(
+            worker_id=self.worker_id, model=self.model_name, num_blocks=e.ledger.num_blocks,
+            block_size=e.ledger.block_size, free_blocks=e.ledger.num_free, running=len(e.scheduler.running),
+            waiting=len(e.scheduler.waiting), fork_token=e.config.control.fork, child_token=e.config.control.child,
+            max_positions=min(r.max_positions, 2**32 - 1), vocab_size=r.vocab_size)
 
 
 async def start_worker_server(loop: EngineLoop, address: str, worker_id: str, model_name: str) -> tuple[grpc.aio.Server, int]:
