@@ -97,7 +97,7 @@ class KVManager:
         check_ops(ops)
         data, digest = ops_json(ops)
         with self._lock:
-            for attempt in range(2):
+            for _ in range(2):  # a second try after Redis was found to have lost data
                 self._sync()
                 rec = self._record(worker_id)
                 if seq == rec.seq:
@@ -122,7 +122,7 @@ class KVManager:
         ops: list[Op] = [Release(request)]
         data, digest = ops_json(ops)
         with self._lock:
-            for attempt in range(2):
+            for _ in range(2):  # a second try after Redis was found to have lost data
                 self._sync()
                 rec = self._record(worker_id)
                 if self._persist(rec, entry_to_json(rec.n + 1, None, digest, data)):
@@ -132,7 +132,8 @@ class KVManager:
         raise StoreUnavailable("Redis lost the ledgers again while they were being rewritten")
 
     def _persist(self, rec: WorkerRecord, entry: str) -> bool:
-        """True: the entry is in the store (or there is no store). False: Redis lost data; synced now."""
+        """True: the entry is in the store (or there is no store). False: Redis lost data (the next
+        `_sync` writes memory back)."""
         if self.store is None:
             return True
         if self._guard(self.store.append, rec, entry):
