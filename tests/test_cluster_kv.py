@@ -127,7 +127,8 @@ def test_kv_manager_killed_and_restarted_under_load(cluster):
         for t in threads:
             t.join(60)
         # each request finishes, or fails cleanly with a final message saying why
-        assert len(outcomes) == 4 and all(o in ("ok", "internal engine error") for o, _ in outcomes), outcomes
+        assert len(outcomes) == 4 and all(o in ("ok", "internal engine error") for o, _ in outcomes), \
+            (outcomes, "".join(cluster.router.lines[-40:]))
         assert all(n == 120 for o, n in outcomes if o == "ok")
         state = wait_idle(cluster)
         assert len(state.free) == BLOCKS and len(set(state.free)) == BLOCKS and not state.used

@@ -88,7 +88,19 @@ def run_serve(args) -> int:
     _setup()
     registry = CollectorRegistry()
     engine, loop, _ = _engine(args, registry)
+    _embedded_kv_manager(engine, loop)
     return asyncio.run(_serve(args, engine, loop, registry))
+
+
+def _embedded_kv_manager(engine, loop) -> None:
+    """The KV manager in this process, in memory: the worker's ledger is mirrored by it as in a cluster."""
+    from services.kvmanager.manager import InProcessClient, KVManager
+    from services.worker.kv import RemoteKV
+
+    client = InProcessClient(KVManager(store=None), "embedded", "in-process", engine.ledger.num_blocks,
+                             engine.ledger.block_size)
+    client.register()
+    loop.call(lambda e: setattr(e, "kv", RemoteKV(e.ledger, client))).result(timeout=10)
 
 
 async def _serve(args, engine, loop, registry) -> int:

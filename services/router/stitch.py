@@ -112,7 +112,9 @@ class Stitcher:
                 self._pending_threads.append(ThreadDelta("delta", thread, text=delta))
 
     def finish(self, thread: int, reason: str) -> None:
-        node = self.nodes[thread]
+        node = self.nodes.get(thread)
+        if node is None:  # a thread that never started (its request ended before admission)
+            return
         node.finished, node.reason = True, reason
         rest = self._thread_detok[thread].flush()
         if rest:

@@ -262,6 +262,8 @@ class Engine:
 
     def _finish_thread(self, req: Request, t: Thread, reason: FinishReason, result: StepResult) -> None:
         t.finish = reason
+        if t.parent is None and not t.in_ledger:  # never admitted, never announced: nothing to report
+            return
         if t.in_ledger:
             freed = self.kv.defer(Finish(ThreadRef(req.id, t.id)))
             if req.running_threads:

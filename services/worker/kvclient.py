@@ -7,7 +7,8 @@ import threading
 import grpc
 
 from apar.protogen import stubs
-from services.kvmanager.convert import step_to_pb
+from services.kvmanager.convert import answer_from_pb, step_to_pb
+from services.kvmanager.ops import StepAnswer
 from services.kvmanager.ops import Op
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ class KVManagerClient:
             except grpc.RpcError as exc:
                 log.warning("heartbeat to the KV manager failed: %s", exc.code().name)
 
-    def step(self, seq: int, ops: list[Op]):
+    def step(self, seq: int, ops: list[Op]) -> StepAnswer:
         """One step's ops; raises ConnectionError when the manager cannot be reached (retry later)."""
         if self.forgotten:
             raise WorkerForgotten(f"the KV manager no longer knows worker {self.worker_id}")
@@ -69,7 +70,7 @@ class KVManagerClient:
             raise RuntimeError(f"KV manager refused step {seq}: {exc.code().name} {exc.details()}") from None
         if resp.error:
             raise RuntimeError(f"KV manager refused step {seq}: {resp.error}")
-        return resp
+        return answer_from_pb(resp)
 
     def state(self):
         return self.stub.State(K.StateRequest(worker_id=self.worker_id), timeout=5.0)
