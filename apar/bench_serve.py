@@ -86,7 +86,8 @@ def measure(address: str, name: str, requests: int, max_tokens: int) -> Latency:
     return Latency(name, ttft, per_token)
 
 
-def run(model_dir: str, requests: int, max_tokens: int, engine_args: list[str]) -> list[Latency]:
+def run(model_dir: str, requests: int, max_tokens: int, engine_args: list[str],
+        redis_url: str = "redis://127.0.0.1:6379/0") -> list[Latency]:
     results = []
     port = _port()
     serve = _Proc("serve", "--model", model_dir, "--port", str(port), *engine_args)
@@ -95,16 +96,21 @@ def run(model_dir: str, requests: int, max_tokens: int, engine_args: list[str]) 
         results.append(measure(f"127.0.0.1:{port}", "apar serve (1 process)", requests, max_tokens))
     finally:
         serve.stop()
-    wport, rport = _port(), _port()
-    worker = _Proc("worker", "--model", model_dir, "--port", str(wport), *engine_args)
-    router = None
+    kport, wport, rport = _port(), _port(), _port()
+    prefix = f"apar-bench-{os.getpid()}:"
+    kv = _Proc("kvmanager", "--port", str(kport), "--redis", redis_url, "--prefix", prefix)
+    worker = router = None
     try:
+        kv.wait_ready()
+        worker = _Proc("worker", "--model", model_dir, "--port", str(wport), "--kvmanager", f"127.0.0.1:{kport}",
+                       *engine_args)
         worker.wait_ready()
-        router = _Proc("router", "--model", model_dir, "--workers", f"127.0.0.1:{wport}", "--port", str(rport))
+        router = _Proc("router", "--model", model_dir, "--kvmanager", f"127.0.0.1:{kport}", "--port", str(rport))
         router.wait_ready()
-        results.append(measure(f"127.0.0.1:{rport}", "router + worker (2 processes)", requests, max_tokens))
+        results.append(measure(f"127.0.0.1:{rport}", "router + worker + kvmanager (3 processes, Redis)", requests,
+                               max_tokens))
     finally:
-        for p in (router, worker):
+        for p in (router, worker, kv):
             if p is not None:
                 p.stop()
     return results

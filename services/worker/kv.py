@@ -37,31 +37,35 @@ class KVManagerUnavailable(RuntimeError):
 class RemoteKV:
     """Cluster mode: the local ledger mirrors the KV manager's ledger of this worker's pool.
 
-    Every op is applied locally first (so the engine sees its answer at once), then sent: thread ends
-    wait for the next step and travel in its message, so a step is ONE `Step` call. Batches keep their
-    sequence number until the manager acknowledges them, so a resend after a lost answer is not applied
-    twice; while the manager is away the step blocks and retries for `retry_s`, then raises (the engine
-    loop fails the running requests cleanly; their releases go out with the next batch).
+    Every op is applied locally first (so the engine has its slots at once), then sent: thread ends wait
+    for the next step and travel in its message, so a step is ONE `Step` call. The call runs on a sender
+    thread while the engine computes the step; the next step first waits for it and checks that the
+    manager gave the same slots (one step in flight at most). Batches keep their sequence number until
+    acknowledged, so a resend after a lost answer is not applied twice. While the manager is away the
+    sender retries for `retry_s`, then the next step raises (the engine loop fails the running requests
+    cleanly; their releases go out with a later batch).
     """
 
     def __init__(self, ledger: KVLedger, client, retry_s: float = 10.0) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         self.ledger = ledger
-        self.client = client  # services.worker.kvclient.KVManagerClient
+        self.client = client  # KVManagerClient (gRPC) or the in-process manager's client
         self.retry_s = retry_s
         self._deferred: list[Op] = []
-        self._batches: list[tuple[int, list[Op]]] = []
+        self._batches: list[tuple[int, list[Op]]] = []  # touched by the sender only while it runs
         self._seq = 0
+        self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="apar-kv-sender")
+        self._inflight = None
 
     def apply(self, ops: list[Op]) -> StepAnswer:
+        self._wait()  # the previous step's message is acknowledged and agreed before anything new
         answer = apply(self.ledger, ops)
         if answer.error:
             raise RuntimeError(f"KV ledger refused an op: {answer.error}")
         self._queue(self._deferred + ops)
         self._deferred = []
-        remote = self._send()
-        remote = getattr(remote, "answer", remote)  # the in-process manager answers a StepResult
-        if remote is not None and remote.appends != answer.appends:
-            raise RuntimeError("the KV manager's ledger and this worker's disagree on the step's slots")
+        self._inflight = self._sender.submit(self._send, answer.appends)
         return answer
 
     def defer(self, op: Op) -> list[int]:
@@ -72,11 +76,12 @@ class RemoteKV:
         return answer.freed
 
     def flush(self) -> None:
+        self._wait()
         if self._deferred:
             self._queue(self._deferred)
             self._deferred = []
         if self._batches:
-            self._send()
+            self._send(None)
 
     def recover(self) -> bool:
         """After a failed step, once every request was ended: when the manager forgot this worker,
@@ -96,12 +101,17 @@ class RemoteKV:
         self._deferred, self._batches = [], []
         return True
 
+    def _wait(self) -> None:
+        if self._inflight is not None:
+            fut, self._inflight = self._inflight, None
+            fut.result()
+
     def _queue(self, ops: list[Op]) -> None:
         self._seq += 1
         self._batches.append((self._seq, ops))
 
-    def _send(self):
-        """Send the queued batches in order; returns the manager's answer to the last one."""
+    def _send(self, expected) -> None:
+        """Send the queued batches in order; check the last answer's slots against `expected`."""
         import time
 
         deadline = time.monotonic() + self.retry_s
@@ -116,4 +126,6 @@ class RemoteKV:
                 time.sleep(0.1)
                 continue
             self._batches.pop(0)
-        return resp
+        resp = getattr(resp, "answer", resp)  # the in-process manager answers a StepResult
+        if expected is not None and resp is not None and resp.appends != expected:
+            raise RuntimeError("the KV manager's ledger and this worker's disagree on the step's slots")
