@@ -81,3 +81,41 @@ def test_killed_worker_gives_unavailable_and_traffic_moves(cluster):
             final = [r.final for r in stub.Generate(short, timeout=30) if r.WhichOneof("event") == "final"][0]
             assert final.usage.completion_tokens == 5
         assert stub.ModelInfo(A.ModelInfoRequest()).workers == 1
+
+
+def test_fuzzed_worker_requests_never_crash_it(llama_dir):
+    import random
+
+    port = free_port()
+    worker = Proc("worker", "--model", str(llama_dir), "--port", str(port), "--kv-blocks", "32")
+    worker.wait_for("listening on")
+    rng = random.Random(2)
+    W = pb.worker_pb2
+    codes = set()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = pb.worker_pb2_grpc.WorkerStub(ch)
+            raw = ch.unary_stream("/apar.v1.Worker/Generate", request_serializer=None, response_deserializer=None)
+            for i in range(1000):
+                if i % 2:
+                    call = raw(bytes(rng.randrange(256) for _ in range(rng.randrange(64))), timeout=10)
+                else:
+                    req = W.WorkerRequest(
+                        request_id=rng.choice(["", "r", "x" * 300, f"id{i}"]),
+                        prompt_ids=[rng.choice([0, 5, 2**31, 2**32 - 1]) for _ in range(rng.randrange(4))],
+                        sampling=pb.common_pb2.SamplingParameters(max_tokens=rng.choice([0, 1, 3, 2**32 - 1]),
+                                                                  temperature=rng.choice([0, 1, -1, 1e39]),
+                                                                  top_k=rng.choice([0, 5, 2**32 - 1])),
+                        limits=pb.common_pb2.Limits(max_depth=rng.randrange(3)), auto_regressive=rng.random() < .5)
+                    call = stub.Generate(req, timeout=10)
+                try:
+                    for _ in call:
+                        pass
+                    codes.add("OK")
+                except grpc.RpcError as exc:
+                    codes.add(exc.code().name)
+            assert codes <= {"OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"}, codes
+            info = stub.Info(W.WorkerInfoRequest(), timeout=5)
+            assert info.free_blocks == info.num_blocks == 32
+    finally:
+        worker.stop()

@@ -86,11 +86,22 @@ def gen(stub, max_tokens, **kw):
     return [r.final for r in stub.Generate(req, timeout=60) if r.WhichOneof("event") == "final"][0]
 
 
-def test_through_the_kv_manager(cluster):
+def test_through_the_kv_manager(cluster, llama_dir):
+    from services.router.prompt import encode_prompt
+    from services.router.stream import RequestStream
+    from services.worker.config import EngineConfig, SamplingParams
+    from services.worker.engine import Engine
+
     with grpc.insecure_channel(cluster.address) as ch:
         stub = pb.apar_pb2_grpc.AparStub(ch)
         final = gen(stub, 30, temperature=0.8, seed=9)
-        assert final.usage.completion_tokens == 30 and gen(stub, 30, temperature=0.8, seed=9).text == final.text
+        engine = Engine(llama_dir, EngineConfig(num_blocks=16))
+        engine.add_request(encode_prompt(engine.tokenizer, "Tell me about rivers."),
+                           SamplingParams(max_tokens=30, temperature=0.8, seed=9))
+        local = RequestStream(engine.tokenizer, engine.fork_id, engine.child_id, engine.eos_ids)
+        for ev in engine.run_to_completion():
+            local.feed(ev)
+        assert final.text == local.final.text and final.usage.completion_tokens == local.final.usage["completion_tokens"]
         call = stub.Generate(A.GenerateRequest(prompt="x", sampling=pb.common_pb2.SamplingParameters(
             max_tokens=3000, ignore_eos=True)), timeout=60)
         for i, _ in enumerate(call):
