@@ -141,6 +141,8 @@ class Engine:
                 t.in_ledger = True
                 new_children.add(id(t))
             ops.append(Append(ref, w.n))
+        if not ops:
+            return []
         answer = self.kv.apply(ops)
         bs = self.config.block_size
         failed: set[str] = set()
