@@ -87,7 +87,7 @@ def measure(address: str, name: str, requests: int, max_tokens: int) -> Latency:
 
 
 def run(model_dir: str, requests: int, max_tokens: int, engine_args: list[str],
-        redis_url: str = "redis://127.0.0.1:6379/0") -> list[Latency]:
+        redis_url: str | None = "redis://127.0.0.1:6379/0") -> list[Latency]:
     results = []
     port = _port()
     serve = _Proc("serve", "--model", model_dir, "--port", str(port), *engine_args)
@@ -98,7 +98,8 @@ def run(model_dir: str, requests: int, max_tokens: int, engine_args: list[str],
         serve.stop()
     kport, wport, rport = _port(), _port(), _port()
     prefix = f"apar-bench-{os.getpid()}:"
-    kv = _Proc("kvmanager", "--port", str(kport), "--redis", redis_url, "--prefix", prefix)
+    store = ["--redis", redis_url, "--prefix", prefix] if redis_url else ["--no-redis"]
+    kv = _Proc("kvmanager", "--port", str(kport), *store)
     worker = router = None
     try:
         kv.wait_ready()
@@ -107,8 +108,8 @@ def run(model_dir: str, requests: int, max_tokens: int, engine_args: list[str],
         worker.wait_ready()
         router = _Proc("router", "--model", model_dir, "--kvmanager", f"127.0.0.1:{kport}", "--port", str(rport))
         router.wait_ready()
-        results.append(measure(f"127.0.0.1:{rport}", "router + worker + kvmanager (3 processes, Redis)", requests,
-                               max_tokens))
+        name = "router + worker + kvmanager (3 processes, " + ("Redis)" if redis_url else "no Redis)")
+        results.append(measure(f"127.0.0.1:{rport}", name, requests, max_tokens))
     finally:
         for p in (router, worker, kv):
             if p is not None:

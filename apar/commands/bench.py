@@ -33,7 +33,8 @@ def register(subparsers) -> None:
     s.add_argument("--max-tokens", type=int, default=64)
     s.add_argument("--hidden", type=int, default=256)
     s.add_argument("--layers", type=int, default=4)
-    s.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="Redis for the KV manager's ledger")
+    s.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="Redis for the KV manager's ledger "
+                                                                      "('' keeps it in the manager's memory)")
     s.set_defaults(func=run_serve_bench)
 
 
@@ -57,7 +58,7 @@ def run_serve_bench(args) -> int:
     from apar.bench_serve import run
 
     model_dir = _model(args)
-    rows = run(str(model_dir), args.requests, args.max_tokens, ["--kv-blocks", "1024"], args.redis)
+    rows = run(str(model_dir), args.requests, args.max_tokens, ["--kv-blocks", "1024"], args.redis or None)
     print(f"{args.requests} sequential requests, {args.max_tokens} tokens each, greedy, client on loopback")
     head = ["setup", "TTFT p50 ms", "per-token p50 ms", "per-token p99 ms"]
     body = [r.row() for r in rows]
