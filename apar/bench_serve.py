@@ -62,7 +62,7 @@ class Latency:
                 f"{1000 * p(self.per_token, 99):.3f}"]
 
 
-def measure(address: str, name: str, requests: int, max_tokens: int) -> Latency:
+def measure(address: str, name: str, requests: int, max_tokens: int, warmup: int = 2) -> Latency:
     from apar.protogen import stubs
 
     pb = stubs()
@@ -70,7 +70,7 @@ def measure(address: str, name: str, requests: int, max_tokens: int) -> Latency:
     ttft, per_token = [], []
     with grpc.insecure_channel(address) as ch:
         stub = pb.apar_pb2_grpc.AparStub(ch)
-        for i in range(requests + 2):  # the first two warm up
+        for i in range(requests + warmup):
             req = A.GenerateRequest(prompt=f"Request {i}: give three tips.", stream=A.STREAM_MODE_THREADS,
                                     sampling=pb.common_pb2.SamplingParameters(max_tokens=max_tokens, ignore_eos=True))
             t0 = time.perf_counter()
@@ -80,38 +80,38 @@ def measure(address: str, name: str, requests: int, max_tokens: int) -> Latency:
                 if resp.WhichOneof("event") == "thread" and resp.thread.kind == A.ThreadEvent.DELTA:
                     first = first or now
                     last = now
-            if i >= 2 and first is not None and last > first:
+            if i >= warmup and first is not None and last > first:
                 ttft.append(first - t0)
                 per_token.append((last - first) / (max_tokens - 1))
     return Latency(name, ttft, per_token)
 
 
 def run(model_dir: str, requests: int, max_tokens: int, engine_args: list[str],
-        redis_url: str | None = "redis://127.0.0.1:6379/0") -> list[Latency]:
-    results = []
-    port = _port()
-    serve = _Proc("serve", "--model", model_dir, "--port", str(port), *engine_args)
+        redis_url: str | None = "redis://127.0.0.1:6379/0", rounds: int = 5) -> list[Latency]:
+    """Both setups up at once; rounds of `requests` alternate between them, so drift and noise on the
+    machine fall on both alike."""
+    sport, kport, wport, rport = _port(), _port(), _port(), _port()
+    store = ["--redis", redis_url, "--prefix", f"apar-bench-{os.getpid()}:"] if redis_url else ["--no-redis"]
+    procs: list[_Proc] = []
     try:
-        serve.wait_ready()
-        results.append(measure(f"127.0.0.1:{port}", "apar serve (1 process)", requests, max_tokens))
+        procs.append(_Proc("serve", "--model", model_dir, "--port", str(sport), *engine_args))
+        procs[-1].wait_ready()
+        procs.append(_Proc("kvmanager", "--port", str(kport), *store))
+        procs[-1].wait_ready()
+        procs.append(_Proc("worker", "--model", model_dir, "--port", str(wport), "--kvmanager",
+                           f"127.0.0.1:{kport}", *engine_args))
+        procs[-1].wait_ready()
+        procs.append(_Proc("router", "--model", model_dir, "--kvmanager", f"127.0.0.1:{kport}", "--port", str(rport)))
+        procs[-1].wait_ready()
+        split_name = "router + worker + kvmanager (3 processes, " + ("Redis)" if redis_url else "no Redis)")
+        serve = Latency("apar serve (1 process)", [], [])
+        split = Latency(split_name, [], [])
+        for r in range(rounds):
+            for total, address in ((serve, f"127.0.0.1:{sport}"), (split, f"127.0.0.1:{rport}")):
+                got = measure(address, total.name, requests, max_tokens, warmup=2 if r == 0 else 0)
+                total.ttft.extend(got.ttft)
+                total.per_token.extend(got.per_token)
+        return [serve, split]
     finally:
-        serve.stop()
-    kport, wport, rport = _port(), _port(), _port()
-    prefix = f"apar-bench-{os.getpid()}:"
-    store = ["--redis", redis_url, "--prefix", prefix] if redis_url else ["--no-redis"]
-    kv = _Proc("kvmanager", "--port", str(kport), *store)
-    worker = router = None
-    try:
-        kv.wait_ready()
-        worker = _Proc("worker", "--model", model_dir, "--port", str(wport), "--kvmanager", f"127.0.0.1:{kport}",
-                       *engine_args)
-        worker.wait_ready()
-        router = _Proc("router", "--model", model_dir, "--kvmanager", f"127.0.0.1:{kport}", "--port", str(rport))
-        router.wait_ready()
-        name = "router + worker + kvmanager (3 processes, " + ("Redis)" if redis_url else "no Redis)")
-        results.append(measure(f"127.0.0.1:{rport}", name, requests, max_tokens))
-    finally:
-        for p in (router, worker, kv):
-            if p is not None:
-                p.stop()
-    return results
+        for p in reversed(procs):
+            p.stop()

@@ -29,7 +29,8 @@ def register(subparsers) -> None:
 
     s = sub.add_parser("serve", help="per-token latency of apar serve beside the separated services")
     s.add_argument("--model", default=None, help="model directory (default: build a random-weight one)")
-    s.add_argument("--requests", type=int, default=20)
+    s.add_argument("--requests", type=int, default=10, help="requests per round and setup")
+    s.add_argument("--rounds", type=int, default=5, help="rounds, alternating the two setups")
     s.add_argument("--max-tokens", type=int, default=64)
     s.add_argument("--hidden", type=int, default=256)
     s.add_argument("--layers", type=int, default=4)
@@ -58,8 +59,10 @@ def run_serve_bench(args) -> int:
     from apar.bench_serve import run
 
     model_dir = _model(args)
-    rows = run(str(model_dir), args.requests, args.max_tokens, ["--kv-blocks", "1024"], args.redis or None)
-    print(f"{args.requests} sequential requests, {args.max_tokens} tokens each, greedy, client on loopback")
+    rows = run(str(model_dir), args.requests, args.max_tokens, ["--kv-blocks", "1024"], args.redis or None,
+               args.rounds)
+    print(f"{args.rounds} rounds x {args.requests} sequential requests per setup, alternating; {args.max_tokens} "
+          f"tokens each, greedy, client on loopback")
     head = ["setup", "TTFT p50 ms", "per-token p50 ms", "per-token p99 ms"]
     body = [r.row() for r in rows]
     widths = [max(len(x[i]) for x in [head] + body) for i in range(4)]
