@@ -35,19 +35,19 @@ def status_of(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-class _Malformed:
+class Malformed:
     """What a request that is not a valid message deserializes to; the handler answers INVALID_ARGUMENT."""
 
     def __init__(self, error: str) -> None:
         self.error = error
 
 
-def _safe_parser(cls):
+def safe_parser(cls):
     def parse(data: bytes):
         try:
             return cls.FromString(data)
         except _message.DecodeError as exc:
-            return _Malformed(str(exc))
+            return Malformed(str(exc))
 
     return parse
 
@@ -62,20 +62,20 @@ def add_servicer(server: grpc.aio.Server, servicer, service_descriptor) -> None:
         impl = getattr(servicer, method.name)
         if method.server_streaming:
             async def stream(request, context, _impl=impl):
-                if isinstance(request, _Malformed):
+                if isinstance(request, Malformed):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.error}")
                 async for item in _impl(request, context):
                     yield item
 
-            handler = grpc.unary_stream_rpc_method_handler(stream, request_deserializer=_safe_parser(req_cls),
+            handler = grpc.unary_stream_rpc_method_handler(stream, request_deserializer=safe_parser(req_cls),
                                                            response_serializer=resp_cls.SerializeToString)
         else:
             async def unary(request, context, _impl=impl):
-                if isinstance(request, _Malformed):
+                if isinstance(request, Malformed):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.error}")
                 return await _impl(request, context)
 
-            handler = grpc.unary_unary_rpc_method_handler(unary, request_deserializer=_safe_parser(req_cls),
+            handler = grpc.unary_unary_rpc_method_handler(unary, request_deserializer=safe_parser(req_cls),
                                                           response_serializer=resp_cls.SerializeToString)
         handlers[method.name] = handler
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service_descriptor.full_name, handlers),))

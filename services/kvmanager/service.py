@@ -19,14 +19,13 @@ from concurrent import futures
 from dataclasses import dataclass, field
 
 import grpc
-from google.protobuf import message as _message
 from google.protobuf import message_factory
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from apar.protogen import stubs
-from services.grpc_common import server_options
+from services.grpc_common import Malformed, safe_parser, server_options
 from services.kvmanager import convert
 from services.kvmanager.manager import KVManager
 from services.kvmanager.metrics import KVMetrics
@@ -68,25 +67,10 @@ class KVManagerServicer:
         return convert.state_to_pb(self.manager.state(req.worker_id))
 
 
-class _Malformed:
-    def __init__(self, error: str) -> None:
-        self.error = error
-
-
-def _parser(cls):
-    def parse(data: bytes):
-        try:
-            return cls.FromString(data)
-        except _message.DecodeError as exc:
-            return _Malformed(str(exc))
-
-    return parse
-
-
 def _call(impl):
     """Run one RPC; a domain error becomes its status code, a bug becomes INTERNAL, never a crash."""
     def handler(request, context):
-        if isinstance(request, _Malformed):
+        if isinstance(request, Malformed):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.error}")
         try:
             return impl(request)
@@ -106,7 +90,7 @@ def add_servicer(server: grpc.Server, servicer: KVManagerServicer) -> None:
         req_cls = message_factory.GetMessageClass(method.input_type)
         resp_cls = message_factory.GetMessageClass(method.output_type)
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            _call(getattr(servicer, method.name)), request_deserializer=_parser(req_cls),
+            _call(getattr(servicer, method.name)), request_deserializer=safe_parser(req_cls),
             response_serializer=resp_cls.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
 
