@@ -91,7 +91,8 @@ def run(model_dir: str, requests: int, max_tokens: int, engine_args: list[str],
     """Both setups up at once; rounds of `requests` alternate between them, so drift and noise on the
     machine fall on both alike."""
     sport, kport, wport, rport = _port(), _port(), _port(), _port()
-    store = ["--redis", redis_url, "--prefix", f"apar-bench-{os.getpid()}:"] if redis_url else ["--no-redis"]
+    prefix = f"apar-bench-{os.getpid()}:"
+    store = ["--redis", redis_url, "--prefix", prefix] if redis_url else ["--no-redis"]
     procs: list[_Proc] = []
     try:
         procs.append(_Proc("serve", "--model", model_dir, "--port", str(sport), *engine_args))
@@ -115,3 +116,18 @@ def run(model_dir: str, requests: int, max_tokens: int, engine_args: list[str],
     finally:
         for p in reversed(procs):
             p.stop()
+        if redis_url:
+            _drop_keys(redis_url, prefix)
+
+
+def _drop_keys(redis_url: str, prefix: str) -> None:
+    """The benchmark's ledgers leave nothing behind in the user's Redis."""
+    import redis
+
+    try:
+        client = redis.Redis.from_url(redis_url)
+        keys = list(client.scan_iter(match=prefix + "*"))
+        if keys:
+            client.delete(*keys)
+    except redis.RedisError:
+        pass
