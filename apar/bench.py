@@ -82,13 +82,22 @@ def _restore(tt, index: int) -> list[int]:
 
 
 def run_replay(engine: Engine, name: str, items: list[tuple[list[int], ReplayNode]], auto_parallel: bool) -> RunStats:
+    requests = [(prompt, SamplingParams(max_tokens=_tree_tokens(tree), auto_parallel=auto_parallel,
+                                        max_threads=tree.threads(), max_depth=64), tree) for prompt, tree in items]
+    return _timed(engine, name, requests)
+
+
+def run_sampled(engine: Engine, name: str, prompts: list[list[int]], params: SamplingParams) -> RunStats:
+    return _timed(engine, name, [(p, params, None) for p in prompts])
+
+
+def _timed(engine: Engine, name: str, requests: list[tuple[list[int], SamplingParams, ReplayNode | None]]) -> RunStats:
+    """Submit every request at once, run them to the end, and sum their usage."""
     engine.peak_blocks = 0
     start_steps = engine.steps
     t0 = time.perf_counter()
-    for prompt, tree in items:
-        tokens = _tree_tokens(tree)
-        engine.add_request(prompt, SamplingParams(max_tokens=tokens, auto_parallel=auto_parallel,
-                                                  max_threads=tree.threads(), max_depth=64), replay=tree)
+    for prompt, params, tree in requests:
+        engine.add_request(prompt, params, replay=tree)
     done = [e for e in engine.run_to_completion() if isinstance(e, RequestFinished)]
     wall = time.perf_counter() - t0
     return RunStats(name, len(done), sum(e.usage.completion_tokens for e in done), engine.steps - start_steps,
@@ -104,19 +113,6 @@ def _tree_tokens(node: ReplayNode) -> int:
 def run_engine_ar(engine: Engine, prompts: list[list[int]], new_tokens: int) -> RunStats:
     return run_sampled(engine, "engine AR", prompts, SamplingParams(max_tokens=new_tokens, auto_parallel=False,
                                                                     ignore_eos=True))
-
-
-def run_sampled(engine: Engine, name: str, prompts: list[list[int]], params: SamplingParams) -> RunStats:
-    engine.peak_blocks = 0
-    start_steps = engine.steps
-    t0 = time.perf_counter()
-    for p in prompts:
-        engine.add_request(p, params)
-    done = [e for e in engine.run_to_completion() if isinstance(e, RequestFinished)]
-    wall = time.perf_counter() - t0
-    return RunStats(name, len(done), sum(e.usage.completion_tokens for e in done), engine.steps - start_steps,
-                    sum(e.usage.steps for e in done) / len(done), wall, engine.peak_blocks,
-                    sum(e.usage.attended_tokens for e in done))
 
 
 @torch.inference_mode()
@@ -142,7 +138,11 @@ def fastest(runs: list[RunStats]) -> RunStats:
 
 def table(rows: list[RunStats], columns: list[tuple[str, str]]) -> str:
     head = ["run"] + [c for c, _ in columns]
-    body = [[r.name] + [_fmt(getattr(r, attr)) for _, attr in columns] for r in rows]
+    return text_table(head, [[r.name] + [_fmt(getattr(r, attr)) for _, attr in columns] for r in rows])
+
+
+def text_table(head: list[str], body: list[list[str]]) -> str:
+    """The first column left-aligned, the others right-aligned."""
     widths = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
     lines = ["  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(line, widths)))
              for line in [head] + body]

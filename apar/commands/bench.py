@@ -56,6 +56,7 @@ def _model(args) -> Path:
 
 
 def run_serve_bench(args) -> int:
+    from apar.bench import text_table
     from apar.bench_serve import run
 
     model_dir = _model(args)
@@ -63,11 +64,7 @@ def run_serve_bench(args) -> int:
                args.rounds)
     print(f"{args.rounds} rounds x {args.requests} sequential requests per setup, alternating; {args.max_tokens} "
           f"tokens each, greedy, client on loopback")
-    head = ["setup", "TTFT p50 ms", "per-token p50 ms", "per-token p99 ms"]
-    body = [r.row() for r in rows]
-    widths = [max(len(x[i]) for x in [head] + body) for i in range(4)]
-    for line in [head] + body:
-        print("  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(line, widths))))
+    print(text_table(["setup", "TTFT p50 ms", "per-token p50 ms", "per-token p99 ms"], [r.row() for r in rows]))
     base, split = (sorted(r.per_token)[len(r.per_token) // 2] for r in rows)
     print(f"cost of the split: {100 * (split / base - 1):+.1f}% per-token latency (p50)")
     return 0

@@ -253,7 +253,7 @@ class Engine:
                        start_pos=parent.start_pos + len(parent.kv_tokens), depth=parent.depth + 1,
                        kv_tokens=[self.child_id])
         if parent.replay is not None:
-            k = sum(1 for tok in parent.tokens if tok == self.fork_id) - 1
+            k = parent.output_tokens.count(self.fork_id) - 1
             child.replay = ReplayCursor(parent.replay.node.children[k])
         req.threads.append(child)
         req.usage.threads += 1

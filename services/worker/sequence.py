@@ -45,11 +45,6 @@ class Thread:
         return self.finish is None
 
     @property
-    def tokens(self) -> list[int]:
-        """Its own tokens (no prompt)."""
-        return self.kv_tokens[self.n_prompt :]
-
-    @property
     def output_tokens(self) -> list[int]:
         """What it reports: its own tokens without the forced [Child] (anchors index into this)."""
         return self.kv_tokens[self.n_prompt + (self.parent is not None) :]
