@@ -63,14 +63,3 @@ def test_full_pool_ends_the_request_cleanly_and_the_engine_goes_on(llama_dir):
     assert finished[small].usage.completion_tokens == 5 and finished[small].error is None
     assert eng.ledger.num_used == 0
     eng.ledger.check()
-
-
-def test_admission_waits_for_reserved_blocks(llama_dir):
-    eng = Engine(llama_dir, EngineConfig(block_size=4, num_blocks=12, max_batch_tokens=64))
-    p = SamplingParams(max_tokens=20, auto_parallel=False)  # worst case: ceil((8 + 20) / 4) + 2 = 9 blocks
-    first = eng.add_request(list(range(30, 38)), p)
-    second = eng.add_request(list(range(40, 48)), p)
-    eng.step()
-    assert [r.id for r in eng.scheduler.running] == [first]
-    order = [e.request for e in eng.run_to_completion() if isinstance(e, RequestFinished)]
-    assert order == [first, second]

@@ -43,6 +43,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-blocks", type=int, default=None, help="KV blocks in the pool (default: from --kv-memory-mb)")
     g.add_argument("--kv-memory-mb", type=float, default=256.0, help="KV pool size when --kv-blocks is not given")
     g.add_argument("--max-batch-tokens", type=int, default=512, help="tokens computed per step")
+    g.add_argument("--admit-watermark", type=float, default=0.04,
+                   help="share of the KV pool kept free when admitting a request (default 0.04)")
+    g.add_argument("--fork-watermark", type=float, default=0.01,
+                   help="share of the KV pool below which new forks are refused (default 0.01)")
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
     g.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
 
@@ -51,7 +55,8 @@ def engine_config(args):
     from services.worker.config import ControlTokens, EngineConfig
 
     return EngineConfig(block_size=args.block_size, num_blocks=args.kv_blocks, kv_memory_mb=args.kv_memory_mb,
-                        max_batch_tokens=args.max_batch_tokens, device=args.device, dtype=args.dtype,
+                        max_batch_tokens=args.max_batch_tokens, admit_watermark=args.admit_watermark,
+                        fork_watermark=args.fork_watermark, device=args.device, dtype=args.dtype,
                         control=ControlTokens(fork=args.fork_token, child=args.child_token))
 
 

@@ -102,14 +102,17 @@ class KVLedger:
         t = self._threads.get(ref)
         return t is not None and t.running
 
+    def room(self, ref: ThreadRef) -> int:
+        """Tokens the thread can append without opening a block: what its last block has left, 0 when
+        that block is sealed (a child reads it) or it has none."""
+        t = self._thread(ref)
+        if t.own and not t.sealed:
+            return self.block_size - self._blocks[t.own[-1]].used
+        return 0
+
     def blocks_needed(self, ref: ThreadRef | None, n_tokens: int) -> int:
         """New blocks that appending `n_tokens` to `ref` (or to a new thread if None) would take."""
-        room = 0
-        if ref is not None:
-            t = self._thread(ref)
-            if t.own and not t.sealed:
-                room = self.block_size - self._blocks[t.own[-1]].used
-        extra = max(0, n_tokens - room)
+        extra = max(0, n_tokens - (self.room(ref) if ref is not None else 0))
         return -(-extra // self.block_size)
 
     # ---- write side --------------------------------------------------------------------------------

@@ -39,6 +39,8 @@ class RouterService(pb.apar_pb2_grpc.AparServicer):
         self.workers = workers
         self.model_name = model_name
         self.metrics = metrics or RouterMetrics()
+        self.metrics.waiting.set_function(
+            lambda: sum(w.info.waiting for w in workers.workers if w.alive and w.info is not None))
         self._control: tuple[int, int, set[int], int] | None = None
 
     async def control(self) -> tuple[int, int, set[int], int]:

@@ -73,6 +73,10 @@ class EngineConfig:
     num_blocks: int | None = None  # None: derived from kv_memory_mb
     kv_memory_mb: float = 256.0
     max_batch_tokens: int = 512  # tokens per step: every decode token first, then prefill chunks
+    # under KV pressure (shares of the pool): a request is admitted only while this many blocks stay
+    # free after its start; [Fork] is refused while fewer than `fork_watermark` are free
+    admit_watermark: float = 0.04
+    fork_watermark: float = 0.01
     device: str | None = None  # None: cuda when present, else cpu
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu; or float32 / float16 / bfloat16
     control: ControlTokens = field(default_factory=ControlTokens)
@@ -86,5 +90,9 @@ class EngineConfig:
             raise UserError(f"kv_memory_mb must be > 0, got {self.kv_memory_mb}")
         if self.max_batch_tokens < 16:
             raise UserError(f"max_batch_tokens must be >= 16, got {self.max_batch_tokens}")
+        for name in ("admit_watermark", "fork_watermark"):
+            share = getattr(self, name)
+            if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share < 1.0:
+                raise UserError(f"{name} must be a share of the pool in [0, 1), got {share}")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise UserError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype}")

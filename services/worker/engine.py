@@ -1,8 +1,12 @@
 """The APAR engine: continuous batching of every thread of every request, one forward pass a step.
 
-`step()` reads like its description: admit, plan, allocate slots in the ledger, run the model, sample,
-then apply the tokens (fork, finish, free) and report events. Callers add requests and abort them
-between steps; the engine is single-threaded by design (a server drives it from one loop).
+`step()` reads like its description: plan the decoding threads, admit on what is free, plan the
+catch-up chunks, make room (preempting the most recently admitted request while the step's blocks do
+not fit), allocate slots in the ledger, run the model, sample, then apply the tokens (fork, finish,
+free) and report events. Under pressure new forks are refused first (`fork_watermark`), then requests
+are preempted: every block freed at once, every token kept, the KV recomputed on readmission. Callers
+add requests and abort them between steps; the engine is single-threaded by design (a server drives it
+from one loop).
 """
 from __future__ import annotations
 
@@ -45,13 +49,19 @@ class Engine:
         self._eos_list = sorted(self.eos_ids)
         self.ledger = KVLedger(self.runner.num_blocks, self.config.block_size)
         self.kv = kv_factory(self.ledger) if kv_factory else LocalKV(self.ledger)
-        self.scheduler = Scheduler(self.ledger, self.config.max_batch_tokens)
+        n = self.ledger.num_blocks
+        self.scheduler = Scheduler(self.ledger, self.config.max_batch_tokens,
+                                   admit_watermark=int(self.config.admit_watermark * n))
+        self.fork_watermark = int(self.config.fork_watermark * n)  # blocks
         self.keep_logits = keep_logits
         self.requests: dict[str, Request] = {}
         self.steps = 0
         self.peak_blocks = 0
         self.forks = 0
         self.blocks_released_early = 0  # freed by a thread's end while its request still ran
+        self.preemptions = 0
+        self.forks_refused = 0  # [Fork]s refused because the pool was nearly full
+        self.recomputed_tokens = 0  # tokens computed again after preemptions
         self._ids = itertools.count()
 
     # ---- requests in and out -----------------------------------------------------------------------
@@ -82,7 +92,7 @@ class Engine:
         root = Thread(id=0, parent=None, anchor=-1, start_pos=0, depth=0, kv_tokens=list(prompt),
                       n_prompt=len(prompt))
         if replay is not None:
-            root.replay = ReplayCursor(replay)
+            root.replay = ReplayCursor(replay, self.fork_id)
         req.threads.append(root)
         req.usage.prompt_tokens = len(prompt)
         req.usage.threads = 1
@@ -104,14 +114,20 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> StepResult:
         result = StepResult(events=[])
-        admitted = self.scheduler.admit()
-        for req in admitted:
-            result.events.append(ThreadStarted(req.id, 0, None, -1))
-        work = self._allocate(admitted, self.scheduler.plan(), result)
+        work = self.scheduler.plan_decode()
+        opening = sum(self.scheduler.blocks_needed(work).values())
+        for req in self.scheduler.admit(reserve=opening):
+            if not req.admitted:
+                req.admitted = True
+                result.events.append(ThreadStarted(req.id, 0, None, -1))
+        self.scheduler.plan_catch_up(work)
+        work = self._allocate(self._make_room(work, result), result)
         if not work:
             self.kv.flush()
             return result
         batch = self._build_batch(work)
+        if not batch["args"][0]:  # only forks of recomputed threads: the ledger has them, nothing to run
+            return result
         logits = self.runner.forward(*batch["args"])  # [S, V]
         self.steps += 1
         result.tokens = len(batch["args"][0])
@@ -125,40 +141,87 @@ class Engine:
         self.peak_blocks = max(self.peak_blocks, self.ledger.num_used)
         return result
 
-    def _allocate(self, admitted: list[Request], work: list[Work], result: StepResult) -> list[Work]:
-        """Give every planned token a slot in ONE ledger call: new roots, then per thread in plan order
-        a new child's fork (after its parent's [Fork] got its slot) and the append. A request the pool
-        cannot serve ends with `length`; the others go on."""
-        ops: list = [Start(ThreadRef(req.id, 0)) for req in admitted]
-        for req in admitted:
-            req.root.in_ledger = True
-        new_children: set[int] = set()
+    # ---- pressure ----------------------------------------------------------------------------------
+    def _make_room(self, work: list[Work], result: StepResult) -> list[Work]:
+        """While the step's new blocks exceed the free ones, preempt the most recently admitted request.
+        A request left alone that still does not fit has filled the pool: it ends with `length`."""
+        need = self.scheduler.blocks_needed(work)
+        free = self.ledger.num_free
+        running = self.scheduler.running
+        gone: set[str] = set()
+        while sum(need.values()) > free and len(running) > 1:
+            victim = running[-1]
+            need.pop(victim.id, None)
+            free += self.ledger.blocks_of(victim.id)
+            self._preempt(victim)
+            gone.add(victim.id)
+        if sum(need.values()) > free:
+            req = running[0]
+            req.error = "the KV cache is full"
+            result.events.extend(self._end_request(req, FinishReason.LENGTH))
+            gone.add(req.id)
+        return [w for w in work if w.request.id not in gone] if gone else work
+
+    def _preempt(self, req: Request) -> None:
+        """Free every block of a running request at once and put it back at the head of the queue; its
+        tokens stay, its KV is recomputed when it is admitted again (parents before children)."""
+        self.scheduler.preempt(req)
+        if not req.root.in_ledger:  # admitted in this step, nothing computed yet: simply not admitted
+            return
+        self.kv.defer(Release(req.id))
+        for t in req.threads:
+            t.forget_kv()
+        for t in reversed(req.threads):  # children before parents: `live` is known below each thread
+            if not t.running:
+                t.recompute_to = max((c.fork_offset for c in t.children if c.live), default=0)
+        req.recomputing = True
+        req.usage.preemptions += 1
+        self.preemptions += 1
+
+    def _allocate(self, work: list[Work], result: StepResult) -> list[Work]:
+        """Give every planned token a slot in ONE ledger call, in plan order: a new root's start, a new
+        child's fork (after its parent's [Fork] got its slot), the append, and for a finished thread
+        recomputed for its children, its end once its last such child is forked."""
+        ops: list = []
+        new_threads: set[int] = set()
         for w in work:
             req, t = w.request, w.thread
             ref = ThreadRef(req.id, t.id)
             if not t.in_ledger:
-                ops.append(Fork(ThreadRef(req.id, t.parent.id), ref))
+                if t.parent is None:
+                    ops.append(Start(ref))
+                else:
+                    parent = t.parent
+                    ops.append(Fork(ThreadRef(req.id, parent.id), ref))
+                    if not parent.running and parent.recompute_to == t.fork_offset:
+                        ops.append(Finish(ThreadRef(req.id, parent.id)))  # its last reader is forked
+                        parent.recompute_to = 0
                 t.in_ledger = True
-                new_children.add(id(t))
-            ops.append(Append(ref, w.n))
+                new_threads.add(id(t))
+            if w.n:
+                ops.append(Append(ref, w.n))
         if not ops:
             return []
         answer = self.kv.apply(ops)
         bs = self.config.block_size
         failed: set[str] = set()
-        for w, slots in zip(work, answer.appends):
+        appends = iter(answer.appends)
+        for w in work:
+            slots = next(appends) if w.n else []
+            if w.request.id in failed:
+                continue
             if slots is None:
-                if w.request.id not in failed:
-                    failed.add(w.request.id)
-                    w.request.error = "the KV cache is full"
-                    result.events.extend(self._end_request(w.request, FinishReason.LENGTH))
+                failed.add(w.request.id)
+                w.request.error = "the KV cache is full"
+                result.events.extend(self._end_request(w.request, FinishReason.LENGTH))
                 continue
             t = w.thread
-            if id(t) in new_children:  # its context: the parent's, up to the [Fork] slot just pushed
+            if id(t) in new_threads and t.parent is not None:  # the parent's context up to its [Fork]
+                new_threads.discard(id(t))
                 t.slots = t.parent.slots[: t.start_pos].clone()
                 t.n_ctx = t.start_pos
             t.push_slots([b * bs + o for b, o in slots])
-        return [w for w in work if w.request.id not in failed]
+        return [w for w in work if w.request.id not in failed and w.n]
 
     def _build_batch(self, work: list[Work]) -> dict:
         token_ids: list[int] = []
@@ -179,8 +242,12 @@ class Engine:
             else:
                 chunks.append((row, n, ctx))
             w.request.usage.attended_tokens += n * pos0 + n * (n + 1) // 2  # sum of context lengths
+            redo = max(0, min(first + n, t.recompute_mark) - first)
+            if redo:
+                w.request.usage.recomputed_tokens += redo
+                self.recomputed_tokens += redo
             t.computed += n
-            if t.pending == 0:
+            if t.running and t.pending == 0:
                 sample_rows.append(row + n - 1)
                 samplers.append((w.request, t))
         return {"args": (token_ids, positions, write_slots, decode, chunks, sample_rows), "samplers": samplers}
@@ -188,16 +255,26 @@ class Engine:
     def _sample(self, samplers: list[tuple[Request, Thread]], logits: torch.Tensor, result: StepResult) -> set[str]:
         """Pick one token per sampling thread (logits: [S, V], row i for samplers[i]); apply them in order.
 
-        Bans are applied to all rows at once; greedy rows take one argmax together; a sampling request
-        draws from its own generator, its threads in id order. Returns the ids of requests that produced.
+        Bans known before the step are applied to all rows at once; greedy rows take one argmax
+        together; a sampling request draws from its own generator, its threads in id order. The fork
+        rules are checked again as each token is applied (`_apply`), since a sibling's fork in the same
+        step may have used up a limit. Returns the ids of requests that produced.
         """
         if self.keep_logits:
             for (req, t), row in zip(samplers, logits):
                 result.logits[(req.id, t.id)] = (context_tokens(t), row.detach().to("cpu", copy=True))
         logits[:, self.child_id] = float("-inf")
         limit = self.runner.max_positions
-        no_fork = [i for i, (req, t) in enumerate(samplers)
-                   if not fork_allowed(req, t, self.fork_id, self.child_id, limit)]
+        allowed = [fork_allowed(req, t, self.fork_id, self.child_id, limit) for req, t in samplers]
+        tight = self.ledger.num_free < self.fork_watermark
+        if tight:  # memory first: a fork the model wanted is refused, the thread goes on sequentially
+            wanted = [i for i, ok in enumerate(allowed) if ok and samplers[i][1].replay is None]
+            if wanted:
+                top = logits[wanted].argmax(dim=-1).tolist()
+                for i, tok in zip(wanted, top):
+                    if tok == self.fork_id:
+                        self._refused(samplers[i][0])
+        no_fork = [i for i, ok in enumerate(allowed) if not ok or tight]
         if no_fork:
             logits[no_fork, self.fork_id] = float("-inf")
         no_eos = [i for i, (req, _) in enumerate(samplers) if req.params.ignore_eos]
@@ -207,7 +284,7 @@ class Engine:
         greedy, by_request = [], {}
         for i, (req, t) in enumerate(samplers):
             if t.replay is not None:
-                chosen[i] = t.replay.next_token()
+                chosen[i] = t.replay.next_token(self.eos_ids)
             elif req.params.greedy:
                 greedy.append(i)
             else:
@@ -219,10 +296,33 @@ class Engine:
             req = samplers[rows[0]][0]
             for i, tok in zip(rows, sample(logits[rows], req.params, req.generator).tolist()):
                 chosen[i] = tok
-        for (req, t), token in zip(samplers, chosen):
+        for i, ((req, t), token) in enumerate(zip(samplers, chosen)):
+            if token == self.fork_id and (tight or not fork_allowed(req, t, self.fork_id, self.child_id, limit)):
+                token = self._instead_of_fork(req, t, logits[i], tight)
             self._apply(req, t, token, result)
         result.sampled += len(samplers)
         return {req.id for req, _ in samplers}
+
+    def _instead_of_fork(self, req: Request, t: Thread, row: torch.Tensor, tight: bool) -> int | None:
+        """A [Fork] that may not happen now (memory, or a limit a sibling reached in this step): a
+        replayed thread inlines that child and goes on; a sampled one picks again without [Fork]."""
+        if t.replay is None:  # row: [V], already without [Fork] where the ban was known before
+            row = row.clone()
+            row[self.fork_id] = float("-inf")
+            if req.params.greedy:
+                return int(row.argmax())
+            return int(sample(row[None], req.params, req.generator)[0])
+        token: int | None = self.fork_id
+        while token == self.fork_id:
+            if tight:
+                self._refused(req)
+            t.replay.inline()
+            token = t.replay.next_token(self.eos_ids)
+        return token
+
+    def _refused(self, req: Request) -> None:
+        req.usage.forks_refused += 1
+        self.forks_refused += 1
 
     def _apply(self, req: Request, t: Thread, token: int | None, result: StepResult) -> None:
         """Add one sampled token to a thread: extend it, fork a child, or end it."""
@@ -253,9 +353,9 @@ class Engine:
                        start_pos=parent.start_pos + len(parent.kv_tokens), depth=parent.depth + 1,
                        kv_tokens=[self.child_id])
         if parent.replay is not None:
-            k = parent.output_tokens.count(self.fork_id) - 1
-            child.replay = ReplayCursor(parent.replay.node.children[k])
+            child.replay = ReplayCursor(parent.replay.child(), self.fork_id)
         req.threads.append(child)
+        parent.children.append(child)
         req.usage.threads += 1
         req.usage.forks += 1
         self.forks += 1
@@ -264,7 +364,7 @@ class Engine:
 
     def _finish_thread(self, req: Request, t: Thread, reason: FinishReason, result: StepResult) -> None:
         t.finish = reason
-        if t.parent is None and not t.in_ledger:  # never admitted, never announced: nothing to report
+        if not req.admitted:  # never admitted, never announced: nothing to report
             return
         if t.in_ledger:
             freed = self.kv.defer(Finish(ThreadRef(req.id, t.id)))
@@ -282,7 +382,7 @@ class Engine:
         tmp = StepResult(events=[])
         if reason is not None:
             self._end_threads(req, reason, tmp)
-        if req in self.scheduler.running:
+        if req.root.in_ledger:  # not after a preemption: that released it already
             self.kv.defer(Release(req.id))
         self.scheduler.remove(req)
         self.requests.pop(req.id, None)

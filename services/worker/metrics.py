@@ -22,6 +22,13 @@ class WorkerMetrics:
         self.kv_free = Gauge("apar_worker_kv_blocks_free", "KV blocks free", registry=r)
         self.early = Gauge("apar_worker_kv_blocks_released_early",
                            "KV blocks freed by a finished thread while its request still ran", registry=r)
+        self.preemptions = Counter("apar_worker_preemptions", "Requests preempted under KV pressure (blocks freed, "
+                                   "KV recomputed on readmission)", registry=r)
+        self.forks_refused = Counter("apar_worker_forks_refused", "[Fork]s refused because the KV pool was nearly "
+                                     "full", registry=r)
+        self.recomputed = Counter("apar_worker_recomputed_tokens", "Tokens computed again after preemptions",
+                                  registry=r)
+        self._seen = (0, 0, 0)
 
     def on_step(self, engine: Engine, seconds: float, tokens: int) -> None:
         self.steps.inc()
@@ -34,3 +41,8 @@ class WorkerMetrics:
         self.kv_used.set(engine.ledger.num_used)
         self.kv_free.set(engine.ledger.num_free)
         self.early.set(engine.blocks_released_early)
+        now = (engine.preemptions, engine.forks_refused, engine.recomputed_tokens)
+        for counter, total, seen in zip((self.preemptions, self.forks_refused, self.recomputed), now, self._seen):
+            if total > seen:
+                counter.inc(total - seen)
+        self._seen = now

@@ -1,14 +1,20 @@
-"""Which tokens run in the next step, and admission against the KV budget.
+"""Which tokens run in the next step, admission on free blocks, and the order of preemption.
 
-One rule covers prefill, chunked prefill and decode: each thread's `computed` catches up with its
-`kv_tokens`. Every running thread with one pending token (decode, including a new child's `[Child]`)
-runs each step; the rest of `max_batch_tokens` goes to prompt chunks, oldest request first.
+One rule covers prefill, chunked prefill, decode and recompute: each thread's `computed` catches up with
+its `target` (SPEC section 5). Every running thread of a decoding request with one pending token (its
+last sampled one, or a new child's `[Child]`) runs each step; the rest of `max_batch_tokens` goes to
+requests that are catching up, oldest first: a new request's prompt, or a preempted request's threads.
 
-Admission is by reservation: a request is admitted only when the free blocks, less what running
-requests may still take, cover its worst case (prompt + max_tokens, plus two partly filled blocks per
-possible thread). So a running request never meets a full pool, whatever the others do; blocks released
-early by finished threads lower what a request holds but not what it reserved. A request whose prompt
-alone cannot fit the pool is rejected.
+A request catching up is walked as a tree, parents before children: a parent's chunk never runs past a
+child's `[Fork]` before that child is forked (so the ledger shares exactly the blocks up to the `[Fork]`
+and seals the parent's block there, as when the fork first happened). A preempted request recomputes
+all but the last token of each running thread; that last token then runs as an ordinary decode step,
+every thread of the request together, so its stream goes on exactly as if nothing had happened.
+
+Admission is on what is free, never on a reservation: the oldest waiting request is admitted when the
+free blocks, less what this step's decoding threads are about to open, cover what it needs to start
+(its prompt, or after a preemption the KV it must recompute) plus a watermark. With nothing running the
+watermark is waived, so the queue can never stall. A request whose prompt can never fit is rejected.
 """
 from __future__ import annotations
 
@@ -16,13 +22,13 @@ from collections import deque
 from dataclasses import dataclass
 
 from apar.errors import CapacityError
-from services.kvmanager.ledger import KVLedger
+from services.kvmanager.ledger import KVLedger, ThreadRef
 from services.worker.sequence import Request, Thread
 
 
 @dataclass(slots=True)
 class Work:
-    """One thread's share of a step: its next `n` kv tokens."""
+    """One thread's share of a step: its next `n` kv tokens (0: only fork it in the ledger)."""
 
     request: Request
     thread: Thread
@@ -30,17 +36,21 @@ class Work:
 
 
 class Scheduler:
-    def __init__(self, ledger: KVLedger, max_batch_tokens: int) -> None:
+    def __init__(self, ledger: KVLedger, max_batch_tokens: int, admit_watermark: int = 0) -> None:
         self.ledger = ledger
         self.max_batch_tokens = max_batch_tokens
+        self.admit_watermark = admit_watermark  # blocks kept free after an admission
         self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
+        self.running: list[Request] = []  # in admission order: the last is the first to preempt
 
-    def worst_case_blocks(self, req: Request) -> int:
+    # ---- admission ---------------------------------------------------------------------------------
+    def blocks_to_start(self, req: Request) -> int:
+        """Blocks a request takes before it can sample: its prompt, or its recompute after a preemption
+        (every thread to its target, one more block per fork for the sealed one it shares)."""
         bs = self.ledger.block_size
-        p = req.params
-        threads = 1 if not p.auto_parallel else min(p.max_threads, p.max_tokens // 2 + 1)
-        return -(-(len(req.prompt) + p.max_tokens) // bs) + 2 * threads
+        if not req.admitted:
+            return -(-len(req.prompt) // bs)
+        return sum(-(-t.target // bs) + 1 for t in req.threads if t.target) - 1
 
     def check_fits(self, req: Request) -> None:
         need = -(-(len(req.prompt) + 1) // self.ledger.block_size)
@@ -51,43 +61,108 @@ class Scheduler:
 
     def add(self, req: Request) -> None:
         self.check_fits(req)
-        req.reserved_blocks = min(self.worst_case_blocks(req), self.ledger.num_blocks)
         self.waiting.append(req)
 
-    @property
-    def outstanding(self) -> int:
-        """Blocks running requests reserved but do not hold now."""
-        return sum(max(0, r.reserved_blocks - self.ledger.blocks_of(r.id)) for r in self.running)
-
-    def admit(self) -> list[Request]:
+    def admit(self, reserve: int = 0) -> list[Request]:
+        """Admit waiting requests, oldest first, while the free blocks (less `reserve`, what the running
+        requests open in this step) cover each one's start plus the watermark."""
         admitted = []
+        free = self.ledger.num_free - reserve
         while self.waiting:
             req = self.waiting[0]
-            if self.ledger.num_free - self.outstanding < req.reserved_blocks:
+            need = self.blocks_to_start(req)
+            watermark = self.admit_watermark if self.running or admitted else 0
+            if free - need < watermark:
                 break
+            free -= need
             self.waiting.popleft()
             self.running.append(req)
             admitted.append(req)
         return admitted
 
-    def plan(self) -> list[Work]:
-        """This step's work, decode threads first (request, then thread order: a parent feeds its [Fork]
+    def preempt(self, req: Request) -> None:
+        """Back to the head of the queue (the engine has freed its blocks)."""
+        self.running.remove(req)
+        self.waiting.appendleft(req)
+
+    # ---- the step's work ---------------------------------------------------------------------------
+    def plan_decode(self) -> list[Work]:
+        """Every decoding thread's next token (request, then thread order: a parent feeds its [Fork]
         before its new child feeds the [Child] that reads it)."""
         work: list[Work] = []
         for req in self.running:
+            if req.recomputing or req.root.in_prefill:
+                continue
             for t in req.threads:
-                if t.running and not t.in_prefill and t.pending == 1:
+                if t.running and t.pending == 1:
                     work.append(Work(req, t, 1))
+        return work
+
+    def plan_catch_up(self, work: list[Work]) -> None:
+        """Add catch-up chunks (prompts, recomputes) to `work` within the step's token budget, oldest
+        request first."""
         budget = self.max_batch_tokens - len(work)
         for req in self.running:
-            root = req.root
             if budget <= 0:
                 break
-            if root.running and root.in_prefill:
-                n = min(root.pending, budget)
-                work.append(Work(req, root, n))
-                budget -= n
+            if req.recomputing or req.root.in_prefill:
+                budget = self._catch_up(req, budget, work)
+
+    def plan(self) -> list[Work]:
+        work = self.plan_decode()
+        self.plan_catch_up(work)
         return work
+
+    def _catch_up(self, req: Request, budget: int, work: list[Work]) -> int:
+        """Chunks of one request's threads, parents before children, within `budget`; returns what is
+        left. When the whole tree is covered, a recomputing request decodes from the next step."""
+        recompute = req.recomputing
+
+        def goal(t: Thread) -> int:  # a running thread recomputes all but its last token
+            return t.target - 1 if recompute and t.running else t.target
+
+        def visit(t: Thread, covered: int) -> bool:
+            nonlocal budget
+            for child in [c for c in t.children if c.live] + [None]:
+                end = goal(t) if child is None else min(child.fork_offset, goal(t))
+                if covered < end:
+                    n = min(end - covered, budget)
+                    if n <= 0:
+                        return False
+                    work.append(Work(req, t, n))
+                    covered += n
+                    budget -= n
+                    if covered < end:
+                        return False
+                if child is None or covered < child.fork_offset:
+                    break  # its [Fork] is the parent's last token: both run in the decode step
+                if not child.in_ledger and goal(child) == 0:
+                    work.append(Work(req, child, 0))  # fork it now: the parent writes on past it
+                if not visit(child, child.computed):
+                    return False
+            return True
+
+        if visit(req.root, req.root.computed) and recompute:
+            req.recomputing = False
+        return budget
+
+    def blocks_needed(self, work: list[Work]) -> dict[str, int]:
+        """New blocks each request's work opens, simulating the ledger's rule exactly: a thread fills its
+        last block unless it is sealed (a child read it), then opens fresh ones."""
+        bs = self.ledger.block_size
+        room: dict[int, int] = {}
+        need: dict[str, int] = {}
+        for w in work:
+            t = w.thread
+            if id(t) not in room:
+                room[id(t)] = self.ledger.room(ThreadRef(w.request.id, t.id)) if t.in_ledger else 0
+            if not t.in_ledger and t.parent is not None:
+                room[id(t.parent)] = 0  # the fork seals the parent's last block
+            extra = max(0, w.n - room[id(t)])
+            opened = -(-extra // bs)
+            room[id(t)] = room[id(t)] - w.n if extra == 0 else opened * bs - extra
+            need[w.request.id] = need.get(w.request.id, 0) + opened
+        return need
 
     def remove(self, req: Request) -> None:
         if req in self.running:

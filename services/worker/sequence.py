@@ -39,6 +39,11 @@ class Thread:
     slots: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
     n_ctx: int = 0
     replay: "ReplayCursor | None" = None
+    children: list["Thread"] = field(default_factory=list)  # in fork order
+    # after a preemption, a finished thread whose tokens a running descendant reads: the kv tokens to
+    # recompute (up to the last such descendant's [Fork]); 0 when none, or once the ledger has it again
+    recompute_to: int = 0
+    recompute_mark: int = 0  # kv tokens below this index were computed before a preemption
 
     @property
     def running(self) -> bool:
@@ -56,6 +61,29 @@ class Thread:
     @property
     def in_prefill(self) -> bool:
         return self.computed < self.n_prompt
+
+    @property
+    def target(self) -> int:
+        """The kv tokens that must be in the cache: all of a running thread's, and of a finished one the
+        part a running descendant still reads while it is being recomputed."""
+        return len(self.kv_tokens) if self.running else self.recompute_to
+
+    @property
+    def live(self) -> bool:
+        """Running, or read by a running descendant."""
+        return self.running or any(c.live for c in self.children)
+
+    @property
+    def fork_offset(self) -> int:
+        """For a child: how many of its parent's kv tokens it reads (through its [Fork])."""
+        return self.start_pos - self.parent.start_pos  # type: ignore[union-attr]
+
+    def forget_kv(self) -> None:
+        """Its KV is gone (the request was preempted): nothing computed, no slots, unknown to the ledger."""
+        self.recompute_mark = max(self.recompute_mark, self.computed)
+        self.computed = 0
+        self.n_ctx = 0
+        self.in_ledger = False
 
     def push_slots(self, new: list[int]) -> None:
         need = self.n_ctx + len(new)
@@ -76,6 +104,9 @@ class Usage:
     peak_kv_blocks: int = 0
     attended_tokens: int = 0  # sum over computed tokens of their context length, itself included
     forks: int = 0
+    preemptions: int = 0  # times its blocks were all freed under pressure and its KV recomputed later
+    recomputed_tokens: int = 0  # tokens computed again after preemptions
+    forks_refused: int = 0  # [Fork]s the model chose (or a replay held) that memory pressure refused
 
     def as_dict(self) -> dict[str, int]:
         return {k: getattr(self, k) for k in self.__slots__}
@@ -91,8 +122,9 @@ class Request:
     generator: torch.Generator | None = None
     finish: FinishReason | None = None
     error: str | None = None
-    reserved_blocks: int = 0  # worst case the admission set aside
     arrival: int = 0
+    admitted: bool = False  # admitted at least once (its root was announced)
+    recomputing: bool = False  # readmitted after a preemption, its threads' KV not yet all recomputed
 
     @property
     def root(self) -> Thread:
@@ -108,20 +140,44 @@ class Request:
 
 
 class ReplayCursor:
-    """Feeds a known thread instead of sampling: its tokens in order, its children at each [Fork]."""
+    """Feeds a known thread instead of sampling: its tokens in order, its children at each [Fork].
 
-    __slots__ = ("node", "index")
+    A [Fork] the engine refuses (a limit, or memory pressure) is *inlined*: the thread goes on
+    sequentially with that child's tokens (without its closing EOS), then with its own; the restored
+    text stays the same. Frames: (node, next index, inlined); the top one feeds.
+    """
 
-    def __init__(self, node: "ReplayNode") -> None:
-        self.node = node
-        self.index = 0
+    __slots__ = ("frames", "fork_id", "_last_child")
 
-    def next_token(self) -> int | None:
-        if self.index >= len(self.node.tokens):
-            return None
-        token = self.node.tokens[self.index]
-        self.index += 1
-        return token
+    def __init__(self, node: "ReplayNode", fork_id: int) -> None:
+        self.frames: list[list] = [[node, 0, False]]
+        self.fork_id = fork_id
+        self._last_child: ReplayNode | None = None
+
+    def next_token(self, eos_ids: frozenset[int] | set[int] = frozenset()) -> int | None:
+        """The next token, or None when the thread's own tokens ran out."""
+        while True:
+            node, index, inlined = self.frames[-1]
+            if inlined and (index >= len(node.tokens) or (index == len(node.tokens) - 1 and node.tokens[index] in eos_ids)):
+                self.frames.pop()  # an inlined child ends: back to the thread that refused its fork
+                continue
+            if index >= len(node.tokens):
+                return None
+            token = node.tokens[index]
+            self.frames[-1][1] = index + 1
+            if token == self.fork_id:
+                k = sum(1 for t in node.tokens[:index] if t == self.fork_id)
+                self._last_child = node.children[k]
+            return token
+
+    def child(self) -> "ReplayNode":
+        """The subtree of the [Fork] just fed (the engine forked)."""
+        assert self._last_child is not None
+        return self._last_child
+
+    def inline(self) -> None:
+        """The [Fork] just fed was refused: feed its child's tokens next, in this thread."""
+        self.frames.append([self.child(), 0, True])
 
 
 @dataclass(slots=True)
