@@ -35,10 +35,12 @@ class Proc:
                 self.lines.append(line)
                 self._cond.notify_all()
 
-    def wait_for(self, pattern: str, timeout: float = 60.0) -> re.Match:
+    def wait_for(self, pattern: str, timeout: float = 60.0, since: int = 0) -> re.Match:
+        """The first line from `since` on (an index into `lines`: `len(proc.lines)` taken before the
+        event) that matches `pattern`."""
         rx = re.compile(pattern)
         deadline = time.monotonic() + timeout
-        seen = 0
+        seen = since
         with self._cond:
             while True:
                 for line in self.lines[seen:]:
@@ -57,6 +59,13 @@ class Proc:
         if self.p.poll() is None:
             os.killpg(self.p.pid, sig)
             self.p.wait(timeout=20)
+
+    def pause(self) -> None:
+        """SIGSTOP: the process is frozen (no heartbeat, no step, no answer) until `resume()`."""
+        os.killpg(self.p.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self.p.pid, signal.SIGCONT)
 
     def stop(self) -> None:
         if self.p.poll() is None:

@@ -2,13 +2,13 @@
 new requests go to the live one."""
 from __future__ import annotations
 
-import threading
 import time
 
 import grpc
 import pytest
 
 from apar.protogen import stubs
+from tests.faults import Stream, wait_until, worker_info
 from tests.procs import Proc, free_port
 
 pb = stubs()
@@ -26,13 +26,13 @@ def cluster(llama_dir):
     router = Proc("router", "--model", str(llama_dir), "--workers", ",".join(f"127.0.0.1:{p}" for p in ports),
                   "--port", str(rport))
     router.wait_for("listening on")
-    yield f"127.0.0.1:{rport}", workers
+    yield f"127.0.0.1:{rport}", workers, [f"127.0.0.1:{p}" for p in ports]
     for p in (router, *workers):
         p.stop()
 
 
 def test_split_services_answer_like_serve(cluster):
-    address, _ = cluster
+    address, _, _ = cluster
     with grpc.insecure_channel(address) as ch:
         stub = pb.apar_pb2_grpc.AparStub(ch)
         req = A.GenerateRequest(prompt="Name three rivers.", sampling=pb.common_pb2.SamplingParameters(
@@ -45,38 +45,28 @@ def test_split_services_answer_like_serve(cluster):
 
 
 def test_killed_worker_gives_unavailable_and_traffic_moves(cluster):
-    address, workers = cluster
+    address, workers, worker_addresses = cluster
     with grpc.insecure_channel(address) as ch:
         stub = pb.apar_pb2_grpc.AparStub(ch)
-        long = A.GenerateRequest(prompt="Tell a long story.", sampling=pb.common_pb2.SamplingParameters(
-            max_tokens=5000, ignore_eos=True))
-        calls = [stub.Generate(long, timeout=60) for _ in range(4)]  # spread over both workers
-        for c in calls:
-            next(iter(c))
-        outcome: dict[int, tuple[str, float]] = {}
-
-        def drain(i, c):
-            try:
-                for _ in c:
-                    pass
-                outcome[i] = ("OK", time.monotonic())
-            except grpc.RpcError as exc:
-                outcome[i] = (exc.code().name, time.monotonic())
-
-        threads = [threading.Thread(target=drain, args=(i, c)) for i, c in enumerate(calls)]
-        for t in threads:
-            t.start()
+        long = A.GenerateRequest(prompt="Tell a long story.", stream=A.STREAM_MODE_THREADS,
+                                 sampling=pb.common_pb2.SamplingParameters(max_tokens=5000, ignore_eos=True))
+        streams = []
+        for _ in range(2):  # one on each worker: a request goes where the most blocks are free
+            streams.append(Stream(stub, long))
+            streams[-1].wait_running()
+            stub.ModelInfo(A.ModelInfoRequest())  # the router reads every worker's load again
+        assert [worker_info(a).running for a in worker_addresses] == [1, 1], "the requests were not spread"
         killed_at = time.monotonic()
         workers[0].kill()
-        time.sleep(2.0)
-        for c in calls:
-            c.cancel()
-        for t in threads:
-            t.join(10)
-        failed = [v for v in outcome.values() if v[0] == "UNAVAILABLE"]
-        assert failed, outcome
-        assert all(at - killed_at < 2.0 for _, at in failed)  # promptly
-        short = A.GenerateRequest(prompt="hi", sampling=pb.common_pb2.SamplingParameters(max_tokens=5))
+        # the request on the killed worker ends with UNAVAILABLE, promptly; the other runs on
+        wait_until(lambda: any(s.ended for s in streams), 2.0, "the killed worker's request to end")
+        [failed] = [s for s in streams if s.ended]
+        assert failed.code == "UNAVAILABLE" and failed.ended_at - killed_at < 2.0, failed.code
+        [other] = [s for s in streams if not s.ended]
+        assert other.running
+        other.cancel()
+        assert other.join(10).code == "CANCELLED"
+        short = A.GenerateRequest(prompt="hi", sampling=pb.common_pb2.SamplingParameters(max_tokens=5, ignore_eos=True))
         for _ in range(4):
             final = [r.final for r in stub.Generate(short, timeout=30) if r.WhichOneof("event") == "final"][0]
             assert final.usage.completion_tokens == 5

@@ -1,16 +1,16 @@
 """Cluster mode with the KV manager and a real Redis: router, worker and KV manager as processes.
 
-Faults: the KV manager killed and restarted under load, a worker killed, Redis restarted."""
+Faults, each injected while a request is seen running and checked to have hit it: the KV manager killed
+and restarted under load, Redis restarted, the worker silent past its time-to-live, the worker killed."""
 from __future__ import annotations
-
-import subprocess
-import threading
-import time
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from apar.protogen import stubs
+from services.kvmanager.testing import ScratchRedis
+from tests.faults import Stream, wait_until, worker_info
 from tests.procs import Proc, free_port
 
 pb = stubs()
@@ -18,31 +18,11 @@ A, K = pb.apar_pb2, pb.kvmanager_pb2
 BLOCKS = 64
 
 
-class Redis:
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.start()
-
-    def start(self) -> None:
-        self.p = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                   "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while subprocess.run(["redis-cli", "-p", str(self.port), "ping"], capture_output=True,
-                             text=True).stdout.strip() != "PONG":
-            assert time.monotonic() < deadline, "redis did not start"
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.p.kill()
-        self.p.wait()
-
-
 @pytest.fixture(scope="module")
 def cluster(llama_dir):
-    redis = Redis(free_port())
+    redis = ScratchRedis()
     kv_port, w_port, r_port = free_port(), free_port(), free_port()
-    kv_args = ("kvmanager", "--port", str(kv_port), "--redis", f"redis://127.0.0.1:{redis.port}/0", "--ttl", "2",
-               "--reap-every", "0.2")
+    kv_args = ("kvmanager", "--port", str(kv_port), "--redis", redis.url, "--ttl", "2", "--reap-every", "0.2")
     kv = Proc(*kv_args)
     kv.wait_for("listening on")
     worker = Proc("worker", "--model", str(llama_dir), "--port", str(w_port), "--kv-blocks", str(BLOCKS),
@@ -53,11 +33,11 @@ def cluster(llama_dir):
     router.wait_for("listening on")
     c = type("Cluster", (), {})()
     c.redis, c.kv, c.kv_args, c.worker, c.router = redis, kv, kv_args, worker, router
-    c.address, c.kv_address = f"127.0.0.1:{r_port}", f"127.0.0.1:{kv_port}"
+    c.address, c.kv_address, c.worker_address = f"127.0.0.1:{r_port}", f"127.0.0.1:{kv_port}", f"127.0.0.1:{w_port}"
     yield c
     for p in (c.router, c.worker, c.kv):
         p.stop()
-    redis.stop()
+    redis.close()
 
 
 def kv_state(c, worker="w-main"):
@@ -71,19 +51,38 @@ def kv_usage(c):
         return pb.kvmanager_pb2_grpc.KVManagerStub(ch).Usage(K.UsageRequest(), timeout=5)
 
 
+def kv_serving(c) -> bool:
+    with grpc.insecure_channel(c.kv_address) as ch:
+        status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="apar.v1.KVManager"),
+                                                     timeout=5).status
+    return status == health_pb2.HealthCheckResponse.SERVING
+
+
 def wait_idle(c, timeout=8.0):
-    deadline = time.monotonic() + timeout
-    while True:
+    """The manager's ledger of the worker once every block in it is free."""
+    def idle():
         state, _ = kv_state(c)
-        if len(state.free) == BLOCKS or time.monotonic() > deadline:
-            return state
-        time.sleep(0.1)
+        return state if len(state.free) == BLOCKS else None
+
+    return wait_until(idle, timeout, "every block free in the manager's ledger", every=0.05)
 
 
 def gen(stub, max_tokens, **kw):
     req = A.GenerateRequest(prompt="Tell me about rivers.", sampling=pb.common_pb2.SamplingParameters(
         max_tokens=max_tokens, **kw))
     return [r.final for r in stub.Generate(req, timeout=60) if r.WhichOneof("event") == "final"][0]
+
+
+def streamed(max_tokens, **kw):
+    """A request streamed thread by thread: its first event (the root's start) comes with its first step."""
+    return A.GenerateRequest(prompt="Tell me about rivers.", stream=A.STREAM_MODE_THREADS,
+                             sampling=pb.common_pb2.SamplingParameters(max_tokens=max_tokens, **kw))
+
+
+def serving(stub, max_tokens=8):
+    """Wait until a new request is answered in full (the router may first have to see the worker again)."""
+    wait_until(lambda: gen(stub, max_tokens, ignore_eos=True).usage.completion_tokens == max_tokens, 20,
+               "a new request answered in full", every=0.1, ignore=(grpc.RpcError,))
 
 
 def test_through_the_kv_manager(cluster, llama_dir):
@@ -116,83 +115,76 @@ def test_through_the_kv_manager(cluster, llama_dir):
 
 
 def test_kv_manager_killed_and_restarted_under_load(cluster):
+    """The KV manager is killed while requests run: the worker's steps wait for it, and once it is back
+    (restored from Redis) every request finishes, or fails cleanly with a final message saying why."""
     with grpc.insecure_channel(cluster.address) as ch:
         stub = pb.apar_pb2_grpc.AparStub(ch)
-        outcomes = []
-
-        def client(i):
-            try:
-                final = gen(stub, 120, temperature=0.5, seed=i, ignore_eos=True)
-                outcomes.append(("ok" if not final.error else final.error, final.usage.completion_tokens))
-            except grpc.RpcError as exc:
-                outcomes.append((exc.code().name, 0))
-
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        time.sleep(0.5)
+        streams = [Stream(stub, streamed(120, temperature=0.5, seed=i, ignore_eos=True)) for i in range(4)]
+        wait_until(lambda: any(s.running for s in streams), 30, "a request streaming")
+        mark = len(cluster.worker.lines)
         cluster.kv.kill()
-        time.sleep(1.0)
+        # the fault hits running requests: the worker holds them with no manager to answer their steps
+        assert worker_info(cluster.worker_address).running >= 1
+        cluster.worker.wait_for("heartbeat to the KV manager failed", timeout=10, since=mark)
+        stalled = [s for s in streams if s.running]  # in flight while the worker saw the manager gone
+        assert stalled
         cluster.kv = Proc(*cluster.kv_args)
         cluster.kv.wait_for("listening on")
-        for t in threads:
-            t.join(60)
+        for s in streams:
+            s.join(60)
+        outcomes = [(s.final.error or "ok", s.final.usage.completion_tokens) if s.final else (s.code, 0)
+                    for s in streams]
         # each request finishes, or fails cleanly with a final message saying why
-        assert len(outcomes) == 4 and all(o in ("ok", "internal engine error") for o, _ in outcomes), \
+        assert all(o in ("ok", "internal engine error") for o, _ in outcomes), \
             (outcomes, "".join(cluster.router.lines[-40:]))
         assert all(n == 120 for o, n in outcomes if o == "ok")
+        assert all(s.final is not None for s in stalled)  # the stalled ones too, after the restart
         state = wait_idle(cluster)
         assert len(state.free) == BLOCKS and len(set(state.free)) == BLOCKS and not state.used
-        assert gen(stub, 10).usage.completion_tokens == 10  # still serving
+        assert gen(stub, 10, ignore_eos=True).usage.completion_tokens == 10  # still serving
 
 
 def test_redis_restart_then_serving_goes_on(cluster):
-    cluster.redis.stop()
-    time.sleep(0.5)
-    cluster.redis.start()
+    """Redis restarts (empty) while a request runs: its steps wait, then it goes on; the manager writes
+    every ledger back."""
     with grpc.insecure_channel(cluster.address) as ch:
         stub = pb.apar_pb2_grpc.AparStub(ch)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                assert gen(stub, 8).usage.completion_tokens == 8
-                break
-            except grpc.RpcError:
-                assert time.monotonic() < deadline
-                time.sleep(0.5)
+        s = Stream(stub, streamed(2000, ignore_eos=True))
+        s.wait_running()
+        cluster.redis.kill()
+        wait_until(lambda: not kv_serving(cluster), 10, "the KV manager to report Redis gone")
+        assert worker_info(cluster.worker_address).running == 1 and s.running  # in flight, its steps unanswered
+        at_outage = s.events
+        cluster.redis.start()
+        # the request goes on: more events than one step in flight at the outage could have made
+        wait_until(lambda: s.events >= at_outage + 10 or s.ended, 30, "the request to go on after the restart")
+        assert s.running, (s.code, s.final)
+        s.cancel()
+        assert s.join(10).code == "CANCELLED"
+        wait_until(lambda: kv_serving(cluster), 10, "the KV manager serving again")
+        serving(stub)
     assert len(wait_idle(cluster).free) == BLOCKS
 
 
 def test_worker_forgotten_by_the_manager_recovers(cluster):
-    """The KV manager is away longer than the worker's time-to-live: it reclaims the worker; the worker's
-    requests fail cleanly, it registers again, and both ledgers restart equal."""
+    """The worker is silent longer than its time-to-live while a request runs (frozen, as in a long pause
+    or a partition): the manager reclaims it; once it wakes, the request fails cleanly, the worker
+    registers again, and both ledgers restart equal."""
     with grpc.insecure_channel(cluster.address) as ch:
         stub = pb.apar_pb2_grpc.AparStub(ch)
-        result = []
-
-        def client():
-            try:
-                result.append(gen(stub, 2000, ignore_eos=True))
-            except grpc.RpcError as exc:
-                result.append(exc.code().name)
-
-        t = threading.Thread(target=client)
-        t.start()
-        time.sleep(0.5)
-        cluster.kv.kill()
-        time.sleep(3.0)  # > the 2 s time-to-live
-        cluster.kv = Proc(*cluster.kv_args)
-        cluster.kv.wait_for("listening on")
-        t.join(60)
-        assert result and not isinstance(result[0], str) and result[0].error
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                assert gen(stub, 12, ignore_eos=True).usage.completion_tokens == 12
-                break
-            except grpc.RpcError:
-                assert time.monotonic() < deadline
-                time.sleep(0.5)
+        s = Stream(stub, streamed(2000, ignore_eos=True))
+        s.wait_running()
+        assert worker_info(cluster.worker_address).running == 1
+        cluster.worker.pause()
+        try:  # the time-to-live passes without a heartbeat: the manager drops the worker
+            wait_until(lambda: not kv_usage(cluster).workers, 10, "the manager to reclaim the silent worker")
+            assert s.running  # the request was in flight when its worker was forgotten
+        finally:
+            cluster.worker.resume()
+        s.join(60)
+        assert s.final is not None and s.final.error, (s.code, s.final)  # ended cleanly, saying why
+        assert s.final.usage.completion_tokens < 2000
+        serving(stub, 12)
         state = wait_idle(cluster)  # every step after the recovery was checked slot for slot by the worker
         assert len(state.free) == BLOCKS and not state.used
         info = stub.ModelInfo(A.ModelInfoRequest())
@@ -200,14 +192,20 @@ def test_worker_forgotten_by_the_manager_recovers(cluster):
 
 
 def test_killed_worker_is_reclaimed(cluster):
-    cluster.worker.kill()
-    deadline = time.monotonic() + 10
-    while True:
-        if not kv_usage(cluster).workers:
-            break
-        assert time.monotonic() < deadline, "the dead worker's ledger was never reclaimed"
-        time.sleep(0.2)
+    """The worker is killed under a running request: the request gets UNAVAILABLE, the manager reclaims
+    the worker's ledger (the request's blocks with it), and new requests get UNAVAILABLE."""
     with grpc.insecure_channel(cluster.address) as ch:
+        stub = pb.apar_pb2_grpc.AparStub(ch)
+        s = Stream(stub, streamed(2000, ignore_eos=True))
+        s.wait_running()
+        state, _ = kv_state(cluster)
+        assert state.used  # the running request's blocks, in the manager's ledger
+        cluster.worker.kill()
+        assert s.join(10).code == "UNAVAILABLE"
+        wait_until(lambda: not kv_usage(cluster).workers, 10, "the dead worker's ledger reclaimed")
         with pytest.raises(grpc.RpcError) as err:
-            gen(pb.apar_pb2_grpc.AparStub(ch), 5)
+            kv_state(cluster)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.RpcError) as err:
+            gen(stub, 5)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE

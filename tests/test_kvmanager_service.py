@@ -7,7 +7,6 @@ import random
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 
 import grpc
@@ -21,6 +20,7 @@ from services.kvmanager.ledger import ThreadRef as R
 from services.kvmanager.ops import Append, Start
 from services.kvmanager.service import serve
 from services.kvmanager.testing import ScratchRedis, SimWorker, free_port
+from tests.faults import wait_until
 
 pb = stubs()
 K = pb.kvmanager_pb2
@@ -152,17 +152,21 @@ def test_restart_on_the_same_redis_restores_every_ledger(kv):
 
 
 class ManagerProcess:
-    """`python -m services.kvmanager` as a child process; stderr goes to a file that is polled."""
+    """`python -m services.kvmanager` as a child process; stderr goes to a file (appended to) that is polled
+    for this process's own "listening on"."""
 
     def __init__(self, args: tuple[str, ...], log_path) -> None:
         self.log_path = log_path
+        start = log_path.stat().st_size if log_path.exists() else 0
         with open(log_path, "a") as log:
             self.p = subprocess.Popen([sys.executable, "-m", "services.kvmanager", *args], stdout=subprocess.DEVNULL,
                                       stderr=log)
-        deadline = time.monotonic() + 30
-        while "listening on" not in log_path.read_text():
-            assert self.p.poll() is None and time.monotonic() < deadline, log_path.read_text()[-2000:]
-            time.sleep(0.05)
+
+        def listening() -> bool:
+            assert self.p.poll() is None, log_path.read_text()[-2000:]
+            return "listening on" in log_path.read_text()[start:]
+
+        wait_until(listening, 30, "the KV manager to listen", every=0.05)
 
     def kill(self) -> None:
         if self.p.poll() is None:
@@ -170,10 +174,17 @@ class ManagerProcess:
             self.p.wait(timeout=10)
 
 
+def metric(port: int, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return next(float(line.rpartition(" ")[2]) for line in text.splitlines() if line.startswith(name + " "))
+
+
 def test_killed_manager_process_restarts_from_redis(redis_server, request, tmp_path):
-    port = free_port()
-    args = ("--port", str(port), "--redis", redis_server.url, "--prefix", f"t-{request.node.name}:",
-            "--reap-every", "0.1")
+    port, metrics_port = free_port(), free_port()
+    prefix = f"t-{request.node.name}:"
+    args = ("--port", str(port), "--redis", redis_server.url, "--prefix", prefix, "--reap-every", "0.1",
+            "--metrics-port", str(metrics_port))
+    alive = redis_server.client()
     proc = ManagerProcess(args, tmp_path / "kv.log")
     try:
         client = Client(f"127.0.0.1:{port}")
@@ -181,11 +192,17 @@ def test_killed_manager_process_restarts_from_redis(redis_server, request, tmp_p
         sim = SimWorker(BLOCKS, BLOCK_SIZE, seed=14)
         seq, ops, last = client.drive(sim, 90)
         before = client.state()
+        assert before.used  # the simulated worker's running requests hold blocks
         proc.kill()  # SIGKILL: nothing is flushed on the way out
-        time.sleep(1.2)  # longer than the ttl: no heartbeat could arrive meanwhile
+        # down longer than the ttl: the registration expires in Redis, no heartbeat could arrive meanwhile
+        wait_until(lambda: not alive.exists(f"{prefix}kv:w:w1:alive"), 5, "the registration to expire")
         proc = ManagerProcess(args, tmp_path / "kv.log")
-        time.sleep(0.3)
-        assert [u.worker_id for u in client.stub.Usage(K.UsageRequest(), timeout=5).workers] == ["w1"]  # not reaped
+        # a reaper pass after the restart (each one reads Redis; nothing else does meanwhile) ...
+        trips = metric(metrics_port, "apar_kvmanager_redis_round_trips_total")
+        wait_until(lambda: metric(metrics_port, "apar_kvmanager_redis_round_trips_total") > trips, 5,
+                   "a reaper pass")
+        # ... did not reap it: a ledger loaded at start gets a fresh time-to-live
+        assert [u.worker_id for u in client.stub.Usage(K.UsageRequest(), timeout=5).workers] == ["w1"]
         assert client.register(ttl=1).restored
         assert client.state() == before
         assert client.step(seq, ops) == last  # the worker resends the step it never heard back from
@@ -212,14 +229,19 @@ def test_expired_worker_is_reclaimed(kv, redis_server, request):
     server, client = kv()
     client.register("w-dead", ttl=1)
     client.register("w-live", ttl=1)
-    client.drive(SimWorker(BLOCKS, BLOCK_SIZE, seed=16), 30, "w-dead")
-    for _ in range(6):  # 1.5 s: both would have expired without heartbeats; w-live sends them
-        time.sleep(0.25)
+    sim = SimWorker(BLOCKS, BLOCK_SIZE, seed=16)
+    client.drive(sim, 30, "w-dead")
+    while not sim.running:  # stop where its running requests hold blocks
+        client.drive(sim, 1, "w-dead")
+    assert client.state("w-dead").used
+
+    def reaped() -> bool:  # w-live sends heartbeats meanwhile, w-dead none
         assert client.stub.Heartbeat(K.HeartbeatRequest(worker_id="w-live"), timeout=5).known
-    listed = [u.worker_id for u in client.stub.Usage(K.UsageRequest(), timeout=5).workers]
-    assert listed == ["w-live"]
+        return [u.worker_id for u in client.stub.Usage(K.UsageRequest(), timeout=5).workers] == ["w-live"]
+
+    wait_until(reaped, 10, "w-dead to be reaped", every=0.1)
     assert not client.stub.Heartbeat(K.HeartbeatRequest(worker_id="w-dead"), timeout=5).known
-    assert code_of(lambda: client.step(31, [], "w-dead")) == C.NOT_FOUND
+    assert code_of(lambda: client.step(sim.seq + 1, [], "w-dead")) == C.NOT_FOUND
     assert code_of(lambda: client.state("w-dead")) == C.NOT_FOUND
     keys = redis_server.client().keys(f"t-{request.node.name}:kv:w:w-dead:*")
     assert keys == [] and not redis_server.client().hexists(f"t-{request.node.name}:kv:workers", "w-dead")
@@ -239,19 +261,16 @@ def test_redis_restart_is_survived(kv):
         redis.kill()
         seq, ops, local = sim.step()
         assert code_of(lambda: client.step(seq, ops)) == C.UNAVAILABLE  # nothing applied, nothing lost
-        time.sleep(0.5)
-        name = "apar.v1.KVManager"
-        assert health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status == \
-            health_pb2.HealthCheckResponse.NOT_SERVING
+
+        def status():
+            return health.Check(health_pb2.HealthCheckRequest(service="apar.v1.KVManager"), timeout=5).status
+
+        wait_until(lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING, 5, "NOT_SERVING")
         redis.start()  # empty: no persistence
         resp = client.step(seq, ops)  # the worker's resend goes through once Redis is back
         assert convert.answer_from_pb(resp) == local
         client.drive(sim, 30)
-        deadline = time.monotonic() + 5
-        while health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status != \
-                health_pb2.HealthCheckResponse.SERVING:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until(lambda: status() == health_pb2.HealthCheckResponse.SERVING, 5, "SERVING again")
         assert [u.worker_id for u in client.stub.Usage(K.UsageRequest(), timeout=5).workers] == ["w1"]
         server.manager.check()
         server.stop(grace=None)  # and the restarted Redis holds it all: a new manager restores it

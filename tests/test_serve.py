@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 
 import grpc
 import pytest
@@ -16,6 +15,7 @@ from services.router.prompt import encode_prompt
 from services.router.stream import RequestStream
 from services.worker.config import EngineConfig, SamplingParams
 from services.worker.engine import Engine
+from tests.faults import Stream, wait_until
 from tests.procs import Proc, free_port
 
 pb = stubs()
@@ -58,13 +58,13 @@ def collect(stub, req, timeout=60):
     return deltas, threads, final
 
 
-def wait_all_free(stub, timeout=5.0) -> int:
-    deadline = time.monotonic() + timeout
-    while True:
-        info = stub.ModelInfo(A.ModelInfoRequest())
-        if info.free_kv_blocks == info.total_kv_blocks or time.monotonic() > deadline:
-            return info.total_kv_blocks - info.free_kv_blocks
-        time.sleep(0.05)
+def blocks_in_use(stub) -> int:
+    info = stub.ModelInfo(A.ModelInfoRequest())
+    return info.total_kv_blocks - info.free_kv_blocks
+
+
+def wait_all_free(stub, timeout=5.0) -> None:
+    wait_until(lambda: blocks_in_use(stub) == 0, timeout, "every KV block free", every=0.05)
 
 
 def test_streams_the_in_process_answer(stub, llama_dir):
@@ -113,22 +113,19 @@ def test_a_request_the_pool_cannot_hold_is_resource_exhausted(stub):
 
 
 def test_cancel_mid_stream_frees_the_blocks(stub):
-    call = stub.Generate(request(max_tokens=2000, ignore_eos=True), timeout=60)
-    got = 0
-    for _ in call:
-        got += 1
-        if got == 5:
-            break
-    assert stub.ModelInfo(A.ModelInfoRequest()).free_kv_blocks < KV_BLOCKS
-    call.cancel()
-    assert wait_all_free(stub) == 0
+    s = Stream(stub, request(mode=A.STREAM_MODE_THREADS, max_tokens=2000, ignore_eos=True))
+    wait_until(lambda: s.events >= 5 or s.ended, 30, "five events")
+    assert s.running and blocks_in_use(stub) > 0
+    s.cancel()
+    assert s.join(10).code == "CANCELLED"  # it was still running
+    wait_all_free(stub)
 
 
 def test_deadline_frees_the_blocks(stub):
-    with pytest.raises(grpc.RpcError) as err:
-        collect(stub, request(max_tokens=3000, ignore_eos=True), timeout=0.5)
-    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert wait_all_free(stub) == 0
+    s = Stream(stub, request(mode=A.STREAM_MODE_THREADS, max_tokens=3000, ignore_eos=True), timeout=0.5)
+    s.join(10)
+    assert s.code == "DEADLINE_EXCEEDED" and s.events > 0  # the deadline hit it while it streamed
+    wait_all_free(stub)
 
 
 def test_health_and_reflection(server):
@@ -171,7 +168,7 @@ def test_fuzzed_requests_never_crash_the_server(server, stub):
     assert "INVALID_ARGUMENT" in codes
     _, _, final = collect(stub, request(max_tokens=4))
     assert final.usage.completion_tokens == 4
-    assert wait_all_free(stub) == 0
+    wait_all_free(stub)
 
 
 def test_200_concurrent_streaming_clients(server):
