@@ -40,6 +40,12 @@ class RunStats:
 
 def answer_trees(engine: Engine, n: int, max_answer_tokens: int, seed: int) -> list[tuple[list[int], ReplayNode, list[int]]]:
     """(prompt ids, APAR tree, AR linear ids) for n forkable test-split answers of the shared data."""
+    return answer_trees_for(engine.tokenizer, engine.config.control, n, max_answer_tokens, seed)
+
+
+def answer_trees_for(tokenizer, control_tokens, n: int, max_answer_tokens: int, seed: int
+                     ) -> list[tuple[list[int], ReplayNode, list[int]]]:
+    """`answer_trees` from a tokenizer and the control token strings (`ControlTokens`), no engine needed."""
     from apar.data.packing import ControlIds, tokenize_tree
     from apar.data.readers import read_conversations
     from apar.data.rules import build_tree
@@ -48,7 +54,7 @@ def answer_trees(engine: Engine, n: int, max_answer_tokens: int, seed: int) -> l
     data = shared_data_dir()
     if not data.is_dir():
         raise UserError(f"shared data not found at {data} (set APAR_SHARED_DATA)")
-    control = ControlIds.from_tokenizer(engine.tokenizer, engine.config.control.fork, engine.config.control.child)
+    control = ControlIds.from_tokenizer(tokenizer, control_tokens.fork, control_tokens.child)
     convs = [c for c in read_conversations(data) if is_test_instruction(c.prompt)]
     random.Random(seed).shuffle(convs)
     out = []
@@ -56,7 +62,7 @@ def answer_trees(engine: Engine, n: int, max_answer_tokens: int, seed: int) -> l
         tree = build_tree(conv.response)
         if not tree.forks:
             continue
-        tt = tokenize_tree(conv.prompt, tree, engine.tokenizer, control)
+        tt = tokenize_tree(conv.prompt, tree, tokenizer, control)
         if tt.response_tokens > max_answer_tokens or len(tt.prompt) > 256:
             continue
         nodes = [ReplayNode(list(t.ids[1:] if t.parent is not None else t.ids)) for t in tt.threads]
@@ -82,7 +88,7 @@ def _restore(tt, index: int) -> list[int]:
 
 
 def run_replay(engine: Engine, name: str, items: list[tuple[list[int], ReplayNode]], auto_parallel: bool) -> RunStats:
-    requests = [(prompt, SamplingParams(max_tokens=_tree_tokens(tree), auto_parallel=auto_parallel,
+    requests = [(prompt, SamplingParams(max_tokens=tree_tokens(tree), auto_parallel=auto_parallel,
                                         max_threads=tree.threads(), max_depth=64), tree) for prompt, tree in items]
     return _timed(engine, name, requests)
 
@@ -105,9 +111,9 @@ def _timed(engine: Engine, name: str, requests: list[tuple[list[int], SamplingPa
                     sum(e.usage.attended_tokens for e in done))
 
 
-def _tree_tokens(node: ReplayNode) -> int:
+def tree_tokens(node: ReplayNode) -> int:
     """Tokens the engine produces for a replayed tree: every thread's tokens and each child's [Child]."""
-    return len(node.tokens) + sum(1 + _tree_tokens(c) for c in node.children)
+    return len(node.tokens) + sum(1 + tree_tokens(c) for c in node.children)
 
 
 def run_engine_ar(engine: Engine, prompts: list[list[int]], new_tokens: int) -> RunStats:

@@ -77,8 +77,14 @@ def make_model(out: str | Path, arch: str = "llama", shape: ModelShape | None = 
     tok = tokenizer or build_tokenizer(shape.vocab, control)
     if config_file is not None:
         return _save(out, config_from_file(config_file, tok), tok, seed)
-    cfg = ARCHS[arch](
-        vocab_size=len(tok),
+    return _save(out, model_config(arch, shape, tok), tok, seed)
+
+
+def model_config(arch: str, shape: ModelShape, tok, vocab: int | None = None):
+    """The HF config of a random model: `shape`, the tokenizer's special ids; `vocab` (>= the tokenizer's
+    size) pads the embeddings to a published model's vocabulary."""
+    return ARCHS[arch](
+        vocab_size=max(vocab or 0, len(tok)),
         hidden_size=shape.hidden,
         intermediate_size=shape.intermediate,
         num_hidden_layers=shape.layers,
@@ -90,19 +96,30 @@ def make_model(out: str | Path, arch: str = "llama", shape: ModelShape | None = 
         pad_token_id=tok.pad_token_id,
         tie_word_embeddings=False,
     )
-    return _save(out, cfg, tok, seed)
 
 
-def _save(out: Path, cfg, tok, seed: int) -> Path:
+def random_model(cfg, tok, seed: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """Random weights for `cfg`, initialised directly on `device` in `dtype` (a 7B model on a GPU in
+    seconds, where a float32 CPU init takes minutes)."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     # wider random logits than the default init, so greedy choices are far from ties
     with torch.no_grad():
         model.get_output_embeddings().weight.normal_(0.0, 0.5)
     model.generation_config = GenerationConfig(
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
     )
+    return model.eval()
+
+
+def save_model(out: str | Path, model, tok) -> Path:
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
     save(tok, out)
     return out
+
+
+def _save(out: Path, cfg, tok, seed: int) -> Path:
+    return save_model(out, random_model(cfg, tok, seed), tok)

@@ -1,8 +1,11 @@
-"""`apar bench engine`: APAR beside AR on replayed real answers, and the engine beside HF generate."""
+"""`apar bench`: the benchmark suite. `engine` and `serve` live here; trace, live, hf and gpu in
+`apar.bench_suite`."""
 from __future__ import annotations
 
+import json
 import random
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 
@@ -21,10 +24,11 @@ def register(subparsers) -> None:
     e.add_argument("--layers", type=int, default=4, help="random model depth")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--repeats", type=int, default=3, help="runs of each measure, alternating; the fastest counts")
-    e.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    e.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on a CPU run)")
     from apar.commands.generate import add_engine_args
 
     add_engine_args(e)
+    _quick_and_out(e, {"requests": 8, "repeats": 1, "batch": 4, "new_tokens": 32})
     e.set_defaults(func=run_engine_bench)
 
     s = sub.add_parser("serve", help="per-token latency of apar serve beside the separated services")
@@ -36,7 +40,33 @@ def register(subparsers) -> None:
     s.add_argument("--layers", type=int, default=4)
     s.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="Redis for the KV manager's ledger "
                                                                       "('' keeps it in the manager's memory)")
+    _quick_and_out(s, {"requests": 4, "rounds": 2, "max_tokens": 32})
     s.set_defaults(func=run_serve_bench)
+
+    from apar.bench_suite.cli import register as register_suite
+
+    register_suite(sub)
+
+
+def _quick_and_out(p, quick: dict[str, int]) -> None:
+    """--quick (these values for the flags left at their defaults) and --out (a JSON of the results)."""
+    p.add_argument("--quick", action="store_true", help="fewer requests and rounds: a quick look")
+    p.add_argument("--out", type=Path, default=None, help="also write <bench>.json into this folder")
+    p.set_defaults(quick_values={k: (p.get_default(k), v) for k, v in quick.items()})
+
+
+def _apply_quick(args) -> None:
+    if args.quick:
+        for key, (default, quick) in args.quick_values.items():
+            if getattr(args, key) == default:
+                setattr(args, key, quick)
+
+
+def _write(args, name: str, data: dict) -> None:
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
+        print(f"wrote {args.out / f'{name}.json'}")
 
 
 def _model(args) -> Path:
@@ -59,6 +89,7 @@ def run_serve_bench(args) -> int:
     from apar.bench import text_table
     from apar.bench_serve import run
 
+    _apply_quick(args)
     model_dir = _model(args)
     rows = run(str(model_dir), args.requests, args.max_tokens, ["--kv-blocks", "1024"], args.redis or None,
                args.rounds)
@@ -67,6 +98,8 @@ def run_serve_bench(args) -> int:
     print(text_table(["setup", "TTFT p50 ms", "per-token p50 ms", "per-token p99 ms"], [r.row() for r in rows]))
     base, split = (sorted(r.per_token)[len(r.per_token) // 2] for r in rows)
     print(f"cost of the split: {100 * (split / base - 1):+.1f}% per-token latency (p50)")
+    _write(args, "serve", {"requests": args.requests, "rounds": args.rounds, "max_tokens": args.max_tokens,
+                           "setups": [asdict(r) for r in rows], "per_token_p50_ratio": split / base})
     return 0
 
 
@@ -74,11 +107,12 @@ def run_engine_bench(args) -> int:
     import torch
 
     from apar.bench import answer_trees, fastest, run_engine_ar, run_hf_generate, run_replay, table
+    from apar.bench_suite.cli import cpu_threads
     from apar.commands.generate import engine_config
     from services.worker.engine import Engine
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _apply_quick(args)
+    cpu_threads(args.threads, args.device)
     torch.manual_seed(args.seed)
     model_dir = _model(args)
     engine = Engine(model_dir, engine_config(args))
@@ -117,4 +151,6 @@ def run_engine_bench(args) -> int:
     ours, hf = fastest(ours_runs), fastest(hf_runs)
     print(table([hf, ours], [("gen tokens", "tokens"), ("wall s", "wall_s"), ("tokens/s", "tok_s")]))
     print(f"engine / HF generate throughput: {ours.tok_s / hf.tok_s:.2f}x")
+    _write(args, "engine", {"replay": {"ar": asdict(ar), "apar": asdict(apar)},
+                            "hf": {"hf": asdict(hf), "engine_ar": asdict(ours)}})
     return 0

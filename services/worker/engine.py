@@ -122,12 +122,10 @@ class Engine:
                 result.events.append(ThreadStarted(req.id, 0, None, -1))
         self.scheduler.plan_catch_up(work)
         work = self._allocate(self._make_room(work, result), result)
-        if not work:
+        if not work:  # nothing to run (at most forks of recomputed threads, which the ledger now has)
             self.kv.flush()
             return result
         batch = self._build_batch(work)
-        if not batch["args"][0]:  # only forks of recomputed threads: the ledger has them, nothing to run
-            return result
         logits = self.runner.forward(*batch["args"])  # [S, V]
         self.steps += 1
         result.tokens = len(batch["args"][0])

@@ -1,0 +1,220 @@
+"""`apar bench trace|live|hf|gpu`: the parsers, and the commands that run a workload and report it."""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from apar.errors import UserError
+
+
+@dataclass(frozen=True, slots=True)
+class Defaults:
+    """A workload's defaults, full and --quick: an explicit flag always wins."""
+
+    levels: str
+    max_concurrency: int
+    rounds: int
+    min_requests: int
+
+
+_TRACE = {False: Defaults("1,4,16,64", 256, 2, 8), True: Defaults("1,4,16", 16, 3, 6)}
+_LIVE = {False: Defaults("1,4,16,64", 128, 2, 8), True: Defaults("1,4,16", 16, 1, 4)}
+_HF = {False: Defaults("1,4,16,64", 128, 2, 2), True: Defaults("1,4,16", 16, 2, 2)}
+
+
+def register(sub) -> None:
+    t = sub.add_parser("trace", help="replayed test-split answers, AR beside APAR, closed loop at rising "
+                                     "concurrency, pool unlimited then limited")
+    _random_model_args(t)
+    t.add_argument("--answers", type=int, default=None,
+                   help="distinct answers, reused in turn (default 64; quick 16)")
+    t.add_argument("--max-answer-tokens", type=int, default=None,
+                   help="longest answer replayed (default 400; quick 300)")
+    _suite_args(t)
+    t.set_defaults(func=run_trace_cmd)
+
+    lv = sub.add_parser("live", help="the demo model sampling beside its AR twin on test-split prompts")
+    lv.add_argument("--apar", type=Path, default=Path("models/demo"), help="APAR model (apar demo-model)")
+    lv.add_argument("--ar", type=Path, default=Path("models/demo-ar"), help="AR twin (apar demo-model --ar)")
+    lv.add_argument("--prompts", type=int, default=None,
+                    help="test-split prompts, reused in turn (default 32; quick 8)")
+    lv.add_argument("--max-tokens", type=int, default=None, help="tokens per answer (default 200; quick 100)")
+    lv.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    _suite_args(lv)
+    lv.set_defaults(func=run_live_cmd)
+
+    h = sub.add_parser("hf", help="HF generate beside the engine in AR mode, concurrency levels as batch sizes")
+    _random_model_args(h)
+    h.add_argument("--prompt-tokens", type=int, default=64)
+    h.add_argument("--new-tokens", type=int, default=None, help="tokens per answer (default 128; quick 64)")
+    _suite_args(h)
+    h.set_defaults(func=run_hf_cmd)
+
+    g = sub.add_parser("gpu", help="one GPU, a random Vicuna-7B-shaped Llama: trace AR beside APAR and HF "
+                                   "generate at concurrency 1, 16, 64 (under 8 minutes on an H100)")
+    g.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for gpu.json and gpu.png")
+    g.add_argument("--levels", default="1,16,64", help="concurrency levels (batch sizes for HF)")
+    g.add_argument("--model-cache", type=Path, default=None, help="where the random model is saved and "
+                                                                   "reused (default: under the temp dir)")
+    g.add_argument("--answers", type=int, default=64)
+    g.add_argument("--max-answer-tokens", type=int, default=400)
+    g.add_argument("--new-tokens", type=int, default=128, help="HF comparison: tokens per answer")
+    g.add_argument("--budget-s", type=float, default=360.0, help="no trace level starts after this")
+    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--tiny-cpu", action="store_true", help=argparse.SUPPRESS)  # the same path, tiny, on CPU
+    g.set_defaults(func=run_gpu_cmd)
+
+
+def _random_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model directory (default: build a random-weight Llama)")
+    p.add_argument("--hidden", type=int, default=None, help="random model width (default 256; quick 64)")
+    p.add_argument("--layers", type=int, default=None, help="random model depth (default 4; quick 2)")
+
+
+def _suite_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="fewer levels and requests, a smaller model: a "
+                                                        "couple of minutes on 2 CPU cores")
+    p.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for <workload>.json and .png")
+    p.add_argument("--kv-blocks", type=int, default=None, help="the limited pool (default: --pool-fraction of "
+                                                               "AR's peak with the pool unlimited, top level)")
+    p.add_argument("--pool-fraction", type=float, default=0.4)
+    p.add_argument("--levels", default=None, help="concurrency levels always run (default 1,4,16,64; quick 1,4,16)")
+    p.add_argument("--max-concurrency", type=int, default=None,
+                   help="past the levels, double while tokens/s still grows, up to this")
+    p.add_argument("--rounds", type=int, default=None, help="requests per level: rounds x concurrency")
+    p.add_argument("--min-requests", type=int, default=None, help="requests per level at least")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on a CPU run)")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-batch-tokens", type=int, default=512)
+    p.add_argument("--admit-watermark", type=float, default=0.04, help="share of the pool kept free on admission")
+    p.add_argument("--fork-watermark", type=float, default=0.01, help="share of the pool below which forks are "
+                   "refused")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
+    p.add_argument("--fork-token", default="[Fork]", help="'[SplitMask]' for the published APAR checkpoints")
+    p.add_argument("--child-token", default="[Child]", help="'[SplitSop]' for the published APAR checkpoints")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def levels_arg(text: str) -> tuple[int, ...]:
+    try:
+        levels = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"--levels takes comma-separated integers, got {text!r}") from None
+    if not levels or min(levels) < 1 or list(levels) != sorted(set(levels)):
+        raise UserError(f"--levels must be rising positive integers, got {text!r}")
+    return levels
+
+
+def settings(args, table: dict[bool, Defaults]):
+    from apar.bench_suite.driver import LevelPlan
+    from apar.bench_suite.workloads import SuiteSettings
+    from services.worker.config import ControlTokens
+
+    d = table[args.quick]
+    plan = LevelPlan(levels_arg(_pick(args.levels, d.levels)), _pick(args.max_concurrency, d.max_concurrency),
+                     _pick(args.rounds, d.rounds), _pick(args.min_requests, d.min_requests))
+    if plan.rounds < 1 or plan.min_requests < 1:
+        raise UserError("--rounds and --min-requests must be >= 1")
+    if args.kv_blocks is not None and args.kv_blocks < 1:
+        raise UserError("--kv-blocks must be >= 1")
+    if not 0 < args.pool_fraction <= 1:
+        raise UserError("--pool-fraction must be in (0, 1]")
+    cpu_threads(args.threads, args.device)
+    return SuiteSettings(plan, kv_blocks=args.kv_blocks, pool_fraction=args.pool_fraction,
+                         block_size=args.block_size, max_batch_tokens=args.max_batch_tokens,
+                         admit_watermark=args.admit_watermark, fork_watermark=args.fork_watermark, device=args.device,
+                         dtype=args.dtype,
+                         control=ControlTokens(args.fork_token, args.child_token), progress=not args.no_progress)
+
+
+def cpu_threads(threads: int | None, device: str | None) -> None:
+    """Torch's CPU threads: as asked, else 1 on a CPU run. The small models here gain nothing from more,
+    and on 2 shared cores 2 threads made steps 3-5x slower (threads spinning against each other)."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    elif device == "cpu" or (device is None and not torch.cuda.is_available()):
+        torch.set_num_threads(1)
+
+
+def _pick(value, default):
+    return default if value is None else value
+
+
+def _with_model(args, quick_hidden: int = 64, quick_layers: int = 2):
+    """The model directory, and whether it is a temporary one to remove afterwards."""
+    from apar.commands.bench import _model
+
+    args.hidden = args.hidden or (quick_hidden if args.quick else 256)
+    args.layers = args.layers or (quick_layers if args.quick else 4)
+    return _model(args), args.model is None
+
+
+def _finish(report, out: Path) -> int:
+    json_path, png_path = report.write(out)
+    print(report.text())
+    print(f"\nwrote {json_path} and {png_path}")
+    return 0
+
+
+def run_trace_cmd(args) -> int:
+    from apar.bench_suite.workloads import run_trace
+
+    s = settings(args, _TRACE)
+    model_dir, temporary = _with_model(args)
+    try:
+        report = run_trace(model_dir, s, answers=args.answers or (16 if args.quick else 64),
+                           max_answer_tokens=args.max_answer_tokens or (300 if args.quick else 400), seed=args.seed)
+    finally:
+        if temporary:
+            shutil.rmtree(model_dir, ignore_errors=True)
+    return _finish(report, args.out)
+
+
+def run_live_cmd(args) -> int:
+    from apar.bench_suite.workloads import run_live
+
+    s = settings(args, _LIVE)
+    report = run_live(args.apar, args.ar, s, prompts=args.prompts or (8 if args.quick else 32),
+                      max_tokens=args.max_tokens or (100 if args.quick else 200), temperature=args.temperature,
+                      seed=args.seed)
+    return _finish(report, args.out)
+
+
+def run_hf_cmd(args) -> int:
+    from apar.bench_suite.workloads import run_hf
+
+    s = settings(args, _HF)
+    model_dir, temporary = _with_model(args)
+    try:
+        report = run_hf(model_dir, s, prompt_tokens=args.prompt_tokens,
+                        new_tokens=args.new_tokens or (64 if args.quick else 128), seed=args.seed)
+    finally:
+        if temporary:
+            shutil.rmtree(model_dir, ignore_errors=True)
+    return _finish(report, args.out)
+
+
+def run_gpu_cmd(args) -> int:
+    from apar.bench_suite.gpu import GpuSettings, check_cuda, gpu_table, run_gpu
+
+    if not args.tiny_cpu:
+        check_cuda()  # before building anything
+    else:
+        cpu_threads(None, "cpu")
+    g = GpuSettings(levels=levels_arg(args.levels), model_cache=args.model_cache, answers=args.answers,
+                    max_answer_tokens=args.max_answer_tokens, new_tokens=args.new_tokens, budget_s=args.budget_s,
+                    tiny=args.tiny_cpu, progress=not args.no_progress)
+    report = run_gpu(g)
+    json_path, png_path = report.write(args.out)
+    print(f"{report.settings['device']}, {report.settings['shape']} random weights ({report.settings['dtype']}), "
+          f"{report.settings['kv_blocks']} KV blocks; {report.settings['wall_s']:.0f} s in all", file=sys.stdout)
+    print(gpu_table(report))
+    print(f"\nwrote {json_path} and {png_path}")
+    return 0

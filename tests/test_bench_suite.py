@@ -1,0 +1,66 @@
+"""The trace benchmark's driver on a tiny random model: the JSON's keys, counts that add up, the plot."""
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+
+from apar.bench import tree_tokens
+from apar.bench_suite.driver import LevelPlan
+from apar.bench_suite.workloads import SuiteSettings, run_trace, trace_jobs
+from apar.split import shared_data_dir
+
+pytestmark = pytest.mark.skipif(not shared_data_dir().is_dir(), reason="shared data not present")
+
+LEVEL_KEYS = {"concurrency", "requests", "tokens", "steps", "wall_s", "tokens_per_s", "latency_p50_s",
+              "latency_p99_s", "ttft_p50_s", "running_mean", "steps_per_request", "peak_kv_blocks",
+              "attended_tokens", "preemptions"}
+TOTAL_KEYS = {"requests", "tokens", "steps", "wall_s", "peak_kv_blocks", "attended_tokens", "preemptions",
+              "steps_per_request"}
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread, as the bench commands use on a CPU (two are several times slower on shared cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_trace_report_adds_up(llama_dir, tmp_path, one_thread):
+    plan = LevelPlan(levels=(1, 2), rounds=1, min_requests=1)
+    s = SuiteSettings(plan, progress=False)
+    report = run_trace(llama_dir, s, answers=2, max_answer_tokens=250)
+    json_path, png_path = report.write(tmp_path)
+
+    data = json.loads(json_path.read_text())
+    assert data["workload"] == "trace" and png_path.stat().st_size > 0
+    assert [r["pool"] for r in data["runs"]] == ["unlimited", "limited"]
+    unlimited, limited = data["runs"]
+    assert limited["kv_blocks"] < unlimited["kv_blocks"]
+
+    ar_jobs, apar_jobs = trace_jobs(llama_dir, s, 2, 250, 0)
+    run_jobs = [list(itertools.islice(itertools.cycle(range(len(ar_jobs))), plan.requests(c))) for c in (1, 2)]
+    ar_tokens = sum(len(ar_jobs[i].replay.tokens) for level in run_jobs for i in level)
+    apar_tokens = sum(tree_tokens(apar_jobs[i].replay) for level in run_jobs for i in level)
+    for run in data["runs"]:
+        ar, apar = run["modes"]["ar"], run["modes"]["apar"]
+        for mode in (ar, apar):
+            assert TOTAL_KEYS <= set(mode["totals"])
+            assert [x["concurrency"] for x in mode["levels"]] == [1, 2]
+            for level in mode["levels"]:
+                assert LEVEL_KEYS <= set(level)
+            assert mode["totals"]["tokens"] == sum(x["tokens"] for x in mode["levels"])
+            assert mode["totals"]["errors"] == 0
+        assert ar["totals"]["requests"] == apar["totals"]["requests"] == sum(map(len, run_jobs))
+        assert ar["totals"]["tokens"] == ar_tokens  # preemption keeps every token
+        if apar["totals"]["forks_refused"] == 0:
+            assert apar["totals"]["tokens"] == apar_tokens
+        assert [r["concurrency"] for r in run["ratios"]["levels"]] == [1, 2]
+    ar_u, apar_u = unlimited["modes"]["ar"]["totals"], unlimited["modes"]["apar"]["totals"]
+    assert apar_u["tokens"] == apar_tokens and apar_u["forked_share"] == 1.0
+    assert apar_u["steps_per_request"] < ar_u["steps_per_request"]  # the trees fork: fewer steps
+    assert "APAR against AR per level" in report.text()
