@@ -341,3 +341,17 @@ def test_ledger_refuses_a_double_release_of_a_thread():
     led.finish(ref)
     with pytest.raises(LedgerError):
         led.finish(ref)
+
+
+def test_head_of_queue_is_admitted_when_nothing_runs_whatever_it_needs():
+    """A preempted request whose recompute estimate exceeds the pool never stalls the queue: with nothing
+    running it is admitted (it held that KV before; if it truly cannot fit, it ends with `length`)."""
+    from services.worker.scheduler import Scheduler
+    from services.worker.sequence import Request, Thread
+
+    sched = Scheduler(KVLedger(8, 4), max_batch_tokens=64, admit_watermark=2)
+    req = Request(id="r", prompt=[1] * 10, params=SamplingParams(), admitted=True, recomputing=True)
+    req.threads.append(Thread(id=0, parent=None, anchor=-1, start_pos=0, depth=0, kv_tokens=[1] * 40, n_prompt=10))
+    assert sched.blocks_to_start(req) > 8
+    sched.waiting.append(req)
+    assert sched.admit() == [req]

@@ -15,7 +15,7 @@ Admission is on what is free, never on a reservation: the oldest waiting request
 free blocks, less what this step's decoding threads are about to open, cover what it needs to start
 (its prompt, or after a preemption the KV it must recompute) plus a watermark: a share of the pool, or
 half a block per running thread if more (what they open over the next block's worth of steps). With
-nothing running the watermark is waived, so the queue can never stall. A request whose prompt can never fit is rejected.
+nothing running the head of the queue is admitted whatever it needs, so the queue can never stall. A request whose prompt can never fit is rejected.
 """
 from __future__ import annotations
 
@@ -82,8 +82,8 @@ class Scheduler:
         while self.waiting:
             req = self.waiting[0]
             need = self.blocks_to_start(req)
-            watermark = max(self.admit_watermark, growth) if self.running or admitted else 0
-            if free - need < watermark:
+            alone = not (self.running or admitted)  # admitted whatever it needs: it held it before, or
+            if not alone and free - need < max(self.admit_watermark, growth):  # it ends with `length`
                 break
             free -= need
             self.waiting.popleft()
