@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,13 +148,19 @@ def _pick(value, default):
     return default if value is None else value
 
 
-def _with_model(args, quick_hidden: int = 64, quick_layers: int = 2):
-    """The model directory, and whether it is a temporary one to remove afterwards."""
+@contextmanager
+def _model_dir(args, quick_hidden: int = 64, quick_layers: int = 2):
+    """The model directory: --model, or a random-weight one built now and removed afterwards."""
     from apar.commands.bench import _model
 
     args.hidden = args.hidden or (quick_hidden if args.quick else 256)
     args.layers = args.layers or (quick_layers if args.quick else 4)
-    return _model(args), args.model is None
+    model_dir = _model(args)
+    try:
+        yield model_dir
+    finally:
+        if args.model is None:
+            shutil.rmtree(model_dir, ignore_errors=True)
 
 
 def _finish(report, out: Path) -> int:
@@ -167,13 +174,9 @@ def run_trace_cmd(args) -> int:
     from apar.bench_suite.workloads import run_trace
 
     s = settings(args, _TRACE)
-    model_dir, temporary = _with_model(args)
-    try:
+    with _model_dir(args) as model_dir:
         report = run_trace(model_dir, s, answers=args.answers or (16 if args.quick else 64),
                            max_answer_tokens=args.max_answer_tokens or (300 if args.quick else 400), seed=args.seed)
-    finally:
-        if temporary:
-            shutil.rmtree(model_dir, ignore_errors=True)
     return _finish(report, args.out)
 
 
@@ -191,13 +194,9 @@ def run_hf_cmd(args) -> int:
     from apar.bench_suite.workloads import run_hf
 
     s = settings(args, _HF)
-    model_dir, temporary = _with_model(args)
-    try:
+    with _model_dir(args) as model_dir:
         report = run_hf(model_dir, s, prompt_tokens=args.prompt_tokens,
                         new_tokens=args.new_tokens or (64 if args.quick else 128), seed=args.seed)
-    finally:
-        if temporary:
-            shutil.rmtree(model_dir, ignore_errors=True)
     return _finish(report, args.out)
 
 
