@@ -115,13 +115,15 @@ class Engine:
     def step(self) -> StepResult:
         result = StepResult(events=[])
         work = self.scheduler.plan_decode()
-        opening = sum(self.scheduler.blocks_needed(work).values())
-        for req in self.scheduler.admit(reserve=opening):
+        need = self.scheduler.blocks_needed(work)  # new blocks per request
+        for req in self.scheduler.admit(reserve=sum(need.values())):
             if not req.admitted:
                 req.admitted = True
                 result.events.append(ThreadStarted(req.id, 0, None, -1))
+        decoding = len(work)
         self.scheduler.plan_catch_up(work)
-        work = self._allocate(self._make_room(work, result), result)
+        need.update(self.scheduler.blocks_needed(work[decoding:]))  # catching up: other requests
+        work = self._allocate(self._make_room(work, need, result), result)
         if not work:  # nothing to run (at most forks of recomputed threads, which the ledger now has)
             self.kv.flush()
             return result
@@ -140,10 +142,10 @@ class Engine:
         return result
 
     # ---- pressure ----------------------------------------------------------------------------------
-    def _make_room(self, work: list[Work], result: StepResult) -> list[Work]:
-        """While the step's new blocks exceed the free ones, preempt the most recently admitted request.
-        A request left alone that still does not fit has filled the pool: it ends with `length`."""
-        need = self.scheduler.blocks_needed(work)
+    def _make_room(self, work: list[Work], need: dict[str, int], result: StepResult) -> list[Work]:
+        """While the step's new blocks (`need`, per request) exceed the free ones, preempt the most
+        recently admitted request. A request left alone that still does not fit has filled the pool: it
+        ends with `length`."""
         free = self.ledger.num_free
         running = self.scheduler.running
         gone: set[str] = set()

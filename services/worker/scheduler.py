@@ -15,7 +15,8 @@ Admission is on what is free, never on a reservation: the oldest waiting request
 free blocks, less what this step's decoding threads are about to open, cover what it needs to start
 (its prompt, or after a preemption the KV it must recompute) plus a watermark: a share of the pool, or
 one block per running request if more (what they open over the next block's worth of steps). With
-nothing running the head of the queue is admitted whatever it needs, so the queue can never stall. A request whose prompt can never fit is rejected.
+nothing running the head of the queue is admitted whatever it needs, so the queue can never stall. A
+request whose prompt can never fit is rejected.
 """
 from __future__ import annotations
 
@@ -118,11 +119,6 @@ class Scheduler:
                 break
             if req.recomputing or req.root.in_prefill:
                 budget = self._catch_up(req, budget, work)
-
-    def plan(self) -> list[Work]:
-        work = self.plan_decode()
-        self.plan_catch_up(work)
-        return work
 
     def _catch_up(self, req: Request, budget: int, work: list[Work]) -> int:
         """Chunks of one request's threads, parents before children, within `budget`; returns what is
