@@ -1,8 +1,8 @@
 """Small random-weight model directories built from a config: real HF models for tests and benchmarks.
 
 `make_model(out, arch="llama")` writes config.json, model.safetensors, a generation config and a byte-level
-BPE tokenizer (trained here on the shared data's train split, or on built-in text when it is absent) with
-the control tokens `[Fork]` and `[Child]`.
+BPE tokenizer (trained here on the AlpacaEval data's train split: `data`, else `apar.split.data_dir()`)
+with the control tokens `[Fork]` and `[Child]`.
 """
 from __future__ import annotations
 
@@ -13,16 +13,10 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, MistralConfig, Qwen2Config
 
 from apar.errors import UserError
-from apar.split import shared_data_dir
-from apar.tokenizer import CHILD, FORK, save, shared_texts, train_bpe
+from apar.split import data_dir
+from apar.tokenizer import CHILD, FORK, save, train_bpe, train_texts
 
 ARCHS = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
-
-_FALLBACK_TEXT = (
-    "Here are three ways to stay focused:\n1. Plan: write the day's tasks first.\n"
-    "2. Rest: take short breaks.\n3. Focus: silence your phone. The end of the answer. "
-) * 20
-
 
 @dataclass(slots=True)
 class ModelShape:
@@ -35,11 +29,12 @@ class ModelShape:
     vocab: int = 1024
 
 
-def build_tokenizer(vocab: int, control: tuple[str, str] = (FORK, CHILD)):
-    data = shared_data_dir()
-    texts = shared_texts(data, limit=3000) if data.is_dir() else []
+def build_tokenizer(vocab: int, control: tuple[str, str] = (FORK, CHILD), data: str | Path | None = None):
+    """A BPE tokenizer trained on the first 3000 train-split texts of the AlpacaEval folder `data`
+    (None: `apar.split.data_dir()`)."""
+    texts = train_texts(data_dir(data), limit=3000)
     if not texts:
-        texts = [_FALLBACK_TEXT]
+        raise UserError(f"{data_dir(data)}: no train-split AlpacaEval records to train a tokenizer on")
     return train_bpe(texts, vocab, control_tokens=control)
 
 
@@ -68,13 +63,13 @@ def config_from_file(path: str | Path, tokenizer):
 
 
 def make_model(out: str | Path, arch: str = "llama", shape: ModelShape | None = None, seed: int = 0,
-               control: tuple[str, str] = (FORK, CHILD), tokenizer=None, config_file: str | Path | None = None
-               ) -> Path:
+               control: tuple[str, str] = (FORK, CHILD), tokenizer=None, config_file: str | Path | None = None,
+               data: str | Path | None = None) -> Path:
     if arch not in ARCHS and config_file is None:
         raise UserError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     shape = shape or ModelShape()
     out = Path(out)
-    tok = tokenizer or build_tokenizer(shape.vocab, control)
+    tok = tokenizer or build_tokenizer(shape.vocab, control, data)
     if config_file is not None:
         return _save(out, config_from_file(config_file, tok), tok, seed)
     return _save(out, model_config(arch, shape, tok), tok, seed)

@@ -1,9 +1,16 @@
-"""The train/test split of the shared data: by a hash of the instruction text (shared/data/README.md)."""
+"""Where the AlpacaEval data is, and its train/test split: by a hash of the instruction text
+(data/alpaca_eval/README.md)."""
 from __future__ import annotations
 
 import hashlib
 import os
 from pathlib import Path
+
+from apar.errors import UserError
+
+DATA_ENV = "APAR_DATA"
+# The repository's compressed copy of the AlpacaEval responses (`apar data import` writes it).
+REPO_DATA = Path(__file__).resolve().parent.parent / "data" / "alpaca_eval"
 
 
 def is_test_instruction(instruction: str) -> bool:
@@ -11,10 +18,21 @@ def is_test_instruction(instruction: str) -> bool:
     return int(hashlib.sha256(instruction.encode("utf-8")).hexdigest(), 16) % 10 == 0
 
 
-def shared_data_dir() -> Path:
-    """The AlpacaEval folder of shared/: $APAR_SHARED_DATA, else ../shared/data/alpaca_eval from the repo."""
-    env = os.environ.get("APAR_SHARED_DATA")
-    if env:
-        return Path(env)
-    repo = Path(__file__).resolve().parent.parent
-    return repo.parent / "shared" / "data" / "alpaca_eval"
+def data_dir(explicit: str | Path | None = None) -> Path:
+    """The AlpacaEval folder: `explicit` (a command's --data), else $APAR_DATA, else <repo>/data/alpaca_eval.
+
+    A `UserError` when that folder is missing or holds no data file (.json, .jsonl, or either as .xz).
+    """
+    from apar.data.readers import data_files
+
+    if explicit:
+        path, origin = Path(explicit), "--data"
+    elif os.environ.get(DATA_ENV):
+        path, origin = Path(os.environ[DATA_ENV]), f"${DATA_ENV}"
+    else:
+        path, origin = REPO_DATA, f"the repository's copy; --data DIR or ${DATA_ENV} names another"
+    if not path.is_dir():
+        raise UserError(f"{path}: data folder not found ({origin})")
+    if not data_files(path):
+        raise UserError(f"{path}: data folder holds no .json, .jsonl, .json.xz or .jsonl.xz files ({origin})")
+    return path

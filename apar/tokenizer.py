@@ -57,15 +57,18 @@ def train_bpe(
     return fast
 
 
-def shared_texts(data_dir: Path, limit: int | None = None) -> list[str]:
-    """Instructions and responses from the shared AlpacaEval files (train split only)."""
+def train_texts(data_dir: Path, limit: int | None = None) -> list[str]:
+    """Instructions and responses of the AlpacaEval files in `data_dir` (train split only)."""
     import json
 
+    from apar.data.readers import data_files, kind, read_text
     from apar.split import is_test_instruction
 
     texts: list[str] = []
-    for path in sorted(data_dir.glob("*.json")):
-        for record in json.loads(path.read_text()):
+    for path in data_files(data_dir):
+        if kind(path) != ".json":
+            continue
+        for record in json.loads(read_text(path)):
             if is_test_instruction(record["instruction"]):
                 continue
             texts.append(record["instruction"])

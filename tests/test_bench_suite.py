@@ -10,9 +10,6 @@ import torch
 from apar.bench import tree_tokens
 from apar.bench_suite.driver import LevelPlan
 from apar.bench_suite.workloads import SuiteSettings, run_trace, trace_jobs
-from apar.split import shared_data_dir
-
-pytestmark = pytest.mark.skipif(not shared_data_dir().is_dir(), reason="shared data not present")
 
 LEVEL_KEYS = {"concurrency", "requests", "tokens", "steps", "wall_s", "tokens_per_s", "latency_p50_s",
               "latency_p99_s", "ttft_p50_s", "running_mean", "steps_per_request", "peak_kv_blocks",

@@ -11,7 +11,8 @@ from apar.data.pipeline import approx_tokens, read_trees, tree_record, write_tre
 from apar.data.readers import Conversation, read_conversations
 from apar.data.tree import restore
 from apar.errors import UserError
-from apar.split import shared_data_dir
+from apar.data.readers import data_files
+from apar.split import data_dir
 
 LIST_ANSWER = "Tips:\n1. Sleep: early.\n2. Eat: greens.\n3. Walk: daily.\n\nThat is all."
 STATS_KEYS = {"records", "forkable", "threads_mean", "depth_max", "step_bound", "restore_mismatches"}
@@ -64,7 +65,7 @@ def test_bad_jsonl_line_is_named(tmp_path):
 def test_missing_paths_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="no such file"):
         read_conversations(tmp_path / "nope.json")
-    with pytest.raises(UserError, match="no .json or .jsonl"):
+    with pytest.raises(UserError, match="holds no .json, .jsonl, .json.xz or .jsonl.xz files"):
         read_conversations(tmp_path)
 
 
@@ -133,11 +134,9 @@ def test_cli_never_writes_a_tree_file_from_bad_input(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_cli_stats_over_the_shared_data(capsys):
-    data = shared_data_dir()
-    files = sorted(data.glob("*.json"))
-    if not files:
-        pytest.skip(f"shared data not found at {data}")
+def test_cli_stats_over_the_alpaca_eval_data(capsys):
+    files = data_files(data_dir())
+    assert files and all(f.name.endswith(".json.xz") for f in files)
     assert main(["data", "stats", str(files[0]), "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["records"] == 805 and stats["restore_mismatches"] == 0

@@ -1,4 +1,4 @@
-"""Paragraph trees: restoration over every shared record, thread texts, JSON, structural checks."""
+"""Paragraph trees: restoration over every AlpacaEval record, thread texts, JSON, structural checks."""
 from __future__ import annotations
 
 import json
@@ -19,7 +19,8 @@ from apar.data.tree import (
     to_json,
     validate,
 )
-from apar.split import shared_data_dir
+from apar.data.readers import data_files, read_text
+from apar.split import data_dir
 
 # "Tips:\n1. A:" [Fork -> " x\n - p:" [Fork -> " deep"] ] "\n2. B:" [Fork -> " y"] "\nEnd."
 NESTED = Node([
@@ -31,14 +32,12 @@ NESTED = Node([
 ])
 
 
-def test_every_shared_record_restores_byte_for_byte():
-    data = shared_data_dir()
-    files = sorted(data.glob("*.json"))
-    if not files:
-        pytest.skip(f"shared data not found at {data}")
+def test_every_alpaca_eval_record_restores_byte_for_byte():
+    files = data_files(data_dir())
+    assert len(files) == 16
     records = forked = 0
     for path in files:
-        for index, record in enumerate(json.loads(path.read_text(encoding="utf-8"))):
+        for index, record in enumerate(json.loads(read_text(path))):
             tree = build_tree(record["output"])
             assert restore(tree) == record["output"], f"{path.name}#{index}"
             validate(tree)

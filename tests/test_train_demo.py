@@ -1,4 +1,4 @@
-"""`apar demo-model` on a tiny stand-in for the shared data: reproducible, both forms, loadable."""
+"""`apar demo-model` on a tiny stand-in for the AlpacaEval data: reproducible, both forms, loadable."""
 from __future__ import annotations
 
 import json
@@ -31,7 +31,7 @@ def test_presets_are_valid_shapes(preset):
 
 
 def test_demo_model_is_seeded_and_loadable(data_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("APAR_SHARED_DATA", str(data_dir))
+    monkeypatch.setenv("APAR_DATA", str(data_dir))
     outs = [tmp_path / "a", tmp_path / "b", tmp_path / "twin"]
     for out, extra in zip(outs, ([], [], ["--ar"])):
         assert main(["demo-model", "--preset", "quick", "--out", str(out), "--steps", "2", *extra]) == 0
@@ -48,6 +48,10 @@ def test_demo_model_is_seeded_and_loadable(data_dir, tmp_path, monkeypatch, caps
 
 
 def test_unknown_data_dir_is_a_clear_error(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("APAR_SHARED_DATA", str(tmp_path / "missing"))
+    monkeypatch.setenv("APAR_DATA", str(tmp_path / "missing"))
     assert main(["demo-model", "--out", str(tmp_path / "o"), "--steps", "1"]) == 2
-    assert "missing: shared data not found" in capsys.readouterr().err
+    assert "missing: data folder not found ($APAR_DATA)" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["demo-model", "--out", str(tmp_path / "o"), "--steps", "1", "--data", str(empty)]) == 2
+    assert "empty: data folder holds no" in capsys.readouterr().err

@@ -44,6 +44,7 @@ def register(sub) -> None:
                     help="test-split prompts, reused in turn (default 32; quick 8)")
     lv.add_argument("--max-tokens", type=int, default=None, help="tokens per answer (default 200; quick 100)")
     lv.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    _data_arg(lv)
     _suite_args(lv)
     lv.set_defaults(func=run_live_cmd)
 
@@ -65,6 +66,7 @@ def register(sub) -> None:
     g.add_argument("--new-tokens", type=int, default=128, help="HF comparison: tokens per answer")
     g.add_argument("--budget-s", type=float, default=360.0, help="no trace level starts after this")
     g.add_argument("--no-progress", action="store_true")
+    _data_arg(g)
     g.add_argument("--tiny-cpu", action="store_true", help=argparse.SUPPRESS)  # the same path, tiny, on CPU
     g.set_defaults(func=run_gpu_cmd)
 
@@ -73,6 +75,13 @@ def _random_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model directory (default: build a random-weight Llama)")
     p.add_argument("--hidden", type=int, default=None, help="random model width (default 256; quick 64)")
     p.add_argument("--layers", type=int, default=None, help="random model depth (default 4; quick 2)")
+    _data_arg(p)
+
+
+def _data_arg(p: argparse.ArgumentParser) -> None:
+    from apar.commands.bench import add_data_arg
+
+    add_data_arg(p)
 
 
 def _suite_args(p: argparse.ArgumentParser) -> None:
@@ -130,7 +139,8 @@ def settings(args, table: dict[bool, Defaults]):
                          block_size=args.block_size, max_batch_tokens=args.max_batch_tokens,
                          admit_watermark=args.admit_watermark, fork_watermark=args.fork_watermark, device=args.device,
                          dtype=args.dtype,
-                         control=ControlTokens(args.fork_token, args.child_token), progress=not args.no_progress)
+                         control=ControlTokens(args.fork_token, args.child_token), progress=not args.no_progress,
+                         data=args.data)
 
 
 def cpu_threads(threads: int | None, device: str | None) -> None:
@@ -209,7 +219,7 @@ def run_gpu_cmd(args) -> int:
         cpu_threads(None, "cpu")
     g = GpuSettings(levels=levels_arg(args.levels), model_cache=args.model_cache, answers=args.answers,
                     max_answer_tokens=args.max_answer_tokens, new_tokens=args.new_tokens, budget_s=args.budget_s,
-                    tiny=args.tiny_cpu, progress=not args.no_progress)
+                    tiny=args.tiny_cpu, progress=not args.no_progress, data=args.data)
     report = run_gpu(g)
     json_path, png_path = report.write(args.out)
     print(f"{report.settings['device']}, {report.settings['shape']} random weights ({report.settings['dtype']}), "

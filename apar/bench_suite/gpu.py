@@ -44,6 +44,7 @@ class GpuSettings:
     tiny: bool = False  # the tiny shape on the CPU: checks the code path without a GPU
     seed: int = 0
     progress: bool = True
+    data: Path | None = None  # the AlpacaEval folder; None: `apar.split.data_dir()`
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -59,16 +60,16 @@ def check_cuda() -> None:
 
 
 def run_gpu(g: GpuSettings) -> Report:
-    from apar.split import shared_data_dir
+    from apar.split import data_dir
 
     if not g.tiny:
         check_cuda()
-    if not shared_data_dir().is_dir():
-        raise UserError(f"shared data not found at {shared_data_dir()} (set APAR_SHARED_DATA): trace needs it")
+    data = data_dir(g.data)  # before building anything: trace needs it
     shape, device, dtype = (TINY, "cpu", "float32") if g.tiny else (VICUNA_7B, "cuda", "bfloat16")
     model_dir, model = _model(g, shape, device, getattr(torch, dtype))
     plan = LevelPlan(g.levels, rounds=1, min_requests=4, deadline=g.started + g.budget_s)
-    s = SuiteSettings(plan, max_batch_tokens=g.max_batch_tokens, device=device, dtype=dtype, progress=g.progress)
+    s = SuiteSettings(plan, max_batch_tokens=g.max_batch_tokens, device=device, dtype=dtype, progress=g.progress,
+                      data=data)
     top = max(g.levels)
     fixed = fixed_jobs(model.config.vocab_size, plan.requests(top), g.prompt_tokens, g.new_tokens, g.seed)
     hf = run_levels([hf_mode(model, fixed, s.block_size)], plan, "gpu: HF generate", g.progress)
@@ -104,7 +105,7 @@ def _model(g: GpuSettings, shape: ModelShape, device: str, dtype: torch.dtype):
         print(f"model: reusing {path}")
         return path, AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
     t0 = time.perf_counter()
-    tok = build_tokenizer(shape.vocab)
+    tok = build_tokenizer(shape.vocab, data=g.data)
     model = random_model(model_config("llama", shape, tok, vocab=shape.vocab), tok, g.seed, dtype, device)
     save_model(path, model, tok)
     print(f"model: random {'tiny' if g.tiny else 'Vicuna-7B-shaped'} Llama built and saved to {path} in "

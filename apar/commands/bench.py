@@ -25,6 +25,7 @@ def register(subparsers) -> None:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--repeats", type=int, default=3, help="runs of each measure, alternating; the fastest counts")
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on a CPU run)")
+    add_data_arg(e)
     from apar.commands.generate import add_engine_args
 
     add_engine_args(e)
@@ -40,12 +41,19 @@ def register(subparsers) -> None:
     s.add_argument("--layers", type=int, default=4)
     s.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="Redis for the KV manager's ledger "
                                                                       "('' keeps it in the manager's memory)")
+    add_data_arg(s)
     _quick_and_out(s, {"requests": 4, "rounds": 2, "max_tokens": 32})
     s.set_defaults(func=run_serve_bench)
 
     from apar.bench_suite.cli import register as register_suite
 
     register_suite(sub)
+
+
+def add_data_arg(p) -> None:
+    p.add_argument("--data", type=Path, default=None, metavar="DIR",
+                   help="AlpacaEval folder: test-split answers or prompts, the random model's tokenizer "
+                        "(default: $APAR_DATA, else the repository's data/alpaca_eval)")
 
 
 def _quick_and_out(p, quick: dict[str, int]) -> None:
@@ -80,7 +88,7 @@ def _model(args) -> Path:
     shape = ModelShape(hidden=args.hidden, layers=args.layers, heads=max(1, args.hidden // 32),
                        kv_heads=max(1, args.hidden // 64), intermediate=args.hidden * 3, max_positions=4096,
                        vocab=4096)
-    make_model(model_dir, "llama", shape, seed=getattr(args, "seed", 0))
+    make_model(model_dir, "llama", shape, seed=getattr(args, "seed", 0), data=getattr(args, "data", None))
     print(f"random-weight llama: width {args.hidden}, {args.layers} layers, at {model_dir}")
     return model_dir
 
@@ -120,7 +128,7 @@ def run_engine_bench(args) -> int:
     print(f"device {r.device}, dtype {str(r.dtype).removeprefix('torch.')}, {r.num_blocks} KV blocks of "
           f"{engine.config.block_size} tokens, {torch.get_num_threads()} CPU threads")
 
-    items = answer_trees(engine, args.requests, args.max_answer_tokens, args.seed)
+    items = answer_trees(engine, args.requests, args.max_answer_tokens, args.seed, args.data)
     threads = sum(t.threads() for _, t, _ in items)
     print(f"\n1) {len(items)} test-split answers replayed concurrently ({threads} threads in all)")
     from services.worker.sequence import ReplayNode

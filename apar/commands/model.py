@@ -1,6 +1,8 @@
 """`apar make-model`: a small random-weight model directory built from a config (tests, benchmarks)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from apar.errors import UserError
 
 
@@ -20,6 +22,9 @@ def register(subparsers) -> None:
     p.add_argument("--max-positions", type=int, default=1024)
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", type=Path, default=None, metavar="DIR",
+                   help="AlpacaEval folder the tokenizer is trained on (default: $APAR_DATA, else the "
+                        "repository's data/alpaca_eval)")
     p.set_defaults(func=run)
 
 
@@ -36,6 +41,6 @@ def run(args) -> int:
     quiet_transformers()
     shape = ModelShape(args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate,
                        args.max_positions, args.vocab)
-    out = make_model(args.out, args.arch, shape, seed=args.seed, config_file=args.config)
+    out = make_model(args.out, args.arch, shape, seed=args.seed, config_file=args.config, data=args.data)
     print(out)
     return 0

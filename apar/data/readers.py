@@ -1,15 +1,17 @@
 """Read conversations (prompt, response) from the two input formats; every problem is a `UserError`.
 
-- AlpacaEval JSON (`shared/data/alpaca_eval/*.json`): one JSON list of records with `instruction` and
+- AlpacaEval JSON (`data/alpaca_eval/*.json.xz`): one JSON list of records with `instruction` and
   `output` (other keys are ignored).
 - JSONL: one JSON object per line with `prompt` and `response` (blank lines are skipped).
 
-A directory is read as all its `*.json` and `*.jsonl` files, sorted by name. Errors name the file and
-the record (0-based index in the list, or the 1-based line of a JSONL file).
+Either may be xz-compressed (`.json.xz`, `.jsonl.xz`): it is decompressed as it is read. A directory is
+read as all its data files, sorted by name. Errors name the file and the record (0-based index in the
+list, or the 1-based line of a JSONL file).
 """
 from __future__ import annotations
 
 import json
+import lzma
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +31,33 @@ class Conversation:
     source: str
 
 
+# File kinds read, each also as `<kind>.xz`.
+KINDS = (".json", ".jsonl")
+
+
+def kind(path: Path) -> str:
+    """The data suffix of `path` with any `.xz` taken off: `a.json.xz` -> `.json`."""
+    return Path(path.name[: -len(".xz")]).suffix if path.name.endswith(".xz") else path.suffix
+
+
+def data_files(directory: Path) -> list[Path]:
+    """A directory's data files (`.json`, `.jsonl`, either as `.xz`), sorted by name."""
+    return sorted(p for p in directory.iterdir() if kind(p) in KINDS and p.is_file())
+
+
+def read_text(path: Path) -> str:
+    """The UTF-8 text of a file, decompressed first when its name ends with `.xz`."""
+    if path.name.endswith(".xz"):
+        return lzma.decompress(path.read_bytes()).decode("utf-8")
+    return path.read_text(encoding="utf-8")
+
+
 def input_files(path: Path) -> list[Path]:
-    """The data files behind `path`: the file itself, or a directory's `*.json`/`*.jsonl` files."""
+    """The data files behind `path`: the file itself, or a directory's data files."""
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".jsonl") and p.is_file())
+        files = data_files(path)
         if not files:
-            raise UserError(f"{path}: directory holds no .json or .jsonl files")
+            raise UserError(f"{path}: directory holds no .json, .jsonl, .json.xz or .jsonl.xz files")
         return files
     if not path.exists():
         raise UserError(f"{path}: no such file or directory")
@@ -49,10 +72,11 @@ def read_conversations(path: Path) -> list[Conversation]:
 def iter_file(path: Path) -> Iterator[Conversation]:
     """Conversations of one file: a JSON list for `.json` (or any text starting with `[`), else JSONL."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        text = read_text(path)
+    except (OSError, UnicodeDecodeError, lzma.LZMAError, EOFError) as exc:
         raise UserError(f"{path}: cannot read: {exc}") from None
-    if path.suffix == ".json" or (path.suffix != ".jsonl" and text.lstrip().startswith("[")):
+    suffix = kind(path)
+    if suffix == ".json" or (suffix != ".jsonl" and text.lstrip().startswith("[")):
         yield from _iter_json_list(path, text)
     else:
         yield from _iter_jsonl(path, text)

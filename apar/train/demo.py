@@ -1,7 +1,7 @@
 """The demo APAR model, made here from scratch, and its auto-regressive twin.
 
 Recipe (seeded, so one command gives the same model again on the same machine):
-1. paragraph trees of the shared AlpacaEval responses (`apar.data`), split by instruction hash;
+1. paragraph trees of the AlpacaEval responses (data/alpaca_eval, `apar.data`), split by instruction hash;
 2. a byte-level BPE tokenizer trained on train-split texts only (`apar.tokenizer.train_bpe`), with the
    control tokens and a chat template;
 3. a small random-initialised Llama (`LlamaConfig` from the preset);
@@ -17,12 +17,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from apar.data.pipeline import TreeRecord, load_records
 from apar.errors import UserError
-from apar.split import shared_data_dir
-from apar.tokenizer import shared_texts, train_bpe
+from apar.split import data_dir as resolve_data_dir
+from apar.tokenizer import train_bpe, train_texts
 from apar.train.trainer import TrainConfig, TrainResult, train_records
 
 
@@ -66,6 +66,15 @@ def select_records(records: list[TreeRecord], preset: Preset) -> list[TreeRecord
     return train + held
 
 
+def prepare_data(preset: Preset, data_dir: Path | None = None) -> tuple[list[TreeRecord], PreTrainedTokenizerFast]:
+    """Steps 1 and 2: the preset's tree records (train, then held-out test) and the tokenizer trained on
+    train-split texts, from the AlpacaEval folder `data_dir` (None: `apar.split.data_dir()`)."""
+    data = resolve_data_dir(data_dir)
+    records = select_records(load_records(data), preset)
+    texts = train_texts(data, limit=preset.tokenizer_texts)  # train split only
+    return records, train_bpe(texts, preset.vocab)
+
+
 def build_model(preset: Preset, tokenizer, seed: int) -> LlamaForCausalLM:
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=preset.hidden, intermediate_size=preset.intermediate,
@@ -89,12 +98,7 @@ def make_demo_model(preset_name: str, out: Path, ar: bool = False, seed: int = 0
     if preset_name not in PRESETS:
         raise UserError(f"unknown preset {preset_name!r}; choose one of {', '.join(PRESETS)}")
     preset = PRESETS[preset_name]
-    data_dir = data_dir or shared_data_dir()
-    if not data_dir.is_dir():
-        raise UserError(f"{data_dir}: shared data not found (set APAR_SHARED_DATA)")
-    records = select_records(load_records(data_dir), preset)
-    texts = shared_texts(data_dir, limit=preset.tokenizer_texts)  # train split only
-    tokenizer = train_bpe(texts, preset.vocab)
+    records, tokenizer = prepare_data(preset, data_dir)
     model = build_model(preset, tokenizer, seed)
     config = TrainConfig(
         steps=steps or preset.steps, batch_size=preset.batch_size, lr=preset.lr,
