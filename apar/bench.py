@@ -1,6 +1,6 @@
 """Engine benchmarks: APAR beside auto-regressive decoding on the same model and the same answers.
 
-Part 1 replays real answer shapes: paragraph trees of the shared data's test-split responses, tokenized
+Part 1 replays real answer shapes: paragraph trees of the AlpacaEval data's test-split responses, tokenized
 with the model's tokenizer. APAR feeds each tree (forks where the tree forks); AR feeds the same answer's
 restored linear tokens as one thread. Same model, same requests, one run, so the rows compare.
 Part 2 compares the engine in AR mode with Hugging Face `generate` (greedy, same batch, same token
@@ -15,10 +15,9 @@ from pathlib import Path
 
 import torch
 
-from apar.errors import UserError
-from services.worker.config import SamplingParams
+from services.protocol.events import RequestFinished
+from services.protocol.params import SamplingParams
 from services.worker.engine import Engine
-from services.worker.events import RequestFinished
 from services.worker.sequence import ReplayNode
 
 
@@ -38,22 +37,22 @@ class RunStats:
         return self.tokens / self.wall_s if self.wall_s else 0.0
 
 
-def answer_trees(engine: Engine, n: int, max_answer_tokens: int, seed: int) -> list[tuple[list[int], ReplayNode, list[int]]]:
-    """(prompt ids, APAR tree, AR linear ids) for n forkable test-split answers of the shared data."""
-    return answer_trees_for(engine.tokenizer, engine.config.control, n, max_answer_tokens, seed)
+def answer_trees(engine: Engine, n: int, max_answer_tokens: int, seed: int, data: Path | None = None
+                 ) -> list[tuple[list[int], ReplayNode, list[int]]]:
+    """(prompt ids, APAR tree, AR linear ids) for n forkable test-split answers of the AlpacaEval data
+    (`data`, else `apar.split.data_dir()`)."""
+    return answer_trees_for(engine.tokenizer, engine.config.control, n, max_answer_tokens, seed, data)
 
 
-def answer_trees_for(tokenizer, control_tokens, n: int, max_answer_tokens: int, seed: int
-                     ) -> list[tuple[list[int], ReplayNode, list[int]]]:
+def answer_trees_for(tokenizer, control_tokens, n: int, max_answer_tokens: int, seed: int,
+                     data: Path | None = None) -> list[tuple[list[int], ReplayNode, list[int]]]:
     """`answer_trees` from a tokenizer and the control token strings (`ControlTokens`), no engine needed."""
     from apar.data.packing import ControlIds, tokenize_tree
     from apar.data.readers import read_conversations
     from apar.data.rules import build_tree
-    from apar.split import is_test_instruction, shared_data_dir
+    from apar.split import data_dir, is_test_instruction
 
-    data = shared_data_dir()
-    if not data.is_dir():
-        raise UserError(f"shared data not found at {data} (set APAR_SHARED_DATA)")
+    data = data_dir(data)
     control = ControlIds.from_tokenizer(tokenizer, control_tokens.fork, control_tokens.child)
     convs = [c for c in read_conversations(data) if is_test_instruction(c.prompt)]
     random.Random(seed).shuffle(convs)

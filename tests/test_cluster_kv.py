@@ -86,9 +86,10 @@ def serving(stub, max_tokens=8):
 
 
 def test_through_the_kv_manager(cluster, llama_dir):
+    from services.protocol.params import SamplingParams
     from services.router.prompt import encode_prompt
     from services.router.stream import RequestStream
-    from services.worker.config import EngineConfig, SamplingParams
+    from services.worker.config import EngineConfig
     from services.worker.engine import Engine
 
     with grpc.insecure_channel(cluster.address) as ch:

@@ -8,9 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from services.worker.config import EngineConfig, SamplingParams
+from services.protocol.events import RequestFinished, ThreadStarted, TokenEvent
+from services.protocol.params import SamplingParams
+from services.worker.config import EngineConfig
 from services.worker.engine import Engine
-from services.worker.events import RequestFinished, ThreadStarted, TokenEvent
 from services.worker.sequence import ReplayNode
 
 

@@ -1,10 +1,11 @@
 """KV accounting through the real engine: blocks per step, early release, cancellation, a full pool."""
 import pytest
 
-from services.worker.config import EngineConfig, SamplingParams
+from services.protocol.events import FinishReason, RequestFinished
+from services.protocol.params import SamplingParams
+from services.worker.config import EngineConfig
 from services.worker.engine import Engine
-from services.worker.events import RequestFinished
-from services.worker.sequence import FinishReason, ReplayNode
+from services.worker.sequence import ReplayNode
 
 
 @pytest.fixture

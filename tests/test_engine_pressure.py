@@ -12,11 +12,12 @@ from transformers import AutoModelForCausalLM
 
 from services.kvmanager.ledger import KVLedger
 from services.kvmanager.manager import InProcessClient, KVManager
-from services.worker.config import EngineConfig, SamplingParams
+from services.protocol.events import FinishReason, RequestFinished, ThreadFinished, ThreadStarted, TokenEvent
+from services.protocol.params import SamplingParams
+from services.worker.config import EngineConfig
 from services.worker.engine import Engine
-from services.worker.events import RequestFinished, ThreadFinished, ThreadStarted, TokenEvent
 from services.worker.kv import RemoteKV
-from services.worker.sequence import FinishReason, ReplayNode
+from services.worker.sequence import ReplayNode
 from tests.test_engine_golden import random_tree, reference_logits
 
 

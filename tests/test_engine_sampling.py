@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from services.worker.config import ControlTokens, EngineConfig, SamplingParams
+from services.protocol.events import FinishReason, RequestFinished, ThreadStarted, TokenEvent
+from services.protocol.params import SamplingParams
+from services.worker.config import ControlTokens, EngineConfig
 from services.worker.engine import Engine
-from services.worker.events import RequestFinished, ThreadStarted, TokenEvent
-from services.worker.sequence import FinishReason
 
 PROMPT = [17, 250, 33, 99, 140, 61, 7]
 

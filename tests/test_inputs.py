@@ -4,7 +4,8 @@ import json
 import pytest
 
 from apar.errors import CapacityError, UserError
-from services.worker.config import ControlTokens, EngineConfig, SamplingParams
+from services.protocol.params import SamplingParams
+from services.worker.config import ControlTokens, EngineConfig
 from services.worker.engine import Engine
 
 

@@ -7,9 +7,10 @@ from transformers import AutoModelForCausalLM
 
 from apar.errors import UserError
 from apar.modelgen import make_model
-from services.worker.config import EngineConfig, SamplingParams
+from services.worker.config import EngineConfig
+from services.protocol.params import SamplingParams
 from services.worker.engine import Engine
-from services.worker.events import TokenEvent
+from services.protocol.events import TokenEvent
 
 
 def test_model_from_a_config_file(tmp_path, tokenizer):

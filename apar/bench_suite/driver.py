@@ -19,8 +19,8 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from services.worker.config import SamplingParams
-from services.worker.events import RequestFinished, TokenEvent
+from services.protocol.events import RequestFinished, TokenEvent
+from services.protocol.params import SamplingParams
 from services.worker.sequence import ReplayNode
 
 _ENGINE_COUNTERS = ("forks_refused", "recomputed_tokens")

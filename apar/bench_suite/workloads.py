@@ -20,7 +20,8 @@ from apar.bench import answer_trees_for, tree_tokens
 from apar.bench_suite.driver import Job, LevelPlan, LevelStats, Mode, Progress, run_level, run_levels
 from apar.bench_suite.report import Report, Run
 from apar.errors import UserError
-from services.worker.config import ControlTokens, EngineConfig, SamplingParams
+from services.protocol.params import SamplingParams
+from services.worker.config import ControlTokens, EngineConfig
 from services.worker.sequence import ReplayNode
 
 
@@ -39,6 +40,7 @@ class SuiteSettings:
     dtype: str = "auto"
     control: ControlTokens = field(default_factory=ControlTokens)
     progress: bool = True
+    data: Path | None = None  # the AlpacaEval folder; None: `apar.split.data_dir()`
 
     def engine(self, model_dir: str | Path, num_blocks: int):
         from services.worker.engine import Engine
@@ -100,7 +102,7 @@ def trace_jobs(model_dir: str | Path, s: SuiteSettings, answers: int, max_answer
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    items = answer_trees_for(tokenizer, s.control, answers, max_answer_tokens, seed)
+    items = answer_trees_for(tokenizer, s.control, answers, max_answer_tokens, seed, s.data)
     if not items:
         raise UserError(f"no forkable test-split answer fits {max_answer_tokens} tokens: raise --max-answer-tokens")
     ar, apar = [], []
@@ -138,18 +140,16 @@ def _need_model(path: Path, how: str) -> None:
 
 def run_live(apar_dir: Path, ar_dir: Path, s: SuiteSettings, prompts: int = 32, max_tokens: int = 200,
              temperature: float = 0.0, seed: int = 0) -> Report:
-    from apar.data.pipeline import load_records
-    from apar.split import shared_data_dir
     from transformers import AutoTokenizer
 
+    from apar.data.pipeline import load_records
+    from apar.split import data_dir
     from apar.train.evaluate import held_out_prompts
     from services.router.prompt import encode_prompt
 
     _need_model(apar_dir, f"apar demo-model --preset quick --out {apar_dir}")
     _need_model(ar_dir, f"apar demo-model --preset quick --ar --out {ar_dir}")
-    if not shared_data_dir().is_dir():
-        raise UserError(f"shared data not found at {shared_data_dir()} (set APAR_SHARED_DATA)")
-    texts = [p for p, _ in held_out_prompts(load_records(shared_data_dir()))][:prompts]
+    texts = [p for p, _ in held_out_prompts(load_records(data_dir(s.data)))][:prompts]
     sides = (("ar", "AR twin", ar_dir), ("apar", "APAR", apar_dir))
     jobs: dict[str, list[Job]] = {}
     for name, _, path in sides:

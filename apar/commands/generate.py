@@ -61,7 +61,7 @@ def engine_config(args):
 
 
 def sampling_params(args):
-    from services.worker.config import SamplingParams
+    from services.protocol.params import SamplingParams
 
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, seed=args.seed, auto_parallel=not args.ar,

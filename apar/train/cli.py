@@ -15,8 +15,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "evaluate on its test split (by instruction hash), write a model directory to --out.",
     )
     train.add_argument("model", type=Path, metavar="MODEL_DIR", help="local Hugging Face model directory")
-    train.add_argument("data", type=Path, metavar="DATA",
-                       help="AlpacaEval .json, prompt/response .jsonl, a directory, or a tree file")
+    train.add_argument("data", type=Path, metavar="DATA", nargs="?",
+                       help="AlpacaEval .json, prompt/response .jsonl (either may be .xz), a directory, or a "
+                            "tree file (default: $APAR_DATA, else the repository's data/alpaca_eval)")
     train.add_argument("--out", type=Path, required=True, help="model directory to write")
     train.add_argument("--steps", type=int, default=300)
     train.add_argument("--batch-size", type=int, default=8)
@@ -36,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     demo = subparsers.add_parser(
         "demo-model", help="train the small demo APAR model (or its AR twin) from scratch",
-        description="Tokenizer and small Llama trained here on the shared data's train split, seeded.",
+        description="Tokenizer and small Llama trained here on the AlpacaEval data's train split, seeded.",
     )
     demo.add_argument("--preset", choices=("quick", "full"), default="quick",
                       help="quick: a couple of minutes on 2 idle CPU cores; "
@@ -46,11 +47,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--steps", type=int, help="override the preset's training steps")
     demo.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    _data_arg(demo)
     demo.set_defaults(func=run_demo)
 
     ev = subparsers.add_parser(
         "demo-eval", help="test-split prompts through the engine: APAR model beside its AR twin",
-        description="Answer the shared data's test-split prompts (never trained on) with the APAR model "
+        description="Answer the AlpacaEval data's test-split prompts (never trained on) with the APAR model "
                     "in APAR mode and its twin in AR mode; report fork share, threads, well-formed "
                     "answers, generation steps and the held-out losses of both training summaries.",
     )
@@ -64,11 +66,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--top-p", type=float, default=0.9)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--json", action="store_true", help="print one JSON object")
+    _data_arg(ev)
     ev.set_defaults(func=run_eval)
+
+
+def _data_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, default=None, metavar="DIR",
+                        help="AlpacaEval folder (default: $APAR_DATA, else the repository's data/alpaca_eval)")
 
 
 def run_train(args: argparse.Namespace) -> int:
     from apar.data.pipeline import load_records
+    from apar.split import data_dir
     from apar.train.trainer import CHECKPOINT, TrainConfig, add_control_tokens, load_model, train_records
 
     config = TrainConfig(
@@ -82,14 +91,15 @@ def run_train(args: argparse.Namespace) -> int:
         raise UserError(f"{checkpoint}: no checkpoint to resume from")
     if checkpoint.is_dir() and not args.resume:
         raise UserError(f"{args.out} holds a checkpoint: pass --resume, or choose another --out")
-    records = load_records(args.data)
+    data = args.data if args.data is not None else data_dir()
+    records = load_records(data)
     model, tokenizer = load_model(checkpoint if args.resume else args.model)
     added = add_control_tokens(model, tokenizer, args.fork_token, args.child_token)
     if added:
         print(f"added control tokens {', '.join(added)}; embeddings resized to {len(tokenizer)}")
     result = train_records(model, tokenizer, records, config, args.out,
                            resume_from=checkpoint if args.resume else None,
-                           extra={"base_model": str(args.model), "data": str(args.data)})
+                           extra={"base_model": str(args.model), "data": str(data)})
     _print_result(result, args.out)
     return 0
 
@@ -99,8 +109,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
     if args.steps is not None and args.steps <= 0:
         raise UserError("--steps must be positive")
-    result = make_demo_model(args.preset, args.out, ar=args.ar, seed=args.seed, steps=args.steps,
-                             device=args.device)
+    result = make_demo_model(args.preset, args.out, ar=args.ar, seed=args.seed, data_dir=args.data,
+                             steps=args.steps, device=args.device)
     _print_result(result, args.out)
     return 0
 
@@ -115,17 +125,17 @@ def run_eval(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from apar.data.pipeline import load_records
-    from apar.split import shared_data_dir
+    from apar.split import data_dir
     from apar.train.evaluate import generate_all, held_out_prompts, report
     from apar.train.trainer import SUMMARY_FILE
-    from services.worker.config import SamplingParams
+    from services.protocol.params import SamplingParams
 
     for directory in (args.apar, args.ar):
         if not (directory / "config.json").is_file():
             raise UserError(f"{directory}: not a model directory (no config.json)")
     if args.prompts <= 0:
         raise UserError("--prompts must be positive")
-    prompts = held_out_prompts(load_records(shared_data_dir()))
+    prompts = held_out_prompts(load_records(data_dir(args.data)))
     if args.structured_only:
         prompts = [p for p in prompts if p[1]]
     prompts = prompts[: args.prompts]

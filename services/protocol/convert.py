@@ -1,10 +1,17 @@
-"""Worker API messages <-> engine types. The only worker module besides the servicer that sees pb2."""
+"""Worker API messages <-> the shared event and parameter types. Torch-free: the router and the worker both use it."""
 from __future__ import annotations
 
 from apar.errors import UserError
-from services.worker.config import SamplingParams
-from services.worker.events import Event, RequestFinished, ThreadFinished, ThreadStarted, TokenEvent
-from services.worker.sequence import FinishReason, Usage
+from services.protocol.events import (
+    Event,
+    FinishReason,
+    RequestFinished,
+    ThreadFinished,
+    ThreadStarted,
+    TokenEvent,
+    Usage,
+)
+from services.protocol.params import SamplingParams
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -18,6 +25,8 @@ def params_from_pb(sampling, limits, auto_regressive: bool) -> SamplingParams:
         kw["top_p"] = float(sampling.top_p)
     if sampling.HasField("seed"):
         kw["seed"] = int(sampling.seed)
+    if sampling.HasField("n"):
+        kw["n"] = int(sampling.n)
     if limits.HasField("max_threads"):
         kw["max_threads"] = int(limits.max_threads)
     if limits.HasField("max_depth"):
@@ -35,7 +44,7 @@ def params_to_pb(params: SamplingParams, pb):
     """(SamplingParameters, Limits, auto_regressive) for a request the router forwards."""
     sampling = pb.common_pb2.SamplingParameters(
         max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-        stop_token_ids=list(params.stop_token_ids), ignore_eos=params.ignore_eos)
+        stop_token_ids=list(params.stop_token_ids), ignore_eos=params.ignore_eos, n=params.n)
     if params.seed is not None:
         sampling.seed = params.seed
     limits = pb.common_pb2.Limits(max_threads=params.max_threads, max_depth=params.max_depth)

@@ -1,55 +1,9 @@
 """Typed configuration of the engine and of one request's sampling; every field checked on creation."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from apar.errors import UserError
-
-MAX_TOKENS_LIMIT = 1 << 20  # anything above is absurd for any model this engine loads
-
-
-@dataclass(slots=True)
-class SamplingParams:
-    """How one request samples. temperature 0 is greedy; `max_tokens` counts tokens over all threads."""
-
-    max_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: no top-k
-    seed: int | None = None
-    stop_token_ids: tuple[int, ...] = ()
-    auto_parallel: bool = True  # False: auto-regressive mode, [Fork] banned
-    max_threads: int = 16  # threads per request, the root included
-    max_depth: int = 4  # fork depth: the root is depth 0
-    ignore_eos: bool = False  # EOS banned: generate exactly max_tokens (benchmarks)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
-            raise UserError("max_tokens must be an integer")
-        if self.max_tokens <= 0:
-            raise UserError(f"max_tokens must be > 0, got {self.max_tokens}")
-        if self.max_tokens > MAX_TOKENS_LIMIT:
-            raise UserError(f"max_tokens {self.max_tokens} is absurd (limit {MAX_TOKENS_LIMIT})")
-        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature):
-            raise UserError("temperature must be a finite number")
-        if self.temperature < 0:
-            raise UserError(f"temperature must be >= 0, got {self.temperature}")
-        if not isinstance(self.top_p, (int, float)) or not (0.0 < self.top_p <= 1.0):
-            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise UserError(f"top_k must be an integer >= 0, got {self.top_k}")
-        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
-            raise UserError(f"seed must be an integer in [0, 2^63), got {self.seed}")
-        if self.max_threads < 1:
-            raise UserError(f"max_threads must be >= 1, got {self.max_threads}")
-        if self.max_depth < 0:
-            raise UserError(f"max_depth must be >= 0, got {self.max_depth}")
-        self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
 
 
 @dataclass(slots=True)

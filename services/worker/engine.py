@@ -7,6 +7,11 @@ free) and report events. Under pressure new forks are refused first (`fork_water
 are preempted: every block freed at once, every token kept, the KV recomputed on readmission. Callers
 add requests and abort them between steps; the engine is single-threaded by design (a server drives it
 from one loop).
+
+A request for `n` answers prefills its prompt once: when the root samples its first token, the other
+answers' first tokens are drawn from the same logits row and their roots forked from the root's prompt
+(`_open_answers`), so every answer reads the prompt's blocks. Each answer has its own `max_tokens` and
+`max_threads`; the request ends when every answer has.
 """
 from __future__ import annotations
 
@@ -19,13 +24,14 @@ import torch
 from apar.errors import UserError
 from services.kvmanager.ledger import KVLedger, ThreadRef
 from services.kvmanager.ops import Append, Finish, Fork, Release, Start
-from services.worker.config import EngineConfig, SamplingParams
+from services.protocol.events import Event, FinishReason, RequestFinished, ThreadFinished, ThreadStarted, TokenEvent
+from services.protocol.params import SamplingParams
+from services.worker.config import EngineConfig
 from services.worker.kv import LocalKV
-from services.worker.events import Event, RequestFinished, ThreadFinished, ThreadStarted, TokenEvent
 from services.worker.model_runner import ModelRunner
 from services.worker.sampler import fork_allowed, sample
 from services.worker.scheduler import Scheduler, Work
-from services.worker.sequence import FinishReason, ReplayCursor, ReplayNode, Request, Thread, context_tokens
+from services.worker.sequence import ReplayCursor, ReplayNode, Request, Thread, context_tokens
 
 
 @dataclass(slots=True)
@@ -83,6 +89,8 @@ class Engine:
         if request_id in self.requests:
             raise UserError(f"request id {request_id!r} is already in use")
         if replay is not None:
+            if params.n > 1:
+                raise UserError("a replayed request serves one answer (n must be 1)")
             replay.validate(self.fork_id)
         req = Request(id=request_id, prompt=list(prompt), params=params, arrival=self.steps)
         if not params.greedy:
@@ -93,9 +101,8 @@ class Engine:
                       n_prompt=len(prompt))
         if replay is not None:
             root.replay = ReplayCursor(replay, self.fork_id)
-        req.threads.append(root)
+        req.add_thread(root)
         req.usage.prompt_tokens = len(prompt)
-        req.usage.threads = 1
         self.scheduler.add(req)
         self.requests[request_id] = req
         return request_id
@@ -181,7 +188,8 @@ class Engine:
     def _allocate(self, work: list[Work], result: StepResult) -> list[Work]:
         """Give every planned token a slot in ONE ledger call, in plan order: a new root's start, a new
         child's fork (after its parent's [Fork] got its slot), the append, and for a finished thread
-        recomputed for its children, its end once its last such child is forked."""
+        recomputed for its children, its end once its last such child is forked. (A new answer root is
+        forked when it is created, see `_open_answers`; after a preemption it is forked here.)"""
         ops: list = []
         new_threads: set[int] = set()
         for w in work:
@@ -193,7 +201,7 @@ class Engine:
                 else:
                     parent = t.parent
                     ops.append(Fork(ThreadRef(req.id, parent.id), ref))
-                    if not parent.running and parent.recompute_to == t.fork_offset:
+                    if not parent.running and t is parent.last_reader:
                         ops.append(Finish(ThreadRef(req.id, parent.id)))  # its last reader is forked
                         parent.recompute_to = 0
                 t.in_ledger = True
@@ -256,7 +264,8 @@ class Engine:
         """Pick one token per sampling thread (logits: [S, V], row i for samplers[i]); apply them in order.
 
         Bans known before the step are applied to all rows at once; greedy rows take one argmax
-        together; a sampling request draws from its own generator, its threads in id order. The fork
+        together; a sampling request draws from its own generator, its threads in id order (and the
+        first tokens of answers 1..n-1 right after the root's first, from the same row). The fork
         rules are checked again as each token is applied (`_apply`), since a sibling's fork in the same
         step may have used up a limit. Returns the ids of requests that produced.
         """
@@ -299,7 +308,10 @@ class Engine:
         for i, ((req, t), token) in enumerate(zip(samplers, chosen)):
             if token == self.fork_id and (tight or not fork_allowed(req, t, self.fork_id, self.child_id, limit)):
                 token = self._instead_of_fork(req, t, logits[i], tight)
-            self._apply(req, t, token, result)
+            if req.params.n > 1 and t.id == 0 and len(t.kv_tokens) == t.n_prompt:  # the root's first token
+                self._open_answers(req, token, logits[i], result)
+            else:
+                self._apply(req, t, token, result)
         result.sampled += len(samplers)
         return {req.id for req, _ in samplers}
 
@@ -320,21 +332,49 @@ class Engine:
             token = t.replay.next_token(self.eos_ids)
         return token
 
+    def _open_answers(self, req: Request, token: int, row: torch.Tensor, result: StepResult) -> None:
+        """The root's prefill is done and it sampled `token` from `row` ([V], bans applied): draw the
+        first tokens of answers 1..n-1 from the same row (after the root's draw, in answer order), fork
+        their roots from the root's prompt, then apply every answer's first token.
+
+        The forks reach the ledger before the root's first token gets its slot (before the root can
+        end, too), so the answers share exactly the prompt's blocks, its last one sealed."""
+        root = req.root
+        extra = req.params.n - 1
+        if req.params.greedy:
+            tokens = [token] * extra
+        else:
+            tokens = sample(row.expand(extra, -1), req.params, req.generator).tolist()  # [n-1, V] -> [n-1]
+        answers = []
+        for k, tok in enumerate(tokens, start=1):
+            a = Thread(id=len(req.threads), parent=root, anchor=-1, start_pos=root.n_prompt, depth=0,
+                       kv_tokens=[], answer=k, in_ledger=True, slots=root.slots[: root.n_prompt].clone(),
+                       n_ctx=root.n_prompt)
+            self.kv.defer(Fork(ThreadRef(req.id, root.id), ThreadRef(req.id, a.id)))
+            req.add_thread(a)
+            root.children.append(a)
+            answers.append((a, tok))
+        self._apply(req, root, token, result)
+        for a, tok in answers:
+            result.events.append(ThreadStarted(req.id, a.id, None, -1))  # to the client: a new answer
+            self._apply(req, a, tok, result)
+
     def _refused(self, req: Request) -> None:
         req.usage.forks_refused += 1
         self.forks_refused += 1
 
     def _apply(self, req: Request, t: Thread, token: int | None, result: StepResult) -> None:
-        """Add one sampled token to a thread: extend it, fork a child, or end it."""
+        """Add one sampled token to a thread: extend it, fork a child, or end it (its whole answer when
+        the answer's budget is spent)."""
         if not t.running:
             return
-        if req.budget_left <= 0:
-            self._end_threads(req, FinishReason.LENGTH, result)
+        if req.budget_left(t.answer) <= 0:
+            self._end_threads(req, FinishReason.LENGTH, result, t.answer)
             return
         if token is None:  # a replayed thread ran out of tokens
             self._finish_thread(req, t, FinishReason.STOP, result)
             return
-        req.usage.completion_tokens += 1
+        req.spend(t.answer)
         if token in self.eos_ids or token in req.params.stop_token_ids:
             self._finish_thread(req, t, FinishReason.STOP, result)
             return
@@ -344,22 +384,21 @@ class Engine:
             self._fork(req, t, result)
         if t.start_pos + len(t.kv_tokens) >= self.runner.max_positions:
             self._finish_thread(req, t, FinishReason.LENGTH, result)
-        if req.budget_left <= 0:
-            self._end_threads(req, FinishReason.LENGTH, result)
+        if req.budget_left(t.answer) <= 0:
+            self._end_threads(req, FinishReason.LENGTH, result, t.answer)
 
     def _fork(self, req: Request, parent: Thread, result: StepResult) -> None:
         anchor = len(parent.output_tokens) - 1
         child = Thread(id=len(req.threads), parent=parent, anchor=anchor,
                        start_pos=parent.start_pos + len(parent.kv_tokens), depth=parent.depth + 1,
-                       kv_tokens=[self.child_id])
+                       kv_tokens=[self.child_id], answer=parent.answer)
         if parent.replay is not None:
             child.replay = ReplayCursor(parent.replay.child(), self.fork_id)
-        req.threads.append(child)
+        req.add_thread(child)
         parent.children.append(child)
-        req.usage.threads += 1
         req.usage.forks += 1
         self.forks += 1
-        req.usage.completion_tokens += 1  # the forced [Child]
+        req.spend(child.answer)  # the forced [Child]
         result.events.append(ThreadStarted(req.id, child.id, parent.id, anchor))
 
     def _finish_thread(self, req: Request, t: Thread, reason: FinishReason, result: StepResult) -> None:
@@ -372,9 +411,10 @@ class Engine:
                 self.blocks_released_early += len(freed)
         result.events.append(ThreadFinished(req.id, t.id, reason))
 
-    def _end_threads(self, req: Request, reason: FinishReason, result: StepResult) -> None:
+    def _end_threads(self, req: Request, reason: FinishReason, result: StepResult, answer: int | None = None) -> None:
+        """Finish the running threads of one answer, or of every answer (None)."""
         for t in req.threads:
-            if t.running:
+            if t.running and answer in (None, t.answer):
                 self._finish_thread(req, t, reason, result)
 
     def _end_request(self, req: Request, reason: FinishReason | None) -> list[Event]:

@@ -13,10 +13,9 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 
-from services.worker.config import SamplingParams
+from services.protocol.events import Event, FinishReason, RequestFinished
+from services.protocol.params import SamplingParams
 from services.worker.engine import Engine
-from services.worker.events import Event, RequestFinished
-from services.worker.sequence import FinishReason
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +39,9 @@ class EngineLoop:
         self._commands.put(("add", (prompt, params, request_id, sink), fut))
         return fut
 
-    def abort(self, request_id: str) -> None:
-        self._commands.put(("abort", request_id, None))
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> None:
+        """End a request between steps (STOP: the router saw a stop string); unknown ids are ignored."""
+        self._commands.put(("abort", (request_id, reason), None))
 
     def call(self, fn: Callable[[Engine], object]) -> Future:
         """Run fn(engine) on the loop thread between steps (consistent reads for info and checks)."""
@@ -95,7 +95,7 @@ class EngineLoop:
             self._sinks[rid] = sink
             fut.set_result(rid)
         elif kind == "abort":
-            self._dispatch(self.engine.abort(arg))
+            self._dispatch(self.engine.abort(*arg))
         elif kind == "call":
             try:
                 fut.set_result(arg(self.engine))

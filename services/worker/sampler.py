@@ -3,8 +3,8 @@
 Rules applied to a thread's logits before sampling:
   - `[Child]` is never sampled (it is only forced as a child's first token);
   - `[Fork]` is banned after `[Fork]` or `[Child]`, in auto-regressive mode, and when a limit is reached
-    (threads per request, fork depth, fewer than 3 tokens of budget or of the model's context:
-    [Fork], [Child], one more).
+    (threads per answer, fork depth, fewer than 3 tokens of the answer's budget or of the model's
+    context: [Fork], [Child], one more).
 Each request samples with its own generator, its threads in id order, so the same seed gives the same
 answer whatever else shares the batch.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from services.worker.config import SamplingParams
+from services.protocol.params import SamplingParams
 from services.worker.sequence import Request, Thread
 
 
@@ -24,9 +24,9 @@ def fork_allowed(req: Request, thread: Thread, fork_id: int, child_id: int, max_
         p.auto_parallel
         and last not in (fork_id, child_id)
         and thread.n_prompt < len(thread.kv_tokens)  # not the very first token of the answer
-        and len(req.threads) < p.max_threads
+        and req.answer_threads[thread.answer] < p.max_threads
         and thread.depth < p.max_depth
-        and req.budget_left >= 3
+        and req.budget_left(thread.answer) >= 3
         and next_pos + 2 < max_positions  # room for the [Child] and one token of the child
     )
 

@@ -56,19 +56,22 @@ class Scheduler:
 
     # ---- admission ---------------------------------------------------------------------------------
     def blocks_to_start(self, req: Request) -> int:
-        """Blocks a request takes before it can sample: its prompt, or its recompute after a preemption
-        (every thread to its target, one more block per fork for the sealed one it shares)."""
+        """Blocks a request takes before it can sample: its prompt (once, whatever its answers), or its
+        recompute after a preemption (every thread to its target, one more block per fork for the sealed
+        one it shares)."""
         bs = self.ledger.block_size
         if not req.admitted:
             return -(-len(req.prompt) // bs)
         return sum(-(-t.target // bs) + 1 for t in req.threads if t.target) - 1
 
     def check_fits(self, req: Request) -> None:
-        need = -(-(len(req.prompt) + 1) // self.ledger.block_size)
+        """Reject a request that can never sample its first tokens: its prompt once, then one token per
+        answer (with n > 1 each in a block of its own: the prompt's last block is shared, so sealed)."""
+        bs, n = self.ledger.block_size, req.params.n
+        need = -(-(len(req.prompt) + 1) // bs) if n == 1 else -(-len(req.prompt) // bs) + n
         if need > self.ledger.num_blocks:
-            raise CapacityError(
-                f"prompt of {len(req.prompt)} tokens needs {need} KV blocks, the pool has {self.ledger.num_blocks}"
-            )
+            what = f"prompt of {len(req.prompt)} tokens" + (f" and {n} answers" if n > 1 else "")
+            raise CapacityError(f"{what} needs {need} KV blocks, the pool has {self.ledger.num_blocks}")
 
     def add(self, req: Request) -> None:
         self.check_fits(req)

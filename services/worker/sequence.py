@@ -4,37 +4,35 @@ A thread's *kv tokens* are the tokens whose KV it writes: for the root the promp
 for a child its own tokens (the first is the forced `[Child]`). `computed` counts the kv tokens already
 in the cache; a thread runs when `computed < len(kv_tokens)`. Positions are consecutive along the path
 from the root, so a kv token's position is also its index in the thread's context (SPEC section 2).
+
+A request for `n` answers has one tree per answer: the root (thread 0, holding the prompt) is answer 0;
+the roots of answers 1..n-1 are the root's children that read its prompt and nothing more, their first
+kv token sampled (no `[Child]`). A forked child belongs to its parent's answer.
 """
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
 import torch
 
-from services.worker.config import SamplingParams
-
-
-class FinishReason(enum.Enum):
-    STOP = "stop"  # EOS or a stop token
-    LENGTH = "length"  # max_tokens reached, or the model's context is full
-    CANCELLED = "cancelled"
-    ERROR = "error"
+from services.protocol.events import FinishReason, Usage
+from services.protocol.params import SamplingParams
 
 
 @dataclass(slots=True, eq=False)
 class Thread:
     id: int
     parent: "Thread | None"
-    anchor: int  # index in the parent's output_tokens of the [Fork] that spawned it (-1 for the root)
+    anchor: int  # index in the parent's output_tokens of the [Fork] that spawned it (-1: an answer's root)
     start_pos: int  # position of its first kv token
     depth: int
     kv_tokens: list[int]
     n_prompt: int = 0  # leading kv tokens that are prompt (root only)
+    answer: int = 0  # which of the request's answers it belongs to
     computed: int = 0
     finish: FinishReason | None = None
-    in_ledger: bool = False  # the ledger knows it: the root from admission, a child from the step its
-    # parent feeds the [Fork] (so that the [Fork] slot exists first)
+    in_ledger: bool = False  # the ledger knows it: the root from admission, an answer root from its
+    # creation, a child from the step its parent feeds the [Fork] (so that the [Fork] slot exists first)
     # context slots in the KV pool, index = position; only [:n_ctx] is valid
     slots: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
     n_ctx: int = 0
@@ -50,9 +48,15 @@ class Thread:
         return self.finish is None
 
     @property
+    def starts_answer(self) -> bool:
+        """The root of an answer (thread 0 or an answer root): its first own token is sampled, where a
+        forked child's is the forced [Child]."""
+        return self.anchor < 0
+
+    @property
     def output_tokens(self) -> list[int]:
         """What it reports: its own tokens without the forced [Child] (anchors index into this)."""
-        return self.kv_tokens[self.n_prompt + (self.parent is not None) :]
+        return self.kv_tokens[self.n_prompt + (not self.starts_answer) :]
 
     @property
     def pending(self) -> int:
@@ -75,8 +79,15 @@ class Thread:
 
     @property
     def fork_offset(self) -> int:
-        """For a child: how many of its parent's kv tokens it reads (through its [Fork])."""
+        """For a child: how many of its parent's kv tokens it reads (through its [Fork], or for an
+        answer root the prompt)."""
         return self.start_pos - self.parent.start_pos  # type: ignore[union-attr]
+
+    @property
+    def last_reader(self) -> Thread | None:
+        """The live child forked last: once it is forked again after a preemption, a finished thread's
+        recomputed tokens have no other reader to wait for (answer roots share one fork offset)."""
+        return next((c for c in reversed(self.children) if c.live), None)
 
     def forget_kv(self) -> None:
         """Its KV is gone (the request was preempted): nothing computed, no slots, unknown to the ledger."""
@@ -95,23 +106,6 @@ class Thread:
         self.n_ctx = need
 
 
-@dataclass(slots=True)
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0  # over all threads: sampled tokens (EOS included) and forced [Child]
-    steps: int = 0  # steps in which the request produced at least one token
-    threads: int = 0
-    peak_kv_blocks: int = 0
-    attended_tokens: int = 0  # sum over computed tokens of their context length, itself included
-    forks: int = 0
-    preemptions: int = 0  # times its blocks were all freed under pressure and its KV recomputed later
-    recomputed_tokens: int = 0  # tokens computed again after preemptions
-    forks_refused: int = 0  # [Fork]s the model chose (or a replay held) that memory pressure refused
-
-    def as_dict(self) -> dict[str, int]:
-        return {k: getattr(self, k) for k in self.__slots__}
-
-
 @dataclass(slots=True, eq=False)
 class Request:
     id: str
@@ -125,6 +119,13 @@ class Request:
     arrival: int = 0
     admitted: bool = False  # admitted at least once (its root was announced)
     recomputing: bool = False  # readmitted after a preemption, its threads' KV not yet all recomputed
+    # per answer: completion tokens (control tokens included) and threads; `usage` holds the totals
+    answer_tokens: list[int] = field(init=False)
+    answer_threads: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.answer_tokens = [0] * self.params.n
+        self.answer_threads = [0] * self.params.n
 
     @property
     def root(self) -> Thread:
@@ -134,9 +135,19 @@ class Request:
     def running_threads(self) -> list[Thread]:
         return [t for t in self.threads if t.running]
 
-    @property
-    def budget_left(self) -> int:
-        return self.params.max_tokens - self.usage.completion_tokens
+    def budget_left(self, answer: int) -> int:
+        """Tokens the answer may still produce (`max_tokens` is per answer)."""
+        return self.params.max_tokens - self.answer_tokens[answer]
+
+    def add_thread(self, t: Thread) -> None:
+        self.threads.append(t)
+        self.answer_threads[t.answer] += 1
+        self.usage.threads += 1
+
+    def spend(self, answer: int) -> None:
+        """Count one completion token (sampled, or a forced [Child]) of the answer."""
+        self.answer_tokens[answer] += 1
+        self.usage.completion_tokens += 1
 
 
 class ReplayCursor:

@@ -15,8 +15,8 @@ import grpc
 from apar.errors import UserError
 from apar.protogen import stubs
 from services.grpc_common import add_health_and_reflection, add_servicer, server_options, status_of
-from services.worker.convert import events_to_pb, params_from_pb
-from services.worker.events import RequestFinished
+from services.protocol.convert import events_to_pb, params_from_pb
+from services.protocol.events import FinishReason, RequestFinished
 from services.worker.loop import EngineLoop
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,10 @@ class WorkerService(pb.worker_pb2_grpc.WorkerServicer):
         finally:
             if not done:  # cancelled, disconnected or past its deadline: free its KV now
                 self.loop.abort(rid)
+
+    async def Finish(self, request, context):
+        self.loop.abort(request.request_id, FinishReason.STOP)
+        return pb.worker_pb2.FinishResponse()
 
     async def Info(self, request, context):
         # plain reads of counters, not through the loop: Info answers even while a step is blocked
