@@ -18,6 +18,9 @@ def register(subparsers) -> None:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=50051)
     s.add_argument("--metrics-port", type=int, default=None, help="expose Prometheus metrics on this port")
+    s.add_argument("--http-port", type=int, default=None, help="also serve the OpenAI-compatible HTTP API on this "
+                                                                "port (/v1/chat/completions, /v1/completions, ...)")
+    s.add_argument("--served-model-name", default=None, help="the model id clients name (default: the --model path)")
     add_engine_args(s)
     s.set_defaults(func=run_serve)
 
@@ -43,6 +46,8 @@ def register(subparsers) -> None:
     r.add_argument("--host", default="127.0.0.1")
     r.add_argument("--port", type=int, default=50051)
     r.add_argument("--metrics-port", type=int, default=None)
+    r.add_argument("--http-port", type=int, default=None, help="also serve the OpenAI-compatible HTTP API here")
+    r.add_argument("--served-model-name", default=None, help="the model id clients name (default: the --model path)")
     r.set_defaults(func=run_router)
 
 
@@ -103,20 +108,47 @@ def _embedded_kv_manager(engine, loop) -> None:
     loop.call(lambda e: setattr(e, "kv", RemoteKV(e.ledger, client))).result(timeout=10)
 
 
-async def _serve(args, engine, loop, registry) -> int:
+async def _front_doors(args, tokenizer, directory, registry=None):
+    """The gateway and its front doors: the gRPC server, and the HTTP server when --http-port is given.
+    Returns (servers to stop, a line saying where they listen)."""
+    from services.router.gateway import Gateway
     from services.router.metrics import RouterMetrics
     from services.router.service import RouterService, start_router_server
+
+    gateway = Gateway(tokenizer, directory, args.served_model_name or str(args.model), RouterMetrics(registry))
+    grpc_server, port = await start_router_server(RouterService(gateway), f"{args.host}:{args.port}")
+    servers, where = [grpc_server], f"{args.host}:{port}"
+    if args.http_port is not None:
+        from services.router.http import build_app, start_http_server
+
+        http, _, http_port = await start_http_server(build_app(gateway), args.host, args.http_port)
+        servers.append(_UvicornStopper(http))
+        where += f", HTTP on {args.host}:{http_port}"
+    _metrics(args.metrics_port, gateway.metrics.registry)
+    return servers, where
+
+
+class _UvicornStopper:
+    """A uvicorn server behind the `stop(grace)` the gRPC servers have."""
+
+    def __init__(self, server) -> None:
+        self.server = server
+
+    async def stop(self, grace: float) -> None:
+        self.server.should_exit = True
+        await self.server.shutdown()
+
+
+async def _serve(args, engine, loop, registry) -> int:
     from services.router.workers import WorkerDirectory
     from services.worker.service import start_worker_server
 
     worker_server, worker_port = await start_worker_server(loop, "127.0.0.1:0", "embedded", str(args.model))
     directory = WorkerDirectory([f"127.0.0.1:{worker_port}"])
-    service = RouterService(engine.tokenizer, directory, str(args.model), RouterMetrics(registry))
-    router_server, port = await start_router_server(service, f"{args.host}:{args.port}")
-    _metrics(args.metrics_port, registry)
-    print(f"apar serve: listening on {args.host}:{port} (model {args.model})", file=sys.stderr, flush=True)
+    servers, where = await _front_doors(args, engine.tokenizer, directory, registry)
+    print(f"apar serve: listening on {where} (model {args.model})", file=sys.stderr, flush=True)
     try:
-        await _until_signal(router_server, worker_server)
+        await _until_signal(*servers, worker_server)
     finally:
         await directory.close()
         loop.stop()
@@ -169,18 +201,14 @@ def _lease_pool(engine, loop, args, wid: str):
 
 def run_router(args) -> int:
     _setup()
-    from transformers import AutoTokenizer
+    from services.router.tokenizer import load_tokenizer
 
-    from services.worker.model_runner import check_model_dir
-
-    path = check_model_dir(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer = load_tokenizer(args.model)
     addresses = [a.strip() for a in (args.workers or "").split(",") if a.strip()]
     if not addresses and not args.kvmanager:
         raise UserError("give --workers host:port,... or --kvmanager host:port")
 
     async def main() -> int:
-        from services.router.service import RouterService, start_router_server
         from services.router.workers import WorkerDirectory
 
         if args.kvmanager:
@@ -189,13 +217,11 @@ def run_router(args) -> int:
             directory = KVManagerDirectory(args.kvmanager)
         else:
             directory = WorkerDirectory(addresses)
-        service = RouterService(tokenizer, directory, str(args.model))
-        server, port = await start_router_server(service, f"{args.host}:{args.port}")
-        _metrics(args.metrics_port, service.metrics.registry)
+        servers, where = await _front_doors(args, tokenizer, directory)
         source = f"KV manager {args.kvmanager}" if args.kvmanager else f"workers {','.join(addresses)}"
-        print(f"apar router: listening on {args.host}:{port}, {source}", file=sys.stderr, flush=True)
+        print(f"apar router: listening on {where}, {source}", file=sys.stderr, flush=True)
         try:
-            await _until_signal(server)
+            await _until_signal(*servers)
         finally:
             await directory.close()
         return 0

@@ -71,6 +71,7 @@ class ThreadDelta:
     anchor: int = -1
     text: str = ""
     reason: str | None = None
+    index: int = 0  # the answer it belongs to (n > 1)
 
 
 class Stitcher:
