@@ -169,7 +169,7 @@ def test_other_errors(server, client):
     assert [m.id for m in models.data] == [MODEL]
     health = httpx.get(server["http"] + "/health")
     assert health.status_code == 200 and health.json()["workers"] == 1
-    assert metric(server, "apar_router_requests_total") > 0 and "apar_worker_steps_total" in \
+    assert metric(server, "apar_requests_received_total") > 0 and "apar_worker_step_seconds_count" in \
         httpx.get(server["http"] + "/metrics").text  # serve: one registry for router and worker
 
 
@@ -206,7 +206,7 @@ def _long_request(stream: bool) -> bytes:
 
 @pytest.mark.parametrize("stream", [True, False])
 def test_a_client_that_disconnects_frees_its_blocks(server, stub, stream):
-    finished = metric(server, "apar_router_finished_requests_total")
+    finished = metric(server, "apar_request_success_total")
     sock = socket.create_connection(("127.0.0.1", server["port"]))
     sock.sendall(_long_request(stream))
     if stream:
@@ -219,7 +219,7 @@ def test_a_client_that_disconnects_frees_its_blocks(server, stub, stream):
     sock.close()
     wait_until(lambda: blocks_in_use(stub) == 0, 10, "every KV block free", every=0.05)
     # freed by the disconnect, not by finishing: the router never counted it as answered
-    assert metric(server, "apar_router_finished_requests_total") == finished
+    assert metric(server, "apar_request_success_total") == finished
 
 
 def test_fuzzed_bodies_never_crash_the_server(server, client):

@@ -202,17 +202,19 @@ def test_prometheus_metrics(server, stub):
 
     collect(stub, request(max_tokens=6))
     text = urllib.request.urlopen(METRICS_URL[server], timeout=5).read().decode()
-    values = {}
+    values: dict[str, float] = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
-    assert values["apar_router_requests_total"] >= 1
-    assert values["apar_router_generated_tokens_total"] >= 6
-    assert values["apar_worker_steps_total"] >= 6
-    assert values["apar_worker_kv_blocks_used"] + values["apar_worker_kv_blocks_free"] == KV_BLOCKS
-    for name in ("apar_router_time_to_first_token_seconds_count", "apar_router_inter_token_seconds_count",
-                 "apar_router_request_seconds_count", "apar_worker_threads_running", "apar_worker_forks",
-                 "apar_worker_kv_blocks_released_early", "apar_worker_requests_waiting",
-                 "apar_router_steps_per_request_count", "apar_router_attended_tokens_total"):
+            series, _, value = line.rpartition(" ")
+            name = series.split("{")[0]  # every series carries model_name: summed by name
+            values[name] = values.get(name, 0.0) + float(value)
+    assert values["apar_requests_received_total"] >= 1
+    assert values["apar_generation_tokens_total"] >= 6
+    assert values["apar_worker_step_seconds_count"] >= 6
+    assert values["apar_kv_blocks_used"] + values["apar_kv_blocks_free"] == KV_BLOCKS
+    for name in ("apar_time_to_first_token_seconds_count", "apar_inter_token_latency_seconds_count",
+                 "apar_e2e_request_latency_seconds_count", "apar_threads_running", "apar_forks_total",
+                 "apar_kv_blocks_released_early_total", "apar_num_requests_waiting", "apar_num_requests_running",
+                 "apar_kv_cache_usage_perc", "apar_steps_per_request_count", "apar_attended_tokens_total",
+                 "apar_attended_tokens_ar_equivalent_total", "apar_request_success_total"):
         assert name in values, name

@@ -213,7 +213,7 @@ class KVManager:
         except StoreUnavailable:
             self._doubt = True
             if self.metrics is not None:
-                self.metrics.store_errors.inc()
+                self.metrics.store_errors.labels(getattr(fn, "__name__", "other")).inc()
             raise
 
     def sync(self) -> None:

@@ -1,12 +1,17 @@
 """The KV manager's Prometheus metrics: per-worker block usage, steps, frees and Redis traffic.
 
 The manager updates them after every message it applies; the store counts its round trips through
-`round_trip` (one per Step is the design, and the test checks it). Each manager gets its own registry
-unless one is given, so several managers can live in one process (tests, embedded mode).
+`round_trip` (one per Step is the design, and the test checks it), and the manager its failed store
+calls by operation (`apar_redis_errors_total{operation}`). The workers' ledgers carry no model, so
+these series have no `model_name`. Each manager gets its own registry unless one is given, so several
+managers can live in one process (tests, embedded mode).
 """
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
+
+# RedisStore's methods (each one round trip or two); `KVManager._guard` labels an error with the name
+STORE_OPERATIONS = ("append", "save", "renew", "touch", "alive", "drop", "mark_intact", "load")
 
 
 class KVMetrics:
@@ -21,7 +26,11 @@ class KVMetrics:
                               "answered again, not applied", registry=r)
         self.freed = Counter("apar_kvmanager_blocks_freed", "KV blocks freed", registry=r)
         self.round_trips = Counter("apar_kvmanager_redis_round_trips", "Redis round trips", registry=r)
-        self.store_errors = Counter("apar_kvmanager_redis_errors", "Redis calls that failed", registry=r)
+        errors = Counter("apar_redis_errors_total", "Redis calls that failed, by store operation", ["operation"],
+                         registry=r)
+        for op in STORE_OPERATIONS:  # every series from the start, at 0, so rate() sees the first error
+            errors.labels(op)
+        self.store_errors = errors
         self.reaped = Counter("apar_kvmanager_workers_reaped", "Workers dropped when their registration "
                               "expired", registry=r)
 

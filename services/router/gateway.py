@@ -57,9 +57,7 @@ class Gateway:
         self.tokenizer = tokenizer
         self.workers = workers
         self.model_name = model_name
-        self.metrics = metrics or RouterMetrics()
-        self.metrics.waiting.set_function(
-            lambda: sum(w.info.waiting for w in workers.workers if w.alive and w.info is not None))
+        self.metrics = metrics or RouterMetrics(model_name)
         self._control: tuple[int, int, set[int], int] | None = None
 
     async def control(self) -> tuple[int, int, set[int], int]:
@@ -153,7 +151,7 @@ class Gateway:
             self.metrics.failed.labels("unavailable").inc()
             raise GatewayError("unavailable", "the worker ended the stream early")
         final: Final = stream.finals[0]
-        self.metrics.done(final.usage, time.perf_counter() - t0, final.finish_reason)
+        self.metrics.done(final.usage, time.perf_counter() - t0, final.finish_reason, len(stream.finals))
 
     async def _finish_on_worker(self, worker, rid: str) -> None:
         try:

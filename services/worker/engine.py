@@ -64,6 +64,7 @@ class Engine:
         self.steps = 0
         self.peak_blocks = 0
         self.forks = 0
+        self.forks_by_depth: dict[int, int] = {}  # new child's depth -> forks so far (the metrics read it)
         self.blocks_released_early = 0  # freed by a thread's end while its request still ran
         self.preemptions = 0
         self.forks_refused = 0  # [Fork]s refused because the pool was nearly full
@@ -398,6 +399,7 @@ class Engine:
         parent.children.append(child)
         req.usage.forks += 1
         self.forks += 1
+        self.forks_by_depth[child.depth] = self.forks_by_depth.get(child.depth, 0) + 1
         req.spend(child.answer)  # the forced [Child]
         result.events.append(ThreadStarted(req.id, child.id, parent.id, anchor))
 

@@ -43,7 +43,8 @@ class RemoteKV:
     manager gave the same slots (one step in flight at most). Batches keep their sequence number until
     acknowledged, so a resend after a lost answer is not applied twice. While the manager is away the
     sender retries for `retry_s`, then the next step raises (the engine loop fails the running requests
-    cleanly; their releases go out with a later batch).
+    cleanly; their releases go out with a later batch). `on_round_trip(seconds)`, when set (the worker's
+    metrics set it), hears the time of every answered `Step` call.
     """
 
     def __init__(self, ledger: KVLedger, client, retry_s: float = 10.0) -> None:
@@ -57,6 +58,7 @@ class RemoteKV:
         self._seq = 0
         self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="apar-kv-sender")
         self._inflight = None
+        self.on_round_trip = None  # Callable[[float], None]: each answered Step call's round trip, in seconds
 
     def apply(self, ops: list[Op]) -> StepAnswer:
         self._wait()  # the previous step's message is acknowledged and agreed before anything new
@@ -118,6 +120,7 @@ class RemoteKV:
         resp = None
         while self._batches:
             seq, ops = self._batches[0]
+            t0 = time.perf_counter()
             try:
                 resp = self.client.step(seq, ops)
             except ConnectionError:
@@ -125,6 +128,8 @@ class RemoteKV:
                     raise KVManagerUnavailable(f"the KV manager did not answer step {seq} for {self.retry_s:.0f} s")
                 time.sleep(0.1)
                 continue
+            if self.on_round_trip is not None:
+                self.on_round_trip(time.perf_counter() - t0)
             self._batches.pop(0)
         resp = getattr(resp, "answer", resp)  # the in-process manager answers a StepResult
         if expected is not None and resp is not None and resp.appends != expected:

@@ -3,6 +3,10 @@
 Data flow: a server thread (or asyncio task) calls `submit` / `abort`; the loop thread runs those
 commands between steps, then steps while there is work, and hands each request its events of the step
 in one batch (`sink(events)`, called on the loop thread). The engine itself stays single-threaded.
+
+`on_step(engine, seconds, result)` (the metrics) runs on the loop thread after every step, and with
+`seconds` and `result` None while the loop is idle (at most every 0.5 s, and after each command), so
+gauges read from the engine return to 0 after the last request ends, aborted ones included.
 """
 from __future__ import annotations
 
@@ -15,15 +19,16 @@ from concurrent.futures import Future
 
 from services.protocol.events import Event, FinishReason, RequestFinished
 from services.protocol.params import SamplingParams
-from services.worker.engine import Engine
+from services.worker.engine import Engine, StepResult
 
 log = logging.getLogger(__name__)
 
 Sink = Callable[[list[Event]], None]
+OnStep = Callable[[Engine, "float | None", "StepResult | None"], None]
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, on_step: Callable[[Engine, float, int], None] | None = None) -> None:
+    def __init__(self, engine: Engine, on_step: OnStep | None = None) -> None:
         self.engine = engine
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, Sink] = {}
@@ -64,6 +69,7 @@ class EngineLoop:
                 self._step()
             else:
                 self._flush()
+                self._report(None, None)
         for rid in list(self._sinks):  # shutting down: every open request ends cleanly
             self._dispatch(self.engine.abort(rid, FinishReason.CANCELLED))
 
@@ -117,8 +123,15 @@ class EngineLoop:
             self._recover()
             return
         self._dispatch(result.events)
-        if self._on_step:
-            self._on_step(self.engine, time.perf_counter() - t0, result.tokens)
+        self._report(time.perf_counter() - t0, result)
+
+    def _report(self, seconds: float | None, result: StepResult | None) -> None:
+        if self._on_step is None:
+            return
+        try:
+            self._on_step(self.engine, seconds, result)
+        except Exception:  # metrics never stop the engine
+            log.exception("on_step callback failed")
 
     def _flush(self) -> None:
         """Idle: send thread ends still waiting for a step message (cluster mode)."""

@@ -1,48 +1,101 @@
-"""The worker's Prometheus metrics, updated after every engine step (SPEC section 8)."""
+"""The worker's Prometheus metrics, read from the engine on its loop thread after every step (SPEC section 8).
+
+Names follow vLLM's (`vllm:num_requests_running` -> `apar_num_requests_running`, ...), with APAR's own
+beside them; every series carries `model_name`. Gauges are set from the engine's state; counters grow by
+what the engine's running totals grew since the last call (the engine keeps totals, the metrics deltas),
+so a counter is never set and never goes down. While the loop is idle `on_step` is called with no step
+(seconds and result None): only the gauges are refreshed then.
+"""
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from services.worker.engine import Engine
+from services.worker.engine import Engine, StepResult
+
+STEP_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+RTT_SECONDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+TOKENS_PER_STEP = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+FORK_DEPTH = (1, 2, 3, 4, 5, 6, 8, 12, 16)
 
 
 class WorkerMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        r = registry or CollectorRegistry()
+    def __init__(self, model_name: str, registry: CollectorRegistry | None = None) -> None:
+        r = registry if registry is not None else CollectorRegistry()
         self.registry = r
-        self.steps = Counter("apar_worker_steps", "Engine steps", registry=r)
-        self.step_seconds = Histogram("apar_worker_step_seconds", "Time of one engine step",
-                                      buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1), registry=r)
-        self.tokens = Counter("apar_worker_computed_tokens", "Tokens computed (prefill and decode)", registry=r)
-        self.running = Gauge("apar_worker_requests_running", "Requests running", registry=r)
-        self.queue = Gauge("apar_worker_requests_waiting", "Requests waiting for admission", registry=r)
-        self.threads = Gauge("apar_worker_threads_running", "Threads running", registry=r)
-        self.forks = Gauge("apar_worker_forks", "Forks so far", registry=r)
-        self.kv_used = Gauge("apar_worker_kv_blocks_used", "KV blocks in use", registry=r)
-        self.kv_free = Gauge("apar_worker_kv_blocks_free", "KV blocks free", registry=r)
-        self.early = Gauge("apar_worker_kv_blocks_released_early",
-                           "KV blocks freed by a finished thread while its request still ran", registry=r)
-        self.preemptions = Counter("apar_worker_preemptions", "Requests preempted under KV pressure (blocks freed, "
-                                   "KV recomputed on readmission)", registry=r)
-        self.forks_refused = Counter("apar_worker_forks_refused", "[Fork]s refused because the KV pool was nearly "
-                                     "full", registry=r)
-        self.recomputed = Counter("apar_worker_recomputed_tokens", "Tokens computed again after preemptions",
-                                  registry=r)
-        self._seen = (0, 0, 0)
+        self.model_name = model_name
+        m = ["model_name"]
 
-    def on_step(self, engine: Engine, seconds: float, tokens: int) -> None:
-        self.steps.inc()
-        self.step_seconds.observe(seconds)
-        self.tokens.inc(tokens)
-        self.running.set(len(engine.scheduler.running))
-        self.queue.set(len(engine.scheduler.waiting))
-        self.threads.set(sum(len(r.running_threads) for r in engine.scheduler.running))
-        self.forks.set(engine.forks)
-        self.kv_used.set(engine.ledger.num_used)
-        self.kv_free.set(engine.ledger.num_free)
-        self.early.set(engine.blocks_released_early)
-        now = (engine.preemptions, engine.forks_refused, engine.recomputed_tokens)
-        for counter, total, seen in zip((self.preemptions, self.forks_refused, self.recomputed), now, self._seen):
-            if total > seen:
-                counter.inc(total - seen)
-        self._seen = now
+        def gauge(name: str, doc: str):
+            return Gauge(name, doc, m, registry=r).labels(model_name)
+
+        def counter(name: str, doc: str):
+            return Counter(name, doc, m, registry=r).labels(model_name)
+
+        def histogram(name: str, doc: str, buckets):
+            return Histogram(name, doc, m, buckets=buckets, registry=r).labels(model_name)
+
+        # vLLM's names
+        self.running = gauge("apar_num_requests_running", "Requests admitted and running on the engine")
+        self.waiting = gauge("apar_num_requests_waiting", "Requests waiting for admission (new or preempted)")
+        self.kv_usage = gauge("apar_kv_cache_usage_perc", "KV cache usage: blocks in use / blocks in the pool (0..1)")
+        self.preemptions = counter("apar_num_preemptions_total", "Requests preempted under KV pressure (blocks "
+                                   "freed, KV recomputed on readmission)")
+        # APAR's own
+        self.threads = gauge("apar_threads_running", "Threads running, over every running request")
+        self.forks = counter("apar_forks_total", "Forks: threads started by [Fork] (the threads of every answer "
+                             "less its root)")
+        self.fork_depth = histogram("apar_fork_depth", "Depth of each new child thread (the root is 0)", FORK_DEPTH)
+        self.tokens_per_step = histogram("apar_tokens_per_step", "Tokens sampled in one engine step, over every "
+                                         "request: the parallelism of the step (steps that sampled)",
+                                         TOKENS_PER_STEP)
+        self.early = counter("apar_kv_blocks_released_early_total", "KV blocks freed by a finished thread while "
+                             "its request still ran")
+        self.forks_refused = counter("apar_forks_refused_total", "[Fork]s refused because the KV pool was nearly "
+                                     "full (the thread went on sequentially)")
+        self.recomputed = counter("apar_recomputed_tokens_total", "Tokens computed again after preemptions")
+        self.computed = counter("apar_computed_tokens_total", "Tokens computed by the model (prefill and decode)")
+        self.kv_used = gauge("apar_kv_blocks_used", "KV blocks in use")
+        self.kv_free = gauge("apar_kv_blocks_free", "KV blocks free")
+        self.step_seconds = histogram("apar_worker_step_seconds", "Wall time of one engine step (forward pass "
+                                      "included)", STEP_SECONDS)
+        self.kv_rtt = histogram("apar_kvmanager_rtt_seconds", "Round trip of one Step message to the KV manager "
+                                "(cluster mode; in-process under apar serve)", RTT_SECONDS)
+        self._totals = {"forks": 0, "early": 0, "preemptions": 0, "forks_refused": 0, "recomputed": 0}
+        self._depths: dict[int, int] = {}
+        self._hooked = None
+
+    def on_step(self, engine: Engine, seconds: float | None, result: StepResult | None) -> None:
+        """After a step (on the engine loop's thread), or with seconds/result None while idle."""
+        self._hook(engine)
+        sched = engine.scheduler
+        self.running.set(len(sched.running))
+        self.waiting.set(len(sched.waiting))
+        self.threads.set(sum(len(r.running_threads) for r in sched.running))
+        ledger = engine.ledger
+        self.kv_used.set(ledger.num_used)
+        self.kv_free.set(ledger.num_free)
+        self.kv_usage.set(ledger.num_used / ledger.num_blocks if ledger.num_blocks else 0.0)
+        now = {"forks": engine.forks, "early": engine.blocks_released_early, "preemptions": engine.preemptions,
+               "forks_refused": engine.forks_refused, "recomputed": engine.recomputed_tokens}
+        for key, total in now.items():
+            if total > self._totals[key]:
+                getattr(self, key).inc(total - self._totals[key])
+            self._totals[key] = total
+        for depth, total in engine.forks_by_depth.items():
+            for _ in range(total - self._depths.get(depth, 0)):
+                self.fork_depth.observe(depth)
+            self._depths[depth] = total
+        if result is not None and result.tokens:  # a step that ran the model
+            self.step_seconds.observe(seconds)
+            self.computed.inc(result.tokens)
+            if result.sampled:  # a step of prefill chunks only samples nothing: no parallelism to report
+                self.tokens_per_step.observe(result.sampled)
+
+    def _hook(self, engine: Engine) -> None:
+        """Time the KV manager's round trips: the engine's KV backend (set after start-up, replaced on
+        recovery) hears them through its `on_round_trip`, when it has one (RemoteKV)."""
+        kv = engine.kv
+        if kv is not self._hooked:
+            if hasattr(kv, "on_round_trip"):
+                kv.on_round_trip = self.kv_rtt.observe
+            self._hooked = kv
