@@ -35,6 +35,8 @@ def register(subparsers) -> None:
                                                      "without it the worker keeps its ledger in-process")
     w.add_argument("--kv-ttl", type=int, default=10, help="registration time-to-live at the KV manager, s")
     w.add_argument("--metrics-port", type=int, default=None)
+    w.add_argument("--served-model-name", default=None, help="the model_name label of its metrics: the router's "
+                                                             "--served-model-name (default: the --model path)")
     add_engine_args(w)
     w.set_defaults(func=run_worker)
 
@@ -43,6 +45,17 @@ def register(subparsers) -> None:
     r.add_argument("--workers", default=None, help="comma-separated worker addresses host:port")
     r.add_argument("--kvmanager", default=None, help="HOST:PORT of the KV manager: workers and their free "
                                                      "blocks come from it")
+    r.add_argument("--discovery", choices=("static", "kvmanager", "kubernetes"), default=None,
+                   help="how workers are found: static (--workers, the default with it), kvmanager (the "
+                        "default with --kvmanager), kubernetes (the EndpointSlices of --worker-service)")
+    r.add_argument("--worker-service", default=None, help="kubernetes discovery: the workers' Service")
+    r.add_argument("--worker-namespace", default=None, help="kubernetes discovery: the Service's namespace "
+                                                            "(default: the router pod's own, else default)")
+    r.add_argument("--worker-port-name", default="grpc", help="kubernetes discovery: the name of the "
+                                                              "Service port workers serve gRPC on (grpc)")
+    r.add_argument("--kube-api", default=None, help="kubernetes discovery: the API server's URL, plain "
+                                                    "(e.g. kubectl proxy's http://127.0.0.1:8001); default: "
+                                                    "the in-cluster service account, else the kubeconfig")
     r.add_argument("--host", default="127.0.0.1")
     r.add_argument("--port", type=int, default=50051)
     r.add_argument("--metrics-port", type=int, default=None)
@@ -76,7 +89,7 @@ def _engine(args, registry):
     from services.worker.metrics import WorkerMetrics
 
     engine = Engine(args.model, engine_config(args))
-    metrics = WorkerMetrics(registry)
+    metrics = WorkerMetrics(getattr(args, "served_model_name", None) or str(args.model), registry)
     return engine, EngineLoop(engine, on_step=metrics.on_step), metrics
 
 
@@ -115,7 +128,8 @@ async def _front_doors(args, tokenizer, directory, registry=None):
     from services.router.metrics import RouterMetrics
     from services.router.service import RouterService, start_router_server
 
-    gateway = Gateway(tokenizer, directory, args.served_model_name or str(args.model), RouterMetrics(registry))
+    model_name = args.served_model_name or str(args.model)
+    gateway = Gateway(tokenizer, directory, model_name, RouterMetrics(model_name, registry))
     grpc_server, port = await start_router_server(RouterService(gateway), f"{args.host}:{args.port}")
     servers, where = [grpc_server], f"{args.host}:{port}"
     if args.http_port is not None:
@@ -203,22 +217,34 @@ def run_router(args) -> int:
     _setup()
     from services.router.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(args.model)
+    discovery = _router_discovery(args)
     addresses = [a.strip() for a in (args.workers or "").split(",") if a.strip()]
-    if not addresses and not args.kvmanager:
-        raise UserError("give --workers host:port,... or --kvmanager host:port")
+    api_client = None
+    if discovery == "kubernetes":
+        from services.router.discovery import kube_api_client
+
+        api_client = kube_api_client(args.kube_api)
+    tokenizer = load_tokenizer(args.model)
 
     async def main() -> int:
         from services.router.workers import WorkerDirectory
 
-        if args.kvmanager:
+        if discovery == "kubernetes":
+            from services.router.discovery import KubernetesDirectory
+
+            directory = KubernetesDirectory(args.worker_service, args.worker_namespace, args.worker_port_name,
+                                            api_client=api_client)
+            directory.start()
+            source = directory.where
+        elif discovery == "kvmanager":
             from services.router.workers import KVManagerDirectory
 
             directory = KVManagerDirectory(args.kvmanager)
+            source = f"KV manager {args.kvmanager}"
         else:
             directory = WorkerDirectory(addresses)
+            source = f"workers {','.join(addresses)}"
         servers, where = await _front_doors(args, tokenizer, directory)
-        source = f"KV manager {args.kvmanager}" if args.kvmanager else f"workers {','.join(addresses)}"
         print(f"apar router: listening on {where}, {source}", file=sys.stderr, flush=True)
         try:
             await _until_signal(*servers)
@@ -227,3 +253,25 @@ def run_router(args) -> int:
         return 0
 
     return asyncio.run(main())
+
+
+def _router_discovery(args) -> str:
+    """Which way the router finds its workers, with its flags checked."""
+    discovery = args.discovery or ("kvmanager" if args.kvmanager else "static" if args.workers else None)
+    if discovery is None:
+        raise UserError("give --workers host:port,..., --kvmanager host:port, or --discovery kubernetes "
+                        "--worker-service NAME")
+    given = {"--workers": args.workers, "--kvmanager": args.kvmanager, "--worker-service": args.worker_service,
+             "--worker-namespace": args.worker_namespace, "--kube-api": args.kube_api}
+    wanted = {"static": {"--workers"}, "kvmanager": {"--kvmanager"},
+              "kubernetes": {"--worker-service", "--worker-namespace", "--kube-api"}}[discovery]
+    stray = [flag for flag, value in given.items() if value and flag not in wanted]
+    if stray:
+        raise UserError(f"{', '.join(stray)}: not used with --discovery {discovery}")
+    if discovery == "static" and not [a for a in (args.workers or "").split(",") if a.strip()]:
+        raise UserError("--discovery static needs --workers host:port,...")
+    if discovery == "kvmanager" and not args.kvmanager:
+        raise UserError("--discovery kvmanager needs --kvmanager host:port")
+    if discovery == "kubernetes" and not args.worker_service:
+        raise UserError("--discovery kubernetes needs --worker-service NAME (the workers' Service)")
+    return discovery
