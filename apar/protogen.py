@@ -1,7 +1,8 @@
 """gRPC stubs built from `proto/` on first use (never edited, never committed).
 
 `stubs()` generates `apar/v1/*_pb2.py` and `*_pb2_grpc.py` with grpc_tools when the .proto files changed
-since the last build (a hash in `apar/v1/.proto-hash`), then returns the generated package. Only the
+since the last build (a hash in `apar/v1/.proto-hash`), then returns the generated package. When the
+stubs are current nothing is written, so an image that generated them at build time runs read-only. Only the
 servicer and client modules import it; domain code never sees protobuf types.
 """
 from __future__ import annotations
@@ -32,8 +33,10 @@ def generate() -> None:
     if not files:
         raise RuntimeError(f"no .proto files under {PROTO_DIR}")
     digest = _proto_hash(files)
-    OUT_DIR.mkdir(exist_ok=True)
     stamp = OUT_DIR / ".proto-hash"
+    if stamp.exists() and stamp.read_text() == digest:  # current: nothing is written (a read-only image)
+        return
+    OUT_DIR.mkdir(exist_ok=True)
     with open(OUT_DIR / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if stamp.exists() and stamp.read_text() == digest:

@@ -1,0 +1,210 @@
+{{/* Names, labels and the pieces every component shares. */}}
+
+{{- define "apar.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The resource name prefix: release-chart, or the release name when it already holds the chart's. */}}
+{{- define "apar.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "apar.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels of every resource. */}}
+{{- define "apar.labels" -}}
+helm.sh/chart: {{ include "apar.chart" . }}
+{{ include "apar.selectorLabels" . }}
+{{- if .Chart.AppVersion }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- end }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: apar
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "apar.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "apar.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* A component's labels and selector labels: include with (dict "ctx" $ "component" "router"). */}}
+{{- define "apar.componentLabels" -}}
+{{ include "apar.labels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "apar.componentSelectorLabels" -}}
+{{ include "apar.selectorLabels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* Component names. */}}
+{{- define "apar.router.fullname" -}}{{ include "apar.fullname" . }}-router{{- end }}
+{{- define "apar.worker.fullname" -}}{{ include "apar.fullname" . }}-worker{{- end }}
+{{- define "apar.kvmanager.fullname" -}}{{ include "apar.fullname" . }}-kvmanager{{- end }}
+{{- define "apar.redis.fullname" -}}{{ include "apar.fullname" . }}-redis{{- end }}
+
+{{- define "apar.router.serviceAccountName" -}}
+{{- if .Values.router.serviceAccount.create }}
+{{- default (include "apar.router.fullname" .) .Values.router.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.router.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* image: include with (dict "ctx" $ "image" .Values.router.image) */}}
+{{- define "apar.image" -}}
+{{- printf "%s:%s" .image.repository (default .ctx.Chart.AppVersion .image.tag) }}
+{{- end }}
+
+{{- define "apar.modelDir" -}}
+{{- printf "%s/%s" (trimSuffix "/" .Values.model.mountPath) (trimPrefix "/" .Values.model.path) }}
+{{- end }}
+
+{{- define "apar.servedModelName" -}}
+{{- default (base .Values.model.path) .Values.model.servedModelName }}
+{{- end }}
+
+{{- define "apar.kvmanager.address" -}}
+{{- printf "%s:%d" (include "apar.kvmanager.fullname" .) (int .Values.kvmanager.ports.grpc) }}
+{{- end }}
+
+{{/* Label matchers of the workers' series in Prometheus (a ServiceMonitor's job is its Service). */}}
+{{- define "apar.worker.promSelector" -}}
+{{- printf "namespace=%q, job=%q" .Release.Namespace (include "apar.worker.fullname" .) }}
+{{- end }}
+
+{{- define "apar.kvmanager.promSelector" -}}
+{{- printf "namespace=%q, job=%q" .Release.Namespace (include "apar.kvmanager.fullname" .) }}
+{{- end }}
+
+{{/* A NetworkPolicy peer: every pod of the release. */}}
+{{- define "apar.releasePeer" -}}
+- podSelector:
+    matchLabels:
+      {{- include "apar.selectorLabels" . | nindent 6 }}
+{{- end }}
+
+{{- define "apar.imagePullSecrets" -}}
+{{- with .Values.imagePullSecrets }}imagePullSecrets:
+{{- range . }}
+  - name: {{ . }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* A gRPC probe: include with (dict "port" N "service" "" "probe" .Values.x.probes.readiness) */}}
+{{- define "apar.grpcProbe" -}}
+grpc:
+  port: {{ int .port }}
+  {{- with .service }}
+  service: {{ . }}
+  {{- end }}
+{{- toYaml .probe | nindent 0 }}
+{{- end }}
+
+{{/* Writable emptyDirs under a read-only root: /tmp and the caches (the gRPC stubs are generated when the
+    image is built, and only read at run time). */}}
+{{- define "apar.scratchVolumes" -}}
+- name: tmp
+  emptyDir: {}
+- name: cache
+  emptyDir: {}
+{{- end }}
+
+{{- define "apar.scratchMounts" -}}
+- name: tmp
+  mountPath: /tmp
+- name: cache
+  mountPath: /cache
+{{- end }}
+
+{{/* The model volume (named "model"). */}}
+{{- define "apar.modelVolume" -}}
+- name: model
+{{- if eq .Values.model.source "init" }}
+  emptyDir:
+    sizeLimit: {{ .Values.model.init.sizeLimit }}
+{{- else if eq .Values.model.source "pvc" }}
+  persistentVolumeClaim:
+    claimName: {{ include "apar.fullname" . }}-model
+{{- else }}
+  persistentVolumeClaim:
+    claimName: {{ required "model.existingClaim is required when model.source is existingClaim" .Values.model.existingClaim }}
+{{- end }}
+{{- end }}
+
+{{/* The init container writing the model (source init): include with
+(dict "ctx" $ "image" ... "resources" ... "command" <list, empty: model.init.command>) */}}
+{{- define "apar.modelInit" -}}
+{{- $ctx := .ctx }}
+{{- if eq $ctx.Values.model.source "init" }}
+- name: model
+  image: {{ include "apar.image" (dict "ctx" $ctx "image" .image) }}
+  imagePullPolicy: {{ .image.pullPolicy }}
+  command:
+    {{- toYaml (default $ctx.Values.model.init.command .command) | nindent 4 }}
+  securityContext:
+    {{- toYaml $ctx.Values.securityContext | nindent 4 }}
+  resources:
+    {{- toYaml (default .resources $ctx.Values.model.init.resources) | nindent 4 }}
+  volumeMounts:
+    - name: model
+      mountPath: {{ $ctx.Values.model.mountPath }}
+    {{- include "apar.scratchMounts" $ctx | nindent 4 }}
+{{- end }}
+{{- end }}
+
+{{/* Checks of combinations the schema cannot express. */}}
+{{- define "apar.validate" -}}
+{{- if and .Values.autoscaling.enabled .Values.keda.enabled }}
+{{- fail "autoscaling.enabled and keda.enabled both scale the workers: enable one" }}
+{{- end }}
+{{- if and (not .Values.redis.enabled) (not .Values.redis.external.url) }}
+{{- fail "redis.enabled is false: set redis.external.url" }}
+{{- end }}
+{{- if and (eq .Values.router.discovery "kubernetes") (not .Values.rbac.create) (not .Values.router.serviceAccount.name) }}
+{{- fail "router.discovery kubernetes needs rbac.create, or router.serviceAccount.name of an account allowed to list and watch endpointslices" }}
+{{- end }}
+{{- end }}
+
+{{/* The Redis URL the KV manager gets; $(REDIS_PASSWORD) is expanded by Kubernetes from the env var. */}}
+{{- define "apar.redis.passwordSecret" -}}
+{{- if .Values.redis.enabled }}{{ .Values.redis.auth.existingSecret }}{{ else }}{{ .Values.redis.external.existingSecret }}{{ end }}
+{{- end }}
+
+{{- define "apar.redis.passwordKey" -}}
+{{- if .Values.redis.enabled }}{{ .Values.redis.auth.passwordKey }}{{ else }}{{ .Values.redis.external.passwordKey }}{{ end }}
+{{- end }}
+
+{{- define "apar.redis.url" -}}
+{{- $secret := include "apar.redis.passwordSecret" . }}
+{{- if .Values.redis.enabled }}
+{{- if $secret }}
+{{- printf "redis://:$(REDIS_PASSWORD)@%s:%d/0" (include "apar.redis.fullname" .) (int .Values.redis.port) }}
+{{- else }}
+{{- printf "redis://%s:%d/0" (include "apar.redis.fullname" .) (int .Values.redis.port) }}
+{{- end }}
+{{- else if $secret }}
+{{- $u := urlParse .Values.redis.external.url }}
+{{- $url := printf "%s://%s:$(REDIS_PASSWORD)@%s%s" $u.scheme $u.userinfo $u.host $u.path }}
+{{- if $u.query }}{{ $url = printf "%s?%s" $url $u.query }}{{ end }}
+{{- $url }}
+{{- else }}
+{{- .Values.redis.external.url }}
+{{- end }}
+{{- end }}
