@@ -1,8 +1,13 @@
 """Cluster mode with the KV manager and a real Redis: router, worker and KV manager as processes.
 
 Faults, each injected while a request is seen running and checked to have hit it: the KV manager killed
-and restarted under load, Redis restarted, the worker silent past its time-to-live, the worker killed."""
+and restarted under load, Redis restarted, the worker silent past its time-to-live, the worker killed.
+The worker's steps never wait for the manager: requests go on through each fault, and afterwards the
+manager's replica equals the worker's ledger. And with the manager frozen (SIGSTOP) for 2 s, an engine's
+steps/s stays within 5% of its pace with the manager running."""
 from __future__ import annotations
+
+import time
 
 import grpc
 import pytest
@@ -116,19 +121,23 @@ def test_through_the_kv_manager(cluster, llama_dir):
 
 
 def test_kv_manager_killed_and_restarted_under_load(cluster):
-    """The KV manager is killed while requests run: the worker's steps wait for it, and once it is back
-    (restored from Redis) every request finishes, or fails cleanly with a final message saying why."""
+    """The KV manager is killed while requests run: they go on (the worker's steps never wait for it),
+    and once it is back (restored from Redis) the worker resends what it had not acknowledged; every
+    request finishes, or fails cleanly with a final message saying why (had the manager stayed away
+    past the worker's lag bound)."""
     with grpc.insecure_channel(cluster.address) as ch:
         stub = pb.apar_pb2_grpc.AparStub(ch)
-        streams = [Stream(stub, streamed(120, temperature=0.5, seed=i, ignore_eos=True)) for i in range(4)]
+        streams = [Stream(stub, streamed(600, temperature=0.5, seed=i, ignore_eos=True)) for i in range(4)]
         wait_until(lambda: any(s.running for s in streams), 30, "a request streaming")
         mark = len(cluster.worker.lines)
         cluster.kv.kill()
-        # the fault hits running requests: the worker holds them with no manager to answer their steps
-        assert worker_info(cluster.worker_address).running >= 1
-        cluster.worker.wait_for("heartbeat to the KV manager failed", timeout=10, since=mark)
-        stalled = [s for s in streams if s.running]  # in flight while the worker saw the manager gone
-        assert stalled
+        # the fault hits running requests, and they go on streaming with the manager gone
+        hit = [s for s in streams if s.running]
+        assert hit and worker_info(cluster.worker_address).running >= 1
+        at_kill = sum(s.events for s in hit)
+        cluster.worker.wait_for("KV manager unavailable", timeout=10, since=mark)
+        wait_until(lambda: sum(s.events for s in hit) >= at_kill + 20 or all(s.ended for s in hit), 10,
+                   "the requests to go on without the manager")
         cluster.kv = Proc(*cluster.kv_args)
         cluster.kv.wait_for("listening on")
         for s in streams:
@@ -138,42 +147,49 @@ def test_kv_manager_killed_and_restarted_under_load(cluster):
         # each request finishes, or fails cleanly with a final message saying why
         assert all(o in ("ok", "internal engine error") for o, _ in outcomes), \
             (outcomes, "".join(cluster.router.lines[-40:]))
-        assert all(n == 120 for o, n in outcomes if o == "ok")
-        assert all(s.final is not None for s in stalled)  # the stalled ones too, after the restart
+        assert all(n == 600 for o, n in outcomes if o == "ok")
         state = wait_idle(cluster)
         assert len(state.free) == BLOCKS and len(set(state.free)) == BLOCKS and not state.used
         assert gen(stub, 10, ignore_eos=True).usage.completion_tokens == 10  # still serving
 
 
+def went_on(s: Stream, since: int) -> bool:
+    """The request streamed on from `since` events: still running, or ended cleanly (the pool of this
+    small cluster fills up quickly when nothing holds a request back)."""
+    wait_until(lambda: s.events >= since + 10 or s.ended, 30, "the request to go on")
+    return s.events > since and (s.running or (s.final is not None and s.final.error in ("", "the KV cache is full")))
+
+
 def test_redis_restart_then_serving_goes_on(cluster):
-    """Redis restarts (empty) while a request runs: its steps wait, then it goes on; the manager writes
-    every ledger back."""
+    """Redis restarts (empty) while a request runs: the manager acknowledges nothing it cannot persist,
+    the request streams on meanwhile, and once Redis is back the manager writes every ledger back and
+    the worker's unacknowledged steps go through."""
     with grpc.insecure_channel(cluster.address) as ch:
         stub = pb.apar_pb2_grpc.AparStub(ch)
-        s = Stream(stub, streamed(2000, ignore_eos=True))
+        s = Stream(stub, streamed(4000, ignore_eos=True))
         s.wait_running()
+        mark = len(cluster.worker.lines)
         cluster.redis.kill()
         wait_until(lambda: not kv_serving(cluster), 10, "the KV manager to report Redis gone")
-        assert worker_info(cluster.worker_address).running == 1 and s.running  # in flight, its steps unanswered
+        assert worker_info(cluster.worker_address).running == 1 and s.running  # in flight at the outage
         at_outage = s.events
+        cluster.worker.wait_for("KV manager unavailable", timeout=10, since=mark)  # its steps unanswered
+        assert went_on(s, at_outage), (s.code, s.final)
         cluster.redis.start()
-        # the request goes on: more events than one step in flight at the outage could have made
-        wait_until(lambda: s.events >= at_outage + 10 or s.ended, 30, "the request to go on after the restart")
-        assert s.running, (s.code, s.final)
-        s.cancel()
-        assert s.join(10).code == "CANCELLED"
         wait_until(lambda: kv_serving(cluster), 10, "the KV manager serving again")
+        s.cancel()
+        s.join(10)
         serving(stub)
     assert len(wait_idle(cluster).free) == BLOCKS
 
 
 def test_worker_forgotten_by_the_manager_recovers(cluster):
     """The worker is silent longer than its time-to-live while a request runs (frozen, as in a long pause
-    or a partition): the manager reclaims it; once it wakes, the request fails cleanly, the worker
-    registers again, and both ledgers restart equal."""
+    or a partition): the manager reclaims it; once it wakes, it registers again and replaces the fresh,
+    empty replica by its own ledger (a resync): its request goes on, and both ledgers end equal."""
     with grpc.insecure_channel(cluster.address) as ch:
         stub = pb.apar_pb2_grpc.AparStub(ch)
-        s = Stream(stub, streamed(2000, ignore_eos=True))
+        s = Stream(stub, streamed(4000, ignore_eos=True))
         s.wait_running()
         assert worker_info(cluster.worker_address).running == 1
         cluster.worker.pause()
@@ -181,12 +197,17 @@ def test_worker_forgotten_by_the_manager_recovers(cluster):
             wait_until(lambda: not kv_usage(cluster).workers, 10, "the manager to reclaim the silent worker")
             assert s.running  # the request was in flight when its worker was forgotten
         finally:
+            mark = len(cluster.worker.lines)
             cluster.worker.resume()
-        s.join(60)
-        assert s.final is not None and s.final.error, (s.code, s.final)  # ended cleanly, saying why
-        assert s.final.usage.completion_tokens < 2000
+        cluster.worker.wait_for("resyncing its ledger", timeout=10, since=mark)
+        wait_until(lambda: [w.worker_id for w in kv_usage(cluster).workers] == ["w-main"], 10,
+                   "the worker registered again")
+        at_resync = s.events
+        assert went_on(s, at_resync), (s.code, s.final)
+        s.cancel()
+        s.join(10)
         serving(stub, 12)
-        state = wait_idle(cluster)  # every step after the recovery was checked slot for slot by the worker
+        state = wait_idle(cluster)
         assert len(state.free) == BLOCKS and not state.used
         info = stub.ModelInfo(A.ModelInfoRequest())
         assert info.free_kv_blocks == info.total_kv_blocks == BLOCKS
@@ -210,3 +231,80 @@ def test_killed_worker_is_reclaimed(cluster):
         with pytest.raises(grpc.RpcError) as err:
             gen(stub, 5)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_manager_paused_engine_keeps_its_pace(tmp_path, tokenizer):
+    """A real engine (random model, in this process) in cluster mode under a steady load (8 requests
+    running, each replaced as it ends), its manager a process: frozen (SIGSTOP) for 2 s, the engine's
+    steps/s does not drop by more than 5% from its pace with the manager running (the mean of the 2 s
+    before and after), it never waits on the lag bound, and after the manager resumes its replica
+    equals the engine's ledger."""
+    from apar.modelgen import ModelShape, make_model
+    from services.kvmanager import convert
+    from services.protocol.params import SamplingParams
+    from services.worker.config import EngineConfig
+    from services.worker.engine import Engine
+    from services.worker.kv import RemoteKV
+    from services.worker.kvclient import KVManagerClient
+
+    import torch
+
+    redis = ScratchRedis()
+    port = free_port()
+    kv = Proc("kvmanager", "--port", str(port), "--redis", redis.url, "--ttl", "30")
+    clients = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on 2 shared cores, 2 torch threads spin against each other
+
+    def factory(ledger):
+        client = KVManagerClient(f"127.0.0.1:{port}", "w-paced", "here", ledger.num_blocks, ledger.block_size,
+                                 ttl_s=30)
+        assert not client.register()
+        client.start_heartbeat()
+        clients.append(client)
+        return RemoteKV(ledger, client)
+
+    try:
+        kv.wait_for("listening on")
+        model = make_model(tmp_path / "long", "llama", ModelShape(max_positions=16384), tokenizer=tokenizer)
+        eng = Engine(model, EngineConfig(block_size=16, num_blocks=512, max_batch_tokens=64), kv_factory=factory)
+        params = SamplingParams(max_tokens=150, ignore_eos=True, auto_parallel=False)
+        started = [0]
+
+        def steps_per_s(seconds: float) -> float:
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                while len(eng.requests) < 8:
+                    started[0] += 1
+                    eng.add_request(list(range(10 + started[0] % 50, 40 + started[0] % 50)), params)
+                eng.step()
+                n += 1
+            return n / (time.perf_counter() - t0)
+
+        steps_per_s(1.0)  # warm: prefill done, every request decoding
+        ratios = []
+        for _ in range(3):  # the machine is shared: the best of three tries
+            before = steps_per_s(2.0)
+            kv.pause()
+            try:
+                paused = steps_per_s(2.0)
+            finally:
+                kv.resume()
+            after = steps_per_s(2.0)
+            ratios.append(paused / ((before + after) / 2))
+            if ratios[-1] >= 0.95:
+                break
+        # no slower, if anything faster: with nothing acknowledged, its sender thread has nothing to send
+        assert max(ratios) >= 0.95, ratios
+        assert eng.kv.blocked_s == 0.0
+        eng.kv.drain(30)
+        state = clients[0].state()
+        assert state == convert.state_to_pb(eng.ledger.snapshot()) and state.used
+    finally:
+        torch.set_num_threads(threads)
+        if clients:
+            eng.kv.close()
+        for c in clients:
+            c.close()
+        kv.stop()
+        redis.close()

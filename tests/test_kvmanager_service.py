@@ -1,12 +1,14 @@
-"""The KV manager service on loopback gRPC with a real Redis: answers equal the worker's own ledger,
-restarts (new server object, killed process) lose nothing, resends are idempotent, expired workers are
-reclaimed, a Redis restart is survived, and bad or random input never crashes it."""
+"""The KV manager service on loopback gRPC with a real Redis: the replicas equal the workers' ledgers,
+restarts (new server object, killed process) lose nothing, resends are skipped, expired workers are
+reclaimed (and come back by a resync), a Redis restart is survived, and bad or random input never
+crashes it."""
 from __future__ import annotations
 
+import json
+import queue
 import random
 import subprocess
 import sys
-import threading
 import urllib.request
 
 import grpc
@@ -16,16 +18,18 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from apar.protogen import stubs
 from services.kvmanager import convert
-from services.kvmanager.ledger import ThreadRef as R
-from services.kvmanager.ops import Append, Start
+from services.kvmanager.ledger import KVLedger
+from services.kvmanager.replication import Batch, StepLog
 from services.kvmanager.service import serve
 from services.kvmanager.testing import ScratchRedis, SimWorker, free_port
+from services.worker.kv import RemoteKV
+from services.worker.kvclient import KVManagerClient
 from tests.faults import wait_until
 
 pb = stubs()
 K = pb.kvmanager_pb2
 C = grpc.StatusCode
-BLOCKS, BLOCK_SIZE = 64, 4
+BLOCKS, BLOCK_SIZE, SESSION = 64, 4, 7
 
 
 @pytest.fixture(scope="module")
@@ -39,28 +43,48 @@ def redis_server():
 
 
 class Client:
+    """The manager's API as a test drives it: unary calls, and batches on one open Steps stream."""
+
     def __init__(self, address: str) -> None:
         self.channel = grpc.insecure_channel(address)
         self.stub = pb.kvmanager_pb2_grpc.KVManagerStub(self.channel)
+        self._requests: queue.SimpleQueue | None = None
 
-    def register(self, worker="w1", blocks=BLOCKS, ttl=30, **kw):
+    def register(self, worker="w1", blocks=BLOCKS, ttl=30, session=SESSION, **kw):
         return self.stub.Register(K.RegisterRequest(worker_id=worker, address=f"127.0.0.1:{len(worker)}",
-                                                    num_blocks=blocks, block_size=BLOCK_SIZE, ttl_seconds=ttl, **kw),
-                                  timeout=5, wait_for_ready=True)
+                                                    num_blocks=blocks, block_size=BLOCK_SIZE, ttl_seconds=ttl,
+                                                    session=session, **kw), timeout=5, wait_for_ready=True)
 
-    def step(self, seq, ops, worker="w1"):
-        return self.stub.Step(convert.step_to_pb(worker, seq, ops), timeout=5)
+    def send(self, msg):
+        """One StepBatch on the stream (opened on first use; a failed one is dropped)."""
+        if self._requests is None:
+            self._requests = queue.SimpleQueue()
+            self._responses = self.stub.Steps(iter(self._requests.get, None), timeout=30)
+        self._requests.put(msg)
+        try:
+            return next(self._responses)
+        except grpc.RpcError:
+            self._requests = None
+            raise
 
     def state(self, worker="w1"):
         return self.stub.State(K.StateRequest(worker_id=worker), timeout=5)
 
-    def drive(self, sim: SimWorker, steps: int, worker="w1"):
-        """The simulated worker's next steps; every answer must equal its own ledger's."""
-        for _ in range(steps):
-            seq, ops, local = sim.step()
-            resp = self.step(seq, ops, worker)
-            assert convert.answer_from_pb(resp) == local and resp.free_blocks == sim.ledger.num_free
-        return seq, ops, resp
+    def usage(self):
+        return self.stub.Usage(K.UsageRequest(), timeout=5).workers
+
+    def drive(self, sim: SimWorker, steps: int, worker="w1", per_message: int = 2):
+        """The simulated worker's next steps, `per_message` to a message; every ack agrees with it."""
+        for i in range(steps):
+            sim.step()
+            if (i + 1) % per_message == 0 or i == steps - 1:
+                ack = convert.ack_from_pb(self.send(convert.batch_to_pb(worker, sim.kv.batch())))
+                assert ack.applied == sim.kv.seq and ack.digest == sim.ledger.digest() and not ack.resync
+                sim.kv.acked(ack)
+
+
+def worker(seed: int, blocks: int = BLOCKS, **kw) -> SimWorker:
+    return SimWorker(StepLog(KVLedger(blocks, BLOCK_SIZE), SESSION), seed=seed, **kw)
 
 
 def code_of(call) -> grpc.StatusCode:
@@ -87,46 +111,48 @@ def kv(redis_server, request):
         s.stop(grace=None)
 
 
-def test_step_round_trip_equals_the_workers_own_ledger(kv):
+def test_stream_of_steps_equals_the_workers_own_ledger(kv):
     server, client = kv()
     assert not client.register().restored
-    sim = SimWorker(num_blocks=BLOCKS, block_size=BLOCK_SIZE, seed=11)
+    sim = worker(11)
     client.drive(sim, 300)
     assert client.state() == convert.state_to_pb(sim.ledger.snapshot())
-    usage = client.stub.Usage(K.UsageRequest(), timeout=5).workers
-    assert [(u.worker_id, u.free_blocks, u.requests) for u in usage] == [("w1", sim.ledger.num_free, len(sim.running))]
+    assert [(u.worker_id, u.free_blocks, u.requests) for u in client.usage()] == \
+        [("w1", sim.ledger.num_free, sim.ledger.num_requests)]
     server.manager.check()
+    assert server.metrics.steps._value.get() == 300 and server.metrics.messages._value.get() == 150
 
 
-def test_workers_step_concurrently(kv):
-    server, client = kv()
-    sims = {f"w{i}": SimWorker(BLOCKS, BLOCK_SIZE, seed=20 + i) for i in range(4)}
-    for w in sims:
-        client.register(w)
-    errors: list[BaseException] = []
-
-    def run(w: str) -> None:
-        try:
-            client.drive(sims[w], 100, w)
-        except BaseException as exc:  # reported below, in the test's thread
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(w,)) for w in sims]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors[0]
-    for w, sim in sims.items():
-        assert client.state(w) == convert.state_to_pb(sim.ledger.snapshot())
+def test_remote_kv_workers_stream_concurrently(kv):
+    """The worker's own client and sender: four workers step freely; their replicas keep up."""
+    server, _ = kv()
+    backends = []
+    for i in range(4):
+        client = KVManagerClient(f"127.0.0.1:{server.port}", f"w{i}", "here", BLOCKS, BLOCK_SIZE)
+        assert not client.register()
+        backends.append(RemoteKV(KVLedger(BLOCKS, BLOCK_SIZE), client, send_every_s=0.002))
+    sims = [SimWorker(kv_, seed=20 + i) for i, kv_ in enumerate(backends)]
+    try:
+        for _ in range(150):
+            for sim in sims:
+                sim.step()
+        for i, sim in enumerate(sims):
+            sim.kv.drain()
+            assert sim.kv.client.state() == convert.state_to_pb(sim.ledger.snapshot())
+            assert sim.kv.blocked_s == 0.0
+    finally:
+        for sim in sims:
+            sim.kv.close()
+            sim.kv.client.close()
     server.manager.check()
+    assert server.metrics.messages._value.get() < 4 * 150  # several steps to a message
 
 
 def test_memory_only_server(kv):
     server, client = kv(memory=True)
     assert server.manager.store is None
     client.register()
-    sim = SimWorker(BLOCKS, BLOCK_SIZE, seed=24)
+    sim = worker(24)
     client.drive(sim, 50)
     assert client.state() == convert.state_to_pb(sim.ledger.snapshot())
 
@@ -135,7 +161,7 @@ def test_restart_on_the_same_redis_restores_every_ledger(kv):
     first, client = kv()
     client.register("w1")
     client.register("w2", blocks=32)
-    sims = {"w1": SimWorker(BLOCKS, BLOCK_SIZE, seed=12), "w2": SimWorker(32, BLOCK_SIZE, seed=13)}
+    sims = {"w1": worker(12), "w2": worker(13, blocks=32)}
     for w, sim in sims.items():
         client.drive(sim, 77, w)
     before = {w: client.state(w) for w in sims}
@@ -143,7 +169,7 @@ def test_restart_on_the_same_redis_restores_every_ledger(kv):
     second, client = kv()
     assert {w: client.state(w) for w in sims} == before
     assert client.register("w1").restored and client.register("w2", blocks=32).restored
-    for w, sim in sims.items():  # going on, no block is handed out twice: answers equal the workers' ledgers
+    for w, sim in sims.items():  # going on, no block is handed out twice: the replicas equal the workers
         client.drive(sim, 60, w)
         assert client.state(w) == convert.state_to_pb(sim.ledger.snapshot())
     second.manager.check()
@@ -189,11 +215,15 @@ def test_killed_manager_process_restarts_from_redis(redis_server, request, tmp_p
     try:
         client = Client(f"127.0.0.1:{port}")
         client.register(ttl=1)
-        sim = SimWorker(BLOCKS, BLOCK_SIZE, seed=14)
-        seq, ops, last = client.drive(sim, 90)
+        sim = worker(14)
+        client.drive(sim, 90)
         before = client.state()
         assert before.used  # the simulated worker's running requests hold blocks
+        for _ in range(3):
+            sim.step()
+        unanswered = convert.batch_to_pb("w1", sim.kv.batch())
         proc.kill()  # SIGKILL: nothing is flushed on the way out
+        assert code_of(lambda: client.send(unanswered)) == C.UNAVAILABLE
         # down longer than the ttl: the registration expires in Redis, no heartbeat could arrive meanwhile
         wait_until(lambda: not alive.exists(f"{prefix}kv:w:w1:alive"), 5, "the registration to expire")
         proc = ManagerProcess(args, tmp_path / "kv.log")
@@ -202,52 +232,69 @@ def test_killed_manager_process_restarts_from_redis(redis_server, request, tmp_p
         wait_until(lambda: metric(metrics_port, "apar_kvmanager_redis_round_trips_total") > trips, 5,
                    "a reaper pass")
         # ... did not reap it: a ledger loaded at start gets a fresh time-to-live
-        assert [u.worker_id for u in client.stub.Usage(K.UsageRequest(), timeout=5).workers] == ["w1"]
+        assert [u.worker_id for u in client.usage()] == ["w1"]
         assert client.register(ttl=1).restored
         assert client.state() == before
-        assert client.step(seq, ops) == last  # the worker resends the step it never heard back from
+        ack = convert.ack_from_pb(client.send(unanswered))  # the worker sends what was never acknowledged
+        assert ack.applied == sim.kv.seq and not ack.resync
+        sim.kv.acked(ack)
         client.drive(sim, 40)
         assert client.state() == convert.state_to_pb(sim.ledger.snapshot())
     finally:
         proc.kill()
 
 
-def test_resent_seq_is_answered_again_not_applied(kv):
+def test_the_same_batch_twice_is_applied_once(kv):
     server, client = kv()
     client.register()
-    sim = SimWorker(BLOCKS, BLOCK_SIZE, seed=15)
-    seq, ops, last = client.drive(sim, 20)
+    sim = worker(15)
+    client.drive(sim, 20)
+    for _ in range(3):
+        sim.step()
+    msg = convert.batch_to_pb("w1", sim.kv.batch())
+    assert client.send(msg).applied == sim.kv.seq
     state = client.state()
-    assert client.step(seq, ops) == last and client.state() == state
-    assert code_of(lambda: client.step(seq, ops[:-1])) == C.FAILED_PRECONDITION  # same seq, other ops
-    assert code_of(lambda: client.step(seq - 1, ops)) == C.FAILED_PRECONDITION  # older than the last
-    assert client.state() == state
-    assert server.metrics.resent._value.get() == 1
+    assert client.send(msg).applied == sim.kv.seq and client.state() == state
+    assert server.metrics.duplicates._value.get() == 3
+    other = convert.batch_to_pb("w1", Batch(SESSION + 1, sim.kv.batch().steps))  # another session
+    assert client.send(other).resync and client.state() == state
 
 
-def test_expired_worker_is_reclaimed(kv, redis_server, request):
+def test_expired_worker_is_reclaimed_and_comes_back_by_a_resync(kv, redis_server, request):
     server, client = kv()
-    client.register("w-dead", ttl=1)
     client.register("w-live", ttl=1)
-    sim = SimWorker(BLOCKS, BLOCK_SIZE, seed=16)
-    client.drive(sim, 30, "w-dead")
-    while not sim.running:  # stop where its running requests hold blocks
-        client.drive(sim, 1, "w-dead")
-    assert client.state("w-dead").used
+    dead = KVManagerClient(f"127.0.0.1:{server.port}", "w-dead", "here", BLOCKS, BLOCK_SIZE, ttl_s=1)
+    assert not dead.register()
+    backend = RemoteKV(KVLedger(BLOCKS, BLOCK_SIZE), dead, send_every_s=0.002)
+    sim = SimWorker(backend, seed=16)
+    try:
+        for _ in range(30):
+            sim.step()
+        while not sim.running:  # stop where its running requests hold blocks
+            sim.step()
+        backend.drain()
+        assert client.state("w-dead").used
 
-    def reaped() -> bool:  # w-live sends heartbeats meanwhile, w-dead none
-        assert client.stub.Heartbeat(K.HeartbeatRequest(worker_id="w-live"), timeout=5).known
-        return [u.worker_id for u in client.stub.Usage(K.UsageRequest(), timeout=5).workers] == ["w-live"]
+        def reaped() -> bool:  # w-live sends heartbeats meanwhile, w-dead none
+            assert client.stub.Heartbeat(K.HeartbeatRequest(worker_id="w-live"), timeout=5).known
+            return [u.worker_id for u in client.usage()] == ["w-live"]
 
-    wait_until(reaped, 10, "w-dead to be reaped", every=0.1)
-    assert not client.stub.Heartbeat(K.HeartbeatRequest(worker_id="w-dead"), timeout=5).known
-    assert code_of(lambda: client.step(sim.seq + 1, [], "w-dead")) == C.NOT_FOUND
-    assert code_of(lambda: client.state("w-dead")) == C.NOT_FOUND
-    keys = redis_server.client().keys(f"t-{request.node.name}:kv:w:w-dead:*")
-    assert keys == [] and not redis_server.client().hexists(f"t-{request.node.name}:kv:workers", "w-dead")
-    assert server.metrics.reaped._value.get() == 1
-    assert not client.register("w-dead").restored  # it comes back with a fresh ledger
-    assert client.state("w-dead").free == list(range(BLOCKS))
+        wait_until(reaped, 10, "w-dead to be reaped", every=0.1)
+        assert not client.stub.Heartbeat(K.HeartbeatRequest(worker_id="w-dead"), timeout=5).known
+        assert code_of(lambda: client.state("w-dead")) == C.NOT_FOUND
+        assert code_of(lambda: client.send(K.StepBatch(worker_id="w-dead", session=1))) == C.NOT_FOUND
+        keys = redis_server.client().keys(f"t-{request.node.name}:kv:w:w-dead:*")
+        assert keys == [] and not redis_server.client().hexists(f"t-{request.node.name}:kv:workers", "w-dead")
+        assert server.metrics.reaped._value.get() == 1
+        # the worker steps on: its sender registers again and replaces the new, empty replica by its ledger
+        for _ in range(5):
+            sim.step()
+        backend.drain()
+        assert dead.state() == convert.state_to_pb(sim.ledger.snapshot())
+        assert server.metrics.resyncs._value.get() == 1 and backend.blocked_s == 0.0
+    finally:
+        backend.close()
+        dead.close()
 
 
 def test_redis_restart_is_survived(kv):
@@ -256,36 +303,31 @@ def test_redis_restart_is_survived(kv):
         server, client = kv(redis.url)
         health = health_pb2_grpc.HealthStub(client.channel)
         client.register()
-        sim = SimWorker(BLOCKS, BLOCK_SIZE, seed=17)
+        sim = worker(17)
         client.drive(sim, 40)
         redis.kill()
-        seq, ops, local = sim.step()
-        assert code_of(lambda: client.step(seq, ops)) == C.UNAVAILABLE  # nothing applied, nothing lost
+        for _ in range(2):
+            sim.step()
+        msg = convert.batch_to_pb("w1", sim.kv.batch())
+        assert code_of(lambda: client.send(msg)) == C.UNAVAILABLE  # nothing acknowledged, nothing lost
 
         def status():
             return health.Check(health_pb2.HealthCheckRequest(service="apar.v1.KVManager"), timeout=5).status
 
         wait_until(lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING, 5, "NOT_SERVING")
         redis.start()  # empty: no persistence
-        resp = client.step(seq, ops)  # the worker's resend goes through once Redis is back
-        assert convert.answer_from_pb(resp) == local
+        ack = convert.ack_from_pb(client.send(msg))  # the worker's resend goes through once Redis is back
+        assert ack.applied == sim.kv.seq and ack.digest == sim.ledger.digest()
+        sim.kv.acked(ack)
         client.drive(sim, 30)
         wait_until(lambda: status() == health_pb2.HealthCheckResponse.SERVING, 5, "SERVING again")
-        assert [u.worker_id for u in client.stub.Usage(K.UsageRequest(), timeout=5).workers] == ["w1"]
+        assert [u.worker_id for u in client.usage()] == ["w1"]
         server.manager.check()
         server.stop(grace=None)  # and the restarted Redis holds it all: a new manager restores it
         _, client = kv(redis.url)
         assert client.state() == convert.state_to_pb(sim.ledger.snapshot())
     finally:
         redis.close()
-
-
-def _op(**kw):
-    return K.KVOp(**kw)
-
-
-def _key(request="a", thread=0):
-    return K.ThreadKey(request=request, thread=thread)
 
 
 def test_bad_input_gets_invalid_argument_with_a_reason(kv):
@@ -299,53 +341,50 @@ def test_bad_input_gets_invalid_argument_with_a_reason(kv):
         with pytest.raises(grpc.RpcError) as err:
             s.Register(req, timeout=5)
         assert err.value.code() == C.INVALID_ARGUMENT and err.value.details(), fields
-    bad_ops = [_op(), _op(append=K.AppendOp(thread=_key(), tokens=0)),
-               _op(append=K.AppendOp(thread=_key(), tokens=1 << 30)), _op(start=_key(request="")),
-               _op(fork=K.ForkOp(parent=_key())), _op(release="")]
-    for op in bad_ops:
+    digest = K.Digest(free_blocks=BLOCKS, next_free=0)
+    bad_steps = [b"not json", b'{"a": 1}', b'[["a", "r", 0]]', b'[["a", "r", 0, 0]]', b'[["a", "", 0, 1]]',
+                 b'[["a", "r", -1, 1]]', b'[["s", "r", "0"]]', b'[["v", [["r"]]]]', b'[["q", 1]]', b'[["r", 5]]',
+                 b'[["a", "r", 0, 1099511627776]]']
+    for ops in bad_steps:
+        msg = K.StepBatch(worker_id="w1", session=SESSION, steps=[K.Step(seq=1, ops=ops, digest=digest)])
         with pytest.raises(grpc.RpcError) as err:
-            s.Step(K.StepRequest(worker_id="w1", seq=1, ops=[op]), timeout=5)
-        assert err.value.code() == C.INVALID_ARGUMENT and "op 0" in err.value.details(), op
-    assert code_of(lambda: s.Step(K.StepRequest(worker_id="w1", seq=0), timeout=5)) == C.INVALID_ARGUMENT
-    assert code_of(lambda: s.Step(K.StepRequest(worker_id="nobody", seq=1), timeout=5)) == C.NOT_FOUND
-    assert code_of(lambda: s.Release(K.ReleaseRequest(worker_id="w1"), timeout=5)) == C.INVALID_ARGUMENT
+            client.send(msg)
+        assert err.value.code() == C.INVALID_ARGUMENT and "step 0" in err.value.details(), ops
+    bad_batches = [K.StepBatch(worker_id="w1", session=0), K.StepBatch(worker_id="w1", session=SESSION, steps=[
+        K.Step(seq=1, ops=b"[]"), K.Step(seq=3, ops=b"[]")]), K.StepBatch(worker_id="w1", session=SESSION,
+        resync=K.Resync(seq=1, ledger=b"[1, 2]")), K.StepBatch(worker_id="w1", session=SESSION,
+        resync=K.Resync(seq=1, ledger=json.dumps({**KVLedger(BLOCKS, BLOCK_SIZE).snapshot(), "free": [0]}).encode()))]
+    for msg in bad_batches:
+        assert code_of(lambda: client.send(msg)) == C.INVALID_ARGUMENT, msg
+    assert code_of(lambda: client.send(K.StepBatch(worker_id="nobody", session=1))) == C.NOT_FOUND
+    assert code_of(lambda: client.send(K.StepBatch(worker_id="", session=1))) == C.INVALID_ARGUMENT
     assert code_of(lambda: s.State(K.StateRequest(), timeout=5)) == C.INVALID_ARGUMENT
-    raw = client.channel.unary_unary("/apar.v1.KVManager/Step")
-    assert code_of(lambda: raw(b"\xff\xff\xff", timeout=5)) == C.INVALID_ARGUMENT
-    # an op the ledger refuses is answered in `error`: the ops before it applied, the rest not
-    resp = client.step(1, [Start(R("a", 0)), Append(R("a", 0), 5), Append(R("b", 0), 1), Start(R("c", 0))])
-    assert resp.error.startswith("Append: unknown thread") and len(resp.appends) == 1
-    assert [u.requests for u in s.Usage(K.UsageRequest(), timeout=5).workers] == [1]  # "c" never started
-    assert client.state().free == list(range(2, BLOCKS))
+    raw = client.channel.stream_stream("/apar.v1.KVManager/Steps")
+    assert code_of(lambda: list(raw(iter([b"\xff\xff\xff"]), timeout=5))) == C.INVALID_ARGUMENT
+    # an op the replica refuses is no status: the ack asks for a resync, the ops before it applied
+    refused = K.StepBatch(worker_id="w1", session=SESSION, steps=[K.Step(seq=1, ops=b'[["a", "nobody", 0, 1]]')])
+    ack = client.send(refused)
+    assert ack.resync and ack.applied == 0
+    assert client.state().free == list(range(BLOCKS))
     server.manager.check()
 
 
 def _random_message(rng: random.Random, method: str):
     """A message with field values from a small pool (some valid, most not), or random bytes."""
-    ids = ["w1", "w2", "", "x" * 200, "a b"]
-    reqs = ["a", "b", "", "\u00e9", "r" * 300]
-    key = lambda: K.ThreadKey(request=rng.choice(reqs), thread=rng.choice([0, 1, 2, 2 ** 32 - 1]))  # noqa: E731
+    ids = ["w1", "w2", "", "x" * 200, "a b", "w-never"]  # w-never is never registered
     num = lambda: rng.choice([0, 1, 3, 64, 2 ** 20, 2 ** 32 - 1])  # noqa: E731
     if method == "Register":
-        return K.RegisterRequest(worker_id=rng.choice(ids), address=rng.choice(["", "h:1", "\x01"]), num_blocks=num(),
-                                 block_size=num() % 5000, ttl_seconds=rng.choice([0, 1, 5, 2 ** 32 - 1]))
-    if method == "Step":
-        ops = []
-        for _ in range(rng.randint(0, 6)):
-            kind = rng.choice(["start", "append", "fork", "finish", "release", None])
-            if kind == "append":
-                ops.append(K.KVOp(append=K.AppendOp(thread=key(), tokens=num())))
-            elif kind == "fork":
-                ops.append(K.KVOp(fork=K.ForkOp(parent=key(), child=key())))
-            elif kind == "release":
-                ops.append(K.KVOp(release=rng.choice(reqs)))
-            elif kind is not None:
-                ops.append(K.KVOp(**{kind: key()}))
-            else:
-                ops.append(K.KVOp())
-        return K.StepRequest(worker_id=rng.choice(ids), seq=rng.choice([0, 1, 2, rng.randint(3, 2 ** 40)]), ops=ops)
-    if method == "Release":
-        return K.ReleaseRequest(worker_id=rng.choice(ids), request=rng.choice(reqs))
+        return K.RegisterRequest(worker_id=rng.choice(ids[:-1]), address=rng.choice(["", "h:1", "\x01"]),
+                                 num_blocks=num(), block_size=num() % 5000,
+                                 ttl_seconds=rng.choice([0, 1, 5, 2 ** 32 - 1]), session=rng.choice([0, 1, 7]))
+    if method == "Steps":
+        ref = lambda: [rng.choice(["a", "b", "", "\u00e9", "r" * 300]), rng.choice([0, 1, -1, 2 ** 32])]  # noqa: E731
+        steps = []
+        for seq in range(rng.choice([0, 1, 2, 2 ** 40]), 0, -1)[:4]:
+            ops = [rng.choice([["s", *ref()], ["a", *ref(), num()], ["f", *ref(), *ref()], ["x", *ref()],
+                               ["r", ref()[0]], ["v", [ref()]], ["v", []], [], "x"]) for _ in range(rng.randint(0, 5))]
+            steps.append(K.Step(seq=seq, ops=json.dumps(ops).encode(), digest=K.Digest(free_blocks=num())))
+        return K.StepBatch(worker_id=rng.choice(ids), session=rng.choice([0, 1, SESSION]), steps=steps[::-1])
     if method == "Heartbeat":
         return K.HeartbeatRequest(worker_id=rng.choice(ids))
     if method == "State":
@@ -358,28 +397,32 @@ def test_fuzz_never_crashes_the_service(kv):
     client.register("w1", blocks=8)
     rng = random.Random(18)
     methods = [m.name for m in K.DESCRIPTOR.services_by_name["KVManager"].methods]
-    allowed = {C.OK, C.INVALID_ARGUMENT, C.NOT_FOUND, C.FAILED_PRECONDITION}
+    allowed = {C.OK, C.INVALID_ARGUMENT, C.NOT_FOUND}
     seen = set()
     for i in range(400):
         method = rng.choice(methods)
-        raw = client.channel.unary_unary(f"/apar.v1.KVManager/{method}")
         if rng.random() < 0.3:
             data = rng.randbytes(rng.randint(1, 64))
         else:
             data = _random_message(rng, method).SerializeToString()
-        code = code_of(lambda: raw(data, timeout=5))
+        if method == "Steps":
+            raw = client.channel.stream_stream("/apar.v1.KVManager/Steps")
+            code = code_of(lambda: list(raw(iter([data]), timeout=5)))
+        else:
+            raw = client.channel.unary_unary(f"/apar.v1.KVManager/{method}")
+            code = code_of(lambda: raw(data, timeout=5))
         assert code in allowed, (i, method, data, code)
         seen.add(code)
     assert seen == allowed  # the fuzz reached every kind of answer
     server.manager.check()
-    assert client.stub.Usage(K.UsageRequest(), timeout=5).workers
+    assert client.usage()
 
 
 def test_health_reflection_and_metrics(kv):
     port = free_port()
     server, client = kv(metrics_port=port)
     client.register()
-    client.drive(SimWorker(BLOCKS, BLOCK_SIZE, seed=19), 25)
+    client.drive(worker(19), 25, per_message=5)
     health = health_pb2_grpc.HealthStub(client.channel)
     for name in ("", "apar.v1.KVManager"):
         assert health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status == \
@@ -391,5 +434,6 @@ def test_health_reflection_and_metrics(kv):
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     used = server.manager.usage()[0]
     assert f'apar_kvmanager_blocks_free{{worker="w1"}} {float(used.free_blocks)}' in text
-    assert "apar_kvmanager_steps_total 25.0" in text
+    assert "apar_kvmanager_steps_total 25.0" in text and "apar_kvmanager_messages_total 5.0" in text
+    assert "apar_kvmanager_resyncs_total 0.0" in text and "apar_kvmanager_steps_duplicate_total 0.0" in text
     assert "apar_kvmanager_redis_round_trips_total" in text

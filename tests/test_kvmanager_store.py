@@ -1,19 +1,24 @@
-"""The KV manager in-process: memory mode, and persistence in a real Redis (one round trip per step,
-restore from snapshot + log, resent steps, Redis that lost its data or a reply)."""
+"""The KV manager in-process: memory mode, and persistence in a real Redis (at most one transaction per
+message, fewer when messages arrive together; restore from snapshot + log; duplicates and steps out of
+order; Redis that lost its data or a reply)."""
 from __future__ import annotations
+
+import threading
 
 import pytest
 import redis.connection
 
-from services.kvmanager.ledger import ThreadRef
+from services.kvmanager.ledger import KVLedger, ThreadRef
 from services.kvmanager.manager import InProcessClient, KVManager
 from services.kvmanager.metrics import KVMetrics
-from services.kvmanager.ops import Append, Start
-from services.kvmanager.records import BadRequest, SeqConflict, StoreUnavailable, UnknownWorker, WorkerSpec
+from services.kvmanager.ops import Append
+from services.kvmanager.records import BadRequest, StoreUnavailable, UnknownWorker, WorkerSpec
+from services.kvmanager.replication import Batch, ReplicaUnavailable, StepLog, WorkerForgotten
 from services.kvmanager.store import RedisStore
-from services.kvmanager.testing import ScratchRedis, SimWorker
+from services.kvmanager.testing import ScratchRedis, SimWorker, deliver
 
 SPEC = WorkerSpec("w1", "127.0.0.1:1", num_blocks=64, block_size=4, ttl_s=30)
+SESSION = 7
 
 
 @pytest.fixture(scope="module")
@@ -30,115 +35,178 @@ def redis_server():
 def make(redis_server, request):
     """A manager on the module's Redis with this test's own key prefix."""
     prefix = f"t-{request.node.name}:"
+    managers = []
 
     def make_manager(snapshot_every: int = 8) -> KVManager:
         metrics = KVMetrics()
         store = RedisStore(redis_server.url, prefix, snapshot_every, on_round_trip=metrics.round_trip)
         manager = KVManager(store, metrics)
         manager.sync()
+        managers.append(manager)
         return manager
 
-    return make_manager
+    yield make_manager
+    for m in managers:
+        m.close()
 
 
-def drive(manager: KVManager, sim: SimWorker, steps: int, worker: str = "w1"):
-    """Send the simulated worker's next steps; each answer must equal the worker's own ledger's.
-    Returns the last (seq, ops, answer)."""
+def worker(seed: int, num_blocks: int = 64) -> SimWorker:
+    return SimWorker(StepLog(KVLedger(num_blocks, 4), SESSION), seed=seed)
+
+
+def drive(manager: KVManager, sim: SimWorker, steps: int, worker_id: str = "w1") -> None:
+    """The simulated worker's next steps, each sent as a message; each ack covers it and agrees."""
     for _ in range(steps):
-        seq, ops, local = sim.step()
-        result = manager.step(worker, seq, ops)
-        assert result.answer == local and result.free_blocks == sim.ledger.num_free and not result.resent
-    return seq, ops, local
+        sim.step()
+        ack = deliver(manager, worker_id, sim.kv)
+        assert ack.applied == sim.kv.seq and not ack.resync and ack.digest == sim.ledger.digest()
 
 
-def test_memory_mode_equals_apply_and_expires_on_its_clock():
+def test_memory_mode_equals_the_worker_and_expires_on_its_clock():
     now = [0.0]
     m = KVManager(store=None, clock=lambda: now[0])
-    assert m.register(SPEC) == (False, 64)
-    sim = SimWorker(seed=3)
+    assert m.register(SPEC, SESSION) == (False, 64)
+    sim = worker(3)
     drive(m, sim, 150)
     assert m.state("w1") == sim.ledger.snapshot()
-    assert m.register(SPEC) == (True, sim.ledger.num_free)  # same pool, still alive: restored
+    assert m.register(SPEC, SESSION) == (True, sim.ledger.num_free)  # same pool, still alive: restored
     now[0] = 20.0
     assert m.heartbeat("w1") and m.reap() == []
     now[0] = 51.0  # 30 s after the last heartbeat
     assert not m.heartbeat("w1")
     assert m.reap() == ["w1"] and m.usage() == []
     with pytest.raises(UnknownWorker):
-        m.step("w1", sim.seq + 1, [])
-    assert m.register(SPEC) == (False, 64)  # after expiry: a fresh ledger
+        m.submit("w1", Batch(SESSION, []))
+    assert m.register(SPEC, SESSION) == (False, 64)  # after expiry: a fresh ledger
 
 
 def test_in_process_client_for_the_embedded_mode():
-    client = InProcessClient(KVManager(), "embedded", "", num_blocks=64, block_size=4)
+    manager = KVManager()
+    client = InProcessClient(manager, "embedded", "", num_blocks=64, block_size=4)
     assert client.register() is False and client.register() is True
-    sim = SimWorker(seed=8)
+    log = StepLog(KVLedger(64, 4), client.session)
+    sim = SimWorker(log, seed=8)
     for _ in range(60):
-        seq, ops, local = sim.step()
-        assert client.step(seq, ops).answer == local
-    assert client.state() == sim.ledger.snapshot()
-    with pytest.raises(RuntimeError, match="unknown thread"):
-        client.step(sim.seq + 1, [Append(ThreadRef("nobody", 0), 1)])
+        sim.step()
+        log.acked(client.send(log.batch()))
+    assert client.state() == sim.ledger.snapshot() and log.batch() is None
+    manager.reap()  # nothing expired: the registration lives a day
+    with pytest.raises(WorkerForgotten):
+        InProcessClient(manager, "nobody", "", 64, 4).send(Batch(1, []))
+    with pytest.raises(ReplicaUnavailable):
+        InProcessClient(KVManager(RedisStore("redis://127.0.0.1:1/0", "t-down:")), "w", "", 64, 4).send(Batch(1, []))
 
 
-def test_one_pipelined_round_trip_per_step(make, monkeypatch):
+def test_one_transaction_per_message_and_fewer_together(make):
     m = make(snapshot_every=8)
-    m.register(SPEC)
-    sim = SimWorker(seed=4)
-    drive(m, sim, 1)  # the connection is open now (its handshake is not a step's traffic)
+    m.register(SPEC, SESSION)
+    sim = worker(4)
+    drive(m, sim, 1)  # the connection is open now (its handshake is not a message's traffic)
     sends = []
     real = redis.connection.AbstractConnection.send_packed_command
-    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command",
-                        lambda self, *a, **k: (sends.append(1), real(self, *a, **k))[1])
-    before = m.metrics.round_trips._value.get()
-    drive(m, sim, 100)  # snapshots included: every 8th step writes one in the same transaction
-    assert len(sends) == 100, f"{len(sends)} socket writes for 100 steps"
-    assert m.metrics.round_trips._value.get() - before == 100
-    assert m.metrics.steps._value.get() == 101
+
+    def counted(self, *a, **k):
+        sends.append(1)
+        return real(self, *a, **k)
+
+    redis.connection.AbstractConnection.send_packed_command = counted
+    try:
+        before = m.metrics.round_trips._value.get()
+        for _ in range(100):  # several steps per message; snapshots every 8 messages in the same transaction
+            for _ in range(3):
+                sim.step()
+            deliver(m, "w1", sim.kv)
+        assert len(sends) == 100, f"{len(sends)} socket writes for 100 messages"
+        assert m.metrics.round_trips._value.get() - before == 100
+        assert m.metrics.steps._value.get() == 301 and m.metrics.messages._value.get() == 101
+        # 16 workers sending at once: their messages share transactions
+        specs = [WorkerSpec(f"c{i}", "x", 64, 4, 30) for i in range(16)]
+        for spec in specs:
+            m.register(spec, SESSION)
+        sims = {spec.worker_id: worker(10 + i) for i, spec in enumerate(specs)}
+        before = m.metrics.round_trips._value.get()
+        barrier = threading.Barrier(len(sims))
+
+        def run(w: str) -> None:
+            barrier.wait()
+            drive(m, sims[w], 20, w)
+
+        threads = [threading.Thread(target=run, args=(w,)) for w in sims]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        trips = m.metrics.round_trips._value.get() - before
+        assert trips < 16 * 20, f"{trips} transactions for {16 * 20} messages"
+    finally:
+        redis.connection.AbstractConnection.send_packed_command = real
+    for w, s in sims.items():
+        assert m.state(w) == s.ledger.snapshot()
 
 
 def test_restore_from_snapshot_and_log_is_exact(make, redis_server):
     m = make(snapshot_every=8)
-    m.register(SPEC)
-    sim = SimWorker(seed=5)
-    seq, ops, local = drive(m, sim, 101)  # 101 entries: snapshots every 8, the rest in the log
+    m.register(SPEC, SESSION)
+    sim = worker(5)
+    drive(m, sim, 101)  # 101 entries: snapshots every 8, the rest in the log
     key = "t-test_restore_from_snapshot_and_log_is_exact:kv:w:w1:log"
     client = redis_server.client()
     assert 0 < client.llen(key) <= 8
     client.rpush(key, client.lindex(key, -1))  # a transaction retried after its reply was lost
     again = make()
     assert again.state("w1") == m.state("w1") == sim.ledger.snapshot()
-    assert again.usage() == m.usage()
+    assert again.usage() == m.usage() and again.applied("w1") == (SESSION, sim.kv.seq)
     again.check()
-    # the last step's answer came back too: a resend is answered, not applied
-    resent = again.step("w1", seq, ops)
-    assert resent.resent and resent.answer == local
+    sim.step()
+    batch = sim.kv.batch()
+    assert again.submit("w1", batch).applied == sim.kv.seq
+    assert again.submit("w1", batch).applied == sim.kv.seq  # a resend is skipped, not applied twice
+    assert again.metrics.duplicates._value.get() == 1
+    sim.kv.acked(again.submit("w1", batch))
     drive(again, sim, 50)  # and it goes on from there, block for block
     assert again.state("w1") == sim.ledger.snapshot()
 
 
-def test_resend_rules(make):
+def test_duplicates_and_steps_out_of_order_are_applied_once_in_order(make):
     m = make()
-    m.register(SPEC)
-    root = ThreadRef("a", 0)
-    first = m.step("w1", 1, [Start(root), Append(root, 6)])
-    state = m.state("w1")
-    assert m.step("w1", 1, [Start(root), Append(root, 6)]).answer == first.answer
-    assert m.state("w1") == state  # not applied twice
-    with pytest.raises(SeqConflict):
-        m.step("w1", 1, [Append(root, 1)])  # same seq, other ops
-    m.step("w1", 2, [Append(root, 1)])
-    with pytest.raises(SeqConflict):
-        m.step("w1", 1, [Start(root), Append(root, 6)])  # older than the last step
-    with pytest.raises(BadRequest):
-        m.step("w1", 0, [])
-    assert m.step("w1", 5, [Append(root, 1)]).answer.appends == [[(1, 3)]]  # a gap in seq is accepted
+    m.register(SPEC, SESSION)
+    sim = worker(9)
+    batches = []
+    for _ in range(5):
+        for _ in range(4):
+            sim.step()
+        batches.append(sim.kv.batch())
+        sim.kv.unacked.clear()  # each batch holds only its own four steps
+    order = [2, 0, 3, 0, 1, 4, 2, 1, 3, 4, 0]  # early, duplicated, late
+    applied = [m.submit("w1", batches[i]).applied for i in order]
+    assert applied == [0, 4, 4, 4, 8, 8, 12, 12, 16, 20, 20]
+    assert m.state("w1") == sim.ledger.snapshot() and m.metrics.steps._value.get() == 20
+    assert make().state("w1") == sim.ledger.snapshot()  # Redis holds each step once, in order
+
+
+def test_bad_batches_are_refused_with_a_reason(make):
+    m = make()
+    m.register(SPEC, SESSION)
+    sim = worker(11)
+    sim.step()
+    step = sim.kv.batch().steps[0]
+    for bad in (Batch(0, [step]), Batch(SESSION, [step, step]), Batch(SESSION, [type(step)(0, [], step.digest)]),
+                Batch(SESSION, [type(step)(1, [Append(ThreadRef("", 0), 1)], step.digest)])):
+        with pytest.raises(BadRequest):
+            m.submit("w1", bad)
+    assert m.state("w1") == KVLedger(64, 4).snapshot()
+    # an op the replica refuses is no status: the replica asks for a resync, then takes the snapshot
+    wrong = type(step)(1, [Append(ThreadRef("nobody", 0), 1)], step.digest)
+    assert m.submit("w1", Batch(SESSION, [wrong])).resync
+    sim.kv.forget()
+    assert not m.submit("w1", sim.kv.batch()).resync
+    assert m.state("w1") == sim.ledger.snapshot()
 
 
 def test_redis_that_lost_its_data_is_rewritten_from_memory(make, redis_server):
     m = make(snapshot_every=8)
-    m.register(SPEC)
-    sim = SimWorker(seed=6)
+    m.register(SPEC, SESSION)
+    sim = worker(6)
     drive(m, sim, 30)
     client = redis_server.client()
     prefix = "t-test_redis_that_lost_its_data_is_rewritten_from_memory:"
@@ -146,7 +214,7 @@ def test_redis_that_lost_its_data_is_rewritten_from_memory(make, redis_server):
     drive(m, sim, 13)
     for k in client.scan_iter(prefix + "*"):  # Redis restarted empty
         client.delete(k)
-    drive(m, sim, 1)  # detected in that step's transaction; the step is applied once, after the rewrite
+    drive(m, sim, 1)  # detected in that message's transaction; memory is written back before the ack
     assert make().state("w1") == sim.ledger.snapshot()
     assert m.reap() == []  # the registration was written back too
     drive(m, sim, 5)
@@ -156,25 +224,27 @@ def test_redis_that_lost_its_data_is_rewritten_from_memory(make, redis_server):
     assert make().state("w1") == sim.ledger.snapshot() == m.state("w1")
 
 
-def test_a_step_whose_reply_was_lost_is_not_applied_twice(make):
+def test_a_message_whose_transaction_failed_is_acknowledged_once_persisted(make):
     m = make(snapshot_every=4)
-    m.register(SPEC)
-    sim = SimWorker(seed=7)
+    m.register(SPEC, SESSION)
+    sim = worker(7)
     drive(m, sim, 10)
-    real = m.store.append
+    real = m.store.commit
 
-    def lost_reply(rec, entry):
-        real(rec, entry)  # committed in Redis...
+    def lost_reply(writes):
+        real(writes)  # committed in Redis...
         raise StoreUnavailable("connection reset")  # ...but the manager never heard back
 
-    m.store.append = lost_reply
-    seq, ops, local = sim.step()
+    m.store.commit = lost_reply
+    sim.step()
+    batch = sim.kv.batch()
     with pytest.raises(StoreUnavailable):
-        m.step("w1", seq, ops)
-    m.store.append = real
-    result = m.step("w1", seq, ops)  # the worker resends: Redis is ahead, its version wins
-    assert result.resent and result.answer == local
-    assert m.state("w1") == sim.ledger.snapshot()
+        m.submit("w1", batch)
+    m.store.commit = real
+    ack = m.submit("w1", batch)  # the worker sends again: applied once, acknowledged now
+    assert ack.applied == sim.kv.seq and m.metrics.duplicates._value.get() == 1
+    sim.kv.acked(ack)
+    assert m.state("w1") == sim.ledger.snapshot() == make().state("w1")
     drive(m, sim, 20)
     m.check()
 
@@ -182,7 +252,8 @@ def test_a_step_whose_reply_was_lost_is_not_applied_twice(make):
 def test_unreachable_redis_answers_unavailable_and_applies_nothing():
     m = KVManager(RedisStore("redis://127.0.0.1:1/0", "t-down:"))
     with pytest.raises(StoreUnavailable):
-        m.register(SPEC)
+        m.register(SPEC, SESSION)
     with pytest.raises(StoreUnavailable):
-        m.step("w1", 1, [])
+        m.submit("w1", Batch(SESSION, []))
     assert m.usage() == []
+    m.close()

@@ -1,5 +1,6 @@
-"""The KV ledger: exact block ids and free order on a handful of 16-token blocks, and its invariants
-over random sequences of operations (hypothesis)."""
+"""The KV ledger: exact block ids and free order on a handful of 16-token blocks, the open threads and
+the one-token advance a replica replays, and its invariants over random sequences of operations
+(hypothesis)."""
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -78,6 +79,28 @@ def test_nested_fork_references_every_ancestor():
     led.check()
 
 
+def test_open_threads_advance_in_place_and_the_digest_follows():
+    led = KVLedger(num_blocks=6, block_size=4)
+    a, b, c = R("a", 0), R("b", 0), R("b", 1)
+    led.start(a)
+    led.append(a, 3)  # block 0, one slot left
+    led.start(b)
+    led.append(b, 4)  # block 1, full
+    led.fork(b, c)
+    assert led.open_threads() == {a} and led.digest() == (4, 2, 3, 7, 2)
+    assert led.advance() == 1  # a's last slot; b is full and sealed, c has no block yet
+    assert led.open_threads() == set() and led.num_tokens == 8
+    led.append(c, 1)
+    led.append(b, 1)
+    assert led.open_threads() == {b, c}
+    assert led.advance(held=frozenset({c})) == 1 and led.context_blocks(b) == [1, 3]
+    assert led.digest() == (2, 4, 3, 11, 4)
+    led.check()
+    assert led.finish(c) == [2] and led.open_threads() == {b} and led.num_tokens == 10
+    led.check()
+    assert KVLedger.from_snapshot(led.snapshot()).digest() == led.digest()
+
+
 def test_out_of_blocks_changes_nothing():
     led = KVLedger(num_blocks=2, block_size=4)
     led.start(R("a", 0))
@@ -129,7 +152,7 @@ def test_release_cancels_running_threads_and_frees_everything():
 # ---- property-based: random operation sequences keep every invariant ---------------------------------
 
 ops = st.lists(
-    st.tuples(st.sampled_from(["start", "append", "fork", "finish", "release"]),
+    st.tuples(st.sampled_from(["start", "append", "fork", "finish", "release", "advance"]),
               st.integers(0, 3), st.integers(0, 7), st.integers(1, 9)),
     max_size=60,
 )
@@ -164,6 +187,10 @@ def test_random_operations_keep_invariants(sequence):
                 freed = led.finish(ref)
                 assert before - led.num_used == len(freed)
                 assert all(led.refcount(b) == 0 for b in freed)
+            elif op == "advance":
+                tokens, open_ = led.num_tokens, led.open_threads()
+                held = frozenset(r for r in open_ if r.thread == thr_i % 3)
+                assert led.advance(held) == len(open_ - held) and led.num_tokens == tokens + len(open_ - held)
             elif op == "release" and req in next_thread:
                 led.release(req)
                 assert led.blocks_of(req) == 0

@@ -46,8 +46,10 @@ def register(subparsers) -> None:
     s.set_defaults(func=run_serve_bench)
 
     from apar.bench_suite.cli import register as register_suite
+    from apar.bench_suite.kvmanager import register as register_kvmanager
 
     register_suite(sub)
+    register_kvmanager(sub)
 
 
 def add_data_arg(p) -> None:

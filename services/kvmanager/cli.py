@@ -7,12 +7,14 @@ Also runnable as `python -m services.kvmanager ...` with the same flags.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import signal
 import sys
 import threading
 
 from apar.errors import UserError
+from services.security import add_kvmanager_security_args, kvmanager_security, mask_url
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -23,8 +25,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix", default="apar:", help="prefix of every Redis key")
     p.add_argument("--ttl", type=int, default=10, help="registration time-to-live, s, for workers that give none")
     p.add_argument("--reap-every", type=float, default=1.0, help="how often expired workers are reclaimed, s")
-    p.add_argument("--snapshot-every", type=int, default=64, help="log entries between ledger snapshots")
+    p.add_argument("--snapshot-every", type=int, default=256, help="log entries (messages) between a worker's "
+                                                                   "ledger snapshots in Redis")
     p.add_argument("--metrics-port", type=int, default=None, help="expose Prometheus metrics on this port")
+    add_kvmanager_security_args(p)  # --tls-cert/--tls-key/--tls-ca, --redis-password-file
 
 
 def register(subparsers) -> None:
@@ -45,7 +49,7 @@ def _check(args) -> None:
     if args.snapshot_every < 1:
         raise UserError(f"--snapshot-every must be 1 or more, got {args.snapshot_every}")
     if not args.no_redis and not args.redis.startswith(("redis://", "rediss://", "unix://")):
-        raise UserError(f"--redis must be a redis://, rediss:// or unix:// URL, got {args.redis!r}")
+        raise UserError(f"--redis must be a redis://, rediss:// or unix:// URL, got {mask_url(args.redis)!r}")
 
 
 def run(args) -> int:
@@ -54,11 +58,14 @@ def run(args) -> int:
                         stream=sys.stderr)
     from services.kvmanager.service import serve
 
-    redis_url = None if args.no_redis else args.redis
+    # every worker's ledger is many small long-lived objects: a full collection of them takes tens of ms,
+    # so the cyclic collector runs rarely here (the ledgers hold no reference cycles)
+    gc.set_threshold(100_000, 50, 100)
+    redis_url, tls = kvmanager_security(args)  # the URL holds the password: print only mask_url(redis_url)
     try:
         handle = serve(f"{args.host}:{args.port}", redis_url, prefix=args.prefix, ttl_s=args.ttl,
                        reap_every_s=args.reap_every, snapshot_every=args.snapshot_every,
-                       metrics_port=args.metrics_port)
+                       metrics_port=args.metrics_port, tls=tls)
     except RuntimeError as exc:  # grpc: the port cannot be bound
         raise UserError(f"cannot listen on {args.host}:{args.port}: {exc}") from None
     except OSError as exc:  # the metrics port cannot be bound
@@ -66,7 +73,7 @@ def run(args) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    where = f"Redis {redis_url} prefix {args.prefix!r}" if redis_url else "memory only"
+    where = f"Redis {mask_url(redis_url)} prefix {args.prefix!r}" if redis_url else "memory only"
     print(f"apar kvmanager: listening on {args.host}:{handle.port} ({where})", file=sys.stderr, flush=True)
     stop.wait()
     handle.stop(grace=2.0)

@@ -1,83 +1,72 @@
-"""Protobuf <-> the KV manager's domain types; with the servicer, the only module that sees `kvmanager_pb2`.
+"""Protobuf <-> the KV manager's domain types; with the servicer and the worker's client, the only module
+that sees `kvmanager_pb2`.
 
-`*_from_pb` builds ops, specs and ids from a request (raising BadRequest for what cannot be an op: an
-empty oneof); the manager checks every value. `*_to_pb` builds responses from answers, usage and
-ledger snapshots. `ops_to_pb` and `answer_from_pb` are the client's side, for tests and callers.
+`*_from_pb` builds batches and specs from a message (raising BadRequest for what cannot be one: ops or
+a snapshot that are not the JSON they should be); the manager checks every value. A step's ops travel
+as the codec's JSON (three times cheaper to build and read than a message per op, and the form the
+store logs). `*_to_pb` builds messages
+from batches, acks, usage and ledger snapshots. Both directions of batches and acks are here: the
+manager reads batches and writes acks, the worker the other way round.
 """
 from __future__ import annotations
 
 from apar.protogen import stubs
-from services.kvmanager.ledger import ThreadRef
-from services.kvmanager.ops import Append, Finish, Fork, Op, Release, Start, StepAnswer
+from services.kvmanager.codec import ops_from_bytes, ops_to_bytes, snapshot_from_bytes, snapshot_to_bytes
+from services.kvmanager.ledger import Digest
 from services.kvmanager.records import BadRequest, Usage, WorkerSpec
+from services.kvmanager.replication import Ack, Batch, Resync, Step
 
 K = stubs().kvmanager_pb2
 
 
-def key_from_pb(k) -> ThreadRef:
-    return ThreadRef(k.request, k.thread)
+def digest_from_pb(d) -> Digest:
+    return Digest(d.free_blocks, d.used_blocks, d.threads, d.tokens, d.next_free)
 
 
-def key_to_pb(ref: ThreadRef):
-    return K.ThreadKey(request=ref.request, thread=ref.thread)
+def digest_to_pb(d: Digest):
+    return K.Digest(free_blocks=d.free, used_blocks=d.used, threads=d.threads, tokens=d.tokens,
+                    next_free=d.next_free)
 
 
-def op_from_pb(op, i: int) -> Op:
-    kind = op.WhichOneof("op")
-    if kind == "append":
-        return Append(key_from_pb(op.append.thread), op.append.tokens)
-    if kind == "fork":
-        return Fork(key_from_pb(op.fork.parent), key_from_pb(op.fork.child))
-    if kind == "start":
-        return Start(key_from_pb(op.start))
-    if kind == "finish":
-        return Finish(key_from_pb(op.finish))
-    if kind == "release":
-        return Release(op.release)
-    raise BadRequest(f"op {i}: no operation set (start, append, fork, finish or release)")
+def batch_from_pb(req) -> Batch:
+    steps = []
+    for i, s in enumerate(req.steps):
+        try:
+            ops = ops_from_bytes(s.ops)
+        except ValueError as exc:
+            raise BadRequest(f"step {i}: {exc}") from None
+        steps.append(Step(s.seq, ops, digest_from_pb(s.digest)))
+    resync = None
+    if req.HasField("resync"):
+        try:
+            ledger = snapshot_from_bytes(req.resync.ledger)
+        except ValueError as exc:
+            raise BadRequest(f"resync: the ledger is not JSON: {exc}") from None
+        resync = Resync(req.resync.seq, ledger)
+    return Batch(req.session, steps, resync)
 
 
-def ops_from_pb(ops) -> list[Op]:
-    return [op_from_pb(op, i) for i, op in enumerate(ops)]
+def batch_to_pb(worker_id: str, batch: Batch):
+    msg = K.StepBatch(worker_id=worker_id, session=batch.session,
+                      steps=[K.Step(seq=s.seq, ops=ops_to_bytes(s.ops), digest=digest_to_pb(s.digest))
+                             for s in batch.steps])
+    if batch.resync is not None:
+        msg.resync.CopyFrom(K.Resync(seq=batch.resync.seq, ledger=snapshot_to_bytes(batch.resync.ledger)))
+    return msg
 
 
-def op_to_pb(op: Op):
-    if isinstance(op, Append):
-        return K.KVOp(append=K.AppendOp(thread=key_to_pb(op.thread), tokens=op.tokens))
-    if isinstance(op, Fork):
-        return K.KVOp(fork=K.ForkOp(parent=key_to_pb(op.parent), child=key_to_pb(op.child)))
-    if isinstance(op, Start):
-        return K.KVOp(start=key_to_pb(op.thread))
-    if isinstance(op, Finish):
-        return K.KVOp(finish=key_to_pb(op.thread))
-    if isinstance(op, Release):
-        return K.KVOp(release=op.request)
-    raise TypeError(f"not an op: {op!r}")
+def ack_to_pb(ack: Ack):
+    return K.StepAck(applied=ack.applied, digest=digest_to_pb(ack.digest), resync=ack.resync)
 
 
-def ops_to_pb(ops: list[Op]) -> list:
-    return [op_to_pb(op) for op in ops]
-
-
-def step_to_pb(worker_id: str, seq: int, ops: list[Op]):
-    return K.StepRequest(worker_id=worker_id, seq=seq, ops=ops_to_pb(ops))
+def ack_from_pb(resp) -> Ack:
+    return Ack(resp.applied, digest_from_pb(resp.digest), resp.resync)
 
 
 def spec_from_pb(req, default_ttl_s: int) -> WorkerSpec:
     """A RegisterRequest as a checked spec; ttl_seconds 0 takes the manager's default."""
     return WorkerSpec(worker_id=req.worker_id, address=req.address, num_blocks=req.num_blocks,
                       block_size=req.block_size, ttl_s=req.ttl_seconds or default_ttl_s)
-
-
-def answer_to_pb(answer: StepAnswer, free_blocks: int):
-    appends = [K.Slots(failed=True) if s is None else K.Slots(blocks=[b for b, _ in s], offsets=[o for _, o in s])
-               for s in answer.appends]
-    return K.StepResponse(appends=appends, freed=answer.freed, free_blocks=free_blocks, error=answer.error or "")
-
-
-def answer_from_pb(resp) -> StepAnswer:
-    appends = [None if s.failed else list(zip(s.blocks, s.offsets)) for s in resp.appends]
-    return StepAnswer(appends=appends, freed=list(resp.freed), error=resp.error or None)
 
 
 def usage_to_pb(usage: list[Usage]):

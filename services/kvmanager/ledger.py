@@ -2,7 +2,9 @@
 
 Plain Python bookkeeping (no torch, no gRPC): the worker asks it for slots, the engine's tensors never
 come here. Data flows one way: the worker's scheduler calls `start`, `append`, `fork` and `finish` for
-each step; the ledger answers with block ids and the ids it freed.
+each step; the ledger answers with block ids and the ids it freed. A replica of the ledger (the KV
+manager's) replays the decode step's one-token appends as one `advance`, and compares its `digest` with
+the worker's after every step.
 
 A thread's context in blocks (SPEC sections 2 and 5)::
 
@@ -21,10 +23,17 @@ Invariants (enforced where they apply, all checked by `check()`):
   I3. a thread only writes into its own last block, and only while that block's count is 1 (unshared).
   I4. after a request is released (ended, cancelled or failed) none of its blocks is in use.
   I5. a fork copies no KV: it only adds references.
+  I6. `num_tokens` is the sum of the slots written in the blocks in use.
+  I7. the open threads (below) are exactly those kept in `_open`.
+
+A thread is *open* when it runs and its last own block is unsealed and not full: its next token goes
+into that block, without taking one from the free list. Appends into open blocks commute with every
+other thread's ops, which is why a step can carry them as one `advance` instead of one op per thread.
 """
 from __future__ import annotations
 
 from collections import deque
+from itertools import repeat
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -34,6 +43,17 @@ class ThreadRef(NamedTuple):
 
     request: str
     thread: int
+
+
+class Digest(NamedTuple):
+    """A few O(1) facts of a ledger's whole state; two ledgers that went through the same ops agree on
+    them, and a replica that missed or repeated an op almost surely does not."""
+
+    free: int
+    used: int
+    threads: int
+    tokens: int
+    next_free: int  # the id the next new block gets, -1 when none is free
 
 
 class LedgerError(RuntimeError):
@@ -72,6 +92,8 @@ class KVLedger:
         self._blocks: dict[int, _Block] = {}
         self._threads: dict[ThreadRef, _Thread] = {}
         self._request_blocks: dict[str, int] = {}  # blocks in use owned by each request's threads
+        self._tokens = 0  # slots written in the blocks in use (I6)
+        self._open: dict[ThreadRef, _Thread] = {}  # the open threads (I7), kept up to date by every write
 
     # ---- read side ---------------------------------------------------------------------------------
     @property
@@ -81,6 +103,26 @@ class KVLedger:
     @property
     def num_used(self) -> int:
         return len(self._blocks)
+
+    @property
+    def num_tokens(self) -> int:
+        return self._tokens
+
+    @property
+    def num_requests(self) -> int:
+        """Requests started and not released."""
+        return len(self._request_blocks)
+
+    def digest(self) -> Digest:
+        return Digest(len(self._free), len(self._blocks), len(self._threads), self._tokens,
+                      self._free[0] if self._free else -1)
+
+    def open_threads(self) -> set[ThreadRef]:
+        """The running threads whose next token fits in their last own block (unsealed, not full)."""
+        return set(self._open)
+
+    def _is_open(self, t: _Thread) -> bool:
+        return t.running and bool(t.own) and not t.sealed and self._blocks[t.own[-1]].used < self.block_size
 
     def blocks_of(self, request: str) -> int:
         """Blocks in use that belong to `request`'s threads."""
@@ -132,6 +174,14 @@ class KVLedger:
         t = self._thread(ref)
         if not t.running:
             raise LedgerError(f"append to finished thread {ref}")
+        if n_tokens == 1 and t.own and not t.sealed:  # the decode step's case: one token, in the last block
+            last = self._blocks[t.own[-1]]
+            if last.used < self.block_size and last.refcount == 1:
+                last.used += 1
+                self._tokens += 1
+                if last.used == self.block_size:
+                    del self._open[ref]
+                return [(t.own[-1], last.used - 1)]
         need = self.blocks_needed(ref, n_tokens)
         if need > len(self._free):
             raise OutOfBlocks(f"{need} blocks needed, {len(self._free)} free")
@@ -142,7 +192,7 @@ class KVLedger:
             if last.refcount != 1:  # I3
                 raise LedgerError(f"write to shared block {t.own[-1]}")
             take = min(remaining, self.block_size - last.used)
-            slots.extend((t.own[-1], last.used + i) for i in range(take))
+            slots.extend(zip(repeat(t.own[-1]), range(last.used, last.used + take)))
             last.used += take
             remaining -= take
         while remaining:
@@ -152,9 +202,35 @@ class KVLedger:
             self._request_blocks[ref.request] += 1
             t.own.append(block_id)
             t.sealed = False
-            slots.extend((block_id, i) for i in range(take))
+            slots.extend(zip(repeat(block_id), range(take)))
             remaining -= take
+        self._tokens += n_tokens
+        if self._is_open(t):
+            self._open[ref] = t
+        else:
+            self._open.pop(ref, None)
         return slots
+
+    def advance(self, held: frozenset[ThreadRef] | set[ThreadRef] = frozenset()) -> int:
+        """One token for every open thread not in `held`, into its last block (never a new block, so the
+        order among threads does not matter); returns how many threads advanced. Equal to `append(t, 1)`
+        for each of them."""
+        bs, blocks = self.block_size, self._blocks
+        full = []
+        n = 0
+        for ref, t in self._open.items():
+            if ref not in held:
+                last = blocks[t.own[-1]]
+                if last.refcount != 1:  # I3: an unsealed last block is never shared
+                    raise LedgerError(f"write to shared block {t.own[-1]}")
+                last.used += 1
+                n += 1
+                if last.used == bs:
+                    full.append(ref)
+        for ref in full:
+            del self._open[ref]
+        self._tokens += n
+        return n
 
     def fork(self, parent: ThreadRef, child: ThreadRef) -> None:
         """Spawn `child` reading all of `parent`'s context so far (which ends with its `[Fork]`).
@@ -173,6 +249,7 @@ class KVLedger:
         for block_id in refs:
             self._blocks[block_id].refcount += 1
         p.sealed = True
+        self._open.pop(parent, None)
         self._threads[child] = _Thread(ref=child, refs=refs)
 
     def finish(self, ref: ThreadRef) -> list[int]:
@@ -181,6 +258,7 @@ class KVLedger:
         if not t.running:
             raise LedgerError(f"thread {ref} finished twice")
         t.running = False
+        self._open.pop(ref, None)
         freed: list[int] = []
         for block_id in t.own + t.refs:
             self._unref(block_id, freed)
@@ -211,6 +289,7 @@ class KVLedger:
             raise LedgerError(f"block {block_id} dereferenced below zero")
         if b.refcount == 0:
             del self._blocks[block_id]
+            self._tokens -= b.used
             self._request_blocks[b.owner.request] -= 1
             self._free.append(block_id)
             freed.append(block_id)
@@ -228,6 +307,8 @@ class KVLedger:
         self._blocks.clear()
         self._threads.clear()
         self._request_blocks.clear()
+        self._tokens = 0
+        self._open.clear()
 
     def snapshot(self) -> dict:
         """The whole ledger as plain JSON-able data, every order kept (free list, thread and block lists).
@@ -259,6 +340,8 @@ class KVLedger:
                 led._threads[ref] = _Thread(ref=ref, refs=[int(i) for i in refs], own=[int(i) for i in own],
                                             sealed=bool(sealed), running=bool(running))
             led._request_blocks = {str(r): int(n) for r, n in data["requests"]}
+            led._tokens = sum(b.used for b in led._blocks.values())
+            led._open = {t.ref: t for t in led._threads.values() if led._is_open(t)}
         except (KeyError, TypeError, ValueError) as exc:
             raise LedgerError(f"malformed ledger snapshot: {exc}") from None
         if set(led._free) | set(led._blocks) != set(range(led.num_blocks)):
@@ -268,7 +351,7 @@ class KVLedger:
 
     # ---- invariants --------------------------------------------------------------------------------
     def check(self) -> None:
-        """Verify I1-I4 from scratch; raises LedgerError naming the first broken one."""
+        """Verify I1-I4 and I6 from scratch; raises LedgerError naming the first broken one."""
         free = list(self._free)
         if len(set(free)) != len(free):
             raise LedgerError("I1: a block is on the free list twice")
@@ -301,3 +384,9 @@ class KVLedger:
         orphans = set(per_request) - set(self._request_blocks)
         if orphans:
             raise LedgerError(f"I4: blocks of released requests {sorted(orphans)} still in use")
+        written = sum(b.used for b in self._blocks.values())
+        if self._tokens != written:
+            raise LedgerError(f"I6: {self._tokens} tokens counted, {written} written")
+        really_open = {t.ref for t in self._threads.values() if self._is_open(t)}
+        if really_open != set(self._open):
+            raise LedgerError(f"I7: open threads {sorted(really_open ^ set(self._open))} not kept as such")

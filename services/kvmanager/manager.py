@@ -1,55 +1,95 @@
-"""The KV manager's domain: one ledger per registered worker, persisted before it changes.
+"""The KV manager's domain: a replica of every registered worker's ledger, persisted before it is acked.
 
 Used two ways: behind the gRPC servicer (cluster mode, `store` = RedisStore) and in-process (embedded
 `apar serve`, tests: `store=None`, memory only, registrations expire on this process's clock).
 
-How a Step flows: check the fields -> find the worker's record -> a resend of the last seq gets the
-stored answer -> otherwise the store persists the ops (ONE round trip) -> `ops.apply` changes the
-ledger in memory -> the answer. Memory is never ahead of the store: when Redis fails the call raises
-`StoreUnavailable` and nothing is applied. After any store failure the manager is in doubt and, before
-its next store call, `_sync`s: it loads every ledger from Redis and keeps, per worker, the newer of
-memory and store (`WorkerRecord.version`), writing memory back wherever Redis is behind (Redis restarted
-empty) and taking Redis' version where it is ahead (a transaction that succeeded but whose reply was
-lost). A ledger loaded at start gets a fresh registration time-to-live: while no manager ran, its
-worker's heartbeats could not arrive, so it is reclaimed only if they stay away for a whole ttl after the
-restart. One lock serializes every call: a step is a few microseconds of bookkeeping plus one round trip.
+How a worker's message flows: check the fields -> `records.apply_batch` applies it to the worker's
+replica in memory, on the caller's thread (the gRPC event loop; the rules are in `replication`'s
+docstring), and stages the log entry -> the writer thread commits, in ONE Redis transaction, every
+entry staged since its last round -> the ack. So a message that arrives while a round is being
+committed waits for the next one: under load Redis sees far fewer transactions than messages, and never
+more than one per message. An ack is only answered once what it acknowledges is in Redis. Without a
+store (memory only) the ack is answered at once.
+
+Memory may be ahead of Redis, never behind once loaded: after a store failure the manager is in doubt,
+and before it acknowledges anything more it `_sync`s: it loads every ledger from Redis and, per worker,
+keeps the newer of memory and store (`WorkerRecord.version`), writing memory back wherever Redis is
+behind (a failed transaction, or Redis restarted empty). A ledger loaded at start gets a fresh
+registration time-to-live: while no manager ran, its worker's heartbeats could not arrive, so it is
+reclaimed only if they stay away for a whole ttl after the restart.
+
+Two locks: `_lock` guards memory (every record, the staged entries, the acks waiting for a round),
+held for microseconds but while a sync rewrites the store; `_store_lock` makes one thread at a time
+write to the store (a round, a sync, a registration, a reap). Always taken store lock first, then
+memory lock.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
+import secrets
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from services.kvmanager.codec import entry_to_json, ops_json
+from services.kvmanager.codec import entry_to_json, snapshot_to_json
 from services.kvmanager.ledger import KVLedger
-from services.kvmanager.ops import Op, Release, StepAnswer
-from services.kvmanager.records import (SeqConflict, StepResult, StoreUnavailable, UnknownWorker, Usage,
-                                        WorkerRecord, WorkerSpec, apply_entry, check_ops, check_request_id,
-                                        check_seq, check_worker_id)
+from services.kvmanager.records import (Applied, StoreUnavailable, UnknownWorker, Usage, WorkerRecord,
+                                        WorkerSpec, apply_batch, check_batch, check_worker_id)
+from services.kvmanager.replication import Ack, Batch, ReplicaUnavailable, WorkerForgotten
 
 if TYPE_CHECKING:
     from services.kvmanager.metrics import KVMetrics
-    from services.kvmanager.store import RedisStore
+    from services.kvmanager.store import RedisStore, Write
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(slots=True)
+class _Pending:
+    """What a record's messages changed since the last commit."""
+
+    rec: WorkerRecord
+    entries: list[str] = field(default_factory=list)
+    snapshot: bool = False  # resynced: its whole state is written
+
+
+Durable = Callable[[BaseException | None], None]  # called once a message's round is in the store (or failed)
+
+
+def _settle(durable: asyncio.Future, error: BaseException | None) -> None:
+    if error is None:
+        durable.set_result(None)
+    else:
+        durable.set_exception(error)
+
+
 class KVManager:
     def __init__(self, store: RedisStore | None = None, metrics: KVMetrics | None = None,
-                 clock=time.monotonic) -> None:
+                 clock=time.monotonic, round_every_s: float = 0.004) -> None:
         self.store = store
+        self.round_every_s = round_every_s  # rounds start at most this often: each takes in more messages
         self.metrics = metrics
         self.clock = clock
         self._workers: dict[str, WorkerRecord] = {}
         self._lock = threading.Lock()
-        self._doubt = store is not None  # nothing loaded yet: the first store call loads every ledger
+        self._store_lock = threading.Lock()
+        self._pending: dict[str, _Pending] = {}
+        self._waiting: list[Durable] = []  # the acks of messages applied since the current round began
+        self._work = threading.Condition(self._lock)  # wakes the writer
+        self._writer: threading.Thread | None = None
+        self._closing = False
+        self._loaded = store is None  # nothing loaded yet: the first store call loads every ledger
+        self._doubt = False  # a store call failed: Redis may be behind memory
 
     # ---- worker registration ----------------------------------------------------------------------
-    def register(self, spec: WorkerSpec) -> tuple[bool, int]:
+    def register(self, spec: WorkerSpec, session: int = 0) -> tuple[bool, int]:
         """Lease a pool: (restored, free blocks). Restored when a live ledger of the same size exists
-        (the worker reconnects after a manager restart); otherwise a fresh ledger replaces any other."""
-        with self._lock:
+        (the worker reconnects after a manager restart, or restarted with the same id: its steps then
+        ask for a resync); otherwise a fresh ledger, holding `session` at step 0, replaces any other."""
+        with self._store_lock, self._lock:
             self._sync()
             rec = self._workers.get(spec.worker_id)
             if rec is not None and rec.spec.same_pool(spec) and self._alive(rec):
@@ -59,10 +99,11 @@ class KVManager:
                 rec.expires_at = self.clock() + spec.ttl_s
                 return True, rec.ledger.num_free
             rec = WorkerRecord(spec=spec, ledger=KVLedger(spec.num_blocks, spec.block_size), born=time.time_ns(),
-                               expires_at=self.clock() + spec.ttl_s)
+                               session=session, expires_at=self.clock() + spec.ttl_s)
             if self.store is not None:
                 self._guard(self.store.save, rec, True)
             self._workers[spec.worker_id] = rec
+            self._pending.pop(spec.worker_id, None)
             self._observe(rec)
             return False, rec.ledger.num_free
 
@@ -70,89 +111,153 @@ class KVManager:
         """Extend a registration; False when the worker is unknown or expired (it must register again)."""
         check_worker_id(worker_id)
         with self._lock:
-            self._sync()
             rec = self._workers.get(worker_id)
             if rec is None:
                 return False
-            if self.store is not None:
-                return self._guard(self.store.touch, rec.spec)
-            if rec.expires_at <= self.clock():
-                return False
-            rec.expires_at = self.clock() + rec.spec.ttl_s
-            return True
+            if self.store is None:
+                if rec.expires_at <= self.clock():
+                    return False
+                rec.expires_at = self.clock() + rec.spec.ttl_s
+                return True
+        return self._guard(self.store.touch, rec.spec)
 
     def _alive(self, rec: WorkerRecord) -> bool:
         if self.store is not None:
             return self._guard(self.store.alive, [rec.worker_id])[1] == {rec.worker_id}
         return rec.expires_at > self.clock()
 
-    # ---- ledger changes ---------------------------------------------------------------------------
-    def step(self, worker_id: str, seq: int, ops: list[Op]) -> StepResult:
-        """Apply one step's ops in order (see `ops.apply`): the answer has a slot list per append (None:
-        out of blocks) and the ids freed; a refused op sets `error` and the ops after it are not applied.
-        A resend of the last seq with the same ops answers the same again; any other seq at or below the
-        last raises SeqConflict."""
+    # ---- the replicas -----------------------------------------------------------------------------
+    def submit(self, worker_id: str, batch: Batch) -> Ack:
+        """Apply one message of a worker (`records.apply_batch`) and answer once it is persisted."""
+        done, failed = threading.Event(), []
+        ack = self._submit(worker_id, batch, lambda error: (failed.append(error), done.set()))
+        if self.store is not None:
+            done.wait()
+            if failed[0] is not None:
+                raise failed[0]
+        return ack
+
+    async def submit_async(self, worker_id: str, batch: Batch) -> Ack:
+        """`submit` for an event loop (the gRPC service's): it goes on serving other workers meanwhile."""
+        loop = asyncio.get_running_loop()
+        durable = loop.create_future()
+        ack = self._submit(worker_id, batch, lambda error: loop.call_soon_threadsafe(_settle, durable, error))
+        if self.store is not None:
+            await durable
+        return ack
+
+    def _submit(self, worker_id: str, batch: Batch, durable: Durable) -> Ack:
         check_worker_id(worker_id)
-        check_seq(seq)
-        check_ops(ops)
-        data, digest = ops_json(ops)
-        with self._lock:
-            for _ in range(2):  # a second try after Redis was found to have lost data
+        check_batch(batch)
+        if not self._loaded:
+            with self._store_lock, self._lock:
                 self._sync()
-                rec = self._record(worker_id)
-                if seq == rec.seq:
-                    if digest != rec.digest:
-                        raise SeqConflict(f"step {seq} of {worker_id} was already applied with other ops")
-                    if self.metrics is not None:
-                        self.metrics.resent.inc()
-                    return StepResult(rec.answer, rec.ledger.num_free, resent=True)
-                if seq < rec.seq:
-                    raise SeqConflict(f"step {seq} of {worker_id} is older than its last step {rec.seq}")
-                if self._persist(rec, entry_to_json(rec.n + 1, seq, digest, data)):
-                    answer = apply_entry(rec, seq, digest, ops)
-                    self._applied(rec, answer)
-                    return StepResult(answer, rec.ledger.num_free)
-        raise StoreUnavailable("Redis lost the ledgers again while they were being rewritten")
-
-    def release(self, worker_id: str, request: str) -> StepResult:
-        """Free everything of one request of a worker (cancelled, failed or done); releasing a request the
-        ledger does not hold frees nothing. Not part of the worker's seq numbering."""
-        check_worker_id(worker_id)
-        check_request_id(request)
-        ops: list[Op] = [Release(request)]
-        data, digest = ops_json(ops)
         with self._lock:
-            for _ in range(2):  # a second try after Redis was found to have lost data
-                self._sync()
-                rec = self._record(worker_id)
-                if self._persist(rec, entry_to_json(rec.n + 1, None, digest, data)):
-                    answer = apply_entry(rec, None, digest, ops)
-                    self._applied(rec, answer)
-                    return StepResult(answer, rec.ledger.num_free)
-        raise StoreUnavailable("Redis lost the ledgers again while they were being rewritten")
+            ack = self._apply(worker_id, batch)
+            if self.store is not None:
+                self._waiting.append(durable)
+                self._start_writer()
+                self._work.notify()
+        return ack
 
-    def _persist(self, rec: WorkerRecord, entry: str) -> bool:
-        """True: the entry is in the store (or there is no store). False: Redis lost data (the next
-        `_sync` writes memory back)."""
-        if self.store is None:
-            return True
-        if self._guard(self.store.append, rec, entry):
-            return True
-        log.warning("Redis no longer holds the ledger of %s: rewriting the store from memory", rec.worker_id)
-        self._doubt = True
-        return False
+    def _start_writer(self) -> None:
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_loop, name="apar-kv-writer", daemon=True)
+            self._writer.start()
 
-    def _applied(self, rec: WorkerRecord, answer: StepAnswer) -> None:
+    def close(self) -> None:
+        """Stop the writer thread (after the round it is in)."""
+        with self._lock:
+            self._closing = True
+            self._work.notify()
+        if self._writer is not None:
+            self._writer.join(timeout=10)
+
+    def _write_loop(self) -> None:
+        started = 0.0
+        while True:
+            with self._lock:
+                while not self._waiting and not self._closing:
+                    self._work.wait()
+                if not self._waiting:
+                    return
+            time.sleep(max(0.0, started + self.round_every_s - time.monotonic()))
+            started = time.monotonic()
+            with self._lock:
+                acks, self._waiting = self._waiting, []
+            error = None
+            try:
+                self._round()
+            except Exception as exc:  # StoreUnavailable (nothing acknowledged: the workers send again), or a bug
+                if not isinstance(exc, StoreUnavailable):
+                    log.exception("KV manager writer")
+                error = exc
+            for durable in acks:
+                durable(error)
+
+    def _round(self) -> None:
+        """Persist in ONE transaction what the messages applied so far changed; after a store failure,
+        sync first (which writes back whatever memory holds that Redis does not)."""
+        with self._store_lock:
+            with self._lock:
+                if self._doubt:
+                    self._sync()
+                    return
+                writes = self._take_pending()
+            if writes:
+                lost = self._guard(self.store.commit, writes)
+                if lost:
+                    log.warning("Redis no longer holds the ledgers of %s: rewriting the store from memory",
+                                ", ".join(r.worker_id for r in lost))
+                    with self._lock:
+                        self._doubt = True
+                        self._sync()
+
+    def _apply(self, worker_id: str, batch: Batch) -> Ack:
+        rec = self._record(worker_id)
+        applied = apply_batch(rec, batch)
+        self._applied(rec, applied)
+        return applied.ack
+
+    def _applied(self, rec: WorkerRecord, applied: Applied) -> None:
+        if self.store is not None and (applied.steps or applied.resynced):
+            pending = self._pending.get(rec.worker_id)
+            if pending is None or pending.rec is not rec:
+                pending = self._pending[rec.worker_id] = _Pending(rec)
+            if applied.resynced:
+                pending.snapshot = True
+            if applied.steps:
+                pending.entries.append(entry_to_json(rec.n, applied.steps))
         if self.metrics is not None:
-            self.metrics.steps.inc()
-            self.metrics.freed.inc(len(answer.freed))
+            m = self.metrics
+            m.messages.inc()
+            m.steps.inc(len(applied.steps))
+            m.duplicates.inc(applied.duplicates)
+            m.freed.inc(applied.freed)
+            if applied.resynced:
+                m.resyncs.inc()
             self._observe(rec)
+
+    def _take_pending(self) -> list[Write]:
+        from services.kvmanager.store import Write
+
+        writes = []
+        for w, p in self._pending.items():
+            rec = p.rec
+            if self._workers.get(w) is not rec:  # registered afresh or reaped since
+                continue
+            if p.snapshot or rec.n - rec.base >= self.store.snapshot_every:
+                writes.append(Write(rec, rec.n, rec.base, [], snapshot_to_json(rec)))
+            else:
+                writes.append(Write(rec, rec.n, rec.base, p.entries))
+        self._pending = {}
+        return writes
 
     # ---- read side ---------------------------------------------------------------------------------
     def usage(self) -> list[Usage]:
         """Every registered worker (memory only: no store call), sorted by id."""
         with self._lock:
-            return [Usage(r.worker_id, r.spec.address, r.spec.num_blocks, r.ledger.num_free, len(r.requests))
+            return [Usage(r.worker_id, r.spec.address, r.spec.num_blocks, r.ledger.num_free, r.ledger.num_requests)
                     for r in sorted(self._workers.values(), key=lambda r: r.worker_id)]
 
     def state(self, worker_id: str) -> dict:
@@ -160,6 +265,13 @@ class KVManager:
         check_worker_id(worker_id)
         with self._lock:
             return self._record(worker_id).ledger.snapshot()
+
+    def applied(self, worker_id: str) -> tuple[int, int]:
+        """(session, last step applied) of a worker's replica."""
+        check_worker_id(worker_id)
+        with self._lock:
+            rec = self._record(worker_id)
+            return rec.session, rec.seq
 
     def workers(self) -> list[str]:
         with self._lock:
@@ -176,15 +288,18 @@ class KVManager:
         """Drop every worker whose registration expired, with all its blocks; returns their ids.
 
         With a store, a missing `intact` marker means Redis lost its data (registrations included), so
-        nothing is reaped: the ledgers are written back from memory with fresh registrations instead."""
-        with self._lock:
-            self._sync()
-            ids = sorted(self._workers)
+        nothing is reaped: the ledgers are written back from memory with fresh registrations instead.
+        Memory is locked only to read the ids and to drop the dead: the workers' messages go on meanwhile."""
+        with self._store_lock:
+            with self._lock:
+                self._sync()
+                ids = sorted(self._workers)
             if self.store is not None:
                 intact, alive = self._guard(self.store.alive, ids)
                 if not intact:
-                    self._doubt = True
-                    self._sync()
+                    with self._lock:
+                        self._doubt = True
+                        self._sync()
                     return []
             else:
                 now = self.clock()
@@ -193,7 +308,9 @@ class KVManager:
             for w in dead:
                 if self.store is not None:
                     self._guard(self.store.drop, w)
-                del self._workers[w]
+                with self._lock:
+                    del self._workers[w]
+                    self._pending.pop(w, None)
                 if self.metrics is not None:
                     self.metrics.forget(w)
                 log.info("worker %s expired: its ledger is dropped", w)
@@ -207,7 +324,7 @@ class KVManager:
         return rec
 
     def _guard(self, fn, *args):
-        """A store call; on failure the manager is in doubt (sync before the next store call)."""
+        """A store call; on failure the manager is in doubt (sync before the next acknowledgement)."""
         try:
             return fn(*args)
         except StoreUnavailable:
@@ -218,12 +335,13 @@ class KVManager:
 
     def sync(self) -> None:
         """Load or reconcile the ledgers now if a store call failed (or nothing was loaded yet)."""
-        with self._lock:
+        with self._store_lock, self._lock:
             self._sync()
 
     def _sync(self) -> None:
-        """After a store failure (or at start): reconcile memory with Redis, newer version wins."""
-        if not self._doubt or self.store is None:
+        """At start, or after a store failure: reconcile memory with Redis, newer version wins. Called
+        with both locks held."""
+        if self.store is None or (self._loaded and not self._doubt):
             return
         intact, stored = self._guard(self.store.load)
         for w in sorted(set(stored) | set(self._workers)):
@@ -240,7 +358,8 @@ class KVManager:
             for rec in self._workers.values():
                 self._guard(self.store.save, rec, True)
             self._guard(self.store.mark_intact)
-        self._doubt = False
+        self._pending = {}  # everything memory holds is in the store now
+        self._loaded, self._doubt = True, False
         log.info("ledgers in sync with Redis: %d workers", len(self._workers))
 
     def _observe(self, rec: WorkerRecord) -> None:
@@ -250,16 +369,19 @@ class KVManager:
 
 class InProcessClient:
     """A worker's handle on an in-process `KVManager` (embedded mode): the calls of the gRPC client
-    `services.worker.kvclient.KVManagerClient` (register, start_heartbeat, step, state, close) without
+    `services.worker.kvclient.KVManagerClient` (register, start_heartbeat, send, state, close) without
     gRPC. A registration lives `ttl_s` (default a day) and needs no heartbeat unless something reaps."""
 
     def __init__(self, manager: KVManager, worker_id: str, worker_address: str, num_blocks: int, block_size: int,
                  ttl_s: int = 24 * 3600) -> None:
         self.manager = manager
         self.spec = WorkerSpec(worker_id, worker_address, num_blocks, block_size, ttl_s)
+        self.session = secrets.randbits(63) | 1
+        self.forgotten = False
+        self.closed = False
 
     def register(self, timeout: float | None = None) -> bool:
-        return self.manager.register(self.spec)[0]
+        return self.manager.register(self.spec, self.session)[0]
 
     def start_heartbeat(self) -> None:
         """Nothing to do in-process; `heartbeat()` extends the registration if a caller reaps."""
@@ -267,19 +389,18 @@ class InProcessClient:
     def heartbeat(self) -> bool:
         return self.manager.heartbeat(self.spec.worker_id)
 
-    def step(self, seq: int, ops: list[Op]) -> StepResult:
-        """One step's ops; raises ConnectionError when the store is away (retry later), RuntimeError when
-        the ledger refused an op (the worker's view and the manager's disagree)."""
+    def send(self, batch: Batch) -> Ack:
+        """One message; raises ReplicaUnavailable when the store is away (send again later),
+        WorkerForgotten when the manager holds no ledger for this worker."""
         try:
-            result = self.manager.step(self.spec.worker_id, seq, ops)
+            return self.manager.submit(self.spec.worker_id, batch)
         except StoreUnavailable as exc:
-            raise ConnectionError(str(exc)) from None
-        if result.answer.error:
-            raise RuntimeError(f"KV manager refused step {seq}: {result.answer.error}")
-        return result
+            raise ReplicaUnavailable(str(exc)) from None
+        except UnknownWorker as exc:
+            raise WorkerForgotten(str(exc)) from None
 
     def state(self) -> dict:
         return self.manager.state(self.spec.worker_id)
 
     def close(self) -> None:
-        """Nothing to close in-process."""
+        self.closed = True

@@ -1,17 +1,19 @@
-"""The KV manager's Prometheus metrics: per-worker block usage, steps, frees and Redis traffic.
+"""The KV manager's Prometheus metrics: per-worker block usage, messages, steps, resyncs, frees and Redis
+traffic.
 
 The manager updates them after every message it applies; the store counts its round trips through
-`round_trip` (one per Step is the design, and the test checks it), and the manager its failed store
-calls by operation (`apar_redis_errors_total{operation}`). The workers' ledgers carry no model, so
-these series have no `model_name`. Each manager gets its own registry unless one is given, so several
-managers can live in one process (tests, embedded mode).
+`round_trip` (at most one per message is the design: messages that arrive together share one, and the
+tests check it), and the manager its failed store calls by operation
+(`apar_redis_errors_total{operation}`). The workers' ledgers carry no model, so these series have no
+`model_name`. Each manager gets its own registry unless one is given, so several managers can live in
+one process (tests, embedded mode).
 """
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 # RedisStore's methods (each one round trip or two); `KVManager._guard` labels an error with the name
-STORE_OPERATIONS = ("append", "save", "renew", "touch", "alive", "drop", "mark_intact", "load")
+STORE_OPERATIONS = ("commit", "save", "renew", "touch", "alive", "drop", "mark_intact", "load")
 
 
 class KVMetrics:
@@ -21,9 +23,12 @@ class KVMetrics:
         self.used = Gauge("apar_kvmanager_blocks_used", "KV blocks in use, per worker", ["worker"], registry=r)
         self.free = Gauge("apar_kvmanager_blocks_free", "KV blocks free, per worker", ["worker"], registry=r)
         self.workers = Gauge("apar_kvmanager_workers", "Workers with a ledger", registry=r)
-        self.steps = Counter("apar_kvmanager_steps", "Messages applied (Step and Release)", registry=r)
-        self.resent = Counter("apar_kvmanager_steps_resent", "Steps resent with a seq already applied: "
-                              "answered again, not applied", registry=r)
+        self.messages = Counter("apar_kvmanager_messages", "Messages (batches of steps) applied", registry=r)
+        self.steps = Counter("apar_kvmanager_steps", "Engine steps applied to the replicas", registry=r)
+        self.duplicates = Counter("apar_kvmanager_steps_duplicate", "Steps received again (a resend): skipped, "
+                                  "not applied twice", registry=r)
+        self.resyncs = Counter("apar_kvmanager_resyncs", "Replicas replaced by a worker's ledger snapshot",
+                               registry=r)
         self.freed = Counter("apar_kvmanager_blocks_freed", "KV blocks freed", registry=r)
         self.round_trips = Counter("apar_kvmanager_redis_round_trips", "Redis round trips", registry=r)
         errors = Counter("apar_redis_errors_total", "Redis calls that failed, by store operation", ["operation"],

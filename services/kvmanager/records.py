@@ -1,17 +1,19 @@
 """What the KV manager keeps per worker, the limits on what a client may send, and its errors.
 
 Data flows: a worker's `Register` becomes a checked `WorkerSpec`; the manager keeps one `WorkerRecord`
-per worker (its spec, its `KVLedger`, and the last step it applied, for idempotent resends); the store
-persists a record as a snapshot plus a log of entries. Every check a client's input needs is here, so
-the gRPC servicer and the in-process caller get the same INVALID_ARGUMENT answers.
+per worker (its spec, its replica `KVLedger`, the worker's session and the last step applied); a
+worker's `Batch` goes through `apply_batch` (the rules are in `replication`'s docstring); the store
+persists a record as a snapshot plus a log of entries, one per message. Every check a client's input
+needs is here, so the gRPC servicer and the in-process caller get the same INVALID_ARGUMENT answers.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from apar.errors import UserError
-from services.kvmanager.ledger import KVLedger, ThreadRef
-from services.kvmanager.ops import Append, Finish, Fork, Op, Release, Start, StepAnswer, apply
+from services.kvmanager.ledger import KVLedger, LedgerError, ThreadRef
+from services.kvmanager.ops import Advance, Append, Finish, Fork, Op, Release, Start, apply
+from services.kvmanager.replication import Ack, Batch, Step
 
 MAX_ID_CHARS = 128  # worker ids (part of Redis keys)
 MAX_REQUEST_CHARS = 256
@@ -21,6 +23,7 @@ MAX_BLOCK_SIZE = 1 << 12  # tokens per block
 MAX_TTL_S = 24 * 3600
 MAX_APPEND_TOKENS = 1 << 20  # one append (a prefill chunk); more than the pool holds answers "failed"
 MAX_OPS = 1 << 16  # per step
+MAX_STEPS = 1 << 12  # per message
 
 
 class BadRequest(UserError):
@@ -29,10 +32,6 @@ class BadRequest(UserError):
 
 class UnknownWorker(LookupError):
     """No ledger for this worker: never registered, or its registration expired (NOT_FOUND)."""
-
-
-class SeqConflict(RuntimeError):
-    """A step whose seq was already used by different ops, or older than the last step (FAILED_PRECONDITION)."""
 
 
 class StoreUnavailable(RuntimeError):
@@ -55,12 +54,6 @@ def check_request_id(request: str, what: str = "request") -> str:
     if len(request) > MAX_REQUEST_CHARS:
         raise BadRequest(f"{what} id is longer than {MAX_REQUEST_CHARS} characters")
     return request
-
-
-def check_seq(seq: int) -> int:
-    if seq <= 0:
-        raise BadRequest("seq must be 1 or more (a worker numbers its steps from 1)")
-    return seq
 
 
 @dataclass(slots=True)
@@ -88,53 +81,76 @@ class WorkerSpec:
         return self.num_blocks == other.num_blocks and self.block_size == other.block_size
 
 
-def _check_ref(ref: ThreadRef, i: int, what: str) -> None:
-    check_request_id(ref.request, f"op {i}: {what} request")
+def _check_ref(ref: ThreadRef, where: str, what: str) -> None:
+    check_request_id(ref.request, f"{where}: {what} request")
     if not 0 <= ref.thread < 1 << 32:
-        raise BadRequest(f"op {i}: {what} thread must be 0..2^32-1")
+        raise BadRequest(f"{where}: {what} thread must be 0..2^32-1")
 
 
-def check_ops(ops: list[Op]) -> list[Op]:
-    """Reject what no worker sends (INVALID_ARGUMENT); what a ledger refuses is answered in `error`."""
+def check_ops(ops: list[Op], where: str = "") -> list[Op]:
+    """Reject what no worker sends (INVALID_ARGUMENT); what a ledger refuses makes the replica ask for
+    a resync instead."""
     if len(ops) > MAX_OPS:
-        raise BadRequest(f"{len(ops)} ops in one step; at most {MAX_OPS}")
+        raise BadRequest(f"{where}{len(ops)} ops in one step; at most {MAX_OPS}")
     for i, op in enumerate(ops):
+        at = f"{where}op {i}"
         if isinstance(op, Append):
-            _check_ref(op.thread, i, "append")
+            _check_ref(op.thread, at, "append")
             if not 1 <= op.tokens <= MAX_APPEND_TOKENS:
-                raise BadRequest(f"op {i}: append of {op.tokens} tokens; must be 1..{MAX_APPEND_TOKENS}")
+                raise BadRequest(f"{at}: append of {op.tokens} tokens; must be 1..{MAX_APPEND_TOKENS}")
         elif isinstance(op, Fork):
-            _check_ref(op.parent, i, "fork parent")
-            _check_ref(op.child, i, "fork child")
+            _check_ref(op.parent, at, "fork parent")
+            _check_ref(op.child, at, "fork child")
         elif isinstance(op, (Start, Finish)):
-            _check_ref(op.thread, i, type(op).__name__.lower())
+            _check_ref(op.thread, at, type(op).__name__.lower())
         elif isinstance(op, Release):
-            check_request_id(op.request, f"op {i}: release")
+            check_request_id(op.request, f"{at}: release")
+        elif isinstance(op, Advance):
+            for ref in op.held:
+                _check_ref(ref, at, "advance held")
         else:
-            raise BadRequest(f"op {i}: unknown op {type(op).__name__}")
+            raise BadRequest(f"{at}: unknown op {type(op).__name__}")
     return ops
+
+
+def check_batch(batch: Batch) -> Batch:
+    """A session, consecutive step numbers from 1 up, at most MAX_STEPS of them, ops that can be ops."""
+    if batch.session <= 0:
+        raise BadRequest("session must be 1 or more")
+    if len(batch.steps) > MAX_STEPS:
+        raise BadRequest(f"{len(batch.steps)} steps in one message; at most {MAX_STEPS}")
+    if batch.resync is not None and batch.resync.seq < 0:
+        raise BadRequest("resync seq must be 0 or more")
+    for i, step in enumerate(batch.steps):
+        if step.seq <= 0:
+            raise BadRequest(f"step {i}: seq must be 1 or more (a worker numbers its steps from 1)")
+        if i and step.seq != batch.steps[i - 1].seq + 1:
+            raise BadRequest(f"step {i}: seq {step.seq} does not follow {batch.steps[i - 1].seq}")
+        check_ops(step.ops, f"step {i}: ")
+    return batch
 
 
 @dataclass(slots=True)
 class WorkerRecord:
-    """One worker's ledger and where it stands in its log.
+    """One worker's replica and where it stands.
 
-    `n` counts the log entries applied since registration (steps and Release calls); `base` is the `n`
-    of the last snapshot in the store, so entries `base+1..n` are in the store's log. `born` (ns since
-    the epoch, set at registration) orders two ledgers of the same worker id: a fresh registration
-    outranks an old one. `seq`, `digest` and `answer` are the last step's, so a resend of that step is
-    answered again without applying it twice.
+    `session` and `seq` are the worker's: the session whose steps the replica holds and the last of
+    them applied. `broken` is set when the replica refused an op or its digest differed from the
+    worker's (it no longer follows the worker): nothing more is applied until a resync. `n` counts the
+    messages that changed the replica since registration (each a log entry, or a resync); `base` is the
+    `n` of the last snapshot in the store, so entries `base+1..n` are in the store's log. `born` (ns
+    since the epoch, set at registration) orders two replicas of the same worker id: a fresh
+    registration outranks an old one.
     """
 
     spec: WorkerSpec
     ledger: KVLedger
     born: int
+    session: int = 0
+    seq: int = 0
     n: int = 0
     base: int = 0
-    seq: int = 0
-    digest: str = ""
-    answer: StepAnswer = field(default_factory=StepAnswer)
-    requests: set[str] = field(default_factory=set)  # requests started and not released
+    broken: bool = False
     expires_at: float = 0.0  # monotonic deadline, only used without a store
 
     @property
@@ -145,22 +161,67 @@ class WorkerRecord:
     def worker_id(self) -> str:
         return self.spec.worker_id
 
+    def ack(self, resync: bool = False) -> Ack:
+        return Ack(self.seq, self.ledger.digest(), resync or self.broken)
 
-def apply_entry(rec: WorkerRecord, seq: int | None, digest: str, ops: list[Op]) -> StepAnswer:
-    """Apply one log entry to a record: the same call live and in a replay, so both end the same."""
-    answer = apply(rec.ledger, ops)
+
+@dataclass(slots=True)
+class Applied:
+    """What one message did to a record: its answer, the steps applied (the log entry), a resync."""
+
+    ack: Ack
+    steps: list[Step] = field(default_factory=list)
+    resynced: bool = False
+    duplicates: int = 0
+    freed: int = 0
+
+
+def apply_batch(rec: WorkerRecord, batch: Batch) -> Applied:
+    """Apply one message of a worker to its replica by the rules in `replication`'s docstring."""
+    out = Applied(ack=rec.ack())
+    stale = batch.session == rec.session and not rec.broken and batch.resync is not None and batch.resync.seq < rec.seq
+    if batch.resync is not None and not stale:  # a stale one (a late copy) would only set the replica back
+        data = batch.resync.ledger
+        if not isinstance(data, dict) or (data.get("num_blocks"), data.get("block_size")) != (
+                rec.spec.num_blocks, rec.spec.block_size):
+            raise BadRequest("resync: the snapshot's pool is not the registered one")
+        try:
+            ledger = KVLedger.from_snapshot(data)
+        except LedgerError as exc:
+            raise BadRequest(f"resync: {exc}") from None
+        rec.ledger, rec.session, rec.seq, rec.broken = ledger, batch.session, batch.resync.seq, False
+        out.resynced = True
+    if batch.session != rec.session or rec.broken:
+        out.ack = rec.ack(resync=True)
+        return out
+    for step in batch.steps:
+        if step.seq <= rec.seq:
+            out.duplicates += 1
+            continue
+        if step.seq != rec.seq + 1:  # early: the worker resends from rec.seq + 1
+            break
+        answer = apply(rec.ledger, step.ops)
+        out.freed += len(answer.freed)
+        if answer.error or rec.ledger.digest() != step.digest:
+            rec.broken = True
+            break
+        rec.seq = step.seq
+        out.steps.append(step)
+    if out.steps or out.resynced:
+        rec.n += 1
+    out.ack = rec.ack()
+    return out
+
+
+def replay_entry(rec: WorkerRecord, steps: list[tuple[int, list[Op]]]) -> None:
+    """Apply one log entry (steps applied live, in order) when a record is restored from the store;
+    raises LedgerError when they do not apply."""
+    for seq, ops in steps:
+        answer = apply(rec.ledger, ops)
+        if answer.error:
+            raise LedgerError(f"step {seq}: {answer.error}")
+        rec.seq = seq
     rec.n += 1
-    if seq is not None:
-        rec.seq, rec.digest, rec.answer = seq, digest, answer
-    if answer.error:  # some ops were not applied: ask the ledger which requests it holds
-        rec.requests = {r for r, _ in rec.ledger.snapshot()["requests"]}
-    else:
-        for op in ops:
-            if isinstance(op, Start):
-                rec.requests.add(op.thread.request)
-            elif isinstance(op, Release):
-                rec.requests.discard(op.request)
-    return answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,10 +233,3 @@ class Usage:
     num_blocks: int
     free_blocks: int
     requests: int
-
-
-@dataclass(frozen=True, slots=True)
-class StepResult:
-    answer: StepAnswer
-    free_blocks: int
-    resent: bool = False  # the answer of a step already applied (same seq, same ops)

@@ -1,18 +1,21 @@
 """The KV manager's gRPC service: a thin servicer over `KVManager`, health, reflection, and the reaper.
 
-Each RPC is `convert.*_from_pb` -> one `KVManager` call -> `convert.*_to_pb`. Domain errors become status
-codes in one place (`_call`): BadRequest -> INVALID_ARGUMENT (also for bytes that are not a message),
-UnknownWorker -> NOT_FOUND, SeqConflict -> FAILED_PRECONDITION, StoreUnavailable -> UNAVAILABLE (retry:
-nothing was applied), anything else -> INTERNAL (logged; the server goes on). An op the ledger refuses is
-NOT a status: the StepResponse carries `error`, with the ops before it applied and the rest not, exactly
-as the worker's own `ops.apply` does.
+Each RPC is `convert.*_from_pb` -> one `KVManager` call -> `convert.*_to_pb`; `Steps` is a stream of
+them, one StepAck per StepBatch. Domain errors become status codes in one place (`_status`):
+BadRequest -> INVALID_ARGUMENT (also for bytes that are not a message), UnknownWorker -> NOT_FOUND,
+StoreUnavailable -> UNAVAILABLE (send again: nothing was acknowledged), anything else -> INTERNAL (logged;
+the server goes on); on `Steps` the error ends the stream. An op the replica refuses is NOT a status:
+the ack asks the worker for a resync.
 
-`serve()` starts a `grpc.server` (thread pool) plus a reaper thread that drops the ledger of every worker
-whose registration expired and, while Redis is away, retries with backoff and reports the KVManager
-service NOT_SERVING on the standard health service.
+`serve()` starts a `grpc.aio` server on an event loop of its own thread: every worker's `Steps` stream
+is served there (no thread per stream: a message costs no thread switch until the manager's writer
+takes it), the unary calls in a small thread pool (they may wait on Redis). Beside it a reaper thread
+drops the ledger of every worker whose registration expired and, while Redis is away, retries with
+backoff and reports the KVManager service NOT_SERVING on the standard health service.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from concurrent import futures
@@ -29,36 +32,32 @@ from services.grpc_common import Malformed, safe_parser, server_options
 from services.kvmanager import convert
 from services.kvmanager.manager import KVManager
 from services.kvmanager.metrics import KVMetrics
-from services.kvmanager.records import BadRequest, SeqConflict, StoreUnavailable, UnknownWorker
+from services.kvmanager.records import BadRequest, StoreUnavailable, UnknownWorker
+from services.security import open_port
 
 log = logging.getLogger(__name__)
 K = stubs().kvmanager_pb2
 SERVICE = K.DESCRIPTOR.services_by_name["KVManager"]
 _CODES = ((BadRequest, grpc.StatusCode.INVALID_ARGUMENT), (UnknownWorker, grpc.StatusCode.NOT_FOUND),
-          (SeqConflict, grpc.StatusCode.FAILED_PRECONDITION), (StoreUnavailable, grpc.StatusCode.UNAVAILABLE))
+          (StoreUnavailable, grpc.StatusCode.UNAVAILABLE))
 
 
 class KVManagerServicer:
-    """One method per RPC of apar.v1.KVManager; each takes the request message, returns the response."""
+    """One method per RPC of apar.v1.KVManager; each takes a request message, returns its response."""
 
     def __init__(self, manager: KVManager, default_ttl_s: int = 10) -> None:
         self.manager = manager
         self.default_ttl_s = default_ttl_s
 
     def Register(self, req):
-        restored, free = self.manager.register(convert.spec_from_pb(req, self.default_ttl_s))
+        restored, free = self.manager.register(convert.spec_from_pb(req, self.default_ttl_s), req.session)
         return K.RegisterResponse(restored=restored, free_blocks=free)
 
     def Heartbeat(self, req):
         return K.HeartbeatResponse(known=self.manager.heartbeat(req.worker_id))
 
-    def Step(self, req):
-        result = self.manager.step(req.worker_id, req.seq, convert.ops_from_pb(req.ops))
-        return convert.answer_to_pb(result.answer, result.free_blocks)
-
-    def Release(self, req):
-        result = self.manager.release(req.worker_id, req.request)
-        return convert.answer_to_pb(result.answer, result.free_blocks)
+    async def Steps(self, req):
+        return convert.ack_to_pb(await self.manager.submit_async(req.worker_id, convert.batch_from_pb(req)))
 
     def Usage(self, req):
         return convert.usage_to_pb(self.manager.usage())
@@ -67,44 +66,80 @@ class KVManagerServicer:
         return convert.state_to_pb(self.manager.state(req.worker_id))
 
 
+def _status(exc: Exception, impl) -> tuple[grpc.StatusCode, str]:
+    """A domain error's status code and message; a bug is INTERNAL (and logged), never a crash."""
+    code = next((c for t, c in _CODES if isinstance(exc, t)), grpc.StatusCode.INTERNAL)
+    if code == grpc.StatusCode.INTERNAL:
+        log.exception("KV manager bug in %s", impl.__name__)
+        return code, f"{type(exc).__name__}: {exc}"
+    return code, str(exc)
+
+
+def _malformed(request) -> tuple[grpc.StatusCode, str] | None:
+    if isinstance(request, Malformed):
+        return grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.error}"
+    return None
+
+
 def _call(impl):
-    """Run one RPC; a domain error becomes its status code, a bug becomes INTERNAL, never a crash."""
+    """A unary RPC (run in the server's thread pool)."""
     def handler(request, context):
-        if isinstance(request, Malformed):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.error}")
-        try:
-            return impl(request)
-        except Exception as exc:  # the status is set below, outside the except (abort raises)
-            code = next((c for t, c in _CODES if isinstance(exc, t)), grpc.StatusCode.INTERNAL)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("KV manager bug in %s", impl.__name__)
-            message = f"{type(exc).__name__}: {exc}" if code == grpc.StatusCode.INTERNAL else str(exc)
-        context.abort(code, message)
+        status = _malformed(request)
+        if status is None:
+            try:
+                return impl(request)
+            except Exception as exc:  # the status is set below, outside the except (abort raises)
+                status = _status(exc, impl)
+        context.abort(*status)
 
     return handler
 
 
-def add_servicer(server: grpc.Server, servicer: KVManagerServicer) -> None:
+def _stream(impl):
+    """Each request of the stream answered in order, on the event loop; an error ends the stream."""
+    async def handler(requests, context):
+        async for request in requests:
+            status = _malformed(request)
+            if status is None:
+                try:
+                    response = await impl(request)
+                except Exception as exc:
+                    status = _status(exc, impl)
+            if status is not None:
+                await context.abort(*status)
+            yield response
+
+    return handler
+
+
+def add_servicer(server: grpc.aio.Server, servicer: KVManagerServicer) -> None:
     handlers = {}
     for method in SERVICE.methods:
         req_cls = message_factory.GetMessageClass(method.input_type)
         resp_cls = message_factory.GetMessageClass(method.output_type)
-        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            _call(getattr(servicer, method.name)), request_deserializer=safe_parser(req_cls),
-            response_serializer=resp_cls.SerializeToString)
+        impl = getattr(servicer, method.name)
+        if method.client_streaming:  # Steps
+            make, impl = grpc.stream_stream_rpc_method_handler, _stream(impl)
+        else:
+            make, impl = grpc.unary_unary_rpc_method_handler, _call(impl)
+        handlers[method.name] = make(impl, request_deserializer=safe_parser(req_cls),
+                                     response_serializer=resp_cls.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
 
 
 @dataclass
 class KVManagerServer:
-    """A running KV manager: its gRPC server, domain object and metrics; `stop()` ends both threads."""
+    """A running KV manager: its gRPC server (on `loop`), domain object and metrics; `stop()` ends its
+    threads."""
 
-    server: grpc.Server
+    server: grpc.aio.Server
     port: int
     manager: KVManager
     metrics: KVMetrics
-    health: health.HealthServicer
+    health: health.aio.HealthServicer
     reap_every_s: float
+    loop: asyncio.AbstractEventLoop
+    _loop_thread: threading.Thread
     _stop: threading.Event = field(default_factory=threading.Event)
     _reaper: threading.Thread | None = None
     _metrics_http: object | None = None  # prometheus_client's HTTP server, when a metrics port was given
@@ -130,25 +165,34 @@ class KVManagerServer:
 
     def _serving(self, ok: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
-        self.health.set(SERVICE.full_name, status)
+        asyncio.run_coroutine_threadsafe(self.health.set(SERVICE.full_name, status), self.loop).result(timeout=10)
 
     def stop(self, grace: float | None = 1.0) -> None:
+        if self._stop.is_set():
+            return
         self._stop.set()
-        self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
-        if self._metrics_http is not None:
-            self._metrics_http.shutdown()
-            self._metrics_http.server_close()
         if self._reaper is not None:
             self._reaper.join(timeout=5)
 
+        async def shutdown() -> None:
+            await self.health.enter_graceful_shutdown()
+            await self.server.stop(grace)
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(timeout=(grace or 0) + 10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._loop_thread.join(timeout=10)
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+        self.manager.close()
+
     def wait(self) -> None:
-        self.server.wait_for_termination()
+        self._loop_thread.join()
 
 
 def serve(address: str = "127.0.0.1:0", redis_url: str | None = None, *, prefix: str = "apar:", ttl_s: int = 10,
-          reap_every_s: float = 1.0, snapshot_every: int = 64, metrics_port: int | None = None,
-          registry: CollectorRegistry | None = None, max_workers: int = 16) -> KVManagerServer:
+          reap_every_s: float = 1.0, snapshot_every: int = 256, metrics_port: int | None = None,
+          registry: CollectorRegistry | None = None, max_workers: int = 16, tls=None) -> KVManagerServer:
     """Start a KV manager on `address` (port 0: a free one, see `.port`). With `redis_url` every ledger
     lives in Redis under `prefix` and is loaded from there now (or, if Redis is down, once it is back);
     without it the ledgers live in memory only."""
@@ -159,16 +203,28 @@ def serve(address: str = "127.0.0.1:0", redis_url: str | None = None, *, prefix:
     if redis_url:
         store = RedisStore(redis_url, prefix, snapshot_every, on_round_trip=metrics.round_trip)
     manager = KVManager(store, metrics)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="apar-kv"),
-                         options=server_options())
-    add_servicer(server, KVManagerServicer(manager, ttl_s))
-    checker = health.HealthServicer(experimental_non_blocking=True)
-    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
-    reflection.enable_server_reflection((SERVICE.full_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                                         reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(address)
-    handle = KVManagerServer(server, port, manager, metrics, checker, reap_every_s)
-    checker.set("", health_pb2.HealthCheckResponse.SERVING)
+    loop = asyncio.new_event_loop()
+    loop_thread = threading.Thread(target=loop.run_forever, name="apar-kv-grpc", daemon=True)
+    loop_thread.start()
+
+    async def create():
+        server = grpc.aio.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="apar-kv"),
+                                 options=server_options())
+        add_servicer(server, KVManagerServicer(manager, ttl_s))
+        checker = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+        reflection.enable_server_reflection((SERVICE.full_name, health_pb2.DESCRIPTOR.services_by_name["Health"]
+                                             .full_name, reflection.SERVICE_NAME), server)
+        port = open_port(server, address, tls)  # mutual TLS with a TLSFiles (services/security.py)
+        await checker.set("", health_pb2.HealthCheckResponse.SERVING)
+        return server, checker, port
+
+    try:
+        server, checker, port = asyncio.run_coroutine_threadsafe(create(), loop).result(timeout=30)
+    except BaseException:
+        loop.call_soon_threadsafe(loop.stop)
+        raise
+    handle = KVManagerServer(server, port, manager, metrics, checker, reap_every_s, loop, loop_thread)
     try:
         manager.sync()
         handle._serving(True)
@@ -179,6 +235,6 @@ def serve(address: str = "127.0.0.1:0", redis_url: str | None = None, *, prefix:
         from prometheus_client import start_http_server
 
         handle._metrics_http, _ = start_http_server(metrics_port, registry=metrics.registry)
-    server.start()
+    asyncio.run_coroutine_threadsafe(server.start(), loop).result(timeout=30)
     handle.start_reaper()
     return handle

@@ -4,16 +4,18 @@ Keys (P is the prefix, default `apar:`; W a worker id)::
 
     P kv:workers        hash  W -> spec JSON (address, pool size, ttl): which ledgers exist
     P kv:w:W:snap       hash  base -> n of the snapshot, data -> snapshot JSON (codec.snapshot_to_json)
-    P kv:w:W:log        list  entries base+1, base+2, ... (codec.entry_to_json), one per Step or Release
+    P kv:w:W:log        list  entries base+1, base+2, ... (codec.entry_to_json), one per message applied
     P kv:w:W:alive      string with EX ttl: the worker's registration, refreshed by Heartbeat
     P kv:intact         set once the store holds every ledger; gone means Redis lost its data
 
-Data flows one way: the manager calls `append` BEFORE it applies a message in memory, in ONE pipelined
-MULTI/EXEC round trip (every `snapshot_every` entries the same transaction also writes a fresh snapshot
-and empties the log). The transaction also reads `intact` and the snapshot's base, and RPUSH answers the
-log's length: if Redis restarted empty or from an old dump, `append` answers False and the manager
-rewrites the store from memory before it goes on. `load` rebuilds every ledger from its snapshot and
-log; entries are numbered, so one pushed twice (a retried EXEC whose reply was lost) is skipped.
+Each shard of KV managers has its own prefix (or its own Redis). Data flows one way: the manager applies
+messages in memory, then `commit`s what every message of the round changed in ONE pipelined MULTI/EXEC
+round trip (a worker's log entries pushed, or, every `snapshot_every` entries and after a resync, its
+fresh snapshot written and its log emptied) before it acknowledges them. The transaction also reads
+`intact` and each snapshot's base, and RPUSH answers the log's length: if Redis restarted empty or from
+an old dump, `commit` names the records it found behind, and the manager rewrites the store from memory
+before it acknowledges anything. `load` rebuilds every ledger from its snapshot and log; entries are
+numbered, so one pushed twice (a retried EXEC whose reply was lost) is skipped.
 
 Every Redis error becomes `StoreUnavailable`; redis-py reconnects by itself on the next call, with a few
 retries and exponential backoff inside each call.
@@ -21,6 +23,7 @@ retries and exponential backoff inside each call.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Callable
 
 import redis
@@ -31,7 +34,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from services.kvmanager.codec import entry_from_json, record_from_json, snapshot_to_json, spec_from_json, spec_to_json
-from services.kvmanager.records import StoreUnavailable, WorkerRecord, WorkerSpec, apply_entry
+from services.kvmanager.records import StoreUnavailable, WorkerRecord, WorkerSpec, replay_entry
+from services.security import mask_url
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +47,24 @@ def connect(url: str) -> redis.Redis:
                                 retry_on_error=[RedisConnectionError, RedisTimeoutError])
 
 
+@dataclass(slots=True)
+class Write:
+    """What one commit writes for one record: its new log entries, or (snapshot set) its whole state,
+    as of entry `n`; `base` is the snapshot's n the store should hold before it."""
+
+    rec: WorkerRecord
+    n: int
+    base: int
+    entries: list[str]
+    snapshot: str | None = None
+
+
 class RedisStore:
-    def __init__(self, url: str = "redis://127.0.0.1:6379/0", prefix: str = "apar:", snapshot_every: int = 64,
+    def __init__(self, url: str = "redis://127.0.0.1:6379/0", prefix: str = "apar:", snapshot_every: int = 256,
                  on_round_trip: Callable[[], None] | None = None, client: redis.Redis | None = None) -> None:
         if snapshot_every < 1:
             raise ValueError("snapshot_every must be 1 or more")
-        self.url = url
+        self.url = mask_url(url)  # for messages: the password never leaves `connect`
         self.client = client if client is not None else connect(url)
         self.prefix = prefix
         self.snapshot_every = snapshot_every
@@ -71,26 +87,33 @@ class RedisStore:
             raise StoreUnavailable(f"Redis at {self.url}: {type(exc).__name__}: {exc}") from None
 
     # ---- one round trip each -----------------------------------------------------------------------
-    def append(self, rec: WorkerRecord, entry: str) -> bool:
-        """Persist one entry (numbered rec.n + 1) before it is applied; False when Redis lost data."""
-        snap, logkey = self._key(rec.worker_id, "snap"), self._key(rec.worker_id, "log")
-        snapshot = rec.n - rec.base >= self.snapshot_every
-
+    def commit(self, writes: list[Write]) -> list[WorkerRecord]:
+        """Persist every write in ONE transaction; returns the records Redis turned out not to hold up to
+        their `base` (it lost data): the manager rewrites those from memory."""
         def build(p) -> None:
             p.exists(self._intact)
-            p.hget(snap, "base")
-            if snapshot:  # the state at n, so the log restarts with entry n + 1
-                p.hset(snap, mapping={"base": rec.n, "data": snapshot_to_json(rec)})
-                p.delete(logkey)
-            p.rpush(logkey, entry)
+            for w in writes:
+                snap, logkey = self._key(w.rec.worker_id, "snap"), self._key(w.rec.worker_id, "log")
+                p.hget(snap, "base")
+                if w.snapshot is not None:  # the state at n, so the log restarts with entry n + 1
+                    p.hset(snap, mapping={"base": w.n, "data": w.snapshot})
+                    p.delete(logkey)
+                else:
+                    p.rpush(logkey, *w.entries)
 
         out = self._run(build)
-        intact, base, length = out[0], out[1], out[-1]
-        expected = 1 if snapshot else rec.n - rec.base + 1
-        ok = bool(intact) and base is not None and int(base) == rec.base and length >= expected
-        if ok and snapshot:
-            rec.base = rec.n
-        return ok
+        intact, lost, i = bool(out[0]), [], 1
+        for w in writes:
+            base = out[i]
+            if w.snapshot is not None:
+                ok, i = True, i + 3
+            else:
+                ok, i = out[i + 1] >= w.n - w.base, i + 2
+            if not (intact and ok and base is not None and int(base) == w.base):
+                lost.append(w.rec)
+            elif w.snapshot is not None:
+                w.rec.base = w.n
+        return lost
 
     def save(self, rec: WorkerRecord, set_alive: bool) -> None:
         """Write a record whole (fresh registration, or a rewrite from memory) and empty its log."""
@@ -146,10 +169,10 @@ class RedisStore:
             raise ValueError("no snapshot")
         rec = record_from_json(spec_from_json(spec_json), snap[b"data"])
         for text in entries:
-            n, seq, digest, ops = entry_from_json(text)
+            n, steps = entry_from_json(text)
             if n <= rec.n:  # pushed twice by a retried transaction
                 continue
             if n != rec.n + 1:
                 raise ValueError(f"log jumps from entry {rec.n} to {n}")
-            apply_entry(rec, seq, digest, ops)
+            replay_entry(rec, steps)
         return rec

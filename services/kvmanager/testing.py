@@ -1,9 +1,13 @@
 """Helpers for tests and benchmarks of the KV manager: a simulated worker and a throwaway Redis server.
 
-`SimWorker.step()` produces one step's ops in the order the engine sends them (thread ends first, then
-starts, appends and forks), applies them to its own `KVLedger` (the worker's view) and returns them with
-the local answer. A request whose append found no room is released in the next step, as the engine does.
-Seeded: the same seed gives the same stream.
+`SimWorker` stands in for the worker's engine over any KV backend (`LocalKV`, `RemoteKV`, or a bare
+`replication.StepLog`): each `step()` defers the ends of some threads and requests (as the engine does),
+starts requests and forks threads to keep about `threads` running, and appends one token to every
+running thread (a new thread's first tokens, with a new request's prompt, come by the same append). A
+request whose append found no room is released in the next step, as the engine does. Seeded: the same
+seed gives the same stream. With `compact`, the decode tokens go to the backend as `ops.record` would
+make them (one Advance, one-token appends only where a block opens): the same steps reach the manager
+for a fraction of the worker's CPU, which is what a benchmark of the manager on one machine needs.
 
 `ScratchRedis` runs `redis-server` on a free loopback port with no persistence (a restart comes back
 empty, like a pod whose Redis lost its data); `kill()` and `start()` make a Redis restart.
@@ -19,72 +23,110 @@ import time
 
 import redis
 
-from services.kvmanager.ledger import KVLedger, ThreadRef
-from services.kvmanager.ops import Append, Finish, Fork, Op, Release, Start, StepAnswer, apply
+from services.kvmanager.ledger import ThreadRef
+from services.kvmanager.ops import Advance, Append, Finish, Fork, Op, Release, Start
+from services.kvmanager.replication import Ack, StepLog
 
 
 class SimWorker:
-    def __init__(self, num_blocks: int = 64, block_size: int = 4, seed: int = 0, max_requests: int = 4,
-                 max_threads: int = 6) -> None:
-        self.ledger = KVLedger(num_blocks, block_size)
+    """Per step, about `threads` × `finish_p` threads end, a request is cancelled with `cancel_p` each,
+    and while fewer than `threads` run, a request starts (prompt length drawn from `prompt`) or a
+    running thread forks."""
+
+    def __init__(self, kv, threads: int = 6, seed: int = 0, prompt: tuple[int, int] = (1, 12),
+                 finish_p: float = 0.08, cancel_p: float = 0.01, compact: bool = False) -> None:
+        self.kv = kv
+        self.compact = compact
+        self.ledger = kv.ledger
         self.rng = random.Random(seed)
-        self.max_requests, self.max_threads = max_requests, max_threads
-        self.running: dict[str, list[int]] = {}  # request -> its running thread ids
+        self.threads, self.prompt = threads, prompt
+        self.finish_p, self.cancel_p = finish_p, cancel_p
+        self.running: dict[str, list[ThreadRef]] = {}  # request -> its running threads
+        self.steps = 0
+        self._one: dict[ThreadRef, Append] = {}  # each running thread's one-token append (ops are immutable)
         self._next_thread: dict[str, int] = {}
         self._starved: set[str] = set()
         self._requests = 0
-        self.seq = 0
 
-    def step(self) -> tuple[int, list[Op], StepAnswer]:
-        """(seq, ops, the answer of this worker's own ledger)."""
-        ends = self._ends()
-        starts, new = self._starts()
-        ops = ends + starts + self._decode()  # the new request's prompt append is its decode this step
-        if new is not None:
-            self.running[new] = [0]
-        answer = apply(self.ledger, ops)
-        if answer.error:
-            raise AssertionError(f"simulated worker sent a bad op: {answer.error}")
-        appends = [op for op in ops if isinstance(op, Append)]
-        self._starved = {op.thread.request for op, s in zip(appends, answer.appends) if s is None}
-        self.seq += 1
-        return self.seq, ops, answer
+    @property
+    def num_running(self) -> int:
+        return len(self._one)
 
-    def _ends(self) -> list[Op]:
-        ops: list[Op] = []
+    def step(self) -> None:
+        self._ends()
+        advance = [Advance()] if self.compact else []  # first, so a parent forked below advances before
+        open_ = self.ledger.open_threads() if self.compact else ()
+        new, prompt = self._grow()
+        appends = [op for t, op in self._one.items() if t not in open_ and (prompt is None or t != prompt.thread)]
+        if prompt:
+            appends.insert(0, prompt)
+        answer = self.kv.apply(advance + new + appends)
+        if None in answer.appends:
+            self._starved = {op.thread.request for op, s in zip(appends, answer.appends) if s is None}
+        self.steps += 1
+
+    def _ends(self) -> None:
+        rng = self.rng
         for req in sorted(self._starved):
-            ops.append(Release(req))
-            self.running.pop(req, None)
-        for req, threads in list(self.running.items()):
-            for t in list(threads):
-                if self.rng.random() < 0.08:
-                    ops.append(Finish(ThreadRef(req, t)))
-                    threads.remove(t)
-            if not threads or self.rng.random() < 0.02:
-                ops.append(Release(req))
-                del self.running[req]
-        return ops
+            if req in self.running:
+                self._release(req)
+        self._starved = set()
+        for req in [r for r in self.running if rng.random() < self.cancel_p]:
+            self._release(req)
+        for _ in range(self._poisson(len(self._one) * self.finish_p)):
+            if not self._one:
+                break
+            t = rng.choice(list(self._one))
+            threads = self.running[t.request]
+            threads.remove(t)
+            del self._one[t]
+            self.kv.defer(Finish(t))
+            if not threads:
+                self._release(t.request)
 
-    def _starts(self) -> tuple[list[Op], str | None]:
-        if len(self.running) >= self.max_requests or self.rng.random() > 0.3:
+    def _poisson(self, mean: float) -> int:
+        k, p, limit = 0, self.rng.random(), 2.718281828459045 ** -mean
+        while p > limit:
+            k += 1
+            p *= self.rng.random()
+        return k
+
+    def _release(self, req: str) -> None:
+        self.kv.defer(Release(req))
+        for t in self.running.pop(req):
+            del self._one[t]
+
+    def _grow(self) -> tuple[list[Op], Append | None]:
+        """While fewer than `threads` run, start a request (its root's prompt is its append this step)
+        or fork a running thread (the child's first token is its one-token append). Returns (the starts
+        and forks, the prompt's append)."""
+        rng = self.rng
+        if len(self._one) >= self.threads:
             return [], None
-        req = f"req-{self._requests}"
-        self._requests += 1
-        root = ThreadRef(req, 0)
-        self._next_thread[req] = 1
-        return [Start(root), Append(root, self.rng.randint(1, 3 * self.ledger.block_size))], req
+        if not self._one or rng.random() < 0.3:
+            req = f"req-{self._requests}"
+            self._requests += 1
+            root = ThreadRef(req, 0)
+            self._next_thread[req] = 1
+            self.running[req] = [root]
+            self._one[root] = Append(root, 1)
+            return [Start(root)], Append(root, rng.randint(*self.prompt))
+        parent = rng.choice(list(self._one))
+        child = ThreadRef(parent.request, self._next_thread[parent.request])
+        self._next_thread[parent.request] += 1
+        self.running[parent.request].append(child)
+        self._one[child] = Append(child, 1)
+        return [Fork(parent, child)], None
 
-    def _decode(self) -> list[Op]:
-        ops: list[Op] = []
-        for req, threads in self.running.items():
-            for t in list(threads):
-                ops.append(Append(ThreadRef(req, t), 1))
-                if len(threads) < self.max_threads and self.rng.random() < 0.1:
-                    child = ThreadRef(req, self._next_thread[req])
-                    self._next_thread[req] += 1
-                    ops += [Fork(ThreadRef(req, t), child), Append(child, 1)]
-                    threads.append(child.thread)
-        return ops
+
+def deliver(manager, worker_id: str, log: StepLog) -> Ack | None:
+    """Send a StepLog's next batch to an in-process KVManager and hand the ack back (None: nothing to send)."""
+    batch = log.batch()
+    if batch is None:
+        return None
+    ack = manager.submit(worker_id, batch)
+    log.acked(ack)
+    return ack
 
 
 def free_port() -> int:

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import grpc
 
 from apar.protogen import stubs
+from services.kvmanager.shards import parse_shards
+from services.security import TLSFiles, open_channel
 
 log = logging.getLogger(__name__)
 pb = stubs()
@@ -27,17 +29,19 @@ class WorkerHandle:
 class WorkerDirectory:
     """Static worker addresses; liveness and free blocks from each worker's Info, polled in the background
     every `refresh_s` so a request never waits on a dead worker. A worker that fails a call is marked
-    dead until its Info answers again."""
+    dead until its Info answers again. With `tls` every channel is mutual TLS with the router's own
+    certificate (a worker that does not present one from the CA never answers)."""
 
-    def __init__(self, addresses: list[str], refresh_s: float = 0.2) -> None:
+    def __init__(self, addresses: list[str], refresh_s: float = 0.2, tls: TLSFiles | None = None) -> None:
         self.refresh_s = refresh_s
+        self.tls = tls
         self._poller: asyncio.Task | None = None
         self.workers: list[WorkerHandle] = []
         for addr in addresses:
             self._add(addr)
 
     def _add(self, addr: str) -> WorkerHandle:
-        channel = grpc.aio.insecure_channel(addr)
+        channel = open_channel(addr, self.tls, aio=True)
         handle = WorkerHandle(addr, channel, pb.worker_pb2_grpc.WorkerStub(channel))
         self.workers.append(handle)
         return handle
@@ -98,37 +102,39 @@ class WorkerDirectory:
 
 class KVManagerDirectory(WorkerDirectory):
     """Workers as the KV manager knows them: registered (alive within their time-to-live), with free
-    blocks from the manager's ledger; each worker's Info still gives its model facts."""
+    blocks from the manager's ledger; each worker's Info still gives its model facts. `kvmanager` lists
+    every shard (`host1:p1,host2:p2`, services/kvmanager/shards.py): each is asked, and one that does not
+    answer keeps its last view while the others' go on."""
 
-    def __init__(self, kvmanager: str, refresh_s: float = 0.2) -> None:
-        super().__init__([], refresh_s)
-        self._kv_channel = grpc.aio.insecure_channel(kvmanager)
-        self._kv = pb.kvmanager_pb2_grpc.KVManagerStub(self._kv_channel)
+    def __init__(self, kvmanager: str, refresh_s: float = 0.2, tls: TLSFiles | None = None) -> None:
+        super().__init__([], refresh_s, tls)
+        self._kv_channels = [open_channel(shard, tls, aio=True) for shard in parse_shards(kvmanager)]
+        self._kv = [pb.kvmanager_pb2_grpc.KVManagerStub(channel) for channel in self._kv_channels]
+        self._views: list[dict] = [{} for _ in self._kv]  # per shard: worker address -> its WorkerUsage
 
     async def refresh(self, force: bool = False) -> None:
-        try:
-            usage = await self._kv.Usage(pb.kvmanager_pb2.UsageRequest(), timeout=1.0)
-        except grpc.aio.AioRpcError as exc:
-            log.warning("KV manager usage failed: %s; keeping the last view", exc.code().name)
-            await super().refresh(force)
-            return
+        answers = await asyncio.gather(*(kv.Usage(pb.kvmanager_pb2.UsageRequest(), timeout=1.0) for kv in self._kv),
+                                       return_exceptions=True)
+        for i, answer in enumerate(answers):
+            if isinstance(answer, grpc.aio.AioRpcError):
+                log.warning("KV manager shard %d usage failed: %s; keeping its last view", i, answer.code().name)
+            elif isinstance(answer, BaseException):
+                raise answer
+            else:
+                self._views[i] = {u.address: u for u in answer.workers}
+        listed = {addr: u for view in self._views for addr, u in view.items()}
         known = {w.address: w for w in self.workers}
-        listed = {u.address: u for u in usage.workers}
         for addr in listed:
             if addr not in known:
                 known[addr] = self._add(addr)
-        for addr, w in known.items():
-            if addr not in listed:
-                w.alive = False
         await super().refresh(force)
-        for addr, u in listed.items():  # the manager's count of free blocks is the authority
-            w = known[addr]
-            if w.info is not None:
-                w.info.free_blocks = u.free_blocks
         for addr, w in known.items():
             if addr not in listed:
                 w.alive = False
+            elif w.info is not None:  # the manager's count of free blocks is the authority
+                w.info.free_blocks = listed[addr].free_blocks
 
     async def close(self) -> None:
         await super().close()
-        await self._kv_channel.close()
+        for channel in self._kv_channels:
+            await channel.close()

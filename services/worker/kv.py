@@ -1,15 +1,32 @@
 """How the engine talks to the KV ledger: one `apply` of ordered ops per step, thread ends deferred.
 
-The engine always keeps a local `KVLedger` (its view of its own pool; admission reads it). `LocalKV`
-is that ledger alone (embedded mode): deferred ops apply at once, so a finished thread's blocks are free
-in the step it ends. A remote backend (cluster mode) applies the same ops locally and sends them to the
-KV manager, the thread ends with the next step's message: one message per step, and both ledgers see
-the same ops in the same order, so they agree block for block.
+The engine always keeps a local `KVLedger`, its own pool's ledger (admission reads it). `LocalKV` is that
+ledger alone (embedded mode without a manager): deferred ops apply at once, so a finished thread's
+blocks are free in the step it ends. `RemoteKV` (cluster mode) applies the same ops locally first and
+streams them to the KV manager, which keeps a replica; the engine never waits for the manager's answer.
+
+The manager's authority under this rule. The worker's ledger is the truth for its own pool: every
+allocation of a block of that pool is made by the worker, the pool's single owner, by the ledger's
+deterministic rule, and the slots the engine writes come from it at once. The manager's copy is a
+replica, for the router's usage view, the cluster-wide picture, and recovery when the manager restarts;
+it replays the worker's steps by the same rule and never allocates for a worker. When the two disagree
+(a digest that differs, an op the replica refuses, steps the replica lost), the worker wins: it sends
+a snapshot of its ledger and the replica is replaced wholesale. So no block can be lost or given to two
+threads by the replication: pools are disjoint, each has one writer, and a replica that strays is
+overwritten rather than obeyed. What the manager still decides is liveness: a worker that stops
+heartbeating is reclaimed (its replica dropped); if it comes back, it registers again and resyncs.
 """
 from __future__ import annotations
 
+import logging
+import threading
+import time
+
 from services.kvmanager.ledger import KVLedger
 from services.kvmanager.ops import Op, StepAnswer, apply
+from services.kvmanager.replication import ReplicaUnavailable, StepLog, WorkerForgotten
+
+log = logging.getLogger(__name__)
 
 
 class LocalKV:
@@ -31,106 +48,172 @@ class LocalKV:
 
 
 class KVManagerUnavailable(RuntimeError):
-    """The KV manager did not answer a step within the retry window."""
+    """The KV manager stayed behind the lag bound for `wait_s`: the step was not applied."""
 
 
 class RemoteKV:
-    """Cluster mode: the local ledger mirrors the KV manager's ledger of this worker's pool.
+    """Cluster mode: the local ledger is replicated at the KV manager by a sender thread.
 
-    Every op is applied locally first (so the engine has its slots at once), then sent: thread ends wait
-    for the next step and travel in its message, so a step is ONE `Step` call. The call runs on a sender
-    thread while the engine computes the step; the next step first waits for it and checks that the
-    manager gave the same slots (one step in flight at most). Batches keep their sequence number until
-    acknowledged, so a resend after a lost answer is not applied twice. While the manager is away the
-    sender retries for `retry_s`, then the next step raises (the engine loop fails the running requests
-    cleanly; their releases go out with a later batch). `on_round_trip(seconds)`, when set (the worker's
-    metrics set it), hears the time of every answered `Step` call.
+    `apply` applies a step's ops to the local ledger (the engine has its slots at once) and queues the
+    step, compact (`ops.record`), numbered, with its digest (`replication.StepLog`); it never waits for
+    the manager, except for backpressure: while the replica lags more than `max_lag_steps` steps or
+    `max_lag_s` seconds, `apply` waits for it to catch up, and raises KVManagerUnavailable after
+    `wait_s` (the engine loop then fails the running requests cleanly; their ends go out later).
+
+    The sender sends whatever is unacknowledged as one batch, at most every `send_every_s` (so a busy
+    worker sends several steps per message), one batch in flight; an ack drops the steps it covers. It
+    resends after a lost connection (the manager skips duplicates), registers again when the manager
+    forgot this worker, and sends a snapshot instead of steps when the replica asks for one or cannot
+    go on. Idle for `probe_every_s`, it sends an empty batch, whose ack checks the replica's digest.
+    `on_round_trip(seconds)` (the worker's metrics) hears every answered batch; `on_lag(seconds)`, when
+    set, every acknowledged step's lag.
     """
 
-    def __init__(self, ledger: KVLedger, client, retry_s: float = 10.0) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
+    def __init__(self, ledger: KVLedger, client, *, max_lag_steps: int = 4096, max_lag_s: float = 5.0,
+                 wait_s: float = 10.0, send_every_s: float = 0.025, probe_every_s: float = 5.0,
+                 max_batch_steps: int = 256) -> None:
         self.ledger = ledger
         self.client = client  # KVManagerClient (gRPC) or the in-process manager's client
-        self.retry_s = retry_s
-        self._deferred: list[Op] = []
-        self._batches: list[tuple[int, list[Op]]] = []  # touched by the sender only while it runs
-        self._seq = 0
-        self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="apar-kv-sender")
-        self._inflight = None
-        self.on_round_trip = None  # Callable[[float], None]: each answered Step call's round trip, in seconds
+        self.max_lag_steps, self.max_lag_s, self.wait_s = max_lag_steps, max_lag_s, wait_s
+        self.send_every_s, self.probe_every_s = send_every_s, probe_every_s
+        self.outbox = StepLog(ledger, client.session, max_batch_steps)
+        self.on_round_trip = None  # Callable[[float], None]: each answered batch's round trip, in seconds
+        self.on_lag = None  # Callable[[float], None]: each acknowledged step's lag, in seconds
+        self.blocked_s = 0.0  # time the engine spent waiting on the lag bound
+        self._cv = threading.Condition()  # guards `outbox` (and so the ledger against a snapshot)
+        self._closed = False
+        self._idle = False  # the sender waits for a step: wake it
+        self._sender = threading.Thread(target=self._send_loop, name="apar-kv-sender", daemon=True)
+        self._sender.start()
 
+    # ---- the engine's thread ------------------------------------------------------------------------
     def apply(self, ops: list[Op]) -> StepAnswer:
-        self._wait()  # the previous step's message is acknowledged and agreed before anything new
-        answer = apply(self.ledger, ops)
-        if answer.error:
-            raise RuntimeError(f"KV ledger refused an op: {answer.error}")
-        self._queue(self._deferred + ops)
-        self._deferred = []
-        self._inflight = self._sender.submit(self._send, answer.appends)
+        with self._cv:
+            self._within_lag()
+            answer = self.outbox.apply(ops)
+            if self._idle:
+                self._cv.notify_all()
         return answer
 
     def defer(self, op: Op) -> list[int]:
-        answer = apply(self.ledger, [op])
-        if answer.error:
-            raise RuntimeError(f"KV ledger refused an op: {answer.error}")
-        self._deferred.append(op)
-        return answer.freed
+        with self._cv:
+            return self.outbox.defer(op)
 
     def flush(self) -> None:
-        self._wait()
-        if self._deferred:
-            self._queue(self._deferred)
-            self._deferred = []
-        if self._batches:
-            self._send(None)
+        """The deferred ends go out as a step of their own (the engine is idle); does not wait."""
+        with self._cv:
+            self.outbox.flush()
+            self._cv.notify_all()
 
-    def recover(self) -> bool:
-        """After a failed step, once every request was ended: when the manager forgot this worker,
-        register again and start both ledgers afresh (so they agree block for block). True if done."""
-        from services.worker.kvclient import WorkerForgotten
+    def _within_lag(self) -> None:
+        steps, seconds = self.outbox.lag()
+        if steps <= self.max_lag_steps and seconds <= self.max_lag_s:
+            return
+        t0 = time.monotonic()
+        deadline = t0 + self.wait_s
+        while steps > self.max_lag_steps or seconds > self.max_lag_s:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.blocked_s += time.monotonic() - t0
+                raise KVManagerUnavailable(f"the KV manager is {steps} steps and {seconds:.1f} s behind "
+                                           f"this worker after {self.wait_s:.0f} s")
+            self._cv.wait(min(left, 0.05))
+            steps, seconds = self.outbox.lag()
+        self.blocked_s += time.monotonic() - t0
 
-        try:
-            self.flush()
-            return False
-        except WorkerForgotten:
-            pass
-        except (ConnectionError, KVManagerUnavailable):
-            return False
-        if self.client.register():
-            raise RuntimeError("the KV manager restored a ledger it had reported forgotten")
-        self.ledger.reset()
-        self._deferred, self._batches = [], []
-        return True
+    # ---- for tests and shutdown ---------------------------------------------------------------------
+    def drain(self, timeout: float = 10.0) -> None:
+        """Flush, then wait until the manager acknowledged every step; TimeoutError if it did not."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            self.outbox.flush()
+            self._cv.notify_all()
+            while self.outbox.unacked or self.outbox.resync is not None or self.outbox.want_resync:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"the KV manager did not acknowledge {len(self.outbox.unacked)} steps")
+                self._cv.wait(min(left, 0.05))
 
-    def _wait(self) -> None:
-        if self._inflight is not None:
-            fut, self._inflight = self._inflight, None
-            fut.result()
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._sender.join(timeout=5)
 
-    def _queue(self, ops: list[Op]) -> None:
-        self._seq += 1
-        self._batches.append((self._seq, ops))
-
-    def _send(self, expected) -> None:
-        """Send the queued batches in order; check the last answer's slots against `expected`."""
-        import time
-
-        deadline = time.monotonic() + self.retry_s
-        resp = None
-        while self._batches:
-            seq, ops = self._batches[0]
-            t0 = time.perf_counter()
+    # ---- the sender's thread ------------------------------------------------------------------------
+    def _send_loop(self) -> None:
+        backoff, last_send = 0.05, 0.0
+        while True:
+            batch = self._next_batch(last_send)
+            if batch is None:
+                return
+            last_send = time.monotonic()
             try:
-                resp = self.client.step(seq, ops)
-            except ConnectionError:
-                if time.monotonic() > deadline:
-                    raise KVManagerUnavailable(f"the KV manager did not answer step {seq} for {self.retry_s:.0f} s")
-                time.sleep(0.1)
+                ack = self.client.send(batch)
+            except WorkerForgotten:
+                self._register_again()
                 continue
+            except ReplicaUnavailable as exc:
+                log.warning("KV manager unavailable (%s); sending again in %.2f s", exc, backoff)
+                time.sleep(backoff)
+                backoff = min(1.0, backoff * 2)
+                continue
+            except Exception:  # refused (a bug on one side): the replica is replaced by a snapshot
+                if self.client.closed:
+                    return
+                log.exception("the KV manager refused a batch; resyncing")
+                with self._cv:
+                    self.outbox.want_resync = True
+                time.sleep(backoff)
+                backoff = min(1.0, backoff * 2)
+                continue
+            backoff = 0.05
             if self.on_round_trip is not None:
-                self.on_round_trip(time.perf_counter() - t0)
-            self._batches.pop(0)
-        resp = getattr(resp, "answer", resp)  # the in-process manager answers a StepResult
-        if expected is not None and resp is not None and resp.appends != expected:
-            raise RuntimeError("the KV manager's ledger and this worker's disagree on the step's slots")
+                self.on_round_trip(time.monotonic() - last_send)
+            with self._cv:
+                lags = self.outbox.acked(ack)
+                if self.outbox.want_resync:
+                    log.warning("the KV manager's replica of this worker needs a resync (acked step %d of %d)",
+                                ack.applied, self.outbox.seq)
+                self._cv.notify_all()
+            if self.on_lag is not None:
+                for lag in lags:
+                    self.on_lag(lag)
+
+    def _next_batch(self, last_send: float):
+        """Wait for something to send and for the send interval; None once closed."""
+        with self._cv:
+            while True:
+                if self._closed or self.client.closed:  # the worker is shutting down
+                    return None
+                if self.client.forgotten:  # the heartbeat found this worker forgotten, maybe while idle
+                    self._cv.release()
+                    try:
+                        self._register_again()
+                    finally:
+                        self._cv.acquire()
+                wait = last_send + self.send_every_s - time.monotonic()
+                if wait > 0:
+                    self._cv.wait(wait)
+                    continue
+                batch = self.outbox.batch()
+                if batch is None and time.monotonic() - last_send >= self.probe_every_s:
+                    batch = self.outbox.probe()
+                if batch is not None:
+                    return batch
+                self._idle = True  # until a step comes; now and then, to notice a forgotten registration
+                self._cv.wait(0.5)
+                self._idle = False
+
+    def _register_again(self) -> None:
+        """The manager holds no replica of this worker (it expired, or Redis lost it): register again and
+        send a snapshot of the ledger first."""
+        try:
+            self.client.register()
+        except Exception as exc:  # the manager is away too: the next batch tries again
+            log.warning("registering again with the KV manager failed: %s", exc)
+            time.sleep(0.2)
+            return
+        log.warning("the KV manager had forgotten this worker: registered again, resyncing its ledger")
+        with self._cv:
+            self.outbox.forget()

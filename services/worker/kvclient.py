@@ -1,43 +1,71 @@
-"""The worker's client of the KV manager: registration with a time-to-live, heartbeats, step messages."""
+"""The worker's client of its KV manager shard: registration with a time-to-live, heartbeats, and the
+stream of step batches (one `Steps` call kept open; a batch goes in, its ack comes back).
+
+`address` may list every shard (`host1:p1,host2:p2`): the worker's id picks its own (`shards.shard_for`).
+Errors come out as the replication's: ReplicaUnavailable (send again, on a new stream), WorkerForgotten
+(register again). A batch unanswered for `ack_timeout_s` (a manager frozen, a peer gone silently) has
+its stream cancelled by the heartbeat thread, so the sender is never stuck for good.
+"""
 from __future__ import annotations
 
 import logging
+import queue
+import secrets
 import threading
+import time
 
 import grpc
 
 from apar.protogen import stubs
-from services.kvmanager.convert import answer_from_pb, step_to_pb
-from services.kvmanager.ops import StepAnswer
-from services.kvmanager.ops import Op
+from services.kvmanager.convert import ack_from_pb, batch_to_pb
+from services.kvmanager.replication import Ack, Batch, ReplicaUnavailable, WorkerForgotten
+from services.kvmanager.shards import parse_shards, shard_for
+from services.security import open_channel
 
 log = logging.getLogger(__name__)
 pb = stubs()
 K = pb.kvmanager_pb2
-_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 
 
-class WorkerForgotten(RuntimeError):
-    """The KV manager no longer knows this worker (its registration expired): the ledgers must restart."""
+class _StepStream:
+    """One open `Steps` call: a batch goes in, its ack comes out, one at a time."""
+
+    def __init__(self, stub) -> None:
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        self._call = stub.Steps(iter(self._requests.get, None))
+
+    def send(self, msg):
+        self._requests.put(msg)
+        return next(self._call)
+
+    def close(self) -> None:
+        self._requests.put(None)
+        self._call.cancel()
 
 
 class KVManagerClient:
     def __init__(self, address: str, worker_id: str, worker_address: str, num_blocks: int, block_size: int,
-                 ttl_s: int = 10) -> None:
-        self.address = address
+                 ttl_s: int = 10, tls=None, ack_timeout_s: float = 10.0) -> None:
+        self.shards = parse_shards(address)
+        self.address = address = shard_for(worker_id, self.shards)
         self.worker_id = worker_id
         self.worker_address = worker_address
         self.num_blocks, self.block_size, self.ttl_s = num_blocks, block_size, ttl_s
-        self.channel = grpc.insecure_channel(address)
+        self.channel = open_channel(address, tls)  # mutual TLS with a TLSFiles (services/security.py)
         self.stub = pb.kvmanager_pb2_grpc.KVManagerStub(self.channel)
+        self.session = secrets.randbits(63) | 1  # this worker's replication session (its ledger starts empty)
+        self.ack_timeout_s = ack_timeout_s
         self._stop = threading.Event()
         self._heart: threading.Thread | None = None
-        self.forgotten = False  # set by the heartbeat; the engine loop re-registers and restarts its ledger
+        self._stream: _StepStream | None = None
+        self._sent_at: float | None = None  # when the batch now in flight was sent
+        self.forgotten = False  # set by the heartbeat; the KV backend registers again and resyncs
 
     def register(self, timeout: float = 30.0) -> bool:
         """Lease this worker's pool; returns whether the manager already had its ledger."""
         req = K.RegisterRequest(worker_id=self.worker_id, address=self.worker_address, num_blocks=self.num_blocks,
-                                block_size=self.block_size, ttl_seconds=self.ttl_s)
+                                block_size=self.block_size, ttl_seconds=self.ttl_s, session=self.session)
         resp = self.stub.Register(req, timeout=timeout, wait_for_ready=True)
         self.forgotten = False
         return resp.restored
@@ -48,6 +76,10 @@ class KVManagerClient:
 
     def _beat(self) -> None:
         while not self._stop.wait(max(0.5, self.ttl_s / 3)):
+            sent_at, stream = self._sent_at, self._stream
+            if sent_at is not None and stream is not None and time.monotonic() - sent_at > self.ack_timeout_s:
+                log.warning("no ack from the KV manager for %.0f s: reconnecting", self.ack_timeout_s)
+                stream.close()
             try:
                 resp = self.stub.Heartbeat(K.HeartbeatRequest(worker_id=self.worker_id), timeout=2.0)
                 if not resp.known and not self.forgotten:
@@ -56,25 +88,37 @@ class KVManagerClient:
             except grpc.RpcError as exc:
                 log.warning("heartbeat to the KV manager failed: %s", exc.code().name)
 
-    def step(self, seq: int, ops: list[Op]) -> StepAnswer:
-        """One step's ops; raises ConnectionError when the manager cannot be reached (retry later)."""
+    def send(self, batch: Batch) -> Ack:
+        """One batch on the open stream (opened first if need be) and its ack."""
         if self.forgotten:
             raise WorkerForgotten(f"the KV manager no longer knows worker {self.worker_id}")
+        if self._stream is None:
+            self._stream = _StepStream(self.stub)
+        self._sent_at = time.monotonic()
         try:
-            resp = self.stub.Step(step_to_pb(self.worker_id, seq, ops), timeout=5.0)
-        except grpc.RpcError as exc:
-            if exc.code() in _RETRYABLE:
-                raise ConnectionError(exc.details()) from None
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                raise WorkerForgotten(exc.details()) from None
-            raise RuntimeError(f"KV manager refused step {seq}: {exc.code().name} {exc.details()}") from None
-        if resp.error:
-            raise RuntimeError(f"KV manager refused step {seq}: {resp.error}")
-        return answer_from_pb(resp)
+            return ack_from_pb(self._stream.send(batch_to_pb(self.worker_id, batch)))
+        except (grpc.RpcError, StopIteration) as exc:
+            self._stream.close()
+            self._stream = None
+            code = exc.code() if isinstance(exc, grpc.RpcError) else grpc.StatusCode.UNAVAILABLE
+            details = exc.details() if isinstance(exc, grpc.RpcError) else "the stream ended"
+            if code in _RETRYABLE:
+                raise ReplicaUnavailable(details) from None
+            if code == grpc.StatusCode.NOT_FOUND:
+                raise WorkerForgotten(details) from None
+            raise RuntimeError(f"KV manager refused a batch: {code.name} {details}") from None
+        finally:
+            self._sent_at = None
 
     def state(self):
         return self.stub.State(K.StateRequest(worker_id=self.worker_id), timeout=5.0)
 
+    @property
+    def closed(self) -> bool:
+        return self._stop.is_set()
+
     def close(self) -> None:
         self._stop.set()
+        if self._stream is not None:
+            self._stream.close()
         self.channel.close()

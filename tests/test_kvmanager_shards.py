@@ -1,0 +1,171 @@
+"""KV manager shards: each worker finds its own by its id (rendezvous hashing); with two shards as
+processes under simulated workers stepping all along, one shard is killed and restarted: its workers
+resend and catch up, the other shard's workers never notice; the router asks every shard for usage."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import Counter
+
+import pytest
+
+from services.kvmanager import convert
+from services.kvmanager.ledger import KVLedger
+from services.kvmanager.records import WorkerSpec
+from services.kvmanager.replication import ReplicaUnavailable
+from services.kvmanager.service import serve
+from services.kvmanager.shards import parse_shards, shard_for
+from services.kvmanager.testing import ScratchRedis, SimWorker, free_port
+from services.worker.kv import RemoteKV
+from services.worker.kvclient import KVManagerClient
+from tests.procs import Proc
+
+BLOCKS, BLOCK_SIZE = 128, 4
+
+
+def test_each_worker_has_one_shard_and_a_new_shard_moves_only_its_own():
+    shards = parse_shards(" a:1, b:2 ,c:3,a:1")
+    assert shards == ["a:1", "b:2", "c:3"]
+    ids = [f"worker-{i}" for i in range(3000)]
+    owner = {w: shard_for(w, shards) for w in ids}
+    assert owner == {w: shard_for(w, list(reversed(shards))) for w in ids}  # the list's order does not matter
+    counts = Counter(owner.values())
+    assert min(counts.values()) > 800, counts  # about a third each
+    grown = {w: shard_for(w, shards + ["d:4"]) for w in ids}
+    moved = [w for w in ids if grown[w] != owner[w]]
+    assert all(grown[w] == "d:4" for w in moved) and 550 < len(moved) < 950  # only to the new shard
+    with pytest.raises(ValueError):
+        parse_shards(" , ")
+
+
+class Fleet:
+    """Simulated workers over RemoteKV and the real client, stepping on a thread at `rate` steps/s each;
+    every failed send and every step's lag is recorded per worker."""
+
+    def __init__(self, shards: str, n: int, rate: float = 50.0) -> None:
+        self.backends: dict[str, RemoteKV] = {}
+        self.failures: Counter = Counter()
+        self.max_lag: Counter = Counter()
+        for i in range(n):
+            wid = f"w-{i}"
+            client = KVManagerClient(shards, wid, f"127.0.0.1:{i + 1}", BLOCKS, BLOCK_SIZE, ttl_s=30)
+            assert not client.register()
+            send = client.send
+
+            def counted(batch, send=send, wid=wid):
+                try:
+                    return send(batch)
+                except ReplicaUnavailable:
+                    self.failures[wid] += 1
+                    raise
+
+            client.send = counted
+            backend = RemoteKV(KVLedger(BLOCKS, BLOCK_SIZE), client, send_every_s=0.01)
+
+            def observe(lag: float, wid=wid) -> None:
+                self.max_lag[wid] = max(self.max_lag[wid], lag)
+
+            backend.on_lag = observe
+            self.backends[wid] = backend
+        self.sims = [SimWorker(b, seed=i, threads=8) for i, b in enumerate(self.backends.values())]
+        self.rate = rate
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.steps = 0
+
+    def shard_of(self, wid: str) -> str:
+        return self.backends[wid].client.address
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            for sim in self.sims:
+                sim.step()
+            self.steps += 1
+            next_at += 1 / self.rate
+            time.sleep(max(0.0, next_at - time.monotonic()))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        for backend in self.backends.values():
+            backend.drain(30)
+
+    def close(self) -> None:
+        for backend in self.backends.values():
+            backend.close()
+            backend.client.close()
+
+
+def test_a_shard_restart_touches_only_its_own_workers(tmp_path):
+    redis = ScratchRedis()
+    ports = [free_port(), free_port()]
+    shards = ",".join(f"127.0.0.1:{p}" for p in ports)
+
+    def start_shard(i: int) -> Proc:
+        proc = Proc("kvmanager", "--port", str(ports[i]), "--redis", redis.url, "--prefix", f"shard{i}:",
+                    "--ttl", "30")
+        proc.wait_for("listening on")
+        return proc
+
+    procs = [start_shard(0), start_shard(1)]
+    fleet = Fleet(shards, 8)
+    try:
+        by_shard = {a: [w for w in fleet.backends if fleet.shard_of(w) == a] for a in parse_shards(shards)}
+        assert all(by_shard.values()), by_shard  # both shards own workers
+        fleet.start()
+        time.sleep(1.0)
+        victim, other = parse_shards(shards)
+        at_kill = fleet.steps
+        procs[0].kill()  # SIGKILL the shard on ports[0]: its workers keep stepping, their steps queue
+        time.sleep(1.5)
+        assert fleet.steps - at_kill > 30  # nobody's engine waited for the dead shard
+        procs[0] = start_shard(0)  # restored from its own keys in Redis
+        time.sleep(1.5)
+        fleet.stop()
+        for w in by_shard[victim]:
+            assert fleet.failures[w] > 0  # they noticed, resent, and caught up
+        for w in by_shard[other]:
+            assert fleet.failures[w] == 0 and fleet.max_lag[w] < 1.0  # never noticed
+        for wid, backend in fleet.backends.items():
+            assert backend.blocked_s == 0.0
+            assert backend.client.state() == convert.state_to_pb(backend.ledger.snapshot()), wid
+    finally:
+        fleet.close()
+        for p in procs:
+            p.stop()
+        redis.close()
+
+
+def test_router_directory_asks_every_shard():
+    from services.router.workers import KVManagerDirectory
+
+    servers = [serve("127.0.0.1:0", None), serve("127.0.0.1:0", None)]
+    shards = ",".join(f"127.0.0.1:{s.port}" for s in servers)
+    for i in range(6):  # each worker registers at its own shard
+        wid = f"w-{i}"
+        owner = shard_for(wid, parse_shards(shards))
+        server = servers[[f"127.0.0.1:{s.port}" for s in servers].index(owner)]
+        server.manager.register(WorkerSpec(wid, f"127.0.0.1:{50000 + i}", 16, 4, 30), 1)
+
+    async def listed() -> set[str]:
+        directory = KVManagerDirectory(shards, refresh_s=60)
+        try:
+            await directory.refresh(force=True)
+            first = {w.address for w in directory.workers}
+            servers[0].stop(grace=None)  # one shard gone: its workers stay as last seen
+            await directory.refresh(force=True)
+            assert {w.address for w in directory.workers} == first
+            return first
+        finally:
+            await directory.close()
+
+    try:
+        assert asyncio.run(listed()) == {f"127.0.0.1:{50000 + i}" for i in range(6)}
+    finally:
+        for s in servers:
+            s.stop(grace=None)
