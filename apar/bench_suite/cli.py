@@ -1,4 +1,5 @@
-"""`apar bench trace|live|hf|gpu`: the parsers, and the commands that run a workload and report it."""
+"""`apar bench trace|live|hf|gpu|attention|overhead|gpu-check`: the parsers, and the commands that run a
+workload and report it."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from apar.errors import UserError
+from services.worker.config import ATTENTION_CHOICES
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +71,46 @@ def register(sub) -> None:
     _data_arg(g)
     g.add_argument("--tiny-cpu", action="store_true", help=argparse.SUPPRESS)  # the same path, tiny, on CPU
     g.set_defaults(func=run_gpu_cmd)
+
+
+    a = sub.add_parser("attention", help="one layer's decode attention, every backend, beside the memory floor "
+                                         "with the shared prefix read once")
+    a.add_argument("--threads", type=int, default=16, help="threads decoding (default 16)")
+    a.add_argument("--context", type=int, default=1024, help="positions in each thread's context (default 1024)")
+    a.add_argument("--shared", type=int, default=768, help="of which a prefix all threads share (default 768)")
+    a.add_argument("--heads", type=int, default=32, help="query heads (default 32: the 7B shape)")
+    a.add_argument("--kv-heads", type=int, default=None, help="KV heads (default: --heads)")
+    a.add_argument("--head-dim", type=int, default=128)
+    a.add_argument("--layers", type=int, default=32, help="layers per step, for the per-step column")
+    a.add_argument("--block-size", type=int, default=16)
+    a.add_argument("--backends", default="portable,cascade,flex", help="comma-separated")
+    a.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    a.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
+    a.add_argument("--threads-cpu", type=int, default=None, help="torch CPU threads (default 1 on a CPU run)")
+    a.add_argument("--json", action="store_true", help='print {"backends": {NAME: {"ms": ...}}, "floor_ms": ...}')
+    a.set_defaults(func=run_attention_cmd)
+
+    o = sub.add_parser("overhead", help="the engine's time per step outside the model forward, at batch 16 and 64")
+    o.add_argument("--model", type=Path, default=None, help="model directory (default: a tiny random Llama)")
+    o.add_argument("--steps", type=int, default=60)
+    o.add_argument("--repeats", type=int, default=3, help="runs of each batch; the least overhead counts")
+    o.add_argument("--batches", default="ar16,ar64,apar64")
+    o.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES)
+    o.add_argument("--device", default=None)
+    o.add_argument("--json", action="store_true")
+    o.set_defaults(func=run_overhead_cmd)
+
+    c = sub.add_parser("gpu-check", help="one GPU, under 8 minutes: golden test in bf16 for every backend, "
+                                         "attention at 64 x 2,048, engine AR vs HF generate, trace replay")
+    c.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for gpu-check.json")
+    c.add_argument("--model-cache", type=Path, default=None, help="where the random 7B-shaped model is saved "
+                                                                   "and reused (default: under the temp dir)")
+    c.add_argument("--budget-s", type=float, default=420.0, help="parts that would start after this are skipped")
+    c.add_argument("--skip", default="", help="comma-separated parts to skip: golden,attention,hf,trace")
+    c.add_argument("--no-progress", action="store_true")
+    _data_arg(c)
+    c.add_argument("--tiny-cpu", action="store_true", help="the same path, tiny shapes, on the CPU (a dry run)")
+    c.set_defaults(func=run_gpu_check_cmd)
 
 
 def _random_model_args(p: argparse.ArgumentParser) -> None:
@@ -227,3 +269,79 @@ def run_gpu_cmd(args) -> int:
     print(gpu_table(report))
     print(f"\nwrote {json_path} and {png_path}")
     return 0
+
+
+def run_attention_cmd(args) -> int:
+    import json
+
+    from apar.bench_suite.attention import AttentionShape, attention_table, run_attention_bench
+    from services.worker.model_runner import pick_device, pick_dtype
+
+    device = pick_device(args.device)
+    cpu_threads(args.threads_cpu, device.type)
+    shape = AttentionShape(threads=args.threads, context=args.context, shared=args.shared, heads=args.heads,
+                           kv_heads=args.kv_heads or args.heads, head_dim=args.head_dim,
+                           block_size=args.block_size, layers=args.layers)
+    names = [b.strip() for b in args.backends.split(",") if b.strip()]
+    from services.worker.backends import BACKENDS
+
+    unknown = [b for b in names if b not in BACKENDS]
+    if unknown or not names:
+        raise UserError(f"--backends takes some of {', '.join(BACKENDS)}, got {args.backends!r}")
+    result = run_attention_bench(shape, device, pick_dtype(args.dtype, device), names)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{result['device']} ({result['dtype']}, {result['torch_threads']} CPU threads): {shape.threads} threads x "
+          f"{shape.context} positions, {shape.shared} shared; {shape.heads} heads ({shape.kv_heads} KV) x "
+          f"{shape.head_dim}; floor: {result['floor_bytes'] / 2**20:.1f} MiB at {result['copy_gb_s']:.1f} GB/s")
+    print(attention_table(result))
+    ok = {n: r for n, r in result["backends"].items() if "ms" in r}
+    if "portable" in ok:
+        for name, r in ok.items():
+            if name != "portable":
+                print(f"{name}: {ok['portable']['ms'] / r['ms']:.2f}x faster than portable")
+    return 0
+
+
+def run_overhead_cmd(args) -> int:
+    import json
+    import shutil
+    import tempfile
+
+    from apar.bench import text_table
+    from apar.bench_suite.overhead import run
+    from apar.modelgen import ModelShape, make_model
+    from apar.quiet import quiet_transformers
+
+    quiet_transformers()
+    cpu_threads(None, args.device)
+    model_dir, made = args.model, None
+    if model_dir is None:
+        made = model_dir = Path(tempfile.mkdtemp(prefix="apar-overhead-"))
+        make_model(model_dir, "llama", ModelShape(max_positions=4096))
+    try:
+        config = {"attention": args.attention, "device": args.device}
+        rows = run(model_dir, [b.strip() for b in args.batches.split(",")], args.steps, args.repeats, **config)
+    finally:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+    if args.json:
+        print(json.dumps({"attention": args.attention, "batches": [r.as_dict() for r in rows]}))
+        return 0
+    print(f"{args.attention} attention, {args.steps} steps per run, best of {args.repeats}")
+    print(text_table(["batch", "threads", "step ms", "forward ms", "outside ms"],
+                     [[r.batch, str(r.threads), f"{r.step_ms:.2f}", f"{r.forward_ms:.2f}", f"{r.outside_ms:.2f}"]
+                      for r in rows]))
+    return 0
+
+
+def run_gpu_check_cmd(args) -> int:
+    from apar.bench_suite.gpu_check import CheckSettings, run_gpu_check
+
+    if args.tiny_cpu:
+        cpu_threads(None, "cpu")
+    s = CheckSettings(out=args.out, model_cache=args.model_cache, budget_s=args.budget_s, tiny=args.tiny_cpu,
+                      skip=frozenset(x.strip() for x in args.skip.split(",") if x.strip()),
+                      progress=not args.no_progress, data=args.data)
+    return run_gpu_check(s)

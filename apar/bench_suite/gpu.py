@@ -13,7 +13,7 @@ import gc
 import json
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -34,6 +34,7 @@ TINY = ModelShape(hidden=64, layers=2, heads=2, kv_heads=2, intermediate=172, ma
 @dataclass(frozen=True, slots=True)
 class GpuSettings:
     levels: tuple[int, ...] = (1, 16, 64)
+    trace_levels: tuple[int, ...] | None = None  # None: `levels`
     model_cache: Path | None = None  # None: a folder under the system's temp dir, per shape
     answers: int = 64
     max_answer_tokens: int = 400
@@ -68,10 +69,12 @@ def run_gpu(g: GpuSettings) -> Report:
     shape, device, dtype = (TINY, "cpu", "float32") if g.tiny else (VICUNA_7B, "cuda", "bfloat16")
     model_dir, model = _model(g, shape, device, getattr(torch, dtype))
     plan = LevelPlan(g.levels, rounds=1, min_requests=4, deadline=g.started + g.budget_s)
+    trace_plan = replace(plan, levels=g.trace_levels or g.levels)
     s = SuiteSettings(plan, max_batch_tokens=g.max_batch_tokens, device=device, dtype=dtype, progress=g.progress,
                       data=data)
-    top = max(g.levels)
-    fixed = fixed_jobs(model.config.vocab_size, plan.requests(top), g.prompt_tokens, g.new_tokens, g.seed)
+    top = max(g.levels + trace_plan.levels)
+    fixed = fixed_jobs(model.config.vocab_size, plan.requests(max(g.levels)), g.prompt_tokens, g.new_tokens, g.seed)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     hf = run_levels([hf_mode(model, fixed, s.block_size)], plan, "gpu: HF generate", g.progress)
     del model
     gc.collect()
@@ -83,11 +86,20 @@ def run_gpu(g: GpuSettings) -> Report:
     engine = warm_up(s.engine(model_dir, blocks), fixed)
     ours = run_levels([engine_mode("ar", "engine AR", engine, fixed)], plan, "gpu: engine AR", g.progress)
     trace = run_levels([engine_mode("ar", "AR", engine, ar_jobs), engine_mode("apar", "APAR", engine, apar_jobs)],
-                       plan, "gpu: trace", g.progress)
+                       trace_plan, "gpu: trace", g.progress)
+    from apar.bench_suite.attention import copy_bandwidth
+
+    runner = engine.runner
+    bandwidth = copy_bandwidth(runner.device)
+    graphs = runner.graphs
     settings = {"model": str(model_dir), "shape": "tiny (CPU check)" if g.tiny else "Vicuna-7B",
                 "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": dtype,
                 "answers": len(apar_jobs), "max_answer_tokens": g.max_answer_tokens,
                 "prompt_tokens": g.prompt_tokens, "new_tokens": g.new_tokens, "kv_blocks": blocks,
+                "attention": runner.backend.name,
+                "cuda_graphs": "off" if graphs is None else graphs.off or f"on ({graphs.replays} replays)",
+                "weight_bytes": weight_bytes, "copy_gb_s": bandwidth / 1e9,
+                "weights_floor_ms": 1e3 * weight_bytes / bandwidth, "trace_levels": list(trace_plan.levels),
                 "wall_s": time.perf_counter() - g.started, **s.describe()}
     return Report("gpu", settings, [Run("trace", blocks, "ar", "apar", trace),
                                     Run("hf", blocks, "hf", "ar", {**hf, **ours})])

@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 
 from apar.errors import UserError
 
+ATTENTION_CHOICES = ("auto", "portable", "cascade", "flex")  # services/worker/backends (kept torch-free here)
+
 
 @dataclass(slots=True)
 class ControlTokens:
@@ -33,6 +35,10 @@ class EngineConfig:
     fork_watermark: float = 0.01
     device: str | None = None  # None: cuda when present, else cpu
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu; or float32 / float16 / bfloat16
+    # how decoding threads attend (services/worker/backends): portable, cascade, flex, or auto (flex on
+    # cuda, cascade on cpu)
+    attention: str = "auto"
+    cuda_graphs: bool = True  # on cuda: replay decode steps as CUDA graphs (flex attention only)
     control: ControlTokens = field(default_factory=ControlTokens)
 
     def __post_init__(self) -> None:
@@ -48,5 +54,7 @@ class EngineConfig:
             share = getattr(self, name)
             if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share < 1.0:
                 raise UserError(f"{name} must be a share of the pool in [0, 1), got {share}")
+        if self.attention not in ATTENTION_CHOICES:
+            raise UserError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {self.attention}")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise UserError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype}")

@@ -26,12 +26,14 @@ from services.kvmanager.ledger import KVLedger, ThreadRef
 from services.kvmanager.ops import Append, Finish, Fork, Release, Start
 from services.protocol.events import Event, FinishReason, RequestFinished, ThreadFinished, ThreadStarted, TokenEvent
 from services.protocol.params import SamplingParams
+from services.worker.backends.base import StepData
 from services.worker.config import EngineConfig
 from services.worker.kv import LocalKV
 from services.worker.model_runner import ModelRunner
 from services.worker.sampler import fork_allowed, sample
 from services.worker.scheduler import Scheduler, Work
 from services.worker.sequence import ReplayCursor, ReplayNode, Request, Thread, context_tokens
+from services.worker.step_builder import StepBuilder
 
 
 @dataclass(slots=True)
@@ -55,6 +57,7 @@ class Engine:
         self._eos_list = sorted(self.eos_ids)
         self.ledger = KVLedger(self.runner.num_blocks, self.config.block_size)
         self.kv = kv_factory(self.ledger) if kv_factory else LocalKV(self.ledger)
+        self.batcher = StepBuilder(self.runner.contexts)
         n = self.ledger.num_blocks
         self.scheduler = Scheduler(self.ledger, self.config.max_batch_tokens,
                                    admit_watermark=int(self.config.admit_watermark * n))
@@ -135,11 +138,11 @@ class Engine:
         if not work:  # nothing to run (at most forks of recomputed threads, which the ledger now has)
             self.kv.flush()
             return result
-        batch = self._build_batch(work)
-        logits = self.runner.forward(*batch["args"])  # [S, V]
+        batch, samplers = self._build_batch(work)
+        logits = self.runner.forward(batch)  # [S, V]
         self.steps += 1
-        result.tokens = len(batch["args"][0])
-        produced = self._sample(batch["samplers"], logits, result)
+        result.tokens = batch.num_tokens
+        produced = self._sample(samplers, logits, result)
         for req in list(self.scheduler.running):
             if req.id in produced:
                 req.usage.steps += 1
@@ -227,39 +230,23 @@ class Engine:
             t = w.thread
             if id(t) in new_threads and t.parent is not None:  # the parent's context up to its [Fork]
                 new_threads.discard(id(t))
-                t.slots = t.parent.slots[: t.start_pos].clone()
-                t.n_ctx = t.start_pos
-            t.push_slots([b * bs + o for b, o in slots])
+                self.runner.contexts.fork(t.parent, t)
+            self.runner.contexts.push(t, [b * bs + o for b, o in slots])
         return [w for w in work if w.request.id not in failed and w.n]
 
-    def _build_batch(self, work: list[Work]) -> dict:
-        token_ids: list[int] = []
-        positions: list[int] = []
-        write_slots: list[int] = []
-        decode, chunks, sample_rows, samplers = [], [], [], []
+    def _build_batch(self, work: list[Work]) -> tuple[StepData, list[tuple[Request, Thread]]]:
+        """The step's data (`StepBuilder`), then count its tokens as computed (and in usage)."""
+        step, samplers = self.batcher.build(work, self.runner.backend.uses_runs)
         for w in work:
             t, n = w.thread, w.n
-            row = len(token_ids)
             first = t.computed
-            token_ids.extend(t.kv_tokens[first : first + n])
-            pos0 = t.start_pos + first
-            positions.extend(range(pos0, pos0 + n))
-            write_slots.extend(t.slots[pos0 : pos0 + n].tolist())
-            ctx = t.slots[: pos0 + n]
-            if n == 1:
-                decode.append((row, ctx, pos0))
-            else:
-                chunks.append((row, n, ctx))
-            w.request.usage.attended_tokens += n * pos0 + n * (n + 1) // 2  # sum of context lengths
+            w.request.usage.attended_tokens += n * (t.start_pos + first) + n * (n + 1) // 2  # context lengths
             redo = max(0, min(first + n, t.recompute_mark) - first)
             if redo:
                 w.request.usage.recomputed_tokens += redo
                 self.recomputed_tokens += redo
             t.computed += n
-            if t.running and t.pending == 0:
-                sample_rows.append(row + n - 1)
-                samplers.append((w.request, t))
-        return {"args": (token_ids, positions, write_slots, decode, chunks, sample_rows), "samplers": samplers}
+        return step, samplers
 
     def _sample(self, samplers: list[tuple[Request, Thread]], logits: torch.Tensor, result: StepResult) -> set[str]:
         """Pick one token per sampling thread (logits: [S, V], row i for samplers[i]); apply them in order.
@@ -349,9 +336,9 @@ class Engine:
         answers = []
         for k, tok in enumerate(tokens, start=1):
             a = Thread(id=len(req.threads), parent=root, anchor=-1, start_pos=root.n_prompt, depth=0,
-                       kv_tokens=[], answer=k, in_ledger=True, slots=root.slots[: root.n_prompt].clone(),
-                       n_ctx=root.n_prompt)
+                       kv_tokens=[], answer=k, in_ledger=True)
             self.kv.defer(Fork(ThreadRef(req.id, root.id), ThreadRef(req.id, a.id)))
+            self.runner.contexts.fork(root, a)
             req.add_thread(a)
             root.children.append(a)
             answers.append((a, tok))
@@ -426,6 +413,7 @@ class Engine:
             self._end_threads(req, reason, tmp)
         if req.root.in_ledger:  # not after a preemption: that released it already
             self.kv.defer(Release(req.id))
+        self.runner.contexts.forget(req.threads)
         self.scheduler.remove(req)
         self.requests.pop(req.id, None)
         if reason is None:

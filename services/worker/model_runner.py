@@ -1,7 +1,9 @@
 """Loads a Hugging Face causal LM from a local directory and runs one engine step through it.
 
-The runner owns the model, the tokenizer and the KV pool. `forward` takes the flat batch the scheduler
-built (token ids, positions, slots) and returns the logits of the rows that sample.
+The runner owns the model, the tokenizer, the KV pool, the context table and the attention backend.
+`forward` takes the step's data (`StepData`, built by `StepBuilder`), lets the backend prepare its
+metadata once, runs the model (or, on CUDA, replays a captured graph of a decode step) and returns the
+float32 logits of the rows that sample.
 """
 from __future__ import annotations
 
@@ -13,8 +15,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from apar.errors import UserError
-from services.worker.attention import ATTN_NAME, ChunkGroup, DecodeGroup, KVPool, StepBatch, TorchBackend
+from services.worker.attention import ATTN_NAME, KVPool, StepBatch
+from services.worker.backends import make_backend, resolve
+from services.worker.backends.base import AttentionBackend, StepData
 from services.worker.config import EngineConfig
+from services.worker.context_table import ContextTable
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +90,17 @@ class ModelRunner:
         num_blocks = config.num_blocks or max(1, int(config.kv_memory_mb * 2**20) // per_block)
         self.pool = KVPool(self.num_layers, num_blocks, config.block_size, self.kv_heads, self.head_dim,
                            self.dtype, self.device)
-        self.backend = TorchBackend()
-        log.info("loaded %s on %s (%s): %d KV blocks of %d tokens", path, self.device, self.dtype, num_blocks,
-                 config.block_size)
+        self.contexts = ContextTable(self.device, self.max_positions)
+        self.windows = {None, getattr(text_cfg, "sliding_window", None)}
+        self.backend = self._backend(resolve(config.attention, self.device))
+        self._proven = False  # a forward with this backend succeeded (no fallback after that)
+        self.graphs = None
+        if self.device.type == "cuda" and config.cuda_graphs:
+            from services.worker.cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self)
+        log.info("loaded %s on %s (%s): %d KV blocks of %d tokens, %s attention%s", path, self.device, self.dtype,
+                 num_blocks, config.block_size, self.backend.name, ", CUDA graphs" if self.graphs else "")
 
     @property
     def num_blocks(self) -> int:
@@ -113,35 +126,39 @@ class ModelRunner:
             raise UserError(f"control token {text!r} is not a single token in this tokenizer")
         return int(tid)
 
-    @torch.inference_mode()
-    def forward(self, token_ids: list[int], positions: list[int], write_slots: list[int],
-                decode: list[tuple[int, torch.Tensor, int]], chunks: list[tuple[int, int, torch.Tensor]],
-                sample_rows: list[int]) -> torch.Tensor:
-        """Run the model over the flat batch; return float32 logits [S, V] for `sample_rows`.
 
-        decode: (row, context slots [C], position) per single-token thread;
-        chunks: (first row, rows, context slots [C]) per multi-token thread.
-        """
-        dev = self.device
-        decode_group = None
-        if decode:
-            rows = torch.tensor([d[0] for d in decode], dtype=torch.long)
-            ctx = torch.nn.utils.rnn.pad_sequence([d[1] for d in decode], batch_first=True)  # [T, C]
-            lens = torch.tensor([d[1].numel() for d in decode])
-            pad = torch.arange(ctx.shape[1])[None, :] >= lens[:, None]  # [T, C]
-            bias = torch.zeros(pad.shape, dtype=self.dtype).masked_fill_(pad, float("-inf"))[:, None, None, :]
-            pos = torch.tensor([d[2] for d in decode], dtype=torch.long)
-            decode_group = DecodeGroup(rows.to(dev), ctx.to(dev), bias.to(dev), pos.to(dev))
-        step = StepBatch(
-            pool=self.pool,
-            write_slots=torch.tensor(write_slots, dtype=torch.long).to(dev),
-            decode=decode_group,
-            chunks=[ChunkGroup(start, n, ctx.to(dev)) for start, n, ctx in chunks],
-            backend=self.backend,
-        )
-        ids = torch.tensor(token_ids, dtype=torch.long, device=dev)[None]  # [1, N]
-        pos_ids = torch.tensor(positions, dtype=torch.long, device=dev)[None]  # [1, N]
-        keep = torch.tensor(sample_rows, dtype=torch.long, device=dev)
-        out = self.model(input_ids=ids, position_ids=pos_ids, use_cache=False, logits_to_keep=keep,
-                         apar_step=step)
+    def _backend(self, name: str) -> AttentionBackend:
+        per_position = KVPool.bytes_per_block(1, 1, self.kv_heads, self.head_dim, self.dtype)
+        backend = make_backend(name, self.device, self.pool.slots, per_position)
+        if hasattr(backend, "windows"):
+            backend.windows = set(self.windows)
+        return backend
+
+    @torch.inference_mode()
+    def forward(self, step: StepData) -> torch.Tensor:
+        """Run the model over the step's flat batch; return float32 logits [S, V] of its sampled rows.
+
+        With `--attention auto`, a backend that fails before it ever succeeded (flex that cannot
+        compile here) gives way to cascade for the rest of the engine's life."""
+        try:
+            logits = None
+            if self.graphs is not None and self.graphs.fits(step):
+                logits = self.graphs.run(step)  # None: not capturable, run it eagerly
+            if logits is None:
+                logits = self.eager(step)
+        except Exception as exc:  # noqa: BLE001 - only the auto choice's first failure, re-raised otherwise
+            if self.config.attention != "auto" or self._proven or self.backend.name == "cascade":
+                raise
+            log.warning("%s attention failed here (%s: %s); using cascade", self.backend.name,
+                        type(exc).__name__, exc)
+            self.backend = self._backend("cascade")
+            logits = self.eager(step)
+        self._proven = True
+        return logits
+
+    def eager(self, step: StepData) -> torch.Tensor:
+        meta = self.backend.prepare(step)
+        batch = StepBatch(self.pool, step.write_slots, self.backend, meta)
+        out = self.model(input_ids=step.input_ids[None], position_ids=step.positions[None], use_cache=False,
+                         logits_to_keep=step.sample_rows, apar_step=batch)  # input_ids, position_ids: [1, N]
         return out.logits[0].float()  # [S, V]

@@ -33,9 +33,11 @@ class Thread:
     finish: FinishReason | None = None
     in_ledger: bool = False  # the ledger knows it: the root from admission, an answer root from its
     # creation, a child from the step its parent feeds the [Fork] (so that the [Fork] slot exists first)
-    # context slots in the KV pool, index = position; only [:n_ctx] is valid
-    slots: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    # its context's slots live in a row of the device context table (services/worker/context_table.py),
+    # index = position, valid below n_ctx; `new_slots`: slots the ledger gave it, not yet laid out in a step
+    row: int | None = None
     n_ctx: int = 0
+    new_slots: list[int] = field(default_factory=list)
     replay: "ReplayCursor | None" = None
     children: list["Thread"] = field(default_factory=list)  # in fork order
     # after a preemption, a finished thread whose tokens a running descendant reads: the kv tokens to
@@ -90,20 +92,13 @@ class Thread:
         return next((c for c in reversed(self.children) if c.live), None)
 
     def forget_kv(self) -> None:
-        """Its KV is gone (the request was preempted): nothing computed, no slots, unknown to the ledger."""
+        """Its KV is gone (the request was preempted): nothing computed, no slots, unknown to the ledger
+        (the context table takes its row back at the next step)."""
         self.recompute_mark = max(self.recompute_mark, self.computed)
         self.computed = 0
         self.n_ctx = 0
+        self.new_slots.clear()
         self.in_ledger = False
-
-    def push_slots(self, new: list[int]) -> None:
-        need = self.n_ctx + len(new)
-        if need > self.slots.numel():
-            grown = torch.empty(max(need, 2 * self.slots.numel(), 64), dtype=torch.long)
-            grown[: self.n_ctx] = self.slots[: self.n_ctx]
-            self.slots = grown
-        self.slots[self.n_ctx : need] = torch.tensor(new, dtype=torch.long)
-        self.n_ctx = need
 
 
 @dataclass(slots=True, eq=False)

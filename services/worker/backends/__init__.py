@@ -1,0 +1,41 @@
+"""Attention backends: how a step's tokens attend their threads' contexts in the paged KV pool.
+
+- `portable`: gather each thread's context, then SDPA (any device);
+- `cascade`: spans shared by several threads attended once for all of them, merged by log-sum-exp;
+- `flex`: FlexAttention over the pool with a block mask (compiled; fixed shapes, CUDA-graph friendly);
+- `auto`: flex on CUDA, cascade on the CPU (measured: `apar bench attention`).
+
+`base.py` holds the interface and the step data every backend gets.
+"""
+from __future__ import annotations
+
+import torch
+
+from services.worker.backends.base import AttentionBackend
+from services.worker.config import ATTENTION_CHOICES as CHOICES
+
+BACKENDS = tuple(c for c in CHOICES if c != "auto")
+
+
+def resolve(name: str, device: torch.device) -> str:
+    """The backend `name` means on `device` (`auto`: flex on CUDA, cascade on the CPU)."""
+    if name != "auto":
+        return name
+    return "flex" if device.type == "cuda" else "cascade"
+
+
+def make_backend(name: str, device: torch.device, pool_slots: int, bytes_per_position: int) -> AttentionBackend:
+    """pool_slots: slots per layer of the KV pool; bytes_per_position: K and V of one position, one layer."""
+    if name == "portable":
+        from services.worker.backends.portable import PortableBackend
+
+        return PortableBackend()
+    if name == "cascade":
+        from services.worker.backends.cascade import CascadeBackend
+
+        return CascadeBackend(bytes_per_position)
+    if name == "flex":
+        from services.worker.backends.flex import FlexBackend
+
+        return FlexBackend(device, pool_slots)
+    raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(CHOICES)}")

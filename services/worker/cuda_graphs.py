@@ -1,0 +1,129 @@
+"""CUDA graphs of decode steps: one capture per batch-size bucket, replayed from static buffers.
+
+A decode step on a GPU is mostly kernel launches (a 7B model: hundreds per step, ~50 ms eager at batch
+1 against 4.5 ms of weight reads), so a step where every thread feeds one token replays a captured
+graph of the model's forward instead. Only CUDA, only with a backend whose decode metadata has fixed
+shapes (`backend.graphs`: flex), and only when `EngineConfig.cuda_graphs`; the CPU path never builds
+this object.
+
+    step (T threads) -> bucket B >= T -> static buffers [B]: ids, positions, write slots, table rows,
+    lengths (rows T..B-1: padding, writing to the pool's trash slot, reading context row 0) ->
+    backend.prepare (eager: its block tables, refilled in place) -> graph[B].replay() -> logits [B, V]
+
+Eager where capture is impossible: steps with a chunk (prefill, recompute), more threads than the
+largest bucket, or a capture that failed (then graphs are off, with a warning). A graph reads the context
+table and the backend's buffers by address, so a reallocated table (`ContextTable.version`) drops every
+graph; they are captured again on use.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+
+from services.worker.attention import StepBatch
+from services.worker.backends.base import DecodeQueries, StepData
+
+log = logging.getLogger(__name__)
+
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+class DecodeGraphs:
+    def __init__(self, runner, buckets: tuple[int, ...] = BUCKETS) -> None:
+        self.runner = runner
+        self.buckets = buckets
+        self.off: str | None = None if runner.backend.graphs else f"{runner.backend.name} attention"
+        dev = runner.device
+        top = buckets[-1]
+        self.ids = torch.zeros(top, dtype=torch.int32, device=dev)
+        self.positions = torch.zeros(top, dtype=torch.int32, device=dev)
+        self.writes = torch.full((top,), runner.pool.trash, dtype=torch.long, device=dev)
+        self.rows = torch.arange(top, dtype=torch.long, device=dev)
+        self.table_rows = torch.zeros(top, dtype=torch.int32, device=dev)
+        self.lens = torch.ones(top, dtype=torch.int32, device=dev)
+        self.mempool = torch.cuda.graph_pool_handle() if dev.type == "cuda" else None
+        self.graphs: dict[int, tuple] = {}  # bucket -> (graph, logits [B, V], what it reads)
+        self.version = runner.contexts.version
+        self.replays = 0
+
+    def fits(self, step: StepData) -> bool:
+        return self.off is None and step.decode_only and step.decode.count <= self.buckets[-1] \
+            and self.runner.backend.graphs
+
+    def run(self, step: StepData) -> torch.Tensor | None:
+        """Float32 logits [S, V] of the step's sampled rows, or None: run it eagerly."""
+        d = step.decode
+        count = d.count
+        size = next(b for b in self.buckets if b >= count)
+        padded = self._fill(step, size)
+        meta = self.runner.backend.prepare(padded)
+        if self.runner.contexts.version != self.version:
+            self.graphs.clear()
+            self.version = self.runner.contexts.version
+        if size not in self.graphs and not self._capture(size, padded, meta):
+            return None
+        logits = self.graphs[size][0]()  # [B, V]
+        self.replays += 1
+        return logits.index_select(0, step.sample_rows).float()  # [S, V]
+
+    def _fill(self, step: StepData, size: int) -> StepData:
+        """The static buffers hold the step's T rows, then padding up to `size`."""
+        d = step.decode
+        n = d.count
+        if d.host_rows[-1] != n - 1:
+            raise RuntimeError("a decode-only step's rows are 0..T-1 in order")
+        self.ids[:n].copy_(step.input_ids)
+        self.ids[n:size].zero_()
+        self.positions[:n].copy_(step.positions)
+        self.positions[n:size].zero_()
+        self.writes[:n].copy_(step.write_slots)
+        self.writes[n:size].fill_(self.runner.pool.trash)
+        self.table_rows[:n].copy_(d.table_rows)
+        self.table_rows[n:size].zero_()
+        self.lens[:n].copy_(d.lens)
+        self.lens[n:size].fill_(1)
+        pad = size - n
+        decode = DecodeQueries(self.rows[:size], self.table_rows[:size], self.lens[:size], list(range(size)),
+                               d.host_table_rows + [0] * pad, d.host_lens + [1] * pad,
+                               d.families + [-1 - i for i in range(pad)], [])
+        return StepData(self.ids[:size], self.positions[:size], self.writes[:size], self.rows[:size], decode, [],
+                        step.contexts)
+
+    def _capture(self, size: int, padded: StepData, meta) -> bool:
+        runner = self.runner
+        batch = StepBatch(runner.pool, padded.write_slots, runner.backend, meta)
+
+        def forward() -> torch.Tensor:
+            out = runner.model(input_ids=padded.input_ids[None], position_ids=padded.positions[None],
+                               use_cache=False, logits_to_keep=0, apar_step=batch)
+            return out.logits[0]  # [B, V]
+
+        try:
+            replay = self._record(forward)
+        except Exception as exc:  # noqa: BLE001 - any capture failure: decode eagerly from now on
+            self.off = f"capture failed: {type(exc).__name__}: {exc}"
+            log.warning("CUDA graphs off (%s)", self.off)
+            self.graphs.clear()
+            return False
+        self.graphs[size] = (replay, padded, batch, meta)  # keeps alive what the graph reads
+        return True
+
+    def _record(self, forward: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        """Capture `forward` as a CUDA graph; return what replays it and gives its logits [B, V] (a
+        buffer the next replay overwrites)."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up: compiles what the graph launches (writes the same K/V)
+            forward()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.mempool):
+            logits = forward()
+
+        def replay() -> torch.Tensor:
+            graph.replay()
+            return logits
+
+        return replay

@@ -1,0 +1,253 @@
+"""Every attention backend gives every thread the plain model's logits on its context.
+
+The golden tests of the engine (forks, nested forks, chunked prefill, grouped-query attention, preempted
+requests, n answers) are run again with each backend (`--attention`); sliding windows get models whose
+window is smaller than the contexts (Mistral: every layer; Qwen2: full then sliding). Then the parts:
+the cascade grouping rule, the merge by log-sum-exp, and the context table's rows.
+"""
+from __future__ import annotations
+
+import functools
+import random
+
+import pytest
+import torch
+from transformers import MistralConfig, Qwen2Config
+
+import tests.test_engine_golden as golden
+import tests.test_engine_n as answers
+import tests.test_engine_pressure as pressure
+from apar.modelgen import ModelShape, random_model, save_model
+from services.protocol.events import TokenEvent
+from services.protocol.params import SamplingParams
+from services.worker.backends import BACKENDS, cascade
+from services.worker.backends.base import Run, attention_with_lse, merge_by_lse
+from services.worker.backends.cascade import Span, plan_cascade
+from services.worker.config import EngineConfig
+from services.worker.engine import Engine
+from services.worker.sequence import ReplayNode
+
+WINDOW = 8  # positions: far shorter than the golden contexts (prompts of 5-40 tokens, trees below)
+
+
+def _window_model(path, arch: str, tokenizer, seed: int):
+    s = ModelShape()
+    common = dict(vocab_size=len(tokenizer), hidden_size=s.hidden, intermediate_size=s.intermediate,
+                  num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
+                  max_position_embeddings=s.max_positions, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    if arch == "mistral":
+        cfg = MistralConfig(sliding_window=WINDOW, **common)
+    else:  # layer 0 full, layer 1 sliding: both kinds in one model
+        cfg = Qwen2Config(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1, **common)
+    return save_model(path, random_model(cfg, tokenizer, seed), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def mistral_window_dir(tmp_path_factory, tokenizer):
+    return _window_model(tmp_path_factory.mktemp("mistral-window"), "mistral", tokenizer, seed=4)
+
+
+@pytest.fixture(scope="session")
+def qwen2_window_dir(tmp_path_factory, tokenizer):
+    return _window_model(tmp_path_factory.mktemp("qwen2-window"), "qwen2", tokenizer, seed=5)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    """Engines built by the reused golden tests use this backend; cascade groups every span that two
+    threads share from 4 positions on (the tiny models' K/V would never be worth it by default)."""
+    monkeypatch.setattr(cascade, "MIN_SHARED", 4)
+    monkeypatch.setattr(cascade, "MIN_SAVED_BYTES", 0)
+    config = functools.partial(EngineConfig, attention=request.param)
+    for module in (golden, pressure, answers):
+        monkeypatch.setattr(module, "EngineConfig", config)
+    return request.param
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "mistral_window", "qwen2_window"])
+def test_replayed_trees_match_plain_model(backend, arch, request):
+    """Forks, nested forks, chunked prefill (16-token steps), 4-token blocks, GQA (4 heads, 2 KV heads),
+    sliding windows; an AR request beside."""
+    golden.test_replayed_trees_match_plain_model(arch, "cpu", request)
+
+
+def test_child_sees_parent_fork_in_the_same_step(backend, llama_dir):
+    golden.test_child_sees_parent_fork_in_the_same_step(llama_dir)
+
+
+def test_golden_through_preemption_and_recompute(backend, llama_dir):
+    pressure.test_golden_through_preemption_and_recompute(llama_dir)
+
+
+def test_every_thread_of_every_answer_matches_the_plain_model(backend, llama_dir):
+    answers.test_every_thread_of_every_answer_matches_the_plain_model(llama_dir)
+
+
+def test_preempted_answers_go_on_unchanged(backend, llama_dir):
+    answers.test_preempted_answers_go_on_unchanged(llama_dir)
+
+
+def test_backends_pick_the_same_greedy_tokens(llama_dir, monkeypatch):
+    """Many threads over a long shared prompt (cascade groups it, flex reads it once): the same tokens."""
+    monkeypatch.setattr(cascade, "MIN_SAVED_BYTES", 0)
+    got = {}
+    for name in BACKENDS:
+        eng = Engine(llama_dir, EngineConfig(block_size=16, num_blocks=256, max_batch_tokens=64, attention=name))
+        rng = random.Random(5)
+        plain = [i for i in range(5, 400) if i not in (eng.fork_id, eng.child_id, *eng.eos_ids)]
+        kids = [ReplayNode(rng.sample(plain, 20)) for _ in range(6)]
+        root = []
+        for _ in kids:
+            root += [rng.choice(plain), eng.fork_id]
+        tree = ReplayNode(root + [7] * 20, kids)
+        eng.add_request(rng.sample(plain, 120), SamplingParams(max_tokens=400), replay=tree)
+        eng.add_request(rng.sample(plain, 50), SamplingParams(max_tokens=30, auto_parallel=False, n=4))
+        got[name] = [(e.request, e.thread, e.token) for e in eng.run_to_completion() if isinstance(e, TokenEvent)]
+        if name == "cascade":
+            assert eng.runner.backend.shared_steps > 20
+    assert got["cascade"] == got["portable"] == got["flex"]
+
+
+# ---- the parts ----------------------------------------------------------------------------------------
+def test_cascade_groups_positions_by_their_readers():
+    """Root (writer 1, row 10) forked child A (writer 2, row 11) at 40 and child B (writer 3, row 12) at
+    60; A forked grandchild C (writer 4, row 13) at 50. Decoding: root at 80, A at 55, B at 70, C at 52."""
+    runs = [
+        (Run(1, 0, 81),),
+        (Run(1, 0, 40), Run(2, 40, 56)),
+        (Run(1, 0, 60), Run(3, 60, 71)),
+        (Run(1, 0, 40), Run(2, 40, 50), Run(4, 50, 53)),
+    ]
+    plan = plan_cascade(runs, [10, 11, 12, 13], min_shared=8)
+    groups = {key: spans for key, spans in plan.groups}
+    assert groups == {(0, 1, 2, 3): [Span(10, 0, 40)], (0, 2): [Span(10, 40, 60)], (1, 3): [Span(11, 40, 50)]}
+    assert plan.private == [[Span(10, 60, 81)], [Span(11, 50, 56)], [Span(12, 60, 71)], [Span(13, 50, 53)]]
+    # every thread reads each of its positions exactly once, across its parts
+    for i, thread_runs in enumerate(runs):
+        want = sorted(p for r in thread_runs for p in range(r.start, r.end))
+        have = sorted(p for key, spans in plan.groups if i in key for s in spans for p in range(s.start, s.end))
+        have = sorted(have + [p for s in plan.private[i] for p in range(s.start, s.end)])
+        assert have == want
+    # a shared piece shorter than min_shared is read by each of its readers instead, from its own row
+    small = plan_cascade(runs, [10, 11, 12, 13], min_shared=15)
+    assert {key for key, _ in small.groups} == {(0, 1, 2, 3), (0, 2)}
+    assert small.private[1] == [Span(11, 40, 56)] and small.private[3] == [Span(13, 40, 53)]  # neighbours joined
+
+
+def test_lse_merge_equals_attention_over_the_whole_context():
+    torch.manual_seed(0)
+    q = torch.randn(2, 3, 2, 8)  # [Hkv, B, M, D]: 3 queries, 2 query heads per KV head
+    k, v = torch.randn(2, 3, 20, 8), torch.randn(2, 3, 20, 8)
+    keep = torch.rand(3, 1, 20) > 0.3
+    keep[2] = False  # a query whose keys are all elsewhere
+    keep[2, 0, :5] = True
+    whole, _ = attention_with_lse(q, k, v, keep, 0.35)
+    cut = torch.zeros_like(keep)
+    cut[..., :7] = True
+    a, lse_a = attention_with_lse(q, k, v, keep & cut, 0.35)
+    b, lse_b = attention_with_lse(q, k, v, keep & ~cut, 0.35)  # query 2 keeps nothing here: weight 0
+    flat = lambda t: t.transpose(0, 1).reshape(3, 4, -1)  # noqa: E731  [Hkv, B, G, ...] -> [B, H, ...]
+    lses = torch.cat([flat(lse_a[..., None]), flat(lse_b[..., None])])[..., 0]
+    merged = merge_by_lse(torch.cat([flat(a), flat(b)]), lses, torch.tensor([0, 1, 2, 0, 1, 2]), 3)
+    assert torch.allclose(merged, flat(whole), atol=1e-6)
+    ref = torch.softmax((q @ k.transpose(-1, -2) * 0.35).masked_fill(~keep, -torch.inf), -1) @ v
+    assert torch.allclose(whole, ref, atol=1e-6)
+
+
+def test_context_table_rows_follow_the_ledger(llama_dir):
+    """A thread holds a row while the ledger holds its KV; a child's row starts with its parent's slots up
+    to the [Fork]; rows come back once threads end; row 0 (padding) is never given."""
+    eng = Engine(llama_dir, EngineConfig(block_size=4, num_blocks=64, max_batch_tokens=16))
+    table = eng.runner.contexts
+    tree = ReplayNode([11, 12, eng.fork_id, 13, 14, 15], [ReplayNode([21, 22, 23, 24, 25, 26, 27])])
+    rid = eng.add_request([5, 6, 7, 8, 9], SamplingParams(max_tokens=50), replay=tree)
+    seen = False
+    while eng.has_work():
+        eng.step()
+        req = eng.requests.get(rid)
+        if req and len(req.threads) == 2 and req.threads[1].row is not None and req.threads[0].running:
+            root, child = req.threads
+            rows = table.table[[root.row, child.row]].tolist()
+            assert rows[1][: child.start_pos] == rows[0][: child.start_pos]  # the fork copied the prefix
+            assert len(set(rows[1][child.start_pos : child.n_ctx]) & set(rows[0][: root.n_ctx])) == 0
+            seen = True
+    assert seen
+    table.flush()  # rows come back at the next step's flush
+    assert not table._holders and sorted(table._free) == list(range(1, table.rows))
+    assert (table.table[0] == -1).all()
+
+
+def test_decode_graph_path_on_padded_static_buffers(llama_dir, monkeypatch):
+    """The CUDA-graph path without a GPU: `DecodeGraphs` with its capture replaced by the forward itself
+    (a replay reruns the captured forward on the static buffers, which is what this runs): decode steps
+    padded to their bucket (padding rows writing to the trash slot, reading row 0) give the plain
+    model's logits, with the flex backend's static block tables."""
+    from services.worker.cuda_graphs import DecodeGraphs
+
+    class EagerGraphs(DecodeGraphs):
+        def _record(self, forward):
+            return forward
+
+    monkeypatch.setattr(golden, "EngineConfig", functools.partial(EngineConfig, attention="flex"))
+    made = []
+    real_init = Engine.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.runner.graphs = EagerGraphs(self.runner, buckets=(1, 2, 4, 8, 16, 24, 32))
+        made.append(self.runner.graphs)
+
+    monkeypatch.setattr(Engine, "__init__", init)
+    golden.test_replayed_trees_match_plain_model("llama", "cpu", _Request(llama_dir))
+    graphs = made[0]
+    assert graphs.off is None and graphs.replays > 20 and len(graphs.graphs) >= 3
+
+
+class _Request:
+    """Enough of pytest's `request` for the reused golden test."""
+
+    def __init__(self, llama_dir) -> None:
+        self.llama_dir = llama_dir
+
+    def getfixturevalue(self, name: str):
+        return getattr(self, name)
+
+
+def test_auto_gives_way_to_cascade_when_flex_cannot_run(llama_dir, monkeypatch):
+    """`auto` that picked flex (on CUDA) and cannot run it (no compiler, a kernel error) before its first
+    success decodes with cascade instead; `--attention flex` asked explicitly fails loudly."""
+    import services.worker.model_runner as model_runner
+    from services.worker.backends import flex
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(model_runner, "resolve", lambda name, device: "flex")
+    monkeypatch.setattr(flex.FlexBackend, "attend", broken)
+    eng = Engine(llama_dir, EngineConfig(block_size=4, num_blocks=64, attention="auto"))
+    assert eng.runner.backend.name == "flex"
+    eng.add_request([5, 6, 7, 8], SamplingParams(max_tokens=6, auto_parallel=False))
+    assert sum(isinstance(e, TokenEvent) for e in eng.run_to_completion()) == 6
+    assert eng.runner.backend.name == "cascade"
+    strict = Engine(llama_dir, EngineConfig(block_size=4, num_blocks=64, attention="flex"))
+    strict.add_request([5, 6, 7, 8], SamplingParams(max_tokens=6, auto_parallel=False))
+    with pytest.raises(RuntimeError, match="no compiler here"):
+        strict.step()
+
+
+def test_rows_come_back_from_requests_ended_mid_recompute(llama_dir):
+    """Cancelled requests (waiting, preempted, recomputing, running) leave no row behind."""
+    eng = Engine(llama_dir, EngineConfig(block_size=4, num_blocks=40, max_batch_tokens=16, fork_watermark=0.0))
+    ids = [eng.add_request(p, SamplingParams(max_tokens=300), replay=t) for p, t in pressure.make_trees(eng, 6, 3)]
+    for step in range(400):
+        if not eng.has_work():
+            break
+        eng.step()
+        if step % 7 == 3 and ids:
+            eng.abort(ids.pop())
+    while eng.has_work():
+        eng.step()
+    table = eng.runner.contexts
+    table.flush()
+    assert eng.preemptions > 0 and not table._holders and sorted(table._free) == list(range(1, table.rows))
