@@ -1,7 +1,12 @@
-"""The streaming client behind `apar generate --server`: the same flags and output as in-process."""
+"""The streaming client behind `apar generate --server`: the same flags and output as in-process.
+
+`--tls` (the system's CAs) or `--ca PEM` connects over TLS; `--api-key KEY` (default `$APAR_API_KEY`)
+is sent as the metadata `authorization: Bearer KEY`."""
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 import grpc
 
@@ -10,7 +15,8 @@ from services.router.stream import Final
 
 _STATUS_WORDS = {grpc.StatusCode.INVALID_ARGUMENT: "invalid request", grpc.StatusCode.RESOURCE_EXHAUSTED:
                  "server is full", grpc.StatusCode.UNAVAILABLE: "server unavailable",
-                 grpc.StatusCode.DEADLINE_EXCEEDED: "deadline exceeded"}
+                 grpc.StatusCode.DEADLINE_EXCEEDED: "deadline exceeded",
+                 grpc.StatusCode.UNAUTHENTICATED: "unauthenticated (give --api-key or $APAR_API_KEY)"}
 
 
 def build_request(args, params, pb):
@@ -24,6 +30,37 @@ def build_request(args, params, pb):
                              raw_prompt=args.no_chat_template)
 
 
+def open_channel(args) -> grpc.Channel:
+    """A channel to --server: TLS with --tls or --ca, else plaintext."""
+    ca = getattr(args, "ca", None)
+    name = getattr(args, "tls_server_name", None)
+    if not (getattr(args, "tls", False) or ca):
+        if name:
+            raise UserError("--tls-server-name needs --tls or --ca")
+        return grpc.insecure_channel(args.server)
+    root = None
+    if ca:
+        try:
+            root = Path(ca).read_bytes()
+        except OSError as exc:
+            raise UserError(f"--ca: cannot read {ca}: {exc.strerror}") from None
+    options = [("grpc.ssl_target_name_override", name)] if name else []
+    return grpc.secure_channel(args.server, grpc.ssl_channel_credentials(root_certificates=root), options=options)
+
+
+def call_metadata(args) -> tuple[tuple[str, str], ...]:
+    """The call's metadata: the API key of --api-key or $APAR_API_KEY, if any."""
+    from services.security import API_KEY_ENV
+
+    key = getattr(args, "api_key", None) or os.environ.get(API_KEY_ENV) or None
+    if key is None:
+        return ()
+    key = key.strip()
+    if not key or any(not 0x21 <= ord(c) <= 0x7e for c in key):
+        raise UserError("the API key must be printable ASCII without spaces")
+    return (("authorization", f"Bearer {key}"),)
+
+
 def generate_remote(args, params) -> int:
     from apar.commands.generate import print_final, show_thread_event, thread_view
     from apar.protogen import stubs
@@ -35,7 +72,8 @@ def generate_remote(args, params) -> int:
     kinds = {A.ThreadEvent.STARTED: "started", A.ThreadEvent.DELTA: "delta", A.ThreadEvent.FINISHED: "finished"}
     final = None
     view = thread_view(args)
-    with grpc.insecure_channel(args.server) as channel:
+    metadata = call_metadata(args)
+    with open_channel(args) as channel:
         try:  # a server that is still starting (loading its model) is waited for
             grpc.channel_ready_future(channel).result(timeout=args.connect_timeout)
         except grpc.FutureTimeoutError:
@@ -43,7 +81,7 @@ def generate_remote(args, params) -> int:
                             f"{args.connect_timeout:g} s") from None
         stub = pb.apar_pb2_grpc.AparStub(channel)
         try:
-            for resp in stub.Generate(request, timeout=getattr(args, "timeout", None)):
+            for resp in stub.Generate(request, timeout=getattr(args, "timeout", None), metadata=metadata):
                 kind = resp.WhichOneof("event")
                 if kind == "delta":
                     out.write(resp.delta)

@@ -51,7 +51,19 @@ ALL_ON_EXTERNAL = {
     "imagePullSecrets": ["regcred"],
 }
 
-MODES = {"defaults": {}, "all-on": ALL_ON, "all-on-keda": ALL_ON_KEDA, "all-on-external": ALL_ON_EXTERNAL}
+# TLS on the public APIs, mutual TLS inside, API keys, limits: everything from Secrets.
+SECURE = {
+    **ALL_ON,
+    "tls": {"public": {"secretName": "router-tls"},
+            "internal": {"secretName": "internal-tls", "caSecretName": "internal-ca", "serverName": "apar-internal"}},
+    "auth": {"apiKeys": {"secretName": "api-keys", "key": "keys.txt"}},
+    "router": {"limits": {"maxRequestBytes": 1048576, "maxPromptTokens": 4096, "maxTokens": 2048,
+                          "maxStreamsPerKey": 16, "rateLimit": 2.5, "rateBurst": 10}},
+    "redis": {"auth": {"existingSecret": "redis-auth"}},
+}
+
+MODES = {"defaults": {}, "all-on": ALL_ON, "all-on-keda": ALL_ON_KEDA, "all-on-external": ALL_ON_EXTERNAL,
+         "secure": SECURE}
 
 
 @pytest.fixture(scope="module")
@@ -376,7 +388,7 @@ def test_router_discovery_args_and_ports(rendered):
     assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == {"grpc": 50051, "http": 8000, "metrics": 9100}
 
 
-@pytest.mark.parametrize("mode", ["defaults", "all-on-external"])
+@pytest.mark.parametrize("mode", ["defaults", "all-on-external", "secure"])
 def test_container_args_parse_with_the_real_cli(rendered, mode):
     """Every apar container's args (after Kubernetes' $(VAR) expansion) are accepted by `apar`'s own parser."""
     from apar.cli import build_parser
@@ -404,6 +416,12 @@ def test_container_args_parse_with_the_real_cli(rendered, mode):
     if mode == "defaults":
         assert (parsed["router"].discovery, parsed["router"].worker_service) == ("kubernetes", "apar-worker")
         assert parsed["model"].command == "demo-model"
+    if mode == "secure":
+        r = parsed["router"]
+        assert (r.tls_cert, r.api_key_file, r.rate_limit, r.max_streams_per_key) == (
+            "/etc/apar/tls/public/tls.crt", "/etc/apar/auth/keys.txt", 2.5, 16)
+        assert r.internal_tls_server_name == parsed["worker"].tls_server_name == "apar-internal"
+        assert parsed["worker"].tls_ca == parsed["kvmanager"].tls_ca == r.internal_tls_ca
 
 
 def test_rbac_objects_match(rendered):
@@ -447,8 +465,10 @@ def test_external_redis_password_from_secret(rendered):
     docs = rendered["all-on-external"]
     assert not [d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "apar-redis"]
     kv = container(one(docs, "Deployment", "apar-kvmanager"), "kvmanager")
-    assert "--redis=rediss://default:$(REDIS_PASSWORD)@redis.example.com:6380/2" in kv["args"]
-    env = next(e for e in kv["env"] if e["name"] == "REDIS_PASSWORD")
+    # the password reaches the KV manager in its environment, never in its args (ps, logs)
+    assert "--redis=rediss://default@redis.example.com:6380/2" in kv["args"]
+    assert not any("PASSWORD" in a for a in kv["args"])
+    env = next(e for e in kv["env"] if e["name"] == "APAR_REDIS_PASSWORD")
     assert env["valueFrom"]["secretKeyRef"] == {"name": "redis-auth", "key": "pw"}
     assert not any("REDIS_PASSWORD" in str(d) for d in docs if d["kind"] == "Secret")
 
@@ -456,7 +476,9 @@ def test_external_redis_password_from_secret(rendered):
 def test_in_release_redis_password(chart):
     docs = render(chart, {"redis": {"auth": {"existingSecret": "r"}}})
     kv = container(one(docs, "Deployment", "apar-kvmanager"), "kvmanager")
-    assert "--redis=redis://:$(REDIS_PASSWORD)@apar-redis:6379/0" in kv["args"]
+    assert "--redis=redis://apar-redis:6379/0" in kv["args"]
+    env = next(e for e in kv["env"] if e["name"] == "APAR_REDIS_PASSWORD")
+    assert env["valueFrom"]["secretKeyRef"] == {"name": "r", "key": "password"}
     redis = container(one(docs, "StatefulSet", "apar-redis"), "redis")
     assert "$(REDIS_PASSWORD)" in redis["args"] and redis["env"][0]["valueFrom"]["secretKeyRef"]["name"] == "r"
 
@@ -586,6 +608,144 @@ def test_notes_say_how_to_reach_the_router(chart):
     notes = chart.render({}, name=RELEASE, namespace=NAMESPACE)["apar/templates/NOTES.txt"]
     assert "port-forward svc/apar-router 50051:50051 8000:8000" in notes
     assert "curl" in notes and "grpcurl -plaintext 127.0.0.1:50051" in notes
+
+
+# ---------------------------------------------------------------- security: TLS, mutual TLS, API keys, limits
+
+def _volumes(doc: dict) -> dict[str, dict]:
+    spec = doc["spec"] if doc["kind"] == "Pod" else doc["spec"]["template"]["spec"]
+    return {v["name"]: v for v in spec.get("volumes", [])}
+
+
+def _mounts(c: dict) -> dict[str, dict]:
+    return {m["name"]: m for m in c.get("volumeMounts", [])}
+
+
+def test_secure_router_args_mounts_and_probes(rendered):
+    docs = rendered["secure"]
+    dep = one(docs, "Deployment", "apar-router")
+    router = container(dep, "router")
+    args = router["args"]
+    for arg in ("--tls-cert=/etc/apar/tls/public/tls.crt", "--tls-key=/etc/apar/tls/public/tls.key",
+                "--api-key-file=/etc/apar/auth/keys.txt",
+                "--internal-tls-cert=/etc/apar/tls/internal/tls.crt",
+                "--internal-tls-key=/etc/apar/tls/internal/tls.key",
+                "--internal-tls-ca=/etc/apar/tls/internal-ca/ca.crt", "--internal-tls-server-name=apar-internal",
+                "--max-request-bytes=1048576", "--max-prompt-tokens=4096", "--max-tokens-limit=2048",
+                "--max-streams-per-key=16", "--rate-limit=2.5", "--rate-burst=10"):
+        assert arg in args, arg
+    assert "--metrics-open" not in args
+    volumes, mounts = _volumes(dep), _mounts(router)
+    for name, secret, path in (("public-tls", "router-tls", "/etc/apar/tls/public"),
+                               ("api-keys", "api-keys", "/etc/apar/auth"),
+                               ("internal-tls", "internal-tls", "/etc/apar/tls/internal"),
+                               ("internal-ca", "internal-ca", "/etc/apar/tls/internal-ca")):
+        assert volumes[name]["secret"]["secretName"] == secret
+        assert mounts[name]["mountPath"] == path and mounts[name]["readOnly"] is True
+        assert "subPath" not in mounts[name]  # kubelet updates the files: the key file is re-read
+    assert volumes["public-tls"]["secret"]["defaultMode"] == 0o440
+    # gRPC probes cannot speak TLS: TCP connects on the gRPC port
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert router[probe]["tcpSocket"] == {"port": 50051} and "grpc" not in router[probe], probe
+    assert router["readinessProbe"]["periodSeconds"] == 5
+
+
+@pytest.mark.parametrize("name, kind, component, service", [
+    ("apar-worker", "StatefulSet", "worker", None),
+    ("apar-kvmanager", "Deployment", "kvmanager", "apar.v1.KVManager"),
+])
+def test_secure_internal_services_mutual_tls_and_probes(rendered, name, kind, component, service):
+    from services.healthcheck import build_parser
+
+    doc = one(rendered["secure"], kind, name)
+    c = container(doc, component)
+    args = c["args"]
+    assert "--tls-cert=/etc/apar/tls/internal/tls.crt" in args and "--tls-key=/etc/apar/tls/internal/tls.key" in args
+    assert "--tls-ca=/etc/apar/tls/internal-ca/ca.crt" in args
+    assert ("--tls-server-name=apar-internal" in args) == (component == "worker")  # the KV manager dials no one
+    assert _volumes(doc)["internal-tls"]["secret"]["secretName"] == "internal-tls"
+    assert _mounts(c)["internal-ca"]["mountPath"] == "/etc/apar/tls/internal-ca"
+    port = next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
+    for probe in ("startupProbe", "livenessProbe"):
+        assert c[probe]["tcpSocket"] == {"port": port}, probe
+    command = c["readinessProbe"]["exec"]["command"]
+    assert command[:3] == ["python", "-m", "services.healthcheck"]
+    check = build_parser().parse_args(command[3:])  # the probe's own flags, as the module parses them
+    assert check.address == f"127.0.0.1:{port}" and check.service == (service or "")
+    assert (check.tls_cert, check.tls_key, check.tls_ca, check.tls_server_name) == (
+        "/etc/apar/tls/internal/tls.crt", "/etc/apar/tls/internal/tls.key", "/etc/apar/tls/internal-ca/ca.crt",
+        "apar-internal")
+    # the probe timing values still apply
+    assert c["readinessProbe"]["periodSeconds"] == 5 and c["startupProbe"]["failureThreshold"] >= 60
+
+
+def test_internal_ca_from_the_same_secret_by_default(chart):
+    docs = render(chart, {"tls": {"internal": {"secretName": "internal-tls"}}})
+    kv = container(one(docs, "Deployment", "apar-kvmanager"), "kvmanager")
+    assert "--tls-ca=/etc/apar/tls/internal/ca.crt" in kv["args"] and "internal-ca" not in _mounts(kv)
+    router = container(one(docs, "Deployment", "apar-router"), "router")
+    assert "--internal-tls-ca=/etc/apar/tls/internal/ca.crt" in router["args"]
+    assert "--tls-cert=/etc/apar/tls/public/tls.crt" not in router["args"]  # public TLS is its own choice
+    assert router["readinessProbe"]["grpc"] == {"port": 50051}
+
+
+def test_defaults_stay_plaintext_without_keys(rendered):
+    docs = rendered["defaults"]
+    for kind, name, component in (("Deployment", "apar-router", "router"), ("StatefulSet", "apar-worker", "worker"),
+                                  ("Deployment", "apar-kvmanager", "kvmanager")):
+        c = container(one(docs, kind, name), component)
+        assert not any("tls" in a or "api-key" in a for a in c["args"]), c["args"]
+        assert "grpc" in c["readinessProbe"] and "/etc/apar" not in str(c["volumeMounts"])
+    args = container(one(docs, "Deployment", "apar-router"), "router")["args"]
+    assert {"--max-request-bytes=4194304", "--max-prompt-tokens=32768", "--max-tokens-limit=16384",
+            "--max-streams-per-key=256", "--rate-limit=0", "--rate-burst=0"} <= set(args)
+
+
+def test_metrics_open_flag(chart):
+    docs = render(chart, {"auth": {"apiKeys": {"secretName": "k"}, "metricsOpen": True}})
+    assert "--metrics-open" in container(one(docs, "Deployment", "apar-router"), "router")["args"]
+
+
+def test_secure_helm_test_pod_uses_tls_and_a_key(rendered):
+    pod = one(rendered["secure"], "Pod")
+    script = "\n".join(container(pod, "health")["command"])
+    assert "grpc.secure_channel" in script and "https" in script and "Authorization" in script
+    assert "/etc/apar/auth/keys.txt" in script and "HealthStub" in script
+    volumes = _volumes(pod)
+    items = {i["key"] for i in volumes["public-tls"]["secret"]["items"]}
+    assert items == {"tls.crt", "ca.crt"}  # never the private key
+    assert volumes["api-keys"]["secret"]["secretName"] == "api-keys"
+    plain = "\n".join(container(one(rendered["defaults"], "Pod"), "health")["command"])
+    assert "grpc.insecure_channel" in plain and "Authorization" not in plain
+
+
+def test_secure_notes(chart):
+    notes = chart.render(SECURE, name=RELEASE, namespace=NAMESPACE)["apar/templates/NOTES.txt"]
+    assert "grpcurl -cacert CA.pem" in notes and "https://127.0.0.1:8000" in notes
+    assert 'Authorization: Bearer $APAR_API_KEY' in notes and "-plaintext" not in notes
+
+
+@pytest.mark.parametrize("values, needle", [
+    ({"tls": {"public": {"secret": "x"}}}, "secret"),
+    ({"tls": {"internal": {"ca": "x"}}}, "ca"),
+    ({"auth": {"apiKey": "x"}}, "apiKey"),
+    ({"router": {"limits": {"rps": 3}}}, "rps"),
+])
+def test_schema_refuses_misspelled_security_values(chart, values, needle):
+    with pytest.raises(helm.HelmError, match=needle):
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+
+
+@pytest.mark.parametrize("values", [
+    {"router": {"limits": {"maxRequestBytes": 0}}},
+    {"router": {"limits": {"rateLimit": -1}}},
+    {"router": {"limits": {"maxStreamsPerKey": 1.5}}},
+    {"tls": {"internal": {"serverName": "Not A Name"}}},
+    {"auth": {"metricsOpen": "yes"}},
+])
+def test_schema_refuses_wrong_security_values(chart, values):
+    with pytest.raises(helm.HelmError):
+        chart.validate_schema(values)
 
 
 # ---------------------------------------------------------------- Dockerfiles

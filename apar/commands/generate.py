@@ -15,6 +15,12 @@ def register(subparsers) -> None:
     p.add_argument("--server", help="HOST:PORT of an `apar serve` or `apar router` to stream from instead")
     p.add_argument("--connect-timeout", type=float, default=60.0,
                    help="with --server: seconds to wait for a server that is still starting")
+    p.add_argument("--tls", action="store_true", help="with --server: connect over TLS (the system's CAs)")
+    p.add_argument("--ca", default=None, metavar="PEM", help="with --server: TLS, trusting this CA (implies --tls)")
+    p.add_argument("--tls-server-name", default=None, metavar="NAME",
+                   help="with --server: check the server's certificate against NAME instead of the address")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="with --server: send 'authorization: Bearer KEY' (default: $APAR_API_KEY)")
     p.add_argument("--prompt", required=True, help="the prompt (the chat template is applied when the "
                                                    "tokenizer has one)")
     p.add_argument("--ar", action="store_true", help="auto-regressive mode: never fork (the baseline)")
@@ -49,6 +55,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="share of the KV pool below which new forks are refused (default 0.01)")
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
     g.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
+    from services.worker.config import ATTENTION_CHOICES
+
+    g.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
+                   help="how threads attend their contexts: auto (flex on CUDA, cascade on CPU), portable "
+                        "(gather + SDPA), cascade (shared prefixes read once), flex (FlexAttention)")
+    g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CUDA: replay decode steps as CUDA graphs (with flex attention; default on)")
 
 
 def engine_config(args):
@@ -57,6 +70,7 @@ def engine_config(args):
     return EngineConfig(block_size=args.block_size, num_blocks=args.kv_blocks, kv_memory_mb=args.kv_memory_mb,
                         max_batch_tokens=args.max_batch_tokens, admit_watermark=args.admit_watermark,
                         fork_watermark=args.fork_watermark, device=args.device, dtype=args.dtype,
+                        attention=args.attention, cuda_graphs=args.cuda_graphs,
                         control=ControlTokens(fork=args.fork_token, child=args.child_token))
 
 

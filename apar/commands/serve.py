@@ -12,6 +12,8 @@ from apar.errors import UserError
 
 def register(subparsers) -> None:
     from apar.commands.generate import add_engine_args
+    from services.router.guard import add_public_args
+    from services.security import add_internal_tls_args
 
     s = subparsers.add_parser("serve", help="serve a model: router, worker and KV ledger in one process")
     s.add_argument("--model", required=True, help="local Hugging Face model directory")
@@ -21,6 +23,7 @@ def register(subparsers) -> None:
     s.add_argument("--http-port", type=int, default=None, help="also serve the OpenAI-compatible HTTP API on this "
                                                                 "port (/v1/chat/completions, /v1/completions, ...)")
     s.add_argument("--served-model-name", default=None, help="the model id clients name (default: the --model path)")
+    add_public_args(s)
     add_engine_args(s)
     s.set_defaults(func=run_serve)
 
@@ -31,20 +34,22 @@ def register(subparsers) -> None:
     w.add_argument("--worker-id", default=None, help="default: a new id each start")
     w.add_argument("--advertise", default=None, help="address the router reaches this worker at "
                                                       "(default: host:port)")
-    w.add_argument("--kvmanager", default=None, help="HOST:PORT of the KV manager (cluster mode); "
+    w.add_argument("--kvmanager", default=None, help="HOST:PORT of the KV manager (cluster mode), or every "
+                                                     "shard's, comma-separated (the worker id picks its own); "
                                                      "without it the worker keeps its ledger in-process")
     w.add_argument("--kv-ttl", type=int, default=10, help="registration time-to-live at the KV manager, s")
     w.add_argument("--metrics-port", type=int, default=None)
     w.add_argument("--served-model-name", default=None, help="the model_name label of its metrics: the router's "
                                                              "--served-model-name (default: the --model path)")
+    add_internal_tls_args(w, "--tls")
     add_engine_args(w)
     w.set_defaults(func=run_worker)
 
     r = subparsers.add_parser("router", help="run the router: the public gRPC API in front of workers")
     r.add_argument("--model", required=True, help="model directory (its tokenizer is used)")
     r.add_argument("--workers", default=None, help="comma-separated worker addresses host:port")
-    r.add_argument("--kvmanager", default=None, help="HOST:PORT of the KV manager: workers and their free "
-                                                     "blocks come from it")
+    r.add_argument("--kvmanager", default=None, help="HOST:PORT of the KV manager, or every shard's, "
+                                                     "comma-separated: workers and their free blocks come from it")
     r.add_argument("--discovery", choices=("static", "kvmanager", "kubernetes"), default=None,
                    help="how workers are found: static (--workers, the default with it), kvmanager (the "
                         "default with --kvmanager), kubernetes (the EndpointSlices of --worker-service)")
@@ -61,6 +66,8 @@ def register(subparsers) -> None:
     r.add_argument("--metrics-port", type=int, default=None)
     r.add_argument("--http-port", type=int, default=None, help="also serve the OpenAI-compatible HTTP API here")
     r.add_argument("--served-model-name", default=None, help="the model id clients name (default: the --model path)")
+    add_public_args(r)
+    add_internal_tls_args(r, "--internal-tls")
     r.set_defaults(func=run_router)
 
 
@@ -103,11 +110,19 @@ def _metrics(port: int | None, registry) -> None:
 def run_serve(args) -> int:
     from prometheus_client import CollectorRegistry
 
+    security = _public_security(args)  # bad security flags fail before the model loads
     _setup()
     registry = CollectorRegistry()
     engine, loop, _ = _engine(args, registry)
     _embedded_kv_manager(engine, loop)
-    return asyncio.run(_serve(args, engine, loop, registry))
+    return asyncio.run(_serve(args, engine, loop, registry, security))
+
+
+def _public_security(args):
+    """(TLS files or None, the Guard) of the public APIs, from the flags."""
+    from services.router.guard import guard_from_args, public_tls
+
+    return public_tls(args), guard_from_args(args)
 
 
 def _embedded_kv_manager(engine, loop) -> None:
@@ -121,23 +136,27 @@ def _embedded_kv_manager(engine, loop) -> None:
     loop.call(lambda e: setattr(e, "kv", RemoteKV(e.ledger, client))).result(timeout=10)
 
 
-async def _front_doors(args, tokenizer, directory, registry=None):
-    """The gateway and its front doors: the gRPC server, and the HTTP server when --http-port is given.
+async def _front_doors(args, tokenizer, directory, registry=None, security=None):
+    """The gateway and its front doors: the gRPC server, and the HTTP server when --http-port is given,
+    both behind the same guard (API keys, limits) and TLS when --tls-cert is given.
     Returns (servers to stop, a line saying where they listen)."""
     from services.router.gateway import Gateway
     from services.router.metrics import RouterMetrics
     from services.router.service import RouterService, start_router_server
 
+    tls, guard = security or _public_security(args)
     model_name = args.served_model_name or str(args.model)
-    gateway = Gateway(tokenizer, directory, model_name, RouterMetrics(model_name, registry))
-    grpc_server, port = await start_router_server(RouterService(gateway), f"{args.host}:{args.port}")
+    gateway = Gateway(tokenizer, directory, model_name, RouterMetrics(model_name, registry), guard)
+    grpc_server, port = await start_router_server(RouterService(gateway), f"{args.host}:{args.port}", tls)
     servers, where = [grpc_server], f"{args.host}:{port}"
     if args.http_port is not None:
         from services.router.http import build_app, start_http_server
 
-        http, _, http_port = await start_http_server(build_app(gateway), args.host, args.http_port)
+        http, _, http_port = await start_http_server(build_app(gateway), args.host, args.http_port, tls)
         servers.append(_UvicornStopper(http))
         where += f", HTTP on {args.host}:{http_port}"
+    where += f" ({'TLS' if tls else 'plaintext'}, " + \
+             (f"{len(guard.keys)} API keys" if guard.keys is not None else "no API keys") + ")"
     _metrics(args.metrics_port, gateway.metrics.registry)
     return servers, where
 
@@ -153,13 +172,13 @@ class _UvicornStopper:
         await self.server.shutdown()
 
 
-async def _serve(args, engine, loop, registry) -> int:
+async def _serve(args, engine, loop, registry, security=None) -> int:
     from services.router.workers import WorkerDirectory
     from services.worker.service import start_worker_server
 
     worker_server, worker_port = await start_worker_server(loop, "127.0.0.1:0", "embedded", str(args.model))
     directory = WorkerDirectory([f"127.0.0.1:{worker_port}"])
-    servers, where = await _front_doors(args, engine.tokenizer, directory, registry)
+    servers, where = await _front_doors(args, engine.tokenizer, directory, registry, security)
     print(f"apar serve: listening on {where} (model {args.model})", file=sys.stderr, flush=True)
     try:
         await _until_signal(*servers, worker_server)
@@ -170,6 +189,9 @@ async def _serve(args, engine, loop, registry) -> int:
 
 
 def run_worker(args) -> int:
+    from services.security import internal_tls
+
+    tls = internal_tls(args, "--tls")  # bad flags fail before the model loads
     _setup()
     from prometheus_client import CollectorRegistry
 
@@ -180,13 +202,14 @@ def run_worker(args) -> int:
     wid = args.worker_id or f"worker-{uuid.uuid4().hex[:8]}"
     client = None
     if args.kvmanager:
-        client = _lease_pool(engine, loop, args, wid)
+        client = _lease_pool(engine, loop, args, wid, tls)
 
     async def main() -> int:
         from services.worker.service import start_worker_server
 
-        server, port = await start_worker_server(loop, f"{args.host}:{args.port}", wid, str(args.model))
-        print(f"apar worker: {wid} listening on {args.host}:{port}", file=sys.stderr, flush=True)
+        server, port = await start_worker_server(loop, f"{args.host}:{args.port}", wid, str(args.model), tls)
+        print(f"apar worker: {wid} listening on {args.host}:{port} ({tls.describe() if tls else 'plaintext'})",
+              file=sys.stderr, flush=True)
         try:
             await _until_signal(server)
         finally:
@@ -198,14 +221,14 @@ def run_worker(args) -> int:
     return asyncio.run(main())
 
 
-def _lease_pool(engine, loop, args, wid: str):
+def _lease_pool(engine, loop, args, wid: str, tls=None):
     """Cluster mode: register the pool with the KV manager and mirror its ledger (RemoteKV)."""
     from services.worker.kv import RemoteKV
     from services.worker.kvclient import KVManagerClient
 
     address = args.advertise or f"{args.host}:{args.port}"
     client = KVManagerClient(args.kvmanager, wid, address, engine.ledger.num_blocks, engine.ledger.block_size,
-                             args.kv_ttl)
+                             args.kv_ttl, tls=tls)
     if client.register():
         raise UserError(f"the KV manager still holds a ledger for worker {wid}: start with a new --worker-id")
     loop.call(lambda e: setattr(e, "kv", RemoteKV(e.ledger, client))).result(timeout=10)
@@ -214,6 +237,10 @@ def _lease_pool(engine, loop, args, wid: str):
 
 
 def run_router(args) -> int:
+    from services.security import internal_tls
+
+    security = _public_security(args)  # bad security flags fail first
+    tls = internal_tls(args, "--internal-tls")
     _setup()
     from services.router.tokenizer import load_tokenizer
 
@@ -233,18 +260,20 @@ def run_router(args) -> int:
             from services.router.discovery import KubernetesDirectory
 
             directory = KubernetesDirectory(args.worker_service, args.worker_namespace, args.worker_port_name,
-                                            api_client=api_client)
+                                            api_client=api_client, tls=tls)
             directory.start()
             source = directory.where
         elif discovery == "kvmanager":
             from services.router.workers import KVManagerDirectory
 
-            directory = KVManagerDirectory(args.kvmanager)
+            directory = KVManagerDirectory(args.kvmanager, tls=tls)
             source = f"KV manager {args.kvmanager}"
         else:
-            directory = WorkerDirectory(addresses)
+            directory = WorkerDirectory(addresses, tls=tls)
             source = f"workers {','.join(addresses)}"
-        servers, where = await _front_doors(args, tokenizer, directory)
+        if tls is not None:
+            source += f" over {tls.describe()}"
+        servers, where = await _front_doors(args, tokenizer, directory, security=security)
         print(f"apar router: listening on {where}, {source}", file=sys.stderr, flush=True)
         try:
             await _until_signal(*servers)

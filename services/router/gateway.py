@@ -7,6 +7,10 @@ INVALID_ARGUMENT, HTTP 400), `exhausted` (RESOURCE_EXHAUSTED, 429), `unavailable
 `deadline` (DEADLINE_EXCEEDED, 504). A caller that stops iterating (a client that disconnected, a
 cancelled RPC) closes the generator, which cancels the worker call: the worker frees the request's KV
 blocks at once.
+
+The limits (`guard.py`) are applied here for both doors, first thing in `prepare`, before any
+tokenization or worker call: the largest `max_tokens`, requests per second per key, concurrent requests
+per key (a `Ticket` the job holds until its stream ends); the longest prompt right after tokenization.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -22,6 +26,7 @@ from apar.errors import UserError
 from apar.protogen import stubs
 from services.protocol.convert import events_from_pb, params_to_pb
 from services.protocol.params import SamplingParams
+from services.router.guard import Caller, Guard, Refused, Ticket, current_caller
 from services.router.metrics import RouterMetrics
 from services.router.prompt import encode_prompt
 from services.router.stream import Final, RequestStream, StreamItem
@@ -36,11 +41,17 @@ MAX_STOP_CHARS = 256
 
 
 class GatewayError(Exception):
-    def __init__(self, status: str, message: str, retry_after_s: int | None = None) -> None:
+    def __init__(self, status: str, message: str, retry_after_s: int | None = None, param: str | None = None,
+                 code: str | None = None) -> None:
         super().__init__(message)
         self.status = status  # invalid, exhausted, unavailable, deadline
         self.message = message
         self.retry_after_s = retry_after_s
+        self.param, self.code = param, code  # for OpenAI's error shape
+
+    @classmethod
+    def of(cls, exc: Refused) -> GatewayError:
+        return cls(exc.status, exc.message, exc.retry_after_s, exc.param, exc.code)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,14 +61,21 @@ class Job:
     ids: list[int]
     params: SamplingParams
     stop: tuple[str, ...] = ()
+    ticket: Ticket | None = field(default=None, compare=False, repr=False)  # released when its stream ends
+
+    def release(self) -> None:
+        if self.ticket is not None:
+            self.ticket.release()
 
 
 class Gateway:
-    def __init__(self, tokenizer, workers: WorkerDirectory, model_name: str, metrics: RouterMetrics | None = None):
+    def __init__(self, tokenizer, workers: WorkerDirectory, model_name: str, metrics: RouterMetrics | None = None,
+                 guard: Guard | None = None):
         self.tokenizer = tokenizer
         self.workers = workers
         self.model_name = model_name
         self.metrics = metrics or RouterMetrics(model_name)
+        self.guard = guard or Guard()
         self._control: tuple[int, int, set[int], int] | None = None
 
     async def control(self) -> tuple[int, int, set[int], int]:
@@ -73,9 +91,24 @@ class Gateway:
         return self._control
 
     async def prepare(self, params: SamplingParams, prompt: str | None = None, messages: list[dict] | None = None,
-                      raw_prompt: bool = False, stop: tuple[str, ...] = ()) -> Job:
-        """Check and tokenize a request; GatewayError `invalid` names what is wrong."""
+                      raw_prompt: bool = False, stop: tuple[str, ...] = (), caller: Caller | None = None) -> Job:
+        """Check and tokenize a request; GatewayError `invalid` names what is wrong, `exhausted` a per-key
+        limit. The job holds the caller's place among its concurrent requests until `generate` ends."""
         self.metrics.requests.inc()
+        caller = caller or current_caller()
+        try:
+            self.guard.check_max_tokens(caller, params.max_tokens)
+            ticket = self.guard.admit(caller)
+        except Refused as exc:
+            self.metrics.failed.labels("resource_exhausted" if exc.status == "exhausted" else "invalid").inc()
+            raise GatewayError.of(exc) from None
+        try:
+            return await self._prepare(params, prompt, messages, raw_prompt, stop, caller, ticket)
+        except BaseException:
+            ticket.release()
+            raise
+
+    async def _prepare(self, params, prompt, messages, raw_prompt, stop, caller: Caller, ticket: Ticket) -> Job:
         try:
             max_positions = (await self.control())[3]
         except GatewayError:
@@ -92,66 +125,74 @@ class Gateway:
             if len(stop) > MAX_STOP or any(not isinstance(s, str) or len(s) > MAX_STOP_CHARS for s in stop):
                 raise UserError(f"stop: at most {MAX_STOP} strings of at most {MAX_STOP_CHARS} characters")
             ids = encode_prompt(self.tokenizer, prompt or None, messages or None, use_chat_template=not raw_prompt)
+            self.guard.check_prompt_tokens(caller, len(ids), "messages" if messages else "prompt")
             if len(ids) >= max_positions:
                 raise UserError(f"prompt of {len(ids)} tokens is longer than the model allows ({max_positions})")
         except UserError as exc:
             self.metrics.failed.labels("invalid").inc()
             raise GatewayError("invalid", str(exc)) from None
-        return Job(ids, params, tuple(s for s in stop if s))
+        except Refused as exc:
+            self.metrics.failed.labels("invalid").inc()
+            raise GatewayError.of(exc) from None
+        return Job(ids, params, tuple(s for s in stop if s), ticket)
 
     async def generate(self, job: Job, timeout_s: float | None = None,
                        request_id: str | None = None) -> AsyncIterator[StreamItem]:
-        """Run a prepared request on a worker; yields stream items, the `Final`s (one per answer) last."""
-        t0 = time.perf_counter()
-        fork, child, hidden, _ = await self.control()
-        worker = await self.workers.choose()
-        if worker is None:
-            self.metrics.failed.labels("unavailable").inc()
-            raise GatewayError("unavailable", "no worker is available")
-        rid = request_id or uuid.uuid4().hex
-        sampling, limits, ar = params_to_pb(job.params, pb)
-        call = worker.stub.Generate(pb.worker_pb2.WorkerRequest(
-            request_id=rid, prompt_ids=job.ids, sampling=sampling, limits=limits, auto_regressive=ar),
-            timeout=timeout_s)
-        stream = RequestStream(self.tokenizer, fork, child, hidden, stop=job.stop)
-        first_token_at = last_token_at = None
-        finishing = False
+        """Run a prepared request on a worker; yields stream items, the `Final`s (one per answer) last.
+        The job's place among its caller's concurrent requests is given back when this ends."""
         try:
-            async for msg in call:
-                for event in events_from_pb(rid, msg):
-                    for item in stream.feed(event):
-                        yield item
-                if stream.all_stopped and not finishing:  # every answer hit a stop string: end it now
-                    finishing = True
-                    await self._finish_on_worker(worker, rid)
-                now = time.perf_counter()
-                if first_token_at is None:
-                    first_token_at = now
-                    self.metrics.ttft.observe(now - t0)
-                elif last_token_at is not None:
-                    self.metrics.inter_token.observe(now - last_token_at)
-                last_token_at = now
-        except grpc.aio.AioRpcError as exc:
-            code = exc.code()
-            if code == grpc.StatusCode.INVALID_ARGUMENT:
-                self.metrics.failed.labels("invalid").inc()
-                raise GatewayError("invalid", exc.details() or code.name) from None
-            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                self.metrics.failed.labels("resource_exhausted").inc()
-                raise GatewayError("exhausted", exc.details() or code.name, retry_after_s=1) from None
-            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                self.metrics.failed.labels("deadline").inc()
-                raise GatewayError("deadline", "deadline exceeded") from None
-            self.workers.mark_dead(worker)
-            self.metrics.failed.labels("unavailable").inc()
-            raise GatewayError("unavailable", f"worker {worker.address} failed: {code.name}") from None
+            t0 = time.perf_counter()
+            fork, child, hidden, _ = await self.control()
+            worker = await self.workers.choose()
+            if worker is None:
+                self.metrics.failed.labels("unavailable").inc()
+                raise GatewayError("unavailable", "no worker is available")
+            rid = request_id or uuid.uuid4().hex
+            sampling, limits, ar = params_to_pb(job.params, pb)
+            call = worker.stub.Generate(pb.worker_pb2.WorkerRequest(
+                request_id=rid, prompt_ids=job.ids, sampling=sampling, limits=limits, auto_regressive=ar),
+                timeout=timeout_s)
+            stream = RequestStream(self.tokenizer, fork, child, hidden, stop=job.stop)
+            first_token_at = last_token_at = None
+            finishing = False
+            try:
+                async for msg in call:
+                    for event in events_from_pb(rid, msg):
+                        for item in stream.feed(event):
+                            yield item
+                    if stream.all_stopped and not finishing:  # every answer hit a stop string: end it now
+                        finishing = True
+                        await self._finish_on_worker(worker, rid)
+                    now = time.perf_counter()
+                    if first_token_at is None:
+                        first_token_at = now
+                        self.metrics.ttft.observe(now - t0)
+                    elif last_token_at is not None:
+                        self.metrics.inter_token.observe(now - last_token_at)
+                    last_token_at = now
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                if code == grpc.StatusCode.INVALID_ARGUMENT:
+                    self.metrics.failed.labels("invalid").inc()
+                    raise GatewayError("invalid", exc.details() or code.name) from None
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    self.metrics.failed.labels("resource_exhausted").inc()
+                    raise GatewayError("exhausted", exc.details() or code.name, retry_after_s=1) from None
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    self.metrics.failed.labels("deadline").inc()
+                    raise GatewayError("deadline", "deadline exceeded") from None
+                self.workers.mark_dead(worker)
+                self.metrics.failed.labels("unavailable").inc()
+                raise GatewayError("unavailable", f"worker {worker.address} failed: {code.name}") from None
+            finally:
+                call.cancel()  # a no-op when it ended; frees the worker's KV when the caller went away
+            if not stream.finals:
+                self.metrics.failed.labels("unavailable").inc()
+                raise GatewayError("unavailable", "the worker ended the stream early")
+            final: Final = stream.finals[0]
+            self.metrics.done(final.usage, time.perf_counter() - t0, final.finish_reason, len(stream.finals))
         finally:
-            call.cancel()  # a no-op when it ended; frees the worker's KV when the caller went away
-        if not stream.finals:
-            self.metrics.failed.labels("unavailable").inc()
-            raise GatewayError("unavailable", "the worker ended the stream early")
-        final: Final = stream.finals[0]
-        self.metrics.done(final.usage, time.perf_counter() - t0, final.finish_reason, len(stream.finals))
+            job.release()
 
     async def _finish_on_worker(self, worker, rid: str) -> None:
         try:

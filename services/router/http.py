@@ -10,6 +10,11 @@ offending parameter, and a parameter we do not implement (`logprobs`, `tools`, .
 name, never ignored. Such a parameter is accepted only with its no-op value (`logprobs: false`,
 `presence_penalty: 0`, ...), since common clients send those. `user` is accepted and ignored.
 
+Every path but `/health` (and `/metrics` with `--metrics-open`) needs `Authorization: Bearer KEY` when
+the router has API keys (`guard.HttpGuard`, a pure ASGI middleware: a refused request gets 401 in
+OpenAI's shape with `WWW-Authenticate: Bearer` before its body is read). The body size limit is
+`--max-request-bytes` (413); the per-key limits are the gateway's (429 with Retry-After, or 400).
+
 APAR extensions: the request's `apar` object (`auto_parallel`, `max_threads`, `max_depth`, `stream`:
 `linear` or `threads`, and `ignore_eos` for benchmarks); with `stream: "threads"` each per-thread event
 is a chunk whose `apar.thread` field holds it (content deltas still stream as usual). The usage
@@ -33,11 +38,11 @@ from apar.errors import UserError
 from services.protocol.convert import DEFAULT_MAX_TOKENS
 from services.protocol.params import SamplingParams
 from services.router.gateway import Gateway, GatewayError, Job
+from services.router.guard import HttpGuard, current_caller
 from services.router.stitch import ThreadDelta
 from services.router.stream import Final, LinearDelta
 
 log = logging.getLogger(__name__)
-MAX_BODY = 4 << 20  # bytes
 _HTTP = {"invalid": 400, "exhausted": 429, "unavailable": 503, "deadline": 504}
 _TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
           429: "rate_limit_error", 503: "service_unavailable", 504: "timeout", 500: "internal_error"}
@@ -64,7 +69,7 @@ class ApiError(Exception):
 
     @classmethod
     def of(cls, exc: GatewayError) -> ApiError:
-        return cls(_HTTP[exc.status], exc.message, retry_after_s=exc.retry_after_s)
+        return cls(_HTTP[exc.status], exc.message, exc.param, exc.code, retry_after_s=exc.retry_after_s)
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": _TYPES.get(self.status, "error"), "param": self.param,
@@ -213,7 +218,12 @@ def _usage(usage: dict[str, int]) -> dict[str, int]:
 # ---- the app ------------------------------------------------------------------------------------------
 def build_app(gateway: Gateway, registry=None) -> FastAPI:
     app = FastAPI(title="APAR serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(HttpGuard, guard=gateway.guard)
     created = int(time.time())
+    max_body = gateway.guard.limits.max_request_bytes
+
+    def too_large(size: int | None) -> ApiError:
+        return ApiError(413, gateway.guard.too_large(current_caller(), size), code="request_too_large")
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -230,13 +240,15 @@ def build_app(gateway: Gateway, registry=None) -> FastAPI:
 
     async def body_of(request: Request) -> dict:
         size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > MAX_BODY):
-            raise ApiError(413, f"request body is larger than {MAX_BODY} bytes")
+        if size is not None and not size.isdigit():
+            raise ApiError(400, "Content-Length is not a number")
+        if size is not None and int(size) > max_body:
+            raise too_large(int(size))
         raw = b""
         async for part in request.stream():
             raw += part
-            if len(raw) > MAX_BODY:
-                raise ApiError(413, f"request body is larger than {MAX_BODY} bytes")
+            if len(raw) > max_body:
+                raise too_large(None)
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
@@ -264,9 +276,13 @@ def build_app(gateway: Gateway, registry=None) -> FastAPI:
             raise ApiError.of(exc) from None
         head = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, "created": int(time.time()),
                 "model": gateway.model_name}
-        if body.get("stream"):
-            return await _streamed(request, gateway, job, head, chat, mode, include_usage)
-        return await _whole(request, gateway, job, head, chat)
+        try:
+            if body.get("stream"):
+                return await _streamed(request, gateway, job, head, chat, mode, include_usage)
+            return await _whole(request, gateway, job, head, chat)
+        except BaseException:
+            job.release()  # its place among the key's concurrent requests (a streamed body gives it back at its end)
+            raise
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -398,8 +414,9 @@ async def _chain(first, rest: AsyncIterator):
         yield item
 
 
-async def start_http_server(app: FastAPI, host: str, port: int):
-    """Serve `app` with uvicorn in the running event loop; returns (server, task, bound port)."""
+async def start_http_server(app: FastAPI, host: str, port: int, tls=None):
+    """Serve `app` with uvicorn in the running event loop, over TLS with `tls` (a `TLSFiles`); returns
+    (server, task, bound port)."""
     import socket
 
     import uvicorn
@@ -411,8 +428,9 @@ async def start_http_server(app: FastAPI, host: str, port: int):
     except OSError as exc:
         sock.close()
         raise UserError(f"cannot listen on {host}:{port} for HTTP: {exc.strerror}") from None
+    tls_options = {} if tls is None else {"ssl_certfile": tls.cert_path, "ssl_keyfile": tls.key_path}
     config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2,
-                            backlog=2048)
+                            backlog=2048, **tls_options)
     server = uvicorn.Server(config)
     task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
     while not server.started and not task.done():

@@ -2,6 +2,10 @@
 
 The client's cancellation or deadline ends this handler, which closes the gateway's stream, which
 cancels the worker call, which aborts the request on the worker: its KV is freed at once.
+
+Every call but health checking passes the `GrpcGuard` interceptor first (`guard.py`): API keys and the
+request size limit. With `tls` the port serves TLS only. A refusal with a retry time carries it as the
+trailing metadata `retry-after` (seconds) and `grpc-retry-pushback-ms`.
 """
 from __future__ import annotations
 
@@ -12,11 +16,13 @@ import grpc
 
 from apar.errors import UserError
 from apar.protogen import stubs
-from services.grpc_common import add_health_and_reflection, add_servicer, server_options
+from services.grpc_common import add_health_and_reflection, add_servicer
 from services.protocol.convert import params_from_pb
 from services.router.gateway import Gateway, GatewayError
+from services.router.guard import GrpcGuard, Guard, grpc_server_options
 from services.router.stitch import ThreadDelta
 from services.router.stream import Final, LinearDelta
+from services.security import TLSFiles, open_port
 
 log = logging.getLogger(__name__)
 pb = stubs()
@@ -49,12 +55,19 @@ class RouterService(pb.apar_pb2_grpc.AparServicer):
                                              tuple(request.stop))
             mode = MODES[request.stream]
             rid = uuid.uuid4().hex
-            async for item in self.gateway.generate(job, context.time_remaining(), rid):
-                out = self._response(rid, item, mode)
-                if out is not None:
-                    yield out
+            try:
+                async for item in self.gateway.generate(job, context.time_remaining(), rid):
+                    out = self._response(rid, item, mode)
+                    if out is not None:
+                        yield out
+            finally:
+                job.release()
         except GatewayError as exc:
-            await context.abort(_STATUS[exc.status], exc.message)
+            trailers = ()
+            if exc.retry_after_s is not None:
+                trailers = (("retry-after", str(exc.retry_after_s)),
+                            ("grpc-retry-pushback-ms", str(exc.retry_after_s * 1000)))
+            await context.abort(_STATUS[exc.status], exc.message, trailers)
 
     @staticmethod
     def _response(rid: str, item, mode: str):
@@ -84,11 +97,14 @@ class RouterService(pb.apar_pb2_grpc.AparServicer):
             total_kv_blocks=sum(i.num_blocks for i in live), free_kv_blocks=sum(i.free_blocks for i in live))
 
 
-async def start_router_server(service: RouterService, address: str) -> tuple[grpc.aio.Server, int]:
-    server = grpc.aio.server(options=server_options())
+async def start_router_server(service: RouterService, address: str, tls: TLSFiles | None = None,
+                              guard: Guard | None = None) -> tuple[grpc.aio.Server, int]:
+    """The public gRPC server: plaintext, or TLS only with `tls`; the gateway's guard in front of it."""
+    guard = guard or service.gateway.guard
+    server = grpc.aio.server(options=grpc_server_options(guard.limits), interceptors=[GrpcGuard(guard)])
     add_servicer(server, service, A.DESCRIPTOR.services_by_name["Apar"])
     await add_health_and_reflection(server, [A.DESCRIPTOR.services_by_name["Apar"].full_name])
-    port = server.add_insecure_port(address)
+    port = open_port(server, address, tls)
     if port == 0:
         raise UserError(f"cannot listen on {address}")
     await server.start()

@@ -17,6 +17,7 @@ from apar.protogen import stubs
 from services.grpc_common import add_health_and_reflection, add_servicer, server_options, status_of
 from services.protocol.convert import events_to_pb, params_from_pb
 from services.protocol.events import FinishReason, RequestFinished
+from services.security import TLSFiles, open_port
 from services.worker.loop import EngineLoop
 
 log = logging.getLogger(__name__)
@@ -76,12 +77,14 @@ class WorkerService(pb.worker_pb2_grpc.WorkerServicer):
             max_positions=min(r.max_positions, 2**32 - 1), vocab_size=r.vocab_size)
 
 
-async def start_worker_server(loop: EngineLoop, address: str, worker_id: str, model_name: str) -> tuple[grpc.aio.Server, int]:
-    """Start the worker's gRPC server on `address` (host:port, port 0 picks one); returns it and its port."""
+async def start_worker_server(loop: EngineLoop, address: str, worker_id: str, model_name: str,
+                              tls: TLSFiles | None = None) -> tuple[grpc.aio.Server, int]:
+    """Start the worker's gRPC server on `address` (host:port, port 0 picks one); returns it and its port.
+    With `tls` (mutual: its CA) only peers with a certificate from that CA get an answer."""
     server = grpc.aio.server(options=server_options())
     add_servicer(server, WorkerService(loop, worker_id, model_name), pb.worker_pb2.DESCRIPTOR.services_by_name["Worker"])
     await add_health_and_reflection(server, [pb.worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name])
-    port = server.add_insecure_port(address)
+    port = open_port(server, address, tls)
     if port == 0:
         raise UserError(f"cannot listen on {address}")
     await server.start()

@@ -107,16 +107,6 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
-{{/* A gRPC probe: include with (dict "port" N "service" "" "probe" .Values.x.probes.readiness) */}}
-{{- define "apar.grpcProbe" -}}
-grpc:
-  port: {{ int .port }}
-  {{- with .service }}
-  service: {{ . }}
-  {{- end }}
-{{- toYaml .probe | nindent 0 }}
-{{- end }}
-
 {{/* Writable emptyDirs under a read-only root: /tmp and the caches (the gRPC stubs are generated when the
     image is built, and only read at run time). */}}
 {{- define "apar.scratchVolumes" -}}
@@ -182,7 +172,7 @@ grpc:
 {{- end }}
 {{- end }}
 
-{{/* The Redis URL the KV manager gets; $(REDIS_PASSWORD) is expanded by Kubernetes from the env var. */}}
+{{/* The Redis password Secret, if any: the KV manager gets it as APAR_REDIS_PASSWORD (never in its args). */}}
 {{- define "apar.redis.passwordSecret" -}}
 {{- if .Values.redis.enabled }}{{ .Values.redis.auth.existingSecret }}{{ else }}{{ .Values.redis.external.existingSecret }}{{ end }}
 {{- end }}
@@ -191,20 +181,96 @@ grpc:
 {{- if .Values.redis.enabled }}{{ .Values.redis.auth.passwordKey }}{{ else }}{{ .Values.redis.external.passwordKey }}{{ end }}
 {{- end }}
 
+{{/* The Redis URL the KV manager gets, without the password. */}}
 {{- define "apar.redis.url" -}}
-{{- $secret := include "apar.redis.passwordSecret" . }}
 {{- if .Values.redis.enabled }}
-{{- if $secret }}
-{{- printf "redis://:$(REDIS_PASSWORD)@%s:%d/0" (include "apar.redis.fullname" .) (int .Values.redis.port) }}
-{{- else }}
 {{- printf "redis://%s:%d/0" (include "apar.redis.fullname" .) (int .Values.redis.port) }}
-{{- end }}
-{{- else if $secret }}
-{{- $u := urlParse .Values.redis.external.url }}
-{{- $url := printf "%s://%s:$(REDIS_PASSWORD)@%s%s" $u.scheme $u.userinfo $u.host $u.path }}
-{{- if $u.query }}{{ $url = printf "%s?%s" $url $u.query }}{{ end }}
-{{- $url }}
 {{- else }}
 {{- .Values.redis.external.url }}
 {{- end }}
+{{- end }}
+
+{{/* A probe: include with (dict "mode" "grpc"|"tcp"|"exec" "port" N "service" "" "command" [...] "probe" .Values.x.probes.readiness).
+    Kubernetes' gRPC probes cannot speak TLS: with it on, the chart uses tcp, or exec of services.healthcheck. */}}
+{{- define "apar.probe" -}}
+{{- if eq .mode "tcp" }}
+tcpSocket:
+  port: {{ int .port }}
+{{- else if eq .mode "exec" }}
+exec:
+  command:
+    {{- toYaml .command | nindent 4 }}
+{{- else }}
+grpc:
+  port: {{ int .port }}
+  {{- with .service }}
+  service: {{ . }}
+  {{- end }}
+{{- end }}
+{{- toYaml .probe | nindent 0 }}
+{{- end }}
+
+{{/* Internal mutual TLS: the files' paths in the containers, their flags, volumes and mounts. */}}
+{{- define "apar.internalTLS.cert" -}}/etc/apar/tls/internal/{{ .Values.tls.internal.certKey }}{{- end }}
+{{- define "apar.internalTLS.key" -}}/etc/apar/tls/internal/{{ .Values.tls.internal.keyKey }}{{- end }}
+{{- define "apar.internalTLS.ca" -}}
+{{- if .Values.tls.internal.caSecretName }}/etc/apar/tls/internal-ca/{{ .Values.tls.internal.caKey }}
+{{- else }}/etc/apar/tls/internal/{{ .Values.tls.internal.caKey }}{{ end }}
+{{- end }}
+
+{{/* Flags: include with (dict "ctx" $ "prefix" "--tls" "serverName" true) */}}
+{{- define "apar.internalTLS.args" -}}
+{{- $ctx := .ctx }}
+{{- if $ctx.Values.tls.internal.secretName }}
+- {{ printf "%s-cert=%s" .prefix (include "apar.internalTLS.cert" $ctx) | quote }}
+- {{ printf "%s-key=%s" .prefix (include "apar.internalTLS.key" $ctx) | quote }}
+- {{ printf "%s-ca=%s" .prefix (include "apar.internalTLS.ca" $ctx) | quote }}
+{{- if .serverName }}
+- {{ printf "%s-server-name=%s" .prefix $ctx.Values.tls.internal.serverName | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "apar.internalTLS.volumes" -}}
+{{- if .Values.tls.internal.secretName }}
+- name: internal-tls
+  secret:
+    secretName: {{ .Values.tls.internal.secretName }}
+    defaultMode: 0440
+{{- with .Values.tls.internal.caSecretName }}
+- name: internal-ca
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0444
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "apar.internalTLS.mounts" -}}
+{{- if .Values.tls.internal.secretName }}
+- name: internal-tls
+  mountPath: /etc/apar/tls/internal
+  readOnly: true
+{{- if .Values.tls.internal.caSecretName }}
+- name: internal-ca
+  mountPath: /etc/apar/tls/internal-ca
+  readOnly: true
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The readiness check over mutual TLS: include with (dict "ctx" $ "port" N "service" "") */}}
+{{- define "apar.internalTLS.healthcheck" -}}
+{{- $ctx := .ctx }}
+- python
+- -m
+- services.healthcheck
+- {{ printf "127.0.0.1:%d" (int .port) | quote }}
+{{- with .service }}
+- {{ printf "--service=%s" . | quote }}
+{{- end }}
+- {{ printf "--tls-cert=%s" (include "apar.internalTLS.cert" $ctx) | quote }}
+- {{ printf "--tls-key=%s" (include "apar.internalTLS.key" $ctx) | quote }}
+- {{ printf "--tls-ca=%s" (include "apar.internalTLS.ca" $ctx) | quote }}
+- {{ printf "--tls-server-name=%s" $ctx.Values.tls.internal.serverName | quote }}
 {{- end }}
