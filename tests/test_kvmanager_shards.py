@@ -19,6 +19,7 @@ from services.kvmanager.shards import parse_shards, shard_for
 from services.kvmanager.testing import ScratchRedis, SimWorker, free_port
 from services.worker.kv import RemoteKV
 from services.worker.kvclient import KVManagerClient
+from tests.faults import wait_until
 from tests.procs import Proc
 
 BLOCKS, BLOCK_SIZE = 128, 4
@@ -118,14 +119,18 @@ def test_a_shard_restart_touches_only_its_own_workers(tmp_path):
         by_shard = {a: [w for w in fleet.backends if fleet.shard_of(w) == a] for a in parse_shards(shards)}
         assert all(by_shard.values()), by_shard  # both shards own workers
         fleet.start()
-        time.sleep(1.0)
         victim, other = parse_shards(shards)
+        acked = lambda ws: all(fleet.backends[w].outbox.acked_seq >= 20 for w in ws)  # noqa: E731
+        wait_until(lambda: acked(fleet.backends), 30, "every worker's steps acknowledged by its shard")
         at_kill = fleet.steps
         procs[0].kill()  # SIGKILL the shard on ports[0]: its workers keep stepping, their steps queue
-        time.sleep(1.5)
-        assert fleet.steps - at_kill > 30  # nobody's engine waited for the dead shard
+        wait_until(lambda: all(fleet.failures[w] > 0 for w in by_shard[victim]), 30,
+                   "the dead shard's workers failing to send")  # the fault hit them while they stepped
+        wait_until(lambda: fleet.steps - at_kill > 30, 30, "steps made while the shard is dead")
         procs[0] = start_shard(0)  # restored from its own keys in Redis
-        time.sleep(1.5)
+        resumed = {w: fleet.backends[w].outbox.seq for w in by_shard[victim]}
+        wait_until(lambda: all(fleet.backends[w].outbox.acked_seq >= resumed[w] for w in by_shard[victim]), 30,
+                   "the restarted shard acknowledging every step made while it was dead")
         fleet.stop()
         for w in by_shard[victim]:
             assert fleet.failures[w] > 0  # they noticed, resent, and caught up
