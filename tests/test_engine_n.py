@@ -20,7 +20,7 @@ from services.worker.engine import Engine
 from services.worker.kv import RemoteKV
 from services.worker.sequence import ReplayNode
 from tests.test_engine_golden import reference_logits
-from tests.test_engine_pressure import Transcript, biased_forward, run
+from tests.test_engine_pressure import Transcript, assert_each_as_alone, biased_forward, run
 
 PROMPT = list(range(30, 52))  # 22 tokens: 5 full blocks of 4 and a partial one
 FORK_BIAS = 8.0  # added to the [Fork] logit: this random model then forks, greedy or sampling
@@ -208,17 +208,7 @@ def test_preempted_answers_go_on_unchanged(llama_dir):
     crowded = run(eng)
     assert all(seen.values()), seen
     assert sum(crowded.finished[r].usage.preemptions for r in ids) == eng.preemptions > 0
-    alone = Engine(llama_dir, EngineConfig(num_blocks=512, **cfg))
-    biased_forward(alone, 4.0)
-    for rid, prompt, sp in zip(ids, prompts, params):
-        alone.add_request(prompt, sp, request_id=rid)
-        solo = run(alone)
-        assert crowded.threads[rid] == solo.threads[rid]
-        assert {k: v for k, v in crowded.tokens.items() if k[0] == rid} == \
-               {k: v for k, v in solo.tokens.items() if k[0] == rid}
-        c, s = crowded.finished[rid].usage, solo.finished[rid].usage
-        assert (c.completion_tokens, c.threads, c.forks, c.steps) == (s.completion_tokens, s.threads, s.forks, s.steps)
-        assert crowded.finished[rid].reason is solo.finished[rid].reason
+    assert_each_as_alone(llama_dir, cfg, 4.0, crowded, zip(ids, prompts, params))
 
 
 def test_kv_manager_ledger_equals_the_workers_with_answers(llama_dir):

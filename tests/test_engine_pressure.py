@@ -183,9 +183,15 @@ def test_sampled_answers_are_unchanged_by_preemption(llama_dir):
     crowded = run(eng)
     assert eng.preemptions > 0
     assert sum(crowded.finished[r].usage.forks for r in ids) > 4
-    alone = Engine(llama_dir, EngineConfig(num_blocks=512, **cfg))
-    biased_forward(alone, 6.0)
-    for rid, prompt, sp in zip(ids, prompts, params):
+    assert_each_as_alone(llama_dir, cfg, 6.0, crowded, zip(ids, prompts, params))
+
+
+def assert_each_as_alone(model_dir, cfg: dict, bias: float, crowded: Transcript, requests) -> None:
+    """Each (request id, prompt, params) run alone in a large pool gives the crowded run's threads, tokens
+    and usage."""
+    alone = Engine(model_dir, EngineConfig(num_blocks=512, **cfg))
+    biased_forward(alone, bias)
+    for rid, prompt, sp in requests:
         alone.add_request(prompt, sp, request_id=rid)
         solo = run(alone)
         assert crowded.threads[rid] == solo.threads[rid]
@@ -193,6 +199,7 @@ def test_sampled_answers_are_unchanged_by_preemption(llama_dir):
                {k: v for k, v in solo.tokens.items() if k[0] == rid}
         c, s = crowded.finished[rid].usage, solo.finished[rid].usage
         assert (c.completion_tokens, c.threads, c.forks, c.steps) == (s.completion_tokens, s.threads, s.forks, s.steps)
+        assert crowded.finished[rid].reason is solo.finished[rid].reason
 
 
 def test_forks_of_one_request_in_one_step_keep_every_limit(llama_dir):
