@@ -12,22 +12,7 @@ from services.protocol.events import RequestFinished, ThreadStarted, TokenEvent
 from services.protocol.params import SamplingParams
 from services.worker.config import EngineConfig
 from services.worker.engine import Engine
-from services.worker.sequence import ReplayNode
-
-
-def random_tree(rng: random.Random, plain: list[int], fork: int, depth: int, eos: int | None) -> ReplayNode:
-    """A thread of 3-12 tokens with up to 3 forks (nested while depth allows)."""
-    tokens: list[int] = []
-    children = []
-    n_forks = rng.randint(1, 3) if depth > 0 else 0
-    for _ in range(n_forks):
-        tokens += rng.sample(plain, rng.randint(1, 4))
-        tokens.append(fork)
-        children.append(random_tree(rng, plain, fork, depth - 1, eos))
-    tokens += rng.sample(plain, rng.randint(2, 6))
-    if eos is not None and rng.random() < 0.5:
-        tokens.append(eos)
-    return ReplayNode(tokens, children)
+from services.worker.sequence import ReplayNode, random_tree
 
 
 def reference_logits(model, context: list[int]) -> torch.Tensor:

@@ -17,8 +17,8 @@ from services.protocol.params import SamplingParams
 from services.worker.config import EngineConfig
 from services.worker.engine import Engine
 from services.worker.kv import RemoteKV
-from services.worker.sequence import ReplayNode
-from tests.test_engine_golden import random_tree, reference_logits
+from services.worker.sequence import ReplayNode, random_tree
+from tests.test_engine_golden import reference_logits
 
 
 def make_trees(eng: Engine, n: int, seed: int, depth: int = 2) -> list[tuple[list[int], ReplayNode]]:

@@ -60,21 +60,6 @@ def tolerance(dtype: torch.dtype, ref: torch.Tensor) -> float:
     return 0.05 + 0.03 * ref.abs().max().item()
 
 
-def _tree(rng: random.Random, plain: list[int], fork: int, depth: int, eos: int | None):
-    """A thread of 3-12 tokens with up to 3 forks (nested while depth allows), as the golden test."""
-    from services.worker.sequence import ReplayNode
-
-    tokens, children = [], []
-    for _ in range(rng.randint(1, 3) if depth > 0 else 0):
-        tokens += rng.sample(plain, rng.randint(1, 4))
-        tokens.append(fork)
-        children.append(_tree(rng, plain, fork, depth - 1, eos))
-    tokens += rng.sample(plain, rng.randint(2, 6))
-    if eos is not None and rng.random() < 0.5:
-        tokens.append(eos)
-    return ReplayNode(tokens, children)
-
-
 def golden_run(model_dir: Path, attention: str, device: str, dtype: str, graphs: bool = True) -> dict:
     """Three replayed trees and one AR request through the engine; each sampled row's logits against
     the plain model's no-cache forward on that thread's context."""
@@ -83,6 +68,7 @@ def golden_run(model_dir: Path, attention: str, device: str, dtype: str, graphs:
     from services.protocol.params import SamplingParams
     from services.worker.config import EngineConfig
     from services.worker.engine import Engine
+    from services.worker.sequence import random_tree
 
     eng = Engine(model_dir, EngineConfig(block_size=4, num_blocks=256, max_batch_tokens=16, device=device,
                                          dtype=dtype, attention=attention, cuda_graphs=graphs), keep_logits=True)
@@ -95,7 +81,7 @@ def golden_run(model_dir: Path, attention: str, device: str, dtype: str, graphs:
     plain = [i for i in range(5, 400) if i not in (eng.fork_id, eng.child_id, eos)]
     for _ in range(3):
         eng.add_request(rng.sample(plain, rng.randint(5, 40)), SamplingParams(max_tokens=500),
-                        replay=_tree(rng, plain, eng.fork_id, 2, eos))
+                        replay=random_tree(rng, plain, eng.fork_id, 2, eos))
     eng.add_request(rng.sample(plain, 9), SamplingParams(max_tokens=12, auto_parallel=False))
     checked = agree = failed = 0
     worst = worst_ratio = 0.0

@@ -207,6 +207,21 @@ class ReplayNode:
         return 1 + sum(c.threads() for c in self.children)
 
 
+def random_tree(rng, plain: list[int], fork: int, depth: int, eos: int | None) -> ReplayNode:
+    """A random thread for golden tests and checks: 3-12 plain tokens with up to 3 forks (nested while
+    `depth` allows), ending with `eos` half the time. `rng` is a `random.Random`."""
+    tokens: list[int] = []
+    children = []
+    for _ in range(rng.randint(1, 3) if depth > 0 else 0):
+        tokens += rng.sample(plain, rng.randint(1, 4))
+        tokens.append(fork)
+        children.append(random_tree(rng, plain, fork, depth - 1, eos))
+    tokens += rng.sample(plain, rng.randint(2, 6))
+    if eos is not None and rng.random() < 0.5:
+        tokens.append(eos)
+    return ReplayNode(tokens, children)
+
+
 def context_tokens(thread: Thread) -> list[int]:
     """The token ids of the thread's context as one ordinary sequence (prompt, ancestors up to each
     [Fork], its own computed tokens): what the plain model must see to give the same logits."""
