@@ -292,17 +292,20 @@ def _simulate(cfg: KVBenchConfig, address: str, ids: list[str], start, results) 
 
 
 def _replay(cfg: KVBenchConfig, address: str, ids: list[str], start, results) -> None:
-    """Each worker's steps made now, sent as they fall due: one thread and one stream per worker. Every
-    ack must cover the batch and carry the digest the worker's ledger had after its last step."""
-    import queue
-    import threading
+    """Each worker's steps made now, sent as they fall due: one stream per worker, all of this process's
+    on one asyncio loop (grpc.aio: a message costs this process far less than a blocking stream's
+    thread hand-offs, so the CPU goes to the manager). Every ack must cover the batch and carry the
+    digest the worker's ledger had after its last step."""
+    import asyncio
 
+    from apar.protogen import stubs
     from services.kvmanager import convert
     from services.kvmanager.ledger import KVLedger
     from services.kvmanager.replication import StepLog
     from services.kvmanager.testing import SimWorker
     from services.worker.kvclient import KVManagerClient
 
+    K = stubs().kvmanager_pb2
     per_batch = max(1, int(cfg.steps_per_s * cfg.send_every_ms / 1000 + 0.5))
     batches = int((cfg.warmup_s + cfg.seconds) * cfg.steps_per_s / per_batch) + 1
     plans = []
@@ -315,6 +318,7 @@ def _replay(cfg: KVBenchConfig, address: str, ids: list[str], start, results) ->
         while sim.num_running < cfg.threads:
             sim.step()
         log.acked(client.send(log.batch()))
+        client.close()
         msgs = []
         for _ in range(batches):
             for _ in range(per_batch):
@@ -322,45 +326,42 @@ def _replay(cfg: KVBenchConfig, address: str, ids: list[str], start, results) ->
             batch = log.batch()
             msgs.append((convert.batch_to_pb(wid, batch).SerializeToString(), batch.steps[-1]))
             log.unacked.clear()
-        plans.append((client, msgs))
+        plans.append(msgs)
     outcomes = [{"lags": [], "made": 0, "made_paused": 0, "equal": True} for _ in plans]
     start_at = _start_together(start, parent=False)
     window = (start_at + cfg.warmup_s, start_at + cfg.warmup_s + cfg.seconds)
     pause = _pause_window(cfg, start_at) if cfg.pause_s else (0.0, 0.0)
 
-    def run(i: int) -> None:
-        client, msgs = plans[i]
-        out = outcomes[i]
-        requests: queue.SimpleQueue = queue.SimpleQueue()
-        acks = client.channel.stream_stream("/apar.v1.KVManager/Steps")(iter(requests.get, None))
+    async def run(i: int, channel) -> None:
+        msgs, out = plans[i], outcomes[i]
+        call = channel.stream_stream("/apar.v1.KVManager/Steps")()
         offset = i / len(plans) / cfg.steps_per_s  # the workers' steps staggered over a step's time
         for k, (msg, last) in enumerate(msgs):
             due = [start_at + offset + (k * per_batch + j) / cfg.steps_per_s for j in range(per_batch)]
             if due[-1] >= window[1]:
                 break
-            _sleep_until(due[-1])
-            requests.put(msg)
-            ack = convert.ack_from_pb(K.StepAck.FromString(next(acks)))
+            await asyncio.sleep(max(0.0, due[-1] - time.time()))
+            await call.write(msg)
+            ack = convert.ack_from_pb(K.StepAck.FromString(await call.read()))
             now = time.time()
             out["equal"] &= ack.applied == last.seq and ack.digest == last.digest and not ack.resync
             inside = [t for t in due if window[0] <= t < window[1]]
             out["lags"].extend(now - t for t in inside)
             out["made"] += len(inside)
             out["made_paused"] += sum(pause[0] <= t < pause[1] for t in inside)
-        requests.put(None)
+        await call.done_writing()
 
-    from apar.protogen import stubs
+    async def main() -> None:
+        import grpc
 
-    K = stubs().kvmanager_pb2
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(plans))]
+        channels = [grpc.aio.insecure_channel(address) for _ in plans]
+        await asyncio.gather(*(run(i, ch) for i, ch in enumerate(channels)))
+        for ch in channels:
+            await ch.close()
+
     cpu = time.process_time()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    asyncio.run(main())
     cpu = time.process_time() - cpu
-    for client, _ in plans:
-        client.close()
     lags = [x for o in outcomes for x in o["lags"]]
     results.put({"lags": lags, "acked": len(lags), "made": sum(o["made"] for o in outcomes),
                  "made_paused": sum(o["made_paused"] for o in outcomes), "equal": sum(o["equal"] for o in outcomes),

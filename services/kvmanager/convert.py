@@ -35,7 +35,7 @@ def batch_from_pb(req) -> Batch:
             ops = ops_from_bytes(s.ops)
         except ValueError as exc:
             raise BadRequest(f"step {i}: {exc}") from None
-        steps.append(Step(s.seq, ops, digest_from_pb(s.digest)))
+        steps.append(Step(s.seq, ops, digest_from_pb(s.digest), raw=s.ops))
     resync = None
     if req.HasField("resync"):
         try:

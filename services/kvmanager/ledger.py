@@ -29,6 +29,12 @@ Invariants (enforced where they apply, all checked by `check()`):
 A thread is *open* when it runs and its last own block is unsealed and not full: its next token goes
 into that block, without taking one from the free list. Appends into open blocks commute with every
 other thread's ops, which is why a step can carry them as one `advance` instead of one op per thread.
+
+`advance` is lazy, so a replica's decode step costs O(held + blocks filled), not O(open threads): the
+ledger counts advances (`_tick`); an open thread's last block holds `used + (_tick - since)` tokens,
+where `since` is the tick its count was last written down (`_settle`). Every method that reads or
+writes a thread's last block settles that thread first, and each open thread is filed under the tick
+at which its block fills (`_fills`), when it is settled and closed.
 """
 from __future__ import annotations
 
@@ -78,6 +84,8 @@ class _Thread:
     own: list[int] = field(default_factory=list)
     sealed: bool = False  # last own block shared with a child: the next token opens a new block
     running: bool = True
+    since: int = 0  # open: the ledger's tick when its last block's `used` was written down
+    fill: int = -1  # open: the tick its last block fills at (its key in `_fills`)
 
 
 class KVLedger:
@@ -94,6 +102,9 @@ class KVLedger:
         self._request_blocks: dict[str, int] = {}  # blocks in use owned by each request's threads
         self._tokens = 0  # slots written in the blocks in use (I6)
         self._open: dict[ThreadRef, _Thread] = {}  # the open threads (I7), kept up to date by every write
+        self._request_threads: dict[str, list[ThreadRef]] = {}  # every thread of each request, in start order
+        self._tick = 0  # advances so far (see the module's docstring)
+        self._fills: dict[int, set[ThreadRef]] = {}  # tick -> the open threads whose last block fills then
 
     # ---- read side ---------------------------------------------------------------------------------
     @property
@@ -149,6 +160,7 @@ class KVLedger:
         that block is sealed (a child reads it) or it has none."""
         t = self._thread(ref)
         if t.own and not t.sealed:
+            self._settle(t)
             return self.block_size - self._blocks[t.own[-1]].used
         return 0
 
@@ -164,24 +176,42 @@ class KVLedger:
             raise LedgerError(f"thread {ref} already exists")
         self._threads[ref] = _Thread(ref=ref, refs=[])
         self._request_blocks.setdefault(ref.request, 0)
+        self._request_threads.setdefault(ref.request, []).append(ref)
 
-    def append(self, ref: ThreadRef, n_tokens: int = 1) -> list[tuple[int, int]]:
+    def append(self, ref: ThreadRef, n_tokens: int = 1, want_slots: bool = True) -> list[tuple[int, int]]:
         """Give `n_tokens` new tokens of a running thread their slots: a list of (block id, offset).
 
         Fills the thread's last block when it is unsealed, then opens fresh blocks. All or nothing:
-        raises OutOfBlocks without changing anything when the free list is too short.
+        raises OutOfBlocks without changing anything when the free list is too short. A replica, which
+        writes no KV, passes `want_slots=False` and gets an empty list.
         """
         t = self._thread(ref)
         if not t.running:
             raise LedgerError(f"append to finished thread {ref}")
-        if n_tokens == 1 and t.own and not t.sealed:  # the decode step's case: one token, in the last block
-            last = self._blocks[t.own[-1]]
-            if last.used < self.block_size and last.refcount == 1:
+        self._settle(t)  # an open thread's count now; any other's `since` from now on
+        if ref in self._open:
+            if n_tokens == 1:  # the decode step's case: one token, in the last block
+                last = self._blocks[t.own[-1]]
                 last.used += 1
                 self._tokens += 1
                 if last.used == self.block_size:
-                    del self._open[ref]
-                return [(t.own[-1], last.used - 1)]
+                    self._close(t)
+                else:
+                    self._file(t, last.used)
+                return [(t.own[-1], last.used - 1)] if want_slots else []
+        elif n_tokens == 1:  # not open: a decode token that opens a block
+            if not self._free:
+                raise OutOfBlocks("1 block needed, 0 free")
+            block_id = self._free.popleft()
+            self._blocks[block_id] = _Block(owner=ref, used=1)
+            self._request_blocks[ref.request] += 1
+            t.own.append(block_id)
+            t.sealed = False
+            self._tokens += 1
+            if self.block_size > 1:
+                self._open[ref] = t
+                self._file(t, 1)
+            return [(block_id, 0)] if want_slots else []
         need = self.blocks_needed(ref, n_tokens)
         if need > len(self._free):
             raise OutOfBlocks(f"{need} blocks needed, {len(self._free)} free")
@@ -192,7 +222,8 @@ class KVLedger:
             if last.refcount != 1:  # I3
                 raise LedgerError(f"write to shared block {t.own[-1]}")
             take = min(remaining, self.block_size - last.used)
-            slots.extend(zip(repeat(t.own[-1]), range(last.used, last.used + take)))
+            if want_slots:
+                slots.extend(zip(repeat(t.own[-1]), range(last.used, last.used + take)))
             last.used += take
             remaining -= take
         while remaining:
@@ -202,35 +233,69 @@ class KVLedger:
             self._request_blocks[ref.request] += 1
             t.own.append(block_id)
             t.sealed = False
-            slots.extend(zip(repeat(block_id), range(take)))
+            if want_slots:
+                slots.extend(zip(repeat(block_id), range(take)))
             remaining -= take
         self._tokens += n_tokens
         if self._is_open(t):
             self._open[ref] = t
-        else:
-            self._open.pop(ref, None)
+            self._file(t, self._blocks[t.own[-1]].used)
+        elif ref in self._open:
+            self._close(t)
         return slots
 
     def advance(self, held: frozenset[ThreadRef] | set[ThreadRef] = frozenset()) -> int:
         """One token for every open thread not in `held`, into its last block (never a new block, so the
         order among threads does not matter); returns how many threads advanced. Equal to `append(t, 1)`
-        for each of them."""
-        bs, blocks = self.block_size, self._blocks
-        full = []
-        n = 0
-        for ref, t in self._open.items():
-            if ref not in held:
-                last = blocks[t.own[-1]]
-                if last.refcount != 1:  # I3: an unsealed last block is never shared
-                    raise LedgerError(f"write to shared block {t.own[-1]}")
-                last.used += 1
-                n += 1
-                if last.used == bs:
-                    full.append(ref)
-        for ref in full:
-            del self._open[ref]
+        for each of them, in O(held + blocks filled) (the module's docstring says how)."""
+        open_ = self._open
+        stay = [open_[ref] for ref in held if ref in open_]
+        for t in stay:  # their count written down now, and from the next tick on
+            self._settle(t)
+        self._tick += 1
+        tick = self._tick
+        for t in stay:
+            t.since = tick
+            self._file(t, self._blocks[t.own[-1]].used)
+        n = len(open_) - len(stay)
+        for ref in self._fills.pop(tick, ()):  # their blocks are full now
+            t = open_[ref]
+            self._settle(t)
+            del open_[ref]
+            t.fill = -1
         self._tokens += n
         return n
+
+    def _settle(self, t: _Thread) -> None:
+        """Write down the tokens the advances since `t.since` put in an open thread's last block."""
+        if t.since != self._tick:
+            if t.ref in self._open:
+                last = self._blocks[t.own[-1]]
+                if last.refcount != 1:  # I3: an unsealed last block is never shared
+                    raise LedgerError(f"write to shared block {t.own[-1]}")
+                last.used += self._tick - t.since
+            t.since = self._tick
+
+    def _file(self, t: _Thread, used: int) -> None:
+        """File a settled open thread under the tick its last block (`used` tokens now) fills at."""
+        fill = self._tick + self.block_size - used
+        if fill != t.fill:
+            self._unfile(t)
+            self._fills.setdefault(fill, set()).add(t.ref)
+            t.fill = fill
+
+    def _unfile(self, t: _Thread) -> None:
+        if t.fill >= 0:
+            bucket = self._fills[t.fill]
+            bucket.discard(t.ref)
+            if not bucket:
+                del self._fills[t.fill]
+            t.fill = -1
+
+    def _close(self, t: _Thread) -> None:
+        """`t` is open no more (settled first)."""
+        del self._open[t.ref]
+        self._unfile(t)
 
     def fork(self, parent: ThreadRef, child: ThreadRef) -> None:
         """Spawn `child` reading all of `parent`'s context so far (which ends with its `[Fork]`).
@@ -245,20 +310,25 @@ class KVLedger:
             raise LedgerError(f"thread {child} already exists")
         if child.request != parent.request:
             raise LedgerError("a child belongs to its parent's request")
+        self._settle(p)
         refs = p.refs + p.own
         for block_id in refs:
             self._blocks[block_id].refcount += 1
         p.sealed = True
-        self._open.pop(parent, None)
+        if parent in self._open:
+            self._close(p)
         self._threads[child] = _Thread(ref=child, refs=refs)
+        self._request_threads[child.request].append(child)
 
     def finish(self, ref: ThreadRef) -> list[int]:
         """End a thread: drop its owner reference and its context references; return the freed ids."""
         t = self._thread(ref)
         if not t.running:
             raise LedgerError(f"thread {ref} finished twice")
+        self._settle(t)
         t.running = False
-        self._open.pop(ref, None)
+        if ref in self._open:
+            self._close(t)
         freed: list[int] = []
         for block_id in t.own + t.refs:
             self._unref(block_id, freed)
@@ -269,7 +339,7 @@ class KVLedger:
 
         Returns the ids freed by this call; afterwards none of the request's blocks is in use (I4).
         """
-        refs = [r for r in self._threads if r.request == request]
+        refs = self._request_threads.pop(request, [])
         freed: list[int] = []
         # children first, so freed ids come out leaf to root
         for ref in sorted(refs, key=lambda r: -r.thread):
@@ -309,6 +379,13 @@ class KVLedger:
         self._request_blocks.clear()
         self._tokens = 0
         self._open.clear()
+        self._request_threads.clear()
+        self._fills.clear()
+        self._tick = 0
+
+    def _settle_all(self) -> None:
+        for t in self._open.values():
+            self._settle(t)
 
     def snapshot(self) -> dict:
         """The whole ledger as plain JSON-able data, every order kept (free list, thread and block lists).
@@ -316,6 +393,7 @@ class KVLedger:
         `from_snapshot(led.snapshot())` behaves exactly like `led` for every later call: the ledger is
         deterministic, so the KV manager restores a worker's ledger from a snapshot plus the ops since.
         """
+        self._settle_all()
         return {
             "num_blocks": self.num_blocks,
             "block_size": self.block_size,
@@ -342,6 +420,10 @@ class KVLedger:
             led._request_blocks = {str(r): int(n) for r, n in data["requests"]}
             led._tokens = sum(b.used for b in led._blocks.values())
             led._open = {t.ref: t for t in led._threads.values() if led._is_open(t)}
+            for t in led._threads.values():
+                led._request_threads.setdefault(t.ref.request, []).append(t.ref)
+            for t in led._open.values():
+                led._file(t, led._blocks[t.own[-1]].used)
         except (KeyError, TypeError, ValueError) as exc:
             raise LedgerError(f"malformed ledger snapshot: {exc}") from None
         if set(led._free) | set(led._blocks) != set(range(led.num_blocks)):
@@ -351,7 +433,8 @@ class KVLedger:
 
     # ---- invariants --------------------------------------------------------------------------------
     def check(self) -> None:
-        """Verify I1-I4 and I6 from scratch; raises LedgerError naming the first broken one."""
+        """Verify I1-I4, I6 and I7 from scratch; raises LedgerError naming the first broken one."""
+        self._settle_all()
         free = list(self._free)
         if len(set(free)) != len(free):
             raise LedgerError("I1: a block is on the free list twice")
@@ -390,3 +473,9 @@ class KVLedger:
         really_open = {t.ref for t in self._threads.values() if self._is_open(t)}
         if really_open != set(self._open):
             raise LedgerError(f"I7: open threads {sorted(really_open ^ set(self._open))} not kept as such")
+        filed = {ref: tick for tick, refs in self._fills.items() for ref in refs}
+        for t in self._open.values():
+            if filed.pop(t.ref, None) != self._tick + self.block_size - self._blocks[t.own[-1]].used:
+                raise LedgerError(f"I7: open thread {t.ref} not filed under the tick its block fills at")
+        if filed:
+            raise LedgerError(f"I7: threads {sorted(filed)} filed but not open")

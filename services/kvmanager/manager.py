@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from services.kvmanager.codec import entry_to_json, snapshot_to_json
+from services.kvmanager.codec import entry_to_json, snapshot_of, snapshot_to_json
 from services.kvmanager.ledger import KVLedger
 from services.kvmanager.records import (Applied, StoreUnavailable, UnknownWorker, Usage, WorkerRecord,
                                         WorkerSpec, apply_batch, check_batch, check_worker_id)
@@ -56,14 +56,30 @@ class _Pending:
     snapshot: bool = False  # resynced: its whole state is written
 
 
-Durable = Callable[[BaseException | None], None]  # called once a message's round is in the store (or failed)
+# Told once a message's round is in the store (or failed): a callback (a blocking caller), or an event
+# loop's future (the gRPC service's), settled with every other future of that loop in one wake-up.
+Durable = Callable[[BaseException | None], None] | tuple[asyncio.AbstractEventLoop, asyncio.Future]
 
 
-def _settle(durable: asyncio.Future, error: BaseException | None) -> None:
-    if error is None:
-        durable.set_result(None)
-    else:
-        durable.set_exception(error)
+def _settle(futures: list[asyncio.Future], error: BaseException | None) -> None:
+    for durable in futures:
+        if durable.done():  # the stream was cancelled meanwhile
+            continue
+        if error is None:
+            durable.set_result(None)
+        else:
+            durable.set_exception(error)
+
+
+def _tell(durables: list[Durable], error: BaseException | None) -> None:
+    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
+    for durable in durables:
+        if isinstance(durable, tuple):
+            by_loop.setdefault(durable[0], []).append(durable[1])
+        else:
+            durable(error)
+    for loop, futures in by_loop.items():
+        loop.call_soon_threadsafe(_settle, futures, error)
 
 
 class KVManager:
@@ -79,9 +95,12 @@ class KVManager:
         self._pending: dict[str, _Pending] = {}
         self._waiting: list[Durable] = []  # the acks of messages applied since the current round began
         self._work = threading.Condition(self._lock)  # wakes the writer
+        self._writer_idle = False  # the writer waits on `_work`: the next message wakes it (only then)
         self._writer: threading.Thread | None = None
         self._closing = False
         self._loaded = store is None  # nothing loaded yet: the first store call loads every ledger
+        if metrics is not None:
+            metrics.watch(self.usage)
         self._doubt = False  # a store call failed: Redis may be behind memory
 
     # ---- worker registration ----------------------------------------------------------------------
@@ -104,7 +123,6 @@ class KVManager:
                 self._guard(self.store.save, rec, True)
             self._workers[spec.worker_id] = rec
             self._pending.pop(spec.worker_id, None)
-            self._observe(rec)
             return False, rec.ledger.num_free
 
     def heartbeat(self, worker_id: str) -> bool:
@@ -141,7 +159,7 @@ class KVManager:
         """`submit` for an event loop (the gRPC service's): it goes on serving other workers meanwhile."""
         loop = asyncio.get_running_loop()
         durable = loop.create_future()
-        ack = self._submit(worker_id, batch, lambda error: loop.call_soon_threadsafe(_settle, durable, error))
+        ack = self._submit(worker_id, batch, (loop, durable))
         if self.store is not None:
             await durable
         return ack
@@ -157,7 +175,8 @@ class KVManager:
             if self.store is not None:
                 self._waiting.append(durable)
                 self._start_writer()
-                self._work.notify()
+                if self._writer_idle:  # a busy writer takes this message in its next round unasked
+                    self._work.notify()
         return ack
 
     def _start_writer(self) -> None:
@@ -178,7 +197,9 @@ class KVManager:
         while True:
             with self._lock:
                 while not self._waiting and not self._closing:
+                    self._writer_idle = True
                     self._work.wait()
+                    self._writer_idle = False
                 if not self._waiting:
                     return
             time.sleep(max(0.0, started + self.round_every_s - time.monotonic()))
@@ -192,8 +213,7 @@ class KVManager:
                 if not isinstance(exc, StoreUnavailable):
                     log.exception("KV manager writer")
                 error = exc
-            for durable in acks:
-                durable(error)
+            _tell(acks, error)
 
     def _round(self) -> None:
         """Persist in ONE transaction what the messages applied so far changed; after a store failure,
@@ -204,6 +224,9 @@ class KVManager:
                     self._sync()
                     return
                 writes = self._take_pending()
+            for w in writes:  # encoded outside the memory lock: the workers' messages go on meanwhile
+                if isinstance(w.snapshot, dict):
+                    w.snapshot = snapshot_to_json(w.snapshot)
             if writes:
                 lost = self._guard(self.store.commit, writes)
                 if lost:
@@ -232,24 +255,27 @@ class KVManager:
             m = self.metrics
             m.messages.inc()
             m.steps.inc(len(applied.steps))
-            m.duplicates.inc(applied.duplicates)
-            m.freed.inc(applied.freed)
+            if applied.duplicates:
+                m.duplicates.inc(applied.duplicates)
+            if applied.freed:
+                m.freed.inc(applied.freed)
             if applied.resynced:
                 m.resyncs.inc()
-            self._observe(rec)
 
     def _take_pending(self) -> list[Write]:
         from services.kvmanager.store import Write
 
-        writes = []
-        for w, p in self._pending.items():
-            rec = p.rec
-            if self._workers.get(w) is not rec:  # registered afresh or reaped since
-                continue
-            if p.snapshot or rec.n - rec.base >= self.store.snapshot_every:
-                writes.append(Write(rec, rec.n, rec.base, [], snapshot_to_json(rec)))
-            else:
-                writes.append(Write(rec, rec.n, rec.base, p.entries))
+        live = [p for w, p in self._pending.items() if self._workers.get(w) is p.rec]  # not re-registered, reaped
+        # A resync's snapshot is written at once (no log entry holds it). A log that reached
+        # `snapshot_every` entries is folded into a fresh snapshot, the longest first, one per round:
+        # workers that started together reach it together, and encoding all of theirs in one round
+        # would stall every message for that long.
+        due = sorted((p for p in live if not p.snapshot and p.rec.n - p.rec.base >= self.store.snapshot_every),
+                     key=lambda p: p.rec.base - p.rec.n)
+        for p in due[:1]:
+            p.snapshot = True
+        writes = [Write(p.rec, p.rec.n, p.rec.base, [], snapshot_of(p.rec)) if p.snapshot
+                  else Write(p.rec, p.rec.n, p.rec.base, p.entries) for p in live]
         self._pending = {}
         return writes
 
@@ -312,7 +338,7 @@ class KVManager:
                     del self._workers[w]
                     self._pending.pop(w, None)
                 if self.metrics is not None:
-                    self.metrics.forget(w)
+                    self.metrics.reaped.inc()
                 log.info("worker %s expired: its ledger is dropped", w)
             return dead
 
@@ -349,7 +375,6 @@ class KVManager:
             if red is not None and (mem is None or red.version > mem.version):
                 red.expires_at = self.clock() + red.spec.ttl_s
                 self._workers[w] = red
-                self._observe(red)
                 if mem is None:  # loaded at start: its heartbeats failed while no manager ran
                     self._guard(self.store.renew, red.spec)
             elif intact and (red is None or red.version < mem.version):
@@ -362,9 +387,6 @@ class KVManager:
         self._loaded, self._doubt = True, False
         log.info("ledgers in sync with Redis: %d workers", len(self._workers))
 
-    def _observe(self, rec: WorkerRecord) -> None:
-        if self.metrics is not None:
-            self.metrics.ledger(rec.worker_id, rec.ledger.num_used, rec.ledger.num_free)
 
 
 class InProcessClient:

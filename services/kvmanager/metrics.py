@@ -1,7 +1,9 @@
 """The KV manager's Prometheus metrics: per-worker block usage, messages, steps, resyncs, frees and Redis
 traffic.
 
-The manager updates them after every message it applies; the store counts its round trips through
+The manager counts messages, steps, duplicates, resyncs and frees as it applies them; the per-worker
+block gauges are read from the replicas when Prometheus scrapes (`watch`), so a message costs no gauge
+update. The store counts its round trips through
 `round_trip` (at most one per message is the design: messages that arrive together share one, and the
 tests check it), and the manager its failed store calls by operation
 (`apar_redis_errors_total{operation}`). The workers' ledgers carry no model, so these series have no
@@ -10,7 +12,11 @@ one process (tests, embedded mode).
 """
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 # RedisStore's methods (each one round trip or two); `KVManager._guard` labels an error with the name
 STORE_OPERATIONS = ("commit", "save", "renew", "touch", "alive", "drop", "mark_intact", "load")
@@ -20,9 +26,8 @@ class KVMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = registry if registry is not None else CollectorRegistry()
         self.registry = r
-        self.used = Gauge("apar_kvmanager_blocks_used", "KV blocks in use, per worker", ["worker"], registry=r)
-        self.free = Gauge("apar_kvmanager_blocks_free", "KV blocks free, per worker", ["worker"], registry=r)
-        self.workers = Gauge("apar_kvmanager_workers", "Workers with a ledger", registry=r)
+        self._ledgers = _Ledgers()
+        r.register(self._ledgers)
         self.messages = Counter("apar_kvmanager_messages", "Messages (batches of steps) applied", registry=r)
         self.steps = Counter("apar_kvmanager_steps", "Engine steps applied to the replicas", registry=r)
         self.duplicates = Counter("apar_kvmanager_steps_duplicate", "Steps received again (a resend): skipped, "
@@ -39,22 +44,28 @@ class KVMetrics:
         self.reaped = Counter("apar_kvmanager_workers_reaped", "Workers dropped when their registration "
                               "expired", registry=r)
 
-        self._known: set[str] = set()
-
     def round_trip(self) -> None:
         self.round_trips.inc()
 
-    def ledger(self, worker_id: str, used: int, free: int) -> None:
-        self.used.labels(worker_id).set(used)
-        self.free.labels(worker_id).set(free)
-        self._known.add(worker_id)
-        self.workers.set(len(self._known))
+    def watch(self, usage: Callable[[], Iterable]) -> None:
+        """Where the per-worker gauges come from at each scrape: `KVManager.usage` (a dropped worker's
+        series go away with it)."""
+        self._ledgers.usage = usage
 
-    def forget(self, worker_id: str) -> None:
-        """A worker's ledger was dropped: its series go away."""
-        if worker_id in self._known:
-            self.used.remove(worker_id)
-            self.free.remove(worker_id)
-            self._known.discard(worker_id)
-        self.workers.set(len(self._known))
-        self.reaped.inc()
+
+class _Ledgers(Collector):
+    """apar_kvmanager_blocks_used / _free per worker and apar_kvmanager_workers, read at scrape time."""
+
+    def __init__(self) -> None:
+        self.usage: Callable[[], Iterable] = list
+
+    def collect(self):
+        used = GaugeMetricFamily("apar_kvmanager_blocks_used", "KV blocks in use, per worker", labels=["worker"])
+        free = GaugeMetricFamily("apar_kvmanager_blocks_free", "KV blocks free, per worker", labels=["worker"])
+        workers = list(self.usage())
+        for u in workers:
+            used.add_metric([u.worker_id], u.num_blocks - u.free_blocks)
+            free.add_metric([u.worker_id], u.free_blocks)
+        yield used
+        yield free
+        yield GaugeMetricFamily("apar_kvmanager_workers", "Workers with a ledger", value=len(workers))

@@ -5,6 +5,11 @@ and between steps the thread ends (`Finish`, `Release`, answers' `Fork`s). `appl
 and answers with the slots of each append and every block id freed; the worker's own ledger and the KV
 manager's replica both go through it, so they give the same answer for the same ops.
 
+Each op is one class, the one place that says everything about it: its JSON form (`to_json`,
+`from_json`, how a worker's steps travel and the store logs them), what a client may send of it
+(`check`), what it does to a ledger (`apply_to`) and which threads it touches (`touches`, for
+`record`). `OPS` maps JSON codes to classes: a new op is one class added there.
+
 `record` is the worker's side of the wire: it applies a step's ops and returns them *compact*, as the
 replica replays them: every one-token append into an open block (the decode step's bulk) folds into
 one `Advance` naming only the open threads that did NOT advance; what changes block ownership (starts,
@@ -13,45 +18,239 @@ forks, appends that open a block, prefill chunks) stays an op of its own, in ord
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from services.kvmanager.ledger import KVLedger, LedgerError, OutOfBlocks, ThreadRef
 
+MAX_REQUEST_CHARS = 256  # a request id, in an op
+MAX_THREAD = (1 << 32) - 1
+MAX_APPEND_TOKENS = 1 << 20  # one append (a prefill chunk); more than the pool holds answers "failed"
+
+
+def check_request_id(request, what: str = "request") -> str:
+    """ValueError unless `request` is a request id a worker could send."""
+    if type(request) is not str:
+        raise ValueError(f"{what} id must be a string, got {request!r}")
+    if not request:
+        raise ValueError(f"{what} id is empty")
+    if len(request) > MAX_REQUEST_CHARS:
+        raise ValueError(f"{what} id is longer than {MAX_REQUEST_CHARS} characters")
+    return request
+
+
+def _ref(request, thread, what: str) -> ThreadRef:
+    """A thread as an op names it (request string, thread number); ValueError for anything else."""
+    check_request_id(request, f"{what} request")
+    if type(thread) is not int or not 0 <= thread <= MAX_THREAD:
+        raise ValueError(f"{what} thread must be a number 0..2^32-1, got {thread!r}")
+    return ThreadRef(request, thread)
+
+
+class _Op:
+    """What every op class defines (see the module's docstring)."""
+
+    __slots__ = ()
+    code: ClassVar[str]  # its JSON form's first item
+    arity: ClassVar[int]  # its JSON form's length
+
+    def to_json(self) -> list:
+        raise NotImplementedError
+
+    @classmethod
+    def from_json(cls, item: list):
+        """The op a JSON list names (`item[0] == cls.code`, `len(item) == cls.arity`); ValueError if the
+        values are not ones a worker sends."""
+        raise NotImplementedError
+
+    def check(self) -> None:
+        """ValueError unless a worker could send this op (ids and counts within their limits)."""
+        raise NotImplementedError
+
+    def apply_to(self, ledger: KVLedger, answer: StepAnswer, starved: set[str], slots: bool) -> None:
+        """Change the ledger (LedgerError if it refuses); see `apply` for `starved` and `slots`."""
+        raise NotImplementedError
+
+    def touches(self) -> tuple[ThreadRef, ...]:
+        """The threads whose blocks this op changes besides appending to them (`record` folds no
+        later one-token append of theirs into the step's Advance)."""
+        return ()
+
 
 @dataclass(frozen=True, slots=True)
-class Start:
+class Start(_Op):
+    """A root thread begins (no context yet; its prompt comes by `Append`)."""
+
     thread: ThreadRef
+    code: ClassVar[str] = "s"
+    arity: ClassVar[int] = 3
+
+    def to_json(self) -> list:
+        return ["s", self.thread.request, self.thread.thread]
+
+    @classmethod
+    def from_json(cls, item: list) -> Start:
+        return cls(_ref(item[1], item[2], "start"))
+
+    def check(self) -> None:
+        _ref(*self.thread, "start")
+
+    def apply_to(self, ledger, answer, starved, slots) -> None:
+        ledger.start(self.thread)
+
+    def touches(self) -> tuple[ThreadRef, ...]:
+        return (self.thread,)
 
 
 @dataclass(frozen=True, slots=True)
-class Append:
+class Append(_Op):
+    """`tokens` new tokens of a thread get their slots (opening blocks as needed)."""
+
     thread: ThreadRef
     tokens: int
+    code: ClassVar[str] = "a"
+    arity: ClassVar[int] = 4
+
+    def to_json(self) -> list:
+        return ["a", self.thread.request, self.thread.thread, self.tokens]
+
+    @classmethod
+    def from_json(cls, item: list) -> Append:
+        op = cls(_ref(item[1], item[2], "append"), item[3])
+        op._check_tokens()
+        return op
+
+    def check(self) -> None:
+        _ref(*self.thread, "append")
+        self._check_tokens()
+
+    def _check_tokens(self) -> None:
+        if type(self.tokens) is not int or not 1 <= self.tokens <= MAX_APPEND_TOKENS:
+            raise ValueError(f"append of {self.tokens!r} tokens; must be 1..{MAX_APPEND_TOKENS}")
+
+    def apply_to(self, ledger, answer, starved, slots) -> None:
+        if self.thread.request in starved:
+            answer.appends.append(None)
+            return
+        try:
+            answer.appends.append(ledger.append(self.thread, self.tokens, slots))
+        except OutOfBlocks:
+            starved.add(self.thread.request)
+            answer.appends.append(None)
 
 
 @dataclass(frozen=True, slots=True)
-class Fork:
+class Fork(_Op):
+    """`child` begins, reading all of `parent`'s context so far (`KVLedger.fork`)."""
+
     parent: ThreadRef
     child: ThreadRef
+    code: ClassVar[str] = "f"
+    arity: ClassVar[int] = 5
+
+    def to_json(self) -> list:
+        return ["f", self.parent.request, self.parent.thread, self.child.request, self.child.thread]
+
+    @classmethod
+    def from_json(cls, item: list) -> Fork:
+        return cls(_ref(item[1], item[2], "fork parent"), _ref(item[3], item[4], "fork child"))
+
+    def check(self) -> None:
+        _ref(*self.parent, "fork parent")
+        _ref(*self.child, "fork child")
+
+    def apply_to(self, ledger, answer, starved, slots) -> None:
+        if self.parent.request not in starved:
+            ledger.fork(self.parent, self.child)
+
+    def touches(self) -> tuple[ThreadRef, ...]:
+        return (self.parent, self.child)
 
 
 @dataclass(frozen=True, slots=True)
-class Finish:
+class Finish(_Op):
+    """A thread ends: its blocks are released as nothing reads them any more."""
+
     thread: ThreadRef
+    code: ClassVar[str] = "x"
+    arity: ClassVar[int] = 3
+
+    def to_json(self) -> list:
+        return ["x", self.thread.request, self.thread.thread]
+
+    @classmethod
+    def from_json(cls, item: list) -> Finish:
+        return cls(_ref(item[1], item[2], "finish"))
+
+    def check(self) -> None:
+        _ref(*self.thread, "finish")
+
+    def apply_to(self, ledger, answer, starved, slots) -> None:
+        answer.freed.extend(ledger.finish(self.thread))
+
+    def touches(self) -> tuple[ThreadRef, ...]:
+        return (self.thread,)
 
 
 @dataclass(frozen=True, slots=True)
-class Release:
+class Release(_Op):
+    """A request ends (done, cancelled or failed): every thread of it, and the request is forgotten."""
+
     request: str
+    code: ClassVar[str] = "r"
+    arity: ClassVar[int] = 2
+
+    def to_json(self) -> list:
+        return ["r", self.request]
+
+    @classmethod
+    def from_json(cls, item: list) -> Release:
+        return cls(check_request_id(item[1], "release"))
+
+    def check(self) -> None:
+        check_request_id(self.request, "release")
+
+    def apply_to(self, ledger, answer, starved, slots) -> None:
+        answer.freed.extend(ledger.release(self.request))
 
 
 @dataclass(frozen=True, slots=True)
-class Advance:
+class Advance(_Op):
     """One token for every open thread (`KVLedger.open_threads`) except `held`: `KVLedger.advance`."""
 
     held: frozenset[ThreadRef] = frozenset()
+    code: ClassVar[str] = "v"
+    arity: ClassVar[int] = 2
+
+    def to_json(self) -> list:
+        return ["v", sorted([r.request, r.thread] for r in self.held)]
+
+    @classmethod
+    def from_json(cls, item: list) -> Advance:
+        held = item[1]
+        if type(held) is not list or any(type(x) is not list or len(x) != 2 for x in held):
+            raise ValueError(f"advance holds a list of [request, thread]: {item!r}")
+        return cls(frozenset(_ref(r, t, "advance held") for r, t in held))
+
+    def check(self) -> None:
+        for ref in self.held:
+            _ref(*ref, "advance held")
+
+    def apply_to(self, ledger, answer, starved, slots) -> None:
+        ledger.advance(self.held)
 
 
 Op = Start | Append | Fork | Finish | Release | Advance
+OPS: dict[str, type[Op]] = {cls.code: cls for cls in (Start, Append, Fork, Finish, Release, Advance)}
+
+
+def op_from_json(item) -> Op:
+    """One op from its JSON form; ValueError for anything that is not one a worker could send."""
+    if type(item) is not list or not item or type(item[0]) is not str:
+        raise ValueError(f"not an op: {item!r}")
+    cls = OPS.get(item[0])
+    if cls is None or len(item) != cls.arity:
+        raise ValueError(f"not an op: {item!r}")
+    return cls.from_json(item)
 
 
 @dataclass(slots=True)
@@ -61,42 +260,25 @@ class StepAnswer:
     error: str | None = None  # an op the ledger refused; the ops after it were not applied
 
 
-def apply(ledger: KVLedger, ops: list[Op]) -> StepAnswer:
+def apply(ledger: KVLedger, ops: list[Op], slots: bool = True) -> StepAnswer:
     """Apply ops in order. An append that does not fit changes nothing and answers None; every op of
-    that request after it is skipped (its worker ends the request), the other requests go on."""
+    that request after it is skipped (its worker ends the request), the other requests go on. A replica
+    (it writes no KV) passes `slots=False`: its appends answer empty lists."""
     answer = StepAnswer()
     starved: set[str] = set()
     for op in ops:
-        if not _apply_one(ledger, op, answer, starved):
+        if not _apply_one(ledger, op, answer, starved, slots):
             break
     return answer
 
 
-def _apply_one(ledger: KVLedger, op: Op, answer: StepAnswer, starved: set[str]) -> bool:
+def _apply_one(ledger: KVLedger, op: Op, answer: StepAnswer, starved: set[str], slots: bool = True) -> bool:
     """One op of `apply`; False when the ledger refused it (`answer.error` says why)."""
+    if not isinstance(op, _Op):
+        answer.error = f"unknown op {op!r}"
+        return False
     try:
-        if isinstance(op, Append):
-            if op.thread.request in starved:
-                answer.appends.append(None)
-                return True
-            try:
-                answer.appends.append(ledger.append(op.thread, op.tokens))
-            except OutOfBlocks:
-                starved.add(op.thread.request)
-                answer.appends.append(None)
-        elif isinstance(op, Advance):
-            ledger.advance(op.held)
-        elif isinstance(op, Fork):
-            if op.parent.request not in starved:
-                ledger.fork(op.parent, op.child)
-        elif isinstance(op, Start):
-            ledger.start(op.thread)
-        elif isinstance(op, Finish):
-            answer.freed.extend(ledger.finish(op.thread))
-        elif isinstance(op, Release):
-            answer.freed.extend(ledger.release(op.request))
-        else:
-            raise LedgerError(f"unknown op {op!r}")
+        op.apply_to(ledger, answer, starved, slots)
     except LedgerError as exc:
         answer.error = f"{type(op).__name__}: {exc}"
         return False
@@ -128,13 +310,10 @@ def record(ledger: KVLedger, ops: list[Op]) -> tuple[StepAnswer, list[Op]]:
                     answer.appends.append(ledger.append(t, 1))
                     advanced.add(t)
                     continue
-        elif kind is Fork:
-            foldable.discard(op.parent)
-            foldable.discard(op.child)
         elif kind is Release:
             released.add(op.request)
-        elif kind is Start or kind is Finish:
-            foldable.discard(op.thread)
+        else:
+            foldable.difference_update(op.touches())
         rest.append(op)
         if not _apply_one(ledger, op, answer, starved):
             break

@@ -11,17 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from apar.errors import UserError
-from services.kvmanager.ledger import KVLedger, LedgerError, ThreadRef
-from services.kvmanager.ops import Advance, Append, Finish, Fork, Op, Release, Start, apply
+from services.kvmanager.ledger import KVLedger, LedgerError
+from services.kvmanager.ops import OPS, Op, apply
 from services.kvmanager.replication import Ack, Batch, Step
 
 MAX_ID_CHARS = 128  # worker ids (part of Redis keys)
-MAX_REQUEST_CHARS = 256
 MAX_ADDRESS_CHARS = 256
 MAX_BLOCKS = 1 << 20  # per worker; a ledger of this size snapshots to a few MB of JSON
 MAX_BLOCK_SIZE = 1 << 12  # tokens per block
 MAX_TTL_S = 24 * 3600
-MAX_APPEND_TOKENS = 1 << 20  # one append (a prefill chunk); more than the pool holds answers "failed"
 MAX_OPS = 1 << 16  # per step
 MAX_STEPS = 1 << 12  # per message
 
@@ -46,14 +44,6 @@ def check_worker_id(worker_id: str) -> str:
     if not worker_id.isprintable() or any(c.isspace() for c in worker_id):
         raise BadRequest("worker_id has spaces or control characters")
     return worker_id
-
-
-def check_request_id(request: str, what: str = "request") -> str:
-    if not request:
-        raise BadRequest(f"{what} id is empty")
-    if len(request) > MAX_REQUEST_CHARS:
-        raise BadRequest(f"{what} id is longer than {MAX_REQUEST_CHARS} characters")
-    return request
 
 
 @dataclass(slots=True)
@@ -81,35 +71,22 @@ class WorkerSpec:
         return self.num_blocks == other.num_blocks and self.block_size == other.block_size
 
 
-def _check_ref(ref: ThreadRef, where: str, what: str) -> None:
-    check_request_id(ref.request, f"{where}: {what} request")
-    if not 0 <= ref.thread < 1 << 32:
-        raise BadRequest(f"{where}: {what} thread must be 0..2^32-1")
+OPS_TYPES = tuple(OPS.values())
 
 
-def check_ops(ops: list[Op], where: str = "") -> list[Op]:
-    """Reject what no worker sends (INVALID_ARGUMENT); what a ledger refuses makes the replica ask for
-    a resync instead."""
+def check_ops(ops: list[Op], where: str = "", each: bool = True) -> list[Op]:
+    """Reject what no worker sends (INVALID_ARGUMENT; each op's `check`, unless `each` is False: ops
+    decoded from the wire were checked then, by `ops.op_from_json`); what a ledger refuses makes the
+    replica ask for a resync instead."""
     if len(ops) > MAX_OPS:
         raise BadRequest(f"{where}{len(ops)} ops in one step; at most {MAX_OPS}")
-    for i, op in enumerate(ops):
-        at = f"{where}op {i}"
-        if isinstance(op, Append):
-            _check_ref(op.thread, at, "append")
-            if not 1 <= op.tokens <= MAX_APPEND_TOKENS:
-                raise BadRequest(f"{at}: append of {op.tokens} tokens; must be 1..{MAX_APPEND_TOKENS}")
-        elif isinstance(op, Fork):
-            _check_ref(op.parent, at, "fork parent")
-            _check_ref(op.child, at, "fork child")
-        elif isinstance(op, (Start, Finish)):
-            _check_ref(op.thread, at, type(op).__name__.lower())
-        elif isinstance(op, Release):
-            check_request_id(op.request, f"{at}: release")
-        elif isinstance(op, Advance):
-            for ref in op.held:
-                _check_ref(ref, at, "advance held")
-        else:
-            raise BadRequest(f"{at}: unknown op {type(op).__name__}")
+    for i, op in enumerate(ops if each else ()):
+        if not isinstance(op, OPS_TYPES):
+            raise BadRequest(f"{where}op {i}: unknown op {type(op).__name__}")
+        try:
+            op.check()
+        except ValueError as exc:
+            raise BadRequest(f"{where}op {i}: {exc}") from None
     return ops
 
 
@@ -126,7 +103,7 @@ def check_batch(batch: Batch) -> Batch:
             raise BadRequest(f"step {i}: seq must be 1 or more (a worker numbers its steps from 1)")
         if i and step.seq != batch.steps[i - 1].seq + 1:
             raise BadRequest(f"step {i}: seq {step.seq} does not follow {batch.steps[i - 1].seq}")
-        check_ops(step.ops, f"step {i}: ")
+        check_ops(step.ops, f"step {i}: ", each=step.raw is None)
     return batch
 
 
@@ -200,7 +177,7 @@ def apply_batch(rec: WorkerRecord, batch: Batch) -> Applied:
             continue
         if step.seq != rec.seq + 1:  # early: the worker resends from rec.seq + 1
             break
-        answer = apply(rec.ledger, step.ops)
+        answer = apply(rec.ledger, step.ops, slots=False)
         out.freed += len(answer.freed)
         if answer.error or rec.ledger.digest() != step.digest:
             rec.broken = True
@@ -217,7 +194,7 @@ def replay_entry(rec: WorkerRecord, steps: list[tuple[int, list[Op]]]) -> None:
     """Apply one log entry (steps applied live, in order) when a record is restored from the store;
     raises LedgerError when they do not apply."""
     for seq, ops in steps:
-        answer = apply(rec.ledger, ops)
+        answer = apply(rec.ledger, ops, slots=False)
         if answer.error:
             raise LedgerError(f"step {seq}: {answer.error}")
         rec.seq = seq

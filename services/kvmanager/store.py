@@ -50,13 +50,14 @@ def connect(url: str) -> redis.Redis:
 @dataclass(slots=True)
 class Write:
     """What one commit writes for one record: its new log entries, or (snapshot set) its whole state,
-    as of entry `n`; `base` is the snapshot's n the store should hold before it."""
+    as of entry `n`; `base` is the snapshot's n the store should hold before it. The manager takes a
+    snapshot as `codec.snapshot_of` data under its lock and encodes it (`snapshot_to_json`) after."""
 
     rec: WorkerRecord
     n: int
     base: int
     entries: list[str]
-    snapshot: str | None = None
+    snapshot: str | dict | None = None
 
 
 class RedisStore:
