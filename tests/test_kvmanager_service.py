@@ -123,6 +123,33 @@ def test_stream_of_steps_equals_the_workers_own_ledger(kv):
     assert server.metrics.steps._value.get() == 300 and server.metrics.messages._value.get() == 150
 
 
+def test_prefix_index_answers_from_the_replicas_and_survives_a_restart(kv):
+    """Two workers whose prompts share prefixes: `Prefix` answers, per worker, the leading blocks of a
+    prompt's names it holds, which is what the worker's own ledger says (in use or cached, evictions
+    included), and a manager restarted from Redis answers the same."""
+    server, client = kv()
+    sims = {w: worker(seed, blocks=24, prefixes=3, prompt=(4, 30), threads=4) for w, seed in (("w1", 5), ("w2", 6))}
+    for w, sim in sims.items():
+        client.register(worker=w, blocks=24)
+        client.drive(sim, 120, worker=w)
+    assert any(sim.ledger.num_cached for sim in sims.values()) and any(sim.ledger.evictions for sim in sims.values())
+    families = [[(f << 32) | i for i in range(8)] for f in range(3)]
+
+    def answers(c):
+        return [{p.worker_id: p.blocks for p in c.stub.Prefix(K.PrefixRequest(names=names), timeout=5).workers}
+                for names in families]
+
+    expected = [{w: sim.ledger.cached_prefix(names) for w, sim in sims.items()} for names in families]
+    assert answers(client) == expected and any(n for e in expected for n in e.values())
+    usage = {u.worker_id: u for u in client.usage()}
+    assert all(usage[w].cached_blocks == sim.ledger.num_cached and usage[w].block_size == BLOCK_SIZE
+               for w, sim in sims.items())
+    assert code_of(lambda: client.stub.Prefix(K.PrefixRequest(names=[1] * 70_000), timeout=5)) == C.INVALID_ARGUMENT
+    server.stop(grace=None)
+    _, again = kv()  # the same prefix in Redis
+    assert answers(again) == expected
+
+
 def test_remote_kv_workers_stream_concurrently(kv):
     """The worker's own client and sender: four workers step freely; their replicas keep up."""
     server, _ = kv()

@@ -37,7 +37,7 @@ def test_fork_shares_context_seals_parent_and_frees_child_at_once():
     assert led.finish(child) == [2]  # freed in the same call, and only its own block
     assert led.refcount(0) == 1 and led.refcount(1) == 1
     led.check()
-    assert led.release("a") == [0, 1, 3]
+    assert led.release("a") == [3, 1, 0]  # deepest first
     assert led.num_free == 6 and led.num_used == 0
     led.check()
 
@@ -51,10 +51,10 @@ def test_finished_parent_keeps_only_what_a_running_child_reads():
     led.fork(root, child)
     led.append(child, 3)  # block 2
     led.append(root, 20)  # blocks 3, 4
-    assert led.finish(root) == [3, 4]  # past the anchor: nobody reads them
+    assert led.finish(root) == [4, 3]  # past the anchor: nobody reads them (deepest first)
     assert led.refcount(0) == 1 and led.refcount(1) == 1
     led.check()
-    assert led.finish(child) == [2, 0, 1]
+    assert led.finish(child) == [2, 1, 0]  # deepest first
     assert led.num_used == 0
     led.release("a")
     led.check()
@@ -74,7 +74,7 @@ def test_nested_fork_references_every_ancestor():
     led.finish(root)
     led.finish(c1)
     assert led.num_used == 4  # all still read by c2
-    assert led.finish(c2) == [3, 0, 1, 2]
+    assert led.finish(c2) == [3, 2, 1, 0]  # deepest first
     led.release("a")
     led.check()
 
@@ -87,14 +87,14 @@ def test_open_threads_advance_in_place_and_the_digest_follows():
     led.start(b)
     led.append(b, 4)  # block 1, full
     led.fork(b, c)
-    assert led.open_threads() == {a} and led.digest() == (4, 2, 3, 7, 2)
+    assert led.open_threads() == {a} and led.digest() == (4, 2, 3, 7, 2, 0)
     assert led.advance() == 1  # a's last slot; b is full and sealed, c has no block yet
     assert led.open_threads() == set() and led.num_tokens == 8
     led.append(c, 1)
     led.append(b, 1)
     assert led.open_threads() == {b, c}
     assert led.advance(held=frozenset({c})) == 1 and led.context_blocks(b) == [1, 3]
-    assert led.digest() == (2, 4, 3, 11, 4)
+    assert led.digest() == (2, 4, 3, 11, 4, 0)
     led.check()
     assert led.finish(c) == [2] and led.open_threads() == {b} and led.num_tokens == 10
     led.check()
@@ -202,3 +202,120 @@ def test_random_operations_keep_invariants(sequence):
         led.release(req)
     led.check()
     assert led.num_used == 0 and led.num_free == 12
+
+
+# ---- the prefix cache ----------------------------------------------------------------------------------
+
+def test_named_blocks_are_cached_reused_and_evicted_least_recent_first():
+    led = KVLedger(num_blocks=6, block_size=4)
+    a, b, c = R("a", 0), R("b", 0), R("c", 0)
+    led.start(a)
+    assert led.append(a, 10) == [(0, i) for i in range(4)] + [(1, i) for i in range(4)] + [(2, 0), (2, 1)]
+    assert led.name(a, 0, (101, 102)) == 2
+    assert led.blocks_of("a") == 1  # named blocks belong to no request
+    assert led.release("a") == [2]  # the named ones are cached, not freed
+    assert (led.num_free, led.num_cached, led.num_used) == (6, 2, 0)
+    assert led.cached_prefix([101, 102, 103]) == 2 and led.cached_prefix([999, 101]) == 0
+    led.start(b)
+    led.reuse(b, (101,))
+    assert led.context_blocks(b) == [0] and led.num_cached == 1
+    assert led.append(b, 1) == [(3, 0)]  # a fresh block after the reused one, never into it
+    with pytest.raises(LedgerError):
+        led.reuse(b, (101,))  # only a root without blocks
+    led.start(c)
+    with pytest.raises(LedgerError):
+        led.reuse(c, (999,))
+    assert led.append(c, 12) == [(4, i) for i in range(4)] + [(5, i) for i in range(4)] + [(2, i) for i in range(4)]
+    assert led.evictions == 0
+    led.append(c, 1)  # nothing free: the cached block 1 (named 102) is evicted
+    assert led.evictions == 1 and led.cached_prefix([101, 102]) == 1 and led.context_blocks(c)[-1] == 1
+    with pytest.raises(OutOfBlocks):
+        led.append(c, 4)  # block 0 is in use by b: not evictable
+    led.check()
+
+
+def test_a_name_held_elsewhere_is_skipped_and_only_full_own_blocks_are_named():
+    led = KVLedger(num_blocks=8, block_size=4)
+    a, b = R("a", 0), R("b", 0)
+    for t in (a, b):
+        led.start(t)
+        led.append(t, 6)
+    assert led.name(a, 0, (7,)) == 1
+    assert led.name(b, 0, (7,)) == 0  # the same prefix computed twice: the first copy keeps the name
+    with pytest.raises(LedgerError):
+        led.name(b, 1, (8,))  # block 1 of b holds 2 tokens
+    with pytest.raises(LedgerError):
+        led.name(a, 0, (9,))  # already named
+    led.release("b")
+    assert led.num_cached == 0  # its unnamed copy was freed
+    led.check()
+
+
+prefix_ops = st.lists(
+    st.tuples(st.sampled_from(["start", "start", "decode", "fork", "finish", "release", "advance"]),
+              st.integers(0, 4), st.integers(0, 2), st.integers(1, 14)),
+    max_size=50,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(prefix_ops)
+def test_prefix_cache_keeps_invariants_and_reused_blocks_hold_their_tokens(sequence):
+    """Requests whose prompts share prefixes reuse each other's named blocks. A model of the pool's
+    contents (the token written in every slot) shows that a reused block holds exactly the prompt's
+    tokens at those positions (no named block is ever written), and `check()` after every op shows that
+    no block is evicted while referenced and none is leaked, through cancellations (release)."""
+    from services.protocol.prefix import block_hashes
+
+    bs = 4
+    led = KVLedger(num_blocks=14, block_size=bs)
+    content: dict[tuple[int, int], int] = {}  # (block, offset) -> token written there
+    prompts = {i: [(i % 3) * 100 + j for j in range(12)][: 4 + 2 * i] for i in range(5)}  # three families
+    live: dict[str, int] = {}
+    starts = 0
+    for op, req_i, thr_i, n in sequence:
+        running = [r for req in live for r in led._threads if r.request == req and led.is_running(r)]
+        try:
+            if op == "start":
+                req = f"q{starts}"
+                starts += 1
+                prompt = prompts[req_i]
+                names = block_hashes(prompt, bs)
+                k = min(led.cached_prefix(names), (len(prompt) - 1) // bs)
+                root = R(req, 0)
+                led.start(root)
+                live[req] = 1
+                if k:
+                    led.reuse(root, tuple(names[:k]))
+                    for i, block in enumerate(led.context_blocks(root)):
+                        assert [content[(block, o)] for o in range(bs)] == prompt[i * bs:(i + 1) * bs]
+                for (block, o), tok in zip(led.append(root, len(prompt) - k * bs), prompt[k * bs:]):
+                    content[(block, o)] = tok
+                full = len(prompt) // bs
+                led.name(root, k, tuple(names[k:full]))
+            elif op == "decode" and running:
+                t = running[thr_i % len(running)]
+                for block, o in led.append(t, n):
+                    content[(block, o)] = -1
+            elif op == "fork" and running:
+                parent = running[thr_i % len(running)]
+                child = R(parent.request, live[parent.request])
+                live[parent.request] += 1
+                led.fork(parent, child)
+            elif op == "finish" and running:
+                led.finish(running[thr_i % len(running)])
+            elif op == "release" and live:
+                req = sorted(live)[req_i % len(live)]
+                led.release(req)
+                del live[req]
+            elif op == "advance":
+                led.advance()
+        except OutOfBlocks:
+            if op == "start":  # the prompt did not fit: the engine ends the request
+                led.release(req)
+                del live[req]
+        led.check()
+    for req in list(live):
+        led.release(req)
+    led.check()
+    assert led.num_used == 0 and led.num_free == 14

@@ -113,7 +113,9 @@ class Channel:
 
     def __init__(self, seed: int) -> None:
         self.log = StepLog(KVLedger(num_blocks=24, block_size=4), SESSION)
-        self.sim = SimWorker(self.log, threads=5, seed=seed, prompt=(1, 9), finish_p=0.1, cancel_p=0.03)
+        # odd seeds: prompts share prefixes, so steps carry Reuse and Name and blocks are cached and evicted
+        self.sim = SimWorker(self.log, threads=5, seed=seed, prompt=(1, 9), finish_p=0.1, cancel_p=0.03,
+                             prefixes=2 * (seed % 2))
         spec = WorkerSpec("w", "here", 24, 4, 30)
         self.rec = WorkerRecord(spec=spec, ledger=KVLedger(24, 4), born=1, session=SESSION)
         self.sent: list[Batch] = []
@@ -157,6 +159,7 @@ class Channel:
     def settle(self) -> None:
         """The worker's sender goes on until everything is acknowledged: the replica equals the ledger."""
         probed = False
+        self.log.flush()  # what was deferred after the last step (a worker's drain does the same)
         for _ in range(20):
             batch = self.send()
             if batch is None and not probed:  # all acknowledged: does the replica still match?

@@ -20,12 +20,12 @@ K = stubs().kvmanager_pb2
 
 
 def digest_from_pb(d) -> Digest:
-    return Digest(d.free_blocks, d.used_blocks, d.threads, d.tokens, d.next_free)
+    return Digest(d.free_blocks, d.used_blocks, d.threads, d.tokens, d.next_free, d.named)
 
 
 def digest_to_pb(d: Digest):
     return K.Digest(free_blocks=d.free, used_blocks=d.used, threads=d.threads, tokens=d.tokens,
-                    next_free=d.next_free)
+                    next_free=d.next_free, named=d.named)
 
 
 def batch_from_pb(req) -> Batch:
@@ -71,11 +71,17 @@ def spec_from_pb(req, default_ttl_s: int) -> WorkerSpec:
 
 def usage_to_pb(usage: list[Usage]):
     return K.UsageResponse(workers=[K.WorkerUsage(worker_id=u.worker_id, address=u.address, num_blocks=u.num_blocks,
-                                                  free_blocks=u.free_blocks, requests=u.requests) for u in usage])
+                                                  free_blocks=u.free_blocks, requests=u.requests,
+                                                  block_size=u.block_size, cached_blocks=u.cached_blocks)
+                                    for u in usage])
+
+
+def prefix_to_pb(found: list[tuple[str, str, int]]):
+    return K.PrefixResponse(workers=[K.WorkerPrefix(worker_id=w, address=a, blocks=n) for w, a, n in found])
 
 
 def state_to_pb(snapshot: dict):
     """A ledger snapshot (KVLedger.snapshot) as LedgerState: free ids in allocation order, used by id."""
-    used = [K.BlockOwner(block=i, owner=K.ThreadKey(request=r, thread=t), refcount=c)
-            for i, r, t, c, _ in sorted(snapshot["blocks"])]
+    used = [K.BlockOwner(block=i, owner=K.ThreadKey(request=r or "", thread=t or 0), refcount=c)  # named: no owner
+            for i, r, t, c, *_ in sorted(snapshot["blocks"], key=lambda b: b[0])]
     return K.LedgerState(num_blocks=snapshot["num_blocks"], free=snapshot["free"], used=used)

@@ -30,6 +30,15 @@ A thread is *open* when it runs and its last own block is unsealed and not full:
 into that block, without taking one from the free list. Appends into open blocks commute with every
 other thread's ops, which is why a step can carry them as one `advance` instead of one op per thread.
 
+Prefix cache. A full block of a prompt can be *named* (`name`: its hash chain name, services/protocol/
+prefix.py): from then on it belongs to no request, is never written, and when its count reaches 0 it
+is *cached* instead of freed: kept with its KV, evictable, least recently cached first. A new root
+`reuse`s cached (or in use) blocks by name as read-only refs, and allocation evicts a cached block only
+when no block is free, so `num_free` counts free and cached blocks alike. A thread's blocks are
+released deepest first, so a prefix's head is cached last and evicted last.
+  I8. a block with count 0 is cached: named, in `_cache` (LRU order), and `_named` maps every name to
+      its block, in use or cached; a named block has no owner and is full.
+
 `advance` is lazy, so a replica's decode step costs O(held + blocks filled), not O(open threads): the
 ledger counts advances (`_tick`); an open thread's last block holds `used + (_tick - since)` tokens,
 where `since` is the tick its count was last written down (`_settle`). Every method that reads or
@@ -38,7 +47,7 @@ at which its block fills (`_fills`), when it is settled and closed.
 """
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from itertools import repeat
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -56,10 +65,11 @@ class Digest(NamedTuple):
     them, and a replica that missed or repeated an op almost surely does not."""
 
     free: int
-    used: int
+    used: int  # in use or cached
     threads: int
     tokens: int
     next_free: int  # the id the next new block gets, -1 when none is free
+    named: int = 0  # blocks with a prefix name, in use or cached
 
 
 class LedgerError(RuntimeError):
@@ -72,9 +82,10 @@ class OutOfBlocks(LedgerError):
 
 @dataclass(slots=True)
 class _Block:
-    owner: ThreadRef
+    owner: ThreadRef | None  # None once named: a shared prefix block belongs to no request
     refcount: int = 1
     used: int = 0  # token slots written
+    name: int | None = None  # its prefix name, once a prompt's block was named (see the docstring)
 
 
 @dataclass(slots=True)
@@ -103,17 +114,35 @@ class KVLedger:
         self._tokens = 0  # slots written in the blocks in use (I6)
         self._open: dict[ThreadRef, _Thread] = {}  # the open threads (I7), kept up to date by every write
         self._request_threads: dict[str, list[ThreadRef]] = {}  # every thread of each request, in start order
+        self._cache: OrderedDict[int, int] = OrderedDict()  # name -> cached block (count 0), LRU first
+        self._named: dict[int, int] = {}  # name -> block, in use or cached
+        self.evictions = 0  # cached blocks taken for new ones, so far
         self._tick = 0  # advances so far (see the module's docstring)
         self._fills: dict[int, set[ThreadRef]] = {}  # tick -> the open threads whose last block fills then
 
     # ---- read side ---------------------------------------------------------------------------------
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks an allocation can take: free ones and cached ones (evicted when needed)."""
+        return len(self._free) + len(self._cache)
 
     @property
     def num_used(self) -> int:
-        return len(self._blocks)
+        """Blocks some running thread reads or writes."""
+        return len(self._blocks) - len(self._cache)
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._cache)
+
+    def cached_prefix(self, names) -> int:
+        """How many of `names` (a prompt's block names, in order) this ledger holds, from the first on."""
+        n = 0
+        for name in names:
+            if name not in self._named:
+                break
+            n += 1
+        return n
 
     @property
     def num_tokens(self) -> int:
@@ -125,8 +154,8 @@ class KVLedger:
         return len(self._request_blocks)
 
     def digest(self) -> Digest:
-        return Digest(len(self._free), len(self._blocks), len(self._threads), self._tokens,
-                      self._free[0] if self._free else -1)
+        nxt = self._free[0] if self._free else next(iter(self._cache.values())) if self._cache else -1
+        return Digest(len(self._free), len(self._blocks), len(self._threads), self._tokens, nxt, len(self._named))
 
     def open_threads(self) -> set[ThreadRef]:
         """The running threads whose next token fits in their last own block (unsealed, not full)."""
@@ -200,9 +229,9 @@ class KVLedger:
                     self._file(t, last.used)
                 return [(t.own[-1], last.used - 1)] if want_slots else []
         elif n_tokens == 1:  # not open: a decode token that opens a block
-            if not self._free:
+            if not self._free and not self._cache:
                 raise OutOfBlocks("1 block needed, 0 free")
-            block_id = self._free.popleft()
+            block_id = self._take()
             self._blocks[block_id] = _Block(owner=ref, used=1)
             self._request_blocks[ref.request] += 1
             t.own.append(block_id)
@@ -213,8 +242,8 @@ class KVLedger:
                 self._file(t, 1)
             return [(block_id, 0)] if want_slots else []
         need = self.blocks_needed(ref, n_tokens)
-        if need > len(self._free):
-            raise OutOfBlocks(f"{need} blocks needed, {len(self._free)} free")
+        if need > self.num_free:
+            raise OutOfBlocks(f"{need} blocks needed, {self.num_free} free")
         slots: list[tuple[int, int]] = []
         remaining = n_tokens
         if t.own and not t.sealed:
@@ -227,7 +256,7 @@ class KVLedger:
             last.used += take
             remaining -= take
         while remaining:
-            block_id = self._free.popleft()
+            block_id = self._take()
             take = min(remaining, self.block_size)
             self._blocks[block_id] = _Block(owner=ref, used=take)
             self._request_blocks[ref.request] += 1
@@ -330,7 +359,7 @@ class KVLedger:
         if ref in self._open:
             self._close(t)
         freed: list[int] = []
-        for block_id in t.own + t.refs:
+        for block_id in reversed(t.refs + t.own):  # deepest first: a prefix's head is cached last
             self._unref(block_id, freed)
         return freed
 
@@ -358,11 +387,63 @@ class KVLedger:
         if b.refcount < 0:
             raise LedgerError(f"block {block_id} dereferenced below zero")
         if b.refcount == 0:
-            del self._blocks[block_id]
             self._tokens -= b.used
+            if b.name is not None:  # kept with its KV, evictable
+                self._cache[b.name] = block_id
+                return
+            del self._blocks[block_id]
             self._request_blocks[b.owner.request] -= 1
             self._free.append(block_id)
             freed.append(block_id)
+
+    def _take(self) -> int:
+        """A block for a new allocation: a free one, else the least recently cached one (evicted)."""
+        if self._free:
+            return self._free.popleft()
+        name, block_id = self._cache.popitem(last=False)
+        del self._named[name]
+        del self._blocks[block_id]
+        self.evictions += 1
+        return block_id
+
+    # ---- prefix cache ------------------------------------------------------------------------------
+    def reuse(self, ref: ThreadRef, names) -> None:
+        """A root just started (no blocks yet) begins its context with the blocks named `names`, as
+        read-only refs: cached ones come back into use. All or nothing: LedgerError if one is not held."""
+        t = self._thread(ref)
+        if not t.running or t.refs or t.own:
+            raise LedgerError(f"reuse by {ref}: only a running root with no blocks yet can reuse blocks")
+        ids = [self._named.get(name) for name in names]
+        if None in ids:
+            raise LedgerError(f"reuse by {ref}: block named {names[ids.index(None)]} is not held")
+        for name, block_id in zip(names, ids):
+            b = self._blocks[block_id]
+            if b.refcount == 0:
+                del self._cache[name]
+                self._tokens += b.used
+            b.refcount += 1
+        t.refs = ids
+
+    def name(self, ref: ThreadRef, first: int, names) -> int:
+        """Name the thread's context blocks `first ..` (full blocks of its own) `names`, in order; a name
+        another block already holds is skipped (that block stays unnamed). Returns how many were named."""
+        t = self._thread(ref)
+        ctx = t.refs + t.own
+        if first < len(t.refs) or first + len(names) > len(ctx):
+            raise LedgerError(f"name by {ref}: blocks {first}..{first + len(names) - 1} are not its own")
+        blocks = [self._blocks[block_id] for block_id in ctx[first:first + len(names)]]
+        if any(b.used != self.block_size or b.name is not None for b in blocks):
+            raise LedgerError(f"name by {ref}: only full, unnamed blocks can be named")
+        named = 0
+        for name, block_id, b in zip(names, ctx[first:], blocks):
+            if name in self._named:
+                continue
+            b.name = name
+            self._named[name] = block_id
+            self._request_blocks[b.owner.request] -= 1
+            b.owner = None
+            named += 1
+        return named
 
     def _thread(self, ref: ThreadRef) -> _Thread:
         try:
@@ -382,6 +463,8 @@ class KVLedger:
         self._request_threads.clear()
         self._fills.clear()
         self._tick = 0
+        self._cache.clear()
+        self._named.clear()
 
     def _settle_all(self) -> None:
         for t in self._open.values():
@@ -398,7 +481,8 @@ class KVLedger:
             "num_blocks": self.num_blocks,
             "block_size": self.block_size,
             "free": list(self._free),
-            "blocks": [[i, b.owner.request, b.owner.thread, b.refcount, b.used] for i, b in self._blocks.items()],
+            "blocks": [[i, *(b.owner or (None, None)), b.refcount, b.used, b.name] for i, b in self._blocks.items()],
+            "cache": list(self._cache.values()),  # cached blocks, least recently cached first
             "threads": [[t.ref.request, t.ref.thread, list(t.refs), list(t.own), t.sealed, t.running]
                         for t in self._threads.values()],
             "requests": [[r, n] for r, n in self._request_blocks.items()],
@@ -410,15 +494,20 @@ class KVLedger:
         try:
             led = cls(int(data["num_blocks"]), int(data["block_size"]))
             led._free = deque(int(i) for i in data["free"])
-            led._blocks = {int(i): _Block(owner=ThreadRef(str(r), int(t)), refcount=int(c), used=int(u))
-                           for i, r, t, c, u in data["blocks"]}
+            led._blocks = {}
+            for i, r, t, c, u, *name in data["blocks"]:  # no name: written before the prefix cache
+                name = name[0] if name else None
+                led._blocks[int(i)] = _Block(owner=None if r is None else ThreadRef(str(r), int(t)), refcount=int(c),
+                                             used=int(u), name=None if name is None else int(name))
+            led._named = {b.name: i for i, b in led._blocks.items() if b.name is not None}
+            led._cache = OrderedDict((led._blocks[int(i)].name, int(i)) for i in data.get("cache", []))
             led._threads = {}
             for r, t, refs, own, sealed, running in data["threads"]:
                 ref = ThreadRef(str(r), int(t))
                 led._threads[ref] = _Thread(ref=ref, refs=[int(i) for i in refs], own=[int(i) for i in own],
                                             sealed=bool(sealed), running=bool(running))
             led._request_blocks = {str(r): int(n) for r, n in data["requests"]}
-            led._tokens = sum(b.used for b in led._blocks.values())
+            led._tokens = sum(b.used for b in led._blocks.values() if b.refcount)
             led._open = {t.ref: t for t in led._threads.values() if led._is_open(t)}
             for t in led._threads.values():
                 led._request_threads.setdefault(t.ref.request, []).append(t.ref)
@@ -433,7 +522,7 @@ class KVLedger:
 
     # ---- invariants --------------------------------------------------------------------------------
     def check(self) -> None:
-        """Verify I1-I4, I6 and I7 from scratch; raises LedgerError naming the first broken one."""
+        """Verify I1-I4 and I6-I8 from scratch; raises LedgerError naming the first broken one."""
         self._settle_all()
         free = list(self._free)
         if len(set(free)) != len(free):
@@ -441,7 +530,7 @@ class KVLedger:
         if set(free) & set(self._blocks):
             raise LedgerError("I1: a block is both free and in use")
         if len(free) + len(self._blocks) != self.num_blocks:
-            raise LedgerError("I1: free + used != total")
+            raise LedgerError("I1: free + used + cached != total")
         expected: dict[int, int] = {}
         for t in self._threads.values():
             if not t.running:
@@ -460,14 +549,15 @@ class KVLedger:
             raise LedgerError(f"I2: referenced blocks {sorted(missing)} are free")
         per_request: dict[str, int] = {}
         for b in self._blocks.values():
-            per_request[b.owner.request] = per_request.get(b.owner.request, 0) + 1
+            if b.owner is not None:
+                per_request[b.owner.request] = per_request.get(b.owner.request, 0) + 1
         for request, n in self._request_blocks.items():
             if per_request.get(request, 0) != n:
                 raise LedgerError(f"I4: request {request} counts {n} blocks, owns {per_request.get(request, 0)}")
         orphans = set(per_request) - set(self._request_blocks)
         if orphans:
             raise LedgerError(f"I4: blocks of released requests {sorted(orphans)} still in use")
-        written = sum(b.used for b in self._blocks.values())
+        written = sum(b.used for b in self._blocks.values() if b.refcount)
         if self._tokens != written:
             raise LedgerError(f"I6: {self._tokens} tokens counted, {written} written")
         really_open = {t.ref for t in self._threads.values() if self._is_open(t)}
@@ -479,3 +569,16 @@ class KVLedger:
                 raise LedgerError(f"I7: open thread {t.ref} not filed under the tick its block fills at")
         if filed:
             raise LedgerError(f"I7: threads {sorted(filed)} filed but not open")
+        zero = {i for i, b in self._blocks.items() if b.refcount == 0}
+        if zero != set(self._cache.values()) or len(self._cache) != len(zero):
+            raise LedgerError(f"I8: blocks {sorted(zero ^ set(self._cache.values()))} unreferenced but not cached, "
+                              "or cached but referenced")
+        if any(self._blocks[i].name != name for name, i in self._cache.items()):
+            raise LedgerError("I8: a cached block is filed under another name")
+        names = {b.name: i for i, b in self._blocks.items() if b.name is not None}
+        if names != self._named:
+            raise LedgerError("I8: the name index does not match the named blocks")
+        for i in names.values():
+            b = self._blocks[i]
+            if b.owner is not None or b.used != self.block_size:
+                raise LedgerError(f"I8: named block {i} has an owner or is not full")

@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING
 
 from services.kvmanager.codec import entry_to_json, snapshot_of, snapshot_to_json
 from services.kvmanager.ledger import KVLedger
-from services.kvmanager.records import (Applied, StoreUnavailable, UnknownWorker, Usage, WorkerRecord,
+from services.kvmanager.ops import MAX_NAMES
+from services.kvmanager.records import (Applied, BadRequest, StoreUnavailable, UnknownWorker, Usage, WorkerRecord,
                                         WorkerSpec, apply_batch, check_batch, check_worker_id)
 from services.kvmanager.replication import Ack, Batch, ReplicaUnavailable, WorkerForgotten
 
@@ -283,7 +284,18 @@ class KVManager:
     def usage(self) -> list[Usage]:
         """Every registered worker (memory only: no store call), sorted by id."""
         with self._lock:
-            return [Usage(r.worker_id, r.spec.address, r.spec.num_blocks, r.ledger.num_free, r.ledger.num_requests)
+            return [Usage(r.worker_id, r.spec.address, r.spec.num_blocks, r.ledger.num_free, r.ledger.num_requests,
+                          r.spec.block_size, r.ledger.num_cached)
+                    for r in sorted(self._workers.values(), key=lambda r: r.worker_id)]
+
+    def prefix(self, names: list[int]) -> list[tuple[str, str, int]]:
+        """(worker id, address, leading blocks of `names` it holds) for every worker, sorted by id. The
+        replicas know each worker's named blocks from its Reuse and Name ops and, because allocation is
+        deterministic, which were evicted: the index survives a restart with the ledgers themselves."""
+        if len(names) > MAX_NAMES:
+            raise BadRequest(f"at most {MAX_NAMES} block names")
+        with self._lock:
+            return [(r.worker_id, r.spec.address, r.ledger.cached_prefix(names))
                     for r in sorted(self._workers.values(), key=lambda r: r.worker_id)]
 
     def state(self, worker_id: str) -> dict:

@@ -25,6 +25,7 @@ from services.kvmanager.ledger import KVLedger, LedgerError, OutOfBlocks, Thread
 MAX_REQUEST_CHARS = 256  # a request id, in an op
 MAX_THREAD = (1 << 32) - 1
 MAX_APPEND_TOKENS = 1 << 20  # one append (a prefill chunk); more than the pool holds answers "failed"
+MAX_NAMES = 1 << 16  # block names in one Reuse or Name (a prompt of a million tokens at block size 16)
 
 
 def check_request_id(request, what: str = "request") -> str:
@@ -44,6 +45,15 @@ def _ref(request, thread, what: str) -> ThreadRef:
     if type(thread) is not int or not 0 <= thread <= MAX_THREAD:
         raise ValueError(f"{what} thread must be a number 0..2^32-1, got {thread!r}")
     return ThreadRef(request, thread)
+
+
+def _names(names, what: str) -> tuple[int, ...]:
+    """Block names (services/protocol/prefix.py: unsigned 64-bit); ValueError for anything else."""
+    if type(names) not in (list, tuple) or len(names) > MAX_NAMES:
+        raise ValueError(f"{what}: a list of at most {MAX_NAMES} block names")
+    if any(type(n) is not int or not 0 <= n < 1 << 64 for n in names):
+        raise ValueError(f"{what}: block names are unsigned 64-bit numbers")
+    return tuple(names)
 
 
 class _Op:
@@ -239,8 +249,70 @@ class Advance(_Op):
         ledger.advance(self.held)
 
 
-Op = Start | Append | Fork | Finish | Release | Advance
-OPS: dict[str, type[Op]] = {cls.code: cls for cls in (Start, Append, Fork, Finish, Release, Advance)}
+@dataclass(frozen=True, slots=True)
+class Reuse(_Op):
+    """A root just started begins its context with the cached blocks of these names (`KVLedger.reuse`)."""
+
+    thread: ThreadRef
+    names: tuple[int, ...]
+    code: ClassVar[str] = "u"
+    arity: ClassVar[int] = 4
+
+    def to_json(self) -> list:
+        return ["u", self.thread.request, self.thread.thread, list(self.names)]
+
+    @classmethod
+    def from_json(cls, item: list) -> Reuse:
+        return cls(_ref(item[1], item[2], "reuse"), _names(item[3], "reuse"))
+
+    def check(self) -> None:
+        _ref(*self.thread, "reuse")
+        _names(self.names, "reuse")
+
+    def apply_to(self, ledger, answer, starved, slots) -> None:
+        ledger.reuse(self.thread, self.names)
+
+    def touches(self) -> tuple[ThreadRef, ...]:
+        return (self.thread,)
+
+
+@dataclass(frozen=True, slots=True)
+class Name(_Op):
+    """The thread's context blocks `first ..` (full, its own) get these prefix names (`KVLedger.name`)."""
+
+    thread: ThreadRef
+    first: int
+    names: tuple[int, ...]
+    code: ClassVar[str] = "n"
+    arity: ClassVar[int] = 5
+
+    def to_json(self) -> list:
+        return ["n", self.thread.request, self.thread.thread, self.first, list(self.names)]
+
+    @classmethod
+    def from_json(cls, item: list) -> Name:
+        op = cls(_ref(item[1], item[2], "name"), item[3], _names(item[4], "name"))
+        op._check_first()
+        return op
+
+    def check(self) -> None:
+        _ref(*self.thread, "name")
+        _names(self.names, "name")
+        self._check_first()
+
+    def _check_first(self) -> None:
+        if type(self.first) is not int or not 0 <= self.first < MAX_APPEND_TOKENS:
+            raise ValueError(f"name: first block must be a number 0..{MAX_APPEND_TOKENS - 1}")
+
+    def apply_to(self, ledger, answer, starved, slots) -> None:
+        ledger.name(self.thread, self.first, self.names)
+
+    def touches(self) -> tuple[ThreadRef, ...]:
+        return (self.thread,)
+
+
+Op = Start | Append | Fork | Finish | Release | Advance | Reuse | Name
+OPS: dict[str, type[Op]] = {cls.code: cls for cls in (Start, Append, Fork, Finish, Release, Advance, Reuse, Name)}
 
 
 def op_from_json(item) -> Op:

@@ -208,5 +208,7 @@ class Usage:
     worker_id: str
     address: str
     num_blocks: int
-    free_blocks: int
+    free_blocks: int  # free or cached (an allocation may evict a cached block)
     requests: int
+    block_size: int = 0
+    cached_blocks: int = 0

@@ -65,6 +65,9 @@ class KVManagerServicer:
     def State(self, req):
         return convert.state_to_pb(self.manager.state(req.worker_id))
 
+    def Prefix(self, req):
+        return convert.prefix_to_pb(self.manager.prefix(list(req.names)))
+
 
 def _status(exc: Exception, impl) -> tuple[grpc.StatusCode, str]:
     """A domain error's status code and message; a bug is INTERNAL (and logged), never a crash."""

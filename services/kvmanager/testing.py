@@ -7,7 +7,9 @@ running thread (a new thread's first tokens, with a new request's prompt, come b
 request whose append found no room is released in the next step, as the engine does. Seeded: the same
 seed gives the same stream. With `compact`, the decode tokens go to the backend as `ops.record` would
 make them (one Advance, one-token appends only where a block opens): the same steps reach the manager
-for a fraction of the worker's CPU, which is what a benchmark of the manager on one machine needs.
+for a fraction of the worker's CPU, which is what a benchmark of the manager on one machine needs. With
+`prefixes`, every prompt begins with one of that many shared prefixes: a new root reuses what the
+ledger holds of it (`Reuse`) and names the prefix blocks it wrote (`Name`), as the engine does.
 
 `ScratchRedis` runs `redis-server` on a free loopback port with no persistence (a restart comes back
 empty, like a pod whose Redis lost its data); `kill()` and `start()` make a Redis restart.
@@ -24,7 +26,7 @@ import time
 import redis
 
 from services.kvmanager.ledger import ThreadRef
-from services.kvmanager.ops import Advance, Append, Finish, Fork, Op, Release, Start
+from services.kvmanager.ops import Advance, Append, Finish, Fork, Name, Op, Release, Reuse, Start
 from services.kvmanager.replication import Ack, StepLog
 
 
@@ -34,7 +36,7 @@ class SimWorker:
     running thread forks."""
 
     def __init__(self, kv, threads: int = 6, seed: int = 0, prompt: tuple[int, int] = (1, 12),
-                 finish_p: float = 0.08, cancel_p: float = 0.01, compact: bool = False) -> None:
+                 finish_p: float = 0.08, cancel_p: float = 0.01, compact: bool = False, prefixes: int = 0) -> None:
         self.kv = kv
         self.compact = compact
         self.ledger = kv.ledger
@@ -47,6 +49,8 @@ class SimWorker:
         self._next_thread: dict[str, int] = {}
         self._starved: set[str] = set()
         self._requests = 0
+        self.prefixes = prefixes
+        self._name: Name | None = None  # the prompt blocks a new root wrote: named in the next step
 
     @property
     def num_running(self) -> int:
@@ -54,13 +58,15 @@ class SimWorker:
 
     def step(self) -> None:
         self._ends()
+        name, self._name = self._name, None
+        named = [name] if name is not None and name.names and name.thread.request in self.running else []
         advance = [Advance()] if self.compact else []  # first, so a parent forked below advances before
         open_ = self.ledger.open_threads() if self.compact else ()
         new, prompt = self._grow()
         appends = [op for t, op in self._one.items() if t not in open_ and (prompt is None or t != prompt.thread)]
         if prompt:
             appends.insert(0, prompt)
-        answer = self.kv.apply(advance + new + appends)
+        answer = self.kv.apply(advance + named + new + appends)
         if None in answer.appends:
             self._starved = {op.thread.request for op, s in zip(appends, answer.appends) if s is None}
         self.steps += 1
@@ -110,7 +116,14 @@ class SimWorker:
             self._next_thread[req] = 1
             self.running[req] = [root]
             self._one[root] = Append(root, 1)
-            return [Start(root)], Append(root, rng.randint(*self.prompt))
+            n = rng.randint(*self.prompt)
+            if not self.prefixes:
+                return [Start(root)], Append(root, n)
+            bs, family = self.ledger.block_size, rng.randrange(self.prefixes)
+            names = [(family << 32) | i for i in range(n // bs)]  # the prompt's full blocks: all shared
+            k = min(self.ledger.cached_prefix(names), (n - 1) // bs)
+            self._name = Name(root, k, tuple(names[k:]))
+            return [Start(root), *([Reuse(root, tuple(names[:k]))] if k else [])], Append(root, n - k * bs)
         parent = rng.choice(list(self._one))
         child = ThreadRef(parent.request, self._next_thread[parent.request])
         self._next_thread[parent.request] += 1
