@@ -1,6 +1,8 @@
 """What every service's gRPC server shares: health checking, reflection, and errors as status codes."""
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 from google.protobuf import message as _message
 from google.protobuf import message_factory
@@ -52,30 +54,93 @@ def safe_parser(cls):
     return parse
 
 
-def add_servicer(server: grpc.aio.Server, servicer, service_descriptor) -> None:
-    """Register an aio servicer's unary-unary and unary-stream methods from the service descriptor, with
-    a request parser that turns undecodable bytes into INVALID_ARGUMENT instead of an UNKNOWN failure."""
+def add_servicer(server: grpc.aio.Server, servicer, service_descriptor, errors=None) -> None:
+    """Register a servicer's methods from the service descriptor, with a request parser that turns
+    undecodable bytes into INVALID_ARGUMENT instead of an UNKNOWN failure.
+
+    `servicer.Method(request, context)` may be a coroutine (run on the event loop) or a plain function
+    (run in the server's thread pool: it may block, e.g. on Redis); a server-streaming one yields its
+    responses. A bidirectional-streaming one is `async Method(request)` called once per request of the
+    stream, answering it in order. `errors(exc) -> (status code, message)`, when given, turns what a
+    method raises into a status (the stream ends on the first); without it, methods handle their own.
+    """
     handlers = {}
     for method in service_descriptor.methods:
         req_cls = message_factory.GetMessageClass(method.input_type)
         resp_cls = message_factory.GetMessageClass(method.output_type)
         impl = getattr(servicer, method.name)
-        if method.server_streaming:
-            async def stream(request, context, _impl=impl):
-                if isinstance(request, Malformed):
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.error}")
-                async for item in _impl(request, context):
-                    yield item
-
-            handler = grpc.unary_stream_rpc_method_handler(stream, request_deserializer=safe_parser(req_cls),
-                                                           response_serializer=resp_cls.SerializeToString)
+        if method.client_streaming and method.server_streaming:
+            make, handler = grpc.stream_stream_rpc_method_handler, _each_in_order(impl, errors)
+        elif method.server_streaming:
+            make, handler = grpc.unary_stream_rpc_method_handler, _server_stream(impl)
+        elif asyncio.iscoroutinefunction(impl):
+            make, handler = grpc.unary_unary_rpc_method_handler, _unary_async(impl, errors)
         else:
-            async def unary(request, context, _impl=impl):
-                if isinstance(request, Malformed):
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.error}")
-                return await _impl(request, context)
-
-            handler = grpc.unary_unary_rpc_method_handler(unary, request_deserializer=safe_parser(req_cls),
-                                                          response_serializer=resp_cls.SerializeToString)
-        handlers[method.name] = handler
+            make, handler = grpc.unary_unary_rpc_method_handler, _unary_blocking(impl, errors)
+        handlers[method.name] = make(handler, request_deserializer=safe_parser(req_cls),
+                                     response_serializer=resp_cls.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service_descriptor.full_name, handlers),))
+
+
+def _malformed(request) -> tuple[grpc.StatusCode, str] | None:
+    if isinstance(request, Malformed):
+        return grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.error}"
+    return None
+
+
+def _server_stream(impl):
+    async def handler(request, context):
+        if (status := _malformed(request)) is not None:
+            await context.abort(*status)
+        async for item in impl(request, context):
+            yield item
+
+    return handler
+
+
+def _unary_async(impl, errors):
+    async def handler(request, context):
+        status = _malformed(request)
+        if status is None:
+            try:
+                return await impl(request, context)
+            except Exception as exc:
+                if errors is None:
+                    raise
+                status = errors(exc)
+        await context.abort(*status)
+
+    return handler
+
+
+def _unary_blocking(impl, errors):
+    def handler(request, context):
+        status = _malformed(request)
+        if status is None:
+            try:
+                return impl(request, context)
+            except Exception as exc:  # the status is set below, outside the except (abort raises)
+                if errors is None:
+                    raise
+                status = errors(exc)
+        context.abort(*status)
+
+    return handler
+
+
+def _each_in_order(impl, errors):
+    async def handler(requests, context):
+        async for request in requests:
+            status = _malformed(request)
+            if status is None:
+                try:
+                    response = await impl(request)
+                except Exception as exc:
+                    if errors is None:
+                        raise
+                    status = errors(exc)
+            if status is not None:
+                await context.abort(*status)
+            yield response
+
+    return handler

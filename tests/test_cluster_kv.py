@@ -14,7 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from apar.protogen import stubs
-from services.kvmanager.testing import ScratchRedis
+from apar.bench_suite.simulated import ScratchRedis
 from tests.faults import Stream, wait_until, worker_info
 from tests.procs import Proc, free_port
 

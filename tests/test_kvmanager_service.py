@@ -21,7 +21,7 @@ from services.kvmanager import convert
 from services.kvmanager.ledger import KVLedger
 from services.kvmanager.replication import Batch, StepLog
 from services.kvmanager.service import serve
-from services.kvmanager.testing import ScratchRedis, SimWorker, free_port
+from apar.bench_suite.simulated import ScratchRedis, SimWorker, free_port
 from services.worker.kv import RemoteKV
 from services.worker.kvclient import KVManagerClient
 from tests.faults import wait_until

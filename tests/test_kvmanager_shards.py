@@ -16,7 +16,7 @@ from services.kvmanager.records import WorkerSpec
 from services.kvmanager.replication import ReplicaUnavailable
 from services.kvmanager.service import serve
 from services.kvmanager.shards import parse_shards, shard_for
-from services.kvmanager.testing import ScratchRedis, SimWorker, free_port
+from apar.bench_suite.simulated import ScratchRedis, SimWorker, free_port
 from services.worker.kv import RemoteKV
 from services.worker.kvclient import KVManagerClient
 from tests.faults import wait_until

@@ -15,7 +15,7 @@ from services.kvmanager.ops import Append
 from services.kvmanager.records import BadRequest, StoreUnavailable, UnknownWorker, WorkerSpec
 from services.kvmanager.replication import Batch, ReplicaUnavailable, StepLog, WorkerForgotten
 from services.kvmanager.store import RedisStore
-from services.kvmanager.testing import ScratchRedis, SimWorker, deliver
+from apar.bench_suite.simulated import ScratchRedis, SimWorker, deliver
 
 SPEC = WorkerSpec("w1", "127.0.0.1:1", num_blocks=64, block_size=4, ttl_s=30)
 SESSION = 7

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from apar.protogen import stubs
 from services.kvmanager.metrics import STORE_OPERATIONS
-from services.kvmanager.testing import ScratchRedis
+from apar.bench_suite.simulated import ScratchRedis
 from tests.faults import Stream, wait_until
 from tests.procs import Proc, free_port
 

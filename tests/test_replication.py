@@ -14,7 +14,7 @@ from services.kvmanager.ledger import KVLedger, ThreadRef
 from services.kvmanager.ops import Advance, Append, Finish, Fork, Release, Start, apply, record
 from services.kvmanager.records import BadRequest, WorkerRecord, WorkerSpec, apply_batch
 from services.kvmanager.replication import Ack, Batch, Resync, StepLog
-from services.kvmanager.testing import SimWorker
+from apar.bench_suite.simulated import SimWorker
 
 R = ThreadRef
 SESSION = 5

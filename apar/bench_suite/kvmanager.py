@@ -93,7 +93,7 @@ def run_kv_bench(args) -> int:
 
 
 def measure(cfg: KVBenchConfig, redis_url: str | None = None) -> dict:
-    from services.kvmanager.testing import ScratchRedis, free_port
+    from apar.bench_suite.simulated import ScratchRedis, free_port
 
     scratch = ScratchRedis() if redis_url is None else None
     store = ["--no-redis"] if redis_url == "" else ["--redis", redis_url or scratch.url,
@@ -237,7 +237,7 @@ def _simulate(cfg: KVBenchConfig, address: str, ids: list[str], start, results) 
 
     from services.kvmanager import convert
     from services.kvmanager.ledger import KVLedger
-    from services.kvmanager.testing import SimWorker
+    from apar.bench_suite.simulated import SimWorker
     from services.worker.kv import RemoteKV
     from services.worker.kvclient import KVManagerClient
 
@@ -302,7 +302,7 @@ def _replay(cfg: KVBenchConfig, address: str, ids: list[str], start, results) ->
     from services.kvmanager import convert
     from services.kvmanager.ledger import KVLedger
     from services.kvmanager.replication import StepLog
-    from services.kvmanager.testing import SimWorker
+    from apar.bench_suite.simulated import SimWorker
     from services.worker.kvclient import KVManagerClient
 
     K = stubs().kvmanager_pb2

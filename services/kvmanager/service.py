@@ -22,13 +22,11 @@ from concurrent import futures
 from dataclasses import dataclass, field
 
 import grpc
-from google.protobuf import message_factory
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
 from prometheus_client import CollectorRegistry
 
 from apar.protogen import stubs
-from services.grpc_common import Malformed, safe_parser, server_options
+from services.grpc_common import add_health_and_reflection, add_servicer, server_options
 from services.kvmanager import convert
 from services.kvmanager.manager import KVManager
 from services.kvmanager.metrics import KVMetrics
@@ -49,85 +47,33 @@ class KVManagerServicer:
         self.manager = manager
         self.default_ttl_s = default_ttl_s
 
-    def Register(self, req):
+    def Register(self, req, context):
         restored, free = self.manager.register(convert.spec_from_pb(req, self.default_ttl_s), req.session)
         return K.RegisterResponse(restored=restored, free_blocks=free)
 
-    def Heartbeat(self, req):
+    def Heartbeat(self, req, context):
         return K.HeartbeatResponse(known=self.manager.heartbeat(req.worker_id))
 
     async def Steps(self, req):
         return convert.ack_to_pb(await self.manager.submit_async(req.worker_id, convert.batch_from_pb(req)))
 
-    def Usage(self, req):
+    def Usage(self, req, context):
         return convert.usage_to_pb(self.manager.usage())
 
-    def State(self, req):
+    def State(self, req, context):
         return convert.state_to_pb(self.manager.state(req.worker_id))
 
-    def Prefix(self, req):
+    def Prefix(self, req, context):
         return convert.prefix_to_pb(self.manager.prefix(list(req.names)))
 
 
-def _status(exc: Exception, impl) -> tuple[grpc.StatusCode, str]:
+def _status(exc: Exception) -> tuple[grpc.StatusCode, str]:
     """A domain error's status code and message; a bug is INTERNAL (and logged), never a crash."""
     code = next((c for t, c in _CODES if isinstance(exc, t)), grpc.StatusCode.INTERNAL)
     if code == grpc.StatusCode.INTERNAL:
-        log.exception("KV manager bug in %s", impl.__name__)
+        log.exception("KV manager bug")
         return code, f"{type(exc).__name__}: {exc}"
     return code, str(exc)
-
-
-def _malformed(request) -> tuple[grpc.StatusCode, str] | None:
-    if isinstance(request, Malformed):
-        return grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.error}"
-    return None
-
-
-def _call(impl):
-    """A unary RPC (run in the server's thread pool)."""
-    def handler(request, context):
-        status = _malformed(request)
-        if status is None:
-            try:
-                return impl(request)
-            except Exception as exc:  # the status is set below, outside the except (abort raises)
-                status = _status(exc, impl)
-        context.abort(*status)
-
-    return handler
-
-
-def _stream(impl):
-    """Each request of the stream answered in order, on the event loop; an error ends the stream."""
-    async def handler(requests, context):
-        async for request in requests:
-            status = _malformed(request)
-            if status is None:
-                try:
-                    response = await impl(request)
-                except Exception as exc:
-                    status = _status(exc, impl)
-            if status is not None:
-                await context.abort(*status)
-            yield response
-
-    return handler
-
-
-def add_servicer(server: grpc.aio.Server, servicer: KVManagerServicer) -> None:
-    handlers = {}
-    for method in SERVICE.methods:
-        req_cls = message_factory.GetMessageClass(method.input_type)
-        resp_cls = message_factory.GetMessageClass(method.output_type)
-        impl = getattr(servicer, method.name)
-        if method.client_streaming:  # Steps
-            make, impl = grpc.stream_stream_rpc_method_handler, _stream(impl)
-        else:
-            make, impl = grpc.unary_unary_rpc_method_handler, _call(impl)
-        handlers[method.name] = make(impl, request_deserializer=safe_parser(req_cls),
-                                     response_serializer=resp_cls.SerializeToString)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
 
 
 @dataclass
@@ -213,13 +159,9 @@ def serve(address: str = "127.0.0.1:0", redis_url: str | None = None, *, prefix:
     async def create():
         server = grpc.aio.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="apar-kv"),
                                  options=server_options())
-        add_servicer(server, KVManagerServicer(manager, ttl_s))
-        checker = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(checker, server)
-        reflection.enable_server_reflection((SERVICE.full_name, health_pb2.DESCRIPTOR.services_by_name["Health"]
-                                             .full_name, reflection.SERVICE_NAME), server)
+        add_servicer(server, KVManagerServicer(manager, ttl_s), SERVICE, errors=_status)
+        checker = await add_health_and_reflection(server, [SERVICE.full_name])
         port = open_port(server, address, tls)  # mutual TLS with a TLSFiles (services/security.py)
-        await checker.set("", health_pb2.HealthCheckResponse.SERVING)
         return server, checker, port
 
     try:

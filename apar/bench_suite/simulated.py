@@ -1,4 +1,5 @@
-"""Helpers for tests and benchmarks of the KV manager: a simulated worker and a throwaway Redis server.
+"""Simulated workers and a throwaway Redis server, for `apar bench kvmanager` and the KV manager's tests
+(kept with the benchmark tooling, outside the services: no service imports them).
 
 `SimWorker` stands in for the worker's engine over any KV backend (`LocalKV`, `RemoteKV`, or a bare
 `replication.StepLog`): each `step()` defers the ends of some threads and requests (as the engine does),
