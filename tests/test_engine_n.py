@@ -115,7 +115,8 @@ def test_answers_share_the_prompt_blocks(llama_dir):
     prompt_attended, answer_attended = sum(range(1, 23)), sum(range(23, 34))
     assert tr.finished[rid].usage.attended_tokens == prompt_attended + 3 * answer_attended
 
-    alone = Engine(llama_dir, EngineConfig(block_size=4, num_blocks=64, max_batch_tokens=16))
+    # separate requests without the prefix cache (which would share the prompt's blocks too)
+    alone = Engine(llama_dir, EngineConfig(block_size=4, num_blocks=64, max_batch_tokens=16, prefix_cache=False))
     ids = [alone.add_request(PROMPT, SamplingParams(**params)) for _ in range(3)]
     separate = sum(u.usage.peak_kv_blocks for rid, u in run(alone).finished.items() if rid in ids)
     # between steps: the prompt's 6 blocks once + 3 blocks per answer, against 8 per separate request
@@ -232,7 +233,9 @@ def test_kv_manager_ledger_equals_the_workers_with_answers(llama_dir):
         eng.kv.drain()  # the step's message (and this step's thread ends) acknowledged
         assert manager.state("w-1") == eng.ledger.snapshot()
         manager.check()
-    assert eng.preemptions > 0 and not manager.state("w-1")["blocks"]
+    state = manager.state("w-1")  # only cached blocks are left (count 0, index 3 of a snapshot's block)
+    assert eng.preemptions > 0
+    assert all(b[3] == 0 for b in state["blocks"]) and len(state["cache"]) == len(state["blocks"])
 
 
 def test_cancel_frees_every_answer(llama_dir):

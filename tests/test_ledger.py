@@ -220,6 +220,7 @@ def test_named_blocks_are_cached_reused_and_evicted_least_recent_first():
     led.reuse(b, (101,))
     assert led.context_blocks(b) == [0] and led.num_cached == 1
     assert led.append(b, 1) == [(3, 0)]  # a fresh block after the reused one, never into it
+    assert led.blocks_of("b") == 1 and led.blocks_read("b") == 2  # its own, and the prefix it reads
     with pytest.raises(LedgerError):
         led.reuse(b, (101,))  # only a root without blocks
     led.start(c)

@@ -41,6 +41,9 @@ class SuiteSettings:
     control: ControlTokens = field(default_factory=ControlTokens)
     progress: bool = True
     data: Path | None = None  # the AlpacaEval folder; None: `apar.split.data_dir()`
+    # off: these benches compare decoding (APAR beside AR), and the rounds replay the same prompts, which
+    # the cache would serve from the second round on; `apar bench prefix` measures the cache itself
+    prefix_cache: bool = False
 
     def engine(self, model_dir: str | Path, num_blocks: int):
         from services.worker.engine import Engine
@@ -49,7 +52,8 @@ class SuiteSettings:
                                               max_batch_tokens=self.max_batch_tokens,
                                               admit_watermark=self.admit_watermark,
                                               fork_watermark=self.fork_watermark, device=self.device,
-                                              dtype=self.dtype, control=self.control))
+                                              dtype=self.dtype, control=self.control,
+                                              prefix_cache=self.prefix_cache))
 
     def describe(self) -> dict:
         p = self.plan

@@ -62,6 +62,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "(gather + SDPA), cascade (shared prefixes read once), flex (FlexAttention)")
     g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="on CUDA: replay decode steps as CUDA graphs (with flex attention; default on)")
+    g.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the cached KV blocks of a prompt's longest known prefix, prefill only the rest; "
+                        "prompts' blocks stay cached until evicted (default on)")
 
 
 def engine_config(args):
@@ -70,7 +73,7 @@ def engine_config(args):
     return EngineConfig(block_size=args.block_size, num_blocks=args.kv_blocks, kv_memory_mb=args.kv_memory_mb,
                         max_batch_tokens=args.max_batch_tokens, admit_watermark=args.admit_watermark,
                         fork_watermark=args.fork_watermark, device=args.device, dtype=args.dtype,
-                        attention=args.attention, cuda_graphs=args.cuda_graphs,
+                        attention=args.attention, cuda_graphs=args.cuda_graphs, prefix_cache=args.prefix_cache,
                         control=ControlTokens(fork=args.fork_token, child=args.child_token))
 
 

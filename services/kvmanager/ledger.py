@@ -165,8 +165,17 @@ class KVLedger:
         return t.running and bool(t.own) and not t.sealed and self._blocks[t.own[-1]].used < self.block_size
 
     def blocks_of(self, request: str) -> int:
-        """Blocks in use that belong to `request`'s threads."""
+        """Blocks in use that belong to `request`'s threads (not the named prefix blocks it reads: those
+        belong to no request, and stay cached when it ends)."""
         return self._request_blocks.get(request, 0)
+
+    def blocks_read(self, request: str) -> int:
+        """Blocks `request`'s threads hold: its own and the named prefix blocks they read (its footprint,
+        for usage; shared ones count for every request that reads them). Only a root's prompt blocks are
+        named, and every thread of a request reads its root's prompt: one running thread tells them."""
+        t = next((t for r in self._request_threads.get(request, ()) if (t := self._threads[r]).running), None)
+        named = 0 if t is None else sum(self._blocks[i].name is not None for i in t.refs + t.own)
+        return self._request_blocks.get(request, 0) + named
 
     def context_blocks(self, ref: ThreadRef) -> list[int]:
         """The blocks of the thread's context, in reading order (refs then own)."""

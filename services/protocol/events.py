@@ -27,6 +27,7 @@ class Usage:
     preemptions: int = 0  # times its blocks were all freed under pressure and its KV recomputed later
     recomputed_tokens: int = 0  # tokens computed again after preemptions
     forks_refused: int = 0  # [Fork]s the model chose (or a replay held) that memory pressure refused
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache (at its first start), not computed
 
     def as_dict(self) -> dict[str, int]:
         return {k: getattr(self, k) for k in self.__slots__}

@@ -39,6 +39,9 @@ class EngineConfig:
     # cuda, cascade on cpu)
     attention: str = "auto"
     cuda_graphs: bool = True  # on cuda: replay decode steps as CUDA graphs (flex attention only)
+    # a new request reads the cached blocks of its prompt's longest known prefix and prefills only the
+    # rest; a prompt's full blocks stay cached (evictable) after its request ends
+    prefix_cache: bool = True
     control: ControlTokens = field(default_factory=ControlTokens)
 
     def __post_init__(self) -> None:

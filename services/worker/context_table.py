@@ -17,9 +17,10 @@ portable one gathers rows, the cascade one slices the runs a group of threads sh
 next to 2 * layers * kv_heads * head_dim * 2 bytes of KV per position.
 
 Updates, once per step, proportional to what changed: a token appends one entry (the ledger's slot for
-it), a fork copies the parent's entries up to the `[Fork]` into the child's row on the device (no host
-data), a thread that leaves the ledger gives its row back. The step's new entries travel in one int32
-upload: a pinned host buffer copied with `non_blocking=True` on CUDA, a plain tensor on the CPU.
+it), a root that starts on a cached prefix appends that prefix's slots once (`reuse`), a fork copies the
+parent's entries up to the `[Fork]` into the child's row on the device (no host data), a thread that
+leaves the ledger gives its row back. The step's new entries travel in one int32 upload: a pinned host
+buffer copied with `non_blocking=True` on CUDA, a plain tensor on the CPU.
 
 Row 0 is never given out: it holds -1 everywhere, the context of padding queries.
 """
@@ -94,6 +95,15 @@ class ContextTable:
     # ---- host side, as the engine allocates --------------------------------------------------------
     def push(self, t: Thread, slots: list[int]) -> None:
         """The ledger gave `t` these slots for its next positions (a root gets its row on its first)."""
+        self._extend(t, slots)
+        t.new_slots.extend(slots)  # the step builder takes them, in plan order
+
+    def reuse(self, t: Thread, slots: list[int]) -> None:
+        """A root just started reads its first positions from the prefix cache: these slots already hold
+        their K/V (written for an earlier request), so they enter its context and are never written."""
+        self._extend(t, slots)
+
+    def _extend(self, t: Thread, slots: list[int]) -> None:
         if t.row is None:
             t.row = self._take(t)
         rows, positions, values = self._appends
@@ -101,7 +111,6 @@ class ContextTable:
         rows.extend([t.row] * n)
         positions.extend(range(t.n_ctx, t.n_ctx + n))
         values.extend(slots)
-        t.new_slots.extend(slots)  # the step builder takes them, in plan order
         t.n_ctx += n
         if t.n_ctx > self.width:
             self._widen(t.n_ctx)

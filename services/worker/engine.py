@@ -12,6 +12,12 @@ A request for `n` answers prefills its prompt once: when the root samples its fi
 answers' first tokens are drawn from the same logits row and their roots forked from the root's prompt
 (`_open_answers`), so every answer reads the prompt's blocks. Each answer has its own `max_tokens` and
 `max_threads`; the request ends when every answer has.
+
+Prefix cache (`EngineConfig.prefix_cache`): a root starts in the ledger on the longest run of its
+prompt's full blocks the ledger holds by name (the scheduler looks it up, `_start_root` sends [Start,
+Reuse]): those tokens count as computed and its prefill starts after them. Once its prompt is
+prefilled, the blocks it wrote are named (`_name_prompts`) and outlive the request as cached blocks,
+evicted when a block is needed.
 """
 from __future__ import annotations
 
@@ -23,9 +29,10 @@ import torch
 
 from apar.errors import UserError
 from services.kvmanager.ledger import KVLedger, ThreadRef
-from services.kvmanager.ops import Append, Finish, Fork, Release, Start
+from services.kvmanager.ops import Append, Finish, Fork, Name, Op, Release, Reuse, Start
 from services.protocol.events import Event, FinishReason, RequestFinished, ThreadFinished, ThreadStarted, TokenEvent
 from services.protocol.params import SamplingParams
+from services.protocol.prefix import block_hashes
 from services.worker.backends.base import StepData
 from services.worker.config import EngineConfig
 from services.worker.kv import LocalKV
@@ -72,6 +79,9 @@ class Engine:
         self.preemptions = 0
         self.forks_refused = 0  # [Fork]s refused because the pool was nearly full
         self.recomputed_tokens = 0  # tokens computed again after preemptions
+        # prefix cache, at each request's first start: prompt tokens looked up, and found cached
+        self.prefix_queried_tokens = 0
+        self.prefix_hit_tokens = 0
         self._ids = itertools.count()
 
     # ---- requests in and out -----------------------------------------------------------------------
@@ -97,6 +107,8 @@ class Engine:
                 raise UserError("a replayed request serves one answer (n must be 1)")
             replay.validate(self.fork_id)
         req = Request(id=request_id, prompt=list(prompt), params=params, arrival=self.steps)
+        if self.config.prefix_cache:
+            req.prompt_names = block_hashes(prompt, self.config.block_size)
         if not params.greedy:
             gen = torch.Generator(device=self.runner.device)
             gen.manual_seed(params.seed if params.seed is not None else torch.seed())
@@ -138,15 +150,16 @@ class Engine:
         if not work:  # nothing to run (at most forks of recomputed threads, which the ledger now has)
             self.kv.flush()
             return result
-        batch, samplers = self._build_batch(work)
+        batch, samplers, prefilled = self._build_batch(work)
         logits = self.runner.forward(batch)  # [S, V]
         self.steps += 1
         result.tokens = batch.num_tokens
+        self._name_prompts(prefilled)  # before sampling: a root may end there
         produced = self._sample(samplers, logits, result)
         for req in list(self.scheduler.running):
             if req.id in produced:
                 req.usage.steps += 1
-            req.usage.peak_kv_blocks = max(req.usage.peak_kv_blocks, self.ledger.blocks_of(req.id))
+            req.usage.peak_kv_blocks = max(req.usage.peak_kv_blocks, self.ledger.blocks_read(req.id))
             if not req.running_threads:
                 result.events.extend(self._end_request(req, None))
         self.peak_blocks = max(self.peak_blocks, self.ledger.num_used)
@@ -178,6 +191,9 @@ class Engine:
         tokens stay, its KV is recomputed when it is admitted again (parents before children)."""
         self.scheduler.preempt(req)
         if not req.root.in_ledger:  # admitted in this step, nothing computed yet: simply not admitted
+            # planning may have marked its recompute as covered: after an earlier preemption it still
+            # has everything to recompute when it is admitted again
+            req.recomputing = req.usage.preemptions > 0
             return
         self.kv.defer(Release(req.id))
         for t in req.threads:
@@ -193,15 +209,17 @@ class Engine:
         """Give every planned token a slot in ONE ledger call, in plan order: a new root's start, a new
         child's fork (after its parent's [Fork] got its slot), the append, and for a finished thread
         recomputed for its children, its end once its last such child is forked. (A new answer root is
-        forked when it is created, see `_open_answers`; after a preemption it is forked here.)"""
-        ops: list = []
+        forked when it is created, see `_open_answers`; after a preemption it is forked here.) New roots
+        start first, so that no allocation of the step evicts a cached block one of them reuses."""
+        starts: list[Op] = []
+        ops: list[Op] = []
         new_threads: set[int] = set()
         for w in work:
             req, t = w.request, w.thread
             ref = ThreadRef(req.id, t.id)
             if not t.in_ledger:
                 if t.parent is None:
-                    ops.append(Start(ref))
+                    starts += self._start_root(req, ref)
                 else:
                     parent = t.parent
                     ops.append(Fork(ThreadRef(req.id, parent.id), ref))
@@ -212,9 +230,9 @@ class Engine:
                 new_threads.add(id(t))
             if w.n:
                 ops.append(Append(ref, w.n))
-        if not ops:
+        if not starts and not ops:
             return []
-        answer = self.kv.apply(ops)
+        answer = self.kv.apply(starts + ops)
         bs = self.config.block_size
         failed: set[str] = set()
         appends = iter(answer.appends)
@@ -228,15 +246,21 @@ class Engine:
                 result.events.extend(self._end_request(w.request, FinishReason.LENGTH))
                 continue
             t = w.thread
-            if id(t) in new_threads and t.parent is not None:  # the parent's context up to its [Fork]
+            if id(t) in new_threads:
                 new_threads.discard(id(t))
-                self.runner.contexts.fork(t.parent, t)
+                if t.parent is not None:  # the parent's context up to its [Fork]
+                    self.runner.contexts.fork(t.parent, t)
+                elif t.reused:  # a root's cached prefix
+                    blocks = self.ledger.context_blocks(ThreadRef(w.request.id, t.id))[: t.reused]
+                    self.runner.contexts.reuse(t, [b * bs + o for b in blocks for o in range(bs)])
             self.runner.contexts.push(t, [b * bs + o for b, o in slots])
         return [w for w in work if w.request.id not in failed and w.n]
 
-    def _build_batch(self, work: list[Work]) -> tuple[StepData, list[tuple[Request, Thread]]]:
-        """The step's data (`StepBuilder`), then count its tokens as computed (and in usage)."""
+    def _build_batch(self, work: list[Work]) -> tuple[StepData, list[tuple[Request, Thread]], list[Work]]:
+        """The step's data (`StepBuilder`), then count its tokens as computed (and in usage); also the
+        roots' chunks that complete their prompt."""
         step, samplers = self.batcher.build(work, self.runner.backend.uses_runs)
+        prefilled = []
         for w in work:
             t, n = w.thread, w.n
             first = t.computed
@@ -246,7 +270,31 @@ class Engine:
                 w.request.usage.recomputed_tokens += redo
                 self.recomputed_tokens += redo
             t.computed += n
-        return step, samplers
+            if t.parent is None and first < t.n_prompt <= t.computed:
+                prefilled.append(w)
+        return step, samplers, prefilled
+
+    # ---- prefix cache ------------------------------------------------------------------------------
+    def _start_root(self, req: Request, ref: ThreadRef) -> list[Op]:
+        """A root's start in the ledger, on its cached prefix. The first start is the request's cache
+        hit (`cached_tokens`); one after a preemption reads its own cached blocks back."""
+        root = req.root
+        if self.config.prefix_cache and not req.usage.preemptions:
+            req.usage.cached_tokens = root.reused * self.config.block_size
+            self.prefix_queried_tokens += len(req.prompt)
+            self.prefix_hit_tokens += req.usage.cached_tokens
+        if not root.reused:
+            return [Start(ref)]
+        return [Start(ref), Reuse(ref, tuple(req.prompt_names[: root.reused]))]
+
+    def _name_prompts(self, prefilled: list[Work]) -> None:
+        """Roots whose prompt the step just wrote: the full blocks they wrote get their names (those past
+        the cached prefix), so that later prompts can reuse them."""
+        for w in prefilled:
+            t = w.thread
+            names = w.request.prompt_names[t.reused :]
+            if names:
+                self.kv.defer(Name(ThreadRef(w.request.id, t.id), t.reused, tuple(names)))
 
     def _sample(self, samplers: list[tuple[Request, Thread]], logits: torch.Tensor, result: StepResult) -> set[str]:
         """Pick one token per sampling thread (logits: [S, V], row i for samplers[i]); apply them in order.

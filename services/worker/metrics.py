@@ -55,12 +55,22 @@ class WorkerMetrics:
         self.recomputed = counter("apar_recomputed_tokens_total", "Tokens computed again after preemptions")
         self.computed = counter("apar_computed_tokens_total", "Tokens computed by the model (prefill and decode)")
         self.kv_used = gauge("apar_kv_blocks_used", "KV blocks in use")
-        self.kv_free = gauge("apar_kv_blocks_free", "KV blocks free")
+        self.kv_free = gauge("apar_kv_blocks_free", "KV blocks free (cached ones included: evicted when needed)")
+        # the prefix cache, vLLM's names: hit rate = hits / queries, in prompt tokens at each request's start
+        self.prefix_queries = counter("apar_prefix_cache_queries_total", "Prompt tokens looked up in the prefix "
+                                      "cache (each request's whole prompt, at its first start)")
+        self.prefix_hits = counter("apar_prefix_cache_hits_total", "Prompt tokens served from the prefix cache "
+                                   "(usage cached_tokens)")
+        self.kv_cached = gauge("apar_kv_blocks_cached", "KV blocks cached: named prompt blocks no running thread "
+                               "reads, kept for reuse until evicted")
+        self.evictions = counter("apar_prefix_cache_evictions_total", "Cached KV blocks evicted to give a new "
+                                 "block")
         self.step_seconds = histogram("apar_worker_step_seconds", "Wall time of one engine step (forward pass "
                                       "included)", STEP_SECONDS)
         self.kv_rtt = histogram("apar_kvmanager_rtt_seconds", "Round trip of one Step message to the KV manager "
                                 "(cluster mode; in-process under apar serve)", RTT_SECONDS)
-        self._totals = {"forks": 0, "early": 0, "preemptions": 0, "forks_refused": 0, "recomputed": 0}
+        self._totals = {"forks": 0, "early": 0, "preemptions": 0, "forks_refused": 0, "recomputed": 0,
+                        "prefix_queries": 0, "prefix_hits": 0, "evictions": 0}
         self._depths: dict[int, int] = {}
         self._hooked = None
 
@@ -74,9 +84,12 @@ class WorkerMetrics:
         ledger = engine.ledger
         self.kv_used.set(ledger.num_used)
         self.kv_free.set(ledger.num_free)
+        self.kv_cached.set(ledger.num_cached)
         self.kv_usage.set(ledger.num_used / ledger.num_blocks if ledger.num_blocks else 0.0)
         now = {"forks": engine.forks, "early": engine.blocks_released_early, "preemptions": engine.preemptions,
-               "forks_refused": engine.forks_refused, "recomputed": engine.recomputed_tokens}
+               "forks_refused": engine.forks_refused, "recomputed": engine.recomputed_tokens,
+               "prefix_queries": engine.prefix_queried_tokens, "prefix_hits": engine.prefix_hit_tokens,
+               "evictions": ledger.evictions}
         for key, total in now.items():
             if total > self._totals[key]:
                 getattr(self, key).inc(total - self._totals[key])

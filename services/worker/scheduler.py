@@ -4,6 +4,8 @@ One rule covers prefill, chunked prefill, decode and recompute: each thread's `c
 its `target` (SPEC section 5). Every running thread of a decoding request with one pending token (its
 last sampled one, or a new child's `[Child]`) runs each step; the rest of `max_batch_tokens` goes to
 requests that are catching up, oldest first: a new request's prompt, or a preempted request's threads.
+A root that starts in the ledger skips its prompt's cached prefix (the prefix cache): those tokens are
+computed already.
 
 A request catching up is walked as a tree, parents before children: a parent's chunk never runs past a
 child's `[Fork]` before that child is forked (so the ledger shares exactly the blocks up to the `[Fork]`
@@ -12,11 +14,12 @@ all but the last token of each running thread; that last token then runs as an o
 every thread of the request together, so its stream goes on exactly as if nothing had happened.
 
 Admission is on what is free, never on a reservation: the oldest waiting request is admitted when the
-free blocks, less what this step's decoding threads are about to open, cover what it needs to start
-(its prompt, or after a preemption the KV it must recompute) plus a watermark: a share of the pool, or
-one block per running request if more (what they open over the next block's worth of steps). With
-nothing running the head of the queue is admitted whatever it needs, so the queue can never stall. A
-request whose prompt can never fit is rejected.
+free blocks (cached ones included: they are evicted when needed), less what this step's decoding threads
+are about to open, cover what it needs to start (its prompt, its cached prefix counted as if it all came
+off the free list, or after a preemption the KV it must recompute) plus a watermark: a share of the
+pool, or one block per running request if more (what they open over the next block's worth of steps).
+With nothing running the head of the queue is admitted whatever it needs, so the queue can never stall.
+A request whose prompt can never fit is rejected.
 """
 from __future__ import annotations
 
@@ -121,7 +124,18 @@ class Scheduler:
             if budget <= 0:
                 break
             if req.recomputing or req.root.in_prefill:
+                if not req.root.in_ledger:
+                    self._skip_cached_prefix(req)
                 budget = self._catch_up(req, budget, work)
+
+    def _skip_cached_prefix(self, req: Request) -> None:
+        """A root about to start in the ledger (admitted, or again after a preemption) starts on the
+        longest run of its prompt's named blocks the ledger holds (none without the prefix cache: no
+        names): their tokens count as computed. At least one prompt token is left to compute, for the
+        logits of the first token. Looked up again each step until the start: allocations may evict."""
+        root, bs = req.root, self.ledger.block_size
+        root.reused = min(self.ledger.cached_prefix(req.prompt_names), (len(req.prompt) - 1) // bs)
+        root.computed = root.reused * bs
 
     def _catch_up(self, req: Request, budget: int, work: list[Work]) -> int:
         """Chunks of one request's threads, parents before children, within `budget`; returns what is
@@ -157,21 +171,26 @@ class Scheduler:
         return budget
 
     def blocks_needed(self, work: list[Work]) -> dict[str, int]:
-        """New blocks each request's work opens, simulating the ledger's rule exactly: a thread fills its
-        last block unless it is sealed (a child read it), then opens fresh ones."""
+        """Blocks each request's work takes off the free list, simulating the ledger's rule exactly: a
+        thread fills its last block unless it is sealed (a child read it), then opens fresh ones. A root
+        starting on a cached prefix counts each block of it (at most: one another thread reads is in use
+        already)."""
         bs = self.ledger.block_size
         room: dict[int, int] = {}
         need: dict[str, int] = {}
         for w in work:
             t = w.thread
+            reused = 0
             if id(t) not in room:
                 room[id(t)] = self.ledger.room(ThreadRef(w.request.id, t.id)) if t.in_ledger else 0
+                if not t.in_ledger:
+                    reused = t.reused
             if not t.in_ledger and t.parent is not None:
                 room[id(t.parent)] = 0  # the fork seals the parent's last block
             extra = max(0, w.n - room[id(t)])
             opened = -(-extra // bs)
             room[id(t)] = room[id(t)] - w.n if extra == 0 else opened * bs - extra
-            need[w.request.id] = need.get(w.request.id, 0) + opened
+            need[w.request.id] = need.get(w.request.id, 0) + opened + reused
         return need
 
     def remove(self, req: Request) -> None:

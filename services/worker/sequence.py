@@ -44,6 +44,9 @@ class Thread:
     # recompute (up to the last such descendant's [Fork]); 0 when none, or once the ledger has it again
     recompute_to: int = 0
     recompute_mark: int = 0  # kv tokens below this index were computed before a preemption
+    # root only: leading prompt blocks it reads from the prefix cache since its (next) start in the
+    # ledger; their tokens count as computed, so its prefill starts after them
+    reused: int = 0
 
     @property
     def running(self) -> bool:
@@ -96,6 +99,7 @@ class Thread:
         (the context table takes its row back at the next step)."""
         self.recompute_mark = max(self.recompute_mark, self.computed)
         self.computed = 0
+        self.reused = 0
         self.n_ctx = 0
         self.new_slots.clear()
         self.in_ledger = False
@@ -114,6 +118,7 @@ class Request:
     arrival: int = 0
     admitted: bool = False  # admitted at least once (its root was announced)
     recomputing: bool = False  # readmitted after a preemption, its threads' KV not yet all recomputed
+    prompt_names: list[int] = field(default_factory=list)  # its prompt's full blocks' names (prefix cache)
     # per answer: completion tokens (control tokens included) and threads; `usage` holds the totals
     answer_tokens: list[int] = field(init=False)
     answer_threads: list[int] = field(init=False)
