@@ -1,4 +1,5 @@
-"""The trace benchmark's driver on a tiny random model: the JSON's keys, counts that add up, the plot."""
+"""The trace benchmark's driver on a tiny random model: the JSON's keys, counts that add up, the plot; the prefix
+benchmark's token counts."""
 from __future__ import annotations
 
 import itertools
@@ -61,3 +62,16 @@ def test_trace_report_adds_up(llama_dir, tmp_path, one_thread):
     assert apar_u["tokens"] == apar_tokens and apar_u["forked_share"] == 1.0
     assert apar_u["steps_per_request"] < ar_u["steps_per_request"]  # the trees fork: fewer steps
     assert "APAR against AR per level" in report.text()
+
+
+def test_prefix_bench_counts_the_cached_tokens(llama_dir, one_thread):
+    from apar.bench_suite.prefix import PrefixBenchConfig, measure
+
+    r = measure(llama_dir, PrefixBenchConfig(requests=6, concurrency=3, system_tokens=100, max_tokens=2))
+    on, off = r["on"], r["off"]
+    assert on["requests"] == off["requests"] == 6 and on["prompt_tokens"] == off["prompt_tokens"]
+    assert off["cached_tokens"] == 0 and off["prefilled_tokens"] == off["prompt_tokens"]
+    # the system prompt's 6 full blocks, at least for every request admitted after the first wave's prefill
+    assert on["cached_tokens"] % 16 == 0 and on["cached_tokens"] >= 3 * 96
+    assert on["prefilled_tokens"] == on["prompt_tokens"] - on["cached_tokens"]
+    assert r["prefilled_ratio"] == on["prefilled_tokens"] / off["prefilled_tokens"]

@@ -97,6 +97,19 @@ def test_async_completions_stream_with_usage(server, stub):
     assert all(c.usage is None for c in chunks[:-1])
 
 
+def test_a_repeated_prompt_reports_its_cached_tokens(client):
+    messages = [{"role": "user", "content": "Compare the rivers of Europe: " + "length, basin and flow; " * 12}]
+    first = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, stream=True,
+                                                 stream_options={"include_usage": True}))
+    usage = chunks[-1].usage
+    full = (usage.prompt_tokens - 1) // 16 * 16  # every block but the one holding the last prompt token
+    assert usage.prompt_tokens_details.cached_tokens == full > first.usage.prompt_tokens_details.cached_tokens
+    again = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
+    assert again.usage.prompt_tokens_details.cached_tokens == full
+    assert "cached_tokens" not in again.usage.model_extra
+
+
 def test_n_answers(client):
     out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": PROMPT}], n=3,
                                          max_tokens=16, temperature=1.0, seed=7)

@@ -34,7 +34,7 @@ KV_BLOCKS = 256
 DASHBOARD = Path(__file__).resolve().parent.parent / "deploy" / "helm" / "apar" / "dashboards" / "apar.json"
 PROMPTS = ["Give me five tips for working from home.", "List the planets, one by one, with a fact each.",
            "Name three rivers and where they flow.", "How do I bake bread? Give the steps."]
-USAGE_KEYS = ("prompt_tokens", "completion_tokens", "threads", "forks", "steps", "attended_tokens")
+USAGE_KEYS = ("prompt_tokens", "completion_tokens", "threads", "forks", "steps", "attended_tokens", "cached_tokens")
 KV_MANAGER_ONLY = {"apar_redis_errors_total"}  # the dashboard's names that only the KV manager exports
 
 
@@ -100,9 +100,10 @@ def tri(x: float) -> float:
 
 def ar_equivalent(u: dict, n: int) -> float:
     """Plain AR's attended tokens for the same prompt and answer lengths (each answer completion / n):
-    the prompt once, then each answer's computed tokens (all but its last) in one line."""
+    the prompt once (less what the prefix cache served), then each answer's computed tokens (all but its
+    last) in one line."""
     p, c = u["prompt_tokens"], u["completion_tokens"] / n
-    return tri(p) + n * (tri(p + c - 1) - tri(p))
+    return tri(p) - tri(u.get("cached_tokens", 0)) + n * (tri(p + c - 1) - tri(p))
 
 
 def grpc_request(address: str, prompt: str, n: int = 1, ar: bool = False, **sampling) -> tuple[dict, int]:
@@ -124,7 +125,8 @@ def http_request(base: str, prompt: str, n: int = 1) -> tuple[dict, int]:
     r = httpx.post(base + "/v1/chat/completions", json=body, timeout=120)
     assert r.status_code == 200, r.text
     assert len(r.json()["choices"]) == n
-    return r.json()["usage"], n
+    usage = r.json()["usage"]
+    return {**usage, "cached_tokens": usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)}, n
 
 
 def drive(address: str, http_base: str, worker_url: str) -> tuple[list[tuple[dict, int]], int]:

@@ -5,8 +5,8 @@ C requests are in flight until the list runs out (a client that waits for each a
 again). Under a limited pool the engine decides how many of them actually run: by reservation, or by
 free blocks with preemption; `running_mean` shows which. Every level of every mode gets the same jobs.
 Latency runs from submission (queueing included) to the request's end; TTFT to its first token event.
-Counters newer engines keep (`forks_refused`, `recomputed_tokens`, `Usage.preemptions`) are read with
-getattr, so the driver works before and after them.
+Counters newer engines keep (`forks_refused`, `recomputed_tokens`, `Usage.preemptions`,
+`Usage.cached_tokens`) are read with getattr, so the driver works before and after them.
 """
 from __future__ import annotations
 
@@ -51,6 +51,8 @@ class LevelStats:
     concurrency: int
     requests: int = 0
     tokens: int = 0  # completion tokens over all threads, control tokens included
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
     steps: int = 0  # engine steps (forward passes)
     request_steps: int = 0  # generation steps summed over requests (SPEC section 7)
     wall_s: float = 0.0
@@ -183,6 +185,8 @@ def _add_usage(stats: LevelStats, event: RequestFinished) -> None:
     u = event.usage
     stats.requests += 1
     stats.tokens += u.completion_tokens
+    stats.prompt_tokens += u.prompt_tokens
+    stats.cached_tokens += getattr(u, "cached_tokens", 0)
     stats.request_steps += u.steps
     stats.attended_tokens += u.attended_tokens
     stats.preemptions += getattr(u, "preemptions", 0)

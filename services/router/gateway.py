@@ -1,6 +1,7 @@
 """The router's one code path behind its two front doors (gRPC `apar.v1.Apar` and the OpenAI-compatible
-HTTP API): validate and tokenize, pick a worker, forward the token ids, stitch the worker's per-thread
-events into stream items, apply stop strings, and end the worker's request when the caller goes away.
+HTTP API): validate and tokenize, pick a worker (in cluster mode by the prompt's cached prefix and the
+load: `workers.prefix_choice`), forward the token ids, stitch the worker's per-thread events into stream
+items, apply stop strings, and end the worker's request when the caller goes away.
 
 Errors leave as `GatewayError` with a status each front door maps to its own codes: `invalid` (gRPC
 INVALID_ARGUMENT, HTTP 400), `exhausted` (RESOURCE_EXHAUSTED, 429), `unavailable` (UNAVAILABLE, 503),
@@ -140,10 +141,11 @@ class Gateway:
                        request_id: str | None = None) -> AsyncIterator[StreamItem]:
         """Run a prepared request on a worker; yields stream items, the `Final`s (one per answer) last.
         The job's place among its caller's concurrent requests is given back when this ends."""
+        worker = None
         try:
             t0 = time.perf_counter()
             fork, child, hidden, _ = await self.control()
-            worker = await self.workers.choose()
+            worker = await self.workers.choose(job.ids)
             if worker is None:
                 self.metrics.failed.labels("unavailable").inc()
                 raise GatewayError("unavailable", "no worker is available")
@@ -192,6 +194,8 @@ class Gateway:
             final: Final = stream.finals[0]
             self.metrics.done(final.usage, time.perf_counter() - t0, final.finish_reason, len(stream.finals))
         finally:
+            if worker is not None:
+                self.workers.release(worker)
             job.release()
 
     async def _finish_on_worker(self, worker, rid: str) -> None:

@@ -18,8 +18,9 @@ OpenAI's shape with `WWW-Authenticate: Bearer` before its body is read). The bod
 APAR extensions: the request's `apar` object (`auto_parallel`, `max_threads`, `max_depth`, `stream`:
 `linear` or `threads`, and `ignore_eos` for benchmarks); with `stream: "threads"` each per-thread event
 is a chunk whose `apar.thread` field holds it (content deltas still stream as usual). The usage
-carries, beside the standard fields, `steps`, `threads`, `forks`, `peak_kv_blocks`, `attended_tokens`,
-`preemptions`, `recomputed_tokens` and `forks_refused`.
+carries, beside the standard fields (`prompt_tokens_details.cached_tokens`: prompt tokens served from
+the prefix cache), `steps`, `threads`, `forks`, `peak_kv_blocks`, `attended_tokens`, `preemptions`,
+`recomputed_tokens` and `forks_refused`.
 """
 from __future__ import annotations
 
@@ -208,10 +209,12 @@ def _prompt(body: dict) -> str:
     return prompt
 
 
-def _usage(usage: dict[str, int]) -> dict[str, int]:
-    out = {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
-           "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
-    out.update((k, v) for k, v in usage.items() if k not in out)
+def _usage(usage: dict[str, int]) -> dict:
+    out: dict = {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
+                 "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
+    if "cached_tokens" in usage:  # prompt tokens served from the prefix cache, where OpenAI puts them
+        out["prompt_tokens_details"] = {"cached_tokens": usage["cached_tokens"]}
+    out.update((k, v) for k, v in usage.items() if k not in out and k != "cached_tokens")
     return out
 
 

@@ -33,13 +33,14 @@ class _ByModel:
         return self.metric.labels(self.model_name, *values)
 
 
-def ar_equivalent(prompt_tokens: int, completion_tokens: int, answers: int = 1) -> float:
+def ar_equivalent(prompt_tokens: int, completion_tokens: int, answers: int = 1, cached_tokens: int = 0) -> float:
     """The attended KV tokens (`usage.attended_tokens`, as the engine counts them) of plain AR decoding
     of the same answer lengths: the prompt prefilled once (sum of 1..p), then each answer's tokens in one
     line, the k-th computed token reading p + k + 1 (its context, itself included). The last sampled token
     of an answer is never computed, so an answer of c tokens computes c - 1 of them, and an AR request
     costs exactly T(p + c - 1) with T(x) = x (x + 1) / 2: what the engine reports for an AR request.
-    With n answers the per-answer lengths are not in the usage: each is taken as completion_tokens / n."""
+    With n answers the per-answer lengths are not in the usage: each is taken as completion_tokens / n.
+    Prompt tokens served from the prefix cache are not computed, by AR either: T(cached) less."""
     p = prompt_tokens
     if completion_tokens <= 0 or answers < 1:
         return 0.0
@@ -48,7 +49,7 @@ def ar_equivalent(prompt_tokens: int, completion_tokens: int, answers: int = 1) 
         return x * (x + 1) / 2
 
     c = completion_tokens / answers
-    return tri(p) + answers * (tri(p + c - 1) - tri(p))
+    return tri(p) - tri(cached_tokens) + answers * (tri(p + c - 1) - tri(p))
 
 
 class RouterMetrics:
@@ -110,4 +111,5 @@ class RouterMetrics:
         attended = usage.get("attended_tokens", 0)
         self.attended.inc(attended)
         # a request that generated nothing (ended before its first token) adds the same to both
-        self.attended_ar.inc(ar_equivalent(prompt, completion, answers) if completion > 0 else attended)
+        self.attended_ar.inc(ar_equivalent(prompt, completion, answers, usage.get("cached_tokens", 0))
+                             if completion > 0 else attended)

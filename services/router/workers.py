@@ -1,19 +1,30 @@
-"""The router's view of the workers: their info, which are alive, and the one with the most free blocks."""
+"""The router's view of the workers: their info, which are alive, and which one takes the next request.
+
+Without a KV manager a request goes to the live worker with the most free blocks. With one
+(`KVManagerDirectory`) it goes to the worker that holds the longest cached prefix of its prompt, unless
+that worker is loaded well beyond the others (`prefix_choice`).
+"""
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
 
 from apar.protogen import stubs
 from services.kvmanager.shards import parse_shards
+from services.protocol.prefix import block_hashes
 from services.security import TLSFiles, open_channel
 
 log = logging.getLogger(__name__)
 pb = stubs()
+# A worker more than this many requests above the least loaded one gets no request for its cached prefix:
+# a hot prefix spreads to a second worker (which then caches it too) instead of queueing on one.
+LOAD_SLACK = 4
+PREFIX_TIMEOUT_S = 0.2  # a KV manager shard slower than this counts as holding nothing
 
 
 @dataclass(slots=True)
@@ -24,6 +35,35 @@ class WorkerHandle:
     info: object | None = None  # the last WorkerInfo
     alive: bool = False
     checked: float = 0.0
+    inflight: int = 0  # this router's requests to it, from `choose` until `release`
+
+    @property
+    def load(self) -> int:
+        """Requests on the worker: running and waiting as it last said, or what this router has sent it
+        since, if more (its Info is up to `refresh_s` old)."""
+        return max(self.inflight, self.info.running + self.info.waiting)
+
+
+def most_free(live: list[WorkerHandle]) -> WorkerHandle:
+    """The worker with the most free KV blocks (fewest queued, then fewest running, on a tie)."""
+    return max(live, key=lambda w: (w.info.free_blocks, -w.info.waiting, -w.info.running))
+
+
+def prefix_choice(live: list[WorkerHandle], cached: dict[str, int], prompt_tokens: int,
+                  slack: int = LOAD_SLACK) -> WorkerHandle:
+    """The worker for a prompt of `prompt_tokens` tokens, given the tokens of its prefix each worker holds
+    cached (`cached`: address -> tokens, absent for none).
+
+    A worker is eligible when its free blocks cover the whole prompt and its load (running and waiting
+    requests) is at most `slack` above the least loaded worker's. Among the eligible the longest cached
+    prefix wins, then the most free blocks, then the lightest load. None eligible: the most free blocks.
+    """
+    least = min(w.load for w in live)
+    eligible = [w for w in live if w.info.free_blocks >= -(-prompt_tokens // w.info.block_size)
+                and w.load <= least + slack]
+    if not eligible:
+        return most_free(live)
+    return max(eligible, key=lambda w: (cached.get(w.address, 0), w.info.free_blocks, -w.load))
 
 
 class WorkerDirectory:
@@ -75,16 +115,28 @@ class WorkerDirectory:
         w.alive = False
         w.checked = time.monotonic()
 
-    async def choose(self) -> WorkerHandle | None:
-        """The live worker with the most free KV blocks (fewest queued on a tie), or None."""
+    async def choose(self, prompt_ids: Sequence[int] = ()) -> WorkerHandle | None:
+        """The live worker with the most free KV blocks (fewest queued on a tie), or None. The caller
+        gives the worker back with `release` when the request ends."""
+        live = await self._live()
+        return self._take(most_free(live)) if live else None
+
+    async def _live(self) -> list[WorkerHandle]:
         self._ensure_poller()
         live = [w for w in self.workers if w.alive and w.info is not None]
         if not live:
             await self.refresh(force=True)
             live = [w for w in self.workers if w.alive and w.info is not None]
-        if not live:
-            return None
-        return max(live, key=lambda w: (w.info.free_blocks, -w.info.waiting, -w.info.running))
+        return live
+
+    @staticmethod
+    def _take(w: WorkerHandle) -> WorkerHandle:
+        w.inflight += 1
+        return w
+
+    @staticmethod
+    def release(w: WorkerHandle) -> None:
+        w.inflight -= 1
 
     async def any_info(self):
         await self.refresh(force=True)
@@ -104,13 +156,50 @@ class KVManagerDirectory(WorkerDirectory):
     """Workers as the KV manager knows them: registered (alive within their time-to-live), with free
     blocks from the manager's ledger; each worker's Info still gives its model facts. `kvmanager` lists
     every shard (`host1:p1,host2:p2`, services/kvmanager/shards.py): each is asked, and one that does not
-    answer keeps its last view while the others' go on."""
+    answer keeps its last view while the others' go on.
+
+    A request goes by `prefix_choice`: every shard is asked at once (`Prefix`) how many leading blocks of
+    the prompt each of its workers holds; a shard that fails or takes over `PREFIX_TIMEOUT_S` counts as
+    none for its workers, so a slow manager costs a request its cache hit, never its answer."""
 
     def __init__(self, kvmanager: str, refresh_s: float = 0.2, tls: TLSFiles | None = None) -> None:
         super().__init__([], refresh_s, tls)
         self._kv_channels = [open_channel(shard, tls, aio=True) for shard in parse_shards(kvmanager)]
         self._kv = [pb.kvmanager_pb2_grpc.KVManagerStub(channel) for channel in self._kv_channels]
         self._views: list[dict] = [{} for _ in self._kv]  # per shard: worker address -> its WorkerUsage
+        self._prefix_failing: set[int] = set()  # shards whose last Prefix call failed (logged once)
+
+    async def choose(self, prompt_ids: Sequence[int] = ()) -> WorkerHandle | None:
+        """The worker `prefix_choice` picks for the prompt, or None when none is alive."""
+        live = await self._live()
+        if not live:
+            return None
+        return self._take(prefix_choice(live, await self.cached_tokens(prompt_ids, live), len(prompt_ids)))
+
+    async def cached_tokens(self, prompt_ids: Sequence[int], live: list[WorkerHandle]) -> dict[str, int]:
+        """Worker address -> tokens of the prompt's prefix it holds in full blocks, as the shards say. Only
+        blocks that leave at least one prompt token to compute count (the engine reuses no more)."""
+        held: dict[str, int] = {}
+        for bs in {w.info.block_size for w in live}:  # a name includes its block size
+            hashes = block_hashes(prompt_ids, bs, limit=(len(prompt_ids) - 1) // bs)
+            if not hashes:
+                continue
+            req = pb.kvmanager_pb2.PrefixRequest(names=hashes)
+            answers = await asyncio.gather(*(kv.Prefix(req, timeout=PREFIX_TIMEOUT_S) for kv in self._kv),
+                                           return_exceptions=True)
+            for i, answer in enumerate(answers):
+                if isinstance(answer, grpc.aio.AioRpcError):
+                    if i not in self._prefix_failing:
+                        log.warning("KV manager shard %d prefix lookup failed: %s; its workers count as holding "
+                                    "nothing", i, answer.code().name)
+                    self._prefix_failing.add(i)
+                    continue
+                if isinstance(answer, BaseException):
+                    raise answer
+                self._prefix_failing.discard(i)
+                for wp in answer.workers:
+                    held[wp.address] = max(held.get(wp.address, 0), wp.blocks * bs)
+        return held
 
     async def refresh(self, force: bool = False) -> None:
         answers = await asyncio.gather(*(kv.Usage(pb.kvmanager_pb2.UsageRequest(), timeout=1.0) for kv in self._kv),
