@@ -252,6 +252,20 @@ def test_a_name_held_elsewhere_is_skipped_and_only_full_own_blocks_are_named():
     led.check()
 
 
+def test_a_full_named_block_others_reuse_is_never_written_by_its_owner():
+    """Found by the property below: the owner of a full prompt block another request reuses appends
+    several tokens at once (a prefill chunk): they go to fresh blocks, the shared one is not touched."""
+    led = KVLedger(num_blocks=6, block_size=4)
+    a, b = R("a", 0), R("b", 0)
+    led.start(a)
+    led.append(a, 4)
+    led.name(a, 0, (11,))
+    led.start(b)
+    led.reuse(b, (11,))
+    assert led.append(a, 2) == [(1, 0), (1, 1)]
+    led.check()
+
+
 prefix_ops = st.lists(
     st.tuples(st.sampled_from(["start", "start", "decode", "fork", "finish", "release", "advance"]),
               st.integers(0, 4), st.integers(0, 2), st.integers(1, 14)),

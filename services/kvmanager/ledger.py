@@ -255,8 +255,8 @@ class KVLedger:
             raise OutOfBlocks(f"{need} blocks needed, {self.num_free} free")
         slots: list[tuple[int, int]] = []
         remaining = n_tokens
-        if t.own and not t.sealed:
-            last = self._blocks[t.own[-1]]
+        if t.own and not t.sealed and self._blocks[t.own[-1]].used < self.block_size:
+            last = self._blocks[t.own[-1]]  # (a full one may be shared: a named prompt block others reuse)
             if last.refcount != 1:  # I3
                 raise LedgerError(f"write to shared block {t.own[-1]}")
             take = min(remaining, self.block_size - last.used)
