@@ -273,7 +273,7 @@ prefix_ops = st.lists(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(prefix_ops)
 def test_prefix_cache_keeps_invariants_and_reused_blocks_hold_their_tokens(sequence):
     """Requests whose prompts share prefixes reuse each other's named blocks. A model of the pool's
