@@ -88,7 +88,7 @@ class Fleet:
                 sim.step()
             self.steps += 1
             next_at += 1 / self.rate
-            time.sleep(max(0.0, next_at - time.monotonic()))
+            self._stop.wait(max(0.0, next_at - time.monotonic()))  # the pace of the engines, until stopped
 
     def stop(self) -> None:
         self._stop.set()

@@ -122,7 +122,7 @@ class SimWorker:
                 return [Start(root)], Append(root, n)
             bs, family = self.ledger.block_size, rng.randrange(self.prefixes)
             names = [(family << 32) | i for i in range(n // bs)]  # the prompt's full blocks: all shared
-            k = min(self.ledger.cached_prefix(names), (n - 1) // bs)
+            k = self.ledger.reusable(names, n)
             self._name = Name(root, k, tuple(names[k:]))
             return [Start(root), *([Reuse(root, tuple(names[:k]))] if k else [])], Append(root, n - k * bs)
         parent = rng.choice(list(self._one))

@@ -114,6 +114,7 @@ class KVLedger:
         self._tokens = 0  # slots written in the blocks in use (I6)
         self._open: dict[ThreadRef, _Thread] = {}  # the open threads (I7), kept up to date by every write
         self._request_threads: dict[str, list[ThreadRef]] = {}  # every thread of each request, in start order
+        self._request_named: dict[str, int] = {}  # named blocks each request's root reused or named
         self._cache: OrderedDict[int, int] = OrderedDict()  # name -> cached block (count 0), LRU first
         self._named: dict[int, int] = {}  # name -> block, in use or cached
         self.evictions = 0  # cached blocks taken for new ones, so far
@@ -144,6 +145,11 @@ class KVLedger:
             n += 1
         return n
 
+    def reusable(self, names, n_tokens: int) -> int:
+        """The blocks a new root with this prompt (`n_tokens` tokens, `names` its full blocks' names)
+        reuses: the cached prefix, leaving at least one prompt token to compute (its logits are needed)."""
+        return min(self.cached_prefix(names), (n_tokens - 1) // self.block_size)
+
     @property
     def num_tokens(self) -> int:
         return self._tokens
@@ -170,12 +176,11 @@ class KVLedger:
         return self._request_blocks.get(request, 0)
 
     def blocks_read(self, request: str) -> int:
-        """Blocks `request`'s threads hold: its own and the named prefix blocks they read (its footprint,
-        for usage; shared ones count for every request that reads them). Only a root's prompt blocks are
-        named, and every thread of a request reads its root's prompt: one running thread tells them."""
-        t = next((t for r in self._request_threads.get(request, ()) if (t := self._threads[r]).running), None)
-        named = 0 if t is None else sum(self._blocks[i].name is not None for i in t.refs + t.own)
-        return self._request_blocks.get(request, 0) + named
+        """Blocks `request`'s threads hold: its own and the named prefix blocks its root reused or named
+        (its footprint, for usage; shared ones count for every request that reads them). Only a root's
+        prompt blocks are named, and every thread of a request reads its root's prompt, so they stay held
+        until the request is released."""
+        return self._request_blocks.get(request, 0) + self._request_named.get(request, 0)
 
     def context_blocks(self, ref: ThreadRef) -> list[int]:
         """The blocks of the thread's context, in reading order (refs then own)."""
@@ -378,6 +383,7 @@ class KVLedger:
         Returns the ids freed by this call; afterwards none of the request's blocks is in use (I4).
         """
         refs = self._request_threads.pop(request, [])
+        self._request_named.pop(request, None)
         freed: list[int] = []
         # children first, so freed ids come out leaf to root
         for ref in sorted(refs, key=lambda r: -r.thread):
@@ -432,6 +438,7 @@ class KVLedger:
                 self._tokens += b.used
             b.refcount += 1
         t.refs = ids
+        self._request_named[ref.request] = self._request_named.get(ref.request, 0) + len(ids)
 
     def name(self, ref: ThreadRef, first: int, names) -> int:
         """Name the thread's context blocks `first ..` (full blocks of its own) `names`, in order; a name
@@ -452,6 +459,8 @@ class KVLedger:
             self._request_blocks[b.owner.request] -= 1
             b.owner = None
             named += 1
+        if named:
+            self._request_named[ref.request] = self._request_named.get(ref.request, 0) + named
         return named
 
     def _thread(self, ref: ThreadRef) -> _Thread:
@@ -470,6 +479,7 @@ class KVLedger:
         self._tokens = 0
         self._open.clear()
         self._request_threads.clear()
+        self._request_named.clear()
         self._fills.clear()
         self._tick = 0
         self._cache.clear()
@@ -520,6 +530,10 @@ class KVLedger:
             led._open = {t.ref: t for t in led._threads.values() if led._is_open(t)}
             for t in led._threads.values():
                 led._request_threads.setdefault(t.ref.request, []).append(t.ref)
+                if t.ref.thread == 0:  # a root: the named blocks of its context are its request's
+                    named = sum(led._blocks[i].name is not None for i in t.refs + t.own if i in led._blocks)
+                    if named:
+                        led._request_named[t.ref.request] = named
             for t in led._open.values():
                 led._file(t, led._blocks[t.own[-1]].used)
         except (KeyError, TypeError, ValueError) as exc:
@@ -591,3 +605,9 @@ class KVLedger:
             b = self._blocks[i]
             if b.owner is not None or b.used != self.block_size:
                 raise LedgerError(f"I8: named block {i} has an owner or is not full")
+        for t in self._threads.values():
+            if t.ref.thread == 0 and t.running:
+                held = sum(self._blocks[i].name is not None for i in t.refs + t.own)
+                if self._request_named.get(t.ref.request, 0) != held:
+                    raise LedgerError(f"I8: request {t.ref.request} counts {self._request_named.get(t.ref.request, 0)} "
+                                      f"named blocks, its root reads {held}")

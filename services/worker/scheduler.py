@@ -133,9 +133,9 @@ class Scheduler:
         longest run of its prompt's named blocks the ledger holds (none without the prefix cache: no
         names): their tokens count as computed. At least one prompt token is left to compute, for the
         logits of the first token. Looked up again each step until the start: allocations may evict."""
-        root, bs = req.root, self.ledger.block_size
-        root.reused = min(self.ledger.cached_prefix(req.prompt_names), (len(req.prompt) - 1) // bs)
-        root.computed = root.reused * bs
+        root = req.root
+        root.reused = self.ledger.reusable(req.prompt_names, len(req.prompt))
+        root.computed = root.reused * self.ledger.block_size
 
     def _catch_up(self, req: Request, budget: int, work: list[Work]) -> int:
         """Chunks of one request's threads, parents before children, within `budget`; returns what is
