@@ -13,10 +13,10 @@ worker's ledger is compared with the manager's replica. `--pause-manager S` free
 (SIGSTOP) for S seconds mid-run and reports the workers' step rate while it was frozen.
 
 On one machine the simulated workers cost the CPU more than the manager does (every step's ledger work,
-a sender thread each). `--replay` measures the manager alone: each worker makes its steps before the
-clock starts (the same SimWorker, the same compact steps, grouped as the sender groups them every
-`--send-every-ms`), then sends each batch, already encoded, on its stream at the time its last step is
-due; a step's lag is then its due time to its ack.
+a sender thread each). `--replay` measures the manager alone: each worker makes its steps before the clock starts (the same
+SimWorker, the same compact steps), then sends them on its stream as they fall due, by the sender's
+rule (every step due once the last batch is acknowledged and `--send-every-ms` has passed); a step's
+lag is then its due time to its ack.
 """
 from __future__ import annotations
 
@@ -292,22 +292,28 @@ def _simulate(cfg: KVBenchConfig, address: str, ids: list[str], start, results) 
 
 
 def _replay(cfg: KVBenchConfig, address: str, ids: list[str], start, results) -> None:
-    """Each worker's steps made now, sent as they fall due: one stream per worker, all of this process's
-    on one asyncio loop (grpc.aio: a message costs this process far less than a blocking stream's
-    thread hand-offs, so the CPU goes to the manager). Every ack must cover the batch and carry the
-    digest the worker's ledger had after its last step."""
+    """Each worker's steps made now and sent as they fall due, by `RemoteKV`'s rule: once the previous
+    batch is acknowledged and `--send-every-ms` has passed since it was sent, every step due by then
+    goes out as one batch (at most 256). So a manager that falls behind gets fewer, larger batches, as
+    it does from real workers, instead of a queue that grows without end. One stream per worker, all of
+    this process's on one asyncio loop (grpc.aio: a message costs this process far less than a blocking
+    stream's thread hand-offs, so the CPU goes to the manager). A batch is the steps' protobuf fields,
+    encoded before the clock starts, concatenated (a repeated field's encoding is its items' encodings
+    in a row). Every ack must cover the batch and carry the digest the worker's ledger had after its
+    last step. A step's lag is its due time to its ack; it counts as applied when its ack comes inside
+    the measured window."""
     import asyncio
 
     from apar.protogen import stubs
     from services.kvmanager import convert
     from services.kvmanager.ledger import KVLedger
-    from services.kvmanager.replication import StepLog
+    from services.kvmanager.replication import Batch, StepLog
     from apar.bench_suite.simulated import SimWorker
     from services.worker.kvclient import KVManagerClient
 
     K = stubs().kvmanager_pb2
-    per_batch = max(1, int(cfg.steps_per_s * cfg.send_every_ms / 1000 + 0.5))
-    batches = int((cfg.warmup_s + cfg.seconds) * cfg.steps_per_s / per_batch) + 1
+    max_batch = 256
+    n_steps = int((cfg.warmup_s + cfg.seconds) * cfg.steps_per_s) + 1
     plans = []
     for wid in ids:
         client = KVManagerClient(address, wid, f"sim/{wid}", cfg.blocks, cfg.block_size, ttl_s=600)
@@ -319,36 +325,44 @@ def _replay(cfg: KVBenchConfig, address: str, ids: list[str], start, results) ->
             sim.step()
         log.acked(client.send(log.batch()))
         client.close()
-        msgs = []
-        for _ in range(batches):
-            for _ in range(per_batch):
-                sim.step()
-            batch = log.batch()
-            msgs.append((convert.batch_to_pb(wid, batch).SerializeToString(), batch.steps[-1]))
-            log.unacked.clear()
-        plans.append(msgs)
-    outcomes = [{"lags": [], "made": 0, "made_paused": 0, "equal": True} for _ in plans]
+        head = K.StepBatch(worker_id=wid, session=log.session).SerializeToString()
+        fields, lasts = [], []
+        for _ in range(n_steps):
+            sim.step()
+            step = log.unacked.popleft()
+            fields.append(convert.batch_to_pb(wid, Batch(0, [step])).SerializeToString())
+            lasts.append((step.seq, step.digest))
+        plans.append((head, fields, lasts))
+    outcomes = [{"lags": [], "acked": 0, "made": 0, "made_paused": 0, "equal": True} for _ in plans]
     start_at = _start_together(start, parent=False)
     window = (start_at + cfg.warmup_s, start_at + cfg.warmup_s + cfg.seconds)
     pause = _pause_window(cfg, start_at) if cfg.pause_s else (0.0, 0.0)
+    every = cfg.send_every_ms / 1000
 
     async def run(i: int, channel) -> None:
-        msgs, out = plans[i], outcomes[i]
+        head, fields, lasts = plans[i]
+        out = outcomes[i]
         call = channel.stream_stream("/apar.v1.KVManager/Steps")()
-        offset = i / len(plans) / cfg.steps_per_s  # the workers' steps staggered over a step's time
-        for k, (msg, last) in enumerate(msgs):
-            due = [start_at + offset + (k * per_batch + j) / cfg.steps_per_s for j in range(per_batch)]
-            if due[-1] >= window[1]:
-                break
-            await asyncio.sleep(max(0.0, due[-1] - time.time()))
-            await call.write(msg)
+        # Independent workers are out of phase: their first steps are spread over a send interval.
+        first = start_at + i / len(plans) * every
+        due = [first + k / cfg.steps_per_s for k in range(len(fields))]
+        k, sent_at = 0, float("-inf")
+        while k < len(fields) and due[k] < window[1]:
+            await asyncio.sleep(max(0.0, max(due[k], sent_at + every) - time.time()))
+            sent_at = time.time()
+            j = k + 1
+            while j < len(fields) and j - k < max_batch and due[j] <= sent_at and due[j] < window[1]:
+                j += 1
+            await call.write(head + b"".join(fields[k:j]))
             ack = convert.ack_from_pb(K.StepAck.FromString(await call.read()))
             now = time.time()
-            out["equal"] &= ack.applied == last.seq and ack.digest == last.digest and not ack.resync
-            inside = [t for t in due if window[0] <= t < window[1]]
+            out["equal"] &= (ack.applied, ack.digest) == lasts[j - 1] and not ack.resync
+            inside = [t for t in due[k:j] if window[0] <= t < window[1]]
             out["lags"].extend(now - t for t in inside)
             out["made"] += len(inside)
             out["made_paused"] += sum(pause[0] <= t < pause[1] for t in inside)
+            out["acked"] += (j - k) if window[0] <= now < window[1] else 0
+            k = j
         await call.done_writing()
 
     async def main() -> None:
@@ -362,7 +376,7 @@ def _replay(cfg: KVBenchConfig, address: str, ids: list[str], start, results) ->
     cpu = time.process_time()
     asyncio.run(main())
     cpu = time.process_time() - cpu
-    lags = [x for o in outcomes for x in o["lags"]]
-    results.put({"lags": lags, "acked": len(lags), "made": sum(o["made"] for o in outcomes),
-                 "made_paused": sum(o["made_paused"] for o in outcomes), "equal": sum(o["equal"] for o in outcomes),
-                 "blocked_s": 0.0, "cpu_s": cpu * cfg.seconds / (window[1] - start_at)})
+    results.put({"lags": [x for o in outcomes for x in o["lags"]], "acked": sum(o["acked"] for o in outcomes),
+                 "made": sum(o["made"] for o in outcomes), "made_paused": sum(o["made_paused"] for o in outcomes),
+                 "equal": sum(o["equal"] for o in outcomes), "blocked_s": 0.0,
+                 "cpu_s": cpu * cfg.seconds / (window[1] - start_at)})

@@ -228,11 +228,11 @@ class KVLedger:
         raises OutOfBlocks without changing anything when the free list is too short. A replica, which
         writes no KV, passes `want_slots=False` and gets an empty list.
         """
-        t = self._thread(ref)
-        if not t.running:
-            raise LedgerError(f"append to finished thread {ref}")
-        self._settle(t)  # an open thread's count now; any other's `since` from now on
+        t = self._threads.get(ref)
+        if t is None or not t.running:
+            raise LedgerError(f"append to {'finished' if t else 'unknown'} thread {ref}")
         if ref in self._open:
+            self._settle(t)
             if n_tokens == 1:  # the decode step's case: one token, in the last block
                 last = self._blocks[t.own[-1]]
                 last.used += 1
@@ -242,19 +242,30 @@ class KVLedger:
                 else:
                     self._file(t, last.used)
                 return [(t.own[-1], last.used - 1)] if want_slots else []
-        elif n_tokens == 1:  # not open: a decode token that opens a block
-            if not self._free and not self._cache:
-                raise OutOfBlocks("1 block needed, 0 free")
-            block_id = self._take()
-            self._blocks[block_id] = _Block(owner=ref, used=1)
-            self._request_blocks[ref.request] += 1
-            t.own.append(block_id)
-            t.sealed = False
-            self._tokens += 1
-            if self.block_size > 1:
-                self._open[ref] = t
-                self._file(t, 1)
-            return [(block_id, 0)] if want_slots else []
+        else:
+            t.since = self._tick  # (settled: nothing to write down for a thread that is not open)
+            if n_tokens == 1:  # a decode token that opens a block: a replica's most frequent op, inlined
+                free = self._free
+                if free:
+                    block_id = free.popleft()
+                elif self._cache:
+                    block_id = self._take()
+                else:
+                    raise OutOfBlocks("1 block needed, 0 free")
+                self._blocks[block_id] = _Block(ref, 1, 1)
+                self._request_blocks[ref.request] += 1
+                t.own.append(block_id)
+                t.sealed = False
+                self._tokens += 1
+                if self.block_size > 1:  # open now, and not filed (a thread that is not open never is)
+                    self._open[ref] = t
+                    t.fill = fill = self._tick + self.block_size - 1
+                    bucket = self._fills.get(fill)
+                    if bucket is None:
+                        self._fills[fill] = {ref}
+                    else:
+                        bucket.add(ref)
+                return [(block_id, 0)] if want_slots else []
         need = self.blocks_needed(ref, n_tokens)
         if need > self.num_free:
             raise OutOfBlocks(f"{need} blocks needed, {self.num_free} free")
@@ -301,10 +312,14 @@ class KVLedger:
             t.since = tick
             self._file(t, self._blocks[t.own[-1]].used)
         n = len(open_) - len(stay)
-        for ref in self._fills.pop(tick, ()):  # their blocks are full now
-            t = open_[ref]
-            self._settle(t)
-            del open_[ref]
+        blocks = self._blocks
+        for ref in self._fills.pop(tick, ()):  # their blocks are full now (`_settle` and `_close`, inlined)
+            t = open_.pop(ref)
+            last = blocks[t.own[-1]]
+            if last.refcount != 1:  # I3
+                raise LedgerError(f"write to shared block {t.own[-1]}")
+            last.used += tick - t.since
+            t.since = tick
             t.fill = -1
         self._tokens += n
         return n
@@ -373,8 +388,13 @@ class KVLedger:
         if ref in self._open:
             self._close(t)
         freed: list[int] = []
+        blocks = self._blocks
         for block_id in reversed(t.refs + t.own):  # deepest first: a prefix's head is cached last
-            self._unref(block_id, freed)
+            b = blocks[block_id]
+            if b.refcount > 1:  # still read by others: `_unref`'s common case, inlined
+                b.refcount -= 1
+            else:
+                self._unref(block_id, freed)
         return freed
 
     def release(self, request: str) -> list[int]:

@@ -45,7 +45,7 @@ class WorkerForgotten(RuntimeError):
     """The KV manager holds no ledger for this worker (expired, or never registered): register again."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a replica builds thousands a second, and a frozen init costs 4x
 class Step:
     seq: int
     ops: list[Op]
