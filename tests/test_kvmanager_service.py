@@ -371,7 +371,8 @@ def test_bad_input_gets_invalid_argument_with_a_reason(kv):
     digest = K.Digest(free_blocks=BLOCKS, next_free=0)
     bad_steps = [b"not json", b'{"a": 1}', b'[["a", "r", 0]]', b'[["a", "r", 0, 0]]', b'[["a", "", 0, 1]]',
                  b'[["a", "r", -1, 1]]', b'[["s", "r", "0"]]', b'[["v", [["r"]]]]', b'[["q", 1]]', b'[["r", 5]]',
-                 b'[["a", "r", 0, 1099511627776]]']
+                 b'[["a", "r", 0, 1099511627776]]', b'[["e", [["r"]]]]', b'[["e", "r"]]', b'[["e", [["", 0]]]]',
+                 b'[["e", [["r", 0.5]]]]']
     for ops in bad_steps:
         msg = K.StepBatch(worker_id="w1", session=SESSION, steps=[K.Step(seq=1, ops=ops, digest=digest)])
         with pytest.raises(grpc.RpcError) as err:
@@ -409,7 +410,7 @@ def _random_message(rng: random.Random, method: str):
         steps = []
         for seq in range(rng.choice([0, 1, 2, 2 ** 40]), 0, -1)[:4]:
             ops = [rng.choice([["s", *ref()], ["a", *ref(), num()], ["f", *ref(), *ref()], ["x", *ref()],
-                               ["r", ref()[0]], ["v", [ref()]], ["v", []], [], "x"]) for _ in range(rng.randint(0, 5))]
+                               ["r", ref()[0]], ["v", [ref()]], ["v", []], ["e", [ref(), ref()]], [], "x"]) for _ in range(rng.randint(0, 5))]
             steps.append(K.Step(seq=seq, ops=json.dumps(ops).encode(), digest=K.Digest(free_blocks=num())))
         return K.StepBatch(worker_id=rng.choice(ids), session=rng.choice([0, 1, SESSION]), steps=steps[::-1])
     if method == "Heartbeat":

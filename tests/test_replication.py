@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.kvmanager.ledger import KVLedger, ThreadRef
-from services.kvmanager.ops import Advance, Append, Finish, Fork, Release, Start, apply, record
+from services.kvmanager.ops import Advance, Append, AppendEach, Finish, Fork, Release, Start, apply, record
 from services.kvmanager.records import BadRequest, WorkerRecord, WorkerSpec, apply_batch
 from services.kvmanager.replication import Ack, Batch, Resync, StepLog
 from apar.bench_suite.simulated import SimWorker
@@ -43,6 +43,23 @@ def test_folding_respects_what_came_first():
     assert answer.appends == [None, None] and wire == [Append(a, 9), Append(b, 1)]
     answer, wire = record(led, [Release("a"), Start(a), Append(a, 1)])  # released, then a new a: not folded
     assert wire == [Release("a"), Start(a), Append(a, 1)] and answer.appends == [[(1, 0)]]
+
+
+def test_tokens_that_open_a_block_travel_as_one_append_each():
+    led, replica = KVLedger(num_blocks=8, block_size=2), KVLedger(num_blocks=8, block_size=2)
+    a, b, c, x = R("a", 0), R("b", 0), R("c", 0), R("x", 0)
+    for ledger in (led, replica):
+        apply(ledger, [Start(a), Append(a, 2), Start(b), Append(b, 2), Start(c), Append(c, 1)])  # a, b full
+    answer, wire = record(led, [Append(b, 1), Append(a, 1), Append(c, 1)])
+    assert wire == [Advance(frozenset()), AppendEach((b, a))]  # c fits its block; b and a open one each
+    assert answer.appends == [[(3, 0)], [(4, 0)], [(2, 1)]]
+    apply(replica, wire)
+    # x's prompt takes blocks before c's token opens one: c's append stays in its place, after it
+    answer, wire = record(led, [Start(x), Append(x, 3), Append(c, 1), Append(a, 1)])
+    assert wire == [Advance(frozenset({b})), Start(x), Append(x, 3), Append(c, 1)]
+    assert answer.appends == [[(5, 0), (5, 1), (6, 0)], [(7, 0)], [(4, 1)]]
+    apply(replica, wire)
+    assert replica.snapshot() == led.snapshot()
 
 
 # ---- compact steps replay exactly (hypothesis over engine-like steps) -----------------------------------

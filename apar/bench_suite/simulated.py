@@ -27,7 +27,7 @@ import time
 import redis
 
 from services.kvmanager.ledger import ThreadRef
-from services.kvmanager.ops import Advance, Append, Finish, Fork, Name, Op, Release, Reuse, Start
+from services.kvmanager.ops import Advance, Append, AppendEach, Finish, Fork, Name, Op, Release, Reuse, Start
 from services.kvmanager.replication import Ack, StepLog
 
 
@@ -61,15 +61,27 @@ class SimWorker:
         self._ends()
         name, self._name = self._name, None
         named = [name] if name is not None and name.names and name.thread.request in self.running else []
-        advance = [Advance()] if self.compact else []  # first, so a parent forked below advances before
         open_ = self.ledger.open_threads() if self.compact else ()
         new, prompt = self._grow()
         appends = [op for t, op in self._one.items() if t not in open_ and (prompt is None or t != prompt.thread)]
         if prompt:
             appends.insert(0, prompt)
-        answer = self.kv.apply(advance + named + new + appends)
-        if None in answer.appends:
-            self._starved = {op.thread.request for op, s in zip(appends, answer.appends) if s is None}
+        head: list[Op] = []
+        each: list[Append] = []
+        if self.compact:  # first, so a parent forked below advances before
+            head.append(Advance())
+            # then the tokens that open a block, of the threads the step's starts and forks leave alone, as
+            # `record` folds them (none when a root reuses cached blocks: an allocation before its Reuse
+            # could evict them)
+            if not any(type(op) is Reuse for op in new):
+                touched = {t for op in new for t in op.touches()}
+                each = [op for op in appends if op is not prompt and op.thread not in touched]
+                appends = [op for op in appends if op is prompt or op.thread in touched]
+                if each:
+                    head.append(AppendEach(tuple(op.thread for op in each)))
+        answer = self.kv.apply(head + named + new + appends)
+        if None in answer.appends:  # in the order the ops came: the AppendEach's threads, then the appends
+            self._starved = {op.thread.request for op, s in zip(each + appends, answer.appends) if s is None}
         self.steps += 1
 
     def _ends(self) -> None:

@@ -12,8 +12,9 @@ Each op is one class, the one place that says everything about it: its JSON form
 
 `record` is the worker's side of the wire: it applies a step's ops and returns them *compact*, as the
 replica replays them: every one-token append into an open block (the decode step's bulk) folds into
-one `Advance` naming only the open threads that did NOT advance; what changes block ownership (starts,
-forks, appends that open a block, prefill chunks) stays an op of its own, in order.
+one `Advance` naming only the open threads that did NOT advance, and the one-token appends that open a
+block into one `AppendEach` listing their threads; what else changes block ownership (starts, forks,
+prefill chunks, ends) stays an op of its own, in order.
 """
 from __future__ import annotations
 
@@ -254,6 +255,58 @@ class Advance(_Op):
 
 
 @dataclass(slots=True)
+class AppendEach(_Op):
+    """One token for each of these threads, in order: the same as `Append(t, 1)` for each. A compact step
+    carries the decode tokens that open a block this way (`record`), one short list instead of an op per
+    thread: a replica reads them in a tight loop."""
+
+    threads: tuple[ThreadRef, ...]
+    code: ClassVar[str] = "e"
+    arity: ClassVar[int] = 2
+
+    def to_json(self) -> list:
+        return ["e", [[r.request, r.thread] for r in self.threads]]
+
+    @classmethod
+    def from_json(cls, item: list) -> AppendEach:
+        refs = item[1]
+        if type(refs) is not list or len(refs) > MAX_NAMES:
+            raise ValueError(f"append-each takes a list of at most {MAX_NAMES} [request, thread]")
+        threads = []
+        for x in refs:
+            if type(x) is not list or len(x) != 2:
+                raise ValueError(f"append-each takes a list of [request, thread]: {x!r}")
+            request, thread = x
+            if (type(request) is str and 0 < len(request) <= MAX_REQUEST_CHARS and type(thread) is int
+                    and 0 <= thread <= MAX_THREAD):
+                threads.append(ThreadRef(request, thread))
+            else:
+                threads.append(_ref(request, thread, "append-each"))  # raises, saying which check failed
+        return cls(tuple(threads))
+
+    def check(self) -> None:
+        if len(self.threads) > MAX_NAMES:
+            raise ValueError(f"append-each of more than {MAX_NAMES} threads")
+        for ref in self.threads:
+            _ref(*ref, "append-each")
+
+    def apply_to(self, ledger, answer, starved, slots) -> None:
+        append, out = ledger.append, answer.appends
+        for ref in self.threads:
+            if ref.request in starved:
+                out.append(None)
+                continue
+            try:
+                out.append(append(ref, 1, slots))
+            except OutOfBlocks:
+                starved.add(ref.request)
+                out.append(None)
+
+    def touches(self) -> tuple[ThreadRef, ...]:
+        return self.threads
+
+
+@dataclass(slots=True)
 class Reuse(_Op):
     """A root just started begins its context with the cached blocks of these names (`KVLedger.reuse`)."""
 
@@ -315,8 +368,9 @@ class Name(_Op):
         return (self.thread,)
 
 
-Op = Start | Append | Fork | Finish | Release | Advance | Reuse | Name
-OPS: dict[str, type[Op]] = {cls.code: cls for cls in (Start, Append, Fork, Finish, Release, Advance, Reuse, Name)}
+Op = Start | Append | Fork | Finish | Release | Advance | AppendEach | Reuse | Name
+OPS: dict[str, type[Op]] = {cls.code: cls for cls in (Start, Append, Fork, Finish, Release, Advance, AppendEach, Reuse,
+                                                     Name)}
 
 
 def op_from_json(item) -> Op:
@@ -367,37 +421,58 @@ def _apply_one(ledger: KVLedger, op: Op, answer: StepAnswer, starved: set[str], 
 
 
 def record(ledger: KVLedger, ops: list[Op]) -> tuple[StepAnswer, list[Op]]:
-    """`apply(ledger, ops)`, and the same step compact: `[Advance(held), *the other ops in order]`.
+    """`apply(ledger, ops)`, and the same step compact: `[Advance(held), AppendEach(threads), *the other ops
+    in order]`.
 
     An `Append(t, 1)` folds into the Advance when `t` is open at the start of the step and no earlier
     op of the step touched `t` or released or starved its request. Such an append only writes a slot of
-    `t`'s own unshared block, so it commutes with every op before it: replaying the Advance first, then
-    the rest, leaves the replica exactly where `apply` leaves this ledger.
+    `t`'s own unshared block, so it commutes with every op before it.
+
+    An `Append(t, 1)` of a thread that runs but is not open at the start of the step (its token opens a
+    block: the decode step's other case) folds into the AppendEach under the same conditions, when a
+    block is there for it and every op before it is a Start, a Fork, a Name or a folded append: it takes
+    the next block by the ledger's rule, and none of those takes, frees or caches a block, so it commutes
+    with them. Replaying the Advance, then the AppendEach in its order, then the rest therefore leaves
+    the replica exactly where `apply` leaves this ledger.
     """
     open_ = ledger.open_threads()
-    foldable = set(open_)  # open, and untouched so far in this step
+    touched: set[ThreadRef] = set()  # threads an op of this step named so far
     released: set[str] = set()
     starved: set[str] = set()  # requests an append found no room for (see `apply`)
     advanced: set[ThreadRef] = set()
+    opening: list[ThreadRef] = []
+    movable = True  # no op so far took, freed or cached a block, but the folded appends
     rest: list[Op] = []
     answer = StepAnswer()
     for op in ops:
         kind = type(op)
         if kind is Append:
             t = op.thread
-            if t in foldable:
-                foldable.discard(t)
-                if op.tokens == 1 and t.request not in released and t.request not in starved:
+            if op.tokens == 1 and t not in touched and t.request not in released and t.request not in starved:
+                if t in open_:
+                    touched.add(t)
                     answer.appends.append(ledger.append(t, 1))
                     advanced.add(t)
                     continue
+                if movable and ledger.is_running(t) and ledger.num_free:
+                    touched.add(t)
+                    answer.appends.append(ledger.append(t, 1))
+                    opening.append(t)
+                    continue
+            touched.add(t)
+            movable = False
         elif kind is Release:
             released.add(op.request)
+            movable = False
         else:
-            foldable.difference_update(op.touches())
+            touched.update(op.touches())
+            movable = movable and kind in (Start, Fork, Name)
         rest.append(op)
         if not _apply_one(ledger, op, answer, starved):
             break
-    if not advanced:  # an Advance that holds every open thread changes nothing
-        return answer, rest
-    return answer, [Advance(frozenset(open_ - advanced)), *rest]
+    head: list[Op] = []
+    if advanced:  # (an Advance that holds every open thread would change nothing)
+        head.append(Advance(frozenset(open_ - advanced)))
+    if opening:
+        head.append(AppendEach(tuple(opening)))
+    return answer, head + rest
