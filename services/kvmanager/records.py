@@ -146,7 +146,7 @@ class WorkerRecord:
 class Applied:
     """What one message did to a record: its answer, the steps applied (the log entry), a resync."""
 
-    ack: Ack
+    ack: Ack | None = None  # set before `apply_batch` returns
     steps: list[Step] = field(default_factory=list)
     resynced: bool = False
     duplicates: int = 0
@@ -155,7 +155,7 @@ class Applied:
 
 def apply_batch(rec: WorkerRecord, batch: Batch) -> Applied:
     """Apply one message of a worker to its replica by the rules in `replication`'s docstring."""
-    out = Applied(ack=rec.ack())
+    out = Applied()
     stale = batch.session == rec.session and not rec.broken and batch.resync is not None and batch.resync.seq < rec.seq
     if batch.resync is not None and not stale:  # a stale one (a late copy) would only set the replica back
         data = batch.resync.ledger
