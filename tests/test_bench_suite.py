@@ -77,18 +77,19 @@ def test_prefix_bench_counts_the_cached_tokens(llama_dir, one_thread):
     assert r["prefilled_ratio"] == on["prefilled_tokens"] / off["prefilled_tokens"]
 
 
-@pytest.mark.parametrize("replay", [True, False])
-def test_kvmanager_bench_applies_every_step_and_ends_with_equal_ledgers(replay):
-    """`apar bench kvmanager` on a real manager process and a scratch Redis, both ways of producing the steps
-    (made live, or made first and replayed by the sender's rule): every step made is acknowledged at the
-    pace it is made, over real messages and Redis rounds, and every worker's ledger equals the replica."""
+@pytest.mark.parametrize("replay,shards", [(True, 2), (False, 1)])
+def test_kvmanager_bench_applies_every_step_and_ends_with_equal_ledgers(replay, shards):
+    """`apar bench kvmanager` on real manager processes and a scratch Redis, both ways of producing the steps
+    (made live, or made first and replayed by the sender's rule; the replay over two shards): every step
+    made is acknowledged at the pace it is made, over real messages and Redis rounds, and every worker's
+    ledger equals its replica."""
     from apar.bench_suite.kvmanager import KVBenchConfig, measure
 
-    cfg = KVBenchConfig(workers=3, threads=8, steps_per_s=50, seconds=2, warmup_s=0.5, procs=1, blocks=256,
-                        replay=replay)
+    cfg = KVBenchConfig(workers=4, threads=8, steps_per_s=50, seconds=2, warmup_s=0.5, procs=1, blocks=256,
+                        replay=replay, shards=shards)
     r = measure(cfg)
-    assert r["ledgers_equal"] == 3 and r["resyncs"] == 0
-    assert 0.9 * 150 <= r["made_steps_per_s"] <= 1.1 * 150
+    assert r["ledgers_equal"] == 4 and r["resyncs"] == 0
+    assert 0.9 * 200 <= r["made_steps_per_s"] <= 1.1 * 200
     assert r["steps_per_s"] >= 0.9 * r["made_steps_per_s"]
     # several steps per message (a send at most every 25 ms, a step every 20 ms per worker), one Redis
     # transaction per round of messages at most

@@ -13,10 +13,12 @@ worker's ledger is compared with the manager's replica. `--pause-manager S` free
 (SIGSTOP) for S seconds mid-run and reports the workers' step rate while it was frozen.
 
 On one machine the simulated workers cost the CPU more than the manager does (every step's ledger work,
-a sender thread each). `--replay` measures the manager alone: each worker makes its steps before the clock starts (the same
-SimWorker, the same compact steps), then sends them on its stream as they fall due, by the sender's
-rule (every step due once the last batch is acknowledged and `--send-every-ms` has passed); a step's
-lag is then its due time to its ack.
+a sender thread each). `--replay` measures the manager alone: each worker makes its steps before the
+clock starts (the same SimWorker, the same compact steps), then sends them on its stream as they fall
+due, by the sender's rule (every step due once the last batch is acknowledged and `--send-every-ms` has
+passed); a step's lag is then its due time to its ack. `--shards N` runs N manager processes (each its
+own key prefix in the one Redis); each worker picks its own by rendezvous hashing, as a worker given
+`--kvmanager a,b` does, and the managers' CPU and counters are summed.
 """
 from __future__ import annotations
 
@@ -47,10 +49,11 @@ class KVBenchConfig:
     send_every_ms: float = 25.0
     pause_s: float = 0.0
     replay: bool = False
+    shards: int = 1
 
     def __post_init__(self) -> None:
-        if self.workers < 1 or self.threads < 1 or self.procs < 1:
-            raise UserError("--workers, --threads and --procs must be 1 or more")
+        if self.workers < 1 or self.threads < 1 or self.procs < 1 or self.shards < 1:
+            raise UserError("--workers, --threads, --procs and --shards must be 1 or more")
         if self.steps_per_s <= 0 or self.seconds <= 0 or self.warmup_s < 0:
             raise UserError("--steps-per-s and --seconds must be positive")
         if not 0 <= self.pause_s < self.seconds:
@@ -74,6 +77,8 @@ def register(sub) -> None:
                    help="freeze the manager (SIGSTOP) for S seconds mid-run")
     k.add_argument("--redis", default=None, help="Redis URL (default: a private redis-server on a free port; "
                                                  "'' keeps the ledgers in the manager's memory)")
+    k.add_argument("--shards", type=int, default=1, help="KV manager processes (each worker picks its own by "
+                                                         "rendezvous hashing, as with --kvmanager a,b)")
     k.add_argument("--replay", action="store_true", help="the workers' steps made before the clock starts and "
                                                          "replayed: the manager's capacity without the workers' CPU")
     k.add_argument("--json", action="store_true", help="print one JSON object")
@@ -83,7 +88,7 @@ def register(sub) -> None:
 def run_kv_bench(args) -> int:
     cfg = KVBenchConfig(args.workers, args.threads, args.steps_per_s, args.seconds, args.warmup,
                         min(args.procs, args.workers), args.blocks, args.block_size, args.send_every_ms,
-                        args.pause_manager, args.replay)
+                        args.pause_manager, args.replay, args.shards)
     result = measure(cfg, args.redis)
     if args.json:
         print(json.dumps(result))
@@ -96,46 +101,56 @@ def measure(cfg: KVBenchConfig, redis_url: str | None = None) -> dict:
     from apar.bench_suite.simulated import ScratchRedis, free_port
 
     scratch = ScratchRedis() if redis_url is None else None
-    store = ["--no-redis"] if redis_url == "" else ["--redis", redis_url or scratch.url,
-                                                    "--prefix", f"bench-{os.getpid()}-{int(time.time())}:"]
-    port, metrics_port = free_port(), free_port()
-    log = tempfile.NamedTemporaryFile(prefix="apar-kvbench-", suffix=".log", delete=False)
-    manager = subprocess.Popen([sys.executable, "-m", "services.kvmanager", "--port", str(port), *store, "--ttl", "600",
-                                "--metrics-port", str(metrics_port)], stdout=subprocess.DEVNULL, stderr=log)
+    run_id = f"bench-{os.getpid()}-{int(time.time())}"
+    managers: list[tuple[subprocess.Popen, int, int, str]] = []  # (process, port, metrics port, log path)
     procs = []
     try:
-        _wait_listening(manager, log.name)
+        for i in range(cfg.shards):  # each shard its own key prefix in the one Redis
+            store = ["--no-redis"] if redis_url == "" else ["--redis", redis_url or scratch.url,
+                                                            "--prefix", f"{run_id}-{i}:"]
+            port, metrics_port = free_port(), free_port()
+            log = tempfile.NamedTemporaryFile(prefix="apar-kvbench-", suffix=".log", delete=False)
+            managers.append((subprocess.Popen([sys.executable, "-m", "services.kvmanager", "--port", str(port), *store,
+                                               "--ttl", "600", "--metrics-port", str(metrics_port)],
+                                              stdout=subprocess.DEVNULL, stderr=log), port, metrics_port, log.name))
+        for manager, _, _, log_path in managers:
+            _wait_listening(manager, log_path)
+        address = ",".join(f"127.0.0.1:{port}" for _, port, _, _ in managers)  # the worker picks its shard
         ctx = mp.get_context("spawn")
         results = ctx.Queue()
         start = (ctx.Barrier(cfg.procs + 1), ctx.Event(), ctx.Value("d", 0.0))
         ids = [f"sim-{i}" for i in range(cfg.workers)]
         for p in range(cfg.procs):
             proc = ctx.Process(target=_replay if cfg.replay else _simulate,
-                               args=(cfg, f"127.0.0.1:{port}", ids[p::cfg.procs], start, results), daemon=True)
+                               args=(cfg, address, ids[p::cfg.procs], start, results), daemon=True)
             proc.start()
             procs.append(proc)
         start_at = _start_together(start)
         window = (start_at + cfg.warmup_s, start_at + cfg.warmup_s + cfg.seconds)
         _sleep_until(window[0])
-        before = _manager_sample(manager.pid, metrics_port)
+        before = _managers_sample(managers)
         if cfg.pause_s:
             _sleep_until(_pause_window(cfg, start_at)[0])
-            os.kill(manager.pid, signal.SIGSTOP)
+            for manager, *_ in managers:
+                os.kill(manager.pid, signal.SIGSTOP)
             _sleep_until(_pause_window(cfg, start_at)[1])
-            os.kill(manager.pid, signal.SIGCONT)
+            for manager, *_ in managers:
+                os.kill(manager.pid, signal.SIGCONT)
         _sleep_until(window[1])
-        after = _manager_sample(manager.pid, metrics_port)
+        after = _managers_sample(managers)
         parts = [results.get(timeout=120 + cfg.seconds) for _ in procs]
     finally:
-        if manager.poll() is None:
-            os.kill(manager.pid, signal.SIGCONT)
+        for manager, *_ in managers:
+            if manager.poll() is None:
+                os.kill(manager.pid, signal.SIGCONT)
         for proc in procs:
             proc.join(timeout=30)
-        manager.terminate()
-        manager.wait(timeout=10)
+        for manager, _, _, log_path in managers:
+            manager.terminate()
+            manager.wait(timeout=10)
+            os.unlink(log_path)
         if scratch is not None:
             scratch.close()
-        os.unlink(log.name)
     return _summary(cfg, parts, before, after)
 
 
@@ -167,16 +182,19 @@ def _wait_listening(manager: subprocess.Popen, log_path: str) -> None:
         time.sleep(0.05)
 
 
-def _manager_sample(pid: int, metrics_port: int) -> dict:
-    """The manager's CPU seconds so far and its message and Redis counters."""
-    fields = open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()
-    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
-              if line and not line.startswith("#") and "{" not in line}
-    return {"t": time.time(), "cpu": cpu, "messages": values.get("apar_kvmanager_messages_total", 0.0),
-            "round_trips": values.get("apar_kvmanager_redis_round_trips_total", 0.0),
-            "resyncs": values.get("apar_kvmanager_resyncs_total", 0.0)}
+def _managers_sample(managers) -> dict:
+    """The managers' CPU seconds so far and their message and Redis counters, summed over the shards."""
+    out = {"t": time.time(), "cpu": 0.0, "messages": 0.0, "round_trips": 0.0, "resyncs": 0.0}
+    for manager, _, metrics_port, _ in managers:
+        fields = open(f"/proc/{manager.pid}/stat").read().rpartition(")")[2].split()
+        out["cpu"] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+                  if line and not line.startswith("#") and "{" not in line}
+        out["messages"] += values.get("apar_kvmanager_messages_total", 0.0)
+        out["round_trips"] += values.get("apar_kvmanager_redis_round_trips_total", 0.0)
+        out["resyncs"] += values.get("apar_kvmanager_resyncs_total", 0.0)
+    return out
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -217,7 +235,7 @@ def _table(cfg: KVBenchConfig, r: dict) -> str:
             r["steps_per_s_per_worker"]), ("steps/s made by the workers", r["made_steps_per_s"]),
             ("lag p50, ms", r["lag_p50_ms"]), ("lag p99, ms", r["lag_p99_ms"]), ("lag max, ms", r["lag_max_ms"]),
             ("messages/s", r["messages_per_s"]), ("Redis transactions/s", r["redis_transactions_per_s"]),
-            ("manager CPU (cores)", r["manager_cpu"]), ("simulated workers' CPU (cores)", r["workers_cpu"]),
+            (f"manager CPU (cores{', all shards' if cfg.shards > 1 else ''})", r["manager_cpu"]), ("simulated workers' CPU (cores)", r["workers_cpu"]),
             ("engine time blocked on the lag bound, s",
             r["engine_blocked_s"]), ("resyncs", r["resyncs"]), ("ledgers equal to the manager's",
             f"{r['ledgers_equal']}/{cfg.workers}")]
@@ -227,6 +245,7 @@ def _table(cfg: KVBenchConfig, r: dict) -> str:
                  ("steps/s made, manager running", p["made_steps_per_s_unpaused"])]
     head = (f"KV manager: {cfg.workers} workers x {cfg.threads} threads at {cfg.steps_per_s:g} steps/s, "
             f"{cfg.seconds:g} s after {cfg.warmup_s:g} s warm-up, workers in {cfg.procs} processes"
+            f"{f', {cfg.shards} manager shards' if cfg.shards > 1 else ''}"
             f"{', steps replayed' if cfg.replay else ''}")
     return head + "\n\n" + text_table(["measure", "value"], [[k, str(v)] for k, v in rows])
 
@@ -332,7 +351,7 @@ def _replay(cfg: KVBenchConfig, address: str, ids: list[str], start, results) ->
             step = log.unacked.popleft()
             fields.append(convert.batch_to_pb(wid, Batch(0, [step])).SerializeToString())
             lasts.append((step.seq, step.digest))
-        plans.append((head, fields, lasts))
+        plans.append((head, fields, lasts, client.address))  # its shard
     outcomes = [{"lags": [], "acked": 0, "made": 0, "made_paused": 0, "equal": True} for _ in plans]
     start_at = _start_together(start, parent=False)
     window = (start_at + cfg.warmup_s, start_at + cfg.warmup_s + cfg.seconds)
@@ -340,7 +359,7 @@ def _replay(cfg: KVBenchConfig, address: str, ids: list[str], start, results) ->
     every = cfg.send_every_ms / 1000
 
     async def run(i: int, channel) -> None:
-        head, fields, lasts = plans[i]
+        head, fields, lasts, _ = plans[i]
         out = outcomes[i]
         call = channel.stream_stream("/apar.v1.KVManager/Steps")()
         # Independent workers are out of phase: their first steps are spread over a send interval.
@@ -368,7 +387,7 @@ def _replay(cfg: KVBenchConfig, address: str, ids: list[str], start, results) ->
     async def main() -> None:
         import grpc
 
-        channels = [grpc.aio.insecure_channel(address) for _ in plans]
+        channels = [grpc.aio.insecure_channel(plan[3]) for plan in plans]
         await asyncio.gather(*(run(i, ch) for i, ch in enumerate(channels)))
         for ch in channels:
             await ch.close()
