@@ -6,6 +6,7 @@ engine's own bookkeeping (`context_tokens`); every run checks the ledger's invar
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -302,6 +303,15 @@ def test_kv_manager_ledger_equals_the_workers_through_preemptions(llama_dir):
                  kv_factory=factory)
     items = make_trees(eng, 10, seed=8)
     ids = [eng.add_request(p, SamplingParams(max_tokens=500), replay=t) for p, t in items]
+    sent: Counter[str] = Counter()  # one-token appends in the compact steps the worker sends
+    push = eng.kv.outbox._push
+
+    def counting(ops):
+        sent["alone"] += sum(type(op).__name__ == "Append" and op.tokens == 1 for op in ops)
+        sent["in append-each"] += sum(len(op.threads) for op in ops if type(op).__name__ == "AppendEach")
+        push(ops)
+
+    eng.kv.outbox._push = counting
     while eng.has_work():
         before = eng.kv.outbox.seq
         eng.step()
@@ -311,6 +321,9 @@ def test_kv_manager_ledger_equals_the_workers_through_preemptions(llama_dir):
         manager.check()
     assert eng.kv.outbox.resync is None and manager.applied("w-1")[1] == eng.kv.outbox.seq
     assert eng.preemptions > 0 and eng.forks_refused > 0
+    # most tokens that open a block travel in an AppendEach (the others come after a fork of their thread,
+    # a prefill chunk or an end in their step)
+    assert sent["in append-each"] > sent["alone"] > 0
     state = manager.state("w-1")  # only cached blocks are left (count 0, index 3 of a snapshot's block)
     assert state["free"] and all(b[3] == 0 for b in state["blocks"]) and len(state["cache"]) == len(state["blocks"])
     assert len(ids) == 10
