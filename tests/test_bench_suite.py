@@ -92,6 +92,8 @@ def test_kvmanager_bench_applies_every_step_and_ends_with_equal_ledgers(replay, 
     assert 0.9 * 200 <= r["made_steps_per_s"] <= 1.1 * 200
     assert r["steps_per_s"] >= 0.9 * r["made_steps_per_s"]
     # several steps per message (a send at most every 25 ms, a step every 20 ms per worker), one Redis
-    # transaction per round of messages at most
-    assert 0 < r["messages_per_s"] < r["made_steps_per_s"] and 0 < r["redis_transactions_per_s"] <= r["messages_per_s"]
+    # transaction per round of messages at most, beside each shard's expiry check (once a second; the
+    # counters are read a moment apart, so give it two)
+    assert 0 < r["messages_per_s"] < r["made_steps_per_s"]
+    assert 0 < r["redis_transactions_per_s"] <= r["messages_per_s"] + 2 * shards
     assert 0 < r["lag_p50_ms"] <= r["lag_p99_ms"] <= r["lag_max_ms"] < 2000

@@ -235,7 +235,8 @@ def _table(cfg: KVBenchConfig, r: dict) -> str:
             r["steps_per_s_per_worker"]), ("steps/s made by the workers", r["made_steps_per_s"]),
             ("lag p50, ms", r["lag_p50_ms"]), ("lag p99, ms", r["lag_p99_ms"]), ("lag max, ms", r["lag_max_ms"]),
             ("messages/s", r["messages_per_s"]), ("Redis transactions/s", r["redis_transactions_per_s"]),
-            (f"manager CPU (cores{', all shards' if cfg.shards > 1 else ''})", r["manager_cpu"]), ("simulated workers' CPU (cores)", r["workers_cpu"]),
+            (f"manager CPU (cores{', all shards' if cfg.shards > 1 else ''})", r["manager_cpu"]),
+            ("simulated workers' CPU (cores)", r["workers_cpu"]),
             ("engine time blocked on the lag bound, s",
             r["engine_blocked_s"]), ("resyncs", r["resyncs"]), ("ledgers equal to the manager's",
             f"{r['ledgers_equal']}/{cfg.workers}")]
@@ -313,14 +314,14 @@ def _simulate(cfg: KVBenchConfig, address: str, ids: list[str], start, results) 
 def _replay(cfg: KVBenchConfig, address: str, ids: list[str], start, results) -> None:
     """Each worker's steps made now and sent as they fall due, by `RemoteKV`'s rule: once the previous
     batch is acknowledged and `--send-every-ms` has passed since it was sent, every step due by then
-    goes out as one batch (at most 256). So a manager that falls behind gets fewer, larger batches, as
-    it does from real workers, instead of a queue that grows without end. One stream per worker, all of
-    this process's on one asyncio loop (grpc.aio: a message costs this process far less than a blocking
-    stream's thread hand-offs, so the CPU goes to the manager). A batch is the steps' protobuf fields,
-    encoded before the clock starts, concatenated (a repeated field's encoding is its items' encodings
-    in a row). Every ack must cover the batch and carry the digest the worker's ledger had after its
-    last step. A step's lag is its due time to its ack; it counts as applied when its ack comes inside
-    the measured window."""
+    goes out as one batch (at most `StepLog.max_batch_steps`). So a manager that falls behind gets
+    fewer, larger batches, as it does from real workers, instead of a queue that grows without end. One
+    stream per worker, all of this process's on one asyncio loop (grpc.aio: a message costs this process
+    far less than a blocking stream's thread hand-offs, so the CPU goes to the manager). A batch is the
+    steps' protobuf fields, encoded before the clock starts, concatenated (a repeated field's encoding
+    is its items' encodings in a row). Every ack must cover the batch and carry the digest the worker's
+    ledger had after its last step. A step's lag is its due time to its ack; it counts as applied when
+    its ack comes inside the measured window."""
     import asyncio
 
     from apar.protogen import stubs
@@ -331,7 +332,6 @@ def _replay(cfg: KVBenchConfig, address: str, ids: list[str], start, results) ->
     from services.worker.kvclient import KVManagerClient
 
     K = stubs().kvmanager_pb2
-    max_batch = 256
     n_steps = int((cfg.warmup_s + cfg.seconds) * cfg.steps_per_s) + 1
     plans = []
     for wid in ids:
@@ -351,7 +351,7 @@ def _replay(cfg: KVBenchConfig, address: str, ids: list[str], start, results) ->
             step = log.unacked.popleft()
             fields.append(convert.batch_to_pb(wid, Batch(0, [step])).SerializeToString())
             lasts.append((step.seq, step.digest))
-        plans.append((head, fields, lasts, client.address))  # its shard
+        plans.append((head, fields, lasts, log.max_batch_steps, client.address))  # to its shard
     outcomes = [{"lags": [], "acked": 0, "made": 0, "made_paused": 0, "equal": True} for _ in plans]
     start_at = _start_together(start, parent=False)
     window = (start_at + cfg.warmup_s, start_at + cfg.warmup_s + cfg.seconds)
@@ -359,7 +359,7 @@ def _replay(cfg: KVBenchConfig, address: str, ids: list[str], start, results) ->
     every = cfg.send_every_ms / 1000
 
     async def run(i: int, channel) -> None:
-        head, fields, lasts, _ = plans[i]
+        head, fields, lasts, max_batch, _ = plans[i]
         out = outcomes[i]
         call = channel.stream_stream("/apar.v1.KVManager/Steps")()
         # Independent workers are out of phase: their first steps are spread over a send interval.
@@ -387,7 +387,7 @@ def _replay(cfg: KVBenchConfig, address: str, ids: list[str], start, results) ->
     async def main() -> None:
         import grpc
 
-        channels = [grpc.aio.insecure_channel(plan[3]) for plan in plans]
+        channels = [grpc.aio.insecure_channel(shard) for *_, shard in plans]
         await asyncio.gather(*(run(i, ch) for i, ch in enumerate(channels)))
         for ch in channels:
             await ch.close()

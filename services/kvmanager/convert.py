@@ -31,13 +31,12 @@ def digest_to_pb(d: Digest):
 def batch_from_pb(req) -> Batch:
     steps = []
     for i, s in enumerate(req.steps):
-        raw, d = s.ops, s.digest
+        raw = s.ops
         try:
             ops = ops_from_bytes(raw)
         except ValueError as exc:
             raise BadRequest(f"step {i}: {exc}") from None
-        steps.append(Step(s.seq, ops, Digest(d.free_blocks, d.used_blocks, d.threads, d.tokens, d.next_free, d.named),
-                          0.0, raw))
+        steps.append(Step(s.seq, ops, digest_from_pb(s.digest), raw=raw))
     resync = None
     if req.HasField("resync"):
         try:

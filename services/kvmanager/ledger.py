@@ -244,27 +244,18 @@ class KVLedger:
                 return [(t.own[-1], last.used - 1)] if want_slots else []
         else:
             t.since = self._tick  # (settled: nothing to write down for a thread that is not open)
-            if n_tokens == 1:  # a decode token that opens a block: a replica's most frequent op, inlined
-                free = self._free
-                if free:
-                    block_id = free.popleft()
-                elif self._cache:
-                    block_id = self._take()
-                else:
+            if n_tokens == 1:  # a decode token that opens a block
+                if not self._free and not self._cache:
                     raise OutOfBlocks("1 block needed, 0 free")
+                block_id = self._take()
                 self._blocks[block_id] = _Block(ref, 1, 1)
                 self._request_blocks[ref.request] += 1
                 t.own.append(block_id)
                 t.sealed = False
                 self._tokens += 1
-                if self.block_size > 1:  # open now, and not filed (a thread that is not open never is)
+                if self.block_size > 1:
                     self._open[ref] = t
-                    t.fill = fill = self._tick + self.block_size - 1
-                    bucket = self._fills.get(fill)
-                    if bucket is None:
-                        self._fills[fill] = {ref}
-                    else:
-                        bucket.add(ref)
+                    self._file(t, 1)
                 return [(block_id, 0)] if want_slots else []
         need = self.blocks_needed(ref, n_tokens)
         if need > self.num_free:
@@ -312,14 +303,10 @@ class KVLedger:
             t.since = tick
             self._file(t, self._blocks[t.own[-1]].used)
         n = len(open_) - len(stay)
-        blocks = self._blocks
-        for ref in self._fills.pop(tick, ()):  # their blocks are full now (`_settle` and `_close`, inlined)
-            t = open_.pop(ref)
-            last = blocks[t.own[-1]]
-            if last.refcount != 1:  # I3
-                raise LedgerError(f"write to shared block {t.own[-1]}")
-            last.used += tick - t.since
-            t.since = tick
+        for ref in self._fills.pop(tick, ()):  # their blocks are full now
+            t = open_[ref]
+            self._settle(t)
+            del open_[ref]
             t.fill = -1
         self._tokens += n
         return n
