@@ -62,8 +62,11 @@ SECURE = {
     "redis": {"auth": {"existingSecret": "redis-auth"}},
 }
 
+# Three KV manager shards, the router finding workers through them.
+SHARDED = {**ALL_ON_EXTERNAL, "kvmanager": {"shards": 3}}
+
 MODES = {"defaults": {}, "all-on": ALL_ON, "all-on-keda": ALL_ON_KEDA, "all-on-external": ALL_ON_EXTERNAL,
-         "secure": SECURE}
+         "secure": SECURE, "sharded": SHARDED}
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +192,8 @@ def test_schema_refuses_misspelled_values(chart, values, needle):
     {"router": {"ports": {"grpc": 70000}}},
     {"model": {"source": "s3"}},
     {"router": {"discovery": "dns"}},
+    {"kvmanager": {"shards": 0}},
+    {"kvmanager": {"shards": "two"}},
     {"worker": {"tolerations": [{"key": "a", "operator": "Maybe"}]}},
 ])
 def test_schema_refuses_wrong_types_and_values(chart, values):
@@ -388,7 +393,7 @@ def test_router_discovery_args_and_ports(rendered):
     assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == {"grpc": 50051, "http": 8000, "metrics": 9100}
 
 
-@pytest.mark.parametrize("mode", ["defaults", "all-on-external", "secure"])
+@pytest.mark.parametrize("mode", ["defaults", "all-on-external", "secure", "sharded"])
 def test_container_args_parse_with_the_real_cli(rendered, mode):
     """Every apar container's args (after Kubernetes' $(VAR) expansion) are accepted by `apar`'s own parser."""
     from apar.cli import build_parser
@@ -459,6 +464,41 @@ def test_kvmanager_and_in_release_redis(rendered):
     assert redis["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
     tag = container(redis, "redis")["image"].split(":", 1)[1]
     assert re.match(r"^\d+\.\d+\.\d+", tag)
+
+
+def test_kvmanager_shards_each_own_pods_prefix_and_share_of_the_workers(rendered):
+    from services.kvmanager.shards import parse_shards, shard_for
+
+    docs = rendered["sharded"]
+    names = [f"apar-kvmanager-{i}" for i in range(3)]
+    deployments = [one(docs, "Deployment", n) for n in names]
+    assert not [d for d in docs if d["kind"] in ("Deployment", "Service") and d["metadata"]["name"] == "apar-kvmanager"]
+    prefixes = [next(a for a in container(d, "kvmanager")["args"] if a.startswith("--prefix=")) for d in deployments]
+    assert prefixes == ["--prefix=apar:s0:", "--prefix=apar:s1:", "--prefix=apar:s2:"]
+    pods = [d["spec"]["template"]["metadata"]["labels"] for d in deployments]
+    owners = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
+    for name, labels in zip(names, pods):
+        svc = one(docs, "Service", name)
+        selector = svc["spec"]["selector"]
+        assert [d["metadata"]["name"] for d in owners
+                if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()] == [name]
+        dep = one(docs, "Deployment", name)
+        assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    # Workers and router are given every shard; the worker ids the StatefulSet gives pick all three.
+    spec = ",".join(f"{n}:50071" for n in names)
+    for kind, name, c in (("StatefulSet", "apar-worker", "worker"), ("Deployment", "apar-router", "router")):
+        assert f"--kvmanager={spec}" in container(one(docs, kind, name), c)["args"]
+    assert {shard_for(f"apar-worker-{i}", parse_shards(spec)) for i in range(16)} == {f"{n}:50071" for n in names}
+    # One ServiceMonitor, one disruption budget and the Redis rule cover every shard.
+    monitor = next(m for m in by_kind(docs, "ServiceMonitor") if m["metadata"]["name"] == "apar-kvmanager")
+    assert all(monitor["spec"]["selector"]["matchLabels"].items() <= one(docs, "Service", n)["metadata"][
+        "labels"].items() for n in names)
+    pdb = next(p for p in by_kind(docs, "PodDisruptionBudget") if p["metadata"]["name"] == "apar-kvmanager")
+    assert all(pdb["spec"]["selector"]["matchLabels"].items() <= labels.items() for labels in pods)
+    rule = next(r for g in one(docs, "PrometheusRule")["spec"]["groups"] for r in g["rules"]
+                if r["alert"] == "AparRedisErrors")
+    job = re.search(r'job=~"([^"]+)"', rule["expr"]).group(1)
+    assert all(re.fullmatch(job, n) for n in names + ["apar-kvmanager"]) and not re.fullmatch(job, "apar-worker")
 
 
 def test_external_redis_password_from_secret(rendered):

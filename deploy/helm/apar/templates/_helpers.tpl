@@ -79,8 +79,27 @@ app.kubernetes.io/component: {{ .component }}
 {{- default (base .Values.model.path) .Values.model.servedModelName }}
 {{- end }}
 
+{{/* One KV manager shard's name (Deployment and Service): `(dict "ctx" . "i" INDEX)`. A single shard keeps
+the plain name; with several, each is suffixed with its index. */}}
+{{- define "apar.kvmanager.shardName" -}}
+{{- if eq (int .ctx.Values.kvmanager.shards) 1 }}{{ include "apar.kvmanager.fullname" .ctx }}
+{{- else }}{{ printf "%s-%d" (include "apar.kvmanager.fullname" .ctx) (int .i) }}{{ end }}
+{{- end }}
+
+{{/* A shard's Redis key prefix: its own within the one Redis (`apar:s0:`, `apar:s1:`, ...). */}}
+{{- define "apar.kvmanager.shardPrefix" -}}
+{{- if eq (int .ctx.Values.kvmanager.shards) 1 }}{{ .ctx.Values.kvmanager.redisPrefix }}
+{{- else }}{{ printf "%ss%d:" .ctx.Values.kvmanager.redisPrefix (int .i) }}{{ end }}
+{{- end }}
+
+{{/* Every shard's address, comma-separated (`--kvmanager`): each worker picks its own by its id. */}}
 {{- define "apar.kvmanager.address" -}}
-{{- printf "%s:%d" (include "apar.kvmanager.fullname" .) (int .Values.kvmanager.ports.grpc) }}
+{{- $addresses := list }}
+{{- range $i := until (int .Values.kvmanager.shards) }}
+{{- $name := include "apar.kvmanager.shardName" (dict "ctx" $ "i" $i) }}
+{{- $addresses = append $addresses (printf "%s:%d" $name (int $.Values.kvmanager.ports.grpc)) }}
+{{- end }}
+{{- join "," $addresses }}
 {{- end }}
 
 {{/* Label matchers of the workers' series in Prometheus (a ServiceMonitor's job is its Service). */}}
@@ -88,8 +107,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "namespace=%q, job=%q" .Release.Namespace (include "apar.worker.fullname" .) }}
 {{- end }}
 
+{{/* Every shard's series: one job per shard Service. */}}
 {{- define "apar.kvmanager.promSelector" -}}
-{{- printf "namespace=%q, job=%q" .Release.Namespace (include "apar.kvmanager.fullname" .) }}
+{{- printf "namespace=%q, job=~%q" .Release.Namespace (printf "%s(-[0-9]+)?" (include "apar.kvmanager.fullname" .)) }}
 {{- end }}
 
 {{/* A NetworkPolicy peer: every pod of the release. */}}
