@@ -86,6 +86,11 @@ the plain name; with several, each is suffixed with its index. */}}
 {{- else }}{{ printf "%s-%d" (include "apar.kvmanager.fullname" .ctx) (int .i) }}{{ end }}
 {{- end }}
 
+{{/* The label that tells shards' pods apart (none with a single shard: its selector stays as it was). */}}
+{{- define "apar.kvmanager.shardLabel" -}}
+{{- if gt (int .ctx.Values.kvmanager.shards) 1 }}apar/kvmanager-shard: {{ .i | toString | quote }}{{ end }}
+{{- end }}
+
 {{/* A shard's Redis key prefix: its own within the one Redis (`apar:s0:`, `apar:s1:`, ...). */}}
 {{- define "apar.kvmanager.shardPrefix" -}}
 {{- if eq (int .ctx.Values.kvmanager.shards) 1 }}{{ .ctx.Values.kvmanager.redisPrefix }}
