@@ -32,8 +32,18 @@ import tempfile
 import time
 import urllib.request
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 from apar.errors import UserError
+
+
+class _Manager(NamedTuple):
+    """One manager process (one shard) the bench started."""
+
+    proc: subprocess.Popen
+    port: int
+    metrics_port: int
+    log_path: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +112,7 @@ def measure(cfg: KVBenchConfig, redis_url: str | None = None) -> dict:
 
     scratch = ScratchRedis() if redis_url is None else None
     run_id = f"bench-{os.getpid()}-{int(time.time())}"
-    managers: list[tuple[subprocess.Popen, int, int, str]] = []  # (process, port, metrics port, log path)
+    managers: list[_Manager] = []
     procs = []
     try:
         for i in range(cfg.shards):  # each shard its own key prefix in the one Redis
@@ -110,12 +120,12 @@ def measure(cfg: KVBenchConfig, redis_url: str | None = None) -> dict:
                                                             "--prefix", f"{run_id}-{i}:"]
             port, metrics_port = free_port(), free_port()
             log = tempfile.NamedTemporaryFile(prefix="apar-kvbench-", suffix=".log", delete=False)
-            managers.append((subprocess.Popen([sys.executable, "-m", "services.kvmanager", "--port", str(port), *store,
+            managers.append(_Manager(subprocess.Popen([sys.executable, "-m", "services.kvmanager", "--port", str(port), *store,
                                                "--ttl", "600", "--metrics-port", str(metrics_port)],
                                               stdout=subprocess.DEVNULL, stderr=log), port, metrics_port, log.name))
-        for manager, _, _, log_path in managers:
-            _wait_listening(manager, log_path)
-        address = ",".join(f"127.0.0.1:{port}" for _, port, _, _ in managers)  # the worker picks its shard
+        for m in managers:
+            _wait_listening(m.proc, m.log_path)
+        address = ",".join(f"127.0.0.1:{m.port}" for m in managers)  # the worker picks its shard
         ctx = mp.get_context("spawn")
         results = ctx.Queue()
         start = (ctx.Barrier(cfg.procs + 1), ctx.Event(), ctx.Value("d", 0.0))
@@ -131,24 +141,24 @@ def measure(cfg: KVBenchConfig, redis_url: str | None = None) -> dict:
         before = _managers_sample(managers)
         if cfg.pause_s:
             _sleep_until(_pause_window(cfg, start_at)[0])
-            for manager, *_ in managers:
-                os.kill(manager.pid, signal.SIGSTOP)
+            for m in managers:
+                os.kill(m.proc.pid, signal.SIGSTOP)
             _sleep_until(_pause_window(cfg, start_at)[1])
-            for manager, *_ in managers:
-                os.kill(manager.pid, signal.SIGCONT)
+            for m in managers:
+                os.kill(m.proc.pid, signal.SIGCONT)
         _sleep_until(window[1])
         after = _managers_sample(managers)
         parts = [results.get(timeout=120 + cfg.seconds) for _ in procs]
     finally:
-        for manager, *_ in managers:
-            if manager.poll() is None:
-                os.kill(manager.pid, signal.SIGCONT)
+        for m in managers:
+            if m.proc.poll() is None:
+                os.kill(m.proc.pid, signal.SIGCONT)
         for proc in procs:
             proc.join(timeout=30)
-        for manager, _, _, log_path in managers:
-            manager.terminate()
-            manager.wait(timeout=10)
-            os.unlink(log_path)
+        for m in managers:
+            m.proc.terminate()
+            m.proc.wait(timeout=10)
+            os.unlink(m.log_path)
         if scratch is not None:
             scratch.close()
     return _summary(cfg, parts, before, after)
@@ -182,13 +192,13 @@ def _wait_listening(manager: subprocess.Popen, log_path: str) -> None:
         time.sleep(0.05)
 
 
-def _managers_sample(managers) -> dict:
+def _managers_sample(managers: list[_Manager]) -> dict:
     """The managers' CPU seconds so far and their message and Redis counters, summed over the shards."""
     out = {"t": time.time(), "cpu": 0.0, "messages": 0.0, "round_trips": 0.0, "resyncs": 0.0}
-    for manager, _, metrics_port, _ in managers:
-        fields = open(f"/proc/{manager.pid}/stat").read().rpartition(")")[2].split()
+    for m in managers:
+        fields = open(f"/proc/{m.proc.pid}/stat").read().rpartition(")")[2].split()
         out["cpu"] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{m.metrics_port}/metrics", timeout=5).read().decode()
         values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
                   if line and not line.startswith("#") and "{" not in line}
         out["messages"] += values.get("apar_kvmanager_messages_total", 0.0)

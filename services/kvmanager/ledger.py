@@ -248,7 +248,7 @@ class KVLedger:
                 if not self._free and not self._cache:
                     raise OutOfBlocks("1 block needed, 0 free")
                 block_id = self._take()
-                self._blocks[block_id] = _Block(ref, 1, 1)
+                self._blocks[block_id] = _Block(owner=ref, used=1)
                 self._request_blocks[ref.request] += 1
                 t.own.append(block_id)
                 t.sealed = False
@@ -470,6 +470,10 @@ class KVLedger:
             self._request_named[ref.request] = self._request_named.get(ref.request, 0) + named
         return named
 
+    def _named_read(self, t: _Thread) -> int:
+        """The named blocks in use among the thread's context (a finished thread's may be gone)."""
+        return sum(self._blocks[i].name is not None for i in t.refs + t.own if i in self._blocks)
+
     def _thread(self, ref: ThreadRef) -> _Thread:
         try:
             return self._threads[ref]
@@ -538,7 +542,7 @@ class KVLedger:
             for t in led._threads.values():
                 led._request_threads.setdefault(t.ref.request, []).append(t.ref)
                 if t.ref.thread == 0:  # a root: the named blocks of its context are its request's
-                    named = sum(led._blocks[i].name is not None for i in t.refs + t.own if i in led._blocks)
+                    named = led._named_read(t)
                     if named:
                         led._request_named[t.ref.request] = named
             for t in led._open.values():
@@ -614,7 +618,7 @@ class KVLedger:
                 raise LedgerError(f"I8: named block {i} has an owner or is not full")
         for t in self._threads.values():
             if t.ref.thread == 0 and t.running:
-                held = sum(self._blocks[i].name is not None for i in t.refs + t.own)
+                held = self._named_read(t)
                 if self._request_named.get(t.ref.request, 0) != held:
                     raise LedgerError(f"I8: request {t.ref.request} counts {self._request_named.get(t.ref.request, 0)} "
                                       f"named blocks, its root reads {held}")
