@@ -1,36 +1,38 @@
-"""The KV manager's domain: a replica of every registered worker's ledger, persisted before it is acked.
+"""The KV manager's domain: a replica of every registered worker's ledger, persisted in Redis a round after
+it is acknowledged.
 
 Used two ways: behind the gRPC servicer (cluster mode, `store` = RedisStore) and in-process (embedded
 `apar serve`, tests: `store=None`, memory only, registrations expire on this process's clock).
 
 How a worker's message flows: check the fields -> `records.apply_batch` applies it to the worker's
 replica in memory, on the caller's thread (the gRPC event loop; the rules are in `replication`'s
-docstring), and stages the log entry -> the writer thread commits, in ONE Redis transaction, every
-entry staged since its last round -> the ack. So a message that arrives while a round is being
-committed waits for the next one: under load Redis sees far fewer transactions than messages, and never
-more than one per message. An ack is only answered once what it acknowledges is in Redis. Without a
-store (memory only) the ack is answered at once.
+docstring), and stages the log entry -> the ack, at once. Beside it the writer thread commits, in ONE
+Redis transaction, every entry staged since its last round (rounds start at most every
+`round_every_s`): under load Redis sees far fewer transactions than messages, and never more than one
+per message. So an ack means "the replica holds it", and Redis holds it one round later; a message never
+waits for Redis, and neither does the worker's lag. What a manager killed between the two loses, its
+restart shows: the replica it loads is a few steps behind the worker's acknowledged ones, a gap the
+worker cannot fill (it dropped the steps), and it sends its snapshot (`replication`: a manager restart
+ends in a resync). A graceful stop (`close`) and `flush` write the last round first.
 
-Memory may be ahead of Redis, never behind once loaded: after a store failure the manager is in doubt,
-and before it acknowledges anything more it `_sync`s: it loads every ledger from Redis and, per worker,
-keeps the newer of memory and store (`WorkerRecord.version`), writing memory back wherever Redis is
-behind (a failed transaction, or Redis restarted empty). A ledger loaded at start gets a fresh
-registration time-to-live: while no manager ran, its worker's heartbeats could not arrive, so it is
-reclaimed only if they stay away for a whole ttl after the restart.
+Memory may be ahead of Redis, never behind once loaded: after a store failure the manager is in doubt:
+the writer stages nothing more (memory holds it all) and, with backoff, `_sync`s: it loads every ledger
+from Redis and, per worker, keeps the newer of memory and store (`WorkerRecord.version`), writing
+memory back wherever Redis is behind (a failed transaction, or Redis restarted empty). While Redis is
+away the workers' messages go on being applied and acknowledged; registrations wait for it. A ledger
+loaded at start gets a fresh registration time-to-live: while no manager ran, its worker's heartbeats
+could not arrive, so it is reclaimed only if they stay away for a whole ttl after the restart.
 
-Two locks: `_lock` guards memory (every record, the staged entries, the acks waiting for a round),
-held for microseconds but while a sync rewrites the store; `_store_lock` makes one thread at a time
-write to the store (a round, a sync, a registration, a reap). Always taken store lock first, then
-memory lock.
+Two locks: `_lock` guards memory (every record, the staged entries), held for microseconds but while a
+sync rewrites the store; `_store_lock` makes one thread at a time write to the store (a round, a sync,
+a registration, a reap). Always taken store lock first, then memory lock.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -57,32 +59,6 @@ class _Pending:
     snapshot: bool = False  # resynced: its whole state is written
 
 
-# Told once a message's round is in the store (or failed): a callback (a blocking caller), or an event
-# loop's future (the gRPC service's), settled with every other future of that loop in one wake-up.
-Durable = Callable[[BaseException | None], None] | tuple[asyncio.AbstractEventLoop, asyncio.Future]
-
-
-def _settle(futures: list[asyncio.Future], error: BaseException | None) -> None:
-    for durable in futures:
-        if durable.done():  # the stream was cancelled meanwhile
-            continue
-        if error is None:
-            durable.set_result(None)
-        else:
-            durable.set_exception(error)
-
-
-def _tell(durables: list[Durable], error: BaseException | None) -> None:
-    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
-    for durable in durables:
-        if isinstance(durable, tuple):
-            by_loop.setdefault(durable[0], []).append(durable[1])
-        else:
-            durable(error)
-    for loop, futures in by_loop.items():
-        loop.call_soon_threadsafe(_settle, futures, error)
-
-
 class KVManager:
     def __init__(self, store: RedisStore | None = None, metrics: KVMetrics | None = None,
                  clock=time.monotonic, round_every_s: float = 0.004) -> None:
@@ -94,37 +70,41 @@ class KVManager:
         self._lock = threading.Lock()
         self._store_lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}
-        self._waiting: list[Durable] = []  # the acks of messages applied since the current round began
         self._work = threading.Condition(self._lock)  # wakes the writer
         self._writer_idle = False  # the writer waits on `_work`: the next message wakes it (only then)
         self._writer: threading.Thread | None = None
         self._closing = False
         self._loaded = store is None  # nothing loaded yet: the first store call loads every ledger
-        if metrics is not None:
-            metrics.watch(self.usage)
         self._doubt = False  # a store call failed: Redis may be behind memory
+        self._unpersisted = 0  # messages acknowledged that changed a replica Redis does not hold yet
+        if metrics is not None:
+            metrics.watch(self.usage, self.unpersisted)
 
     # ---- worker registration ----------------------------------------------------------------------
     def register(self, spec: WorkerSpec, session: int = 0) -> tuple[bool, int]:
         """Lease a pool: (restored, free blocks). Restored when a live ledger of the same size exists
         (the worker reconnects after a manager restart, or restarted with the same id: its steps then
         ask for a resync); otherwise a fresh ledger, holding `session` at step 0, replaces any other."""
-        with self._store_lock, self._lock:
-            self._sync()
-            rec = self._workers.get(spec.worker_id)
-            if rec is not None and rec.spec.same_pool(spec) and self._alive(rec):
-                if self.store is not None:
-                    self._guard(self.store.renew, spec)
-                rec.spec = spec
-                rec.expires_at = self.clock() + spec.ttl_s
-                return True, rec.ledger.num_free
-            rec = WorkerRecord(spec=spec, ledger=KVLedger(spec.num_blocks, spec.block_size), born=time.time_ns(),
-                               session=session, expires_at=self.clock() + spec.ttl_s)
+        with self._store_lock:
+            self._sync_reachable()
+            with self._lock:
+                return self._register(spec, session)
+
+    def _register(self, spec: WorkerSpec, session: int) -> tuple[bool, int]:
+        rec = self._workers.get(spec.worker_id)
+        if rec is not None and rec.spec.same_pool(spec) and self._alive(rec):
             if self.store is not None:
-                self._guard(self.store.save, rec, True)
-            self._workers[spec.worker_id] = rec
-            self._pending.pop(spec.worker_id, None)
-            return False, rec.ledger.num_free
+                self._guard(self.store.renew, spec)
+            rec.spec = spec
+            rec.expires_at = self.clock() + spec.ttl_s
+            return True, rec.ledger.num_free
+        rec = WorkerRecord(spec=spec, ledger=KVLedger(spec.num_blocks, spec.block_size), born=time.time_ns(),
+                           session=session, expires_at=self.clock() + spec.ttl_s)
+        if self.store is not None:
+            self._guard(self.store.save, rec, True)
+        self._workers[spec.worker_id] = rec
+        self._pending.pop(spec.worker_id, None)
+        return False, rec.ledger.num_free
 
     def heartbeat(self, worker_id: str) -> bool:
         """Extend a registration; False when the worker is unknown or expired (it must register again)."""
@@ -147,95 +127,81 @@ class KVManager:
 
     # ---- the replicas -----------------------------------------------------------------------------
     def submit(self, worker_id: str, batch: Batch) -> Ack:
-        """Apply one message of a worker (`records.apply_batch`) and answer once it is persisted."""
-        done, failed = threading.Event(), []
-        ack = self._submit(worker_id, batch, lambda error: (failed.append(error), done.set()))
-        if self.store is not None:
-            done.wait()
-            if failed[0] is not None:
-                raise failed[0]
-        return ack
-
-    async def submit_async(self, worker_id: str, batch: Batch) -> Ack:
-        """`submit` for an event loop (the gRPC service's): it goes on serving other workers meanwhile."""
-        loop = asyncio.get_running_loop()
-        durable = loop.create_future()
-        ack = self._submit(worker_id, batch, (loop, durable))
-        if self.store is not None:
-            await durable
-        return ack
-
-    def _submit(self, worker_id: str, batch: Batch, durable: Durable) -> Ack:
+        """Apply one message of a worker (`records.apply_batch`) and answer at once; the writer's next
+        round puts it in Redis (`flush` waits for that)."""
         check_worker_id(worker_id)
         check_batch(batch)
         if not self._loaded:
-            with self._store_lock, self._lock:
-                self._sync()
+            self.sync()
         with self._lock:
             ack = self._apply(worker_id, batch)
-            if self.store is not None:
-                self._waiting.append(durable)
-                self._start_writer()
-                if self._writer_idle:  # a busy writer takes this message in its next round unasked
-                    self._work.notify()
+            if self.store is not None and self._writer_idle and (self._pending or self._doubt):
+                self._work.notify()  # a busy writer takes this message in its next round unasked
         return ack
 
-    def _start_writer(self) -> None:
-        if self._writer is None:
-            self._writer = threading.Thread(target=self._write_loop, name="apar-kv-writer", daemon=True)
-            self._writer.start()
+    def flush(self) -> None:
+        """Write what the messages applied so far changed to Redis now (a round of the caller's own);
+        StoreUnavailable when Redis cannot take it (the writer goes on trying)."""
+        if self.store is not None:
+            self._round()
 
     def close(self) -> None:
-        """Stop the writer thread (after the round it is in)."""
+        """Stop the writer thread, then write the last round (a graceful stop loses nothing)."""
         with self._lock:
             self._closing = True
             self._work.notify()
         if self._writer is not None:
             self._writer.join(timeout=10)
+        try:
+            self.flush()
+        except StoreUnavailable as exc:
+            log.warning("KV manager stopped with changes Redis does not hold (%s): their workers resync", exc)
 
     def _write_loop(self) -> None:
-        started = 0.0
+        started, backoff = 0.0, 0.0
         while True:
             with self._lock:
-                while not self._waiting and not self._closing:
+                while not (self._pending or self._doubt) and not self._closing:
                     self._writer_idle = True
                     self._work.wait()
                     self._writer_idle = False
-                if not self._waiting:
-                    return
-            time.sleep(max(0.0, started + self.round_every_s - time.monotonic()))
+                delay = max(backoff, started + self.round_every_s - time.monotonic())
+                if delay > 0 and not self._closing:
+                    self._work.wait(delay)  # (only `close` wakes it early)
+                if self._closing:
+                    return  # `close` writes the last round
             started = time.monotonic()
-            with self._lock:
-                acks, self._waiting = self._waiting, []
-            error = None
             try:
                 self._round()
-            except Exception as exc:  # StoreUnavailable (nothing acknowledged: the workers send again), or a bug
-                if not isinstance(exc, StoreUnavailable):
-                    log.exception("KV manager writer")
-                error = exc
-            _tell(acks, error)
+                backoff = 0.0
+            except StoreUnavailable as exc:  # in doubt: memory holds it all, the next round syncs
+                backoff = min(2.0, max(0.05, 2 * backoff))
+                log.warning("Redis unreachable (%s); writing again in %.2f s", exc, backoff)
+            except Exception:
+                log.exception("KV manager writer")
+                backoff = min(2.0, max(0.05, 2 * backoff))
 
     def _round(self) -> None:
-        """Persist in ONE transaction what the messages applied so far changed; after a store failure,
-        sync first (which writes back whatever memory holds that Redis does not)."""
+        """Persist in ONE transaction what the messages applied so far changed; in doubt (a store call
+        failed), sync instead (which writes back whatever memory holds that Redis does not)."""
         with self._store_lock:
+            if self._doubt:
+                self._sync_reachable()
+                return
             with self._lock:
-                if self._doubt:
-                    self._sync()
-                    return
-                writes = self._take_pending()
+                writes, taken = self._take_pending(), self._unpersisted
             for w in writes:  # encoded outside the memory lock: the workers' messages go on meanwhile
                 if isinstance(w.snapshot, dict):
                     w.snapshot = snapshot_to_json(w.snapshot)
-            if writes:
-                lost = self._guard(self.store.commit, writes)
-                if lost:
-                    log.warning("Redis no longer holds the ledgers of %s: rewriting the store from memory",
-                                ", ".join(r.worker_id for r in lost))
-                    with self._lock:
-                        self._doubt = True
-                        self._sync()
+            lost = self._guard(self.store.commit, writes) if writes else []
+            with self._lock:
+                self._unpersisted -= taken
+            if lost:
+                log.warning("Redis no longer holds the ledgers of %s: rewriting the store from memory",
+                            ", ".join(r.worker_id for r in lost))
+                with self._lock:
+                    self._doubt = True
+                    self._sync()
 
     def _apply(self, worker_id: str, batch: Batch) -> Ack:
         rec = self._record(worker_id)
@@ -245,6 +211,12 @@ class KVManager:
 
     def _applied(self, rec: WorkerRecord, applied: Applied) -> None:
         if self.store is not None and (applied.steps or applied.resynced):
+            if self._writer is None:  # (under the memory lock: one writer)
+                self._writer = threading.Thread(target=self._write_loop, name="apar-kv-writer", daemon=True)
+                self._writer.start()
+        if self.store is not None and (applied.steps or applied.resynced):
+            self._unpersisted += 1
+        if self.store is not None and not self._doubt and (applied.steps or applied.resynced):
             pending = self._pending.get(rec.worker_id)
             if pending is None or pending.rec is not rec:
                 pending = self._pending[rec.worker_id] = _Pending(rec)
@@ -281,6 +253,10 @@ class KVManager:
         return writes
 
     # ---- read side ---------------------------------------------------------------------------------
+    def unpersisted(self) -> int:
+        """Messages acknowledged whose changes Redis does not hold yet (0 when all are written)."""
+        return self._unpersisted
+
     def usage(self) -> list[Usage]:
         """Every registered worker (memory only: no store call), sorted by id."""
         with self._lock:
@@ -329,8 +305,8 @@ class KVManager:
         nothing is reaped: the ledgers are written back from memory with fresh registrations instead.
         Memory is locked only to read the ids and to drop the dead: the workers' messages go on meanwhile."""
         with self._store_lock:
+            self._sync_reachable()
             with self._lock:
-                self._sync()
                 ids = sorted(self._workers)
             if self.store is not None:
                 intact, alive = self._guard(self.store.alive, ids)
@@ -373,7 +349,16 @@ class KVManager:
 
     def sync(self) -> None:
         """Load or reconcile the ledgers now if a store call failed (or nothing was loaded yet)."""
-        with self._store_lock, self._lock:
+        with self._store_lock:
+            self._sync_reachable()
+
+    def _sync_reachable(self) -> None:
+        """`_sync`, once Redis answers a ping made with the memory lock free: while Redis is away, the
+        workers' messages go on being applied. Called with the store lock held."""
+        if self.store is None or (self._loaded and not self._doubt):
+            return
+        self._guard(self.store.ping)
+        with self._lock:
             self._sync()
 
     def _sync(self) -> None:
@@ -396,6 +381,7 @@ class KVManager:
                 self._guard(self.store.save, rec, True)
             self._guard(self.store.mark_intact)
         self._pending = {}  # everything memory holds is in the store now
+        self._unpersisted = 0
         self._loaded, self._doubt = True, False
         log.info("ledgers in sync with Redis: %d workers", len(self._workers))
 

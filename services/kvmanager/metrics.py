@@ -19,7 +19,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 # RedisStore's methods (each one round trip or two); `KVManager._guard` labels an error with the name
-STORE_OPERATIONS = ("commit", "save", "renew", "touch", "alive", "drop", "mark_intact", "load")
+STORE_OPERATIONS = ("commit", "save", "renew", "touch", "alive", "drop", "mark_intact", "load", "ping")
 
 
 class KVMetrics:
@@ -47,17 +47,20 @@ class KVMetrics:
     def round_trip(self) -> None:
         self.round_trips.inc()
 
-    def watch(self, usage: Callable[[], Iterable]) -> None:
-        """Where the per-worker gauges come from at each scrape: `KVManager.usage` (a dropped worker's
-        series go away with it)."""
+    def watch(self, usage: Callable[[], Iterable], unpersisted: Callable[[], int] = int) -> None:
+        """Where the gauges come from at each scrape: `KVManager.usage` for the per-worker ones (a dropped
+        worker's series go away with it), `KVManager.unpersisted` for the messages Redis does not hold yet."""
         self._ledgers.usage = usage
+        self._ledgers.unpersisted = unpersisted
 
 
 class _Ledgers(Collector):
-    """apar_kvmanager_blocks_used / _free per worker and apar_kvmanager_workers, read at scrape time."""
+    """apar_kvmanager_blocks_used / _free per worker, apar_kvmanager_workers and
+    apar_kvmanager_unpersisted_messages, read at scrape time."""
 
     def __init__(self) -> None:
         self.usage: Callable[[], Iterable] = list
+        self.unpersisted: Callable[[], int] = int
 
     def collect(self):
         used = GaugeMetricFamily("apar_kvmanager_blocks_used", "KV blocks in use, per worker", labels=["worker"])
@@ -69,3 +72,5 @@ class _Ledgers(Collector):
         yield used
         yield free
         yield GaugeMetricFamily("apar_kvmanager_workers", "Workers with a ledger", value=len(workers))
+        yield GaugeMetricFamily("apar_kvmanager_unpersisted_messages", "Messages acknowledged whose changes Redis "
+                                "does not hold yet (the next round writes them)", value=self.unpersisted())

@@ -38,7 +38,7 @@ from services.kvmanager.ops import Op, StepAnswer, apply, record
 
 
 class ReplicaUnavailable(ConnectionError):
-    """The KV manager could not be reached or could not persist: nothing was acknowledged, send again."""
+    """The KV manager could not be reached (or could not load its ledgers from Redis yet): send again."""
 
 
 class WorkerForgotten(RuntimeError):
@@ -70,7 +70,7 @@ class Batch:
 
 @dataclass(frozen=True, slots=True)
 class Ack:
-    applied: int  # the last step the replica holds (persisted, when the manager has a store)
+    applied: int  # the last step the replica holds (in Redis a round later, when the manager has a store)
     digest: Digest  # the replica after `applied`
     resync: bool = False  # the replica cannot go on from these steps: send a snapshot
 

@@ -3,13 +3,15 @@
 Each RPC is `convert.*_from_pb` -> one `KVManager` call -> `convert.*_to_pb`; `Steps` is a stream of
 them, one StepAck per StepBatch. Domain errors become status codes in one place (`_status`):
 BadRequest -> INVALID_ARGUMENT (also for bytes that are not a message), UnknownWorker -> NOT_FOUND,
-StoreUnavailable -> UNAVAILABLE (send again: nothing was acknowledged), anything else -> INTERNAL (logged;
-the server goes on); on `Steps` the error ends the stream. An op the replica refuses is NOT a status:
+StoreUnavailable -> UNAVAILABLE (send again: nothing was done; on `Steps` only before the ledgers were
+ever loaded, since a message does not wait for Redis), anything else -> INTERNAL (logged; the server
+goes on); on `Steps` the error ends the stream. An op the replica refuses is NOT a status:
 the ack asks the worker for a resync.
 
 `serve()` starts a `grpc.aio` server on an event loop of its own thread: every worker's `Steps` stream
-is served there (no thread per stream: a message costs no thread switch until the manager's writer
-takes it), the unary calls in a small thread pool (they may wait on Redis). Beside it a reaper thread
+is served there (no thread per stream: a message is applied and answered with no thread switch; the
+manager's writer thread takes it to Redis after), the unary calls in a small thread pool (they may
+wait on Redis). Beside it a reaper thread
 drops the ledger of every worker whose registration expired and, while Redis is away, retries with
 backoff and reports the KVManager service NOT_SERVING on the standard health service.
 """
@@ -55,7 +57,7 @@ class KVManagerServicer:
         return K.HeartbeatResponse(known=self.manager.heartbeat(req.worker_id))
 
     async def Steps(self, req):
-        return convert.ack_to_pb(await self.manager.submit_async(req.worker_id, convert.batch_from_pb(req)))
+        return convert.ack_to_pb(self.manager.submit(req.worker_id, convert.batch_from_pb(req)))
 
     def Usage(self, req, context):
         return convert.usage_to_pb(self.manager.usage())

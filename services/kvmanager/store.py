@@ -9,12 +9,12 @@ Keys (P is the prefix, default `apar:`; W a worker id)::
     P kv:intact         set once the store holds every ledger; gone means Redis lost its data
 
 Each shard of KV managers has its own prefix (or its own Redis). Data flows one way: the manager applies
-messages in memory, then `commit`s what every message of the round changed in ONE pipelined MULTI/EXEC
-round trip (a worker's log entries pushed, or, every `snapshot_every` entries and after a resync, its
-fresh snapshot written and its log emptied) before it acknowledges them. The transaction also reads
-`intact` and each snapshot's base, and RPUSH answers the log's length: if Redis restarted empty or from
-an old dump, `commit` names the records it found behind, and the manager rewrites the store from memory
-before it acknowledges anything. `load` rebuilds every ledger from its snapshot and log; entries are
+messages in memory and acknowledges them, then its writer `commit`s what every message of the round
+changed in ONE pipelined MULTI/EXEC round trip (a worker's log entries pushed, or, every
+`snapshot_every` entries and after a resync, its fresh snapshot written and its log emptied). The
+transaction also reads `intact` and each snapshot's base, and RPUSH answers the log's length: if Redis
+restarted empty or from an old dump, `commit` names the records it found behind, and the manager
+rewrites the store from memory. `load` rebuilds every ledger from its snapshot and log; entries are
 numbered, so one pushed twice (a retried EXEC whose reply was lost) is skipped.
 
 Every Redis error becomes `StoreUnavailable`; redis-py reconnects by itself on the next call, with a few
@@ -145,6 +145,9 @@ class RedisStore:
     def drop(self, worker_id: str) -> None:
         self._run(lambda p: (p.delete(*(self._key(worker_id, k) for k in ("snap", "log", "alive"))),
                              p.hdel(self._workers, worker_id)))
+
+    def ping(self) -> None:
+        self._run(lambda p: p.ping())
 
     def mark_intact(self) -> None:
         self._run(lambda p: p.set(self._intact, 1))

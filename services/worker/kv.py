@@ -11,7 +11,9 @@ deterministic rule, and the slots the engine writes come from it at once. The ma
 replica, for the router's usage view, the cluster-wide picture, and recovery when the manager restarts;
 it replays the worker's steps by the same rule and never allocates for a worker. When the two disagree
 (a digest that differs, an op the replica refuses, steps the replica lost), the worker wins: it sends
-a snapshot of its ledger and the replica is replaced wholesale. So no block can be lost or given to two
+a snapshot of its ledger and the replica is replaced wholesale. (An ack means the replica holds the
+steps; Redis holds them a round later, so a manager killed in between restarts with steps lost, and
+the worker's next message ends in a resync.) So no block can be lost or given to two
 threads by the replication: pools are disjoint, each has one writer, and a replica that strays is
 overwritten rather than obeyed. What the manager still decides is liveness: a worker that stops
 heartbeating is reclaimed (its replica dropped); if it comes back, it registers again and resyncs.
