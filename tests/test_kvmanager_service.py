@@ -501,3 +501,14 @@ def test_health_reflection_and_metrics(kv):
     assert "apar_kvmanager_steps_total 25.0" in text and "apar_kvmanager_messages_total 5.0" in text
     assert "apar_kvmanager_resyncs_total 0.0" in text and "apar_kvmanager_steps_duplicate_total 0.0" in text
     assert "apar_kvmanager_redis_round_trips_total" in text
+
+
+@pytest.mark.parametrize("flags, message", [(["--round-every", "0"], "--round-every must be 0.001..10 s"),
+                                            (["--reap-every", "0"], "--reap-every must be"),
+                                            (["--ttl", "0"], "--ttl must be"),
+                                            (["--snapshot-every", "0"], "--snapshot-every must be 1 or more")])
+def test_bad_manager_flags_are_refused_with_a_reason(flags, message, capsys):
+    from services.kvmanager.cli import main
+
+    assert main(["--no-redis", "--port", "0", *flags]) == 2
+    assert message in capsys.readouterr().err

@@ -27,6 +27,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reap-every", type=float, default=1.0, help="how often expired workers are reclaimed, s")
     p.add_argument("--snapshot-every", type=int, default=256, help="log entries (messages) between a worker's "
                                                                    "ledger snapshots in Redis")
+    p.add_argument("--round-every", type=float, default=0.05, help="Redis rounds start at most this often, s: "
+                   "how far Redis may trail the acked messages (one transaction takes all since the last)")
     p.add_argument("--metrics-port", type=int, default=None, help="expose Prometheus metrics on this port")
     add_kvmanager_security_args(p)  # --tls-cert/--tls-key/--tls-ca, --redis-password-file
 
@@ -46,6 +48,8 @@ def _check(args) -> None:
         raise UserError(f"--ttl must be 1..86400 s, got {args.ttl}")
     if not 0.01 <= args.reap_every <= 3600:
         raise UserError(f"--reap-every must be 0.01..3600 s, got {args.reap_every}")
+    if not 0.001 <= args.round_every <= 10:
+        raise UserError(f"--round-every must be 0.001..10 s, got {args.round_every}")
     if args.snapshot_every < 1:
         raise UserError(f"--snapshot-every must be 1 or more, got {args.snapshot_every}")
     if not args.no_redis and not args.redis.startswith(("redis://", "rediss://", "unix://")):
@@ -65,7 +69,7 @@ def run(args) -> int:
     try:
         handle = serve(f"{args.host}:{args.port}", redis_url, prefix=args.prefix, ttl_s=args.ttl,
                        reap_every_s=args.reap_every, snapshot_every=args.snapshot_every,
-                       metrics_port=args.metrics_port, tls=tls)
+                       metrics_port=args.metrics_port, tls=tls, round_every_s=args.round_every)
     except RuntimeError as exc:  # grpc: the port cannot be bound
         raise UserError(f"cannot listen on {args.host}:{args.port}: {exc}") from None
     except OSError as exc:  # the metrics port cannot be bound

@@ -143,7 +143,8 @@ class KVManagerServer:
 
 def serve(address: str = "127.0.0.1:0", redis_url: str | None = None, *, prefix: str = "apar:", ttl_s: int = 10,
           reap_every_s: float = 1.0, snapshot_every: int = 256, metrics_port: int | None = None,
-          registry: CollectorRegistry | None = None, max_workers: int = 16, tls=None) -> KVManagerServer:
+          registry: CollectorRegistry | None = None, max_workers: int = 16, tls=None,
+          round_every_s: float = 0.05) -> KVManagerServer:
     """Start a KV manager on `address` (port 0: a free one, see `.port`). With `redis_url` every ledger
     lives in Redis under `prefix` and is loaded from there now (or, if Redis is down, once it is back);
     without it the ledgers live in memory only."""
@@ -153,7 +154,7 @@ def serve(address: str = "127.0.0.1:0", redis_url: str | None = None, *, prefix:
     store = None
     if redis_url:
         store = RedisStore(redis_url, prefix, snapshot_every, on_round_trip=metrics.round_trip)
-    manager = KVManager(store, metrics)
+    manager = KVManager(store, metrics, round_every_s=round_every_s)
     loop = asyncio.new_event_loop()
     loop_thread = threading.Thread(target=loop.run_forever, name="apar-kv-grpc", daemon=True)
     loop_thread.start()
