@@ -152,7 +152,7 @@ def test_release_cancels_running_threads_and_frees_everything():
 # ---- property-based: random operation sequences keep every invariant ---------------------------------
 
 ops = st.lists(
-    st.tuples(st.sampled_from(["start", "append", "fork", "finish", "release", "advance"]),
+    st.tuples(st.sampled_from(["start", "append", "fork", "finish", "release", "advance", "append_each"]),
               st.integers(0, 3), st.integers(0, 7), st.integers(1, 9)),
     max_size=60,
 )
@@ -195,6 +195,8 @@ def test_random_operations_keep_invariants(sequence):
                 led.release(req)
                 assert led.blocks_of(req) == 0
                 del next_thread[req]
+            elif op == "append_each":
+                _append_each_is_append_one_by_one(led, thr_i, n)
         except OutOfBlocks:
             pass
         led.check()
@@ -202,6 +204,38 @@ def test_random_operations_keep_invariants(sequence):
         led.release(req)
     led.check()
     assert led.num_used == 0 and led.num_free == 12
+
+
+def _append_each_is_append_one_by_one(led: KVLedger, pick: int, n: int) -> None:
+    """`append_each` (the replica's fast lane) against `append(t, 1)` for each thread in turn, on a copy:
+    the same answers, the same starved requests, the same ledger after. The threads are any of the
+    ledger's (running, finished, open or not, some twice), with an unknown one now and then."""
+    threads = sorted(led._threads)
+    refs = [threads[(pick + 3 * i) % len(threads)] for i in range(n)] if threads else []
+    if pick == 7:
+        refs.append(R("nobody", 0))
+    other = KVLedger.from_snapshot(led.snapshot())
+    expected, starved_expected, error = [], {"r3"}, None
+    for ref in refs:
+        if ref.request in starved_expected:
+            expected.append(None)
+            continue
+        try:
+            expected.append(other.append(ref, 1))
+        except OutOfBlocks:
+            starved_expected.add(ref.request)
+            expected.append(None)
+        except LedgerError as exc:
+            error = type(exc)
+            break
+    starved = {"r3"}
+    if error is not None:
+        with pytest.raises(error):
+            led.append_each(refs, starved)
+        return
+    assert led.append_each(refs, starved) == expected and starved == starved_expected
+    assert led.snapshot() == other.snapshot() and led.digest() == other.digest()
+    assert led.open_threads() == other.open_threads()
 
 
 # ---- the prefix cache ----------------------------------------------------------------------------------

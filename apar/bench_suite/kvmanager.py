@@ -230,6 +230,10 @@ def _summary(cfg: KVBenchConfig, parts: list[dict], before: dict, after: dict) -
            "workers_cpu": round(sum(p["cpu_s"] for p in parts) / cfg.seconds, 3),
            "engine_blocked_s": round(sum(p["blocked_s"] for p in parts), 3),
            "ledgers_equal": sum(p["equal"] for p in parts), "config": asdict(cfg)}
+    if cfg.replay:  # a batch's send to its ack: the lag less the wait for the sender's turn
+        rtts = [x for p in parts for x in p["rtts"]]
+        out["ack_rtt_p50_ms"] = round(1000 * _percentile(rtts, 0.5), 2)
+        out["ack_rtt_p99_ms"] = round(1000 * _percentile(rtts, 0.99), 2)
     if cfg.pause_s:
         paused = sum(p["made_paused"] for p in parts) / cfg.pause_s
         unpaused = (made - sum(p["made_paused"] for p in parts)) / (cfg.seconds - cfg.pause_s)
@@ -244,6 +248,8 @@ def _table(cfg: KVBenchConfig, r: dict) -> str:
     rows = [("steps/s applied, all workers", r["steps_per_s"]), ("steps/s applied, per worker",
             r["steps_per_s_per_worker"]), ("steps/s made by the workers", r["made_steps_per_s"]),
             ("lag p50, ms", r["lag_p50_ms"]), ("lag p99, ms", r["lag_p99_ms"]), ("lag max, ms", r["lag_max_ms"]),
+            *([("ack round trip p50, ms", r["ack_rtt_p50_ms"]), ("ack round trip p99, ms", r["ack_rtt_p99_ms"])]
+              if cfg.replay else []),
             ("messages/s", r["messages_per_s"]), ("Redis transactions/s", r["redis_transactions_per_s"]),
             (f"manager CPU (cores{', all shards' if cfg.shards > 1 else ''})", r["manager_cpu"]),
             ("simulated workers' CPU (cores)", r["workers_cpu"]),
@@ -362,7 +368,7 @@ def _replay(cfg: KVBenchConfig, address: str, ids: list[str], start, results) ->
             fields.append(convert.batch_to_pb(wid, Batch(0, [step])).SerializeToString())
             lasts.append((step.seq, step.digest))
         plans.append((head, fields, lasts, log.max_batch_steps, client.address))  # to its shard
-    outcomes = [{"lags": [], "acked": 0, "made": 0, "made_paused": 0, "equal": True} for _ in plans]
+    outcomes = [{"lags": [], "rtts": [], "acked": 0, "made": 0, "made_paused": 0, "equal": True} for _ in plans]
     start_at = _start_together(start, parent=False)
     window = (start_at + cfg.warmup_s, start_at + cfg.warmup_s + cfg.seconds)
     pause = _pause_window(cfg, start_at) if cfg.pause_s else (0.0, 0.0)
@@ -385,6 +391,8 @@ def _replay(cfg: KVBenchConfig, address: str, ids: list[str], start, results) ->
             await call.write(head + b"".join(fields[k:j]))
             ack = convert.ack_from_pb(K.StepAck.FromString(await call.read()))
             now = time.time()
+            if window[0] <= sent_at < window[1]:
+                out["rtts"].append(now - sent_at)
             out["equal"] &= (ack.applied, ack.digest) == lasts[j - 1] and not ack.resync
             inside = [t for t in due[k:j] if window[0] <= t < window[1]]
             out["lags"].extend(now - t for t in inside)
@@ -405,7 +413,8 @@ def _replay(cfg: KVBenchConfig, address: str, ids: list[str], start, results) ->
     cpu = time.process_time()
     asyncio.run(main())
     cpu = time.process_time() - cpu
-    results.put({"lags": [x for o in outcomes for x in o["lags"]], "acked": sum(o["acked"] for o in outcomes),
+    results.put({"lags": [x for o in outcomes for x in o["lags"]], "rtts": [x for o in outcomes for x in o["rtts"]],
+                 "acked": sum(o["acked"] for o in outcomes),
                  "made": sum(o["made"] for o in outcomes), "made_paused": sum(o["made_paused"] for o in outcomes),
                  "equal": sum(o["equal"] for o in outcomes), "blocked_s": 0.0,
                  "cpu_s": cpu * cfg.seconds / (window[1] - start_at)})

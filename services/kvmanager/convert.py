@@ -19,8 +19,11 @@ from services.kvmanager.replication import Ack, Batch, Resync, Step
 K = stubs().kvmanager_pb2
 
 
+_new = tuple.__new__  # a NamedTuple made without its Python-level __new__ (a replica reads one per step)
+
+
 def digest_from_pb(d) -> Digest:
-    return Digest(d.free_blocks, d.used_blocks, d.threads, d.tokens, d.next_free, d.named)
+    return _new(Digest, (d.free_blocks, d.used_blocks, d.threads, d.tokens, d.next_free, d.named))
 
 
 def digest_to_pb(d: Digest):
@@ -30,13 +33,15 @@ def digest_to_pb(d: Digest):
 
 def batch_from_pb(req) -> Batch:
     steps = []
-    for i, s in enumerate(req.steps):
+    for s in req.steps:
         raw = s.ops
         try:
             ops = ops_from_bytes(raw)
         except ValueError as exc:
-            raise BadRequest(f"step {i}: {exc}") from None
-        steps.append(Step(s.seq, ops, digest_from_pb(s.digest), raw=raw))
+            raise BadRequest(f"step {len(steps)}: {exc}") from None
+        d = s.digest
+        steps.append(Step(s.seq, ops, _new(Digest, (d.free_blocks, d.used_blocks, d.threads, d.tokens, d.next_free,
+                                                     d.named)), 0.0, raw))
     resync = None
     if req.HasField("resync"):
         try:

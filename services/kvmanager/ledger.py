@@ -289,6 +289,49 @@ class KVLedger:
             self._close(t)
         return slots
 
+    def append_each(self, refs, starved: set[str], want_slots: bool = True) -> list[list[tuple[int, int]] | None]:
+        """`append(ref, 1)` for each ref in order, answering each's slots, or None (its request added to
+        `starved`) when no block was there for it; a ref of a starved request is skipped (None). The
+        decode step's tokens that open a block (a compact step's `AppendEach`) take the fast lane here:
+        a replica replays a few per step for every worker, so its bookkeeping is inlined; any other
+        case (an open thread, an unknown one) goes through `append`."""
+        out: list[list[tuple[int, int]] | None] = []
+        threads, open_, blocks, free = self._threads, self._open, self._blocks, self._free
+        request_blocks, tick, bs = self._request_blocks, self._tick, self.block_size
+        fill = tick + bs - 1  # the tick a block opened now (one token in it) fills at
+        bucket: set[ThreadRef] | None = None
+        for ref in refs:
+            request = ref.request
+            if request in starved:
+                out.append(None)
+                continue
+            t = threads.get(ref)
+            if t is None or not t.running or ref in open_ or bs == 1 or not free:
+                try:  # (an empty free list: `append` may evict a cached block)
+                    out.append(self.append(ref, 1, want_slots))
+                except OutOfBlocks:
+                    starved.add(request)
+                    out.append(None)
+                bucket = None  # (`append` may have emptied and dropped it)
+                continue
+            block_id = free.popleft()
+            blocks[block_id] = _Block(ref, 1, 1)
+            request_blocks[request] += 1
+            t.own.append(block_id)
+            t.sealed = False
+            t.since = tick
+            self._tokens += 1
+            open_[ref] = t
+            if t.fill != fill:
+                if t.fill >= 0:
+                    self._unfile(t)
+                if bucket is None:
+                    bucket = self._fills.setdefault(fill, set())
+                bucket.add(ref)
+                t.fill = fill
+            out.append([(block_id, 0)] if want_slots else [])
+        return out
+
     def advance(self, held: frozenset[ThreadRef] | set[ThreadRef] = frozenset()) -> int:
         """One token for every open thread not in `held`, into its last block (never a new block, so the
         order among threads does not matter); returns how many threads advanced. Equal to `append(t, 1)`
@@ -303,11 +346,17 @@ class KVLedger:
             t.since = tick
             self._file(t, self._blocks[t.own[-1]].used)
         n = len(open_) - len(stay)
-        for ref in self._fills.pop(tick, ()):  # their blocks are full now
-            t = open_[ref]
-            self._settle(t)
-            del open_[ref]
-            t.fill = -1
+        filled = self._fills.pop(tick, None)
+        if filled:  # their blocks are full now: settled (`_settle`, inlined) and closed
+            blocks = self._blocks
+            for ref in filled:
+                t = open_.pop(ref)
+                last = blocks[t.own[-1]]
+                if last.refcount != 1:  # I3: an unsealed last block is never shared
+                    raise LedgerError(f"write to shared block {t.own[-1]}")
+                last.used += tick - t.since
+                t.since = tick
+                t.fill = -1
         self._tokens += n
         return n
 
@@ -375,11 +424,18 @@ class KVLedger:
         if ref in self._open:
             self._close(t)
         freed: list[int] = []
-        blocks = self._blocks
+        blocks, free, request_blocks = self._blocks, self._free, self._request_blocks
         for block_id in reversed(t.refs + t.own):  # deepest first: a prefix's head is cached last
             b = blocks[block_id]
-            if b.refcount > 1:  # still read by others: `_unref`'s common case, inlined
+            if b.refcount > 1:  # still read by others: `_unref`'s common cases, inlined
                 b.refcount -= 1
+            elif b.refcount == 1 and b.name is None:  # its last reader: freed
+                b.refcount = 0
+                self._tokens -= b.used
+                del blocks[block_id]
+                request_blocks[b.owner.request] -= 1
+                free.append(block_id)
+                freed.append(block_id)
             else:
                 self._unref(block_id, freed)
         return freed

@@ -51,6 +51,23 @@ def _ref(request, thread, what: str) -> ThreadRef:
     raise ValueError(f"{what} thread must be a number 0..2^32-1, got {thread!r}")
 
 
+_new = tuple.__new__  # a ThreadRef made from a checked pair without its Python-level __new__
+
+
+def _refs(items: list, what: str) -> tuple[ThreadRef, ...]:
+    """`[[request, thread], ...]` as ThreadRefs; ValueError naming the first that is not one (`_ref`'s
+    checks, for a whole list in one pass: a replica reads a few of these per step of every worker)."""
+    refs = []
+    for x in items:
+        if type(x) is not list or len(x) != 2:
+            raise ValueError(f"{what} takes a list of [request, thread], got {x!r}")
+        r, t = x
+        if not (type(r) is str and type(t) is int and 0 < len(r) <= MAX_REQUEST_CHARS and 0 <= t <= MAX_THREAD):
+            _ref(r, t, what)  # (raises, saying which check failed)
+        refs.append(_new(ThreadRef, x))
+    return tuple(refs)
+
+
 def _names(names, what: str) -> tuple[int, ...]:
     """Block names (services/protocol/prefix.py: unsigned 64-bit); ValueError for anything else."""
     if type(names) not in (list, tuple) or len(names) > MAX_NAMES:
@@ -241,9 +258,11 @@ class Advance(_Op):
     @classmethod
     def from_json(cls, item: list) -> Advance:
         held = item[1]
-        if type(held) is not list or any(type(x) is not list or len(x) != 2 for x in held):
+        if held == []:  # the decode step's usual case
+            return _ADVANCE_ALL
+        if type(held) is not list:
             raise ValueError(f"advance holds a list of [request, thread]: {item!r}")
-        return cls(frozenset(_ref(r, t, "advance held") for r, t in held)) if held else cls()
+        return cls(frozenset(_refs(held, "advance held")))
 
     def check(self) -> None:
         for ref in self.held:
@@ -251,6 +270,9 @@ class Advance(_Op):
 
     def apply_to(self, ledger, answer, starved, slots) -> None:
         ledger.advance(self.held)
+
+
+_ADVANCE_ALL = Advance()  # every open thread advances (ops are never changed once made: one can be shared)
 
 
 @dataclass(slots=True)
@@ -271,9 +293,7 @@ class AppendEach(_Op):
         refs = item[1]
         if type(refs) is not list or len(refs) > MAX_NAMES:
             raise ValueError(f"append-each takes a list of at most {MAX_NAMES} [request, thread]")
-        if any(type(x) is not list or len(x) != 2 for x in refs):
-            raise ValueError(f"append-each takes a list of [request, thread]: {item!r}")
-        return cls(tuple(_ref(r, t, "append-each") for r, t in refs))
+        return cls(_refs(refs, "append-each"))
 
     def check(self) -> None:
         if len(self.threads) > MAX_NAMES:
@@ -282,16 +302,7 @@ class AppendEach(_Op):
             _ref(*ref, "append-each")
 
     def apply_to(self, ledger, answer, starved, slots) -> None:
-        append, out = ledger.append, answer.appends
-        for ref in self.threads:
-            if ref.request in starved:
-                out.append(None)
-                continue
-            try:
-                out.append(append(ref, 1, slots))
-            except OutOfBlocks:
-                starved.add(ref.request)
-                out.append(None)
+        answer.appends.extend(ledger.append_each(self.threads, starved, slots))
 
     def touches(self) -> tuple[ThreadRef, ...]:
         return self.threads
@@ -387,8 +398,16 @@ def apply(ledger: KVLedger, ops: list[Op], slots: bool = True) -> StepAnswer:
     (it writes no KV) passes `slots=False`: its appends answer empty lists."""
     answer = StepAnswer()
     starved: set[str] = set()
-    for op in ops:
-        if not _apply_one(ledger, op, answer, starved, slots):
+    for op in ops:  # (`_apply_one` inlined: a replica applies a few ops per step of every worker)
+        try:
+            op.apply_to(ledger, answer, starved, slots)
+        except LedgerError as exc:
+            answer.error = f"{type(op).__name__}: {exc}"
+            break
+        except AttributeError:
+            if isinstance(op, _Op):
+                raise
+            answer.error = f"unknown op {op!r}"
             break
     return answer
 
