@@ -125,6 +125,8 @@ def measure(cfg: KVBenchConfig, redis_url: str | None = None) -> dict:
                                               stdout=subprocess.DEVNULL, stderr=log), port, metrics_port, log.name))
         for m in managers:
             _wait_listening(m.proc, m.log_path)
+        _managers_sample(managers)  # a manager's first scrape imports and builds what later ones reuse (tens
+        # of ms with every thread held): done now, not in the measured window
         address = ",".join(f"127.0.0.1:{m.port}" for m in managers)  # the worker picks its shard
         ctx = mp.get_context("spawn")
         results = ctx.Queue()
