@@ -406,8 +406,9 @@ class KVLedger:
             raise LedgerError("a child belongs to its parent's request")
         self._settle(p)
         refs = p.refs + p.own
+        blocks = self._blocks
         for block_id in refs:
-            self._blocks[block_id].refcount += 1
+            blocks[block_id].refcount += 1
         p.sealed = True
         if parent in self._open:
             self._close(p)
