@@ -33,15 +33,13 @@ def digest_to_pb(d: Digest):
 
 def batch_from_pb(req) -> Batch:
     steps = []
-    for s in req.steps:
+    for i, s in enumerate(req.steps):
         raw = s.ops
         try:
             ops = ops_from_bytes(raw)
         except ValueError as exc:
-            raise BadRequest(f"step {len(steps)}: {exc}") from None
-        d = s.digest
-        steps.append(Step(s.seq, ops, _new(Digest, (d.free_blocks, d.used_blocks, d.threads, d.tokens, d.next_free,
-                                                     d.named)), 0.0, raw))
+            raise BadRequest(f"step {i}: {exc}") from None
+        steps.append(Step(s.seq, ops, digest_from_pb(s.digest), raw=raw))
     resync = None
     if req.HasField("resync"):
         try:

@@ -315,20 +315,17 @@ class KVLedger:
                 bucket = None  # (`append` may have emptied and dropped it)
                 continue
             block_id = free.popleft()
-            blocks[block_id] = _Block(ref, 1, 1)
+            blocks[block_id] = _Block(ref, 1, 1)  # (owner, refcount, used: by keyword it costs more)
             request_blocks[request] += 1
             t.own.append(block_id)
             t.sealed = False
             t.since = tick
             self._tokens += 1
-            open_[ref] = t
-            if t.fill != fill:
-                if t.fill >= 0:
-                    self._unfile(t)
-                if bucket is None:
-                    bucket = self._fills.setdefault(fill, set())
-                bucket.add(ref)
-                t.fill = fill
+            open_[ref] = t  # (it was not open, so it was filed nowhere: I7)
+            if bucket is None:
+                bucket = self._fills.setdefault(fill, set())
+            bucket.add(ref)
+            t.fill = fill
             out.append([(block_id, 0)] if want_slots else [])
         return out
 
@@ -346,17 +343,11 @@ class KVLedger:
             t.since = tick
             self._file(t, self._blocks[t.own[-1]].used)
         n = len(open_) - len(stay)
-        filled = self._fills.pop(tick, None)
-        if filled:  # their blocks are full now: settled (`_settle`, inlined) and closed
-            blocks = self._blocks
-            for ref in filled:
-                t = open_.pop(ref)
-                last = blocks[t.own[-1]]
-                if last.refcount != 1:  # I3: an unsealed last block is never shared
-                    raise LedgerError(f"write to shared block {t.own[-1]}")
-                last.used += tick - t.since
-                t.since = tick
-                t.fill = -1
+        for ref in self._fills.pop(tick, ()):  # their blocks are full now
+            t = open_[ref]
+            self._settle(t)
+            del open_[ref]
+            t.fill = -1
         self._tokens += n
         return n
 
@@ -425,18 +416,11 @@ class KVLedger:
         if ref in self._open:
             self._close(t)
         freed: list[int] = []
-        blocks, free, request_blocks = self._blocks, self._free, self._request_blocks
+        blocks = self._blocks
         for block_id in reversed(t.refs + t.own):  # deepest first: a prefix's head is cached last
             b = blocks[block_id]
-            if b.refcount > 1:  # still read by others: `_unref`'s common cases, inlined
+            if b.refcount > 1:  # still read by others: `_unref`'s common case, inlined
                 b.refcount -= 1
-            elif b.refcount == 1 and b.name is None:  # its last reader: freed
-                b.refcount = 0
-                self._tokens -= b.used
-                del blocks[block_id]
-                request_blocks[b.owner.request] -= 1
-                free.append(block_id)
-                freed.append(block_id)
             else:
                 self._unref(block_id, freed)
         return freed

@@ -40,32 +40,26 @@ def check_request_id(request, what: str = "request") -> str:
     return request
 
 
+_new = tuple.__new__  # a checked ThreadRef made without the NamedTuple's Python-level __new__
+
+
 def _ref(request, thread, what: str) -> ThreadRef:
     """A thread as an op names it (request string, thread number); ValueError for anything else. (A
     replica reads thousands a second: the checks pass in one expression, and are made one by one only to
     say which failed.)"""
     if (type(request) is str and 0 < len(request) <= MAX_REQUEST_CHARS and type(thread) is int
             and 0 <= thread <= MAX_THREAD):
-        return ThreadRef(request, thread)
+        return _new(ThreadRef, (request, thread))
     check_request_id(request, f"{what} request")
     raise ValueError(f"{what} thread must be a number 0..2^32-1, got {thread!r}")
 
 
-_new = tuple.__new__  # a ThreadRef made from a checked pair without its Python-level __new__
-
-
 def _refs(items: list, what: str) -> tuple[ThreadRef, ...]:
-    """`[[request, thread], ...]` as ThreadRefs; ValueError naming the first that is not one (`_ref`'s
-    checks, for a whole list in one pass: a replica reads a few of these per step of every worker)."""
-    refs = []
+    """`[[request, thread], ...]` as ThreadRefs; ValueError naming the first that is not one."""
     for x in items:
         if type(x) is not list or len(x) != 2:
             raise ValueError(f"{what} takes a list of [request, thread], got {x!r}")
-        r, t = x
-        if not (type(r) is str and type(t) is int and 0 < len(r) <= MAX_REQUEST_CHARS and 0 <= t <= MAX_THREAD):
-            _ref(r, t, what)  # (raises, saying which check failed)
-        refs.append(_new(ThreadRef, x))
-    return tuple(refs)
+    return tuple([_ref(r, t, what) for r, t in items])
 
 
 def _names(names, what: str) -> tuple[int, ...]:
@@ -398,16 +392,8 @@ def apply(ledger: KVLedger, ops: list[Op], slots: bool = True) -> StepAnswer:
     (it writes no KV) passes `slots=False`: its appends answer empty lists."""
     answer = StepAnswer()
     starved: set[str] = set()
-    for op in ops:  # (`_apply_one` inlined: a replica applies a few ops per step of every worker)
-        try:
-            op.apply_to(ledger, answer, starved, slots)
-        except LedgerError as exc:
-            answer.error = f"{type(op).__name__}: {exc}"
-            break
-        except AttributeError:
-            if isinstance(op, _Op):
-                raise
-            answer.error = f"unknown op {op!r}"
+    for op in ops:
+        if not _apply_one(ledger, op, answer, starved, slots):
             break
     return answer
 
