@@ -4,6 +4,12 @@ The golden tests of the engine (forks, nested forks, chunked prefill, grouped-qu
 requests, n answers) are run again with each backend (`--attention`); sliding windows get models whose
 window is smaller than the contexts (Mistral: every layer; Qwen2: full then sliding). Then the parts:
 the cascade grouping rule, the merge by log-sum-exp, and the context table's rows.
+
+The triton backend's kernels run in Triton's interpreter here (about 20 ms a program, hundreds a step), so
+it runs the cases that each hold a feature once: the Llama trees (forks, nested forks, chunked prefill,
+GQA, an AR request beside), the Mistral with a window, the golden test through preemption and recompute,
+a child reading its parent's [Fork] of the same step, and its CUDA-graph buffers below. The other cases
+(other architectures, n answers) differ in what the engine does, not in what a backend computes.
 """
 from __future__ import annotations
 
@@ -53,6 +59,12 @@ def qwen2_window_dir(tmp_path_factory, tokenizer):
     return _window_model(tmp_path_factory.mktemp("qwen2-window"), "qwen2", tokenizer, seed=5)
 
 
+INTERPRETED = ("triton",)  # on the CPU: see the module's docstring
+COMPILED = [b for b in BACKENDS if b not in INTERPRETED]
+TREE_CASES = [(b, arch) for b in BACKENDS for arch in ["llama", "qwen2", "mistral", "mistral_window", "qwen2_window"]
+              if b not in INTERPRETED or arch in ("llama", "mistral_window")]
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
     """Engines built by the reused golden tests use this backend; cascade groups every span that two
@@ -65,7 +77,7 @@ def backend(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "mistral_window", "qwen2_window"])
+@pytest.mark.parametrize(("backend", "arch"), TREE_CASES, indirect=["backend"])
 def test_replayed_trees_match_plain_model(backend, arch, request):
     """Forks, nested forks, chunked prefill (16-token steps), 4-token blocks, GQA (4 heads, 2 KV heads),
     sliding windows; an AR request beside."""
@@ -80,10 +92,12 @@ def test_golden_through_preemption_and_recompute(backend, llama_dir):
     pressure.test_golden_through_preemption_and_recompute(llama_dir)
 
 
+@pytest.mark.parametrize("backend", COMPILED, indirect=True)
 def test_every_thread_of_every_answer_matches_the_plain_model(backend, llama_dir):
     answers.test_every_thread_of_every_answer_matches_the_plain_model(llama_dir)
 
 
+@pytest.mark.parametrize("backend", COMPILED, indirect=True)
 def test_preempted_answers_go_on_unchanged(backend, llama_dir):
     answers.test_preempted_answers_go_on_unchanged(llama_dir)
 
@@ -92,7 +106,7 @@ def test_backends_pick_the_same_greedy_tokens(llama_dir, monkeypatch):
     """Many threads over a long shared prompt (cascade groups it, flex reads it once): the same tokens."""
     monkeypatch.setattr(cascade, "MIN_SAVED_BYTES", 0)
     got = {}
-    for name in BACKENDS:
+    for name in COMPILED:
         eng = Engine(llama_dir, EngineConfig(block_size=16, num_blocks=256, max_batch_tokens=64, attention=name))
         rng = random.Random(5)
         plain = [i for i in range(5, 400) if i not in (eng.fork_id, eng.child_id, *eng.eos_ids)]
@@ -251,3 +265,61 @@ def test_rows_come_back_from_requests_ended_mid_recompute(llama_dir):
     table = eng.runner.contexts
     table.flush()
     assert eng.preemptions > 0 and not table._holders and sorted(table._free) == list(range(1, table.rows))
+
+
+def test_triton_graph_buffers_give_the_eager_answer():
+    """The triton backend as a CUDA graph runs it, without a GPU: the step padded to its bucket (padding
+    threads reading row 0, no runs), fixed capacities of empty items, groups at their widest: the real
+    threads' outputs equal the eager, exactly sized launch's, with and without a window; padding rows get
+    zeros. The kernels run in Triton's interpreter."""
+    from apar.bench_suite.attention import AttentionShape, _step
+    from services.worker.backends import tree
+    from services.worker.backends.base import DecodeQueries, StepData
+    from services.worker.backends.tree import TreeBackend
+
+    shape = AttentionShape(threads=6, context=40, shared=24, heads=4, kv_heads=2, head_dim=16, block_size=4)
+    pool, _, step = _step(shape, torch.device("cpu"), torch.float32)
+    backend = TreeBackend(torch.device("cpu"), query_group=2, min_shared=4)
+    query = torch.randn(8, shape.heads, shape.head_dim, generator=torch.Generator().manual_seed(3))
+    d = step.decode
+    pad = 2
+    padded = StepData(step.input_ids, step.positions, step.write_slots, step.sample_rows,
+                      DecodeQueries(torch.arange(8, dtype=torch.int32), torch.cat([d.table_rows, d.table_rows.new_zeros(pad)]),
+                                    torch.cat([d.lens, d.lens.new_ones(pad)]), list(range(8)),
+                                    d.host_table_rows + [0] * pad, d.host_lens + [1] * pad,
+                                    d.families + [-1, -2], d.runs + [(), ()]), [], step.contexts)
+    eager = backend.prepare(step)
+    assert len(eager.kinds) == 2  # private items and one group (the shared prefix)
+    backend.static = True
+    fixed = backend.prepare(padded)
+    backend.static = False
+    assert fixed.kinds[0].items.shape[0] == 2 * 8 + 8 and fixed.kinds[1].qb == tree.MAX_ROWS // 2
+    for window in (None, 8):
+        want = backend.attend(eager, query[:6], pool.k[0], pool.v[0], 0.25, window)
+        got = backend.attend(fixed, query, pool.k[0], pool.v[0], 0.25, window)
+        assert (got[:6] - want).abs().max().item() < 1e-5
+        assert (got[6:] == 0).all()
+    assert backend.shared_steps == 2
+
+
+def test_triton_layout_cuts_spans_and_fits_a_graphs_capacities():
+    """Work items cut each span at `split` positions; reader j of an item owns part part0 + j; every thread
+    owns one part per item it reads. A graph's capacities are met with longer items, or not at all."""
+    from services.worker.backends import tree
+    from services.worker.backends.tree import TreeBackend, layout
+
+    plan = cascade.CascadePlan(groups=[((0, 1, 2), [Span(1, 0, 100)])],
+                               private=[[Span(1, 100, 130)], [Span(2, 100, 110), Span(2, 120, 125)], []])
+    lay = layout(plan, per_item=2, split=64)
+    items = [lay.private[i : i + tree.ITEM] for i in range(0, len(lay.private), tree.ITEM)]
+    assert items == [[1, 100, 130, 0, 1, 0], [2, 100, 110, 1, 1, 1], [2, 120, 125, 1, 1, 2]]
+    groups = [lay.group[i : i + tree.ITEM] for i in range(0, len(lay.group), tree.ITEM)]
+    # readers 0, 1 then 2 (two per item), the span cut at 64: four items
+    assert groups == [[1, 0, 64, 2, 2, 3], [1, 64, 100, 2, 2, 5], [1, 0, 64, 4, 1, 7], [1, 64, 100, 4, 1, 8]]
+    assert lay.readers == [0, 1, 0, 1, 2] and lay.widest == 2  # a private item reads its thread's slot
+    owned = {t: lay.parts[lay.offsets[t] : lay.offsets[t + 1]] for t in range(3)}
+    assert owned == {0: [0, 3, 5], 1: [1, 2, 4, 6], 2: [7, 8]}
+    backend = TreeBackend(torch.device("cpu"))
+    fits = backend._fit(plan, 2, (3 * tree.ITEM, 3 * tree.ITEM, 100, 4, 100))  # 3 group items at most
+    assert fits is not None and len(fits.group) == 2 * tree.ITEM  # cut at 512: one item per reader pair
+    assert backend._fit(plan, 2, (3 * tree.ITEM, tree.ITEM, 100, 4, 100)) is None

@@ -153,7 +153,7 @@ def run_attention_bench(shape: AttentionShape, device: torch.device, dtype: torc
     with torch.inference_mode():
         for name in backends:
             try:
-                backend = make_backend(name, device, pool.slots, per_position)
+                backend = make_backend(name, device, pool.slots, per_position, shape.heads // shape.kv_heads)
                 backend.prepare(history)  # what earlier steps told it (flex: each slot's position)
                 meta = backend.prepare(step)
                 out = backend.attend(meta, query, k_pool, v_pool, scale, None)  # warm-up (flex compiles)

@@ -67,6 +67,7 @@ def register(sub) -> None:
     g.add_argument("--max-answer-tokens", type=int, default=400)
     g.add_argument("--new-tokens", type=int, default=128, help="HF comparison: tokens per answer")
     g.add_argument("--budget-s", type=float, default=360.0, help="no trace level starts after this")
+    g.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES, help="the engine's decode attention")
     g.add_argument("--no-progress", action="store_true")
     _data_arg(g)
     g.add_argument("--tiny-cpu", action="store_true", help=argparse.SUPPRESS)  # the same path, tiny, on CPU
@@ -83,7 +84,8 @@ def register(sub) -> None:
     a.add_argument("--head-dim", type=int, default=128)
     a.add_argument("--layers", type=int, default=32, help="layers per step, for the per-step column")
     a.add_argument("--block-size", type=int, default=16)
-    a.add_argument("--backends", default="portable,cascade,flex", help="comma-separated")
+    a.add_argument("--backends", default=None, help="comma-separated (default: every backend; on the CPU "
+                                                     "not triton, whose kernels are interpreted there)")
     a.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     a.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
     a.add_argument("--threads-cpu", type=int, default=None, help="torch CPU threads (default 1 on a CPU run)")
@@ -107,6 +109,8 @@ def register(sub) -> None:
                                                                    "and reused (default: under the temp dir)")
     c.add_argument("--budget-s", type=float, default=420.0, help="parts that would start after this are skipped")
     c.add_argument("--skip", default="", help="comma-separated parts to skip: golden,attention,hf,trace")
+    c.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
+                   help="the engine part's decode attention (golden and attention run every backend)")
     c.add_argument("--no-progress", action="store_true")
     _data_arg(c)
     c.add_argument("--tiny-cpu", action="store_true", help="the same path, tiny shapes, on the CPU (a dry run)")
@@ -261,7 +265,7 @@ def run_gpu_cmd(args) -> int:
         cpu_threads(None, "cpu")
     g = GpuSettings(levels=levels_arg(args.levels), model_cache=args.model_cache, answers=args.answers,
                     max_answer_tokens=args.max_answer_tokens, new_tokens=args.new_tokens, budget_s=args.budget_s,
-                    tiny=args.tiny_cpu, progress=not args.no_progress, data=args.data)
+                    tiny=args.tiny_cpu, attention=args.attention, progress=not args.no_progress, data=args.data)
     report = run_gpu(g)
     json_path, png_path = report.write(args.out)
     print(f"{report.settings['device']}, {report.settings['shape']} random weights ({report.settings['dtype']}), "
@@ -282,9 +286,9 @@ def run_attention_cmd(args) -> int:
     shape = AttentionShape(threads=args.threads, context=args.context, shared=args.shared, heads=args.heads,
                            kv_heads=args.kv_heads or args.heads, head_dim=args.head_dim,
                            block_size=args.block_size, layers=args.layers)
-    names = [b.strip() for b in args.backends.split(",") if b.strip()]
-    from services.worker.backends import BACKENDS
+    from services.worker.backends import BACKENDS, native
 
+    names = native(device) if args.backends is None else [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = [b for b in names if b not in BACKENDS]
     if unknown or not names:
         raise UserError(f"--backends takes some of {', '.join(BACKENDS)}, got {args.backends!r}")
@@ -343,5 +347,5 @@ def run_gpu_check_cmd(args) -> int:
         cpu_threads(None, "cpu")
     s = CheckSettings(out=args.out, model_cache=args.model_cache, budget_s=args.budget_s, tiny=args.tiny_cpu,
                       skip=frozenset(x.strip() for x in args.skip.split(",") if x.strip()),
-                      progress=not args.no_progress, data=args.data)
+                      progress=not args.no_progress, data=args.data, attention=args.attention)
     return run_gpu_check(s)

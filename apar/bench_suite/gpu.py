@@ -43,6 +43,7 @@ class GpuSettings:
     budget_s: float = 360.0  # no trace level starts after this many seconds from the start
     max_batch_tokens: int = 2048
     tiny: bool = False  # the tiny shape on the CPU: checks the code path without a GPU
+    attention: str = "auto"  # the engine's decode attention (`--attention`)
     seed: int = 0
     progress: bool = True
     data: Path | None = None  # the AlpacaEval folder; None: `apar.split.data_dir()`
@@ -70,8 +71,8 @@ def run_gpu(g: GpuSettings) -> Report:
     model_dir, model = _model(g, shape, device, getattr(torch, dtype))
     plan = LevelPlan(g.levels, rounds=1, min_requests=4, deadline=g.started + g.budget_s)
     trace_plan = replace(plan, levels=g.trace_levels or g.levels)
-    s = SuiteSettings(plan, max_batch_tokens=g.max_batch_tokens, device=device, dtype=dtype, progress=g.progress,
-                      data=data)
+    s = SuiteSettings(plan, max_batch_tokens=g.max_batch_tokens, device=device, dtype=dtype, attention=g.attention,
+                      progress=g.progress, data=data)
     top = max(g.levels + trace_plan.levels)
     fixed = fixed_jobs(model.config.vocab_size, plan.requests(max(g.levels)), g.prompt_tokens, g.new_tokens, g.seed)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

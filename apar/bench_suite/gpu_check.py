@@ -3,8 +3,9 @@
 Parts, in order, each skipped when the budget would run out before it starts (and reported so):
 1. golden: every backend (`--attention`), bf16 on CUDA, CUDA graphs on: every thread's logits at every
    step against the plain HF model's on its context (forks, nested forks, chunked prefill, GQA; a sliding
-   window model), plus flex with graphs off, to tell a graph fault from a kernel fault (cascade groups
-   every span two threads share, so that its grouped path runs on these tiny models);
+   window model), plus flex and triton with graphs off, to tell a graph fault from a kernel fault
+   (cascade and triton group every span two threads share, so that their grouped paths run on these tiny
+   models); the CPU dry run leaves triton out (its kernels run interpreted there; the tests cover them);
 2. attention: `apar bench attention` at 64 threads x 2,048 positions, 1,536 shared, 32 heads x 128;
 3. engine: the random Vicuna-7B-shaped Llama (`apar bench gpu`): HF generate beside the engine in AR
    mode at batch 1 and 64 (step time against the weights' floor: their bytes over the copy bandwidth),
@@ -44,6 +45,7 @@ class CheckSettings:
     skip: frozenset[str] = frozenset()
     progress: bool = True
     data: Path | None = None
+    attention: str = "auto"  # the engine part's
     started: float = field(default_factory=time.perf_counter)
 
     def left(self) -> float:
@@ -72,8 +74,11 @@ def golden_run(model_dir: Path, attention: str, device: str, dtype: str, graphs:
 
     eng = Engine(model_dir, EngineConfig(block_size=4, num_blocks=256, max_batch_tokens=16, device=device,
                                          dtype=dtype, attention=attention, cuda_graphs=graphs), keep_logits=True)
-    if eng.runner.backend.name == "cascade":  # group every span two threads share (4 positions on): the
-        eng.runner.backend.min_shared, eng.runner.backend.min_saved_bytes = 4, 0  # tiny K/V never pays
+    backend = eng.runner.backend
+    if hasattr(backend, "min_shared"):  # cascade, triton: group every span two threads share (4 positions on):
+        backend.min_shared = 4  # the tiny K/V would never pay
+    if hasattr(backend, "min_saved_bytes"):
+        backend.min_saved_bytes = 0
     ref = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=eng.runner.dtype,
                                                attn_implementation="eager").to(device).eval()
     rng = random.Random(7)
@@ -121,12 +126,14 @@ def _golden_models(root: Path, data: Path | None, tiny: bool) -> dict[str, Path]
 
 
 def run_golden(s: CheckSettings, device: str, dtype: str) -> dict:
-    from services.worker.backends import BACKENDS
+    from services.worker.backends import native
 
     root = Path(tempfile.mkdtemp(prefix="apar-gpu-check-"))
     try:
         models = _golden_models(root, s.data, s.tiny)
-        runs = [(b, m, True) for m in models for b in BACKENDS] + [("flex", "llama", False)]
+        backends = native(torch.device(device))
+        runs = [(b, m, True) for m in models for b in backends] + [(b, "llama", False) for b in ("flex", "triton")
+                                                                    if b in backends]
         results = {}
         for backend, model, graphs in runs:
             key = f"{backend}/{model}" + ("" if graphs or device != "cuda" else "/no-graphs")
@@ -150,13 +157,13 @@ def run_golden(s: CheckSettings, device: str, dtype: str) -> dict:
 # ---- 2. attention -------------------------------------------------------------------------------------
 def run_attention(s: CheckSettings, device: str, dtype: str) -> dict:
     from apar.bench_suite.attention import AttentionShape, run_attention_bench
-    from services.worker.backends import BACKENDS
+    from services.worker.backends import native
 
     if s.tiny:
         shape = AttentionShape(threads=4, context=64, shared=48, heads=4, kv_heads=2, head_dim=16, layers=2)
     else:
         shape = AttentionShape(threads=64, context=2048, shared=1536, heads=32, kv_heads=32, head_dim=128, layers=32)
-    return run_attention_bench(shape, torch.device(device), getattr(torch, dtype), list(BACKENDS))
+    return run_attention_bench(shape, torch.device(device), getattr(torch, dtype), native(torch.device(device)))
 
 
 # ---- 3. engine ----------------------------------------------------------------------------------------
@@ -167,7 +174,7 @@ def run_engine(s: CheckSettings) -> dict:
     g = GpuSettings(levels=levels, trace_levels=trace_levels, model_cache=s.model_cache,
                     answers=8 if s.tiny else 64, max_answer_tokens=200 if s.tiny else 400,
                     new_tokens=16 if s.tiny else 128, budget_s=max(30.0, s.left() - 60.0), tiny=s.tiny,
-                    progress=s.progress, data=s.data)
+                    attention=s.attention, progress=s.progress, data=s.data)
     report = run_gpu(g)
     report.write(s.out)
     print(gpu_table(report))

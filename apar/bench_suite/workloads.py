@@ -38,6 +38,7 @@ class SuiteSettings:
     fork_watermark: float = 0.01
     device: str | None = None
     dtype: str = "auto"
+    attention: str = "auto"
     control: ControlTokens = field(default_factory=ControlTokens)
     progress: bool = True
     data: Path | None = None  # the AlpacaEval folder; None: `apar.split.data_dir()`
@@ -52,7 +53,7 @@ class SuiteSettings:
                                               max_batch_tokens=self.max_batch_tokens,
                                               admit_watermark=self.admit_watermark,
                                               fork_watermark=self.fork_watermark, device=self.device,
-                                              dtype=self.dtype, control=self.control,
+                                              dtype=self.dtype, attention=self.attention, control=self.control,
                                               prefix_cache=self.prefix_cache))
 
     def describe(self) -> dict:

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 from apar.errors import UserError
 
-ATTENTION_CHOICES = ("auto", "portable", "cascade", "flex")  # services/worker/backends (kept torch-free here)
+ATTENTION_CHOICES = ("auto", "portable", "cascade", "flex", "triton")  # services/worker/backends (kept torch-free here)
 
 
 @dataclass(slots=True)
@@ -35,8 +35,8 @@ class EngineConfig:
     fork_watermark: float = 0.01
     device: str | None = None  # None: cuda when present, else cpu
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu; or float32 / float16 / bfloat16
-    # how decoding threads attend (services/worker/backends): portable, cascade, flex, or auto (flex on
-    # cuda, cascade on cpu)
+    # how decoding threads attend (services/worker/backends): portable, cascade, flex, triton, or auto
+    # (flex on cuda, cascade on cpu)
     attention: str = "auto"
     cuda_graphs: bool = True  # on cuda: replay decode steps as CUDA graphs (flex attention only)
     # a new request reads the cached blocks of its prompt's longest known prefix and prefills only the

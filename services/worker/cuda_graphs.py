@@ -3,7 +3,7 @@
 A decode step on a GPU is mostly kernel launches (a 7B model: hundreds per step, ~50 ms eager at batch
 1 against 4.5 ms of weight reads), so a step where every thread feeds one token replays a captured
 graph of the model's forward instead. Only CUDA, only with a backend whose decode metadata has fixed
-shapes (`backend.graphs`: flex), and only when `EngineConfig.cuda_graphs`; the CPU path never builds
+shapes (`backend.graphs`: flex, triton), and only when `EngineConfig.cuda_graphs`; the CPU path never builds
 this object.
 
     step (T threads) -> bucket B >= T -> static buffers [B]: ids, positions, write slots, table rows,
@@ -58,7 +58,14 @@ class DecodeGraphs:
         count = d.count
         size = next(b for b in self.buckets if b >= count)
         padded = self._fill(step, size)
-        meta = self.runner.backend.prepare(padded)
+        backend = self.runner.backend
+        backend.static = True  # fixed grids and buffers (a backend that has them; the others ignore it)
+        try:
+            meta = backend.prepare(padded)
+        finally:
+            backend.static = False
+        if meta is None:  # more work than the graph's buffers hold
+            return None
         if self.runner.contexts.version != self.version:
             self.graphs.clear()
             self.version = self.runner.contexts.version
@@ -87,7 +94,7 @@ class DecodeGraphs:
         pad = size - n
         decode = DecodeQueries(self.rows[:size], self.table_rows[:size], self.lens[:size], list(range(size)),
                                d.host_table_rows + [0] * pad, d.host_lens + [1] * pad,
-                               d.families + [-1 - i for i in range(pad)], [])
+                               d.families + [-1 - i for i in range(pad)], d.runs and d.runs + [()] * pad)
         return StepData(self.ids[:size], self.positions[:size], self.writes[:size], self.rows[:size], decode, [],
                         step.contexts)
 

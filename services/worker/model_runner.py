@@ -129,7 +129,7 @@ class ModelRunner:
 
     def _backend(self, name: str) -> AttentionBackend:
         per_position = KVPool.bytes_per_block(1, 1, self.kv_heads, self.head_dim, self.dtype)
-        backend = make_backend(name, self.device, self.pool.slots, per_position)
+        backend = make_backend(name, self.device, self.pool.slots, per_position, self.num_heads // self.kv_heads)
         if hasattr(backend, "windows"):
             backend.windows = set(self.windows)
         return backend

@@ -3,6 +3,8 @@
 - `portable`: gather each thread's context, then SDPA (any device);
 - `cascade`: spans shared by several threads attended once for all of them, merged by log-sum-exp;
 - `flex`: FlexAttention over the pool with a block mask (compiled; fixed shapes, CUDA-graph friendly);
+- `triton`: cascade's plan as work items of two Triton kernels over the pool (no gather; on the CPU they
+  run in Triton's interpreter, for tests);
 - `auto`: flex on CUDA, cascade on the CPU (measured: `apar bench attention`).
 
 `base.py` holds the interface and the step data every backend gets.
@@ -17,6 +19,12 @@ from services.worker.config import ATTENTION_CHOICES as CHOICES
 BACKENDS = tuple(c for c in CHOICES if c != "auto")
 
 
+def native(device: torch.device) -> list[str]:
+    """The backends that run at speed on `device` (on the CPU, triton's kernels run in Triton's interpreter:
+    right, for tests, and far too slow to measure or serve)."""
+    return [b for b in BACKENDS if device.type == "cuda" or b != "triton"]
+
+
 def resolve(name: str, device: torch.device) -> str:
     """The backend `name` means on `device` (`auto`: flex on CUDA, cascade on the CPU)."""
     if name != "auto":
@@ -24,8 +32,10 @@ def resolve(name: str, device: torch.device) -> str:
     return "flex" if device.type == "cuda" else "cascade"
 
 
-def make_backend(name: str, device: torch.device, pool_slots: int, bytes_per_position: int) -> AttentionBackend:
-    """pool_slots: slots per layer of the KV pool; bytes_per_position: K and V of one position, one layer."""
+def make_backend(name: str, device: torch.device, pool_slots: int, bytes_per_position: int,
+                 query_group: int = 1) -> AttentionBackend:
+    """pool_slots: slots per layer of the KV pool; bytes_per_position: K and V of one position, one layer;
+    query_group: query heads per KV head."""
     if name == "portable":
         from services.worker.backends.portable import PortableBackend
 
@@ -38,4 +48,8 @@ def make_backend(name: str, device: torch.device, pool_slots: int, bytes_per_pos
         from services.worker.backends.flex import FlexBackend
 
         return FlexBackend(device, pool_slots)
+    if name == "triton":
+        from services.worker.backends.tree import TreeBackend
+
+        return TreeBackend(device, query_group)
     raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(CHOICES)}")

@@ -117,6 +117,7 @@ class AttentionBackend:
     name = "?"
     graphs = False
     uses_runs = False
+    static = False  # true while `DecodeGraphs` prepares a step: a backend with per-step sizes keeps them fixed
 
     def prepare(self, step: StepData):
         """The step's metadata, built once (never per layer)."""
