@@ -323,3 +323,36 @@ def test_triton_layout_cuts_spans_and_fits_a_graphs_capacities():
     fits = backend._fit(plan, 2, (3 * tree.ITEM, 3 * tree.ITEM, 100, 4, 100))  # 3 group items at most
     assert fits is not None and len(fits.group) == 2 * tree.ITEM  # cut at 512: one item per reader pair
     assert backend._fit(plan, 2, (3 * tree.ITEM, tree.ITEM, 100, 4, 100)) is None
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_triton_kernels_compile_for_a_hopper_gpu(dtype):
+    """Without a GPU: Triton compiles both kernels for sm_90 (an H100's) down to a cubin, for the shapes the
+    engine launches (a private item; 64 readers of a group; 4 query heads per KV head, with a window).
+    Catches what the interpreter does not check (types, layouts the GPU compiler refuses); in bf16 the
+    products run on the tensor cores (mma instructions in the PTX)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from services.worker.backends.tree_kernels import merge, partial
+
+    target = GPUTarget("cuda", 90, 32)
+
+    def build(fn, types: list[str], consts: dict, **options):
+        jit = triton.jit(fn)
+        names = jit.arg_names
+        signature = dict(zip(names, types + ["constexpr"] * len(consts)))
+        src = ASTSource(jit, signature, constexprs={(names.index(k),): v for k, v in consts.items()})
+        return triton.compile(src, target=target, options=options)
+
+    args = [f"*{dtype}"] * 3 + ["*i32"] * 5 + ["*fp32"] * 2 + ["i32"] * 4 + ["fp32", "i32"]
+    for rows, readers, group, windowed in ((16, 1, 1, False), (64, 64, 1, False), (16, 1, 4, True)):
+        kernel = build(partial, args, {"H": 32, "GROUP": group, "QB": readers, "M": rows, "D": 128, "BLOCK": 32,
+                                       "IEEE": dtype == "fp32", "WINDOWED": windowed},
+                       num_warps=4 if rows * 128 <= 4096 else 8)
+        assert kernel.asm["cubin"]
+        if dtype == "bf16":
+            assert "mma" in kernel.asm["ptx"]
+    kernel = build(merge, ["*fp32"] * 2 + ["*i32"] * 3 + [f"*{dtype}"] + ["i32"] * 2, {"H": 32, "HP": 32, "D": 128})
+    assert kernel.asm["cubin"]

@@ -109,8 +109,9 @@ def register(sub) -> None:
                                                                    "and reused (default: under the temp dir)")
     c.add_argument("--budget-s", type=float, default=420.0, help="parts that would start after this are skipped")
     c.add_argument("--skip", default="", help="comma-separated parts to skip: golden,attention,hf,trace")
-    c.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
-                   help="the engine part's decode attention (golden and attention run every backend)")
+    c.add_argument("--attention", default="", help="the engine part's decode attention, comma-separated: it runs "
+                                                    "once with each (default: flex,triton; golden and attention "
+                                                    "run every backend)")
     c.add_argument("--no-progress", action="store_true")
     _data_arg(c)
     c.add_argument("--tiny-cpu", action="store_true", help="the same path, tiny shapes, on the CPU (a dry run)")

@@ -90,6 +90,7 @@ def run_gpu(g: GpuSettings) -> Report:
                        trace_plan, "gpu: trace", g.progress)
     from apar.bench_suite.attention import copy_bandwidth
 
+    profile = profile_ar_step(engine, fixed[0].prompt)
     runner = engine.runner
     bandwidth = copy_bandwidth(runner.device)
     graphs = runner.graphs
@@ -101,9 +102,49 @@ def run_gpu(g: GpuSettings) -> Report:
                 "cuda_graphs": "off" if graphs is None else graphs.off or f"on ({graphs.replays} replays)",
                 "weight_bytes": weight_bytes, "copy_gb_s": bandwidth / 1e9,
                 "weights_floor_ms": 1e3 * weight_bytes / bandwidth, "trace_levels": list(trace_plan.levels),
+                "profile_ar_batch1": profile,
                 "wall_s": time.perf_counter() - g.started, **s.describe()}
     return Report("gpu", settings, [Run("trace", blocks, "ar", "apar", trace),
                                     Run("hf", blocks, "hf", "ar", {**hf, **ours})])
+
+
+def profile_ar_step(engine, prompt: list[int], steps: int = 24, top: int = 12) -> dict:
+    """Where an AR decode step at batch 1 goes: its wall time (no profiler), then under torch.profiler the
+    device's busy time per step (every kernel's own time) and the kernels and host ops that take most.
+    Wall well above busy: the step waits on the host (Python, launches, syncs); busy near wall: kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from services.protocol.params import SamplingParams
+
+    cuda = engine.runner.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    engine.add_request(prompt, SamplingParams(max_tokens=2 * steps + 8, auto_parallel=False, ignore_eos=True))
+    for _ in range(4):  # prefill, and the first decode steps (a graph captured)
+        engine.step()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    sync()
+    wall = 1e3 * (time.perf_counter() - t0) / steps
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(steps):
+            engine.step()
+        sync()
+    while engine.has_work():
+        engine.step()
+    events = prof.key_averages()
+
+    def own(e, kind: str) -> float:  # ms per step (attribute names moved from cuda_ to device_)
+        names = (f"self_{kind}_time_total",) if kind == "cpu" else ("self_device_time_total", "self_cuda_time_total")
+        return next((getattr(e, n) for n in names if hasattr(e, n)), 0.0) / 1e3 / steps
+
+    kernels = sorted(((own(e, "device"), e.key, e.count / steps) for e in events if own(e, "device") > 0),
+                     reverse=True)
+    host = sorted(((own(e, "cpu"), e.key, e.count / steps) for e in events), reverse=True)
+    return {"steps": steps, "wall_ms": wall, "device_busy_ms": sum(k[0] for k in kernels),
+            "top_kernels": [{"name": n[:120], "ms": ms, "per_step": c} for ms, n, c in kernels[:top]],
+            "top_host_ops": [{"name": n[:120], "ms": ms, "per_step": c} for ms, n, c in host[:top]]}
 
 
 def _model(g: GpuSettings, shape: ModelShape, device: str, dtype: torch.dtype):

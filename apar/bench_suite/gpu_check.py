@@ -45,7 +45,8 @@ class CheckSettings:
     skip: frozenset[str] = frozenset()
     progress: bool = True
     data: Path | None = None
-    attention: str = "auto"  # the engine part's
+    attention: str = ""  # the engine part runs once with each of these (comma-separated); "": flex and
+    # triton on a GPU, auto on the CPU dry run
     started: float = field(default_factory=time.perf_counter)
 
     def left(self) -> float:
@@ -167,16 +168,39 @@ def run_attention(s: CheckSettings, device: str, dtype: str) -> dict:
 
 
 # ---- 3. engine ----------------------------------------------------------------------------------------
-def run_engine(s: CheckSettings) -> dict:
+def run_engines(s: CheckSettings, golden: dict) -> dict:
+    """The engine part once per backend of `--attention` (a comma-separated list), each in its share of the
+    budget left; a backend whose golden run failed is not measured."""
+    names = [a.strip() for a in (s.attention or ("auto" if s.tiny else "flex,triton")).split(",") if a.strip()]
+    out = {}
+    for i, name in enumerate(names):
+        failed = [k for k, r in golden.items() if k.split("/")[0] == name and isinstance(r, dict)
+                  and (r.get("passed") is False or "error" in r)]
+        if failed:
+            out[name] = {"skipped": f"golden failed ({', '.join(failed)})"}
+        elif not s.tiny and s.left() < NEEDS["engine"]:
+            out[name] = {"skipped": f"budget ({s.left():.0f} s left)"}
+        else:
+            t0 = time.perf_counter()
+            try:
+                out[name] = run_engine(s, name, (s.left() - 30.0) / (len(names) - i),
+                                       s.out / name if len(names) > 1 else s.out)
+            except Exception as exc:  # noqa: BLE001 - reported; the next backend still runs
+                out[name] = {"error": f"{type(exc).__name__}: {exc}"[:500], "trace": traceback.format_exc()[-3000:]}
+            out[name]["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def run_engine(s: CheckSettings, attention: str, budget_s: float, out: Path) -> dict:
     from apar.bench_suite.gpu import GpuSettings, gpu_table, run_gpu
 
     levels, trace_levels = ((1,), (1,)) if s.tiny else ((1, 64), (1, 16))
     g = GpuSettings(levels=levels, trace_levels=trace_levels, model_cache=s.model_cache,
                     answers=8 if s.tiny else 64, max_answer_tokens=200 if s.tiny else 400,
-                    new_tokens=16 if s.tiny else 128, budget_s=max(30.0, s.left() - 60.0), tiny=s.tiny,
-                    attention=s.attention, progress=s.progress, data=s.data)
+                    new_tokens=16 if s.tiny else 128, budget_s=max(30.0, budget_s - 30.0), tiny=s.tiny,
+                    attention=attention, progress=s.progress, data=s.data)
     report = run_gpu(g)
-    report.write(s.out)
+    report.write(out)
     print(gpu_table(report))
     trace, hf = report.runs
     by = {name: {x.concurrency: x.summary() for x in run.levels}
@@ -196,16 +220,22 @@ def run_engine(s: CheckSettings) -> dict:
                      "ar_tokens_per_s": ar and ar["tokens_per_s"], "apar_tokens_per_s": ap and ap["tokens_per_s"],
                      "latency_ar_over_apar": ar and ap and ap["latency_p50_s"] and
                      ar["latency_p50_s"] / ap["latency_p50_s"]}
-    return {"settings": report.settings, "ar_step": steps, "trace": replay, "weights_floor_ms": floor}
+    return {"settings": report.settings, "ar_step": steps, "trace": replay, "weights_floor_ms": floor,
+            "profile_ar_batch1": report.settings["profile_ar_batch1"]}
 
 
 # ---- the command --------------------------------------------------------------------------------------
 def run_gpu_check(s: CheckSettings) -> int:
     import transformers
 
+    from services.worker.config import ATTENTION_CHOICES
+
     unknown = set(s.skip) - set(PARTS)
     if unknown:
         raise UserError(f"--skip takes some of {', '.join(PARTS)}, got {', '.join(sorted(unknown))}")
+    wrong = [a for a in s.attention.split(",") if a.strip() not in ATTENTION_CHOICES] if s.attention else []
+    if wrong:
+        raise UserError(f"--attention takes some of {', '.join(ATTENTION_CHOICES)}, comma-separated; got {s.attention!r}")
     if not s.tiny and not torch.cuda.is_available():
         raise UserError("apar bench gpu-check needs a CUDA GPU (torch.cuda.is_available() is False); "
                         "--tiny-cpu runs the same path on the CPU")
@@ -213,7 +243,7 @@ def run_gpu_check(s: CheckSettings) -> int:
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": dtype,
               "torch": torch.__version__, "transformers": transformers.__version__, "parts": {}}
     parts = {"golden": lambda: run_golden(s, device, dtype), "attention": lambda: run_attention(s, device, dtype),
-             "engine": lambda: run_engine(s)}
+             "engine": lambda: run_engines(s, result["parts"].get("golden", {}))}
     for name in PARTS:
         if name in s.skip:
             result["parts"][name] = {"skipped": "--skip"}
@@ -264,8 +294,12 @@ def summary(result: dict) -> str:
             lines.append(f"attention {name}: " + (r["error"] if "error" in r else
                          f"{r['ms']:.3f} ms/layer = {r['ms'] / floor:.2f}x the prefix-once floor {floor:.3f} ms "
                          f"(goal <= 1.5x)"))
-    eng = parts.get("engine", {})
-    if "ar_step" in eng:
+    for name, eng in parts.get("engine", {}).items():
+        if not isinstance(eng, dict):
+            continue
+        if "ar_step" not in eng:
+            lines.append(f"engine ({name} attention): {eng.get('error') or 'skipped (' + eng['skipped'] + ')'}")
+            continue
         s = eng["settings"]
         lines.append(f"engine: {s['attention']} attention, CUDA graphs {s['cuda_graphs']}; weights floor "
                      f"{eng['weights_floor_ms']:.2f} ms")
@@ -277,6 +311,11 @@ def summary(result: dict) -> str:
             lines.append(f"trace at concurrency {c}: latency p50 AR {_s(r['ar_latency_p50_s'])}, APAR "
                          f"{_s(r['apar_latency_p50_s'])}: AR/APAR {_x(r['latency_ar_over_apar'])}"
                          + (" (goal >= 1.8x)" if c == 1 else ""))
+        p = eng.get("profile_ar_batch1")
+        if p:
+            lines.append(f"profile of the AR step at batch 1: {p['wall_ms']:.2f} ms wall, device busy "
+                         f"{p['device_busy_ms']:.2f} ms; kernels: " + ", ".join(
+                             f"{k['name'][:40]} {k['ms']:.2f} ms" for k in p["top_kernels"][:5]))
     for name, r in parts.items():
         if isinstance(r, dict) and ("error" in r or "skipped" in r) and name != "golden":
             lines.append(f"{name}: {r.get('error') or 'skipped (' + r['skipped'] + ')'}")

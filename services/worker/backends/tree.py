@@ -45,6 +45,7 @@ MAX_ROWS = 64  # query rows (readers x query heads per KV head) in one program a
 # accumulator, MAX_ROWS x head dim, stays in registers
 ITEM = 6  # ints per work item: row, start, end, first reader (index into readers), reader count, first part
 
+
 @dataclass(slots=True)
 class _Items:
     """One kind of work item on the device: items [I, ITEM] int32, and QB (readers per item, padded)."""
@@ -227,6 +228,8 @@ class TreeBackend(AttentionBackend):
         part_out = torch.empty(meta.num_parts, n_heads, dim, dtype=torch.float32, device=query.device)
         part_lse = torch.empty(meta.num_parts, n_heads, dtype=torch.float32, device=query.device)
         for kind in meta.kinds:
+            if not kind.items.shape[0]:
+                continue
             rows = max(16, 1 << (kind.qb * group - 1).bit_length())
             self._partial[(kind.items.shape[0], kv_heads)](
                 query, k_pool, v_pool, meta.table, kind.items, meta.readers, meta.rows, meta.lens, part_out,
