@@ -335,6 +335,7 @@ def test_triton_kernels_compile_for_a_hopper_gpu(dtype):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from services.worker.backends import tree
     from services.worker.backends.tree_kernels import merge, partial
 
     target = GPUTarget("cuda", 90, 32)
@@ -348,9 +349,9 @@ def test_triton_kernels_compile_for_a_hopper_gpu(dtype):
 
     args = [f"*{dtype}"] * 3 + ["*i32"] * 5 + ["*fp32"] * 2 + ["i32"] * 4 + ["fp32", "i32"]
     for rows, readers, group, windowed in ((16, 1, 1, False), (64, 64, 1, False), (16, 1, 4, True)):
-        kernel = build(partial, args, {"H": 32, "GROUP": group, "QB": readers, "M": rows, "D": 128, "BLOCK": 32,
+        kernel = build(partial, args, {"H": 32, "GROUP": group, "QB": readers, "M": rows, "D": 128, "BLOCK": tree.BLOCK_N,
                                        "IEEE": dtype == "fp32", "WINDOWED": windowed},
-                       num_warps=4 if rows * 128 <= 4096 else 8)
+                       num_warps=tree.NUM_WARPS, num_stages=tree.NUM_STAGES)
         assert kernel.asm["cubin"]
         if dtype == "bf16":
             assert "mma" in kernel.asm["ptx"]

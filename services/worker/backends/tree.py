@@ -41,6 +41,11 @@ SPLIT = 256  # positions per work item at most (a longer span is cut): each prog
 # interpreter (CPU tests) one numpy op covers a whole tile, so few large tiles run fastest
 BLOCK_N = 32
 BLOCK_N_INTERPRETED = 128
+# the partial kernel's launch on a GPU. Compiled offline for sm_90 by Triton 3.6 (the GPU machines') and
+# read by ptxas -v: 4 warps need 197-255 registers a thread and spill at BLOCK_N 64; 8 warps with 2
+# stages need 112 (16 rows) and 199 (64 rows), no spill. Not yet timed on a GPU.
+NUM_WARPS = 8
+NUM_STAGES = 2
 MAX_ROWS = 64  # query rows (readers x query heads per KV head) in one program at most: its fp32
 # accumulator, MAX_ROWS x head dim, stays in registers
 ITEM = 6  # ints per work item: row, start, end, first reader (index into readers), reader count, first part
@@ -235,7 +240,7 @@ class TreeBackend(AttentionBackend):
                 query, k_pool, v_pool, meta.table, kind.items, meta.readers, meta.rows, meta.lens, part_out,
                 part_lse, query.stride(0), query.stride(1), k_pool.stride(0), meta.table.stride(0), scaling,
                 window or 0, H=n_heads, GROUP=group, QB=kind.qb, M=rows, D=dim, BLOCK=self.block,
-                IEEE=query.dtype == torch.float32, WINDOWED=bool(window), num_warps=4 if rows * dim <= 4096 else 8)
+                IEEE=query.dtype == torch.float32, WINDOWED=bool(window), num_warps=NUM_WARPS, num_stages=NUM_STAGES)
         self._merge[(meta.rows.shape[0],)](part_out, part_lse, meta.offsets, meta.parts, meta.rows, out,
                                            out.stride(0), out.stride(1), H=n_heads,
                                            HP=1 << (n_heads - 1).bit_length(), D=dim)
