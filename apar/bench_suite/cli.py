@@ -110,7 +110,7 @@ def register(sub) -> None:
     c.add_argument("--budget-s", type=float, default=420.0, help="parts that would start after this are skipped")
     c.add_argument("--skip", default="", help="comma-separated parts to skip: golden,attention,hf,trace")
     c.add_argument("--attention", default="", help="the engine part's decode attention, comma-separated: it runs "
-                                                    "once with each (default: flex,triton; golden and attention "
+                                                    "once with each (default: triton,flex; golden and attention "
                                                     "run every backend)")
     c.add_argument("--no-progress", action="store_true")
     _data_arg(c)

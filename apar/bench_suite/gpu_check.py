@@ -45,8 +45,8 @@ class CheckSettings:
     skip: frozenset[str] = frozenset()
     progress: bool = True
     data: Path | None = None
-    attention: str = ""  # the engine part runs once with each of these (comma-separated); "": flex and
-    # triton on a GPU, auto on the CPU dry run
+    attention: str = ""  # the engine part runs once with each of these (comma-separated); "": triton and
+    # flex on a GPU, auto on the CPU dry run
     started: float = field(default_factory=time.perf_counter)
 
     def left(self) -> float:
@@ -171,7 +171,7 @@ def run_attention(s: CheckSettings, device: str, dtype: str) -> dict:
 def run_engines(s: CheckSettings, golden: dict) -> dict:
     """The engine part once per backend of `--attention` (a comma-separated list), each in its share of the
     budget left; a backend whose golden run failed is not measured."""
-    names = [a.strip() for a in (s.attention or ("auto" if s.tiny else "flex,triton")).split(",") if a.strip()]
+    names = [a.strip() for a in (s.attention or ("auto" if s.tiny else "triton,flex")).split(",") if a.strip()]
     out = {}
     for i, name in enumerate(names):
         failed = [k for k, r in golden.items() if k.split("/")[0] == name and isinstance(r, dict)

@@ -59,9 +59,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
     g.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
                    help="how threads attend their contexts: auto (flex on CUDA, cascade on CPU), portable "
-                        "(gather + SDPA), cascade (shared prefixes read once), flex (FlexAttention)")
+                        "(gather + SDPA), cascade (shared prefixes read once), flex (FlexAttention), triton "
+                        "(cascade's plan in Triton kernels; interpreted, slow, on CPU)")
     g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
-                   help="on CUDA: replay decode steps as CUDA graphs (with flex attention; default on)")
+                   help="on CUDA: replay decode steps as CUDA graphs (with flex or triton attention; default on)")
     g.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the cached KV blocks of a prompt's longest known prefix, prefill only the rest; "
                         "prompts' blocks stay cached until evicted (default on)")
