@@ -27,7 +27,7 @@ import tests.test_engine_pressure as pressure
 from apar.modelgen import ModelShape, random_model, save_model
 from services.protocol.events import TokenEvent
 from services.protocol.params import SamplingParams
-from services.worker.backends import BACKENDS, cascade
+from services.worker.backends import BACKENDS, cascade, native
 from services.worker.backends.base import Run, attention_with_lse, merge_by_lse
 from services.worker.backends.cascade import Span, plan_cascade
 from services.worker.config import EngineConfig
@@ -60,10 +60,9 @@ def qwen2_window_dir(tmp_path_factory, tokenizer):
     return _window_model(tmp_path_factory.mktemp("qwen2-window"), "qwen2", tokenizer, seed=5)
 
 
-INTERPRETED = ("triton",)  # on the CPU: see the module's docstring
-COMPILED = [b for b in BACKENDS if b not in INTERPRETED]
+COMPILED = native(torch.device("cpu"))  # triton's kernels are interpreted on the CPU: see the module's docstring
 TREE_CASES = [(b, arch) for b in BACKENDS for arch in ["llama", "qwen2", "mistral", "mistral_window", "qwen2_window"]
-              if b not in INTERPRETED or arch == "mistral_window"]
+              if b in COMPILED or arch == "mistral_window"]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -291,9 +290,7 @@ def test_triton_graph_buffers_give_the_eager_answer():
                                     d.families + [-1, -2], d.runs + [(), ()]), [], step.contexts)
     eager = backend.prepare(step)
     assert len(eager.kinds) == 2  # private items and one group (the shared prefix)
-    backend.static = True
-    fixed = backend.prepare(padded)
-    backend.static = False
+    fixed = backend.prepare(padded, fixed=True)
     assert fixed.kinds[0].items.shape[0] == 2 * 8 + 8 and fixed.kinds[1].qb == tree.MAX_ROWS // 2
     for window in (None, 8):
         want = backend.attend(eager, query[:6], pool.k[0], pool.v[0], 0.25, window)

@@ -58,12 +58,7 @@ class DecodeGraphs:
         count = d.count
         size = next(b for b in self.buckets if b >= count)
         padded = self._fill(step, size)
-        backend = self.runner.backend
-        backend.static = True  # fixed grids and buffers (a backend that has them; the others ignore it)
-        try:
-            meta = backend.prepare(padded)
-        finally:
-            backend.static = False
+        meta = self.runner.backend.prepare(padded, fixed=True)
         if meta is None:  # more work than the graph's buffers hold
             return None
         if self.runner.contexts.version != self.version:

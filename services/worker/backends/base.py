@@ -117,10 +117,11 @@ class AttentionBackend:
     name = "?"
     graphs = False
     uses_runs = False
-    static = False  # true while `DecodeGraphs` prepares a step: a backend with per-step sizes keeps them fixed
 
-    def prepare(self, step: StepData):
-        """The step's metadata, built once (never per layer)."""
+    def prepare(self, step: StepData, fixed: bool = False):
+        """The step's metadata, built once (never per layer). `fixed`: a CUDA graph replays this step
+        (`DecodeGraphs`), so a backend whose sizes vary per step keeps them fixed per thread count; it may
+        answer None when the step does not fit them (the step then runs eagerly)."""
         raise NotImplementedError
 
     def attend(self, meta, query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, scaling: float,

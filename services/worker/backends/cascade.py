@@ -177,7 +177,7 @@ class CascadeBackend(AttentionBackend):
         self.min_saved_bytes = MIN_SAVED_BYTES if min_saved_bytes is None else min_saved_bytes
         self.shared_steps = 0  # steps that attended some span once for several threads
 
-    def prepare(self, step: StepData) -> CascadeMeta:
+    def prepare(self, step: StepData, fixed: bool = False) -> CascadeMeta:
         chunks = self.prepare_chunks(step)
         d = step.decode
         if d is None:

@@ -124,7 +124,7 @@ class FlexBackend(AttentionBackend):
         self._version = -1
         self._flex = flex_attention_fn()
 
-    def prepare(self, step: StepData) -> FlexMeta:
+    def prepare(self, step: StepData, fixed: bool = False) -> FlexMeta:
         self.slot_pos[step.write_slots] = step.positions
         chunks = self.prepare_chunks(step)
         d = step.decode

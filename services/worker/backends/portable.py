@@ -50,7 +50,7 @@ class PortableBackend(AttentionBackend):
 
     name = "portable"
 
-    def prepare(self, step: StepData) -> PortableMeta:
+    def prepare(self, step: StepData, fixed: bool = False) -> PortableMeta:
         chunks = self.prepare_chunks(step)
         if step.decode is None:
             return PortableMeta(None, None, None, chunks)

@@ -70,6 +70,7 @@ class TreeMeta:
     parts: torch.Tensor | None
     num_parts: int
     chunks: list[ChunkMeta] = field(default_factory=list)
+    scratch: tuple[torch.Tensor, torch.Tensor] | None = None  # partial outputs and lse: every layer reuses them
 
 
 @dataclass(slots=True)
@@ -124,11 +125,18 @@ def layout(plan: CascadePlan, per_item: int, split: int) -> Layout:
 
 @dataclass(slots=True)
 class _Static:
-    """A CUDA graph's buffers for one padded thread count: fixed capacities, refilled every step."""
+    """A CUDA graph's buffers for one padded thread count, in one int32 tensor laid out as
+    [private items | group items | offsets | readers | parts], refilled every step: the items in full
+    (those past the plan empty: start = end, no readers), the offsets in full, the readers and parts only
+    as far as the items name them."""
 
-    caps: tuple[int, ...]  # ints of each list: private items, group items, readers, offsets, parts
-    flat: torch.Tensor  # all of them in one int32 buffer (one copy a step)
-    views: list[torch.Tensor]
+    caps: tuple[int, ...]  # ints of each list, in `Layout.lists()` order
+    flat: torch.Tensor
+    private: torch.Tensor
+    group: torch.Tensor
+    offsets: torch.Tensor
+    readers: torch.Tensor
+    parts: torch.Tensor
 
 
 class TreeBackend(AttentionBackend):
@@ -142,7 +150,6 @@ class TreeBackend(AttentionBackend):
         self.block = BLOCK_N_INTERPRETED if self.interpret else BLOCK_N
         self.min_shared = cascade.MIN_SHARED if min_shared is None else min_shared
         self.query_group = query_group  # query heads per KV head: a program holds at most MAX_ROWS rows
-        self.static = False  # set by DecodeGraphs: fixed grids, buffers refilled in place
         self._static: dict[int, _Static] = {}
         self.shared_steps = 0  # steps that attended some span once for several threads
         from services.worker.backends.tree_kernels import kernels
@@ -150,8 +157,9 @@ class TreeBackend(AttentionBackend):
         self._partial, self._merge = kernels(self.interpret)
 
     # ---- per step ----------------------------------------------------------------------------------
-    def prepare(self, step: StepData) -> TreeMeta | None:
-        """The step's work items; None when a graph's buffers cannot hold them (the step runs eagerly)."""
+    def prepare(self, step: StepData, fixed: bool = False) -> TreeMeta | None:
+        """The step's work items; `fixed`: in a graph's buffers (fixed grids, refilled in place), or None
+        when they cannot hold them (the step runs eagerly)."""
         chunks = self.prepare_chunks(step)
         d = step.decode
         if d is None:
@@ -163,7 +171,7 @@ class TreeBackend(AttentionBackend):
             plan = CascadePlan([], [[Span(r, 0, length)] for r, length in zip(d.host_table_rows, d.host_lens)])
         self.shared_steps += bool(plan.groups)
         per_item = max(1, MAX_ROWS // self.query_group)
-        if not self.static:
+        if not fixed:
             lay = layout(plan, per_item, SPLIT)
             p_items, g_items, readers, offsets, parts = step.contexts.uploader.upload(*lay.lists())
             qb, num_parts = 1 << max(0, lay.widest - 1).bit_length(), len(lay.parts)
@@ -172,12 +180,12 @@ class TreeBackend(AttentionBackend):
             lay = self._fit(plan, per_item, buf.caps)
             if lay is None:
                 return None
-            flat: list[int] = []
-            for got, cap in zip(lay.lists(), buf.caps):
-                flat += got
-                flat += [0] * (cap - len(got))  # empty items (start = end, no readers), unused parts
-            buf.flat.copy_(step.contexts.uploader.upload(flat)[0], non_blocking=True)
-            p_items, g_items, readers, offsets, parts = buf.views
+            head = (lay.private + [0] * (buf.caps[0] - len(lay.private)) + lay.group
+                    + [0] * (buf.caps[1] - len(lay.group)) + lay.offsets + lay.readers)
+            head_t, parts_t = step.contexts.uploader.upload(head, lay.parts)
+            buf.flat[: len(head)].copy_(head_t, non_blocking=True)
+            buf.parts[: len(lay.parts)].copy_(parts_t, non_blocking=True)
+            p_items, g_items, readers, offsets, parts = buf.private, buf.group, buf.readers, buf.offsets, buf.parts
             qb, num_parts = per_item, buf.caps[4]
         kinds = [_Items(p_items.view(-1, ITEM), 1)]
         if g_items.numel():
@@ -206,10 +214,10 @@ class TreeBackend(AttentionBackend):
             caps = (private * ITEM, group * ITEM, readers, n + 1, readers)
             flat = torch.zeros(sum(caps), dtype=torch.int32, device=self.device)
             views, at = [], 0
-            for c in caps:
+            for c in (caps[0], caps[1], caps[3], caps[2], caps[4]):  # the memory order
                 views.append(flat[at : at + c])
                 at += c
-            self._static[n] = _Static(caps, flat, views)
+            self._static[n] = _Static(caps, flat, *views)
         return self._static[n]
 
     # ---- per layer ---------------------------------------------------------------------------------
@@ -230,8 +238,10 @@ class TreeBackend(AttentionBackend):
                              "flex or cascade")
         if query.stride(2) != 1:
             query = query.contiguous()
-        part_out = torch.empty(meta.num_parts, n_heads, dim, dtype=torch.float32, device=query.device)
-        part_lse = torch.empty(meta.num_parts, n_heads, dtype=torch.float32, device=query.device)
+        if meta.scratch is None:  # (each layer's merge has read them before the next layer writes)
+            meta.scratch = (torch.empty(meta.num_parts, n_heads, dim, dtype=torch.float32, device=query.device),
+                            torch.empty(meta.num_parts, n_heads, dtype=torch.float32, device=query.device))
+        part_out, part_lse = meta.scratch
         for kind in meta.kinds:
             if not kind.items.shape[0]:
                 continue
