@@ -44,7 +44,7 @@ class DecodeGraphs:
         self.table_rows = torch.zeros(top, dtype=torch.int32, device=dev)
         self.lens = torch.ones(top, dtype=torch.int32, device=dev)
         self.mempool = torch.cuda.graph_pool_handle() if dev.type == "cuda" else None
-        self.graphs: dict[int, tuple] = {}  # bucket -> (graph, logits [B, V], what it reads)
+        self.graphs: dict[int, tuple] = {}  # bucket -> (replay, what it reads)
         self.version = runner.contexts.version
         self.replays = 0
 

@@ -20,8 +20,9 @@ the pool holds several threads' slots, so a thread's private blocks are read (an
 queries of its element (measured on an H100: flex 3.3x the prefix-once floor at 64 x 2,048). Here a
 program reads exactly its item's slots, and only the queries that read them are its rows.
 
-Grids and buffers have fixed sizes per padded thread count when a CUDA graph replays the step (`static`:
-items beyond the plan are empty, start = end, nq = 0); a plan that does not fit them runs eagerly.
+Grids and buffers have fixed sizes per padded thread count when a CUDA graph replays the step
+(`prepare(step, fixed=True)`: items beyond the plan are empty, start = end, nq = 0; one thread's graph
+has no group items at all); a plan that does not fit them runs eagerly.
 
 On the CPU the kernels run in Triton's interpreter (numpy, slow: for tests); float32 products are exact
 (`ieee`) there and on a GPU, where other dtypes use the tensor cores.
@@ -39,12 +40,14 @@ from services.worker.backends.cascade import CascadePlan, Span, plan_cascade
 SPLIT = 256  # positions per work item at most (a longer span is cut): each program's share of a context
 # positions per tile of a program's loop: on a GPU, K and V tiles of BLOCK_N x D in registers; in the
 # interpreter (CPU tests) one numpy op covers a whole tile, so few large tiles run fastest
-BLOCK_N = 32
+BLOCK_N = 64
 BLOCK_N_INTERPRETED = 128
-# the partial kernel's launch on a GPU. Compiled offline for sm_90 by Triton 3.6 (the GPU machines') and
-# read by ptxas -v: 4 warps need 197-255 registers a thread and spill at BLOCK_N 64; 8 warps with 2
-# stages need 112 (16 rows) and 199 (64 rows), no spill. Not yet timed on a GPU.
-NUM_WARPS = 8
+# the partial kernel's launch on a GPU, timed on an H200 (bf16, 64 threads x 2,048 positions, 1,536 of them
+# shared, 32 heads x 128; Triton 3.6): of BLOCK_N 16-128, 4 or 8 warps, 2-4 stages and SPLIT 128-1,024,
+# BLOCK_N 64 with 4 warps, 2 stages and SPLIT 256 was fastest, 0.168 ms a layer (1.23x the prefix-once
+# floor), against 0.248 ms with BLOCK_N 32, 8 warps, 2 stages (chosen before any GPU run: ptxas counts
+# registers, not time). More stages were slower at every tile size.
+NUM_WARPS = 4
 NUM_STAGES = 2
 MAX_ROWS = 64  # query rows (readers x query heads per KV head) in one program at most: its fp32
 # accumulator, MAX_ROWS x head dim, stays in registers
@@ -150,7 +153,7 @@ class TreeBackend(AttentionBackend):
         self.block = BLOCK_N_INTERPRETED if self.interpret else BLOCK_N
         self.min_shared = cascade.MIN_SHARED if min_shared is None else min_shared
         self.query_group = query_group  # query heads per KV head: a program holds at most MAX_ROWS rows
-        self._static: dict[int, _Static] = {}
+        self._static: dict[int, _Static] = {}  # padded threads -> a graph's buffers
         self.shared_steps = 0  # steps that attended some span once for several threads
         from services.worker.backends.tree_kernels import kernels
 
@@ -207,9 +210,11 @@ class TreeBackend(AttentionBackend):
 
     def _buffers(self, n: int, per_item: int) -> _Static:
         """A graph's buffers for n (padded) threads: 2n + 8 private items, n + 8 group items (every one of
-        them a program per KV head at every replay, most of them empty: few, and long spans cut less)."""
+        them a program per KV head at every replay, most of them empty: few, and long spans cut less); at
+        n = 1 no group items, and no group launch: one thread shares with no other (the AR step at batch 1:
+        a launch of 32 x 9 empty programs a layer, 0.1-0.2 ms a step on an H200)."""
         if n not in self._static:
-            private, group = 2 * n + 8, n + 8
+            private, group = 2 * n + 8, (n + 8 if n > 1 else 0)
             readers = private + group * per_item
             caps = (private * ITEM, group * ITEM, readers, n + 1, readers)
             flat = torch.zeros(sum(caps), dtype=torch.int32, device=self.device)
