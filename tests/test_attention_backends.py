@@ -14,6 +14,7 @@ does, not in what a backend computes.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import random
 
@@ -237,7 +238,7 @@ def test_auto_gives_way_to_cascade_when_flex_cannot_run(llama_dir, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler here")
 
-    monkeypatch.setattr(model_runner, "resolve", lambda name, device: "flex")
+    monkeypatch.setattr(model_runner, "resolve", lambda name, device, head_dim=None: "flex")
     monkeypatch.setattr(flex.FlexBackend, "attend", broken)
     eng = Engine(llama_dir, EngineConfig(block_size=4, num_blocks=64, attention="auto"))
     assert eng.runner.backend.name == "flex"
@@ -271,7 +272,8 @@ def test_triton_graph_buffers_give_the_eager_answer():
     """The triton backend as a CUDA graph runs it, without a GPU: the step padded to its bucket (padding
     threads reading row 0, no runs), fixed capacities of empty items, groups at their widest: the real
     threads' outputs equal the eager, exactly sized launch's, with and without a window; padding rows get
-    zeros. The kernels run in Triton's interpreter."""
+    zeros. One thread's graph (the AR step at batch 1) has no group launch at all. The kernels run in
+    Triton's interpreter."""
     from apar.bench_suite.attention import AttentionShape, _step
     from services.worker.backends import tree
     from services.worker.backends.base import DecodeQueries, StepData
@@ -298,6 +300,14 @@ def test_triton_graph_buffers_give_the_eager_answer():
         assert (got[:6] - want).abs().max().item() < 1e-5
         assert (got[6:] == 0).all()
     assert backend.shared_steps == 2
+    one = DecodeQueries(torch.arange(1, dtype=torch.int32), d.table_rows[:1], d.lens[:1], [0], d.host_table_rows[:1],
+                        d.host_lens[:1], d.families[:1], d.runs[:1])
+    alone = backend.prepare(dataclasses.replace(step, decode=one), fixed=True)
+    assert len(alone.kinds) == 1 and alone.kinds[0].items.shape[0] == 2 + 8  # private items only
+    want = backend.attend(backend.prepare(dataclasses.replace(step, decode=one)), query[:1], pool.k[0], pool.v[0],
+                          0.25, None)
+    got = backend.attend(alone, query[:1], pool.k[0], pool.v[0], 0.25, None)
+    assert (got - want).abs().max().item() < 1e-5
 
 
 def test_triton_layout_cuts_spans_and_fits_a_graphs_capacities():
@@ -355,3 +365,22 @@ def test_triton_kernels_compile_for_a_hopper_gpu(dtype):
             assert "mma" in kernel.asm["ptx"]
     kernel = build(merge, ["*fp32"] * 2 + ["*i32"] * 3 + [f"*{dtype}"] + ["i32"] * 2, {"H": 32, "HP": 32, "D": 128})
     assert kernel.asm["cubin"]
+
+
+def test_compiled_layers_match_the_plain_model(llama_dir, monkeypatch):
+    """`compile=True` on the CPU (on CUDA it is the default): every decoder layer under torch.compile, the
+    paged attention between its two graphs run eagerly. The engine's warm-up compiles before any request
+    and leaves the ledger empty and the counters at zero; then the golden trees (forks, nested forks,
+    chunked prefill, an AR request beside) give the plain model's logits."""
+    from torch._dynamo.utils import counters
+
+    before = counters["stats"]["unique_graphs"]
+    eng = Engine(llama_dir, EngineConfig(block_size=4, num_blocks=64, compile=True))
+    layers = eng.runner.model.get_decoder().layers
+    assert eng.runner.compiled and all(layer._compiled_call_impl is not None for layer in layers)
+    assert eng.runner.model.config._attn_implementation == "apar_paged_compiled"
+    assert counters["stats"]["unique_graphs"] > before  # the warm-up compiled
+    assert eng.ledger.num_used == 0 and eng.steps == 0 and not eng.requests
+    assert not Engine(llama_dir, EngineConfig(block_size=4, num_blocks=64)).runner.compiled  # CPU default: off
+    monkeypatch.setattr(golden, "EngineConfig", functools.partial(EngineConfig, compile=True))
+    golden.test_replayed_trees_match_plain_model("llama", "cpu", _Request(llama_dir))

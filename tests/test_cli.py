@@ -67,3 +67,17 @@ def test_client_against_serve_prints_what_in_process_prints(llama_dir, tmp_path)
         proc.stop()
     gone = apar("generate", "--server", f"127.0.0.1:{port}", "--prompt", "hi", "--connect-timeout", "0.5")
     assert gone.returncode == 2 and "server unavailable" in gone.stderr
+
+
+def test_engine_flags_leave_compiling_to_the_device_unless_given():
+    """Without --compile or --no-compile the engine decides (on with CUDA, off on the CPU); either flag is
+    passed on as it is."""
+    import argparse
+
+    from apar.commands.generate import add_engine_args, engine_config
+
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    assert engine_config(p.parse_args([])).compile is None
+    assert engine_config(p.parse_args(["--compile"])).compile is True
+    assert engine_config(p.parse_args(["--no-compile"])).compile is False

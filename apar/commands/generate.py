@@ -58,11 +58,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     from services.worker.config import ATTENTION_CHOICES
 
     g.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
-                   help="how threads attend their contexts: auto (flex on CUDA, cascade on CPU), portable "
+                   help="how threads attend their contexts: auto (triton on CUDA, cascade on CPU), portable "
                         "(gather + SDPA), cascade (shared prefixes read once), flex (FlexAttention), triton "
                         "(cascade's plan in Triton kernels; interpreted, slow, on CPU)")
     g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="on CUDA: replay decode steps as CUDA graphs (with flex or triton attention; default on)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile each decoder layer around the paged attention: norms, rotary embedding, "
+                        "activation and residual adds fuse into a few kernels; the engine compiles in a warm-up "
+                        "before its first request (default: on with CUDA, off on the CPU)")
     g.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the cached KV blocks of a prompt's longest known prefix, prefill only the rest; "
                         "prompts' blocks stay cached until evicted (default on)")
@@ -74,7 +78,7 @@ def engine_config(args):
     return EngineConfig(block_size=args.block_size, num_blocks=args.kv_blocks, kv_memory_mb=args.kv_memory_mb,
                         max_batch_tokens=args.max_batch_tokens, admit_watermark=args.admit_watermark,
                         fork_watermark=args.fork_watermark, device=args.device, dtype=args.dtype,
-                        attention=args.attention, cuda_graphs=args.cuda_graphs, prefix_cache=args.prefix_cache,
+                        attention=args.attention, cuda_graphs=args.cuda_graphs, compile=args.compile, prefix_cache=args.prefix_cache,
                         control=ControlTokens(fork=args.fork_token, child=args.child_token))
 
 

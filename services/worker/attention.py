@@ -76,3 +76,7 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
 
 
 AttentionInterface.register(ATTN_NAME, paged_attention)
+# the same function behind a graph break, for decoder layers under torch.compile (`EngineConfig.compile`): the
+# step's metadata and the backends' kernels stay out of the compiled graphs
+ATTN_NAME_COMPILED = "apar_paged_compiled"
+AttentionInterface.register(ATTN_NAME_COMPILED, torch.compiler.disable(paged_attention))

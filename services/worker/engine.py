@@ -63,7 +63,7 @@ class Engine:
         self.eos_ids = self.runner.eos_ids()
         self._eos_list = sorted(self.eos_ids)
         self.ledger = KVLedger(self.runner.num_blocks, self.config.block_size)
-        self.kv = kv_factory(self.ledger) if kv_factory else LocalKV(self.ledger)
+        self.kv = LocalKV(self.ledger)
         self.batcher = StepBuilder(self.runner.contexts)
         n = self.ledger.num_blocks
         self.scheduler = Scheduler(self.ledger, self.config.max_batch_tokens,
@@ -83,6 +83,29 @@ class Engine:
         self.prefix_queried_tokens = 0
         self.prefix_hit_tokens = 0
         self._ids = itertools.count()
+        if self.runner.compiled:
+            self._warm_up()
+        if kv_factory:  # after the warm-up, whose blocks the ledger has all back
+            self.kv = kv_factory(self.ledger)
+
+    def _warm_up(self) -> None:
+        """Compile before the first request (and on CUDA capture the first graphs): two short requests
+        of different lengths give a prefill step, decode steps of two threads and of one (the shapes the
+        compiled layers specialise on, see `ModelRunner._compile`). The prefix cache is off for them, so
+        the ledger is empty again afterwards; the counters start from zero."""
+        banned = self.eos_ids | {self.fork_id, self.child_id}
+        prompt = [t for t in range(self.runner.vocab_size) if t not in banned][:8]
+        cache, self.config.prefix_cache = self.config.prefix_cache, False
+        try:
+            for n, tokens in ((len(prompt), 4), (max(1, len(prompt) // 2), 2)):
+                self.add_request(prompt[:n], SamplingParams(max_tokens=tokens, auto_parallel=False, ignore_eos=True),
+                                 request_id=f"warm-up-{n}")
+            self.run_to_completion()
+        finally:
+            self.config.prefix_cache = cache
+        if self.ledger.num_used:
+            raise RuntimeError(f"the warm-up left {self.ledger.num_used} KV blocks in use")
+        self.steps = self.peak_blocks = 0
 
     # ---- requests in and out -----------------------------------------------------------------------
     def add_request(self, prompt: list[int], params: SamplingParams, request_id: str | None = None,
@@ -319,12 +342,17 @@ class Engine:
                 for i, tok in zip(wanted, top):
                     if tok == self.fork_id:
                         self._refused(samplers[i][0])
+        # every row (an AR batch): slices, no index tensor to upload (on a GPU, each upload waits for it)
         no_fork = [i for i, ok in enumerate(allowed) if not ok or tight]
-        if no_fork:
+        if len(no_fork) == len(samplers):
+            logits[:, self.fork_id] = float("-inf")
+        elif no_fork:
             logits[no_fork, self.fork_id] = float("-inf")
         no_eos = [i for i, (req, _) in enumerate(samplers) if req.params.ignore_eos]
         if no_eos:
-            logits[torch.tensor(no_eos)[:, None], torch.tensor(self._eos_list)[None, :]] = float("-inf")
+            rows = slice(None) if len(no_eos) == len(samplers) else torch.tensor(no_eos, device=logits.device)[:, None]
+            for eos in self._eos_list:
+                logits[rows, eos] = float("-inf")
         chosen: list[int | None] = [None] * len(samplers)
         greedy, by_request = [], {}
         for i, (req, t) in enumerate(samplers):
@@ -335,7 +363,8 @@ class Engine:
             else:
                 by_request.setdefault(req.id, []).append(i)
         if greedy:
-            for i, tok in zip(greedy, logits[greedy].argmax(dim=-1).tolist()):
+            top = logits if len(greedy) == len(samplers) else logits[greedy]
+            for i, tok in zip(greedy, top.argmax(dim=-1).tolist()):
                 chosen[i] = tok
         for rows in by_request.values():
             req = samplers[rows[0]][0]

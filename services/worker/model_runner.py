@@ -15,11 +15,12 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from apar.errors import UserError
-from services.worker.attention import ATTN_NAME, KVPool, StepBatch
+from services.worker.attention import ATTN_NAME, ATTN_NAME_COMPILED, KVPool, StepBatch
 from services.worker.backends import make_backend, resolve
 from services.worker.backends.base import AttentionBackend, StepData
 from services.worker.config import EngineConfig
 from services.worker.context_table import ContextTable
+from services.worker.fusion import fuse_projections
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,10 @@ class ModelRunner:
         except (OSError, ValueError, KeyError) as exc:
             raise UserError(f"cannot load model from {path}: {exc}") from None
         self.model.eval()
+        self.fused = fuse_projections(self.model)  # q, k, v (gate, up): one product each group
+        self.compiled = config.compile if config.compile is not None else self.device.type == "cuda"
+        if self.compiled:
+            self._compile()
         self.hf_config = hf_config
         text_cfg = hf_config.get_text_config()
         self.num_layers = text_cfg.num_hidden_layers
@@ -92,15 +97,16 @@ class ModelRunner:
                            self.dtype, self.device)
         self.contexts = ContextTable(self.device, self.max_positions)
         self.windows = {None, getattr(text_cfg, "sliding_window", None)}
-        self.backend = self._backend(resolve(config.attention, self.device))
+        self.backend = self._backend(resolve(config.attention, self.device, self.head_dim))
         self._proven = False  # a forward with this backend succeeded (no fallback after that)
         self.graphs = None
         if self.device.type == "cuda" and config.cuda_graphs:
             from services.worker.cuda_graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(self)
-        log.info("loaded %s on %s (%s): %d KV blocks of %d tokens, %s attention%s", path, self.device, self.dtype,
-                 num_blocks, config.block_size, self.backend.name, ", CUDA graphs" if self.graphs else "")
+        log.info("loaded %s on %s (%s): %d KV blocks of %d tokens, %s attention%s%s", path, self.device, self.dtype,
+                 num_blocks, config.block_size, self.backend.name, ", CUDA graphs" if self.graphs else "",
+                 ", compiled layers" if self.compiled else "")
 
     @property
     def num_blocks(self) -> int:
@@ -126,6 +132,20 @@ class ModelRunner:
             raise UserError(f"control token {text!r} is not a single token in this tokenizer")
         return int(tid)
 
+    def _compile(self) -> None:
+        """torch.compile every decoder layer; the paged attention inside runs eagerly (a graph break), so
+        each layer is two compiled graphs, before and after it. The layers share their code, and their
+        parameters are the graphs' inputs: one compile serves all of them, for every batch size (the size
+        is symbolic after its second value; one token, the decode step at batch 1, is compiled apart).
+        Compiling happens on first use (on CUDA in the warm-up before a graph's capture)."""
+        layers = getattr(self.model.get_decoder(), "layers", None)
+        if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
+            raise UserError("--compile needs a model whose decoder keeps its layers in `.layers`")
+        self.model.set_attn_implementation(ATTN_NAME_COMPILED)
+        # the first token counts, prefill chunk lengths, each model class: a few graphs per layer's code
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        for layer in layers:
+            layer.compile(dynamic=None)
 
     def _backend(self, name: str) -> AttentionBackend:
         per_position = KVPool.bytes_per_block(1, 1, self.kv_heads, self.head_dim, self.dtype)
@@ -138,7 +158,7 @@ class ModelRunner:
     def forward(self, step: StepData) -> torch.Tensor:
         """Run the model over the step's flat batch; return float32 logits [S, V] of its sampled rows.
 
-        With `--attention auto`, a backend that fails before it ever succeeded (flex that cannot
+        With `--attention auto`, a backend that fails before it ever succeeded (triton or flex that cannot
         compile here) gives way to cascade for the rest of the engine's life."""
         try:
             logits = None
