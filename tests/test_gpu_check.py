@@ -9,6 +9,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ABSENT_ON_GPU = ("grpc_tools", "grpc_health", "grpc_reflection", "redis", "fastapi", "uvicorn", "starlette",
                  "kubernetes", "pydantic")
 
@@ -57,3 +59,13 @@ def test_the_blocker_blocks():
     code = BLOCKER + "import redis\n"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "absent on the GPU machine" in proc.stderr
+
+
+def test_backend_variants_name_the_compiled_layers():
+    from apar.bench_suite.gpu_check import variant
+    from apar.errors import UserError
+
+    assert variant("triton") == ("triton", None) and variant("triton+compile") == ("triton", True)
+    assert variant("flex+nocompile") == ("flex", False)
+    with pytest.raises(UserError, match=r"\+compile or \+nocompile only"):
+        variant("triton+graphs")

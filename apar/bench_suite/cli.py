@@ -68,6 +68,8 @@ def register(sub) -> None:
     g.add_argument("--new-tokens", type=int, default=128, help="HF comparison: tokens per answer")
     g.add_argument("--budget-s", type=float, default=360.0, help="no trace level starts after this")
     g.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES, help="the engine's decode attention")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the engine's decoder layers (default: the engine's, on)")
     g.add_argument("--no-progress", action="store_true")
     _data_arg(g)
     g.add_argument("--tiny-cpu", action="store_true", help=argparse.SUPPRESS)  # the same path, tiny, on CPU
@@ -108,10 +110,14 @@ def register(sub) -> None:
     c.add_argument("--model-cache", type=Path, default=None, help="where the random 7B-shaped model is saved "
                                                                    "and reused (default: under the temp dir)")
     c.add_argument("--budget-s", type=float, default=420.0, help="parts that would start after this are skipped")
-    c.add_argument("--skip", default="", help="comma-separated parts to skip: golden,attention,hf,trace")
+    c.add_argument("--skip", default="", help="comma-separated parts to skip: golden,attention,engine")
     c.add_argument("--attention", default="", help="the engine part's decode attention, comma-separated: it runs "
                                                     "once with each (default: triton,flex; golden and attention "
-                                                    "run every backend)")
+                                                    "run every backend); NAME+nocompile: with the decoder layers "
+                                                    "left eager (--no-compile; compiled is the default)")
+    c.add_argument("--golden", default="", help="the golden part's backends, comma-separated, each maybe "
+                                                "with +nocompile (default: every backend this device runs "
+                                                "natively)")
     c.add_argument("--no-progress", action="store_true")
     _data_arg(c)
     c.add_argument("--tiny-cpu", action="store_true", help="the same path, tiny shapes, on the CPU (a dry run)")
@@ -266,7 +272,8 @@ def run_gpu_cmd(args) -> int:
         cpu_threads(None, "cpu")
     g = GpuSettings(levels=levels_arg(args.levels), model_cache=args.model_cache, answers=args.answers,
                     max_answer_tokens=args.max_answer_tokens, new_tokens=args.new_tokens, budget_s=args.budget_s,
-                    tiny=args.tiny_cpu, attention=args.attention, progress=not args.no_progress, data=args.data)
+                    tiny=args.tiny_cpu, attention=args.attention, compile=args.compile, progress=not args.no_progress,
+                    data=args.data)
     report = run_gpu(g)
     json_path, png_path = report.write(args.out)
     print(f"{report.settings['device']}, {report.settings['shape']} random weights ({report.settings['dtype']}), "
@@ -348,5 +355,6 @@ def run_gpu_check_cmd(args) -> int:
         cpu_threads(None, "cpu")
     s = CheckSettings(out=args.out, model_cache=args.model_cache, budget_s=args.budget_s, tiny=args.tiny_cpu,
                       skip=frozenset(x.strip() for x in args.skip.split(",") if x.strip()),
-                      progress=not args.no_progress, data=args.data, attention=args.attention)
+                      progress=not args.no_progress, data=args.data, attention=args.attention,
+                      golden=args.golden)
     return run_gpu_check(s)

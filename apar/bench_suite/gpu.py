@@ -44,6 +44,7 @@ class GpuSettings:
     max_batch_tokens: int = 2048
     tiny: bool = False  # the tiny shape on the CPU: checks the code path without a GPU
     attention: str = "auto"  # the engine's decode attention (`--attention`)
+    compile: bool | None = None  # torch.compile the engine's decoder layers (`--compile`; None: on CUDA)
     seed: int = 0
     progress: bool = True
     data: Path | None = None  # the AlpacaEval folder; None: `apar.split.data_dir()`
@@ -72,7 +73,7 @@ def run_gpu(g: GpuSettings) -> Report:
     plan = LevelPlan(g.levels, rounds=1, min_requests=4, deadline=g.started + g.budget_s)
     trace_plan = replace(plan, levels=g.trace_levels or g.levels)
     s = SuiteSettings(plan, max_batch_tokens=g.max_batch_tokens, device=device, dtype=dtype, attention=g.attention,
-                      progress=g.progress, data=data)
+                      compile=g.compile, progress=g.progress, data=data)
     top = max(g.levels + trace_plan.levels)
     fixed = fixed_jobs(model.config.vocab_size, plan.requests(max(g.levels)), g.prompt_tokens, g.new_tokens, g.seed)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -90,7 +91,7 @@ def run_gpu(g: GpuSettings) -> Report:
                        trace_plan, "gpu: trace", g.progress)
     from apar.bench_suite.attention import copy_bandwidth
 
-    profile = profile_ar_step(engine, fixed[0].prompt)
+    profiles = {b: profile_ar_step(engine, [job.prompt for job in fixed[:b]]) for b in (1, max(g.levels))}
     runner = engine.runner
     bandwidth = copy_bandwidth(runner.device)
     graphs = runner.graphs
@@ -98,18 +99,19 @@ def run_gpu(g: GpuSettings) -> Report:
                 "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": dtype,
                 "answers": len(apar_jobs), "max_answer_tokens": g.max_answer_tokens,
                 "prompt_tokens": g.prompt_tokens, "new_tokens": g.new_tokens, "kv_blocks": blocks,
-                "attention": runner.backend.name,
+                "attention": runner.backend.name, "compile": runner.compiled, "fused_projections": runner.fused,
                 "cuda_graphs": "off" if graphs is None else graphs.off or f"on ({graphs.replays} replays)",
                 "weight_bytes": weight_bytes, "copy_gb_s": bandwidth / 1e9,
                 "weights_floor_ms": 1e3 * weight_bytes / bandwidth, "trace_levels": list(trace_plan.levels),
-                "profile_ar_batch1": profile,
+                **{f"profile_ar_batch{b}": p for b, p in profiles.items()},
                 "wall_s": time.perf_counter() - g.started, **s.describe()}
     return Report("gpu", settings, [Run("trace", blocks, "ar", "apar", trace),
                                     Run("hf", blocks, "hf", "ar", {**hf, **ours})])
 
 
-def profile_ar_step(engine, prompt: list[int], steps: int = 24, top: int = 12) -> dict:
-    """Where an AR decode step at batch 1 goes: its wall time (no profiler), then under torch.profiler the
+def profile_ar_step(engine, prompts: list[list[int]], steps: int = 24, top: int = 12) -> dict:
+    """Where an AR decode step at batch len(prompts) goes: its wall time (no profiler), then under
+    torch.profiler the
     device's busy time per step (every kernel's own time) and the kernels and host ops that take most.
     Wall well above busy: the step waits on the host (Python, launches, syncs); busy near wall: kernels."""
     from torch.profiler import ProfilerActivity, profile
@@ -118,8 +120,11 @@ def profile_ar_step(engine, prompt: list[int], steps: int = 24, top: int = 12) -
 
     cuda = engine.runner.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    engine.add_request(prompt, SamplingParams(max_tokens=2 * steps + 8, auto_parallel=False, ignore_eos=True))
-    for _ in range(4):  # prefill, and the first decode steps (a graph captured)
+    for prompt in prompts:
+        engine.add_request(prompt, SamplingParams(max_tokens=2 * steps + 8, auto_parallel=False, ignore_eos=True))
+    while any(r.root.computed < len(r.prompt) for r in engine.requests.values()):  # the prefill chunks
+        engine.step()
+    for _ in range(3):  # the first decode steps (a graph captured)
         engine.step()
     sync()
     t0 = time.perf_counter()
@@ -142,7 +147,8 @@ def profile_ar_step(engine, prompt: list[int], steps: int = 24, top: int = 12) -
     kernels = sorted(((own(e, "device"), e.key, e.count / steps) for e in events if own(e, "device") > 0),
                      reverse=True)
     host = sorted(((own(e, "cpu"), e.key, e.count / steps) for e in events), reverse=True)
-    return {"steps": steps, "wall_ms": wall, "device_busy_ms": sum(k[0] for k in kernels),
+    return {"steps": steps, "batch": len(prompts), "wall_ms": wall, "device_busy_ms": sum(k[0] for k in kernels),
+            "kernels_per_step": sum(k[2] for k in kernels),
             "top_kernels": [{"name": n[:120], "ms": ms, "per_step": c} for ms, n, c in kernels[:top]],
             "top_host_ops": [{"name": n[:120], "ms": ms, "per_step": c} for ms, n, c in host[:top]]}
 

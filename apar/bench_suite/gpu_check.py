@@ -1,7 +1,7 @@
 """`apar bench gpu-check`: the fast decode path on one GPU, one command, one summary, one JSON.
 
 Parts, in order, each skipped when the budget would run out before it starts (and reported so):
-1. golden: every backend (`--attention`), bf16 on CUDA, CUDA graphs on: every thread's logits at every
+1. golden: every backend (or those of `--golden`), bf16 on CUDA, CUDA graphs on: every thread's logits at every
    step against the plain HF model's on its context (forks, nested forks, chunked prefill, GQA; a sliding
    window model), plus flex and triton with graphs off, to tell a graph fault from a kernel fault
    (cascade and triton group every span two threads share, so that their grouped paths run on these tiny
@@ -47,6 +47,7 @@ class CheckSettings:
     data: Path | None = None
     attention: str = ""  # the engine part runs once with each of these (comma-separated); "": triton and
     # flex on a GPU, auto on the CPU dry run
+    golden: str = ""  # the golden part's backends (comma-separated); "": every backend native to the device
     started: float = field(default_factory=time.perf_counter)
 
     def left(self) -> float:
@@ -65,7 +66,8 @@ def tolerance(dtype: torch.dtype, ref: torch.Tensor) -> float:
 
 def golden_run(model_dir: Path, attention: str, device: str, dtype: str, graphs: bool = True) -> dict:
     """Three replayed trees and one AR request through the engine; each sampled row's logits against
-    the plain model's no-cache forward on that thread's context."""
+    the plain model's no-cache forward on that thread's context. `attention`: a backend, maybe with
+    "+compile" or "+nocompile" (its decoder layers compiled or not; else the engine's default)."""
     from transformers import AutoModelForCausalLM
 
     from services.protocol.params import SamplingParams
@@ -73,8 +75,10 @@ def golden_run(model_dir: Path, attention: str, device: str, dtype: str, graphs:
     from services.worker.engine import Engine
     from services.worker.sequence import random_tree
 
+    attention, compiled = variant(attention)
     eng = Engine(model_dir, EngineConfig(block_size=4, num_blocks=256, max_batch_tokens=16, device=device,
-                                         dtype=dtype, attention=attention, cuda_graphs=graphs), keep_logits=True)
+                                         dtype=dtype, attention=attention, cuda_graphs=graphs, compile=compiled),
+                 keep_logits=True)
     backend = eng.runner.backend
     if hasattr(backend, "min_shared"):  # cascade, triton: group every span two threads share (4 positions on):
         backend.min_shared = 4  # the tiny K/V would never pay
@@ -106,6 +110,7 @@ def golden_run(model_dir: Path, attention: str, device: str, dtype: str, graphs:
     return {"passed": failed == 0 and checked > 60, "checked": checked, "failed": failed, "worst_diff": worst,
             "worst_over_tolerance": worst_ratio, "argmax_agree": agree / max(1, checked),
             "backend": backend.name, "shared_steps": getattr(backend, "shared_steps", None),
+            "compiled": eng.runner.compiled,
             "graph_replays": graphs_used.replays if graphs_used else 0,
             "graphs_off": graphs_used.off if graphs_used else "not built"}
 
@@ -132,7 +137,7 @@ def run_golden(s: CheckSettings, device: str, dtype: str) -> dict:
     root = Path(tempfile.mkdtemp(prefix="apar-gpu-check-"))
     try:
         models = _golden_models(root, s.data, s.tiny)
-        backends = native(torch.device(device))
+        backends = _names(s.golden) or native(torch.device(device))
         runs = [(b, m, True) for m in models for b in backends] + [(b, "llama", False) for b in ("flex", "triton")
                                                                     if b in backends]
         results = {}
@@ -155,6 +160,20 @@ def run_golden(s: CheckSettings, device: str, dtype: str) -> dict:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _names(backends: str) -> list[str]:
+    return [a.strip() for a in backends.split(",") if a.strip()]
+
+
+def variant(name: str) -> tuple[str, bool | None]:
+    """A backend and whether its decoder layers are compiled: "triton" -> ("triton", None: the engine's
+    default, compiled on CUDA); "triton+compile" -> True; "triton+nocompile" -> False."""
+    backend, _, extra = name.partition("+")
+    options = {"": None, "compile": True, "nocompile": False}
+    if extra not in options:
+        raise UserError(f"a backend may be followed by +compile or +nocompile only, got {name!r}")
+    return backend, options[extra]
+
+
 # ---- 2. attention -------------------------------------------------------------------------------------
 def run_attention(s: CheckSettings, device: str, dtype: str) -> dict:
     from apar.bench_suite.attention import AttentionShape, run_attention_bench
@@ -171,7 +190,7 @@ def run_attention(s: CheckSettings, device: str, dtype: str) -> dict:
 def run_engines(s: CheckSettings, golden: dict) -> dict:
     """The engine part once per backend of `--attention` (a comma-separated list), each in its share of the
     budget left; a backend whose golden run failed is not measured."""
-    names = [a.strip() for a in (s.attention or ("auto" if s.tiny else "triton,flex")).split(",") if a.strip()]
+    names = _names(s.attention or ("auto" if s.tiny else "triton,flex"))
     out = {}
     for i, name in enumerate(names):
         failed = [k for k, r in golden.items() if k.split("/")[0] == name and isinstance(r, dict)
@@ -184,7 +203,7 @@ def run_engines(s: CheckSettings, golden: dict) -> dict:
             t0 = time.perf_counter()
             try:
                 out[name] = run_engine(s, name, (s.left() - 30.0) / (len(names) - i),
-                                       s.out / name if len(names) > 1 else s.out)
+                                       s.out / name.replace("+", "-") if len(names) > 1 else s.out)
             except Exception as exc:  # noqa: BLE001 - reported; the next backend still runs
                 out[name] = {"error": f"{type(exc).__name__}: {exc}"[:500], "trace": traceback.format_exc()[-3000:]}
             out[name]["seconds"] = time.perf_counter() - t0
@@ -195,10 +214,11 @@ def run_engine(s: CheckSettings, attention: str, budget_s: float, out: Path) -> 
     from apar.bench_suite.gpu import GpuSettings, gpu_table, run_gpu
 
     levels, trace_levels = ((1,), (1,)) if s.tiny else ((1, 64), (1, 16))
+    attention, compiled = variant(attention)
     g = GpuSettings(levels=levels, trace_levels=trace_levels, model_cache=s.model_cache,
                     answers=8 if s.tiny else 64, max_answer_tokens=200 if s.tiny else 400,
                     new_tokens=16 if s.tiny else 128, budget_s=max(30.0, budget_s - 30.0), tiny=s.tiny,
-                    attention=attention, progress=s.progress, data=s.data)
+                    attention=attention, compile=compiled, progress=s.progress, data=s.data)
     report = run_gpu(g)
     report.write(out)
     print(gpu_table(report))
@@ -221,7 +241,7 @@ def run_engine(s: CheckSettings, attention: str, budget_s: float, out: Path) -> 
                      "latency_ar_over_apar": ar and ap and ap["latency_p50_s"] and
                      ar["latency_p50_s"] / ap["latency_p50_s"]}
     return {"settings": report.settings, "ar_step": steps, "trace": replay, "weights_floor_ms": floor,
-            "profile_ar_batch1": report.settings["profile_ar_batch1"]}
+            **{f"profile_ar_batch{b}": report.settings[f"profile_ar_batch{b}"] for b in levels}}
 
 
 # ---- the command --------------------------------------------------------------------------------------
@@ -233,9 +253,10 @@ def run_gpu_check(s: CheckSettings) -> int:
     unknown = set(s.skip) - set(PARTS)
     if unknown:
         raise UserError(f"--skip takes some of {', '.join(PARTS)}, got {', '.join(sorted(unknown))}")
-    wrong = [a for a in s.attention.split(",") if a.strip() not in ATTENTION_CHOICES] if s.attention else []
-    if wrong:
-        raise UserError(f"--attention takes some of {', '.join(ATTENTION_CHOICES)}, comma-separated; got {s.attention!r}")
+    for flag, value in (("--attention", s.attention), ("--golden", s.golden)):
+        if any(variant(a)[0] not in ATTENTION_CHOICES for a in _names(value)):
+            raise UserError(f"{flag} takes some of {', '.join(ATTENTION_CHOICES)}, each maybe with +compile or "
+                            f"+nocompile, comma-separated; got {value!r}")
     if not s.tiny and not torch.cuda.is_available():
         raise UserError("apar bench gpu-check needs a CUDA GPU (torch.cuda.is_available() is False); "
                         "--tiny-cpu runs the same path on the CPU")
@@ -259,15 +280,21 @@ def run_gpu_check(s: CheckSettings) -> int:
             result["parts"][name] = {"error": f"{type(exc).__name__}: {exc}"[:500],
                                      "trace": traceback.format_exc()[-3000:]}
         result["parts"][name]["seconds"] = time.perf_counter() - t0
-    result["wall_s"] = time.perf_counter() - s.started
-    s.out.mkdir(parents=True, exist_ok=True)
-    path = s.out / "gpu-check.json"
-    path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+        result["wall_s"] = time.perf_counter() - s.started
+        path = _write(result, s.out)  # after each part: a run cut short keeps what it measured
+    path = _write(result, s.out)
     print(summary(result))
     print(f"wrote {path}")
     golden = result["parts"].get("golden", {})
     failed = [k for k, r in golden.items() if isinstance(r, dict) and r.get("passed") is False]
     return 1 if failed or "error" in golden else 0
+
+
+def _write(result: dict, out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "gpu-check.json"
+    path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    return path
 
 
 def summary(result: dict) -> str:
@@ -301,7 +328,8 @@ def summary(result: dict) -> str:
             lines.append(f"engine ({name} attention): {eng.get('error') or 'skipped (' + eng['skipped'] + ')'}")
             continue
         s = eng["settings"]
-        lines.append(f"engine: {s['attention']} attention, CUDA graphs {s['cuda_graphs']}; weights floor "
+        lines.append(f"engine: {s['attention']} attention, layers {'compiled' if s.get('compile') else 'eager'}, "
+                     f"CUDA graphs {s['cuda_graphs']}; weights floor "
                      f"{eng['weights_floor_ms']:.2f} ms")
         for b, r in eng["ar_step"].items():
             lines.append(f"AR step at batch {b}: engine {_ms(r['engine_step_ms'])}, HF generate "
@@ -311,11 +339,14 @@ def summary(result: dict) -> str:
             lines.append(f"trace at concurrency {c}: latency p50 AR {_s(r['ar_latency_p50_s'])}, APAR "
                          f"{_s(r['apar_latency_p50_s'])}: AR/APAR {_x(r['latency_ar_over_apar'])}"
                          + (" (goal >= 1.8x)" if c == 1 else ""))
-        p = eng.get("profile_ar_batch1")
-        if p:
-            lines.append(f"profile of the AR step at batch 1: {p['wall_ms']:.2f} ms wall, device busy "
-                         f"{p['device_busy_ms']:.2f} ms; kernels: " + ", ".join(
-                             f"{k['name'][:40]} {k['ms']:.2f} ms" for k in p["top_kernels"][:5]))
+        for b in eng["ar_step"]:
+            p = eng.get(f"profile_ar_batch{b}")
+            if p:
+                lines.append(f"profile of the AR step at batch {b}: {p['wall_ms']:.2f} ms wall, device busy "
+                             f"{p['device_busy_ms']:.2f} ms in {p.get('kernels_per_step', 0):.0f} kernels; top: "
+                             + ", ".join(f"{k['name'][:40]} {k['ms']:.2f} ms" for k in p["top_kernels"][:5])
+                             + "; host: " + ", ".join(f"{k['name'][:30]} {k['ms']:.2f} ms"
+                                                      for k in p["top_host_ops"][:4]))
     for name, r in parts.items():
         if isinstance(r, dict) and ("error" in r or "skipped" in r) and name != "golden":
             lines.append(f"{name}: {r.get('error') or 'skipped (' + r['skipped'] + ')'}")

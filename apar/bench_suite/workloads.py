@@ -39,6 +39,7 @@ class SuiteSettings:
     device: str | None = None
     dtype: str = "auto"
     attention: str = "auto"
+    compile: bool | None = None  # torch.compile the decoder layers (`EngineConfig.compile`; None: on CUDA)
     control: ControlTokens = field(default_factory=ControlTokens)
     progress: bool = True
     data: Path | None = None  # the AlpacaEval folder; None: `apar.split.data_dir()`
@@ -53,7 +54,8 @@ class SuiteSettings:
                                               max_batch_tokens=self.max_batch_tokens,
                                               admit_watermark=self.admit_watermark,
                                               fork_watermark=self.fork_watermark, device=self.device,
-                                              dtype=self.dtype, attention=self.attention, control=self.control,
+                                              dtype=self.dtype, attention=self.attention, compile=self.compile,
+                                              control=self.control,
                                               prefix_cache=self.prefix_cache))
 
     def describe(self) -> dict:
@@ -65,9 +67,13 @@ class SuiteSettings:
 
 
 def warm_up(engine, jobs: list[Job]):
-    """One short request through a new engine, so the first level pays no start-up cost; the engine back."""
-    params = SamplingParams(max_tokens=8, auto_parallel=False, ignore_eos=True)
-    run_level(engine, [Job(jobs[0].prompt, params)], 1)
+    """Two short requests of different lengths through a new engine, so the first level pays no start-up
+    cost (steps of several tokens, of two threads and of one: what compiled layers compile for, see
+    `ModelRunner._compile`); the engine back."""
+    prompt = jobs[0].prompt
+    run_level(engine, [Job(prompt, SamplingParams(max_tokens=8, auto_parallel=False, ignore_eos=True)),
+                       Job(prompt[: max(1, len(prompt) // 2)],
+                           SamplingParams(max_tokens=4, auto_parallel=False, ignore_eos=True))], 2)
     return engine
 
 
