@@ -13,7 +13,7 @@ this object.
 Eager where capture is impossible: steps with a chunk (prefill, recompute), more threads than the
 largest bucket, or a capture that failed (then graphs are off, with a warning). A graph reads the context
 table and the backend's buffers by address, so a reallocated table (`ContextTable.version`) drops every
-graph; they are captured again on use.
+graph; they are captured again on use. The engine's warm-up captures every bucket up front (`capture_all`).
 """
 from __future__ import annotations
 
@@ -69,6 +69,34 @@ class DecodeGraphs:
         logits = self.graphs[size][0]()  # [B, V]
         self.replays += 1
         return logits.index_select(0, step.sample_rows).float()  # [S, V]
+
+    def capture_all(self, limit: int) -> int:
+        """Capture now the graph of every bucket up to `limit` threads (the engine's warm-up), so that no
+        request waits for a capture: each from a step of padding rows only (reading context row 0,
+        writing to the pool's trash slot). Returns how many graphs there are."""
+        runner = self.runner
+        if runner.contexts.version != self.version:
+            self.graphs.clear()
+            self.version = runner.contexts.version
+        for size in self.buckets:
+            if size > limit or self.off is not None:
+                break
+            if size in self.graphs:
+                continue
+            self.ids[:size].zero_()
+            self.positions[:size].zero_()
+            self.writes[:size].fill_(runner.pool.trash)
+            self.table_rows[:size].zero_()
+            self.lens[:size].fill_(1)
+            decode = DecodeQueries(self.rows[:size], self.table_rows[:size], self.lens[:size], list(range(size)),
+                                   [0] * size, [1] * size, [-1 - i for i in range(size)],
+                                   [()] * size if runner.backend.uses_runs else [])
+            step = StepData(self.ids[:size], self.positions[:size], self.writes[:size], self.rows[:size], decode, [],
+                            runner.contexts)
+            meta = runner.backend.prepare(step, fixed=True)
+            if meta is not None:
+                self._capture(size, step, meta)
+        return len(self.graphs)
 
     def _fill(self, step: StepData, size: int) -> StepData:
         """The static buffers hold the step's T rows, then padding up to `size`."""

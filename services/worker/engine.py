@@ -83,16 +83,17 @@ class Engine:
         self.prefix_queried_tokens = 0
         self.prefix_hit_tokens = 0
         self._ids = itertools.count()
-        if self.runner.compiled:
+        if self.runner.compiled or self.runner.graphs is not None:
             self._warm_up()
         if kv_factory:  # after the warm-up, whose blocks the ledger has all back
             self.kv = kv_factory(self.ledger)
 
     def _warm_up(self) -> None:
-        """Compile before the first request (and on CUDA capture the first graphs): two short requests
-        of different lengths give a prefill step, decode steps of two threads and of one (the shapes the
-        compiled layers specialise on, see `ModelRunner._compile`). The prefix cache is off for them, so
-        the ledger is empty again afterwards; the counters start from zero."""
+        """Compile and capture before the first request: two short requests of different lengths give a
+        prefill step, decode steps of two threads and of one (the shapes the compiled layers specialise
+        on, see `ModelRunner._compile`); then the CUDA graph of every batch-size bucket a step can fill is
+        captured. The prefix cache is off for the requests, so the ledger is empty again afterwards; the
+        counters start from zero."""
         banned = self.eos_ids | {self.fork_id, self.child_id}
         prompt = [t for t in range(self.runner.vocab_size) if t not in banned][:8]
         cache, self.config.prefix_cache = self.config.prefix_cache, False
@@ -106,6 +107,8 @@ class Engine:
         if self.ledger.num_used:
             raise RuntimeError(f"the warm-up left {self.ledger.num_used} KV blocks in use")
         self.steps = self.peak_blocks = 0
+        if self.runner.graphs is not None:
+            self.runner.graphs.capture_all(self.config.max_batch_tokens)
 
     # ---- requests in and out -----------------------------------------------------------------------
     def add_request(self, prompt: list[int], params: SamplingParams, request_id: str | None = None,
