@@ -111,8 +111,8 @@ def run_gpu(g: GpuSettings) -> Report:
 
 def profile_ar_step(engine, prompts: list[list[int]], steps: int = 24, top: int = 12) -> dict:
     """Where an AR decode step at batch len(prompts) goes: its wall time (no profiler), then under
-    torch.profiler the
-    device's busy time per step (every kernel's own time) and the kernels and host ops that take most.
+    torch.profiler the device's busy time per step (every kernel's own time) and the kernels and host ops
+    that take most.
     Wall well above busy: the step waits on the host (Python, launches, syncs); busy near wall: kernels."""
     from torch.profiler import ProfilerActivity, profile
 

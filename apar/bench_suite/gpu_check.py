@@ -268,21 +268,19 @@ def run_gpu_check(s: CheckSettings) -> int:
     for name in PARTS:
         if name in s.skip:
             result["parts"][name] = {"skipped": "--skip"}
-            continue
-        if not s.tiny and s.left() < NEEDS[name]:
+        elif not s.tiny and s.left() < NEEDS[name]:
             result["parts"][name] = {"skipped": f"budget ({s.left():.0f} s left)"}
-            continue
-        print(f"== {name} ({s.left():.0f} s of the budget left)", flush=True)
-        t0 = time.perf_counter()
-        try:
-            result["parts"][name] = parts[name]()
-        except Exception as exc:  # noqa: BLE001 - one part failing must not lose the others' results
-            result["parts"][name] = {"error": f"{type(exc).__name__}: {exc}"[:500],
-                                     "trace": traceback.format_exc()[-3000:]}
-        result["parts"][name]["seconds"] = time.perf_counter() - t0
+        else:
+            print(f"== {name} ({s.left():.0f} s of the budget left)", flush=True)
+            t0 = time.perf_counter()
+            try:
+                result["parts"][name] = parts[name]()
+            except Exception as exc:  # noqa: BLE001 - one part failing must not lose the others' results
+                result["parts"][name] = {"error": f"{type(exc).__name__}: {exc}"[:500],
+                                         "trace": traceback.format_exc()[-3000:]}
+            result["parts"][name]["seconds"] = time.perf_counter() - t0
         result["wall_s"] = time.perf_counter() - s.started
         path = _write(result, s.out)  # after each part: a run cut short keeps what it measured
-    path = _write(result, s.out)
     print(summary(result))
     print(f"wrote {path}")
     golden = result["parts"].get("golden", {})

@@ -61,9 +61,7 @@ class DecodeGraphs:
         meta = self.runner.backend.prepare(padded, fixed=True)
         if meta is None:  # more work than the graph's buffers hold
             return None
-        if self.runner.contexts.version != self.version:
-            self.graphs.clear()
-            self.version = self.runner.contexts.version
+        self._drop_stale()
         if size not in self.graphs and not self._capture(size, padded, meta):
             return None
         logits = self.graphs[size][0]()  # [B, V]
@@ -74,52 +72,48 @@ class DecodeGraphs:
         """Capture now the graph of every bucket up to `limit` threads (the engine's warm-up), so that no
         request waits for a capture: each from a step of padding rows only (reading context row 0,
         writing to the pool's trash slot). Returns how many graphs there are."""
-        runner = self.runner
-        if runner.contexts.version != self.version:
-            self.graphs.clear()
-            self.version = runner.contexts.version
+        self._drop_stale()
         for size in self.buckets:
             if size > limit or self.off is not None:
                 break
-            if size in self.graphs:
-                continue
-            self.ids[:size].zero_()
-            self.positions[:size].zero_()
-            self.writes[:size].fill_(runner.pool.trash)
-            self.table_rows[:size].zero_()
-            self.lens[:size].fill_(1)
-            decode = DecodeQueries(self.rows[:size], self.table_rows[:size], self.lens[:size], list(range(size)),
-                                   [0] * size, [1] * size, [-1 - i for i in range(size)],
-                                   [()] * size if runner.backend.uses_runs else [])
-            step = StepData(self.ids[:size], self.positions[:size], self.writes[:size], self.rows[:size], decode, [],
-                            runner.contexts)
-            meta = runner.backend.prepare(step, fixed=True)
-            if meta is not None:
-                self._capture(size, step, meta)
+            if size not in self.graphs:
+                padded = self._fill(None, size)
+                meta = self.runner.backend.prepare(padded, fixed=True)
+                if meta is not None:
+                    self._capture(size, padded, meta)
         return len(self.graphs)
 
-    def _fill(self, step: StepData, size: int) -> StepData:
-        """The static buffers hold the step's T rows, then padding up to `size`."""
-        d = step.decode
-        n = d.count
-        if d.host_rows[-1] != n - 1:
-            raise RuntimeError("a decode-only step's rows are 0..T-1 in order")
-        self.ids[:n].copy_(step.input_ids)
+    def _drop_stale(self) -> None:
+        """A reallocated context table: every graph read the old one."""
+        if self.runner.contexts.version != self.version:
+            self.graphs.clear()
+            self.version = self.runner.contexts.version
+
+    def _fill(self, step: StepData | None, size: int) -> StepData:
+        """The static buffers hold the step's T rows (none for a step of padding only), then padding up
+        to `size`."""
+        d = step.decode if step is not None else None
+        n = d.count if d is not None else 0
+        if d is not None:
+            if d.host_rows[-1] != n - 1:
+                raise RuntimeError("a decode-only step's rows are 0..T-1 in order")
+            self.ids[:n].copy_(step.input_ids)
+            self.positions[:n].copy_(step.positions)
+            self.writes[:n].copy_(step.write_slots)
+            self.table_rows[:n].copy_(d.table_rows)
+            self.lens[:n].copy_(d.lens)
         self.ids[n:size].zero_()
-        self.positions[:n].copy_(step.positions)
         self.positions[n:size].zero_()
-        self.writes[:n].copy_(step.write_slots)
         self.writes[n:size].fill_(self.runner.pool.trash)
-        self.table_rows[:n].copy_(d.table_rows)
         self.table_rows[n:size].zero_()
-        self.lens[:n].copy_(d.lens)
         self.lens[n:size].fill_(1)
         pad = size - n
+        rows, lens, families, runs = (d.host_table_rows, d.host_lens, d.families, d.runs) if d else ([], [], [], [])
         decode = DecodeQueries(self.rows[:size], self.table_rows[:size], self.lens[:size], list(range(size)),
-                               d.host_table_rows + [0] * pad, d.host_lens + [1] * pad,
-                               d.families + [-1 - i for i in range(pad)], d.runs and d.runs + [()] * pad)
+                               rows + [0] * pad, lens + [1] * pad, families + [-1 - i for i in range(pad)],
+                               runs + [()] * pad if self.runner.backend.uses_runs else [])
         return StepData(self.ids[:size], self.positions[:size], self.writes[:size], self.rows[:size], decode, [],
-                        step.contexts)
+                        self.runner.contexts)
 
     def _capture(self, size: int, padded: StepData, meta) -> bool:
         runner = self.runner

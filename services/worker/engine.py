@@ -345,15 +345,12 @@ class Engine:
                 for i, tok in zip(wanted, top):
                     if tok == self.fork_id:
                         self._refused(samplers[i][0])
-        # every row (an AR batch): slices, no index tensor to upload (on a GPU, each upload waits for it)
         no_fork = [i for i, ok in enumerate(allowed) if not ok or tight]
-        if len(no_fork) == len(samplers):
-            logits[:, self.fork_id] = float("-inf")
-        elif no_fork:
-            logits[no_fork, self.fork_id] = float("-inf")
+        if no_fork:
+            logits[_rows(logits, no_fork), self.fork_id] = float("-inf")
         no_eos = [i for i, (req, _) in enumerate(samplers) if req.params.ignore_eos]
         if no_eos:
-            rows = slice(None) if len(no_eos) == len(samplers) else torch.tensor(no_eos, device=logits.device)[:, None]
+            rows = _rows(logits, no_eos)
             for eos in self._eos_list:
                 logits[rows, eos] = float("-inf")
         chosen: list[int | None] = [None] * len(samplers)
@@ -366,8 +363,7 @@ class Engine:
             else:
                 by_request.setdefault(req.id, []).append(i)
         if greedy:
-            top = logits if len(greedy) == len(samplers) else logits[greedy]
-            for i, tok in zip(greedy, top.argmax(dim=-1).tolist()):
+            for i, tok in zip(greedy, logits[_rows(logits, greedy)].argmax(dim=-1).tolist()):
                 chosen[i] = tok
         for rows in by_request.values():
             req = samplers[rows[0]][0]
@@ -509,3 +505,9 @@ class Engine:
         while self.has_work():
             events.extend(self.step().events)
         return events
+
+
+def _rows(logits: torch.Tensor, picked: list[int]) -> slice | torch.Tensor:
+    """An index of these rows of `logits`: all of them (an AR batch) as a slice, no index tensor to upload
+    (on a GPU an upload from the host waits for the device); else the rows on the logits' device."""
+    return slice(None) if len(picked) == logits.shape[0] else torch.tensor(picked, device=logits.device)
