@@ -30,3 +30,12 @@ def mistral_dir(tmp_path_factory, tokenizer):
 def short_llama_dir(tmp_path_factory, tokenizer):
     """A model with a 64-token context, for limits."""
     return make_model(tmp_path_factory.mktemp("short"), "llama", ModelShape(max_positions=64), tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="session")
+def long_llama_dir(tmp_path_factory, tokenizer):
+    """A model with a 32,768-token context, for requests that must still be running when a test acts on
+    them: on a loaded machine a tiny model's 1,024 tokens can all be decoded in the gap between two of
+    a test's calls."""
+    return make_model(tmp_path_factory.mktemp("long"), "llama", ModelShape(max_positions=1 << 15),
+                      tokenizer=tokenizer)

@@ -13,26 +13,29 @@ from tests.procs import Proc, free_port
 
 pb = stubs()
 A = pb.apar_pb2
+BLOCKS = 2048  # a worker's KV pool: room for one long request of 16,000 tokens and the short ones
+LONG = A.GenerateRequest(prompt="Tell a long story.", stream=A.STREAM_MODE_THREADS,
+                         sampling=pb.common_pb2.SamplingParameters(max_tokens=16000, ignore_eos=True))
 
 
 @pytest.fixture(scope="module")
-def cluster(llama_dir):
+def cluster(long_llama_dir):
     ports = [free_port(), free_port()]
-    workers = [Proc("worker", "--model", str(llama_dir), "--port", str(p), "--kv-blocks", "64",
+    workers = [Proc("worker", "--model", str(long_llama_dir), "--port", str(p), "--kv-blocks", str(BLOCKS),
                     "--worker-id", f"w{i}") for i, p in enumerate(ports)]
     for w in workers:
         w.wait_for("listening on")
     rport = free_port()
-    router = Proc("router", "--model", str(llama_dir), "--workers", ",".join(f"127.0.0.1:{p}" for p in ports),
+    router = Proc("router", "--model", str(long_llama_dir), "--workers", ",".join(f"127.0.0.1:{p}" for p in ports),
                   "--port", str(rport))
     router.wait_for("listening on")
-    yield f"127.0.0.1:{rport}", workers, [f"127.0.0.1:{p}" for p in ports]
+    yield f"127.0.0.1:{rport}", workers, [f"127.0.0.1:{p}" for p in ports], router
     for p in (router, *workers):
         p.stop()
 
 
 def test_split_services_answer_like_serve(cluster):
-    address, _, _ = cluster
+    address, _, _, _ = cluster
     with grpc.insecure_channel(address) as ch:
         stub = pb.apar_pb2_grpc.AparStub(ch)
         req = A.GenerateRequest(prompt="Name three rivers.", sampling=pb.common_pb2.SamplingParameters(
@@ -41,21 +44,22 @@ def test_split_services_answer_like_serve(cluster):
                   for _ in range(3)]
         assert len({f.text for f in finals}) == 1 and finals[0].usage.completion_tokens == 20
         info = stub.ModelInfo(A.ModelInfoRequest())
-        assert info.workers == 2 and info.total_kv_blocks == 128
+        assert info.workers == 2 and info.total_kv_blocks == 2 * BLOCKS
 
 
 def test_killed_worker_gives_unavailable_and_traffic_moves(cluster):
-    address, workers, worker_addresses = cluster
+    address, workers, worker_addresses, router = cluster
     with grpc.insecure_channel(address) as ch:
         stub = pb.apar_pb2_grpc.AparStub(ch)
-        long = A.GenerateRequest(prompt="Tell a long story.", stream=A.STREAM_MODE_THREADS,
-                                 sampling=pb.common_pb2.SamplingParameters(max_tokens=5000, ignore_eos=True))
         streams = []
         for _ in range(2):  # one on each worker: a request goes where the most blocks are free
-            streams.append(Stream(stub, long))
+            streams.append(Stream(stub, LONG))
             streams[-1].wait_running()
             stub.ModelInfo(A.ModelInfoRequest())  # the router reads every worker's load again
-        assert [worker_info(a).running for a in worker_addresses] == [1, 1], "the requests were not spread"
+        infos = [worker_info(a) for a in worker_addresses]
+        assert [i.running for i in infos] == [1, 1], (
+            "the requests were not spread: (running, waiting, free blocks) per worker "
+            f"{[(i.running, i.waiting, i.free_blocks) for i in infos]}; router log:\n{''.join(router.lines[-20:])}")
         killed_at = time.monotonic()
         workers[0].kill()
         # the request on the killed worker ends with UNAVAILABLE, promptly; the other runs on

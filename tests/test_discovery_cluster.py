@@ -25,17 +25,17 @@ HOSTS = ("127.0.0.1", "127.0.0.2")
 
 
 @pytest.fixture(scope="module")
-def cluster(llama_dir):
+def cluster(long_llama_dir):
     port = free_port()
-    workers = [Proc("worker", "--model", str(llama_dir), "--host", host, "--port", str(port), "--kv-blocks", "256",
-                    "--worker-id", f"w{i}") for i, host in enumerate(HOSTS)]
+    workers = [Proc("worker", "--model", str(long_llama_dir), "--host", host, "--port", str(port),
+                    "--kv-blocks", "4096", "--worker-id", f"w{i}") for i, host in enumerate(HOSTS)]
     kube = FakeKubeAPI().start()
     router = None
     try:
         for w in workers:
             w.wait_for("listening on")
         rport = free_port()
-        router = Proc("router", "--model", str(llama_dir), "--discovery", "kubernetes", "--kube-api", kube.url,
+        router = Proc("router", "--model", str(long_llama_dir), "--discovery", "kubernetes", "--kube-api", kube.url,
                       "--worker-service", SVC, "--worker-namespace", "default", "--port", str(rport))
         router.wait_for("listening on")
         maps = Path(f"/proc/{router.p.pid}/maps").read_text()  # the kubernetes package brings no torch
@@ -54,8 +54,9 @@ def short(stub) -> int:
     return final.usage.completion_tokens
 
 
+# long enough to be still running when the test acts on it: 16,000 tokens (the router allows 16,384; a pool holds two)
 LONG = A.GenerateRequest(prompt="Tell a long story.", stream=A.STREAM_MODE_THREADS,
-                         sampling=pb.common_pb2.SamplingParameters(max_tokens=5000, ignore_eos=True))
+                         sampling=pb.common_pb2.SamplingParameters(max_tokens=16000, ignore_eos=True))
 
 
 def load(address: str) -> int:
