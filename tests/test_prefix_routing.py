@@ -14,7 +14,8 @@ from apar.protogen import stubs
 from services.protocol.prefix import block_hashes
 from services.router.prompt import encode_prompt
 from services.router.tokenizer import load_tokenizer
-from services.router.workers import LOAD_SLACK, KVManagerDirectory, WorkerHandle, prefix_choice
+from services.router.workers import (LOAD_SLACK, KVManagerDirectory, WorkerDirectory, WorkerHandle, most_free,
+                                     prefix_choice)
 from tests.faults import Stream, wait_until, worker_info
 from tests.procs import Proc, free_port
 
@@ -53,6 +54,30 @@ def test_a_loaded_or_full_worker_is_passed_over():
 def test_none_eligible_falls_back_to_the_most_free_blocks():
     a, b = handle("a", free=5, waiting=3), handle("b", free=8, waiting=9)
     assert prefix_choice([a, b], {"a": 64}, 1000) is b
+
+
+def test_a_burst_between_two_polls_spreads_over_the_workers():
+    """Requests sent since a worker's Info was asked for count against its free blocks: without that,
+    every request of a burst goes wherever the last poll saw the most room."""
+    a, b = handle("a", free=64), handle("b", free=64)
+    picks = [WorkerDirectory._take(most_free([a, b]), 20).address for _ in range(6)]  # 20 tokens: 2 blocks
+    assert picks == ["a", "b"] * 3
+    assert (a.free_blocks, b.free_blocks, a.inflight) == (58, 58, 3)
+    # an Info asked after a's first two requests shows them; the third still counts
+    a.saw(SimpleNamespace(free_blocks=50, running=2, waiting=0, block_size=BS), asked=2)
+    assert a.free_blocks == 48 and a.unseen == [(3, 2)]
+    # a reply asked for earlier that comes back later is dropped
+    a.saw(SimpleNamespace(free_blocks=64, running=0, waiting=0, block_size=BS), asked=1)
+    assert a.info.free_blocks == 50 and a.free_blocks == 48
+    assert most_free([a, b]) is b
+    # the cached-prefix rule sees the same count: a 500-token prompt (32 blocks) fits in b until two
+    # more requests went there
+    assert b.free_blocks == 58 and prefix_choice([a, b], {"b": 160}, 500) is b
+    for _ in range(2):
+        WorkerDirectory._take(b, 200)  # 13 blocks each
+    assert b.free_blocks == 32 and prefix_choice([a, b], {"b": 160}, 500) is b
+    WorkerDirectory._take(b, 1)
+    assert b.free_blocks == 31 and prefix_choice([a, b], {"b": 160}, 500) is a
 
 
 def test_a_failing_shard_counts_as_holding_nothing():

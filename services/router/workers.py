@@ -1,6 +1,7 @@
 """The router's view of the workers: their info, which are alive, and which one takes the next request.
 
-Without a KV manager a request goes to the live worker with the most free blocks. With one
+Without a KV manager a request goes to the live worker with the most free blocks (less what this router
+sent it since its last Info). With one
 (`KVManagerDirectory`) it goes to the worker that holds the longest cached prefix of its prompt, unless
 that worker is loaded well beyond the others (`prefix_choice`).
 """
@@ -10,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -36,6 +37,9 @@ class WorkerHandle:
     alive: bool = False
     checked: float = 0.0
     inflight: int = 0  # this router's requests to it, from `choose` until `release`
+    sent: int = 0  # requests this router has sent it, ever
+    asked: int = -1  # `sent` when the Info in `info` was asked for
+    unseen: list[tuple[int, int]] = field(default_factory=list)  # (number, blocks) of requests sent since
 
     @property
     def load(self) -> int:
@@ -43,10 +47,34 @@ class WorkerHandle:
         since, if more (its Info is up to `refresh_s` old)."""
         return max(self.inflight, self.info.running + self.info.waiting)
 
+    @property
+    def free_blocks(self) -> int:
+        """Its free blocks as its last Info said, less the prompt blocks of the requests this router sent
+        it after that Info was asked for: a burst of requests between two polls spreads instead of
+        going wherever the last poll saw the most room."""
+        return self.info.free_blocks - sum(blocks for _, blocks in self.unseen)
+
+    def blocks_for(self, tokens: int) -> int:
+        """KV blocks that `tokens` tokens fill on this worker (a worker saying block size 0 counts as 1)."""
+        return -(-tokens // max(self.info.block_size, 1))
+
+    def sent_one(self, blocks: int) -> None:
+        self.sent += 1
+        self.unseen.append((self.sent, blocks))
+
+    def saw(self, info, asked: int) -> None:
+        """An Info asked for when `sent` was `asked`; one older than the Info held is dropped (replies
+        may come back out of order)."""
+        if asked < self.asked:
+            return
+        self.info, self.asked = info, asked
+        self.unseen = [(n, blocks) for n, blocks in self.unseen if n > asked]
+
 
 def most_free(live: list[WorkerHandle]) -> WorkerHandle:
-    """The worker with the most free KV blocks (fewest queued, then fewest running, on a tie)."""
-    return max(live, key=lambda w: (w.info.free_blocks, -w.info.waiting, -w.info.running))
+    """The worker with the most free KV blocks, counting the requests sent since its Info (fewest queued
+    or unseen, then fewest running, on a tie)."""
+    return max(live, key=lambda w: (w.free_blocks, -w.info.waiting - len(w.unseen), -w.info.running))
 
 
 def prefix_choice(live: list[WorkerHandle], cached: dict[str, int], prompt_tokens: int,
@@ -59,11 +87,11 @@ def prefix_choice(live: list[WorkerHandle], cached: dict[str, int], prompt_token
     prefix wins, then the most free blocks, then the lightest load. None eligible: the most free blocks.
     """
     least = min(w.load for w in live)
-    eligible = [w for w in live if w.info.free_blocks >= -(-prompt_tokens // w.info.block_size)
+    eligible = [w for w in live if w.free_blocks >= w.blocks_for(prompt_tokens)
                 and w.load <= least + slack]
     if not eligible:
         return most_free(live)
-    return max(eligible, key=lambda w: (cached.get(w.address, 0), w.info.free_blocks, -w.load))
+    return max(eligible, key=lambda w: (cached.get(w.address, 0), w.free_blocks, -w.load))
 
 
 class WorkerDirectory:
@@ -102,8 +130,9 @@ class WorkerDirectory:
             await asyncio.gather(*(self._check(w) for w in stale))
 
     async def _check(self, w: WorkerHandle) -> None:
+        asked = w.sent
         try:
-            w.info = await w.stub.Info(pb.worker_pb2.WorkerInfoRequest(), timeout=1.0)
+            w.saw(await w.stub.Info(pb.worker_pb2.WorkerInfoRequest(), timeout=1.0), asked)
             w.alive = True
         except grpc.aio.AioRpcError as exc:
             if w.alive:
@@ -119,7 +148,7 @@ class WorkerDirectory:
         """The live worker with the most free KV blocks (fewest queued on a tie), or None. The caller
         gives the worker back with `release` when the request ends."""
         live = await self._live()
-        return self._take(most_free(live)) if live else None
+        return self._take(most_free(live), len(prompt_ids)) if live else None
 
     async def _live(self) -> list[WorkerHandle]:
         self._ensure_poller()
@@ -130,8 +159,9 @@ class WorkerDirectory:
         return live
 
     @staticmethod
-    def _take(w: WorkerHandle) -> WorkerHandle:
+    def _take(w: WorkerHandle, prompt_tokens: int) -> WorkerHandle:
         w.inflight += 1
+        w.sent_one(w.blocks_for(max(prompt_tokens, 1)))
         return w
 
     @staticmethod
@@ -174,7 +204,8 @@ class KVManagerDirectory(WorkerDirectory):
         live = await self._live()
         if not live:
             return None
-        return self._take(prefix_choice(live, await self.cached_tokens(prompt_ids, live), len(prompt_ids)))
+        return self._take(prefix_choice(live, await self.cached_tokens(prompt_ids, live), len(prompt_ids)),
+                          len(prompt_ids))
 
     async def cached_tokens(self, prompt_ids: Sequence[int], live: list[WorkerHandle]) -> dict[str, int]:
         """Worker address -> tokens of the prompt's prefix it holds in full blocks, as the shards say. Only
