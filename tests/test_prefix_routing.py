@@ -119,7 +119,8 @@ def cluster(tmp_path_factory, tokenizer):
     procs = [Proc("kvmanager", "--port", str(kv_port), "--no-redis")]
     procs[0].wait_for("listening on")
     for i, port in enumerate(w_ports):
-        procs.append(Proc("worker", "--model", str(model), "--port", str(port), "--kv-blocks", "512",
+        # 2,048 blocks hold the five long requests whole (no preemption changes the loads the test plans)
+        procs.append(Proc("worker", "--model", str(model), "--port", str(port), "--kv-blocks", "2048",
                           "--kvmanager", f"127.0.0.1:{kv_port}", "--worker-id", f"w{i}"))
     procs.append(Proc("router", "--model", str(model), "--kvmanager", f"127.0.0.1:{kv_port}", "--port",
                       str(r_port)))
