@@ -52,6 +52,7 @@ def test_dry_run_without_the_packages_the_gpu_machine_lacks(tmp_path):
         assert (tmp_path / name / "gpu.json").is_file()
         profile = run["profile_ar_batch1"]  # the AR step at batch 1 under torch.profiler (host ops only here)
         assert profile["wall_ms"] > 0 and profile["top_host_ops"] and profile["device_busy_ms"] == 0
+        assert profile["kernels_per_step"] == 0 and profile["most_launched"] == []
     assert "golden flex/llama: passed" in proc.stdout and proc.stdout.count("trace at concurrency 1") == 2
 
 

@@ -111,8 +111,8 @@ def run_gpu(g: GpuSettings) -> Report:
 
 def profile_ar_step(engine, prompts: list[list[int]], steps: int = 24, top: int = 12) -> dict:
     """Where an AR decode step at batch len(prompts) goes: its wall time (no profiler), then under
-    torch.profiler the device's busy time per step (every kernel's own time) and the kernels and host ops
-    that take most.
+    torch.profiler the device's busy time per step (every kernel's own time), the kernels and host ops
+    that take most, and the kernels launched most often.
     Wall well above busy: the step waits on the host (Python, launches, syncs); busy near wall: kernels."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -150,6 +150,9 @@ def profile_ar_step(engine, prompts: list[list[int]], steps: int = 24, top: int 
     return {"steps": steps, "batch": len(prompts), "wall_ms": wall, "device_busy_ms": sum(k[0] for k in kernels),
             "kernels_per_step": sum(k[2] for k in kernels),
             "top_kernels": [{"name": n[:120], "ms": ms, "per_step": c} for ms, n, c in kernels[:top]],
+            # the many small kernels, which a launch-bound step spends its gaps on
+            "most_launched": [{"name": n[:120], "ms": ms, "per_step": c}
+                              for ms, n, c in sorted(kernels, key=lambda k: -k[2])[:top]],
             "top_host_ops": [{"name": n[:120], "ms": ms, "per_step": c} for ms, n, c in host[:top]]}
 
 

@@ -344,7 +344,9 @@ def summary(result: dict) -> str:
                              f"{p['device_busy_ms']:.2f} ms in {p.get('kernels_per_step', 0):.0f} kernels; top: "
                              + ", ".join(f"{k['name'][:40]} {k['ms']:.2f} ms" for k in p["top_kernels"][:5])
                              + "; host: " + ", ".join(f"{k['name'][:30]} {k['ms']:.2f} ms"
-                                                      for k in p["top_host_ops"][:4]))
+                                                      for k in p["top_host_ops"][:4])
+                             + "; most launched: " + ", ".join(f"{k['name'][:30]} x{k['per_step']:.0f}"
+                                                               for k in p.get("most_launched", [])[:6]))
     for name, r in parts.items():
         if isinstance(r, dict) and ("error" in r or "skipped" in r) and name != "golden":
             lines.append(f"{name}: {r.get('error') or 'skipped (' + r['skipped'] + ')'}")
