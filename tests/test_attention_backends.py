@@ -370,10 +370,11 @@ def test_triton_kernels_compile_for_a_hopper_gpu(dtype):
 
 
 def test_compiled_layers_match_the_plain_model(llama_dir, monkeypatch):
-    """`compile=True` on the CPU (on CUDA it is the default): every decoder layer under torch.compile, the
-    paged attention between its two graphs run eagerly. The engine's warm-up compiles before any request
-    and leaves the ledger empty and the counters at zero; then the golden trees (forks, nested forks,
-    chunked prefill, an AR request beside) give the plain model's logits."""
+    """`compile=True` on the CPU (on CUDA it is the default): every decoder layer under torch.compile as one
+    graph, its K/V write traced and the backend's attention the opaque op `apar::attend`. The engine's
+    warm-up compiles before any request and leaves the ledger empty and the counters at zero; then the
+    golden trees (forks, nested forks, chunked prefill, an AR request beside) give the plain model's
+    logits."""
     from torch._dynamo.utils import counters
 
     before = counters["stats"]["unique_graphs"]
@@ -386,3 +387,16 @@ def test_compiled_layers_match_the_plain_model(llama_dir, monkeypatch):
     assert not Engine(llama_dir, EngineConfig(block_size=4, num_blocks=64)).runner.compiled  # CPU default: off
     monkeypatch.setattr(golden, "EngineConfig", functools.partial(EngineConfig, compile=True))
     golden.test_replayed_trees_match_plain_model("llama", "cpu", _Request(llama_dir))
+
+
+@pytest.mark.parametrize(("backend", "arch"), [("cascade", "mistral_window"), ("flex", "qwen2_window")],
+                         indirect=["backend"])
+def test_compiled_layers_match_the_plain_model_with_windows(backend, arch, request, monkeypatch):
+    """Compiled layers with a sliding window (every layer; full then sliding) through two backends: the
+    window reaches `apar::attend` as a number, and the compiled layers never break their graph."""
+    from torch._dynamo.utils import counters
+
+    breaks = sum(counters["graph_break"].values())
+    monkeypatch.setattr(golden, "EngineConfig", functools.partial(golden.EngineConfig, compile=True))
+    golden.test_replayed_trees_match_plain_model(arch, "cpu", request)
+    assert sum(counters["graph_break"].values()) == breaks

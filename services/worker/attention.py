@@ -5,10 +5,12 @@ The engine keeps the Hugging Face model code and owns the cache: the model is lo
 `StepBatch` passed through `model(..., apar_step=...)`. Per layer the function first writes the new K/V
 of every token into its slot (so a child's `[Child]` sees its parent's `[Fork]` written in the same step),
 then hands the queries to the step's backend (`services/worker/backends/`), which lets each token attend
-to exactly its thread's context using the metadata it prepared once for the step.
+to exactly its thread's context using the metadata it prepared once for the step. Compiled layers use
+`paged_attention_compiled`, the same two parts traced without a graph break.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,22 +63,81 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                     **kwargs) -> tuple[torch.Tensor, None]:
     """The attention HF layers call. query: [1, H, N, D]; key, value: [1, Hkv, N, D] -> [1, N, H, D]."""
-    step: StepBatch | None = kwargs.get("apar_step")
-    if step is None:
-        raise RuntimeError("apar_paged attention needs the engine's step (model(..., apar_step=...))")
+    step = _step(kwargs)
     layer = module.layer_idx
     k_pool, v_pool = step.pool.k[layer], step.pool.v[layer]
     k_pool.index_copy_(1, step.write_slots, key[0].to(k_pool.dtype))  # [Hkv, N, D] into [Hkv, S, D]
     v_pool.index_copy_(1, step.write_slots, value[0].to(v_pool.dtype))
+    return _attend(step, query, k_pool, v_pool, scaling, kwargs.get("sliding_window")), None
+
+
+def _step(kwargs: dict) -> StepBatch:
+    step: StepBatch | None = kwargs.get("apar_step")
+    if step is None:
+        raise RuntimeError("apar_paged attention needs the engine's step (model(..., apar_step=...))")
+    return step
+
+
+def _attend(step: StepBatch, query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, scaling: float | None,
+            window: int | None) -> torch.Tensor:
+    """The step's backend over a layer's pools (the step's K/V written): [1, H, N, D] -> [1, N, H, D]."""
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    window = kwargs.get("sliding_window")
-    out = step.backend.attend(step.meta, query[0].transpose(0, 1), k_pool, v_pool, scaling, window)  # [N, H, D]
-    return out.unsqueeze(0), None
+    return step.backend.attend(step.meta, query[0].transpose(0, 1), k_pool, v_pool, scaling, window).unsqueeze(0)
+
+
+class _CurrentStep(threading.local):
+    """The step a model runs in this thread (`ModelRunner.call_model` sets it around the call): the custom
+    op `apar::attend` takes only tensors and numbers, and finds the backend and its metadata here."""
+
+    step: StepBatch | None = None
+
+
+CurrentStep = _CurrentStep()
+
+
+@torch.library.custom_op("apar::attend", mutates_args=())
+def attend_op(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, scaling: float,
+              window: int) -> torch.Tensor:
+    """The current step's attention over the pools: query [1, H, N, D] -> [1, N, H, D]. Opaque to
+    torch.compile: the layer around it stays one graph."""
+    step = CurrentStep.step
+    if step is None:
+        raise RuntimeError("apar::attend runs only inside ModelRunner.call_model")
+    return _attend(step, query, k_pool, v_pool, scaling, window or None).contiguous()
+
+
+@attend_op.register_fake
+def _(query, k_pool, v_pool, scaling, window):
+    return query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
+
+
+def paged_attention_compiled(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                             **kwargs) -> tuple[torch.Tensor, None]:
+    """`paged_attention` for decoder layers under torch.compile (`EngineConfig.compile`), traced whole: the
+    K/V write goes into the pools held as the attention module's buffers (`attach_pools`) at the slots
+    passed as the tensor `apar_slots`, so inductor writes the rotated keys and the values in the kernel
+    that computes them; the backend's attention is the custom op `apar::attend` (opaque, no graph break),
+    so each decoder layer is one compiled graph."""
+    slots = kwargs.get("apar_slots")
+    if slots is None:
+        raise RuntimeError("compiled apar_paged attention needs the step's write slots (model(..., apar_slots=...))")
+    module.apar_k.index_copy_(1, slots, key[0].to(module.apar_k.dtype))
+    module.apar_v.index_copy_(1, slots, value[0].to(module.apar_v.dtype))
+    if scaling is None:  # (the op takes a number)
+        scaling = query.shape[-1] ** -0.5
+    return attend_op(query, module.apar_k, module.apar_v, scaling, kwargs.get("sliding_window") or 0), None
+
+
+def attach_pools(attention_modules, pool: KVPool) -> None:
+    """Each attention module holds its layer's K and V pools as buffers (not saved with the model), for
+    `paged_attention_compiled`."""
+    for module in attention_modules:
+        module.register_buffer("apar_k", pool.k[module.layer_idx], persistent=False)
+        module.register_buffer("apar_v", pool.v[module.layer_idx], persistent=False)
 
 
 AttentionInterface.register(ATTN_NAME, paged_attention)
-# the same function behind a graph break, for decoder layers under torch.compile (`EngineConfig.compile`): the
-# step's metadata and the backends' kernels stay out of the compiled graphs
 ATTN_NAME_COMPILED = "apar_paged_compiled"
-AttentionInterface.register(ATTN_NAME_COMPILED, torch.compiler.disable(paged_attention))
+AttentionInterface.register(ATTN_NAME_COMPILED, paged_attention_compiled)

@@ -120,9 +120,7 @@ class DecodeGraphs:
         batch = StepBatch(runner.pool, padded.write_slots, runner.backend, meta)
 
         def forward() -> torch.Tensor:
-            out = runner.model(input_ids=padded.input_ids[None], position_ids=padded.positions[None],
-                               use_cache=False, logits_to_keep=0, apar_step=batch)
-            return out.logits[0]  # [B, V]
+            return runner.call_model(padded, batch, 0)  # [B, V]
 
         try:
             replay = self._record(forward)

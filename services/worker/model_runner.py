@@ -15,7 +15,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from apar.errors import UserError
-from services.worker.attention import ATTN_NAME, ATTN_NAME_COMPILED, KVPool, StepBatch
+from services.worker.attention import ATTN_NAME, ATTN_NAME_COMPILED, CurrentStep, KVPool, StepBatch, attach_pools
 from services.worker.backends import make_backend, resolve
 from services.worker.backends.base import AttentionBackend, StepData
 from services.worker.config import EngineConfig
@@ -95,6 +95,8 @@ class ModelRunner:
         num_blocks = config.num_blocks or max(1, int(config.kv_memory_mb * 2**20) // per_block)
         self.pool = KVPool(self.num_layers, num_blocks, config.block_size, self.kv_heads, self.head_dim,
                            self.dtype, self.device)
+        if self.compiled:
+            attach_pools([layer.self_attn for layer in self.model.get_decoder().layers], self.pool)
         self.contexts = ContextTable(self.device, self.max_positions)
         self.windows = {None, getattr(text_cfg, "sliding_window", None)}
         self.backend = self._backend(resolve(config.attention, self.device, self.head_dim))
@@ -133,9 +135,9 @@ class ModelRunner:
         return int(tid)
 
     def _compile(self) -> None:
-        """torch.compile every decoder layer; the paged attention inside runs eagerly (a graph break), so
-        each layer is two compiled graphs, before and after it. The layers share their code, and their
-        parameters are the graphs' inputs: one compile serves all of them, for every batch size (the size
+        """torch.compile every decoder layer as one graph: its K/V write traced, the backend's attention an
+        opaque custom op (`paged_attention_compiled`). The layers share their code, and their parameters
+        and pools are the graphs' inputs: one compile serves all of them, for every batch size (the size
         is symbolic after its second value; one token, the decode step at batch 1, is compiled apart).
         Compiling happens on first use (on CUDA in the warm-up before a graph's capture)."""
         layers = getattr(self.model.get_decoder(), "layers", None)
@@ -179,6 +181,16 @@ class ModelRunner:
     def eager(self, step: StepData) -> torch.Tensor:
         meta = self.backend.prepare(step)
         batch = StepBatch(self.pool, step.write_slots, self.backend, meta)
-        out = self.model(input_ids=step.input_ids[None], position_ids=step.positions[None], use_cache=False,
-                         logits_to_keep=step.sample_rows, apar_step=batch)  # input_ids, position_ids: [1, N]
-        return out.logits[0].float()  # [S, V]
+        return self.call_model(step, batch, step.sample_rows).float()  # [S, V]
+
+    def call_model(self, step: StepData, batch: StepBatch, logits_to_keep) -> torch.Tensor:
+        """The HF model over the step's tokens ([1, N] ids and positions); its logits [S, V] at the rows
+        `logits_to_keep` names. The step's data reaches every layer's attention as `apar_step`, and the
+        slots as a tensor of their own (`apar_slots`), which compiled layers trace their K/V write with."""
+        CurrentStep.step = batch
+        try:
+            out = self.model(input_ids=step.input_ids[None], position_ids=step.positions[None], use_cache=False,
+                             logits_to_keep=logits_to_keep, apar_step=batch, apar_slots=step.write_slots)
+        finally:
+            CurrentStep.step = None
+        return out.logits[0]
