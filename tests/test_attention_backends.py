@@ -193,19 +193,21 @@ def test_context_table_rows_follow_the_ledger(llama_dir):
     assert (table.table[0] == -1).all()
 
 
-def test_decode_graph_path_on_padded_static_buffers(llama_dir, monkeypatch):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_decode_graph_path_on_padded_static_buffers(compiled, llama_dir, monkeypatch):
     """The CUDA-graph path without a GPU: `DecodeGraphs` with its capture replaced by the forward itself
     (a replay reruns the captured forward on the static buffers, which is what this runs): decode steps
     padded to their bucket (padding rows writing to the trash slot, reading row 0) give the plain
     model's logits, with the flex backend's static block tables. Every bucket's graph is captured up front
-    (`capture_all`, as the engine's warm-up does on CUDA) from padding rows only, and replayed from then on."""
+    (`capture_all`, as the engine's warm-up does on CUDA) from padding rows only, and replayed from then on;
+    with eager layers and with compiled ones (the CUDA default)."""
     from services.worker.cuda_graphs import DecodeGraphs
 
     class EagerGraphs(DecodeGraphs):
         def _record(self, forward):
             return forward
 
-    monkeypatch.setattr(golden, "EngineConfig", functools.partial(EngineConfig, attention="flex"))
+    monkeypatch.setattr(golden, "EngineConfig", functools.partial(EngineConfig, attention="flex", compile=compiled))
     made = []
     real_init = Engine.__init__
 

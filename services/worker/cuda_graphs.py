@@ -68,10 +68,13 @@ class DecodeGraphs:
         self.replays += 1
         return logits.index_select(0, step.sample_rows).float()  # [S, V]
 
+    @torch.inference_mode()
     def capture_all(self, limit: int) -> int:
         """Capture now the graph of every bucket up to `limit` threads (the engine's warm-up), so that no
         request waits for a capture: each from a step of padding rows only (reading context row 0,
-        writing to the pool's trash slot). Returns how many graphs there are."""
+        writing to the pool's trash slot). Returns how many graphs there are. In inference mode, as a
+        step is: the backends' buffers that the warm-up's steps made are inference tensors, which only
+        inference mode may update in place."""
         self._drop_stale()
         for size in self.buckets:
             if size > limit or self.off is not None:
