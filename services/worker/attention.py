@@ -1,10 +1,10 @@
 """Paged tree attention: the KV pool, and the attention function HF models call.
 
 The engine keeps the Hugging Face model code and owns the cache: the model is loaded with
-`attn_implementation="apar_paged"`, and every attention layer calls `paged_attention` with the step's
-`StepBatch` passed through `model(..., apar_step=...)`. Per layer the function first writes the new K/V
-of every token into its slot (so a child's `[Child]` sees its parent's `[Fork]` written in the same step),
-then hands the queries to the step's backend (`services/worker/backends/`), which lets each token attend
+`attn_implementation="apar_paged"`, and every attention layer calls `paged_attention`, which finds the
+step's `StepBatch` in `CurrentStep` (`ModelRunner.call_model` sets it around the model call). Per layer
+the function first writes the new K/V of every token into its slot (so a child's `[Child]` sees its
+parent's `[Fork]` written in the same step), then hands the queries to the step's backend (`services/worker/backends/`), which lets each token attend
 to exactly its thread's context using the metadata it prepared once for the step. Compiled layers use
 `paged_attention_compiled`, the same two parts traced without a graph break.
 """
@@ -63,19 +63,12 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                     **kwargs) -> tuple[torch.Tensor, None]:
     """The attention HF layers call. query: [1, H, N, D]; key, value: [1, Hkv, N, D] -> [1, N, H, D]."""
-    step = _step(kwargs)
+    step = _current()
     layer = module.layer_idx
     k_pool, v_pool = step.pool.k[layer], step.pool.v[layer]
     k_pool.index_copy_(1, step.write_slots, key[0].to(k_pool.dtype))  # [Hkv, N, D] into [Hkv, S, D]
     v_pool.index_copy_(1, step.write_slots, value[0].to(v_pool.dtype))
     return _attend(step, query, k_pool, v_pool, scaling, kwargs.get("sliding_window")), None
-
-
-def _step(kwargs: dict) -> StepBatch:
-    step: StepBatch | None = kwargs.get("apar_step")
-    if step is None:
-        raise RuntimeError("apar_paged attention needs the engine's step (model(..., apar_step=...))")
-    return step
 
 
 def _attend(step: StepBatch, query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, scaling: float | None,
@@ -87,8 +80,9 @@ def _attend(step: StepBatch, query: torch.Tensor, k_pool: torch.Tensor, v_pool: 
 
 
 class _CurrentStep(threading.local):
-    """The step a model runs in this thread (`ModelRunner.call_model` sets it around the call): the custom
-    op `apar::attend` takes only tensors and numbers, and finds the backend and its metadata here."""
+    """The step a model runs in this thread (`ModelRunner.call_model` sets it around the call): the
+    attention functions, and the custom op `apar::attend` (which takes only tensors and numbers), find
+    the backend and its metadata here."""
 
     step: StepBatch | None = None
 
@@ -96,15 +90,19 @@ class _CurrentStep(threading.local):
 CurrentStep = _CurrentStep()
 
 
+def _current() -> StepBatch:
+    step = CurrentStep.step
+    if step is None:
+        raise RuntimeError("apar_paged attention runs only inside ModelRunner.call_model")
+    return step
+
+
 @torch.library.custom_op("apar::attend", mutates_args=())
 def attend_op(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, scaling: float,
               window: int) -> torch.Tensor:
     """The current step's attention over the pools: query [1, H, N, D] -> [1, N, H, D]. Opaque to
     torch.compile: the layer around it stays one graph."""
-    step = CurrentStep.step
-    if step is None:
-        raise RuntimeError("apar::attend runs only inside ModelRunner.call_model")
-    return _attend(step, query, k_pool, v_pool, scaling, window or None).contiguous()
+    return _attend(_current(), query, k_pool, v_pool, scaling, window or None).contiguous()
 
 
 @attend_op.register_fake

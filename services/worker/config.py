@@ -39,9 +39,9 @@ class EngineConfig:
     # (triton on cuda, flex there for a head dim that is not a power of two; cascade on cpu)
     attention: str = "auto"
     cuda_graphs: bool = True  # on cuda: replay decode steps as CUDA graphs (flex and triton attention)
-    # torch.compile each decoder layer around the paged attention (a graph break): the small ops between
-    # the matrix products (norms, rotary embedding, activation, residual adds) fuse into a few kernels;
-    # None: on cuda (where a decode step is hundreds of small kernels), off on the cpu
+    # torch.compile each decoder layer as one graph (the attention an opaque custom op): the small ops
+    # between the matrix products (norms, rotary embedding with the K/V write, activation, residual adds)
+    # fuse into a few kernels; None: on cuda (where a decode step is hundreds of small kernels), off on the cpu
     compile: bool | None = None
     # a new request reads the cached blocks of its prompt's longest known prefix and prefills only the
     # rest; a prompt's full blocks stay cached (evictable) after its request ends

@@ -185,12 +185,12 @@ class ModelRunner:
 
     def call_model(self, step: StepData, batch: StepBatch, logits_to_keep) -> torch.Tensor:
         """The HF model over the step's tokens ([1, N] ids and positions); its logits [S, V] at the rows
-        `logits_to_keep` names. The step's data reaches every layer's attention as `apar_step`, and the
-        slots as a tensor of their own (`apar_slots`), which compiled layers trace their K/V write with."""
+        `logits_to_keep` names. Every layer's attention finds the step's data in `CurrentStep`, and its
+        slots also as a tensor argument (`apar_slots`), which compiled layers trace their K/V write with."""
         CurrentStep.step = batch
         try:
             out = self.model(input_ids=step.input_ids[None], position_ids=step.positions[None], use_cache=False,
-                             logits_to_keep=logits_to_keep, apar_step=batch, apar_slots=step.write_slots)
+                             logits_to_keep=logits_to_keep, apar_slots=step.write_slots)
         finally:
             CurrentStep.step = None
         return out.logits[0]
