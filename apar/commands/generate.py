@@ -64,9 +64,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="on CUDA: replay decode steps as CUDA graphs (with flex or triton attention; default on)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile each decoder layer around the paged attention: norms, rotary embedding, "
-                        "activation and residual adds fuse into a few kernels; the engine compiles in a warm-up "
-                        "before its first request (default: on with CUDA, off on the CPU)")
+                   help="torch.compile each decoder layer as one graph (the attention an opaque op): norms, rotary "
+                        "embedding with the K/V write, activation and residual adds fuse into a few kernels; the "
+                        "engine compiles in a warm-up before its first request (default: on with CUDA, off on the CPU)")
     g.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the cached KV blocks of a prompt's longest known prefix, prefill only the rest; "
                         "prompts' blocks stay cached until evicted (default on)")
