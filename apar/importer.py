@@ -88,9 +88,13 @@ def sha256(path: Path) -> str:
 
 def init_control_embeddings(model, tokenizer, ids: dict[str, int], old_vocab: int,
                             texts: dict[str, tuple[str, ...] | None] | None = None) -> None:
-    """Set the embedding rows of the new control tokens (`ids`: "fork"/"child" -> id, all >= `old_vocab`):
-    each row is the mean of the original rows of its source texts' tokens (`CONTROL_INIT_TEXTS` by
-    default; None: every original row). An untied model's output rows are set the same way."""
+    """Set the embedding rows from `old_vocab` on (the model's rows before the control tokens were added).
+
+    A control token's row (`ids`: "fork"/"child" -> id) is the mean of the original rows of its source
+    texts' tokens (`texts`, default `CONTROL_INIT_TEXTS`; None: of every original row). Any other new
+    row, a token the GGUF tokenizer's conversion adds beyond the file's vocabulary (a GPT-2 style
+    tokenizer without `<|endoftext|>` gets one), is the mean of every original row: a token the base
+    model never saw, neither favoured nor ruled out. An untied model's output rows are set the same way."""
     import torch
 
     texts = CONTROL_INIT_TEXTS if texts is None else texts
@@ -98,15 +102,19 @@ def init_control_embeddings(model, tokenizer, ids: dict[str, int], old_vocab: in
     out = model.get_output_embeddings()
     if out is not None and out.weight.data_ptr() != tables[0].data_ptr():
         tables.append(out.weight)
-    with torch.no_grad():
-        for name, tid in ids.items():
-            source = texts.get(name)
-            rows = sorted({t for s in source for t in tokenizer.encode(s, add_special_tokens=False)}) if source else None
-            if rows is not None and (not rows or max(rows) >= old_vocab):
+    sources: dict[int, list[int] | None] = {tid: None for tid in range(old_vocab, tables[0].shape[0])}
+    for name, tid in ids.items():
+        source = texts.get(name)
+        if source:
+            rows = sorted({t for s in source for t in tokenizer.encode(s, add_special_tokens=False)})
+            if not rows or max(rows) >= old_vocab:
                 raise UserError(f"the texts {source!r} that initialise {name} give no original tokens")
-            for table in tables:  # [V, H]
-                base = table[:old_vocab] if rows is None else table[rows]
-                table[tid] = base.float().mean(dim=0).to(table.dtype)
+            sources[tid] = rows
+    with torch.no_grad():
+        for table in tables:  # [V, H]
+            mean = table[:old_vocab].float().mean(dim=0)
+            for tid, rows in sources.items():
+                table[tid] = (mean if rows is None else table[rows].float().mean(dim=0)).to(table.dtype)
 
 
 def add_control_tokens(model, tokenizer, control: ControlTokens) -> dict[str, int]:
@@ -128,7 +136,7 @@ def add_control_tokens(model, tokenizer, control: ControlTokens) -> dict[str, in
     if min(ids.values()) < old_vocab:  # a tokenizer shorter than the model's rows: the ids land in use
         raise UserError(f"the tokenizer ({len(tokenizer) - 2} tokens) is smaller than the model's embedding "
                         f"rows ({old_vocab}); the new tokens would reuse existing rows")
-    model.resize_token_embeddings(max(ids.values()) + 1, mean_resizing=False)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     init_control_embeddings(model, tokenizer, ids, old_vocab)
     return ids
 
