@@ -39,3 +39,9 @@ def long_llama_dir(tmp_path_factory, tokenizer):
     a test's calls."""
     return make_model(tmp_path_factory.mktemp("long"), "llama", ModelShape(max_positions=1 << 15),
                       tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="session")
+def plain_llama_dir(tmp_path_factory):
+    """An ordinary model: its tokenizer has no control tokens, so it serves auto-regressively only."""
+    return make_model(tmp_path_factory.mktemp("plain"), "llama", ModelShape(vocab=512), seed=4, control=())

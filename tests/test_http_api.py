@@ -52,6 +52,12 @@ def grpc_text(stub, max_tokens: int, raw: bool = False, prompt: str = PROMPT) ->
     return [r.final for r in stub.Generate(req, timeout=60) if r.WhichOneof("event") == "final"][0].text
 
 
+def autoregressive_only(server) -> bool:
+    """ModelInfo's `autoregressive_only` (False for the APAR test model)."""
+    with grpc.insecure_channel(server["grpc"]) as ch:
+        return pb.apar_pb2_grpc.AparStub(ch).ModelInfo(A.ModelInfoRequest(), timeout=10).autoregressive_only
+
+
 def blocks_in_use(stub) -> int:
     info = stub.ModelInfo(A.ModelInfoRequest())
     return info.total_kv_blocks - info.free_kv_blocks
@@ -180,6 +186,9 @@ def test_other_errors(server, client):
     assert err.value.response.headers["Retry-After"] == "1" and "KV blocks" in err.value.body["message"]
     models = client.models.list()
     assert [m.id for m in models.data] == [MODEL]
+    assert models.data[0].model_extra["apar"] == {"auto_parallel": True, "fork_token": "[Fork]",
+                                                  "child_token": "[Child]", "max_positions": 1024}
+    assert not autoregressive_only(server)
     health = httpx.get(server["http"] + "/health")
     assert health.status_code == 200 and health.json()["workers"] == 1
     assert metric(server, "apar_requests_received_total") > 0 and "apar_worker_step_seconds_count" in \

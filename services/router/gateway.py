@@ -69,6 +69,24 @@ class Job:
             self.ticket.release()
 
 
+@dataclass(frozen=True, slots=True)
+class ModelControl:
+    """What the router needs of the served model, from a live worker's info: the control tokens' ids in
+    the router's tokenizer (None for a model without them, which serves auto-regressively only), the ids
+    never shown in text, and the context length."""
+
+    fork: int | None
+    child: int | None
+    hidden: frozenset[int]
+    max_positions: int
+    fork_token: str
+    child_token: str
+
+    @property
+    def auto_parallel(self) -> bool:
+        return self.fork is not None
+
+
 class Gateway:
     def __init__(self, tokenizer, workers: WorkerDirectory, model_name: str, metrics: RouterMetrics | None = None,
                  guard: Guard | None = None):
@@ -77,18 +95,22 @@ class Gateway:
         self.model_name = model_name
         self.metrics = metrics or RouterMetrics(model_name)
         self.guard = guard or Guard()
-        self._control: tuple[int, int, set[int], int] | None = None
+        self._control: ModelControl | None = None
 
-    async def control(self) -> tuple[int, int, set[int], int]:
-        """(fork id, child id, hidden ids, max positions), from a live worker's info, looked up once."""
+    async def control(self) -> ModelControl:
+        """The served model's control tokens and context, from a live worker's info, looked up once."""
         if self._control is None:
             info = await self.workers.any_info()
             if info is None:
                 raise GatewayError("unavailable", "no worker is available")
             tok = self.tokenizer
-            fork, child = tok.convert_tokens_to_ids(info.fork_token), tok.convert_tokens_to_ids(info.child_token)
-            hidden = {t for t in (tok.eos_token_id,) if t is not None}
-            self._control = (int(fork), int(child), hidden, int(info.max_positions))
+            fork = child = None
+            if not info.autoregressive_only:
+                fork, child = tok.convert_tokens_to_ids(info.fork_token), tok.convert_tokens_to_ids(info.child_token)
+                fork, child = int(fork), int(child)
+            hidden = frozenset(t for t in (tok.eos_token_id,) if t is not None)
+            self._control = ModelControl(fork, child, hidden, int(info.max_positions), info.fork_token,
+                                         info.child_token)
         return self._control
 
     async def prepare(self, params: SamplingParams, prompt: str | None = None, messages: list[dict] | None = None,
@@ -111,7 +133,7 @@ class Gateway:
 
     async def _prepare(self, params, prompt, messages, raw_prompt, stop, caller: Caller, ticket: Ticket) -> Job:
         try:
-            max_positions = (await self.control())[3]
+            max_positions = (await self.control()).max_positions
         except GatewayError:
             self.metrics.failed.labels("unavailable").inc()
             raise
@@ -144,7 +166,7 @@ class Gateway:
         worker = None
         try:
             t0 = time.perf_counter()
-            fork, child, hidden, _ = await self.control()
+            control = await self.control()
             worker = await self.workers.choose(job.ids)
             if worker is None:
                 self.metrics.failed.labels("unavailable").inc()
@@ -154,7 +176,7 @@ class Gateway:
             call = worker.stub.Generate(pb.worker_pb2.WorkerRequest(
                 request_id=rid, prompt_ids=job.ids, sampling=sampling, limits=limits, auto_regressive=ar),
                 timeout=timeout_s)
-            stream = RequestStream(self.tokenizer, fork, child, hidden, stop=job.stop)
+            stream = RequestStream(self.tokenizer, control.fork, control.child, control.hidden, stop=job.stop)
             first_token_at = last_token_at = None
             finishing = False
             try:

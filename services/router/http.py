@@ -297,8 +297,15 @@ def build_app(gateway: Gateway, registry=None) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": gateway.model_name, "object": "model", "created": created,
-                                            "owned_by": "apar"}]}
+        model = {"id": gateway.model_name, "object": "model", "created": created, "owned_by": "apar"}
+        try:
+            control = await gateway.control()
+        except GatewayError:  # no worker up yet: what the model can do is not known
+            control = None
+        if control is not None:
+            model["apar"] = {"auto_parallel": control.auto_parallel, "fork_token": control.fork_token,
+                             "child_token": control.child_token, "max_positions": control.max_positions}
+        return {"object": "list", "data": [model]}
 
     @app.get("/health")
     async def health():

@@ -94,7 +94,8 @@ class RouterService(pb.apar_pb2_grpc.AparServicer):
         return A.ModelInfoResponse(
             model=self.gateway.model_name, max_positions=first.max_positions, vocab_size=first.vocab_size,
             fork_token=first.fork_token, child_token=first.child_token, workers=len(live),
-            total_kv_blocks=sum(i.num_blocks for i in live), free_kv_blocks=sum(i.free_blocks for i in live))
+            total_kv_blocks=sum(i.num_blocks for i in live), free_kv_blocks=sum(i.free_blocks for i in live),
+            autoregressive_only=first.autoregressive_only)
 
 
 async def start_router_server(service: RouterService, address: str, tls: TLSFiles | None = None,

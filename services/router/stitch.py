@@ -77,10 +77,10 @@ class ThreadDelta:
 class Stitcher:
     """Restores one request's linear text from its thread events."""
 
-    def __init__(self, decode: Callable[[list[int]], str], fork_id: int, child_id: int,
+    def __init__(self, decode: Callable[[list[int]], str], fork_id: int | None, child_id: int | None,
                  hidden_ids: Iterable[int] = ()) -> None:
         self.fork_id, self.child_id = fork_id, child_id
-        self.hidden = set(hidden_ids) | {fork_id, child_id}
+        self.hidden = set(hidden_ids) | {t for t in (fork_id, child_id) if t is not None}  # None: a model without them
         self.nodes: dict[int, _Node] = {}
         self.linear = IncrementalDetokenizer(decode)
         self._decode = decode

@@ -51,7 +51,7 @@ class _Answer:
 
 
 class RequestStream:
-    def __init__(self, tokenizer, fork_id: int, child_id: int, hidden_ids: Iterable[int] = (),
+    def __init__(self, tokenizer, fork_id: int | None, child_id: int | None, hidden_ids: Iterable[int] = (),
                  stop: Iterable[str] = ()) -> None:
         self._decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False,  # noqa: E731
                                                     clean_up_tokenization_spaces=False)

@@ -22,7 +22,8 @@ evicted when a block is needed.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -42,6 +43,8 @@ from services.worker.scheduler import Scheduler, Work
 from services.worker.sequence import ReplayCursor, ReplayNode, Request, Thread, context_tokens
 from services.worker.step_builder import StepBuilder
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(slots=True)
 class StepResult:
@@ -58,8 +61,8 @@ class Engine:
         self.config = config or EngineConfig()
         self.runner = ModelRunner(model_dir, self.config)
         self.tokenizer = self.runner.tokenizer
-        self.fork_id = self.runner.token_id(self.config.control.fork)
-        self.child_id = self.runner.token_id(self.config.control.child)
+        # None, None: the tokenizer lacks the control tokens, every request runs auto-regressively
+        self.fork_id, self.child_id = self._control_ids()
         self.eos_ids = self.runner.eos_ids()
         self._eos_list = sorted(self.eos_ids)
         self.ledger = KVLedger(self.runner.num_blocks, self.config.block_size)
@@ -88,6 +91,20 @@ class Engine:
         if kv_factory:  # after the warm-up, whose blocks the ledger has all back
             self.kv = kv_factory(self.ledger)
 
+    @property
+    def auto_parallel(self) -> bool:
+        """The model can fork: its tokenizer has both control tokens. Without them, a request that asks
+        for auto-parallel decoding runs auto-regressively, as one with `auto_parallel=False`."""
+        return self.fork_id is not None
+
+    def _control_ids(self) -> tuple[int | None, int | None]:
+        """The control tokens' ids, or (None, None) with one notice when the tokenizer lacks either."""
+        try:
+            return self.runner.token_id(self.config.control.fork), self.runner.token_id(self.config.control.child)
+        except UserError as exc:
+            log.warning("%s: serving auto-regressively (auto-parallel is off for every request)", exc)
+            return None, None
+
     def _warm_up(self) -> None:
         """Compile and capture before the first request: two short requests of different lengths give a
         prefill step, decode steps of two threads and of one (the shapes the compiled layers specialise
@@ -113,7 +130,10 @@ class Engine:
     # ---- requests in and out -----------------------------------------------------------------------
     def add_request(self, prompt: list[int], params: SamplingParams, request_id: str | None = None,
                     replay: ReplayNode | None = None) -> str:
-        """Queue a request; raises UserError (nothing queued) when it is invalid or can never fit."""
+        """Queue a request; raises UserError (nothing queued) when it is invalid or can never fit. On a model
+        that cannot fork (`auto_parallel` False) every request runs, and is checked, as an AR one."""
+        if params.auto_parallel and not self.auto_parallel:
+            params = replace(params, auto_parallel=False)
         if not prompt:
             raise UserError("prompt is empty")
         if any((not isinstance(t, int)) or t < 0 or t >= self.runner.vocab_size for t in prompt):
@@ -131,6 +151,8 @@ class Engine:
         if replay is not None:
             if params.n > 1:
                 raise UserError("a replayed request serves one answer (n must be 1)")
+            if not self.auto_parallel and replay.threads() > 1:
+                raise UserError("a replayed tree cannot fork on a model without control tokens")
             replay.validate(self.fork_id)
         req = Request(id=request_id, prompt=list(prompt), params=params, arrival=self.steps)
         if self.config.prefix_cache:
@@ -334,7 +356,8 @@ class Engine:
         if self.keep_logits:
             for (req, t), row in zip(samplers, logits):
                 result.logits[(req.id, t.id)] = (context_tokens(t), row.detach().to("cpu", copy=True))
-        logits[:, self.child_id] = float("-inf")
+        if self.child_id is not None:
+            logits[:, self.child_id] = float("-inf")
         limit = self.runner.max_positions
         allowed = [fork_allowed(req, t, self.fork_id, self.child_id, limit) for req, t in samplers]
         tight = self.ledger.num_free < self.fork_watermark
@@ -346,7 +369,7 @@ class Engine:
                     if tok == self.fork_id:
                         self._refused(samplers[i][0])
         no_fork = [i for i, ok in enumerate(allowed) if not ok or tight]
-        if no_fork:
+        if no_fork and self.fork_id is not None:
             logits[_rows(logits, no_fork), self.fork_id] = float("-inf")
         no_eos = [i for i, (req, _) in enumerate(samplers) if req.params.ignore_eos]
         if no_eos:

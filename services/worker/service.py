@@ -74,7 +74,8 @@ class WorkerService(pb.worker_pb2_grpc.WorkerServicer):
             worker_id=self.worker_id, model=self.model_name, num_blocks=e.ledger.num_blocks,
             block_size=e.ledger.block_size, free_blocks=e.ledger.num_free, running=len(e.scheduler.running),
             waiting=len(e.scheduler.waiting), fork_token=e.config.control.fork, child_token=e.config.control.child,
-            max_positions=min(r.max_positions, 2**32 - 1), vocab_size=r.vocab_size)
+            max_positions=min(r.max_positions, 2**32 - 1), vocab_size=r.vocab_size,
+            autoregressive_only=not e.auto_parallel)
 
 
 async def start_worker_server(loop: EngineLoop, address: str, worker_id: str, model_name: str,
