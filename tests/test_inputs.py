@@ -58,9 +58,12 @@ def test_answer_stops_at_the_models_context(short):
     assert fin.usage.prompt_tokens + fin.usage.completion_tokens <= 64
 
 
-def test_unknown_control_token_string(llama_dir):
+def test_control_token_strings_the_tokenizer_lacks(llama_dir):
+    # neither string: an ordinary model as far as these strings go, served auto-regressively
+    assert not Engine(llama_dir, EngineConfig(num_blocks=8, control=ControlTokens.published())).auto_parallel
+    # only one of them: a misconfiguration (a mistyped string), refused
     with pytest.raises(UserError, match=r"control token '\[SplitMask\]' is not in the tokenizer"):
-        Engine(llama_dir, EngineConfig(num_blocks=8, control=ControlTokens.published()))
+        Engine(llama_dir, EngineConfig(num_blocks=8, control=ControlTokens(fork="[SplitMask]", child="[Child]")))
 
 
 def test_bad_model_directories(tmp_path):

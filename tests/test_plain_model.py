@@ -45,7 +45,7 @@ def test_engine_runs_every_request_auto_regressively(plain_llama_dir, caplog):
     with caplog.at_level(logging.WARNING):
         eng = Engine(plain_llama_dir, EngineConfig(num_blocks=64, block_size=8))
     notices = [r.getMessage() for r in caplog.records if NOTICE in r.getMessage()]
-    assert len(notices) == 1 and "'[Fork]' is not in the tokenizer's vocabulary" in notices[0]
+    assert len(notices) == 1 and "neither control token ('[Fork]', '[Child]')" in notices[0]
     assert not eng.auto_parallel and eng.fork_id is None and eng.child_id is None
     prompt = encode_prompt(eng.tokenizer, PROMPT)
     asks = eng.add_request(prompt, SamplingParams(max_tokens=20))  # auto-parallel asked for

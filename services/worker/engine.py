@@ -98,12 +98,16 @@ class Engine:
         return self.fork_id is not None
 
     def _control_ids(self) -> tuple[int | None, int | None]:
-        """The control tokens' ids, or (None, None) with one notice when the tokenizer lacks either."""
-        try:
-            return self.runner.token_id(self.config.control.fork), self.runner.token_id(self.config.control.child)
-        except UserError as exc:
-            log.warning("%s: serving auto-regressively (auto-parallel is off for every request)", exc)
+        """The control tokens' ids; (None, None), with one notice, when the tokenizer has neither (an
+        ordinary model). A tokenizer with only one of them is misconfigured (say, a mistyped string):
+        a clear error."""
+        fork, child = self.config.control.fork, self.config.control.child
+        vocab = self.tokenizer.get_vocab()
+        if fork not in vocab and child not in vocab:
+            log.warning("the tokenizer has neither control token (%r, %r): serving auto-regressively "
+                        "(auto-parallel is off for every request)", fork, child)
             return None, None
+        return self.runner.token_id(fork), self.runner.token_id(child)
 
     def _warm_up(self) -> None:
         """Compile and capture before the first request: two short requests of different lengths give a
