@@ -35,6 +35,9 @@ def test_generate_streams_linear_text_and_json_agrees(llama_dir):
     (["--prompt", "x", "--top-p", "2"], "top_p must be in (0, 1]"),
     (["--prompt", "x", "--max-tokens", "0"], "max_tokens must be > 0"),
     (["--prompt", "x", "--fork-token", "[SplitMask]"], "control token '[SplitMask]' is not in"),
+    (["--prompt", "x", "--repetition-penalty", "0"], "repetition_penalty must be a finite number > 0"),
+    (["--prompt", "x", "--frequency-penalty", "2.5"], "frequency_penalty must be a number in [-2, 2]"),
+    (["--prompt", "x", "--presence-penalty", "-3"], "presence_penalty must be a number in [-2, 2]"),
 ])
 def test_errors_are_one_line(llama_dir, args, words):
     r = apar("generate", "--model", llama_dir, *args)

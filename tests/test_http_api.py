@@ -152,7 +152,10 @@ def test_stop_cuts_the_text(client, stub):
     ({"logprobs": True}, "logprobs"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": "high"}, "frequency_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"repetition_penalty": -1.2}, "repetition_penalty"),
     ({"temperature": 5}, "temperature"),
     ({"top_p": -1}, "top_p"),
     ({"n": 0}, "n"),
@@ -176,6 +179,23 @@ def test_noop_values_and_user_are_accepted(client):
     out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
                                          logprobs=False, presence_penalty=0, frequency_penalty=0, user="someone")
     assert out.choices[0].finish_reason in ("stop", "length")
+
+
+def test_penalties_travel_on_both_doors(client, stub):
+    """The same penalties on gRPC and HTTP give the same greedy answer, and change it (the repetition
+    penalty below 1 and a negative frequency penalty favour tokens already seen)."""
+    sampling = pb.common_pb2.SamplingParameters(max_tokens=30, temperature=0, repetition_penalty=0.5,
+                                                frequency_penalty=-1.5, presence_penalty=0.25)
+    req = A.GenerateRequest(prompt=PROMPT, stream=A.STREAM_MODE_FINAL, sampling=sampling)
+    penalized = [r.final for r in stub.Generate(req, timeout=60) if r.WhichOneof("event") == "final"][0].text
+    out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=30,
+                                         temperature=0, frequency_penalty=-1.5, presence_penalty=0.25,
+                                         extra_body={"repetition_penalty": 0.5})
+    assert out.choices[0].message.content == penalized != grpc_text(stub, 30)
+    bad = A.GenerateRequest(prompt=PROMPT, sampling=pb.common_pb2.SamplingParameters(frequency_penalty=7))
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(bad, timeout=30))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "frequency_penalty" in err.value.details()
 
 
 def test_other_errors(server, client):

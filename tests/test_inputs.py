@@ -21,6 +21,13 @@ from services.worker.engine import Engine
     ({"top_k": -1}, "top_k"),
     ({"seed": -1}, "seed"),
     ({"max_threads": 0}, "max_threads"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty must be a finite number > 0"),
+    ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+    ({"repetition_penalty": True}, "repetition_penalty"),
+    ({"frequency_penalty": 2.01}, r"frequency_penalty must be a number in \[-2, 2\]"),
+    ({"frequency_penalty": float("nan")}, "frequency_penalty"),
+    ({"presence_penalty": -2.5}, "presence_penalty"),
+    ({"presence_penalty": "1"}, "presence_penalty"),
 ])
 def test_bad_sampling_parameters(kwargs, words):
     with pytest.raises(UserError, match=words):

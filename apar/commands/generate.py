@@ -32,6 +32,13 @@ def register(subparsers) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 0; > 1 divides positive logits (multiplies negative ones) of tokens in the thread's "
+                        "context, prompt included (HF/vLLM; default 1: off)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="[-2, 2]: minus count x this for each token the thread's context generated (OpenAI)")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="[-2, 2]: minus this for each token the thread's context generated at least once (OpenAI)")
     p.add_argument("--max-threads", type=int, default=16, help="threads per request, the root included")
     p.add_argument("--max-depth", type=int, default=4, help="how deep forks may nest")
     p.add_argument("--no-chat-template", action="store_true", help="use the prompt as given")
@@ -87,7 +94,9 @@ def sampling_params(args):
 
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, seed=args.seed, auto_parallel=not args.ar,
-                          max_threads=args.max_threads, max_depth=args.max_depth)
+                          max_threads=args.max_threads, max_depth=args.max_depth,
+                          repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+                          presence_penalty=args.presence_penalty)
 
 
 def run(args) -> int:

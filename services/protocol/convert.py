@@ -27,6 +27,8 @@ def params_from_pb(sampling, limits, auto_regressive: bool) -> SamplingParams:
         kw["seed"] = int(sampling.seed)
     if sampling.HasField("n"):
         kw["n"] = int(sampling.n)
+    if sampling.HasField("repetition_penalty"):
+        kw["repetition_penalty"] = float(sampling.repetition_penalty)
     if limits.HasField("max_threads"):
         kw["max_threads"] = int(limits.max_threads)
     if limits.HasField("max_depth"):
@@ -36,6 +38,7 @@ def params_from_pb(sampling, limits, auto_regressive: bool) -> SamplingParams:
     return SamplingParams(
         max_tokens=kw.pop("max_tokens", DEFAULT_MAX_TOKENS), temperature=float(sampling.temperature),
         top_k=int(sampling.top_k), stop_token_ids=tuple(sampling.stop_token_ids), ignore_eos=sampling.ignore_eos,
+        frequency_penalty=float(sampling.frequency_penalty), presence_penalty=float(sampling.presence_penalty),
         auto_parallel=not auto_regressive, **kw,
     )
 
@@ -44,7 +47,9 @@ def params_to_pb(params: SamplingParams, pb):
     """(SamplingParameters, Limits, auto_regressive) for a request the router forwards."""
     sampling = pb.common_pb2.SamplingParameters(
         max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-        stop_token_ids=list(params.stop_token_ids), ignore_eos=params.ignore_eos, n=params.n)
+        stop_token_ids=list(params.stop_token_ids), ignore_eos=params.ignore_eos, n=params.n,
+        repetition_penalty=params.repetition_penalty, frequency_penalty=params.frequency_penalty,
+        presence_penalty=params.presence_penalty)
     if params.seed is not None:
         sampling.seed = params.seed
     limits = pb.common_pb2.Limits(max_threads=params.max_threads, max_depth=params.max_depth)

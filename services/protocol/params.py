@@ -8,6 +8,7 @@ from apar.errors import UserError
 
 MAX_TOKENS_LIMIT = 1 << 20  # anything above is absurd for any model this engine loads
 MAX_N = 16  # answers per request
+PENALTY_RANGE = 2.0  # frequency_penalty and presence_penalty lie in [-2, 2], as OpenAI documents
 
 
 @dataclass(slots=True)
@@ -26,6 +27,10 @@ class SamplingParams:
     max_depth: int = 4  # fork depth: the root is depth 0
     ignore_eos: bool = False  # EOS banned: generate exactly max_tokens (benchmarks)
     n: int = 1  # answers to the prompt, each with its own thread tree, max_tokens and max_threads
+    # over a thread's own context, control tokens excluded (services/worker/penalties.py says which tokens):
+    repetition_penalty: float = 1.0  # HF/vLLM: > 1 divides positive logits of tokens seen, multiplies negative
+    frequency_penalty: float = 0.0  # OpenAI: minus count * this for each generated token
+    presence_penalty: float = 0.0  # OpenAI: minus this for each token generated at least once
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
@@ -51,7 +56,21 @@ class SamplingParams:
         if isinstance(self.n, bool) or not isinstance(self.n, int) or not 1 <= self.n <= MAX_N:
             raise UserError(f"n must be an integer in [1, {MAX_N}], got {self.n}")
         self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
+        rep = self.repetition_penalty
+        if isinstance(rep, bool) or not isinstance(rep, (int, float)) or not math.isfinite(rep) or rep <= 0:
+            raise UserError(f"repetition_penalty must be a finite number > 0 (1: off), got {rep}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not -PENALTY_RANGE <= v <= PENALTY_RANGE:
+                raise UserError(f"{name} must be a number in [-{PENALTY_RANGE:g}, {PENALTY_RANGE:g}], got {v}")
+        self.repetition_penalty = float(rep)
+        self.frequency_penalty = float(self.frequency_penalty)
+        self.presence_penalty = float(self.presence_penalty)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0

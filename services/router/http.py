@@ -8,7 +8,9 @@ beside the gRPC server, so both share the gateway, its worker view and its metri
 Request bodies are checked here by hand rather than by pydantic models: OpenAI's error shape names the
 offending parameter, and a parameter we do not implement (`logprobs`, `tools`, ...) must be refused by
 name, never ignored. Such a parameter is accepted only with its no-op value (`logprobs: false`,
-`presence_penalty: 0`, ...), since common clients send those. `user` is accepted and ignored.
+`logit_bias: {}`, ...), since common clients send those. `user` is accepted and ignored.
+`frequency_penalty` and `presence_penalty` (OpenAI's, in [-2, 2]) and `repetition_penalty` (vLLM's
+extension, > 0) apply over each thread's own context (`services/worker/penalties.py`).
 
 Every path but `/health` (and `/metrics` with `--metrics-open`) needs `Authorization: Bearer KEY` when
 the router has API keys (`guard.HttpGuard`, a pure ASGI middleware: a refused request gets 401 in
@@ -37,7 +39,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from apar.errors import UserError
 from services.protocol.convert import DEFAULT_MAX_TOKENS
-from services.protocol.params import SamplingParams
+from services.protocol.params import PENALTY_RANGE, SamplingParams
 from services.router.gateway import Gateway, GatewayError, Job
 from services.router.guard import HttpGuard, current_caller
 from services.router.stitch import ThreadDelta
@@ -50,12 +52,11 @@ _TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "inva
 # accepted only with these no-op values
 _NOOP = {"logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []), "tool_choice": (None, "none"),
          "parallel_tool_calls": (None,), "functions": (None, []), "function_call": (None, "none"),
-         "response_format": (None, {"type": "text"}), "logit_bias": (None, {}), "presence_penalty": (None, 0),
-         "frequency_penalty": (None, 0), "echo": (None, False), "best_of": (None, 1), "suffix": (None,),
+         "response_format": (None, {"type": "text"}), "logit_bias": (None, {}), "echo": (None, False), "best_of": (None, 1), "suffix": (None,),
          "store": (None, False), "metadata": (None,), "service_tier": (None, "auto"), "modalities": (None, ["text"]),
          "audio": (None,), "prediction": (None,), "reasoning_effort": (None,), "web_search_options": (None,)}
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "stream", "stream_options", "user",
-           "apar"}
+           "apar", "frequency_penalty", "presence_penalty", "repetition_penalty"}
 _CHAT = _COMMON | {"messages", "max_completion_tokens"}
 _COMPLETION = _COMMON | {"prompt"}
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -167,6 +168,9 @@ def _params(body: dict, chat: bool) -> tuple[SamplingParams, str, bool]:
             kw[name] = v
     if seed is not None:
         seed %= 1 << 63  # OpenAI seeds may be negative; ours are unsigned
+    for name in ("frequency_penalty", "presence_penalty"):
+        kw[name] = _number(body, name, -PENALTY_RANGE, PENALTY_RANGE, 0.0)
+    kw["repetition_penalty"] = _repetition_penalty(body)
     try:
         params = SamplingParams(
             max_tokens=max_tokens or DEFAULT_MAX_TOKENS, temperature=_number(body, "temperature", 0.0, 2.0, 1.0),
@@ -175,6 +179,16 @@ def _params(body: dict, chat: bool) -> tuple[SamplingParams, str, bool]:
     except UserError as exc:
         raise ApiError(400, str(exc)) from None
     return params, mode, include_usage
+
+
+def _repetition_penalty(body: dict) -> float:
+    """vLLM's extension: a number > 0 (1, the default, is off)."""
+    v = body.get("repetition_penalty")
+    if v is None:
+        return 1.0
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise ApiError(400, "repetition_penalty must be a number > 0", "repetition_penalty")
+    return float(v)
 
 
 def _messages(body: dict) -> list[dict]:

@@ -38,6 +38,7 @@ from services.worker.backends.base import StepData
 from services.worker.config import EngineConfig
 from services.worker.kv import LocalKV
 from services.worker.model_runner import ModelRunner
+from services.worker.penalties import Penalties
 from services.worker.sampler import fork_allowed, sample
 from services.worker.scheduler import Scheduler, Work
 from services.worker.sequence import ReplayCursor, ReplayNode, Request, Thread, context_tokens
@@ -53,6 +54,8 @@ class StepResult:
     sampled: int = 0
     # (request, thread) -> (context token ids, logits [V]) when the engine keeps logits (tests)
     logits: dict[tuple[str, int], tuple[list[int], torch.Tensor]] = field(default_factory=dict)
+    # (request, thread) -> the row its token was chosen from: penalties and bans applied (tests)
+    chosen_from: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
 
 
 class Engine:
@@ -65,6 +68,7 @@ class Engine:
         self.fork_id, self.child_id = self._control_ids()
         self.eos_ids = self.runner.eos_ids()
         self._eos_list = sorted(self.eos_ids)
+        self.penalties = Penalties(self.runner.device, {t for t in (self.fork_id, self.child_id) if t is not None})
         self.ledger = KVLedger(self.runner.num_blocks, self.config.block_size)
         self.kv = LocalKV(self.ledger)
         self.batcher = StepBuilder(self.runner.contexts)
@@ -170,6 +174,8 @@ class Engine:
         if replay is not None:
             root.replay = ReplayCursor(replay, self.fork_id)
         req.add_thread(root)
+        if params.penalized:
+            self.penalties.open_request(req)
         req.usage.prompt_tokens = len(prompt)
         self.scheduler.add(req)
         self.requests[request_id] = req
@@ -180,7 +186,9 @@ class Engine:
         req = self.requests.get(request_id)
         if req is None:
             return []
-        return self._end_request(req, reason)
+        events = self._end_request(req, reason)
+        self.penalties.flush()
+        return events
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -201,6 +209,7 @@ class Engine:
         work = self._allocate(self._make_room(work, need, result), result)
         if not work:  # nothing to run (at most forks of recomputed threads, which the ledger now has)
             self.kv.flush()
+            self.penalties.flush()
             return result
         batch, samplers, prefilled = self._build_batch(work)
         logits = self.runner.forward(batch)  # [S, V]
@@ -215,6 +224,7 @@ class Engine:
             if not req.running_threads:
                 result.events.extend(self._end_request(req, None))
         self.peak_blocks = max(self.peak_blocks, self.ledger.num_used)
+        self.penalties.flush()  # the step's tokens counted, the rows of ended threads free
         return result
 
     # ---- pressure ----------------------------------------------------------------------------------
@@ -351,6 +361,8 @@ class Engine:
     def _sample(self, samplers: list[tuple[Request, Thread]], logits: torch.Tensor, result: StepResult) -> set[str]:
         """Pick one token per sampling thread (logits: [S, V], row i for samplers[i]); apply them in order.
 
+        The penalties a request asks for go first, on the device, to its rows only (`Penalties`: each
+        thread's own context counts); then the control-token bans.
         Bans known before the step are applied to all rows at once; greedy rows take one argmax
         together; a sampling request draws from its own generator, its threads in id order (and the
         first tokens of answers 1..n-1 right after the root's first, from the same row). The fork
@@ -360,6 +372,7 @@ class Engine:
         if self.keep_logits:
             for (req, t), row in zip(samplers, logits):
                 result.logits[(req.id, t.id)] = (context_tokens(t), row.detach().to("cpu", copy=True))
+        self.penalties.apply(logits, samplers)
         if self.child_id is not None:
             logits[:, self.child_id] = float("-inf")
         limit = self.runner.max_positions
@@ -380,6 +393,9 @@ class Engine:
             rows = _rows(logits, no_eos)
             for eos in self._eos_list:
                 logits[rows, eos] = float("-inf")
+        if self.keep_logits:
+            for (req, t), row in zip(samplers, logits):
+                result.chosen_from[(req.id, t.id)] = row.detach().to("cpu", copy=True)
         chosen: list[int | None] = [None] * len(samplers)
         greedy, by_request = [], {}
         for i, (req, t) in enumerate(samplers):
@@ -443,6 +459,8 @@ class Engine:
             self.kv.defer(Fork(ThreadRef(req.id, root.id), ThreadRef(req.id, a.id)))
             self.runner.contexts.fork(root, a)
             req.add_thread(a)
+            if root.penalty_row is not None:
+                self.penalties.open_thread(a, root)
             root.children.append(a)
             answers.append((a, tok))
         self._apply(req, root, token, result)
@@ -470,6 +488,8 @@ class Engine:
             self._finish_thread(req, t, FinishReason.STOP, result)
             return
         t.kv_tokens.append(token)
+        if t.penalty_row is not None:
+            self.penalties.count(t, token)
         result.events.append(TokenEvent(req.id, t.id, token))
         if token == self.fork_id:
             self._fork(req, t, result)
@@ -486,6 +506,8 @@ class Engine:
         if parent.replay is not None:
             child.replay = ReplayCursor(parent.replay.child(), self.fork_id)
         req.add_thread(child)
+        if parent.penalty_row is not None:
+            self.penalties.open_thread(child, parent)
         parent.children.append(child)
         req.usage.forks += 1
         self.forks += 1
@@ -495,6 +517,7 @@ class Engine:
 
     def _finish_thread(self, req: Request, t: Thread, reason: FinishReason, result: StepResult) -> None:
         t.finish = reason
+        self.penalties.close_thread(t)
         if not req.admitted:  # never admitted, never announced: nothing to report
             return
         if t.in_ledger:
@@ -517,6 +540,7 @@ class Engine:
         if req.root.in_ledger:  # not after a preemption: that released it already
             self.kv.defer(Release(req.id))
         self.runner.contexts.forget(req.threads)
+        self.penalties.close_request(req)
         self.scheduler.remove(req)
         self.requests.pop(req.id, None)
         if reason is None:

@@ -47,6 +47,10 @@ class Thread:
     # root only: leading prompt blocks it reads from the prefix cache since its (next) start in the
     # ledger; their tokens count as computed, so its prefill starts after them
     reused: int = 0
+    # when its request has a penalty: its row of the penalty tables, and where each token id of its
+    # context sits in that row (services/worker/penalties.py)
+    penalty_row: int | None = None
+    penalty_slots: dict[int, int] | None = None
 
     @property
     def running(self) -> bool:
