@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP API, the router's second front door to the gateway (`gateway.py`).
 
 `POST /v1/chat/completions` and `POST /v1/completions` (streamed as server-sent events ending with
-`data: [DONE]`, or whole), `GET /v1/models`, `GET /health`, `GET /metrics` (the router's Prometheus
-registry). FastAPI on uvicorn, as vLLM, SGLang and TGI serve theirs; it runs in the router's event loop
+`data: [DONE]`, or whole), `GET /v1/models` (once a worker answered, the model's entry says under `apar`
+whether it can fork: a model without control tokens serves every request auto-regressively), `GET
+/health`, `GET /metrics` (the router's Prometheus registry). FastAPI on uvicorn, as vLLM, SGLang and TGI serve theirs; it runs in the router's event loop
 beside the gRPC server, so both share the gateway, its worker view and its metrics.
 
 Request bodies are checked here by hand rather than by pydantic models: OpenAI's error shape names the
