@@ -142,19 +142,42 @@ def open_port(server, address: str, tls: TLSFiles | None) -> int:
     return server.add_secure_port(address, server_credentials(tls))
 
 
+def internal_interceptors(token, what: str) -> list:
+    """The server interceptors of an internal service: the cluster token's check, when it has one."""
+    if token is None:
+        return []
+    from services.cluster_auth import ClusterAuthServer
+
+    return [ClusterAuthServer(token, what)]
+
+
 def channel_options(tls: TLSFiles | None) -> list[tuple[str, str]]:
     return [("grpc.ssl_target_name_override", tls.server_name)] if tls is not None and tls.server_name else []
 
 
-def open_channel(address: str, tls: TLSFiles | None = None, aio: bool = False, options: list | None = None):
-    """A gRPC channel to an internal service: plaintext, or (mutual) TLS with this service's own files."""
+def open_channel(address: str, tls: TLSFiles | None = None, aio: bool = False, options: list | None = None,
+                 token=None):
+    """A gRPC channel to an internal service: plaintext, or (mutual) TLS with this service's own files;
+    with `token` (a `cluster_auth.ClusterToken`) every call carries its proof of the token and every
+    unary answer must prove the server holds it too."""
     import grpc
 
     opts = [*(options or []), *channel_options(tls)]
     mod = grpc.aio if aio else grpc
+    kw = {}
+    if token is not None and aio:
+        from services.cluster_auth import aio_client_interceptors
+
+        kw["interceptors"] = aio_client_interceptors(token)
     if tls is None:
-        return mod.insecure_channel(address, options=opts)
-    return mod.secure_channel(address, channel_credentials(tls), options=opts)
+        channel = mod.insecure_channel(address, options=opts, **kw)
+    else:
+        channel = mod.secure_channel(address, channel_credentials(tls), options=opts, **kw)
+    if token is not None and not aio:
+        from services.cluster_auth import intercept_sync
+
+        channel = intercept_sync(channel, token)
+    return channel
 
 
 def add_internal_tls_args(p: argparse.ArgumentParser, flags: str = "--tls", client: bool = True) -> None:

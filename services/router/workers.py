@@ -98,18 +98,22 @@ class WorkerDirectory:
     """Static worker addresses; liveness and free blocks from each worker's Info, polled in the background
     every `refresh_s` so a request never waits on a dead worker. A worker that fails a call is marked
     dead until its Info answers again. With `tls` every channel is mutual TLS with the router's own
-    certificate (a worker that does not present one from the CA never answers)."""
+    certificate (a worker that does not present one from the CA never answers). With `token` (a
+    `cluster_auth.ClusterToken`) a worker is live only while its Info proves it holds the cluster token:
+    no request goes to an address a stranger registered or took over."""
 
-    def __init__(self, addresses: list[str], refresh_s: float = 0.2, tls: TLSFiles | None = None) -> None:
+    def __init__(self, addresses: list[str], refresh_s: float = 0.2, tls: TLSFiles | None = None,
+                 token=None) -> None:
         self.refresh_s = refresh_s
         self.tls = tls
+        self.token = token
         self._poller: asyncio.Task | None = None
         self.workers: list[WorkerHandle] = []
         for addr in addresses:
             self._add(addr)
 
     def _add(self, addr: str) -> WorkerHandle:
-        channel = open_channel(addr, self.tls, aio=True)
+        channel = open_channel(addr, self.tls, aio=True, token=self.token)
         handle = WorkerHandle(addr, channel, pb.worker_pb2_grpc.WorkerStub(channel))
         self.workers.append(handle)
         return handle
@@ -135,8 +139,8 @@ class WorkerDirectory:
             w.saw(await w.stub.Info(pb.worker_pb2.WorkerInfoRequest(), timeout=1.0), asked)
             w.alive = True
         except grpc.aio.AioRpcError as exc:
-            if w.alive:
-                log.warning("worker %s is down: %s", w.address, exc.code().name)
+            if w.alive or (w.info is None and exc.code() == grpc.StatusCode.UNAUTHENTICATED and not w.checked):
+                log.warning("worker %s is down: %s %s", w.address, exc.code().name, exc.details() or "")
             w.alive = False
         w.checked = time.monotonic()
 
@@ -192,9 +196,9 @@ class KVManagerDirectory(WorkerDirectory):
     the prompt each of its workers holds; a shard that fails or takes over `PREFIX_TIMEOUT_S` counts as
     none for its workers, so a slow manager costs a request its cache hit, never its answer."""
 
-    def __init__(self, kvmanager: str, refresh_s: float = 0.2, tls: TLSFiles | None = None) -> None:
-        super().__init__([], refresh_s, tls)
-        self._kv_channels = [open_channel(shard, tls, aio=True) for shard in parse_shards(kvmanager)]
+    def __init__(self, kvmanager: str, refresh_s: float = 0.2, tls: TLSFiles | None = None, token=None) -> None:
+        super().__init__([], refresh_s, tls, token)
+        self._kv_channels = [open_channel(shard, tls, aio=True, token=token) for shard in parse_shards(kvmanager)]
         self._kv = [pb.kvmanager_pb2_grpc.KVManagerStub(channel) for channel in self._kv_channels]
         self._views: list[dict] = [{} for _ in self._kv]  # per shard: worker address -> its WorkerUsage
         self._prefix_failing: set[int] = set()  # shards whose last Prefix call failed (logged once)

@@ -17,7 +17,7 @@ from apar.protogen import stubs
 from services.grpc_common import add_health_and_reflection, add_servicer, server_options, status_of
 from services.protocol.convert import events_to_pb, params_from_pb
 from services.protocol.events import FinishReason, RequestFinished
-from services.security import TLSFiles, open_port
+from services.security import TLSFiles, internal_interceptors, open_port
 from services.worker.loop import EngineLoop
 
 log = logging.getLogger(__name__)
@@ -78,14 +78,15 @@ class WorkerService(pb.worker_pb2_grpc.WorkerServicer):
 
 
 async def start_worker_server(loop: EngineLoop, address: str, worker_id: str, model_name: str,
-                              tls: TLSFiles | None = None) -> tuple[grpc.aio.Server, int]:
-    """Start the worker's gRPC server on `address` (host:port, port 0 picks one); returns it and its port.
-    With `tls` (mutual: its CA) only peers with a certificate from that CA get an answer."""
-    server = grpc.aio.server(options=server_options())
+                              tls: TLSFiles | None = None, token=None) -> tuple[grpc.aio.Server, int]:
+    """Start the worker's gRPC server on `address` (host:port, port 0 picks one; or unix:PATH); returns it
+    and its port. With `tls` (mutual: its CA) only peers with a certificate from that CA get an answer;
+    with `token` (services/cluster_auth.py) only callers that prove the cluster token."""
+    server = grpc.aio.server(options=server_options(), interceptors=internal_interceptors(token, "worker"))
     add_servicer(server, WorkerService(loop, worker_id, model_name), pb.worker_pb2.DESCRIPTOR.services_by_name["Worker"])
     await add_health_and_reflection(server, [pb.worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name])
     port = open_port(server, address, tls)
-    if port == 0:
+    if port == 0 and not address.startswith("unix:"):
         raise UserError(f"cannot listen on {address}")
     await server.start()
     return server, port
