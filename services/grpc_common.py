@@ -114,7 +114,7 @@ def add_servicer(server: grpc.aio.Server, servicer, service_descriptor, errors=N
 
     `servicer.Method(request, context)` may be a coroutine (run on the event loop) or a plain function
     (run in the server's thread pool: it may block, e.g. on Redis); a server-streaming one yields its
-    responses. A bidirectional-streaming one is `async Method(request)` called once per request of the
+    responses, or (a coroutine) writes them with `context.write`. A bidirectional-streaming one is `async Method(request)` called once per request of the
     stream, answering it in order. `errors(exc) -> (status code, message)`, when given, turns what a
     method raises into a status (the stream ends on the first); without it, methods handle their own.
     """
@@ -143,6 +143,14 @@ def _malformed(request) -> tuple[grpc.StatusCode, str] | None:
 
 
 def _server_stream(impl):
+    if not inspect.isasyncgenfunction(impl):  # a coroutine that writes its responses (context.write)
+        async def writer(request, context):
+            if (status := _malformed(request)) is not None:
+                await context.abort(*status)
+            await impl(request, context)
+
+        return writer
+
     async def handler(request, context):
         if (status := _malformed(request)) is not None:
             await context.abort(*status)

@@ -29,6 +29,7 @@ def register(subparsers) -> None:
                                                                 "port (/v1/chat/completions, /v1/completions, ...)")
     s.add_argument("--served-model-name", default=None, help="the model id clients name (default: the --model path)")
     add_public_args(s)
+    _add_stream_buffer_arg(s)
     add_engine_args(s)
     s.set_defaults(func=run_serve)
 
@@ -48,6 +49,7 @@ def register(subparsers) -> None:
                                                              "--served-model-name (default: the --model path)")
     add_internal_tls_args(w, "--tls")
     add_cluster_token_arg(w)
+    _add_stream_buffer_arg(w)
     add_engine_args(w)
     w.set_defaults(func=run_worker)
 
@@ -76,6 +78,21 @@ def register(subparsers) -> None:
     add_internal_tls_args(r, "--internal-tls")
     add_cluster_token_arg(r)
     r.set_defaults(func=run_router)
+
+
+def _add_stream_buffer_arg(p) -> None:
+    from services.worker.config import STREAM_BUFFER_EVENTS
+
+    def events(text: str) -> int:
+        value = int(text)
+        if value < 1:
+            raise ValueError(text)
+        return value
+
+    p.add_argument("--stream-buffer", type=events, default=STREAM_BUFFER_EVENTS, metavar="EVENTS",
+                   help="events (tokens, thread starts and ends) of one request that may wait for a client "
+                        "reading slower than they are generated; past it the request ends RESOURCE_EXHAUSTED "
+                        f"({STREAM_BUFFER_EVENTS})")
 
 
 def _setup() -> None:
@@ -130,9 +147,11 @@ def run_serve(args) -> int:
 
 
 def _public_security(args):
-    """(TLS files or None, the Guard) of the public APIs, from the flags."""
+    """(TLS files or None, the Guard) of the public APIs, from the flags (the HTTP server's bounds checked)."""
     from services.router.guard import guard_from_args, public_tls
+    from services.router.http_server import http_limits_from_args
 
+    http_limits_from_args(args)
     return public_tls(args), guard_from_args(args)
 
 
@@ -161,9 +180,14 @@ async def _front_doors(args, tokenizer, directory, registry=None, security=None)
     grpc_server, port = await start_router_server(RouterService(gateway), f"{args.host}:{args.port}", tls)
     servers, where = [grpc_server], f"{args.host}:{port}"
     if args.http_port is not None:
-        from services.router.http import build_app, start_http_server
+        from services.router.guard import allowed_hosts
+        from services.router.http import build_app
+        from services.router.http_server import http_limits_from_args, start_http_server
 
-        http, _, http_port = await start_http_server(build_app(gateway), args.host, args.http_port, tls)
+        limits = http_limits_from_args(args)
+        app = build_app(gateway, request_timeout_s=limits.request_timeout_s,
+                        allowed_hosts=allowed_hosts(args.host, args.allowed_host))
+        http, _, http_port = await start_http_server(app, args.host, args.http_port, tls, limits, guard.keys)
         servers.append(_UvicornStopper(http))
         where += f", HTTP on {args.host}:{http_port}"
     where += f" ({'TLS' if tls else 'plaintext'}, " + \
@@ -189,7 +213,8 @@ async def _serve(args, engine, loop, registry, security=None) -> int:
 
     with _private_socket_dir() as where:
         socket = f"unix:{where}/worker.sock"
-        worker_server, _ = await start_worker_server(loop, socket, "embedded", str(args.model))
+        worker_server, _ = await start_worker_server(loop, socket, "embedded", str(args.model),
+                                                     stream_buffer=args.stream_buffer)
         os.chmod(f"{where}/worker.sock", 0o600)
         directory = WorkerDirectory([socket])
         try:
@@ -235,7 +260,8 @@ def run_worker(args) -> int:
     async def main() -> int:
         from services.worker.service import start_worker_server
 
-        server, port = await start_worker_server(loop, f"{args.host}:{args.port}", wid, str(args.model), tls, token)
+        server, port = await start_worker_server(loop, f"{args.host}:{args.port}", wid, str(args.model), tls, token,
+                                                 args.stream_buffer)
         warn_if_open(token, "apar worker", SERVER_RISK)
         print(f"apar worker: {wid} listening on {args.host}:{port} ({tls.describe() if tls else 'plaintext'}, "
               f"{describe(token)})", file=sys.stderr, flush=True)

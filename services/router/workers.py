@@ -148,7 +148,7 @@ class WorkerDirectory:
         w.alive = False
         w.checked = time.monotonic()
 
-    async def choose(self, prompt_ids: Sequence[int] = ()) -> WorkerHandle | None:
+    async def choose(self, prompt_ids: Sequence[int] = (), cache_salt: int = 0) -> WorkerHandle | None:
         """The live worker with the most free KV blocks (fewest queued on a tie), or None. The caller
         gives the worker back with `release` when the request ends."""
         live = await self._live()
@@ -203,20 +203,22 @@ class KVManagerDirectory(WorkerDirectory):
         self._views: list[dict] = [{} for _ in self._kv]  # per shard: worker address -> its WorkerUsage
         self._prefix_failing: set[int] = set()  # shards whose last Prefix call failed (logged once)
 
-    async def choose(self, prompt_ids: Sequence[int] = ()) -> WorkerHandle | None:
-        """The worker `prefix_choice` picks for the prompt, or None when none is alive."""
+    async def choose(self, prompt_ids: Sequence[int] = (), cache_salt: int = 0) -> WorkerHandle | None:
+        """The worker `prefix_choice` picks for the prompt (its blocks named under `cache_salt`), or None
+        when none is alive."""
         live = await self._live()
         if not live:
             return None
-        return self._take(prefix_choice(live, await self.cached_tokens(prompt_ids, live), len(prompt_ids)),
-                          len(prompt_ids))
+        cached = await self.cached_tokens(prompt_ids, live, cache_salt)
+        return self._take(prefix_choice(live, cached, len(prompt_ids)), len(prompt_ids))
 
-    async def cached_tokens(self, prompt_ids: Sequence[int], live: list[WorkerHandle]) -> dict[str, int]:
+    async def cached_tokens(self, prompt_ids: Sequence[int], live: list[WorkerHandle],
+                            cache_salt: int = 0) -> dict[str, int]:
         """Worker address -> tokens of the prompt's prefix it holds in full blocks, as the shards say. Only
         blocks that leave at least one prompt token to compute count (the engine reuses no more)."""
         held: dict[str, int] = {}
         for bs in {w.info.block_size for w in live}:  # a name includes its block size
-            hashes = block_hashes(prompt_ids, bs, limit=(len(prompt_ids) - 1) // bs)
+            hashes = block_hashes(prompt_ids, bs, limit=(len(prompt_ids) - 1) // bs, salt=cache_salt)
             if not hashes:
                 continue
             req = pb.kvmanager_pb2.PrefixRequest(names=hashes)

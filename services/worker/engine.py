@@ -112,8 +112,10 @@ class Engine:
 
     # ---- requests in and out -----------------------------------------------------------------------
     def add_request(self, prompt: list[int], params: SamplingParams, request_id: str | None = None,
-                    replay: ReplayNode | None = None) -> str:
-        """Queue a request; raises UserError (nothing queued) when it is invalid or can never fit."""
+                    replay: ReplayNode | None = None, cache_salt: int = 0) -> str:
+        """Queue a request; raises UserError (nothing queued) when it is invalid or can never fit.
+        `cache_salt` is part of its prompt blocks' names: it reuses and leaves cached blocks only for
+        prompts of the same salt."""
         if not prompt:
             raise UserError("prompt is empty")
         if any((not isinstance(t, int)) or t < 0 or t >= self.runner.vocab_size for t in prompt):
@@ -134,7 +136,7 @@ class Engine:
             replay.validate(self.fork_id)
         req = Request(id=request_id, prompt=list(prompt), params=params, arrival=self.steps)
         if self.config.prefix_cache:
-            req.prompt_names = block_hashes(prompt, self.config.block_size)
+            req.prompt_names = block_hashes(prompt, self.config.block_size, salt=cache_salt)
         if not params.greedy:
             gen = torch.Generator(device=self.runner.device)
             gen.manual_seed(params.seed if params.seed is not None else torch.seed())
