@@ -4,9 +4,12 @@ between API keys. Each test reproduces a hole first found by review."""
 from __future__ import annotations
 
 import json
+import os
 import select
 import socket
+import stat
 import time
+from pathlib import Path
 
 import grpc
 import httpx
@@ -36,13 +39,14 @@ def keyfile(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(long_llama_dir, keyfile):
-    port, http_port = free_port(), free_port()
+    port, http_port, metrics_port = free_port(), free_port(), free_port()
     proc = Proc("serve", "--model", str(long_llama_dir), "--port", str(port), "--http-port", str(http_port),
-                "--kv-blocks", "512", "--served-model-name", "demo", "--api-key-file", str(keyfile),
-                "--http-header-timeout", "1", "--http-request-timeout", "3")
+                "--metrics-port", str(metrics_port), "--kv-blocks", "512", "--served-model-name", "demo",
+                "--api-key-file", str(keyfile), "--http-header-timeout", "1", "--http-request-timeout", "3")
     proc.wait_for("listening on")
     s = type("Served", (), {})()
     s.proc, s.grpc, s.http_port, s.url = proc, f"127.0.0.1:{port}", http_port, f"http://127.0.0.1:{http_port}"
+    s.ports = {port, http_port, metrics_port}
     s.client = httpx.Client(timeout=60)
     yield s
     s.client.close()
@@ -69,6 +73,41 @@ def test_a_second_key_sees_none_of_the_first_keys_cached_prompt(served):
     assert cached(completion(served, KEYS[1])) == mine  # then its own copy
     wrong_guess = PROMPT.replace("wait", "run")
     assert cached(completion(served, KEYS[1], wrong_guess)) < mine
+
+
+# ---------------------------------------------------------------- what apar serve listens on
+
+def sockets_of(pid: int) -> tuple[set[tuple[str, int]], set[str]]:
+    """(the TCP addresses process `pid` listens on, the paths of its Unix sockets), from /proc."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    tcp = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] == "0A" and cols[9] in inodes:  # LISTEN
+                host, port = cols[1].split(":")
+                raw = bytes.fromhex(host)
+                ip = socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6,
+                                      raw[::-1] if len(raw) == 4 else b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
+                tcp.add((ip.removeprefix("::ffff:"), int(port, 16)))  # an IPv4 address on an IPv6 socket
+    unix = {cols[7] for cols in (line.split() for line in Path("/proc/net/unix").read_text().splitlines()[1:])
+            if len(cols) > 7 and cols[6] in inodes}
+    return tcp, unix
+
+
+def test_apar_serve_listens_on_its_host_only_and_its_worker_on_a_private_socket(served):
+    tcp, unix = sockets_of(served.proc.p.pid)
+    assert tcp == {("127.0.0.1", port) for port in served.ports}  # no worker port; metrics on --host too
+    sock = next(path for path in unix if path.endswith("/worker.sock"))
+    assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.dirname(sock)).st_mode) == 0o700
 
 
 # ---------------------------------------------------------------- connections: heads, floods, time limits

@@ -180,9 +180,8 @@ async def _front_doors(args, tokenizer, directory, registry=None, security=None)
     grpc_server, port = await start_router_server(RouterService(gateway), f"{args.host}:{args.port}", tls)
     servers, where = [grpc_server], f"{args.host}:{port}"
     if args.http_port is not None:
-        from services.router.guard import allowed_hosts
         from services.router.http import build_app
-        from services.router.http_server import http_limits_from_args, start_http_server
+        from services.router.http_server import allowed_hosts, http_limits_from_args, start_http_server
 
         limits = http_limits_from_args(args)
         app = build_app(gateway, request_timeout_s=limits.request_timeout_s,

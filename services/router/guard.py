@@ -1,9 +1,9 @@
 """Who may use the router's public APIs, and how much: API keys, per-key limits, one log line per refusal.
 
 One `Guard` serves both front doors. Each door authenticates the call before anything else (the gRPC
-`GrpcGuard` interceptor, the HTTP `HttpGuard` ASGI middleware): a missing or wrong key is refused there,
-before the request is even parsed, so it costs no tokenization and no worker call. Health checks
-(`grpc.health.v1.Health`, `GET /health`) stay open; `GET /metrics` on the HTTP port needs a key unless
+`GrpcGuard` interceptor, the HTTP `HttpGuard` ASGI middleware in `http_server.py`): a missing or wrong
+key is refused there, before the request is even parsed, so it costs no tokenization and no worker
+call. Health checks (`grpc.health.v1.Health`, `GET /health`) stay open; `GET /metrics` on the HTTP port needs a key unless
 `--metrics-open` (the separate `--metrics-port` is always open: keep it inside the cluster).
 
 The gateway then applies the limits (`Gateway.prepare`): requests per second per key (a token bucket:
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextvars
 import hashlib
-import json
 import logging
 import math
 import time
@@ -297,73 +296,6 @@ def grpc_server_options(limits: Limits) -> list[tuple[str, int]]:
     """The public gRPC server's options: messages up to the hard cap are read, then refused by size here."""
     cap = max(limits.max_request_bytes, GRPC_HARD_CAP)
     return [("grpc.max_receive_message_length", cap), ("grpc.max_send_message_length", GRPC_HARD_CAP)]
-
-
-# ---- HTTP: a pure ASGI middleware (streaming responses and disconnects pass through untouched) -------
-LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
-
-
-def host_name(value: bytes | None) -> str | None:
-    """The name in a Host header (`example.com:8000` -> `example.com`, `[::1]:80` -> `::1`), lowercased."""
-    if not value:
-        return None
-    host = value.decode("latin-1").strip().lower()
-    if host.startswith("["):
-        return host[1:host.find("]")] if "]" in host else None
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-
-
-def _json_reply(message: str, code: str, extra: tuple = ()) -> tuple[list, bytes]:
-    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                 "code": code}}).encode()
-    return [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra], body
-
-
-class HttpGuard:
-    """The Host header (with `allowed_hosts`: 421 for any other name, against DNS rebinding), then API keys
-    (header `Authorization: Bearer KEY`) on every path but /health (and /metrics with `metrics_open`);
-    the caller is handed to the endpoints (`current_caller()`)."""
-
-    def __init__(self, app, guard: Guard, allowed_hosts: frozenset[str] | None = None) -> None:
-        self.app = app
-        self.guard = guard
-        self.allowed_hosts = allowed_hosts
-        self.open = OPEN_HTTP | ({"/metrics"} if guard.metrics_open else set())
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = scope.get("headers") or ()
-        if self.allowed_hosts is not None:
-            host = host_name(next((v for k, v in headers if k == b"host"), None))
-            if host not in self.allowed_hosts:
-                return await _reply(send, 421, *_json_reply(
-                    "this server does not answer for that Host (--allowed-host)", "misdirected_request"))
-        if scope.get("path") in self.open:
-            return await self.app(scope, receive, send)
-        header = next((v for k, v in headers if k == b"authorization"), None)
-        caller = self.guard.authenticate(header, "http", f"{scope.get('method', '?')} {scope.get('path', '?')}"[:200])
-        if caller is None:
-            return await _reply(send, 401, *_json_reply(
-                "a valid API key is required: header Authorization: Bearer KEY", "invalid_api_key",
-                ((b"www-authenticate", b'Bearer realm="apar"'),)))
-        CALLER.set(caller)
-        return await self.app(scope, receive, send)
-
-
-async def _reply(send, status: int, headers: list, body: bytes) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-def allowed_hosts(bind_host: str, extra: list[str] | None) -> frozenset[str] | None:
-    """The Host names the HTTP API answers: `--allowed-host` names, plus the loopback names when it listens
-    on loopback; None (any) when it listens elsewhere and no name is given."""
-    loopback = bind_host in LOOPBACK_HOSTS or bind_host.startswith("127.")
-    names = {n.strip().lower() for n in extra or () if n.strip()}
-    if loopback:
-        return frozenset(names | LOOPBACK_HOSTS | {bind_host})
-    return frozenset(names) if names else None
 
 
 # ---- flags ----------------------------------------------------------------------------------------------

@@ -39,7 +39,8 @@ from apar.errors import UserError
 from services.protocol.convert import DEFAULT_MAX_TOKENS
 from services.protocol.params import MAX_DEPTH, MAX_THREADS, SamplingParams
 from services.router.gateway import Gateway, GatewayError, Job
-from services.router.guard import HttpGuard, current_caller
+from services.router.guard import current_caller
+from services.router.http_server import HttpGuard
 from services.router.stitch import ThreadDelta
 from services.router.stream import Final, LinearDelta
 

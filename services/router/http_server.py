@@ -18,11 +18,15 @@ until it has sent a whole request head). Bounds, each a flag:
 
 When the process runs out of file descriptors anyway, asyncio's accept loop reports every failed
 accept; here that is one warning per burst, with a count.
+
+In front of the app, `HttpGuard` (a pure ASGI middleware) checks the Host header (`--allowed-host`;
+against DNS rebinding) and the API key of every request but `/health`, before its body is read.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import resource
 import socket
@@ -34,6 +38,7 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from apar.errors import UserError
+from services.router.guard import CALLER, OPEN_HTTP, Guard
 from services.security import bearer
 
 log = logging.getLogger(__name__)
@@ -292,3 +297,70 @@ async def start_http_server(app, host: str, port: int, tls=None, limits: HttpSer
         task.result()
         raise UserError(f"the HTTP server on {host}:{port} did not start")
     return server, task, sock.getsockname()[1]
+
+
+# ---- HTTP: a pure ASGI middleware (streaming responses and disconnects pass through untouched) -------
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def host_name(value: bytes | None) -> str | None:
+    """The name in a Host header (`example.com:8000` -> `example.com`, `[::1]:80` -> `::1`), lowercased."""
+    if not value:
+        return None
+    host = value.decode("latin-1").strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else None
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _json_reply(message: str, code: str, extra: tuple = ()) -> tuple[list, bytes]:
+    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                 "code": code}}).encode()
+    return [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra], body
+
+
+class HttpGuard:
+    """The Host header (with `allowed_hosts`: 421 for any other name, against DNS rebinding), then API keys
+    (header `Authorization: Bearer KEY`) on every path but /health (and /metrics with `metrics_open`);
+    the caller is handed to the endpoints (`current_caller()`)."""
+
+    def __init__(self, app, guard: Guard, allowed_hosts: frozenset[str] | None = None) -> None:
+        self.app = app
+        self.guard = guard
+        self.allowed_hosts = allowed_hosts
+        self.open = OPEN_HTTP | ({"/metrics"} if guard.metrics_open else set())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = scope.get("headers") or ()
+        if self.allowed_hosts is not None:
+            host = host_name(next((v for k, v in headers if k == b"host"), None))
+            if host not in self.allowed_hosts:
+                return await _reply(send, 421, *_json_reply(
+                    "this server does not answer for that Host (--allowed-host)", "misdirected_request"))
+        if scope.get("path") in self.open:
+            return await self.app(scope, receive, send)
+        header = next((v for k, v in headers if k == b"authorization"), None)
+        caller = self.guard.authenticate(header, "http", f"{scope.get('method', '?')} {scope.get('path', '?')}"[:200])
+        if caller is None:
+            return await _reply(send, 401, *_json_reply(
+                "a valid API key is required: header Authorization: Bearer KEY", "invalid_api_key",
+                ((b"www-authenticate", b'Bearer realm="apar"'),)))
+        CALLER.set(caller)
+        return await self.app(scope, receive, send)
+
+
+async def _reply(send, status: int, headers: list, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def allowed_hosts(bind_host: str, extra: list[str] | None) -> frozenset[str] | None:
+    """The Host names the HTTP API answers: `--allowed-host` names, plus the loopback names when it listens
+    on loopback; None (any) when it listens elsewhere and no name is given."""
+    loopback = bind_host in LOOPBACK_HOSTS or bind_host.startswith("127.")
+    names = {n.strip().lower() for n in extra or () if n.strip()}
+    if loopback:
+        return frozenset(names | LOOPBACK_HOSTS | {bind_host})
+    return frozenset(names) if names else None
