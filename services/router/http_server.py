@@ -109,7 +109,6 @@ class Connections:
         self.clock = clock
         self.open: OrderedDict = OrderedDict()  # protocol -> None, oldest first
         self.pending: dict[str, OrderedDict] = {}  # client address -> {its pending protocols: opened at}, oldest first
-        self.shed = 0  # connections closed to make room
 
     def opened(self, conn) -> bool:
         """Admit a new connection (closing others to make room); False: refuse it."""
@@ -149,7 +148,6 @@ class Connections:
         return token is not None and self.keys.check(token)
 
     def _shed(self, conn) -> None:
-        self.shed += 1
         self.closed(conn)
         conn.transport.close()
 

@@ -139,7 +139,8 @@ class WorkerDirectory:
             w.saw(await w.stub.Info(pb.worker_pb2.WorkerInfoRequest(), timeout=1.0), asked)
             w.alive = True
         except grpc.aio.AioRpcError as exc:
-            if w.alive or (w.info is None and exc.code() == grpc.StatusCode.UNAUTHENTICATED and not w.checked):
+            # a worker going down; or one that fails its first check for want of the token (logged once)
+            if w.alive or (not w.checked and exc.code() == grpc.StatusCode.UNAUTHENTICATED):
                 log.warning("worker %s is down: %s %s", w.address, exc.code().name, exc.details() or "")
             w.alive = False
         w.checked = time.monotonic()

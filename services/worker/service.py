@@ -38,7 +38,6 @@ class _Backlog:
         self.on_overflow = on_overflow
         self.queue: asyncio.Queue = asyncio.Queue()
         self.held = 0
-        self.peak = 0
         self.overflowed = False
 
     def push(self, evs) -> None:
@@ -50,7 +49,6 @@ class _Backlog:
             self.overflowed = True
             self.on_overflow()
             return
-        self.peak = max(self.peak, self.held)
         self.queue.put_nowait(evs)
 
     def sent(self, evs) -> None:
@@ -64,7 +62,6 @@ class WorkerService(pb.worker_pb2_grpc.WorkerServicer):
         self.worker_id = worker_id
         self.model_name = model_name
         self.stream_buffer = stream_buffer
-        self.peak_buffered = 0  # the most events any request's stream held (tests, checks)
 
     async def Generate(self, request, context) -> None:
         rid = request.request_id or uuid.uuid4().hex
@@ -104,7 +101,6 @@ class WorkerService(pb.worker_pb2_grpc.WorkerServicer):
                 raise
             task.uncancel()
         finally:
-            self.peak_buffered = max(self.peak_buffered, backlog.peak)
             if not done:  # cancelled, disconnected, past its deadline or cut off: free its KV now
                 self.loop.abort(rid)
         if backlog.overflowed:
