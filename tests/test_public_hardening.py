@@ -255,3 +255,26 @@ def test_pending_connections_are_capped_per_client_address_and_in_all():
     assert c.opened(late) and burst[3].transport.closed  # over the total: the oldest idle one goes
     full = Connections(HttpServerLimits(max_connections=1), clock=lambda: now[0])
     assert full.opened(_Conn("10.0.0.9", busy=True)) and not full.opened(_Conn("10.0.0.9"))  # none idle: refused
+
+
+def test_failed_accepts_are_one_warning_per_burst_not_a_traceback_each(caplog):
+    import asyncio
+    import errno
+    import logging
+
+    from services.router.http_server import quiet_accept_errors
+
+    loop = asyncio.new_event_loop()
+    try:
+        quiet_accept_errors(loop)
+        quiet_accept_errors(loop)  # once is enough: a second call changes nothing
+        with caplog.at_level(logging.WARNING):
+            for _ in range(2000):  # asyncio reports every accept of a backlog that fails, in one tick
+                loop.call_exception_handler({"message": "socket.accept() out of system resource",
+                                             "exception": OSError(errno.EMFILE, "Too many open files")})
+            loop.call_exception_handler({"message": "something else"})  # other reports pass through
+        accept = [r for r in caplog.records if "cannot accept connections" in r.getMessage()]
+        assert len(accept) == 1 and "Too many open files" in accept[0].getMessage() and not accept[0].exc_info
+        assert any(r.getMessage() == "something else" for r in caplog.records)
+    finally:
+        loop.close()
