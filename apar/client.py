@@ -1,7 +1,7 @@
 """The streaming client behind `apar generate --server`: the same flags and output as in-process.
 
-`--tls` (the system's CAs) or `--ca PEM` connects over TLS; `--api-key KEY` (default `$APAR_API_KEY`)
-is sent as the metadata `authorization: Bearer KEY`."""
+`--tls` (the system's CAs) or `--ca PEM` connects over TLS; the key of `--api-key-file PATH` (its first
+line), else `$APAR_API_KEY`, is sent as the metadata `authorization: Bearer KEY`."""
 from __future__ import annotations
 
 import os
@@ -16,7 +16,7 @@ from services.router.stream import Final
 _STATUS_WORDS = {grpc.StatusCode.INVALID_ARGUMENT: "invalid request", grpc.StatusCode.RESOURCE_EXHAUSTED:
                  "server is full", grpc.StatusCode.UNAVAILABLE: "server unavailable",
                  grpc.StatusCode.DEADLINE_EXCEEDED: "deadline exceeded",
-                 grpc.StatusCode.UNAUTHENTICATED: "unauthenticated (give --api-key or $APAR_API_KEY)"}
+                 grpc.StatusCode.UNAUTHENTICATED: "unauthenticated (give --api-key-file or $APAR_API_KEY)"}
 
 
 def build_request(args, params, pb):
@@ -49,10 +49,21 @@ def open_channel(args) -> grpc.Channel:
 
 
 def call_metadata(args) -> tuple[tuple[str, str], ...]:
-    """The call's metadata: the API key of --api-key or $APAR_API_KEY, if any."""
+    """The call's metadata: the API key of --api-key-file or $APAR_API_KEY, if any."""
     from services.security import API_KEY_ENV
 
-    key = getattr(args, "api_key", None) or os.environ.get(API_KEY_ENV) or None
+    path = getattr(args, "api_key_file", None)
+    if path is not None:
+        try:
+            lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"--api-key-file: cannot read {path}: "
+                            f"{getattr(exc, 'strerror', None) or type(exc).__name__}") from None
+        key = next((line for line in lines if line and not line.startswith("#")), None)
+        if key is None:
+            raise UserError(f"--api-key-file: {path} holds no key")
+    else:
+        key = os.environ.get(API_KEY_ENV) or None
     if key is None:
         return ()
     key = key.strip()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 
 import grpc
 from google.protobuf import message as _message
@@ -12,6 +13,12 @@ from grpc_reflection.v1alpha import reflection
 from apar.errors import CapacityError, UserError
 
 MAX_MESSAGE = 16 * 1024 * 1024
+
+
+def host_of(address: str) -> str:
+    """The host of a `host:port` address (`[::1]:50051` -> `::1`), for binding a service's other ports."""
+    host = address.rsplit(":", 1)[0] if ":" in address else address
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
 
 
 def server_options() -> list[tuple[str, int]]:
@@ -27,6 +34,53 @@ async def add_health_and_reflection(server: grpc.aio.Server, service_names: list
     reflection.enable_server_reflection([*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                                          reflection.SERVICE_NAME], server)
     return servicer
+
+
+# ---- interceptors' building blocks: a handler of the same kind with another behavior -------------------
+def handler_like(handler, behavior, deserializer):
+    """A handler of `handler`'s kind with another behavior and request deserializer."""
+    kind = ("stream" if handler.request_streaming else "unary") + "_" + \
+           ("stream" if handler.response_streaming else "unary")
+    make = getattr(grpc, f"{kind}_rpc_method_handler")
+    return make(behavior, request_deserializer=deserializer, response_serializer=handler.response_serializer)
+
+
+def behavior_of(handler):
+    kind = ("stream" if handler.request_streaming else "unary") + "_" + \
+           ("stream" if handler.response_streaming else "unary")
+    return getattr(handler, kind)
+
+
+def aborting_handler(handler, code: grpc.StatusCode, message: str):
+    """A handler that refuses the call without parsing its request."""
+    if handler.response_streaming:
+        async def behavior(request, context):
+            await context.abort(code, message)
+            yield  # pragma: no cover (an async generator, as the kind requires)
+    else:
+        async def behavior(request, context):
+            await context.abort(code, message)
+    return handler_like(handler, behavior, lambda raw: None)
+
+
+def handler_with_trailers(handler, trailers: tuple[tuple[str, str], ...]):
+    """`handler` with `trailers` set as the call's trailing metadata before it runs. A blocking behavior
+    stays blocking (the server runs it in its thread pool)."""
+    inner = behavior_of(handler)
+    if inspect.isasyncgenfunction(inner):
+        async def behavior(request, context):
+            context.set_trailing_metadata(trailers)
+            async for item in inner(request, context):
+                yield item
+    elif asyncio.iscoroutinefunction(inner):
+        async def behavior(request, context):
+            context.set_trailing_metadata(trailers)
+            return await inner(request, context)
+    else:
+        def behavior(request, context):
+            context.set_trailing_metadata(trailers)
+            return inner(request, context)
+    return handler_like(handler, behavior, handler.request_deserializer)
 
 
 def status_of(exc: BaseException) -> grpc.StatusCode:
@@ -60,7 +114,7 @@ def add_servicer(server: grpc.aio.Server, servicer, service_descriptor, errors=N
 
     `servicer.Method(request, context)` may be a coroutine (run on the event loop) or a plain function
     (run in the server's thread pool: it may block, e.g. on Redis); a server-streaming one yields its
-    responses. A bidirectional-streaming one is `async Method(request)` called once per request of the
+    responses, or (a coroutine) writes them with `context.write`. A bidirectional-streaming one is `async Method(request)` called once per request of the
     stream, answering it in order. `errors(exc) -> (status code, message)`, when given, turns what a
     method raises into a status (the stream ends on the first); without it, methods handle their own.
     """
@@ -89,6 +143,14 @@ def _malformed(request) -> tuple[grpc.StatusCode, str] | None:
 
 
 def _server_stream(impl):
+    if not inspect.isasyncgenfunction(impl):  # a coroutine that writes its responses (context.write)
+        async def writer(request, context):
+            if (status := _malformed(request)) is not None:
+                await context.abort(*status)
+            await impl(request, context)
+
+        return writer
+
     async def handler(request, context):
         if (status := _malformed(request)) is not None:
             await context.abort(*status)

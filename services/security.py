@@ -142,19 +142,42 @@ def open_port(server, address: str, tls: TLSFiles | None) -> int:
     return server.add_secure_port(address, server_credentials(tls))
 
 
+def internal_interceptors(token, what: str) -> list:
+    """The server interceptors of an internal service: the cluster token's check, when it has one."""
+    if token is None:
+        return []
+    from services.cluster_auth import ClusterAuthServer
+
+    return [ClusterAuthServer(token, what)]
+
+
 def channel_options(tls: TLSFiles | None) -> list[tuple[str, str]]:
     return [("grpc.ssl_target_name_override", tls.server_name)] if tls is not None and tls.server_name else []
 
 
-def open_channel(address: str, tls: TLSFiles | None = None, aio: bool = False, options: list | None = None):
-    """A gRPC channel to an internal service: plaintext, or (mutual) TLS with this service's own files."""
+def open_channel(address: str, tls: TLSFiles | None = None, aio: bool = False, options: list | None = None,
+                 token=None):
+    """A gRPC channel to an internal service: plaintext, or (mutual) TLS with this service's own files;
+    with `token` (a `cluster_auth.ClusterToken`) every call carries its proof of the token and every
+    unary answer must prove the server holds it too."""
     import grpc
 
     opts = [*(options or []), *channel_options(tls)]
     mod = grpc.aio if aio else grpc
+    kw = {}
+    if token is not None and aio:
+        from services.cluster_auth import aio_client_interceptors
+
+        kw["interceptors"] = aio_client_interceptors(token)
     if tls is None:
-        return mod.insecure_channel(address, options=opts)
-    return mod.secure_channel(address, channel_credentials(tls), options=opts)
+        channel = mod.insecure_channel(address, options=opts, **kw)
+    else:
+        channel = mod.secure_channel(address, channel_credentials(tls), options=opts, **kw)
+    if token is not None and not aio:
+        from services.cluster_auth import intercept_sync
+
+        channel = intercept_sync(channel, token)
+    return channel
 
 
 def add_internal_tls_args(p: argparse.ArgumentParser, flags: str = "--tls", client: bool = True) -> None:
@@ -195,27 +218,35 @@ def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
 
 
-def parse_key_lines(text: str, where: str) -> list[str]:
-    """Keys of a key file: one per line, surrounding spaces dropped; blank lines and `#` lines skipped."""
-    keys = []
+def parse_key_lines(text: str) -> tuple[list[str], list[int]]:
+    """(the keys of a key file, the numbers of its bad lines): one key per line, surrounding spaces
+    dropped; blank lines and `#` lines skipped; a line that is not one printable ASCII word is bad."""
+    keys, bad = [], []
     for n, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        if not _KEY_CHARS.match(line):
-            raise UserError(f"{where} line {n}: an API key is printable ASCII without spaces")
-        keys.append(line)
-    return keys
+        if _KEY_CHARS.match(line):
+            keys.append(line)
+        else:
+            bad.append(n)
+    return keys, bad
 
 
 class ApiKeys:
-    """The accepted API keys: fixed ones (flags) plus a file's, re-read when the file changes."""
+    """The accepted API keys: fixed ones (given in code) plus a file's, re-read when the file changes.
+
+    The file is the truth as it stands: once it is gone or unreadable it holds no keys (every key it
+    held is refused); a bad line is skipped, with a warning naming its number (never its text), and the
+    other lines apply, so one typo never keeps a revoked key valid."""
 
     def __init__(self, keys: list[str] | tuple[str, ...] = (), path: str | None = None,
                  check_every_s: float = 1.0) -> None:
         for k in keys:
             if not _KEY_CHARS.match(k):
-                raise UserError("--api-key: an API key is printable ASCII without spaces")
+                raise UserError("an API key is printable ASCII without spaces")
+        if path is not None and not path:
+            raise UserError("--api-key-file is empty: give the path of the key file")
         self._fixed = [_digest(k) for k in keys]
         self.path = path
         self.check_every_s = check_every_s
@@ -240,18 +271,18 @@ class ApiKeys:
             if sig == self._sig:
                 return
             text = Path(self.path).read_text(encoding="utf-8", errors="surrogateescape")
-            keys = parse_key_lines(text, f"--api-key-file {self.path}")
         except OSError as exc:
             if initial:
                 raise UserError(f"--api-key-file: cannot read {self.path}: {exc.strerror}") from None
-            log.warning("API key file %s unreadable (%s); keeping the %d keys read before", self.path,
-                        exc.strerror, len(self._file))
+            if self._sig is not None or self._file:
+                log.warning("API key file %s unreadable (%s): no key of it is accepted until it is back",
+                            self.path, exc.strerror)
+            self._file, self._sig = [], None
             return
-        except UserError as exc:
-            if initial:
-                raise
-            log.warning("%s; keeping the %d keys read before", exc, len(self._file))
-            return
+        keys, bad = parse_key_lines(text)
+        if bad:
+            log.warning("API key file %s: line%s %s skipped (an API key is printable ASCII without spaces)",
+                        self.path, "s" if len(bad) > 1 else "", ", ".join(map(str, bad[:20])))
         self._file = [_digest(k) for k in keys]
         self._sig = sig
         if not initial:
@@ -281,6 +312,19 @@ class ApiKeys:
         return ok
 
 
+class RefusedSecretFlag(argparse.Action):
+    """A flag that would put a secret on the command line (any local user reads it with `ps`): refused
+    with what to use instead (`help` holds that advice)."""
+
+    def __init__(self, option_strings, dest, instead: str = "", **kw) -> None:
+        self.instead = instead
+        super().__init__(option_strings, dest, nargs="?", help=argparse.SUPPRESS)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        raise argparse.ArgumentError(self, "a secret on the command line is readable by every local user "
+                                           f"(ps, /proc): {self.instead}")
+
+
 # ---- Redis --------------------------------------------------------------------------------------------
 def add_redis_password_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-password-file", default=None, metavar="PATH",
@@ -296,6 +340,10 @@ def add_kvmanager_security_args(p: argparse.ArgumentParser) -> None:
 
 def kvmanager_security(args) -> tuple[str | None, TLSFiles | None]:
     """(the Redis URL to connect with, password included: never print it; the KV manager's TLS files)."""
+    if not args.no_redis and mask_url(args.redis) != args.redis:
+        raise UserError(f"--redis {mask_url(args.redis)} holds a password, and a command line is readable by every "
+                        "local user (ps, /proc): give the URL without it, and the password with "
+                        f"--redis-password-file or ${REDIS_PASSWORD_ENV}")
     url = None if args.no_redis else redis_url_with_password(args.redis, args.redis_password_file)
     return url, internal_tls(args, "--tls")
 

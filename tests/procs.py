@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -20,13 +21,15 @@ def free_port() -> int:
 class Proc:
     """A child process whose stderr is collected; `wait_for(pattern)` blocks until a line matches."""
 
-    def __init__(self, *args: str, env: dict | None = None) -> None:
+    def __init__(self, *args: str, env: dict | None = None, nofile: int | None = None) -> None:
+        """`nofile`: the child's limit of open file descriptors (`ulimit -n`)."""
         self.args = args
         self.lines: list[str] = []
         self._cond = threading.Condition()
         self.p = subprocess.Popen([sys.executable, "-m", "apar.cli", *args], stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
-                                  start_new_session=True)
+                                  start_new_session=True, preexec_fn=None if nofile is None else
+                                  lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)))
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:

@@ -7,6 +7,7 @@ are checked field by field instead.
 """
 from __future__ import annotations
 
+import base64
 import json
 import re
 from pathlib import Path
@@ -118,7 +119,8 @@ def rendered(chart):
 def test_default_render_kinds(rendered):
     kinds = sorted(d["kind"] for d in rendered["defaults"])
     assert kinds == sorted(["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Deployment", "Deployment",
-                            "StatefulSet", "StatefulSet", "Service", "Service", "Service", "Service", "Pod"])
+                            "StatefulSet", "StatefulSet", "Service", "Service", "Service", "Service", "Service", "Pod",
+                            "NetworkPolicy", "NetworkPolicy", "NetworkPolicy", "NetworkPolicy", "Secret", "Secret"])
 
 
 def test_all_on_render_kinds(rendered):
@@ -262,7 +264,6 @@ OPTIONAL = {
     "autoscaling": ({"autoscaling": {"enabled": True}}, "HorizontalPodAutoscaler"),
     "keda": ({"keda": {"enabled": True}}, "ScaledObject"),
     "podDisruptionBudget": ({"podDisruptionBudget": {"enabled": True}}, "PodDisruptionBudget"),
-    "networkPolicy": ({"networkPolicy": {"enabled": True}}, "NetworkPolicy"),
 }
 
 
@@ -390,7 +391,10 @@ def test_router_discovery_args_and_ports(rendered):
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert router[probe]["grpc"]["port"] == 50051
     svc = one(rendered["defaults"], "Service", "apar-router")
-    assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == {"grpc": 50051, "http": 8000, "metrics": 9100}
+    assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == {"grpc": 50051, "http": 8000}
+    metrics = one(rendered["defaults"], "Service", "apar-router-metrics")  # never on the public Service
+    assert metrics["spec"]["type"] == "ClusterIP" and metrics["spec"]["selector"] == svc["spec"]["selector"]
+    assert {p["name"]: p["port"] for p in metrics["spec"]["ports"]} == {"metrics": 9100}
 
 
 @pytest.mark.parametrize("mode", ["defaults", "all-on-external", "secure", "sharded"])
@@ -513,14 +517,26 @@ def test_external_redis_password_from_secret(rendered):
     assert not any("REDIS_PASSWORD" in str(d) for d in docs if d["kind"] == "Secret")
 
 
-def test_in_release_redis_password(chart):
+def test_in_release_redis_password(chart, rendered):
     docs = render(chart, {"redis": {"auth": {"existingSecret": "r"}}})
     kv = container(one(docs, "Deployment", "apar-kvmanager"), "kvmanager")
     assert "--redis=redis://apar-redis:6379/0" in kv["args"]
     env = next(e for e in kv["env"] if e["name"] == "APAR_REDIS_PASSWORD")
     assert env["valueFrom"]["secretKeyRef"] == {"name": "r", "key": "password"}
-    redis = container(one(docs, "StatefulSet", "apar-redis"), "redis")
-    assert "$(REDIS_PASSWORD)" in redis["args"] and redis["env"][0]["valueFrom"]["secretKeyRef"]["name"] == "r"
+    sts = one(docs, "StatefulSet", "apar-redis")
+    redis, init = container(sts, "redis"), sts["spec"]["template"]["spec"]["initContainers"][0]
+    assert redis["args"][0] == "/etc/redis-auth/auth.conf" and "env" not in redis  # read from a file
+    assert init["env"][0]["valueFrom"]["secretKeyRef"] == {"name": "r", "key": "password"}
+    assert not by_kind([d for d in docs if d["metadata"]["name"] == "apar-redis-auth"], "Secret")
+    # by default the chart makes the password, kept in a Secret of its own
+    secret = one(rendered["defaults"], "Secret", "apar-redis-auth")
+    assert len(base64.b64decode(secret["data"]["password"])) == 64
+    kv = container(one(rendered["defaults"], "Deployment", "apar-kvmanager"), "kvmanager")
+    assert next(e for e in kv["env"] if e["name"] == "APAR_REDIS_PASSWORD")["valueFrom"]["secretKeyRef"] == \
+        {"name": "apar-redis-auth", "key": "password"}
+    off = render(chart, {"redis": {"auth": {"enabled": False}}})
+    assert "initContainers" not in one(off, "StatefulSet", "apar-redis")["spec"]["template"]["spec"]
+    assert not [d for d in off if d["kind"] == "Secret" and "redis" in d["metadata"]["name"]]
 
 
 def test_external_redis_needs_url(chart):
@@ -571,8 +587,9 @@ def test_service_monitors(rendered):
         assert sm["spec"]["endpoints"][0]["port"] == "metrics"
         assert sm["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
         selector = sm["spec"]["selector"]["matchLabels"]
-        matched = [s for s in services.values() if selector.items() <= s["metadata"]["labels"].items()]
-        assert len(matched) == 1 and any(p["name"] == "metrics" for p in matched[0]["spec"]["ports"])
+        matched = [s for s in services.values() if selector.items() <= s["metadata"]["labels"].items()
+                   and any(p["name"] == "metrics" for p in s["spec"]["ports"])]
+        assert len(matched) == 1
         components.add(selector["app.kubernetes.io/component"])
     assert components == {"router", "worker", "kvmanager"}
 
@@ -617,22 +634,34 @@ def test_keda_scaled_object(rendered):
     assert so["spec"]["minReplicaCount"] <= so["spec"]["maxReplicaCount"]
 
 
-def test_network_policies(rendered):
-    docs = rendered["all-on"]
-    policies = {p["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"]: p
-                for p in by_kind(docs, "NetworkPolicy")}
-    assert set(policies) == {"router", "worker", "kvmanager", "redis"}
+def test_network_policies_on_by_default_exactly_the_needed_paths(chart, rendered):
+    def peers(component):
+        return [{"podSelector": {"matchLabels": {**release, "app.kubernetes.io/component": component}}}]
+
     release = {"app.kubernetes.io/name": "apar", "app.kubernetes.io/instance": RELEASE}
-    # The router's API ports: no `from`, so reachable from anywhere.
-    assert "from" not in policies["router"]["spec"]["ingress"][0]
-    for component, port in (("worker", 50061), ("kvmanager", 50071)):
-        grpc_rule = policies[component]["spec"]["ingress"][0]
-        assert grpc_rule["ports"] == [{"port": port, "protocol": "TCP"}]
-        assert grpc_rule["from"] == [{"podSelector": {"matchLabels": release}}]
-        metrics_rule = policies[component]["spec"]["ingress"][1]
-        assert {"namespaceSelector": {"matchLabels": {"name": "monitoring"}}} in metrics_rule["from"]
-    redis_from = policies["redis"]["spec"]["ingress"][0]["from"]
-    assert redis_from == [{"podSelector": {"matchLabels": {**release, "app.kubernetes.io/component": "kvmanager"}}}]
+    monitoring = {"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}
+    for mode in ("defaults", "all-on"):
+        policies = {p["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"]: p
+                    for p in by_kind(rendered[mode], "NetworkPolicy")}
+        assert set(policies) == {"router", "worker", "kvmanager", "redis"}
+        # the router's API ports: no `from`, reachable from anywhere
+        router = policies["router"]["spec"]["ingress"]
+        assert "from" not in router[0] and {p["port"] for p in router[0]["ports"]} == {50051, 8000}
+        for component, port, sources in (("worker", 50061, ["router"]), ("kvmanager", 50071, ["worker", "router"])):
+            rules = policies[component]["spec"]["ingress"]
+            assert rules[0]["ports"] == [{"port": port, "protocol": "TCP"}]
+            assert rules[0]["from"] == [peer for c in sources for peer in peers(c)]
+        assert policies["redis"]["spec"]["ingress"][0]["from"] == peers("kvmanager")
+        for component, port in (("router", 9100), ("worker", 9100), ("kvmanager", 9100)):
+            rules = policies[component]["spec"]["ingress"]
+            metrics = [r for r in rules if {"port": port, "protocol": "TCP"} in r["ports"]]
+            # the metrics ports: from networkPolicy.metricsFrom only, and from nobody without it
+            assert metrics == ([{"ports": [{"port": port, "protocol": "TCP"}], "from": [monitoring]}]
+                               if mode == "all-on" else [])
+    limited = render(chart, {"networkPolicy": {"routerFrom": [{"namespaceSelector": {}}]}})
+    router = one(limited, "NetworkPolicy", "apar-router")["spec"]["ingress"][0]
+    assert router["from"] == [{"namespaceSelector": {}}, *peers("test")]  # `helm test` still reaches it
+    assert not by_kind(render(chart, {"networkPolicy": {"enabled": False}}), "NetworkPolicy")
 
 
 def test_pod_disruption_budgets_select_their_pods(rendered):
@@ -729,16 +758,78 @@ def test_internal_ca_from_the_same_secret_by_default(chart):
     assert router["readinessProbe"]["grpc"] == {"port": 50051}
 
 
-def test_defaults_stay_plaintext_without_keys(rendered):
+def test_defaults_stay_plaintext_without_keys_but_share_a_cluster_token(rendered):
     docs = rendered["defaults"]
     for kind, name, component in (("Deployment", "apar-router", "router"), ("StatefulSet", "apar-worker", "worker"),
                                   ("Deployment", "apar-kvmanager", "kvmanager")):
         c = container(one(docs, kind, name), component)
         assert not any("tls" in a or "api-key" in a for a in c["args"]), c["args"]
-        assert "grpc" in c["readinessProbe"] and "/etc/apar" not in str(c["volumeMounts"])
+        assert "--cluster-token-file=/etc/apar/cluster/token" in c["args"]
+        assert "grpc" in c["readinessProbe"] and "/etc/apar/tls" not in str(c["volumeMounts"])
+        assert {"name": "cluster-token", "mountPath": "/etc/apar/cluster", "readOnly": True} in c["volumeMounts"]
+        volumes = one(docs, kind, name)["spec"]["template"]["spec"]["volumes"]
+        assert {"name": "cluster-token", "secret": {"secretName": "apar-cluster-token", "defaultMode": 0o440}} in volumes
     args = container(one(docs, "Deployment", "apar-router"), "router")["args"]
     assert {"--max-request-bytes=4194304", "--max-prompt-tokens=32768", "--max-tokens-limit=16384",
             "--max-streams-per-key=256", "--rate-limit=0", "--rate-burst=0"} <= set(args)
+
+
+def test_cluster_token_secret_made_by_the_chart_or_given(chart, rendered):
+    secret = one(rendered["defaults"], "Secret", "apar-cluster-token")
+    token = base64.b64decode(secret["data"]["token"]).decode()
+    assert len(token) == 64 and token.isalnum()
+    again = one(render(chart), "Secret", "apar-cluster-token")
+    assert again["data"]["token"] != secret["data"]["token"]  # random (an upgrade keeps the live one: lookup)
+    given = render(chart, {"auth": {"clusterToken": {"existingSecret": "mine", "key": "t"}}})
+    assert not [d for d in given if d["kind"] == "Secret" and d["metadata"]["name"] == "apar-cluster-token"]
+    worker = one(given, "StatefulSet", "apar-worker")
+    assert "--cluster-token-file=/etc/apar/cluster/t" in container(worker, "worker")["args"]
+    assert {"name": "cluster-token", "secret": {"secretName": "mine", "defaultMode": 0o440}} in \
+        worker["spec"]["template"]["spec"]["volumes"]
+    off = render(chart, {"auth": {"clusterToken": {"enabled": False}}})
+    assert not any("cluster-token" in str(d) for d in off if d["kind"] != "ConfigMap")
+
+
+def test_api_keys_with_open_internal_services_are_refused(chart):
+    keys = {"auth": {"apiKeys": {"secretName": "k"}, "clusterToken": {"enabled": False}}}
+    with pytest.raises(helm.HelmError, match="internal services are open"):
+        chart.render(keys, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    with pytest.raises(helm.HelmError, match="internal services are open"):  # a NetworkPolicy is not enough
+        chart.render({**keys, "networkPolicy": {"enabled": True}}, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    assert render(chart, {**keys, "tls": {"internal": {"secretName": "internal-tls"}}})
+    assert render(chart, {"auth": {"apiKeys": {"secretName": "k"}}})  # the defaults: the cluster token
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_no_secret_on_any_command_line(rendered, mode):
+    """No container takes a secret in its args or command: secrets come in files or the environment, and no
+    arg expands an environment variable that holds one."""
+    for doc in rendered[mode]:
+        spec = doc.get("spec", {}).get("template", {}).get("spec") or (doc["spec"] if doc["kind"] == "Pod" else None)
+        if not spec:
+            continue
+        for c in spec.get("containers", []) + spec.get("initContainers", []):
+            secret_vars = {e["name"] for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
+            words = [str(w) for w in c.get("command", []) + c.get("args", [])]
+            for word in words:
+                assert not any(f"$({v})" in word for v in secret_vars), (doc["metadata"]["name"], word)
+                assert not re.search(r"(?i)--requirepass|--api-key(=|$)|--redis-password(=|$)|://[^/@]*:[^/@]+@", word)
+            for secret in (d for d in rendered[mode] if d["kind"] == "Secret"):
+                for value in secret.get("data", {}).values():
+                    assert base64.b64decode(value).decode() not in " ".join(words)
+
+
+def test_network_policy_and_token_off_warn_in_notes(chart):
+    def notes(values):
+        out = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+        return next(text for path, text in out.items() if path.endswith("NOTES.txt"))
+
+    text = notes({"networkPolicy": {"enabled": False}, "auth": {"clusterToken": {"enabled": False}},
+                  "redis": {"auth": {"enabled": False}}})
+    assert "WARNING" in text and "networkPolicy is off" in text and "auth.clusterToken is off" in text
+    assert "Redis has no password" in text
+    assert "networkPolicy is off" not in notes({}) and "auth.clusterToken is off" not in notes({})
+    assert "keep Prometheus away" in notes({"serviceMonitor": {"enabled": True}})
 
 
 def test_metrics_open_flag(chart):
@@ -825,3 +916,39 @@ def test_dockerignore():
                if line.strip() and not line.startswith("#")}
     assert {".git", "models", "bench-results", "**/__pycache__", "*.egg-info", ".pytest_cache", "*.whl"} <= entries
     assert not {"data", "data/", "proto", "apar", "services"} & entries
+
+
+def test_redis_reads_its_password_from_the_file_the_init_container_writes(rendered, tmp_path):
+    """The init container's script, run here with a password full of quoting traps; redis-server started
+    with the container's args then takes that password, and it shows on no command line."""
+    import shutil
+    import subprocess
+
+    import redis as redis_py
+
+    from tests.faults import wait_until
+    from tests.procs import free_port
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not on PATH")
+    sts = one(rendered["defaults"], "StatefulSet", "apar-redis")
+    init = sts["spec"]["template"]["spec"]["initContainers"][0]
+    script = init["command"][2].replace("/etc/redis-auth", str(tmp_path))
+    password = 'p "w\\ord $HOME `x` \'q\' \\\\ end'
+    subprocess.run(["sh", "-c", script], env={"REDIS_PASSWORD": password, "PATH": "/usr/bin:/bin"}, check=True)
+    assert oct((tmp_path / "auth.conf").stat().st_mode & 0o777) == "0o600"
+    args = [a.replace("/etc/redis-auth", str(tmp_path)) for a in container(sts, "redis")["args"]]
+    port = free_port()
+    args[args.index("--port") + 1], args[args.index("--dir") + 1] = str(port), str(tmp_path)
+    proc = subprocess.Popen(["redis-server", *args, "--bind", "127.0.0.1", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = redis_py.Redis(host="127.0.0.1", port=port, password=password, socket_connect_timeout=0.5)
+        assert wait_until(lambda: client.ping(), 10, "redis-server with the password", ignore=(redis_py.RedisError,))
+        with pytest.raises(redis_py.AuthenticationError):
+            redis_py.Redis(host="127.0.0.1", port=port, password="wrong").ping()
+        assert "w\\ord" not in " ".join(args) + Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode(errors="replace")
+        client.close()
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)

@@ -242,7 +242,7 @@ def _long_request(stream: bool) -> bytes:
     body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 900,
             "temperature": 0, "stream": stream, "apar": {"ignore_eos": True}}
     data = json.dumps(body).encode()
-    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n" % len(data)) + data
 
 

@@ -133,30 +133,61 @@ def test_bearer_parsing():
 def test_api_key_file_is_reread_when_it_changes(tmp_path, caplog):
     path = tmp_path / "keys"
     path.write_text("# keys\nfirst-key\n\n  second-key  \n")
-    keys = ApiKeys(["flag-key"], str(path), check_every_s=0.0)
-    assert len(keys) == 3 and all(keys.check(k) for k in ("first-key", "second-key", "flag-key"))
+    keys = ApiKeys(["fixed-key"], str(path), check_every_s=0.0)
+    assert len(keys) == 3 and all(keys.check(k) for k in ("first-key", "second-key", "fixed-key"))
     assert not keys.check("first-key ") and not keys.check("") and not keys.check(None)
     path.write_text("third-key\n")
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
-    assert keys.check("third-key") and not keys.check("first-key") and keys.check("flag-key")
-    with caplog.at_level(logging.WARNING):
-        path.write_text("bad key with spaces\n")
-        os.utime(path, ns=(time.time_ns(), time.time_ns() + 2 * 10**9))
-        assert keys.check("third-key")  # a broken file keeps the keys read before
-        path.unlink()
-        assert keys.check("third-key")  # and so does a missing one
-    assert "keeping the 1 keys" in caplog.text and "bad key" not in caplog.text
+    assert keys.check("third-key") and not keys.check("first-key") and keys.check("fixed-key")
     path.write_text("")
-    assert not keys.check("third-key") and keys.check("flag-key")  # an empty file: no file keys
-    with pytest.raises(UserError, match="line 1"):
-        bad = tmp_path / "bad"
-        bad.write_text("a b\n")
-        ApiKeys([], str(bad))
-    with pytest.raises(UserError, match="cannot read"):
-        ApiKeys([], str(tmp_path / "absent"))
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 2 * 10**9))
+    assert not keys.check("third-key") and keys.check("fixed-key")  # an empty file: no file keys
     slow = ApiKeys([], str(path), check_every_s=3600)
     path.write_text("late-key\n")
     assert not slow.check("late-key")  # looked at most once per check_every_s
+
+
+def test_key_file_cases_a_bad_line_a_missing_file_an_empty_flag(tmp_path, caplog):
+    path = tmp_path / "keys"
+    path.write_text("kept-key\nrevoked-key\n")
+    keys = ApiKeys([], str(path), check_every_s=0.0)
+    assert keys.check("revoked-key")
+    with caplog.at_level(logging.WARNING, logger="services.security"):
+        # revoking one key while a typo sits on another line: the typo is skipped, the revocation applies
+        path.write_text("kept-key\nnew key with spaces\nnewer-key\n")
+        os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+        assert not keys.check("revoked-key") and keys.check("kept-key") and keys.check("newer-key")
+        assert "line 2 skipped" in caplog.text and "new key with" not in caplog.text
+        path.unlink()  # a deleted key file: no key of it is valid any more
+        assert not keys.check("kept-key") and not keys.check("newer-key") and len(keys) == 0
+        assert "no key of it is accepted" in caplog.text
+        path.write_text("back-key\n")
+        assert keys.check("back-key")  # and when it is back, its keys are
+    started = tmp_path / "bad"
+    started.write_text("a b\ngood-key\n")
+    assert ApiKeys([], str(started)).check("good-key")  # at start too: the bad line is skipped
+    with pytest.raises(UserError, match="cannot read"):
+        ApiKeys([], str(tmp_path / "absent"))  # at start, a missing file is a mistake to report
+    with pytest.raises(UserError, match="--api-key-file is empty"):
+        ApiKeys([], "")
+    cli = subprocess.run([sys.executable, "-m", "apar.cli", "serve", "--model", "x", "--api-key-file", ""],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert cli.returncode == 2 and "--api-key-file is empty" in cli.stderr
+
+
+def test_no_secret_on_a_command_line(tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "apar.cli", *args], capture_output=True, text=True, cwd=ROOT,
+                              timeout=60)
+
+    for args in (("serve", "--model", "x", "--api-key", KEYS[0]), ("router", "--model", "x", "--workers", "h:1",
+                                                                    "--api-key", KEYS[0]),
+                 ("generate", "--server", "h:1", "--prompt", "p", "--api-key", KEYS[0])):
+        out = run(*args)
+        assert out.returncode == 2 and "command line is readable" in out.stderr and "--api-key-file" in out.stderr
+    out = run("kvmanager", "--redis", "redis://:Pw-sentinel-77@127.0.0.1:1/0")
+    assert out.returncode == 2 and "holds a password" in out.stderr and "Pw-sentinel" not in out.stderr
+    assert "--redis-password-file" in out.stderr
 
 
 def test_tls_flags_must_come_together(pki):
@@ -182,7 +213,7 @@ def test_guard_limits_and_one_log_line_each(caplog):
         assert guard.authenticate(None, "grpc", "m") is None
         assert guard.authenticate("Bearer nope", "http", "m") is None
         caller = guard.authenticate("Bearer the-key", "http", "m")
-        assert caller == Caller(key_id("the-key"), "http")
+        assert (caller.key, caller.door) == (key_id("the-key"), "http")
         t1, t2 = guard.admit(caller), guard.admit(caller)
         with pytest.raises(Refused) as err:
             guard.admit(caller)
@@ -210,6 +241,51 @@ def test_guard_limits_and_one_log_line_each(caplog):
     assert guard.streams("other") == 1
     del dropped  # a ticket dropped unreleased gives its place back
     assert guard.streams("other") == 0
+
+
+def test_each_of_n_answers_counts_toward_the_stream_limit():
+    guard = Guard(ApiKeys(["the-key"]), Limits(max_streams_per_key=4))
+    caller = guard.authenticate("Bearer the-key", "grpc", "m")
+    three = guard.admit(caller, 3)
+    assert guard.streams(caller.key) == 3
+    with pytest.raises(Refused, match="3 running, this request asks for 2"):
+        guard.admit(caller, 2)
+    one = guard.admit(caller, 1)
+    three.release()
+    assert guard.streams(caller.key) == 1
+    with pytest.raises(Refused):
+        guard.admit(caller, 5)  # more answers than the limit: never
+    one.release()
+    assert guard.streams(caller.key) == 0
+
+
+def test_max_threads_and_max_depth_are_bounded_on_both_apis():
+    from services.protocol.convert import params_from_pb
+    from services.router.http import ApiError, _params
+
+    for field, value in (("max_threads", 1025), ("max_threads", 2**32 - 1), ("max_depth", 1025),
+                         ("max_depth", 2**32 - 1), ("max_threads", 0)):
+        with pytest.raises(UserError, match=field):
+            params_from_pb(pb.common_pb2.SamplingParameters(), pb.common_pb2.Limits(**{field: value}), False)
+        with pytest.raises(ApiError, match=field):
+            _params({"apar": {field: value}}, chat=False)
+    params = params_from_pb(pb.common_pb2.SamplingParameters(), pb.common_pb2.Limits(max_threads=1024, max_depth=1024),
+                            False)
+    assert (params.max_threads, params.max_depth) == (1024, 1024)
+
+
+def test_prefix_cache_salts_differ_per_key_unless_shared():
+    from services.protocol.prefix import block_hashes
+
+    isolated, shared = Guard(ApiKeys(["key-a", "key-b"])), Guard(ApiKeys(["key-a", "key-b"]), shared_prefix_cache=True)
+    a, b = (isolated.authenticate(f"Bearer {k}", "http", "m") for k in ("key-a", "key-b"))
+    assert a.cache_salt and b.cache_salt and a.cache_salt != b.cache_salt
+    assert isolated.authenticate("Bearer key-a", "grpc", "m").cache_salt == a.cache_salt  # stable per key
+    assert {shared.authenticate(f"Bearer {k}", "http", "m").cache_salt for k in ("key-a", "key-b")} == {0}
+    assert Guard().authenticate(None, "http", "m").cache_salt == 0  # no keys: one shared cache
+    ids = list(range(64))
+    plain, salted_a, salted_b = (block_hashes(ids, 16, salt=s) for s in (0, a.cache_salt, b.cache_salt))
+    assert plain == block_hashes(ids, 16) and len({*plain, *salted_a, *salted_b}) == 12  # no name shared
 
 
 # ---------------------------------------------------------------- the public APIs: TLS, keys, limits
@@ -394,12 +470,14 @@ def test_apar_generate_client_tls_and_api_key(secure, pki):
                         text=True, timeout=120, cwd=ROOT)
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["usage"]["completion_tokens"] == 3
-    flag = subprocess.run(base + ["--ca", pki.ca.path, "--api-key", KEYS[1]], env=env, capture_output=True, text=True,
-                          timeout=120, cwd=ROOT)
+    keyfile = Path(tempfile.mkdtemp()) / "key"
+    keyfile.write_text(f"# my key\n{KEYS[1]}\n")
+    flag = subprocess.run(base + ["--ca", pki.ca.path, "--api-key-file", str(keyfile)], env=env, capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
     assert flag.returncode == 0, flag.stderr
     none = subprocess.run(base + ["--ca", pki.ca.path], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert none.returncode == 2 and "unauthenticated" in none.stderr
-    plain = subprocess.run(base[:-1] + ["2", "--api-key", KEYS[0]], env=env, capture_output=True, text=True,
+    plain = subprocess.run(base[:-1] + ["2"], env={**env, "APAR_API_KEY": KEYS[0]}, capture_output=True, text=True,
                            timeout=120, cwd=ROOT)
     assert plain.returncode == 2 and "server unavailable" in plain.stderr
 
@@ -478,6 +556,17 @@ def test_fuzzed_metadata_and_headers_crash_nothing(secure, pki):
     assert generate(secure.stub, KEYS[0]).usage.completion_tokens == 4  # still serving
 
 
+def test_a_message_over_grpcs_own_cap_is_refused_with_a_log_line(secure):
+    since = len(secure.proc.lines)
+    huge = A.GenerateRequest(prompt="x" * (17 << 20), sampling=pb.common_pb2.SamplingParameters(max_tokens=1))
+    with pytest.raises(grpc.RpcError) as err:
+        list(secure.stub.Generate(huge, timeout=60, metadata=bearer_md(KEYS[0])))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    secure.proc.wait_for(r"refused request: reason=too_large door=grpc key=%s: request of more than 16777216 bytes"
+                         % key_id(KEYS[0]), 30, since)
+    assert generate(secure.stub, KEYS[0]).usage.completion_tokens == 4  # still serving
+
+
 def test_the_key_file_is_reread(secure):
     added = "k3-Charlie-9b7d5f3a1c"
     assert grpc_code(lambda: generate(secure.stub, added)) == grpc.StatusCode.UNAUTHENTICATED
@@ -506,12 +595,13 @@ def test_the_log_never_holds_a_key_or_a_prompt(secure):
     assert f"key={key_id(KEYS[0])}" in log and f"key={key_id(WRONG)}" in log
 
 
-# ---------------------------------------------------------------- rate limit and --api-key flags
+# ---------------------------------------------------------------- rate limit
 
-def test_rate_limit_per_key(llama_dir):
+def test_rate_limit_per_key(llama_dir, tmp_path):
     port, http_port = free_port(), free_port()
+    (tmp_path / "keys").write_text(f"{KEYS[0]}\n{KEYS[1]}\n")
     proc = Proc("serve", "--model", str(llama_dir), "--port", str(port), "--http-port", str(http_port),
-                "--kv-blocks", "64", "--served-model-name", "demo", "--api-key", KEYS[0], "--api-key", KEYS[1],
+                "--kv-blocks", "64", "--served-model-name", "demo", "--api-key-file", str(tmp_path / "keys"),
                 "--rate-limit", "0.5", "--rate-burst", "2", "--metrics-open")
     try:
         proc.wait_for("listening on")
@@ -552,7 +642,7 @@ def test_mutual_tls_between_router_worker_and_kv_manager(llama_dir, pki):
                       "--kvmanager", f"127.0.0.1:{kv_port}", "--worker-id", "w-tls", *internal_flags(pki.internal))
         procs.append(worker)
         worker.wait_for("listening on")
-        assert "(mutual TLS)" in "".join(worker.lines)
+        assert "(mutual TLS, no cluster token)" in "".join(worker.lines)
 
         def router(*flags):
             port = free_port()
@@ -669,10 +759,6 @@ def test_kv_manager_reaches_redis_with_a_password_over_tls(pki, tmp_path):
                 worker_id="w-redis", address="127.0.0.1:1", num_blocks=8, block_size=16, ttl_seconds=30), timeout=5)
         assert redis_srv.client.hexists("apar:kv:workers", "w-redis")  # the ledger is in that Redis
 
-        inline, inline_address = kvmanager(base.replace("rediss://", f"rediss://:{password}@"))
-        wait_until(lambda: kv_serving(inline_address), 10, "the KV manager with the password in its URL")
-        assert "rediss://:***@127.0.0.1" in "".join(inline.lines)
-
         wrong_pw = "Wrong-Pw-sentinel-1f9b"
         wrong, wrong_address = kvmanager(base, env={"APAR_REDIS_PASSWORD": wrong_pw})
         wrong.wait_for("Redis unreachable")
@@ -682,7 +768,8 @@ def test_kv_manager_reaches_redis_with_a_password_over_tls(pki, tmp_path):
                                 "--redis", base.replace("rediss://", f"rediss://:{password}@"),
                                 "--redis-password-file", str(pwfile)], capture_output=True, text=True, cwd=ROOT,
                                timeout=60)
-        assert twice.returncode == 2 and "given twice" in twice.stderr and password not in twice.stderr
+        assert twice.returncode == 2 and "holds a password" in twice.stderr and password not in twice.stderr
+        assert "rediss://:***@127.0.0.1" in twice.stderr
     finally:
         for p in procs:
             p.stop()

@@ -9,6 +9,8 @@ from apar.errors import UserError
 
 
 def register(subparsers) -> None:
+    from services.security import RefusedSecretFlag
+
     p = subparsers.add_parser("generate", help="generate an answer with parallel threads",
                               description="Generate one answer. Temperature 0 (the default) is greedy.")
     p.add_argument("--model", help="local Hugging Face model directory (in-process generation)")
@@ -19,8 +21,10 @@ def register(subparsers) -> None:
     p.add_argument("--ca", default=None, metavar="PEM", help="with --server: TLS, trusting this CA (implies --tls)")
     p.add_argument("--tls-server-name", default=None, metavar="NAME",
                    help="with --server: check the server's certificate against NAME instead of the address")
-    p.add_argument("--api-key", default=None, metavar="KEY",
-                   help="with --server: send 'authorization: Bearer KEY' (default: $APAR_API_KEY)")
+    p.add_argument("--api-key-file", default=None, metavar="PATH",
+                   help="with --server: send 'authorization: Bearer KEY', KEY the file's first line "
+                        "(default: $APAR_API_KEY)")
+    p.add_argument("--api-key", action=RefusedSecretFlag, instead="give --api-key-file PATH or $APAR_API_KEY")
     p.add_argument("--prompt", required=True, help="the prompt (the chat template is applied when the "
                                                    "tokenizer has one)")
     p.add_argument("--ar", action="store_true", help="auto-regressive mode: never fork (the baseline)")

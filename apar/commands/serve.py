@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import shutil
 import signal
 import sys
+import tempfile
 import uuid
 
 from apar.errors import UserError
@@ -12,6 +16,7 @@ from apar.errors import UserError
 
 def register(subparsers) -> None:
     from apar.commands.generate import add_engine_args
+    from services.cluster_auth import add_cluster_token_arg
     from services.router.guard import add_public_args
     from services.security import add_internal_tls_args
 
@@ -19,11 +24,12 @@ def register(subparsers) -> None:
     s.add_argument("--model", required=True, help="local Hugging Face model directory")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=50051)
-    s.add_argument("--metrics-port", type=int, default=None, help="expose Prometheus metrics on this port")
+    s.add_argument("--metrics-port", type=int, default=None, help="expose Prometheus metrics on this port (on --host)")
     s.add_argument("--http-port", type=int, default=None, help="also serve the OpenAI-compatible HTTP API on this "
                                                                 "port (/v1/chat/completions, /v1/completions, ...)")
     s.add_argument("--served-model-name", default=None, help="the model id clients name (default: the --model path)")
     add_public_args(s)
+    _add_stream_buffer_arg(s)
     add_engine_args(s)
     s.set_defaults(func=run_serve)
 
@@ -38,10 +44,12 @@ def register(subparsers) -> None:
                                                      "shard's, comma-separated (the worker id picks its own); "
                                                      "without it the worker keeps its ledger in-process")
     w.add_argument("--kv-ttl", type=int, default=10, help="registration time-to-live at the KV manager, s")
-    w.add_argument("--metrics-port", type=int, default=None)
+    w.add_argument("--metrics-port", type=int, default=None, help="expose Prometheus metrics on this port (on --host)")
     w.add_argument("--served-model-name", default=None, help="the model_name label of its metrics: the router's "
                                                              "--served-model-name (default: the --model path)")
     add_internal_tls_args(w, "--tls")
+    add_cluster_token_arg(w)
+    _add_stream_buffer_arg(w)
     add_engine_args(w)
     w.set_defaults(func=run_worker)
 
@@ -63,12 +71,28 @@ def register(subparsers) -> None:
                                                     "the in-cluster service account, else the kubeconfig")
     r.add_argument("--host", default="127.0.0.1")
     r.add_argument("--port", type=int, default=50051)
-    r.add_argument("--metrics-port", type=int, default=None)
+    r.add_argument("--metrics-port", type=int, default=None, help="expose Prometheus metrics on this port (on --host)")
     r.add_argument("--http-port", type=int, default=None, help="also serve the OpenAI-compatible HTTP API here")
     r.add_argument("--served-model-name", default=None, help="the model id clients name (default: the --model path)")
     add_public_args(r)
     add_internal_tls_args(r, "--internal-tls")
+    add_cluster_token_arg(r)
     r.set_defaults(func=run_router)
+
+
+def _add_stream_buffer_arg(p) -> None:
+    from services.worker.config import STREAM_BUFFER_EVENTS
+
+    def events(text: str) -> int:
+        value = int(text)
+        if value < 1:
+            raise ValueError(text)
+        return value
+
+    p.add_argument("--stream-buffer", type=events, default=STREAM_BUFFER_EVENTS, metavar="EVENTS",
+                   help="events (tokens, thread starts and ends) of one request that may wait for a client "
+                        "reading slower than they are generated; past it the request ends RESOURCE_EXHAUSTED "
+                        f"({STREAM_BUFFER_EVENTS})")
 
 
 def _setup() -> None:
@@ -100,11 +124,15 @@ def _engine(args, registry):
     return engine, EngineLoop(engine, on_step=metrics.on_step), metrics
 
 
-def _metrics(port: int | None, registry) -> None:
+def _metrics(port: int | None, registry, host: str) -> None:
+    """Prometheus metrics on `host:port` (the service's own --host: never wider than its API)."""
     if port is not None:
         from prometheus_client import start_http_server
 
-        start_http_server(port, registry=registry)
+        try:
+            start_http_server(port, addr=host, registry=registry)
+        except OSError as exc:
+            raise UserError(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from None
 
 
 def run_serve(args) -> int:
@@ -119,9 +147,11 @@ def run_serve(args) -> int:
 
 
 def _public_security(args):
-    """(TLS files or None, the Guard) of the public APIs, from the flags."""
+    """(TLS files or None, the Guard) of the public APIs, from the flags (the HTTP server's bounds checked)."""
     from services.router.guard import guard_from_args, public_tls
+    from services.router.http_server import http_limits_from_args
 
+    http_limits_from_args(args)
     return public_tls(args), guard_from_args(args)
 
 
@@ -150,14 +180,18 @@ async def _front_doors(args, tokenizer, directory, registry=None, security=None)
     grpc_server, port = await start_router_server(RouterService(gateway), f"{args.host}:{args.port}", tls)
     servers, where = [grpc_server], f"{args.host}:{port}"
     if args.http_port is not None:
-        from services.router.http import build_app, start_http_server
+        from services.router.http import build_app
+        from services.router.http_server import allowed_hosts, http_limits_from_args, start_http_server
 
-        http, _, http_port = await start_http_server(build_app(gateway), args.host, args.http_port, tls)
+        limits = http_limits_from_args(args)
+        app = build_app(gateway, request_timeout_s=limits.request_timeout_s,
+                        allowed_hosts=allowed_hosts(args.host, args.allowed_host))
+        http, _, http_port = await start_http_server(app, args.host, args.http_port, tls, limits, guard.keys)
         servers.append(_UvicornStopper(http))
         where += f", HTTP on {args.host}:{http_port}"
     where += f" ({'TLS' if tls else 'plaintext'}, " + \
              (f"{len(guard.keys)} API keys" if guard.keys is not None else "no API keys") + ")"
-    _metrics(args.metrics_port, gateway.metrics.registry)
+    _metrics(args.metrics_port, gateway.metrics.registry, args.host)
     return servers, where
 
 
@@ -176,40 +210,60 @@ async def _serve(args, engine, loop, registry, security=None) -> int:
     from services.router.workers import WorkerDirectory
     from services.worker.service import start_worker_server
 
-    worker_server, worker_port = await start_worker_server(loop, "127.0.0.1:0", "embedded", str(args.model))
-    directory = WorkerDirectory([f"127.0.0.1:{worker_port}"])
-    servers, where = await _front_doors(args, engine.tokenizer, directory, registry, security)
-    print(f"apar serve: listening on {where} (model {args.model})", file=sys.stderr, flush=True)
-    try:
-        await _until_signal(*servers, worker_server)
-    finally:
-        await directory.close()
-        loop.stop()
+    with _private_socket_dir() as where:
+        socket = f"unix:{where}/worker.sock"
+        worker_server, _ = await start_worker_server(loop, socket, "embedded", str(args.model),
+                                                     stream_buffer=args.stream_buffer)
+        os.chmod(f"{where}/worker.sock", 0o600)
+        directory = WorkerDirectory([socket])
+        try:
+            servers, listening = await _front_doors(args, engine.tokenizer, directory, registry, security)
+            print(f"apar serve: listening on {listening} (model {args.model})", file=sys.stderr, flush=True)
+            await _until_signal(*servers, worker_server)
+        finally:
+            await directory.close()
+            loop.stop()
     return 0
 
 
+@contextlib.contextmanager
+def _private_socket_dir():
+    """A directory only this user can enter (0700), removed at the end: the embedded worker's Unix socket
+    (0600) lives there, so no other local user, and no TCP client at all, reaches the worker past the
+    router's keys and limits."""
+    where = tempfile.mkdtemp(prefix="apar-serve-")
+    try:
+        yield where
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+
+
 def run_worker(args) -> int:
+    from services.cluster_auth import SERVER_RISK, cluster_token, describe, warn_if_open
     from services.security import internal_tls
 
     tls = internal_tls(args, "--tls")  # bad flags fail before the model loads
+    token = cluster_token(args)
     _setup()
     from prometheus_client import CollectorRegistry
 
     registry = CollectorRegistry()
     engine, loop, _ = _engine(args, registry)
-    _metrics(args.metrics_port, registry)
+    _metrics(args.metrics_port, registry, args.host)
 
     wid = args.worker_id or f"worker-{uuid.uuid4().hex[:8]}"
     client = None
     if args.kvmanager:
-        client = _lease_pool(engine, loop, args, wid, tls)
+        client = _lease_pool(engine, loop, args, wid, tls, token)
 
     async def main() -> int:
         from services.worker.service import start_worker_server
 
-        server, port = await start_worker_server(loop, f"{args.host}:{args.port}", wid, str(args.model), tls)
-        print(f"apar worker: {wid} listening on {args.host}:{port} ({tls.describe() if tls else 'plaintext'})",
-              file=sys.stderr, flush=True)
+        server, port = await start_worker_server(loop, f"{args.host}:{args.port}", wid, str(args.model), tls, token,
+                                                 args.stream_buffer)
+        warn_if_open(token, "apar worker", SERVER_RISK)
+        print(f"apar worker: {wid} listening on {args.host}:{port} ({tls.describe() if tls else 'plaintext'}, "
+              f"{describe(token)})", file=sys.stderr, flush=True)
         try:
             await _until_signal(server)
         finally:
@@ -221,14 +275,14 @@ def run_worker(args) -> int:
     return asyncio.run(main())
 
 
-def _lease_pool(engine, loop, args, wid: str, tls=None):
+def _lease_pool(engine, loop, args, wid: str, tls=None, token=None):
     """Cluster mode: register the pool with the KV manager and mirror its ledger (RemoteKV)."""
     from services.worker.kv import RemoteKV
     from services.worker.kvclient import KVManagerClient
 
     address = args.advertise or f"{args.host}:{args.port}"
     client = KVManagerClient(args.kvmanager, wid, address, engine.ledger.num_blocks, engine.ledger.block_size,
-                             args.kv_ttl, tls=tls)
+                             args.kv_ttl, tls=tls, token=token)
     if client.register():
         raise UserError(f"the KV manager still holds a ledger for worker {wid}: start with a new --worker-id")
     loop.call(lambda e: setattr(e, "kv", RemoteKV(e.ledger, client))).result(timeout=10)
@@ -237,10 +291,12 @@ def _lease_pool(engine, loop, args, wid: str, tls=None):
 
 
 def run_router(args) -> int:
+    from services.cluster_auth import ROUTER_RISK, cluster_token, describe, warn_if_open
     from services.security import internal_tls
 
     security = _public_security(args)  # bad security flags fail first
     tls = internal_tls(args, "--internal-tls")
+    token = cluster_token(args)
     _setup()
     from services.router.tokenizer import load_tokenizer
 
@@ -260,19 +316,21 @@ def run_router(args) -> int:
             from services.router.discovery import KubernetesDirectory
 
             directory = KubernetesDirectory(args.worker_service, args.worker_namespace, args.worker_port_name,
-                                            api_client=api_client, tls=tls)
+                                            api_client=api_client, tls=tls, token=token)
             directory.start()
             source = directory.where
         elif discovery == "kvmanager":
             from services.router.workers import KVManagerDirectory
 
-            directory = KVManagerDirectory(args.kvmanager, tls=tls)
+            directory = KVManagerDirectory(args.kvmanager, tls=tls, token=token)
             source = f"KV manager {args.kvmanager}"
         else:
-            directory = WorkerDirectory(addresses, tls=tls)
+            directory = WorkerDirectory(addresses, tls=tls, token=token)
             source = f"workers {','.join(addresses)}"
         if tls is not None:
             source += f" over {tls.describe()}"
+        source += f", {describe(token)}"
+        warn_if_open(token, "apar router", ROUTER_RISK)
         servers, where = await _front_doors(args, tokenizer, directory, security=security)
         print(f"apar router: listening on {where}, {source}", file=sys.stderr, flush=True)
         try:

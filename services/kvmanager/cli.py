@@ -14,6 +14,7 @@ import sys
 import threading
 
 from apar.errors import UserError
+from services.cluster_auth import SERVER_RISK, add_cluster_token_arg, cluster_token, describe, warn_if_open
 from services.security import add_kvmanager_security_args, kvmanager_security, mask_url
 
 
@@ -29,8 +30,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                                                                    "ledger snapshots in Redis")
     p.add_argument("--round-every", type=float, default=0.05, help="Redis rounds start at most this often, s: "
                    "how far Redis may trail the acked messages (one transaction takes all since the last)")
-    p.add_argument("--metrics-port", type=int, default=None, help="expose Prometheus metrics on this port")
+    p.add_argument("--metrics-port", type=int, default=None, help="expose Prometheus metrics on this port (on --host)")
     add_kvmanager_security_args(p)  # --tls-cert/--tls-key/--tls-ca, --redis-password-file
+    add_cluster_token_arg(p)
 
 
 def register(subparsers) -> None:
@@ -66,10 +68,11 @@ def run(args) -> int:
     # so the cyclic collector runs rarely here (the ledgers hold no reference cycles)
     gc.set_threshold(100_000, 50, 100)
     redis_url, tls = kvmanager_security(args)  # the URL holds the password: print only mask_url(redis_url)
+    token = cluster_token(args)
     try:
         handle = serve(f"{args.host}:{args.port}", redis_url, prefix=args.prefix, ttl_s=args.ttl,
                        reap_every_s=args.reap_every, snapshot_every=args.snapshot_every,
-                       metrics_port=args.metrics_port, tls=tls, round_every_s=args.round_every)
+                       metrics_port=args.metrics_port, tls=tls, round_every_s=args.round_every, token=token)
     except RuntimeError as exc:  # grpc: the port cannot be bound
         raise UserError(f"cannot listen on {args.host}:{args.port}: {exc}") from None
     except OSError as exc:  # the metrics port cannot be bound
@@ -78,7 +81,9 @@ def run(args) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     where = f"Redis {mask_url(redis_url)} prefix {args.prefix!r}" if redis_url else "memory only"
-    print(f"apar kvmanager: listening on {args.host}:{handle.port} ({where})", file=sys.stderr, flush=True)
+    warn_if_open(token, "apar kvmanager", SERVER_RISK)
+    print(f"apar kvmanager: listening on {args.host}:{handle.port} ({where}, {describe(token)})", file=sys.stderr,
+          flush=True)
     stop.wait()
     handle.stop(grace=2.0)
     return 0

@@ -28,12 +28,12 @@ from grpc_health.v1 import health, health_pb2
 from prometheus_client import CollectorRegistry
 
 from apar.protogen import stubs
-from services.grpc_common import add_health_and_reflection, add_servicer, server_options
+from services.grpc_common import add_health_and_reflection, add_servicer, host_of, server_options
 from services.kvmanager import convert
 from services.kvmanager.manager import KVManager
 from services.kvmanager.metrics import KVMetrics
 from services.kvmanager.records import BadRequest, StoreUnavailable, UnknownWorker
-from services.security import open_port
+from services.security import internal_interceptors, open_port
 
 log = logging.getLogger(__name__)
 K = stubs().kvmanager_pb2
@@ -144,10 +144,11 @@ class KVManagerServer:
 def serve(address: str = "127.0.0.1:0", redis_url: str | None = None, *, prefix: str = "apar:", ttl_s: int = 10,
           reap_every_s: float = 1.0, snapshot_every: int = 256, metrics_port: int | None = None,
           registry: CollectorRegistry | None = None, max_workers: int = 16, tls=None,
-          round_every_s: float = 0.05) -> KVManagerServer:
+          round_every_s: float = 0.05, token=None) -> KVManagerServer:
     """Start a KV manager on `address` (port 0: a free one, see `.port`). With `redis_url` every ledger
     lives in Redis under `prefix` and is loaded from there now (or, if Redis is down, once it is back);
-    without it the ledgers live in memory only."""
+    without it the ledgers live in memory only. With `token` (services/cluster_auth.py) every call but
+    health checking must prove it; the metrics port binds the address's host."""
     from services.kvmanager.store import RedisStore
 
     metrics = KVMetrics(registry)
@@ -161,7 +162,7 @@ def serve(address: str = "127.0.0.1:0", redis_url: str | None = None, *, prefix:
 
     async def create():
         server = grpc.aio.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="apar-kv"),
-                                 options=server_options())
+                                 options=server_options(), interceptors=internal_interceptors(token, "KV manager"))
         add_servicer(server, KVManagerServicer(manager, ttl_s), SERVICE, errors=_status)
         checker = await add_health_and_reflection(server, [SERVICE.full_name])
         port = open_port(server, address, tls)  # mutual TLS with a TLSFiles (services/security.py)
@@ -182,7 +183,7 @@ def serve(address: str = "127.0.0.1:0", redis_url: str | None = None, *, prefix:
     if metrics_port is not None:
         from prometheus_client import start_http_server
 
-        handle._metrics_http, _ = start_http_server(metrics_port, registry=metrics.registry)
+        handle._metrics_http, _ = start_http_server(metrics_port, addr=host_of(address), registry=metrics.registry)
     asyncio.run_coroutine_threadsafe(server.start(), loop).result(timeout=30)
     handle.start_reaper()
     return handle

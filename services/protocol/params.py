@@ -9,6 +9,8 @@ from apar.errors import UserError
 MAX_TOKENS_LIMIT = 1 << 20  # anything above is absurd for any model this engine loads
 MAX_N = 16  # answers per request
 PENALTY_RANGE = 2.0  # frequency_penalty and presence_penalty lie in [-2, 2], as OpenAI documents
+MAX_THREADS = 1024  # threads per answer: every thread holds KV blocks and a place in each step
+MAX_DEPTH = 1024
 
 
 @dataclass(slots=True)
@@ -49,10 +51,12 @@ class SamplingParams:
             raise UserError(f"top_k must be an integer >= 0, got {self.top_k}")
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
             raise UserError(f"seed must be an integer in [0, 2^63), got {self.seed}")
-        if self.max_threads < 1:
-            raise UserError(f"max_threads must be >= 1, got {self.max_threads}")
-        if self.max_depth < 0:
-            raise UserError(f"max_depth must be >= 0, got {self.max_depth}")
+        if isinstance(self.max_threads, bool) or not isinstance(self.max_threads, int) or \
+                not 1 <= self.max_threads <= MAX_THREADS:
+            raise UserError(f"max_threads must be an integer in [1, {MAX_THREADS}], got {self.max_threads}")
+        if isinstance(self.max_depth, bool) or not isinstance(self.max_depth, int) or \
+                not 0 <= self.max_depth <= MAX_DEPTH:
+            raise UserError(f"max_depth must be an integer in [0, {MAX_DEPTH}], got {self.max_depth}")
         if isinstance(self.n, bool) or not isinstance(self.n, int) or not 1 <= self.n <= MAX_N:
             raise UserError(f"n must be an integer in [1, {MAX_N}], got {self.n}")
         self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)

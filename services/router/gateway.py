@@ -63,6 +63,7 @@ class Job:
     params: SamplingParams
     stop: tuple[str, ...] = ()
     ticket: Ticket | None = field(default=None, compare=False, repr=False)  # released when its stream ends
+    cache_salt: int = 0  # its caller's prefix-cache salt (guard.Caller)
 
     def release(self) -> None:
         if self.ticket is not None:
@@ -121,7 +122,7 @@ class Gateway:
         caller = caller or current_caller()
         try:
             self.guard.check_max_tokens(caller, params.max_tokens)
-            ticket = self.guard.admit(caller)
+            ticket = self.guard.admit(caller, params.n)
         except Refused as exc:
             self.metrics.failed.labels("resource_exhausted" if exc.status == "exhausted" else "invalid").inc()
             raise GatewayError.of(exc) from None
@@ -157,7 +158,7 @@ class Gateway:
         except Refused as exc:
             self.metrics.failed.labels("invalid").inc()
             raise GatewayError.of(exc) from None
-        return Job(ids, params, tuple(s for s in stop if s), ticket)
+        return Job(ids, params, tuple(s for s in stop if s), ticket, caller.cache_salt)
 
     async def generate(self, job: Job, timeout_s: float | None = None,
                        request_id: str | None = None) -> AsyncIterator[StreamItem]:
@@ -167,14 +168,15 @@ class Gateway:
         try:
             t0 = time.perf_counter()
             control = await self.control()
-            worker = await self.workers.choose(job.ids)
+            worker = await self.workers.choose(job.ids, job.cache_salt)
             if worker is None:
                 self.metrics.failed.labels("unavailable").inc()
                 raise GatewayError("unavailable", "no worker is available")
             rid = request_id or uuid.uuid4().hex
             sampling, limits, ar = params_to_pb(job.params, pb)
             call = worker.stub.Generate(pb.worker_pb2.WorkerRequest(
-                request_id=rid, prompt_ids=job.ids, sampling=sampling, limits=limits, auto_regressive=ar),
+                request_id=rid, prompt_ids=job.ids, sampling=sampling, limits=limits, auto_regressive=ar,
+                cache_salt=job.cache_salt),
                 timeout=timeout_s)
             stream = RequestStream(self.tokenizer, control.fork, control.child, control.hidden, stop=job.stop)
             first_token_at = last_token_at = None

@@ -1,9 +1,9 @@
 """Who may use the router's public APIs, and how much: API keys, per-key limits, one log line per refusal.
 
 One `Guard` serves both front doors. Each door authenticates the call before anything else (the gRPC
-`GrpcGuard` interceptor, the HTTP `HttpGuard` ASGI middleware): a missing or wrong key is refused there,
-before the request is even parsed, so it costs no tokenization and no worker call. Health checks
-(`grpc.health.v1.Health`, `GET /health`) stay open; `GET /metrics` on the HTTP port needs a key unless
+`GrpcGuard` interceptor, the HTTP `HttpGuard` ASGI middleware in `http_server.py`): a missing or wrong
+key is refused there, before the request is even parsed, so it costs no tokenization and no worker
+call. Health checks (`grpc.health.v1.Health`, `GET /health`) stay open; `GET /metrics` on the HTTP port needs a key unless
 `--metrics-open` (the separate `--metrics-port` is always open: keep it inside the cluster).
 
 The gateway then applies the limits (`Gateway.prepare`): requests per second per key (a token bucket:
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextvars
-import json
+import hashlib
 import logging
 import math
 import time
@@ -29,12 +29,13 @@ from dataclasses import dataclass
 import grpc
 
 from apar.errors import UserError
-from services.security import ApiKeys, TLSFiles, bearer, key_id
+from services.grpc_common import aborting_handler, behavior_of, handler_like
+from services.security import ApiKeys, RefusedSecretFlag, TLSFiles, bearer, key_id
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_REQUEST_BYTES = 4 << 20
-GRPC_HARD_CAP = 16 << 20  # gRPC refuses bigger messages itself, before reading them (not logged)
+GRPC_HARD_CAP = 16 << 20  # gRPC refuses bigger messages itself, before reading them (logged by GrpcGuard)
 OPEN_GRPC = ("/grpc.health.v1.Health/",)
 OPEN_HTTP = frozenset({"/health"})
 
@@ -64,10 +65,18 @@ class Limits:
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """Who sent a request: the key's id (`anonymous` without API keys) and the front door."""
+    """Who sent a request: the key's id (`anonymous` without API keys), the front door, and the salt of
+    its prompt blocks' names in the prefix cache (services/protocol/prefix.py; 0: the shared cache)."""
 
     key: str = "anonymous"
     door: str = "-"
+    cache_salt: int = 0
+
+
+def cache_salt(key: str) -> int:
+    """A key's own salt of prefix-cache names: 64 bits of a hash of the key (never 0, the shared cache)."""
+    digest = hashlib.sha256(b"apar-prefix-cache\0" + key.encode("utf-8", "surrogateescape")).digest()
+    return int.from_bytes(digest[:8], "little") or 1
 
 
 ANONYMOUS = Caller()
@@ -106,10 +115,11 @@ class Ticket:
 
 class Guard:
     def __init__(self, keys: ApiKeys | None = None, limits: Limits | None = None,
-                 metrics_open: bool = False) -> None:
+                 metrics_open: bool = False, shared_prefix_cache: bool = False) -> None:
         self.keys = keys
         self.limits = limits or Limits()
         self.metrics_open = metrics_open
+        self.shared_prefix_cache = shared_prefix_cache  # False: each key's prompts hit only its own blocks
         self._buckets: dict[str, tuple[float, float]] = {}  # key id -> (tokens, at)
         self._streams: dict[str, int] = {}
 
@@ -125,16 +135,16 @@ class Guard:
             return Caller("anonymous", door)
         token = bearer(header)
         if token is not None and self.keys.check(token):
-            return Caller(key_id(token), door)
+            return Caller(key_id(token), door, 0 if self.shared_prefix_cache else cache_salt(token))
         presented = "none" if header is None else ("malformed" if token is None else key_id(token))
         self.refused(Caller(presented, door), "unauthenticated",
                      f"{what}: {'no' if header is None else 'a wrong'} API key")
         return None
 
     # ---- per-key limits -------------------------------------------------------------------------------
-    def admit(self, caller: Caller) -> Ticket:
-        """Take a request from `caller` (rate, then concurrent streams), or raise Refused. A refused
-        request takes nothing from the bucket."""
+    def admit(self, caller: Caller, answers: int = 1) -> Ticket:
+        """Take a request of `answers` answers (`n`) from `caller` (rate, then concurrent streams: each
+        answer is one), or raise Refused. A refused request takes nothing from the bucket."""
         lim = self.limits
         tokens = now = None
         if lim.rate > 0:
@@ -151,18 +161,19 @@ class Guard:
         ticket = Ticket()
         if lim.max_streams_per_key:
             running = self._streams.get(caller.key, 0)
-            if running >= lim.max_streams_per_key:
+            if running + answers > lim.max_streams_per_key:
                 raise self._refuse(caller, Refused(
-                    "exhausted", "too_many_streams", f"at most {lim.max_streams_per_key} concurrent requests per "
-                    "API key: wait for one to end", retry_after_s=1, code="too_many_concurrent_requests"))
-            self._streams[caller.key] = running + 1
-            ticket = Ticket(lambda: self._done(caller.key))
+                    "exhausted", "too_many_streams", f"at most {lim.max_streams_per_key} concurrent answers per "
+                    f"API key ({running} running, this request asks for {answers}): wait for one to end",
+                    retry_after_s=1, code="too_many_concurrent_requests"))
+            self._streams[caller.key] = running + answers
+            ticket = Ticket(lambda: self._done(caller.key, answers))
         if tokens is not None:
             self._buckets[caller.key] = (tokens - 1.0, now)
         return ticket
 
-    def _done(self, key: str) -> None:
-        n = self._streams.get(key, 0) - 1
+    def _done(self, key: str, answers: int = 1) -> None:
+        n = self._streams.get(key, 0) - answers
         if n > 0:
             self._streams[key] = n
         else:
@@ -183,11 +194,12 @@ class Guard:
                 "invalid", "prompt_too_long", f"prompt of {n} tokens is longer than this server allows "
                 f"({self.limits.max_prompt_tokens} tokens)", param=param, code="context_length_exceeded"))
 
-    def too_large(self, caller: Caller, size: int | None) -> str:
-        """The message for a request body or message over the limit (logged as a refusal)."""
+    def too_large(self, caller: Caller, size: int | None, read_limit: int | None = None) -> str:
+        """The message for a request body or message over the limit (logged as a refusal); `size` None:
+        not read past `read_limit` bytes (default: the limit)."""
         limit = self.limits.max_request_bytes
-        message = f"request of {size if size is not None else 'more than ' + str(limit)} bytes is larger than " \
-                  f"this server allows ({limit} bytes)"
+        message = f"request of {size if size is not None else 'more than ' + str(read_limit or limit)} bytes is " \
+                  f"larger than this server allows ({limit} bytes)"
         self.refused(caller, "too_large", message)
         return message
 
@@ -202,29 +214,13 @@ class _TooLarge:
         self.size = size
 
 
-def _handler_like(handler, behavior, deserializer):
-    """A handler of `handler`'s kind with another behavior and request deserializer."""
-    kind = ("stream" if handler.request_streaming else "unary") + "_" + \
-           ("stream" if handler.response_streaming else "unary")
-    make = getattr(grpc, f"{kind}_rpc_method_handler")
-    return make(behavior, request_deserializer=deserializer, response_serializer=handler.response_serializer)
-
-
-def _aborting(handler, code: grpc.StatusCode, message: str):
-    """A handler that refuses the call without parsing its request."""
-    if handler.response_streaming:
-        async def behavior(request, context):
-            await context.abort(code, message)
-            yield  # pragma: no cover (an async generator, as the kind requires)
-    else:
-        async def behavior(request, context):
-            await context.abort(code, message)
-    return _handler_like(handler, behavior, lambda raw: None)
-
-
 class GrpcGuard(grpc.aio.ServerInterceptor):
     """API keys (metadata `authorization: Bearer KEY`) on every method but health checking, the request
-    size limit, and the caller handed to the servicer (`current_caller()`)."""
+    size limit, and the caller handed to the servicer (`current_caller()`).
+
+    A unary method's request is read here, through a handler of the streaming kind: a message gRPC itself
+    refuses for its size (past `grpc_server_options`' cap) never reaches a unary handler, so without this
+    it would leave no log line."""
 
     def __init__(self, guard: Guard) -> None:
         self.guard = guard
@@ -233,21 +229,16 @@ class GrpcGuard(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or details.method.startswith(OPEN_GRPC):
             return handler
-        header = None
-        for item in details.invocation_metadata or ():
-            if item[0] == "authorization":
-                header = item[1]
-                break
+        header = next((v for k, v in details.invocation_metadata or () if k == "authorization"), None)
         caller = self.guard.authenticate(header, "grpc", details.method)
         if caller is None:
-            return _aborting(handler, grpc.StatusCode.UNAUTHENTICATED,
-                             "a valid API key is required: metadata authorization: Bearer KEY")
+            return aborting_handler(handler, grpc.StatusCode.UNAUTHENTICATED,
+                                    "a valid API key is required: metadata authorization: Bearer KEY")
         return self._wrapped(handler, caller)
 
     def _wrapped(self, handler, caller: Caller):
-        guard = self.guard
         if handler.request_streaming:  # reflection; gRPC's own size limit applies
-            inner = handler.stream_stream if handler.response_streaming else handler.stream_unary
+            inner = behavior_of(handler)
 
             if handler.response_streaming:
                 async def behavior(requests, context):
@@ -258,34 +249,47 @@ class GrpcGuard(grpc.aio.ServerInterceptor):
                 async def behavior(requests, context):
                     CALLER.set(caller)
                     return await inner(requests, context)
-            return _handler_like(handler, behavior, handler.request_deserializer)
+            return handler_like(handler, behavior, handler.request_deserializer)
 
-        limit = guard.limits.max_request_bytes
-        parse = handler.request_deserializer
+        limit, parse = self.guard.limits.max_request_bytes, handler.request_deserializer
 
         def deserializer(raw: bytes):
             if len(raw) > limit:
                 return _TooLarge(len(raw))
             return parse(raw) if parse is not None else raw
 
+        read = self._one_request
         if handler.response_streaming:
             inner = handler.unary_stream
 
-            async def behavior(request, context):
-                if isinstance(request, _TooLarge):
-                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, guard.too_large(caller, request.size))
+            async def behavior(requests, context):
+                request = await read(requests, context, caller)
                 CALLER.set(caller)
                 async for item in inner(request, context):
                     yield item
+            make = grpc.stream_stream_rpc_method_handler
         else:
             inner = handler.unary_unary
 
-            async def behavior(request, context):
-                if isinstance(request, _TooLarge):
-                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, guard.too_large(caller, request.size))
+            async def behavior(requests, context):
+                request = await read(requests, context, caller)
                 CALLER.set(caller)
                 return await inner(request, context)
-        return _handler_like(handler, behavior, deserializer)
+            make = grpc.stream_unary_rpc_method_handler
+        return make(behavior, request_deserializer=deserializer, response_serializer=handler.response_serializer)
+
+    async def _one_request(self, requests, context, caller: Caller):
+        """The request of a unary call, or the call refused (and logged) when it is too large."""
+        async for request in requests:
+            if isinstance(request, _TooLarge):
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self.guard.too_large(caller, request.size))
+            return request
+        cap = max(self.guard.limits.max_request_bytes, GRPC_HARD_CAP)
+        if not context.cancelled():  # no message and not cancelled: gRPC refused it for its size
+            message = self.guard.too_large(caller, None, cap)
+        else:
+            message = "the call was cancelled before its request arrived"
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
 
 
 def grpc_server_options(limits: Limits) -> list[tuple[str, int]]:
@@ -294,55 +298,25 @@ def grpc_server_options(limits: Limits) -> list[tuple[str, int]]:
     return [("grpc.max_receive_message_length", cap), ("grpc.max_send_message_length", GRPC_HARD_CAP)]
 
 
-# ---- HTTP: a pure ASGI middleware (streaming responses and disconnects pass through untouched) -------
-def unauthorized_body() -> bytes:
-    return json.dumps({"error": {"message": "a valid API key is required: header Authorization: Bearer KEY",
-                                 "type": "invalid_request_error", "param": None,
-                                 "code": "invalid_api_key"}}).encode()
-
-
-class HttpGuard:
-    """API keys (header `Authorization: Bearer KEY`) on every path but /health (and /metrics with
-    `metrics_open`); the caller is handed to the endpoints (`current_caller()`)."""
-
-    def __init__(self, app, guard: Guard) -> None:
-        self.app = app
-        self.guard = guard
-        self.open = OPEN_HTTP | ({"/metrics"} if guard.metrics_open else set())
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope.get("path") in self.open:
-            return await self.app(scope, receive, send)
-        header = None
-        for name, value in scope.get("headers") or ():
-            if name == b"authorization":
-                header = value
-                break
-        caller = self.guard.authenticate(header, "http", f"{scope.get('method', '?')} {scope.get('path', '?')}"[:200])
-        if caller is None:
-            body = unauthorized_body()
-            await send({"type": "http.response.start", "status": 401, "headers": [
-                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                (b"www-authenticate", b'Bearer realm="apar"')]})
-            await send({"type": "http.response.body", "body": body})
-            return None
-        CALLER.set(caller)
-        return await self.app(scope, receive, send)
-
-
 # ---- flags ----------------------------------------------------------------------------------------------
 def add_public_args(p: argparse.ArgumentParser) -> None:
-    """The public APIs' TLS, API keys and limits (`apar serve`, `apar router`)."""
+    """The public APIs' TLS, API keys, limits and HTTP server bounds (`apar serve`, `apar router`)."""
+    from services.router.http_server import add_http_server_args
+
     g = p.add_argument_group("public API security (gRPC and HTTP)")
     g.add_argument("--tls-cert", default=None, metavar="PEM", help="serve the public gRPC and HTTP APIs over TLS "
                                                                    "with this certificate chain")
     g.add_argument("--tls-key", default=None, metavar="PEM", help="the private key of --tls-cert")
-    g.add_argument("--api-key", action="append", default=None, metavar="KEY",
-                   help="require 'Authorization: Bearer KEY' on every call but health checks (repeatable)")
+    g.add_argument("--api-key", action=RefusedSecretFlag,
+                   instead="put the keys in a file, one per line, and give --api-key-file PATH")
     g.add_argument("--api-key-file", default=None, metavar="PATH",
-                   help="accepted API keys, one per line (# comments); re-read when it changes")
+                   help="require 'Authorization: Bearer KEY' on every call but health checks, KEY one of this "
+                        "file's lines (# comments); re-read when it changes")
     g.add_argument("--metrics-open", action="store_true",
                    help="serve GET /metrics on the HTTP port without an API key")
+    g.add_argument("--shared-prefix-cache", action="store_true",
+                   help="let every API key's prompts hit every other key's cached prompt blocks (default: each "
+                        "key only its own, so that cached_tokens and timing tell no key about another's prompts)")
     d = Limits()
     g = p.add_argument_group("limits per request and per API key (0 turns a per-key limit off)")
     g.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
@@ -352,11 +326,13 @@ def add_public_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-tokens-limit", type=int, default=d.max_tokens,
                    help=f"largest max_tokens a request may ask for, per answer ({d.max_tokens})")
     g.add_argument("--max-streams-per-key", type=int, default=d.max_streams_per_key,
-                   help=f"concurrent requests per API key ({d.max_streams_per_key})")
+                   help=f"concurrent answers per API key, a request of n answers counting n "
+                        f"({d.max_streams_per_key}; per router replica)")
     g.add_argument("--rate-limit", type=float, default=d.rate, metavar="RPS",
-                   help="requests per second per API key, a token bucket (0: off, the default)")
+                   help="requests per second per API key, a token bucket (0: off, the default; per router replica)")
     g.add_argument("--rate-burst", type=int, default=d.burst,
                    help="requests a key may send at once under --rate-limit (default: the rate, at least 1)")
+    add_http_server_args(p)
 
 
 def public_tls(args) -> TLSFiles | None:
@@ -364,9 +340,7 @@ def public_tls(args) -> TLSFiles | None:
 
 
 def guard_from_args(args) -> Guard:
-    keys = None
-    if args.api_key or args.api_key_file:
-        keys = ApiKeys(args.api_key or (), args.api_key_file)
+    keys = ApiKeys((), args.api_key_file) if args.api_key_file is not None else None
     limits = Limits(args.max_request_bytes, args.max_prompt_tokens, args.max_tokens_limit, args.max_streams_per_key,
                     args.rate_limit, args.rate_burst)
-    return Guard(keys, limits, args.metrics_open)
+    return Guard(keys, limits, args.metrics_open, args.shared_prefix_cache)

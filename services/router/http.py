@@ -40,16 +40,18 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from apar.errors import UserError
 from services.protocol.convert import DEFAULT_MAX_TOKENS
-from services.protocol.params import PENALTY_RANGE, SamplingParams
+from services.protocol.params import MAX_DEPTH, MAX_THREADS, PENALTY_RANGE, SamplingParams
 from services.router.gateway import Gateway, GatewayError, Job
-from services.router.guard import HttpGuard, current_caller
+from services.router.guard import current_caller
+from services.router.http_server import HttpGuard
 from services.router.stitch import ThreadDelta
 from services.router.stream import Final, LinearDelta
 
 log = logging.getLogger(__name__)
 _HTTP = {"invalid": 400, "exhausted": 429, "unavailable": 503, "deadline": 504}
-_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error",
-          429: "rate_limit_error", 503: "service_unavailable", 504: "timeout", 500: "internal_error"}
+_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 408: "timeout", 413: "invalid_request_error",
+          415: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout",
+          500: "internal_error"}
 # accepted only with these no-op values
 _NOOP = {"logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []), "tool_choice": (None, "none"),
          "parallel_tool_calls": (None,), "functions": (None, []), "function_call": (None, "none"),
@@ -72,6 +74,8 @@ class ApiError(Exception):
 
     @classmethod
     def of(cls, exc: GatewayError) -> ApiError:
+        if exc.status == "deadline":  # over HTTP only the request time limit sets a deadline
+            return cls(504, "the request ran past its time limit (--http-request-timeout)", code="request_timeout")
         return cls(_HTTP[exc.status], exc.message, exc.param, exc.code, retry_after_s=exc.retry_after_s)
 
     def body(self) -> dict:
@@ -164,7 +168,8 @@ def _params(body: dict, chat: bool) -> tuple[SamplingParams, str, bool]:
         raise ApiError(400, "apar.stream must be linear or threads", "apar.stream")
     kw = {}
     for name in ("max_threads", "max_depth"):
-        v = _integer(apar, name, 0 if name == "max_depth" else 1, 1024, f"apar.{name}")
+        v = _integer(apar, name, 0 if name == "max_depth" else 1, MAX_DEPTH if name == "max_depth" else MAX_THREADS,
+                     f"apar.{name}")
         if v is not None:
             kw[name] = v
     if seed is not None:
@@ -234,9 +239,12 @@ def _usage(usage: dict[str, int]) -> dict:
 
 
 # ---- the app ------------------------------------------------------------------------------------------
-def build_app(gateway: Gateway, registry=None) -> FastAPI:
+def build_app(gateway: Gateway, registry=None, request_timeout_s: float = 0.0,
+              allowed_hosts: frozenset[str] | None = None) -> FastAPI:
+    """The app; `request_timeout_s` bounds each request, body and answer (0: none); `allowed_hosts`, when
+    given, are the only Host header values (any port) it answers."""
     app = FastAPI(title="APAR serve", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(HttpGuard, guard=gateway.guard)
+    app.add_middleware(HttpGuard, guard=gateway.guard, allowed_hosts=allowed_hosts)
     created = int(time.time())
     max_body = gateway.guard.limits.max_request_bytes
 
@@ -257,6 +265,10 @@ def build_app(gateway: Gateway, registry=None) -> FastAPI:
         return ApiError(500, "internal error").response()
 
     async def body_of(request: Request) -> dict:
+        media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if media != "application/json":  # a cross-site form cannot send this without a CORS preflight
+            raise ApiError(415, "the body must be JSON, sent with Content-Type: application/json",
+                           code="unsupported_media_type")
         size = request.headers.get("content-length")
         if size is not None and not size.isdigit():
             raise ApiError(400, "Content-Length is not a number")
@@ -281,7 +293,12 @@ def build_app(gateway: Gateway, registry=None) -> FastAPI:
         return body
 
     async def completion(request: Request, chat: bool):
-        body = await body_of(request)
+        deadline = time.monotonic() + request_timeout_s if request_timeout_s else None
+        try:
+            body = await asyncio.wait_for(body_of(request), None if deadline is None else deadline - time.monotonic())
+        except TimeoutError:
+            raise ApiError(408, "the request body did not arrive within the request's time limit "
+                                "(--http-request-timeout)", code="request_timeout") from None
         _check_names(body, _CHAT if chat else _COMPLETION)
         params, mode, include_usage = _params(body, chat)
         stop = _stop(body)
@@ -294,10 +311,11 @@ def build_app(gateway: Gateway, registry=None) -> FastAPI:
             raise ApiError.of(exc) from None
         head = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, "created": int(time.time()),
                 "model": gateway.model_name}
+        timeout_s = None if deadline is None else max(0.001, deadline - time.monotonic())
         try:
             if body.get("stream"):
-                return await _streamed(request, gateway, job, head, chat, mode, include_usage)
-            return await _whole(request, gateway, job, head, chat)
+                return await _streamed(request, gateway, job, head, chat, mode, include_usage, timeout_s)
+            return await _whole(request, gateway, job, head, chat, timeout_s)
         except BaseException:
             job.release()  # its place among the key's concurrent requests (a streamed body gives it back at its end)
             raise
@@ -361,11 +379,12 @@ async def _guarded(request: Request, aw):
             await asyncio.wait([task])
 
 
-async def _whole(request: Request, gateway: Gateway, job: Job, head: dict, chat: bool) -> JSONResponse:
+async def _whole(request: Request, gateway: Gateway, job: Job, head: dict, chat: bool,
+                 timeout_s: float | None = None) -> JSONResponse:
     """Run to the end; a client that disconnects meanwhile cancels the request (its blocks free at once)."""
 
     async def collect() -> list[Final]:
-        return [item async for item in gateway.generate(job) if isinstance(item, Final)]
+        return [item async for item in gateway.generate(job, timeout_s) if isinstance(item, Final)]
 
     finals = await _guarded(request, collect())
     if chat:
@@ -383,12 +402,12 @@ async def _whole(request: Request, gateway: Gateway, job: Job, head: dict, chat:
 
 
 async def _streamed(request: Request, gateway: Gateway, job: Job, head: dict, chat: bool, mode: str,
-                    include_usage: bool) -> StreamingResponse:
+                    include_usage: bool, timeout_s: float | None = None) -> StreamingResponse:
     """Server-sent events. The first item is awaited before the response starts, so an error before any
     output is a plain HTTP error; once streaming, a client that disconnects ends the response (Starlette
     listens for it), which closes the gateway's stream: the worker frees the request's blocks at once."""
     obj = "chat.completion.chunk" if chat else "text_completion"
-    items = gateway.generate(job)
+    items = gateway.generate(job, timeout_s)
     first = await _guarded(request, anext(items))
 
     def chunk(choices: list[dict], **extra) -> bytes:
@@ -437,30 +456,3 @@ async def _chain(first, rest: AsyncIterator):
     yield first
     async for item in rest:
         yield item
-
-
-async def start_http_server(app: FastAPI, host: str, port: int, tls=None):
-    """Serve `app` with uvicorn in the running event loop, over TLS with `tls` (a `TLSFiles`); returns
-    (server, task, bound port)."""
-    import socket
-
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise UserError(f"cannot listen on {host}:{port} for HTTP: {exc.strerror}") from None
-    tls_options = {} if tls is None else {"ssl_certfile": tls.cert_path, "ssl_keyfile": tls.key_path}
-    config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2,
-                            backlog=2048, **tls_options)
-    server = uvicorn.Server(config)
-    task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
-    while not server.started and not task.done():
-        await asyncio.sleep(0.01)
-    if task.done():
-        task.result()
-        raise UserError(f"the HTTP server on {host}:{port} did not start")
-    return server, task, sock.getsockname()[1]

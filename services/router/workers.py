@@ -98,18 +98,22 @@ class WorkerDirectory:
     """Static worker addresses; liveness and free blocks from each worker's Info, polled in the background
     every `refresh_s` so a request never waits on a dead worker. A worker that fails a call is marked
     dead until its Info answers again. With `tls` every channel is mutual TLS with the router's own
-    certificate (a worker that does not present one from the CA never answers)."""
+    certificate (a worker that does not present one from the CA never answers). With `token` (a
+    `cluster_auth.ClusterToken`) a worker is live only while its Info proves it holds the cluster token:
+    no request goes to an address a stranger registered or took over."""
 
-    def __init__(self, addresses: list[str], refresh_s: float = 0.2, tls: TLSFiles | None = None) -> None:
+    def __init__(self, addresses: list[str], refresh_s: float = 0.2, tls: TLSFiles | None = None,
+                 token=None) -> None:
         self.refresh_s = refresh_s
         self.tls = tls
+        self.token = token
         self._poller: asyncio.Task | None = None
         self.workers: list[WorkerHandle] = []
         for addr in addresses:
             self._add(addr)
 
     def _add(self, addr: str) -> WorkerHandle:
-        channel = open_channel(addr, self.tls, aio=True)
+        channel = open_channel(addr, self.tls, aio=True, token=self.token)
         handle = WorkerHandle(addr, channel, pb.worker_pb2_grpc.WorkerStub(channel))
         self.workers.append(handle)
         return handle
@@ -135,8 +139,9 @@ class WorkerDirectory:
             w.saw(await w.stub.Info(pb.worker_pb2.WorkerInfoRequest(), timeout=1.0), asked)
             w.alive = True
         except grpc.aio.AioRpcError as exc:
-            if w.alive:
-                log.warning("worker %s is down: %s", w.address, exc.code().name)
+            # a worker going down; or one that fails its first check for want of the token (logged once)
+            if w.alive or (not w.checked and exc.code() == grpc.StatusCode.UNAUTHENTICATED):
+                log.warning("worker %s is down: %s %s", w.address, exc.code().name, exc.details() or "")
             w.alive = False
         w.checked = time.monotonic()
 
@@ -144,7 +149,7 @@ class WorkerDirectory:
         w.alive = False
         w.checked = time.monotonic()
 
-    async def choose(self, prompt_ids: Sequence[int] = ()) -> WorkerHandle | None:
+    async def choose(self, prompt_ids: Sequence[int] = (), cache_salt: int = 0) -> WorkerHandle | None:
         """The live worker with the most free KV blocks (fewest queued on a tie), or None. The caller
         gives the worker back with `release` when the request ends."""
         live = await self._live()
@@ -192,27 +197,29 @@ class KVManagerDirectory(WorkerDirectory):
     the prompt each of its workers holds; a shard that fails or takes over `PREFIX_TIMEOUT_S` counts as
     none for its workers, so a slow manager costs a request its cache hit, never its answer."""
 
-    def __init__(self, kvmanager: str, refresh_s: float = 0.2, tls: TLSFiles | None = None) -> None:
-        super().__init__([], refresh_s, tls)
-        self._kv_channels = [open_channel(shard, tls, aio=True) for shard in parse_shards(kvmanager)]
+    def __init__(self, kvmanager: str, refresh_s: float = 0.2, tls: TLSFiles | None = None, token=None) -> None:
+        super().__init__([], refresh_s, tls, token)
+        self._kv_channels = [open_channel(shard, tls, aio=True, token=token) for shard in parse_shards(kvmanager)]
         self._kv = [pb.kvmanager_pb2_grpc.KVManagerStub(channel) for channel in self._kv_channels]
         self._views: list[dict] = [{} for _ in self._kv]  # per shard: worker address -> its WorkerUsage
         self._prefix_failing: set[int] = set()  # shards whose last Prefix call failed (logged once)
 
-    async def choose(self, prompt_ids: Sequence[int] = ()) -> WorkerHandle | None:
-        """The worker `prefix_choice` picks for the prompt, or None when none is alive."""
+    async def choose(self, prompt_ids: Sequence[int] = (), cache_salt: int = 0) -> WorkerHandle | None:
+        """The worker `prefix_choice` picks for the prompt (its blocks named under `cache_salt`), or None
+        when none is alive."""
         live = await self._live()
         if not live:
             return None
-        return self._take(prefix_choice(live, await self.cached_tokens(prompt_ids, live), len(prompt_ids)),
-                          len(prompt_ids))
+        cached = await self.cached_tokens(prompt_ids, live, cache_salt)
+        return self._take(prefix_choice(live, cached, len(prompt_ids)), len(prompt_ids))
 
-    async def cached_tokens(self, prompt_ids: Sequence[int], live: list[WorkerHandle]) -> dict[str, int]:
+    async def cached_tokens(self, prompt_ids: Sequence[int], live: list[WorkerHandle],
+                            cache_salt: int = 0) -> dict[str, int]:
         """Worker address -> tokens of the prompt's prefix it holds in full blocks, as the shards say. Only
         blocks that leave at least one prompt token to compute count (the engine reuses no more)."""
         held: dict[str, int] = {}
         for bs in {w.info.block_size for w in live}:  # a name includes its block size
-            hashes = block_hashes(prompt_ids, bs, limit=(len(prompt_ids) - 1) // bs)
+            hashes = block_hashes(prompt_ids, bs, limit=(len(prompt_ids) - 1) // bs, salt=cache_salt)
             if not hashes:
                 continue
             req = pb.kvmanager_pb2.PrefixRequest(names=hashes)

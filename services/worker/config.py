@@ -5,6 +5,9 @@ from dataclasses import dataclass, field
 
 from apar.errors import UserError
 
+# a request's events waiting for a client that reads slower than the engine generates (worker/service.py)
+STREAM_BUFFER_EVENTS = 16384
+
 ATTENTION_CHOICES = ("auto", "portable", "cascade", "flex", "triton")  # services/worker/backends (kept torch-free here)
 
 

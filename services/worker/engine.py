@@ -137,9 +137,11 @@ class Engine:
 
     # ---- requests in and out -----------------------------------------------------------------------
     def add_request(self, prompt: list[int], params: SamplingParams, request_id: str | None = None,
-                    replay: ReplayNode | None = None) -> str:
+                    replay: ReplayNode | None = None, cache_salt: int = 0) -> str:
         """Queue a request; raises UserError (nothing queued) when it is invalid or can never fit. On a model
-        that cannot fork (`auto_parallel` False) every request runs, and is checked, as an AR one."""
+        that cannot fork (`auto_parallel` False) every request runs, and is checked, as an AR one.
+        `cache_salt` is part of its prompt blocks' names: it reuses and leaves cached blocks only for
+        prompts of the same salt."""
         if params.auto_parallel and not self.auto_parallel:
             params = replace(params, auto_parallel=False)
         if not prompt:
@@ -164,7 +166,7 @@ class Engine:
             replay.validate(self.fork_id)
         req = Request(id=request_id, prompt=list(prompt), params=params, arrival=self.steps)
         if self.config.prefix_cache:
-            req.prompt_names = block_hashes(prompt, self.config.block_size)
+            req.prompt_names = block_hashes(prompt, self.config.block_size, salt=cache_salt)
         if not params.greedy:
             gen = torch.Generator(device=self.runner.device)
             gen.manual_seed(params.seed if params.seed is not None else torch.seed())

@@ -46,13 +46,14 @@ class _StepStream:
 
 class KVManagerClient:
     def __init__(self, address: str, worker_id: str, worker_address: str, num_blocks: int, block_size: int,
-                 ttl_s: int = 10, tls=None, ack_timeout_s: float = 10.0) -> None:
+                 ttl_s: int = 10, tls=None, ack_timeout_s: float = 10.0, token=None) -> None:
         self.shards = parse_shards(address)
         self.address = address = shard_for(worker_id, self.shards)
         self.worker_id = worker_id
         self.worker_address = worker_address
         self.num_blocks, self.block_size, self.ttl_s = num_blocks, block_size, ttl_s
-        self.channel = open_channel(address, tls)  # mutual TLS with a TLSFiles (services/security.py)
+        # mutual TLS with a TLSFiles (services/security.py); the cluster token (services/cluster_auth.py)
+        self.channel = open_channel(address, tls, token=token)
         self.stub = pb.kvmanager_pb2_grpc.KVManagerStub(self.channel)
         self.session = secrets.randbits(63) | 1  # this worker's replication session (its ledger starts empty)
         self.ack_timeout_s = ack_timeout_s

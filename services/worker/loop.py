@@ -38,10 +38,11 @@ class EngineLoop:
         self._thread.start()
 
     # ---- called from any thread --------------------------------------------------------------------
-    def submit(self, prompt: list[int], params: SamplingParams, request_id: str, sink: Sink) -> Future:
+    def submit(self, prompt: list[int], params: SamplingParams, request_id: str, sink: Sink,
+               cache_salt: int = 0) -> Future:
         """Queue a request; the future resolves to its id, or raises the engine's UserError."""
         fut: Future = Future()
-        self._commands.put(("add", (prompt, params, request_id, sink), fut))
+        self._commands.put(("add", (prompt, params, request_id, sink, cache_salt), fut))
         return fut
 
     def abort(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> None:
@@ -92,9 +93,9 @@ class EngineLoop:
         if fut is not None and not fut.set_running_or_notify_cancel():
             return  # the caller gave up (its client went away) before the loop got to it
         if kind == "add":
-            prompt, params, rid, sink = arg
+            prompt, params, rid, sink, cache_salt = arg
             try:
-                self.engine.add_request(prompt, params, request_id=rid)
+                self.engine.add_request(prompt, params, request_id=rid, cache_salt=cache_salt)
             except Exception as exc:  # a UserError for bad input; anything else still reaches the caller
                 fut.set_exception(exc)
                 return

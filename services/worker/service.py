@@ -3,6 +3,8 @@
 Thin: a request is converted (`convert.params_from_pb`), handed to the engine loop, and each step's
 events for it stream back as one `WorkerEvents` message. A client that cancels, disconnects or passes its
 deadline ends the handler, which aborts the request: its KV blocks are free after the next command drain.
+A client that does not read (its transport window full) lets at most `stream_buffer` events wait for it:
+past that the request is aborted and the call ends RESOURCE_EXHAUSTED, so its memory stays bounded.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from apar.protogen import stubs
 from services.grpc_common import add_health_and_reflection, add_servicer, server_options, status_of
 from services.protocol.convert import events_to_pb, params_from_pb
 from services.protocol.events import FinishReason, RequestFinished
-from services.security import TLSFiles, open_port
+from services.security import TLSFiles, internal_interceptors, open_port
+from services.worker.config import STREAM_BUFFER_EVENTS
 from services.worker.loop import EngineLoop
 
 log = logging.getLogger(__name__)
@@ -25,13 +28,42 @@ pb = stubs()
 MAX_PROMPT_IDS = 1 << 20
 
 
+class _Backlog:
+    """A request's events on their way to its client: at most `limit` of them wait. Past that the request
+    is cut off (`overflowed`): the engine aborts it (its KV blocks are free at once), later events are
+    dropped, and `on_overflow` interrupts the handler wherever it waits (a write the client never reads)."""
+
+    def __init__(self, limit: int, on_overflow) -> None:
+        self.limit = limit
+        self.on_overflow = on_overflow
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.held = 0
+        self.overflowed = False
+
+    def push(self, evs) -> None:
+        """On the event loop: a step's events for the request."""
+        if self.overflowed:
+            return
+        self.held += len(evs)
+        if self.held > self.limit:
+            self.overflowed = True
+            self.on_overflow()
+            return
+        self.queue.put_nowait(evs)
+
+    def sent(self, evs) -> None:
+        self.held -= len(evs)
+
+
 class WorkerService(pb.worker_pb2_grpc.WorkerServicer):
-    def __init__(self, loop: EngineLoop, worker_id: str, model_name: str) -> None:
+    def __init__(self, loop: EngineLoop, worker_id: str, model_name: str,
+                 stream_buffer: int = STREAM_BUFFER_EVENTS) -> None:
         self.loop = loop
         self.worker_id = worker_id
         self.model_name = model_name
+        self.stream_buffer = stream_buffer
 
-    async def Generate(self, request, context):
+    async def Generate(self, request, context) -> None:
         rid = request.request_id or uuid.uuid4().hex
         try:
             if len(rid) > 200:
@@ -41,25 +73,40 @@ class WorkerService(pb.worker_pb2_grpc.WorkerServicer):
             params = params_from_pb(request.sampling, request.limits, request.auto_regressive)
         except UserError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        events: asyncio.Queue = asyncio.Queue()
-        aloop = asyncio.get_running_loop()
+        aloop, task = asyncio.get_running_loop(), asyncio.current_task()
 
-        def sink(evs):
-            aloop.call_soon_threadsafe(events.put_nowait, evs)
+        def overflow() -> None:
+            self.loop.abort(rid)
+            task.cancel()
+
+        backlog = _Backlog(self.stream_buffer, overflow)
+
+        def sink(evs):  # on the engine's thread
+            aloop.call_soon_threadsafe(backlog.push, evs)
 
         try:
-            await asyncio.wrap_future(self.loop.submit(list(request.prompt_ids), params, rid, sink))
+            await asyncio.wrap_future(self.loop.submit(list(request.prompt_ids), params, rid, sink,
+                                                       cache_salt=request.cache_salt))
         except UserError as exc:
             await context.abort(status_of(exc), str(exc))
         done = False
         try:
             while not done:
-                evs = await events.get()
+                evs = await backlog.queue.get()
                 done = isinstance(evs[-1], RequestFinished)
-                yield events_to_pb(evs, pb)
+                await context.write(events_to_pb(evs, pb))
+                backlog.sent(evs)
+        except asyncio.CancelledError:
+            if not backlog.overflowed:
+                raise
+            task.uncancel()
         finally:
-            if not done:  # cancelled, disconnected or past its deadline: free its KV now
+            if not done:  # cancelled, disconnected, past its deadline or cut off: free its KV now
                 self.loop.abort(rid)
+        if backlog.overflowed:
+            log.warning("request %s cut off: its client fell more than %d events behind", rid, self.stream_buffer)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the client fell behind: more than "
+                                f"{self.stream_buffer} events of this request waited for it to read")
 
     async def Finish(self, request, context):
         self.loop.abort(request.request_id, FinishReason.STOP)
@@ -79,14 +126,17 @@ class WorkerService(pb.worker_pb2_grpc.WorkerServicer):
 
 
 async def start_worker_server(loop: EngineLoop, address: str, worker_id: str, model_name: str,
-                              tls: TLSFiles | None = None) -> tuple[grpc.aio.Server, int]:
-    """Start the worker's gRPC server on `address` (host:port, port 0 picks one); returns it and its port.
-    With `tls` (mutual: its CA) only peers with a certificate from that CA get an answer."""
-    server = grpc.aio.server(options=server_options())
-    add_servicer(server, WorkerService(loop, worker_id, model_name), pb.worker_pb2.DESCRIPTOR.services_by_name["Worker"])
+                              tls: TLSFiles | None = None, token=None,
+                              stream_buffer: int = STREAM_BUFFER_EVENTS) -> tuple[grpc.aio.Server, int]:
+    """Start the worker's gRPC server on `address` (host:port, port 0 picks one; or unix:PATH); returns it
+    and its port. With `tls` (mutual: its CA) only peers with a certificate from that CA get an answer;
+    with `token` (services/cluster_auth.py) only callers that prove the cluster token."""
+    server = grpc.aio.server(options=server_options(), interceptors=internal_interceptors(token, "worker"))
+    add_servicer(server, WorkerService(loop, worker_id, model_name, stream_buffer),
+                 pb.worker_pb2.DESCRIPTOR.services_by_name["Worker"])
     await add_health_and_reflection(server, [pb.worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name])
     port = open_port(server, address, tls)
-    if port == 0:
+    if port == 0 and not address.startswith("unix:"):
         raise UserError(f"cannot listen on {address}")
     await server.start()
     return server, port

@@ -117,13 +117,6 @@ the plain name; with several, each is suffixed with its index. */}}
 {{- printf "namespace=%q, job=~%q" .Release.Namespace (printf "%s(-[0-9]+)?" (include "apar.kvmanager.fullname" .)) }}
 {{- end }}
 
-{{/* A NetworkPolicy peer: every pod of the release. */}}
-{{- define "apar.releasePeer" -}}
-- podSelector:
-    matchLabels:
-      {{- include "apar.selectorLabels" . | nindent 6 }}
-{{- end }}
-
 {{- define "apar.imagePullSecrets" -}}
 {{- with .Values.imagePullSecrets }}imagePullSecrets:
 {{- range . }}
@@ -195,11 +188,62 @@ the plain name; with several, each is suffixed with its index. */}}
 {{- if and (eq .Values.router.discovery "kubernetes") (not .Values.rbac.create) (not .Values.router.serviceAccount.name) }}
 {{- fail "router.discovery kubernetes needs rbac.create, or router.serviceAccount.name of an account allowed to list and watch endpointslices" }}
 {{- end }}
+{{- if and .Values.auth.apiKeys.secretName (not .Values.auth.clusterToken.enabled) (not .Values.tls.internal.secretName) }}
+{{- fail "auth.apiKeys is set but the internal services are open: any pod could register as a worker and take the clients' prompts, or call a worker past the keys and limits. Keep auth.clusterToken.enabled, or set tls.internal (a NetworkPolicy alone is not enough: not every CNI enforces it)" }}
+{{- end }}
 {{- end }}
 
-{{/* The Redis password Secret, if any: the KV manager gets it as APAR_REDIS_PASSWORD (never in its args). */}}
+{{/* The Redis password Secret, if any: the KV manager gets it as APAR_REDIS_PASSWORD (never in its args).
+    The in-release Redis's is the chart's own (apar.redis.generatedSecret) unless auth.existingSecret names one. */}}
 {{- define "apar.redis.passwordSecret" -}}
-{{- if .Values.redis.enabled }}{{ .Values.redis.auth.existingSecret }}{{ else }}{{ .Values.redis.external.existingSecret }}{{ end }}
+{{- if .Values.redis.enabled }}
+{{- if .Values.redis.auth.enabled }}{{ default (include "apar.redis.generatedSecret" .) .Values.redis.auth.existingSecret }}{{ end }}
+{{- else }}{{ .Values.redis.external.existingSecret }}{{ end }}
+{{- end }}
+
+{{- define "apar.redis.generatedSecret" -}}{{ include "apar.redis.fullname" . }}-auth{{- end }}
+
+{{/* The cluster token (services/cluster_auth.py): its Secret, and the flag, volume and mount of every
+    internal service (router, workers, KV manager). */}}
+{{- define "apar.clusterToken.secretName" -}}
+{{- default (printf "%s-cluster-token" (include "apar.fullname" .)) .Values.auth.clusterToken.existingSecret }}
+{{- end }}
+
+{{- define "apar.clusterToken.args" -}}
+{{- if .Values.auth.clusterToken.enabled }}
+- {{ printf "--cluster-token-file=/etc/apar/cluster/%s" .Values.auth.clusterToken.key | quote }}
+{{- end }}
+{{- end }}
+
+{{- define "apar.clusterToken.volumes" -}}
+{{- if .Values.auth.clusterToken.enabled }}
+- name: cluster-token
+  secret:
+    secretName: {{ include "apar.clusterToken.secretName" . }}
+    defaultMode: 0440
+{{- end }}
+{{- end }}
+
+{{- define "apar.clusterToken.mounts" -}}
+{{- if .Values.auth.clusterToken.enabled }}
+- name: cluster-token
+  mountPath: /etc/apar/cluster
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* A random secret value kept across upgrades: the existing Secret's, else a new one.
+    include with (dict "ctx" $ "name" SECRET "key" KEY) */}}
+{{- define "apar.keptSecretValue" -}}
+{{- $old := lookup "v1" "Secret" .ctx.Release.Namespace .name }}
+{{- if and $old $old.data (hasKey $old.data .key) }}{{ index $old.data .key }}{{ else }}{{ randAlphaNum 64 | b64enc }}{{ end }}
+{{- end }}
+
+{{/* NetworkPolicy peers: the pods of one component of the release. */}}
+{{- define "apar.componentPeer" -}}
+- podSelector:
+    matchLabels:
+      {{- include "apar.componentSelectorLabels" (dict "ctx" .ctx "component" .component) | nindent 6 }}
 {{- end }}
 
 {{- define "apar.redis.passwordKey" -}}

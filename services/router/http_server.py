@@ -1,0 +1,364 @@
+"""The HTTP API's server: uvicorn with bounds on what a client can hold without sending a request.
+
+A connection is **pending** until a request head on it has passed the API key check (without API keys:
+until it has sent a whole request head). Bounds, each a flag:
+
+- `--http-header-timeout` (10 s): a request head must arrive whole within this long of the connection
+  opening or of the previous answer ending; trickling bytes does not extend it (slow-loris).
+- `--http-idle-timeout` (5 s): a kept-alive connection with nothing to do is closed.
+- `--http-max-pending-per-client` (32): past this many pending connections from one address, that
+  address's oldest pending one is closed once it has had `PENDING_GRACE_S` to send its head (a burst of
+  new connections from one proxy is not cut); the newest always gets its chance to send a request.
+- `--http-max-connections` (half this process's file-descriptor limit, at most 4096): past it, the
+  oldest connection with no request running is closed, else the new one is answered 503. The other half
+  stays free for the gRPC port, the workers and the files, so a flood on the HTTP port never starves them.
+- `--http-request-timeout` (600 s): a request's time from its head to its last byte; its body must
+  arrive within it (else 408), its answer ends there (504, or an error event when streamed), and a
+  client that does not read its answer is disconnected a few seconds after.
+
+When the process runs out of file descriptors anyway, asyncio's accept loop reports every failed
+accept; here that is one warning per burst, with a count.
+
+In front of the app, `HttpGuard` (a pure ASGI middleware) checks the Host header (`--allowed-host`;
+against DNS rebinding) and the API key of every request but `/health`, before its body is read.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import resource
+import socket
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from apar.errors import UserError
+from services.router.guard import CALLER, OPEN_HTTP, Guard
+from services.security import bearer
+
+log = logging.getLogger(__name__)
+HARD_CUT_GRACE_S = 5.0  # past the request time limit, a client still not done reading is disconnected
+PENDING_GRACE_S = 1.0  # a new connection's time to send its head before the per-address cap may close it
+
+
+def default_max_connections() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 4096
+    return max(16, min(4096, soft // 2))
+
+
+@dataclass(slots=True)
+class HttpServerLimits:
+    header_timeout_s: float = 10.0
+    idle_timeout_s: float = 5.0
+    max_connections: int = 0  # 0: default_max_connections()
+    max_pending_per_client: int = 32
+    request_timeout_s: float = 600.0  # 0: none
+
+    def __post_init__(self) -> None:
+        for name in ("header_timeout_s", "idle_timeout_s"):
+            if not 0 < getattr(self, name) <= 3600:
+                raise UserError(f"--http-{name[:-2].replace('_', '-')} must be in (0, 3600] s")
+        if not 0 <= self.request_timeout_s <= 7 * 24 * 3600:
+            raise UserError("--http-request-timeout must be 0 (none) or a number of seconds up to a week")
+        if self.max_connections < 0 or self.max_pending_per_client < 1:
+            raise UserError("--http-max-connections must be 0 (automatic) or more, --http-max-pending-per-client "
+                            "1 or more")
+        if not self.max_connections:
+            self.max_connections = default_max_connections()
+
+
+def add_http_server_args(p: argparse.ArgumentParser) -> None:
+    d = HttpServerLimits(max_connections=1)
+    g = p.add_argument_group("HTTP server bounds (what a client may hold before and while it is served)")
+    g.add_argument("--http-header-timeout", type=float, default=d.header_timeout_s, metavar="S",
+                   help=f"a request head must arrive whole within S seconds ({d.header_timeout_s:g})")
+    g.add_argument("--http-idle-timeout", type=float, default=d.idle_timeout_s, metavar="S",
+                   help=f"close a kept-alive connection idle this long ({d.idle_timeout_s:g})")
+    g.add_argument("--http-max-connections", type=int, default=0, metavar="N",
+                   help="open HTTP connections at most (0, the default: half the process's file-descriptor "
+                        "limit, at most 4096); past it the oldest idle one is closed")
+    g.add_argument("--http-max-pending-per-client", type=int, default=d.max_pending_per_client, metavar="N",
+                   help="connections one client address may hold before one of its requests passes the API key "
+                        f"check; past it its oldest is closed ({d.max_pending_per_client})")
+    g.add_argument("--http-request-timeout", type=float, default=d.request_timeout_s, metavar="S",
+                   help=f"a request's time limit, body and answer included (0: none; {d.request_timeout_s:g})")
+    g.add_argument("--allowed-host", action="append", default=None, metavar="NAME",
+                   help="answer HTTP requests only for this Host name (repeatable; 421 otherwise). Listening on "
+                        "loopback, localhost, 127.0.0.1 and ::1 are allowed too and nothing else is (against DNS "
+                        "rebinding); elsewhere, without it, any name is")
+
+
+def http_limits_from_args(args) -> HttpServerLimits:
+    return HttpServerLimits(args.http_header_timeout, args.http_idle_timeout, args.http_max_connections,
+                            args.http_max_pending_per_client, args.http_request_timeout)
+
+
+class Connections:
+    """Every open connection of one server, the pending ones (in the order they opened) by client address."""
+
+    def __init__(self, limits: HttpServerLimits, keys=None, clock=time.monotonic) -> None:
+        self.limits = limits
+        self.keys = keys  # ApiKeys, or None: every whole request head counts
+        self.clock = clock
+        self.open: OrderedDict = OrderedDict()  # protocol -> None, oldest first
+        self.pending: dict[str, OrderedDict] = {}  # client address -> {its pending protocols: opened at}, oldest first
+
+    def opened(self, conn) -> bool:
+        """Admit a new connection (closing others to make room); False: refuse it."""
+        now = self.clock()
+        self.open[conn] = None
+        mine = self.pending.setdefault(conn.client_host, OrderedDict())
+        mine[conn] = now
+        while len(mine) > self.limits.max_pending_per_client:
+            oldest, since = next(iter(mine.items()))
+            if now - since < PENDING_GRACE_S:
+                break
+            self._shed(oldest)
+        if len(self.open) > self.limits.max_connections:
+            idle = next((c for c in self.open if c is not conn and not c.busy), None)
+            if idle is None:
+                return False
+            self._shed(idle)
+        return True
+
+    def passed(self, conn) -> None:
+        """A request head on `conn` passed the key check: it no longer counts as pending."""
+        mine = self.pending.get(conn.client_host)
+        if mine is not None:
+            mine.pop(conn, None)
+            if not mine:
+                del self.pending[conn.client_host]
+
+    def closed(self, conn) -> None:
+        self.open.pop(conn, None)
+        self.passed(conn)
+
+    def authenticates(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        if self.keys is None:
+            return True
+        value = next((v for k, v in headers if k == b"authorization"), None)
+        token = bearer(value)
+        return token is not None and self.keys.check(token)
+
+    def _shed(self, conn) -> None:
+        self.closed(conn)
+        conn.transport.close()
+
+
+class BoundedProtocol(H11Protocol):
+    """uvicorn's h11 protocol with the header timer, the request time limit's hard cut and `Connections`."""
+
+    def __init__(self, *args, connections: Connections, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.connections_guard = connections
+        self.client_host = "?"
+        self.busy = False  # a request is running
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.client_host = self.client[0] if self.client else "?"
+        if not self.connections_guard.opened(self):
+            self.connections_guard.closed(self)
+            transport.write(b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+            transport.close()
+            return
+        self._arm(self.connections_guard.limits.header_timeout_s)
+
+    def connection_lost(self, exc) -> None:
+        self._disarm()
+        self.connections_guard.closed(self)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        idle = self.conn.their_state is h11.IDLE
+        super().data_received(data)
+        if idle and self.conn.their_state is not h11.IDLE and self.headers is not None:
+            self._head_received()
+
+    def _head_received(self) -> None:
+        """A whole request head: the header timer stops; the request's own time limit starts."""
+        self.busy = True
+        if self.connections_guard.authenticates(self.headers):
+            self.connections_guard.passed(self)
+        limit = self.connections_guard.limits.request_timeout_s
+        self._disarm()
+        if limit:
+            self._arm(limit + HARD_CUT_GRACE_S)
+
+    def on_response_complete(self) -> None:
+        self.busy = False
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm(self.connections_guard.limits.header_timeout_s)
+            if self.conn.their_state is not h11.IDLE and self.headers is not None:  # a pipelined request
+                self._head_received()
+
+    def _arm(self, seconds: float) -> None:
+        self._disarm()
+        self._timer = self.loop.call_later(seconds, self._expired)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expired(self) -> None:
+        self._timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
+class _AcceptErrors:
+    """asyncio's exception handler with failed accepts (out of descriptors) logged once per burst."""
+
+    def __init__(self, previous, every_s: float = 10.0) -> None:
+        self.previous = previous
+        self.every_s = every_s
+        self.count = 0
+        self.last = -1e18
+
+    def __call__(self, loop, context) -> None:
+        if context.get("message") != "socket.accept() out of system resource":
+            if self.previous is None:
+                loop.default_exception_handler(context)
+            else:
+                self.previous(loop, context)
+            return
+        self.count += 1
+        now = time.monotonic()
+        if now - self.last >= self.every_s:
+            log.warning("cannot accept connections: %s (%d failed accepts); lower --http-max-connections or raise "
+                        "the file-descriptor limit (ulimit -n)", context.get("exception"), self.count)
+            self.last, self.count = now, 0
+
+
+def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
+    previous = loop.get_exception_handler()
+    if not isinstance(previous, _AcceptErrors):
+        loop.set_exception_handler(_AcceptErrors(previous))
+
+
+def _handshake_timeout(loop: asyncio.AbstractEventLoop, seconds: float):
+    """`loop.create_server` giving TLS handshakes `seconds` (uvicorn passes none: asyncio's 60 s): a client
+    that opens a TLS connection and never completes the handshake holds it no longer than a slow head."""
+    create = loop.create_server
+
+    async def create_server(*args, **kw):
+        if kw.get("ssl") is not None:
+            kw.setdefault("ssl_handshake_timeout", seconds)
+        return await create(*args, **kw)
+
+    return create_server
+
+
+async def start_http_server(app, host: str, port: int, tls=None, limits: HttpServerLimits | None = None,
+                            keys=None):
+    """Serve `app` with uvicorn in the running event loop, bounded by `limits`, over TLS with `tls` (a
+    `TLSFiles`); `keys` (ApiKeys) tell which connections passed the key check. Returns (server, task,
+    bound port)."""
+    import functools
+
+    import uvicorn
+
+    limits = limits or HttpServerLimits()
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port} for HTTP: {exc.strerror}") from None
+    tls_options = {} if tls is None else {"ssl_certfile": tls.cert_path, "ssl_keyfile": tls.key_path}
+    protocol = functools.partial(BoundedProtocol, connections=Connections(limits, keys))
+    config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2,
+                            backlog=1024, http=protocol, timeout_keep_alive=limits.idle_timeout_s,
+                            limit_concurrency=limits.max_connections + 1, **tls_options)
+    server = uvicorn.Server(config)
+    loop = asyncio.get_running_loop()
+    quiet_accept_errors(loop)
+    loop.create_server = _handshake_timeout(loop, limits.header_timeout_s)
+    try:
+        task = loop.create_task(server.serve(sockets=[sock]))
+        while not server.started and not task.done():
+            await asyncio.sleep(0.01)
+    finally:
+        del loop.create_server  # the loop's own method again
+    if task.done():
+        task.result()
+        raise UserError(f"the HTTP server on {host}:{port} did not start")
+    return server, task, sock.getsockname()[1]
+
+
+# ---- HTTP: a pure ASGI middleware (streaming responses and disconnects pass through untouched) -------
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def host_name(value: bytes | None) -> str | None:
+    """The name in a Host header (`example.com:8000` -> `example.com`, `[::1]:80` -> `::1`), lowercased."""
+    if not value:
+        return None
+    host = value.decode("latin-1").strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else None
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _json_reply(message: str, code: str, extra: tuple = ()) -> tuple[list, bytes]:
+    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                 "code": code}}).encode()
+    return [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra], body
+
+
+class HttpGuard:
+    """The Host header (with `allowed_hosts`: 421 for any other name, against DNS rebinding), then API keys
+    (header `Authorization: Bearer KEY`) on every path but /health (and /metrics with `metrics_open`);
+    the caller is handed to the endpoints (`current_caller()`)."""
+
+    def __init__(self, app, guard: Guard, allowed_hosts: frozenset[str] | None = None) -> None:
+        self.app = app
+        self.guard = guard
+        self.allowed_hosts = allowed_hosts
+        self.open = OPEN_HTTP | ({"/metrics"} if guard.metrics_open else set())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = scope.get("headers") or ()
+        if self.allowed_hosts is not None:
+            host = host_name(next((v for k, v in headers if k == b"host"), None))
+            if host not in self.allowed_hosts:
+                return await _reply(send, 421, *_json_reply(
+                    "this server does not answer for that Host (--allowed-host)", "misdirected_request"))
+        if scope.get("path") in self.open:
+            return await self.app(scope, receive, send)
+        header = next((v for k, v in headers if k == b"authorization"), None)
+        caller = self.guard.authenticate(header, "http", f"{scope.get('method', '?')} {scope.get('path', '?')}"[:200])
+        if caller is None:
+            return await _reply(send, 401, *_json_reply(
+                "a valid API key is required: header Authorization: Bearer KEY", "invalid_api_key",
+                ((b"www-authenticate", b'Bearer realm="apar"'),)))
+        CALLER.set(caller)
+        return await self.app(scope, receive, send)
+
+
+async def _reply(send, status: int, headers: list, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def allowed_hosts(bind_host: str, extra: list[str] | None) -> frozenset[str] | None:
+    """The Host names the HTTP API answers: `--allowed-host` names, plus the loopback names when it listens
+    on loopback; None (any) when it listens elsewhere and no name is given."""
+    loopback = bind_host in LOOPBACK_HOSTS or bind_host.startswith("127.")
+    names = {n.strip().lower() for n in extra or () if n.strip()}
+    if loopback:
+        return frozenset(names | LOOPBACK_HOSTS | {bind_host})
+    return frozenset(names) if names else None
