@@ -1,6 +1,7 @@
 """`apar serve` (router + worker + in-process KV ledger in one process), `apar worker`, `apar router`."""
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import signal
@@ -38,6 +39,12 @@ def register(subparsers) -> None:
                                                      "shard's, comma-separated (the worker id picks its own); "
                                                      "without it the worker keeps its ledger in-process")
     w.add_argument("--kv-ttl", type=int, default=10, help="registration time-to-live at the KV manager, s")
+    w.add_argument("--kv-max-lag", type=_positive_s, default=5.0, metavar="S",
+                   help="the lag bound: while the KV manager's replica is more than this many seconds behind, "
+                        "the engine waits for it (5)")
+    w.add_argument("--kv-lag-wait", type=_positive_s, default=10.0, metavar="S",
+                   help="after waiting this long past the lag bound, the running requests end with the "
+                        "error \"the KV manager is unavailable\", as do the steps after, until it catches up (10)")
     w.add_argument("--metrics-port", type=int, default=None)
     w.add_argument("--served-model-name", default=None, help="the model_name label of its metrics: the router's "
                                                              "--served-model-name (default: the --model path)")
@@ -69,6 +76,16 @@ def register(subparsers) -> None:
     add_public_args(r)
     add_internal_tls_args(r, "--internal-tls")
     r.set_defaults(func=run_router)
+
+
+def _positive_s(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"seconds in (0, 3600], got {text!r}")
+    return value
 
 
 def _setup() -> None:
@@ -231,7 +248,8 @@ def _lease_pool(engine, loop, args, wid: str, tls=None):
                              args.kv_ttl, tls=tls)
     if client.register():
         raise UserError(f"the KV manager still holds a ledger for worker {wid}: start with a new --worker-id")
-    loop.call(lambda e: setattr(e, "kv", RemoteKV(e.ledger, client))).result(timeout=10)
+    loop.call(lambda e: setattr(e, "kv", RemoteKV(e.ledger, client, max_lag_s=args.kv_max_lag,
+                                                  wait_s=args.kv_lag_wait))).result(timeout=10)
     client.start_heartbeat()
     return client
 

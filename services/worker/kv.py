@@ -49,6 +49,9 @@ class LocalKV:
         """Send what was deferred (nothing to send for a local ledger)."""
 
 
+MANAGER_UNAVAILABLE = "the KV manager is unavailable"  # the error of the requests its outage ends
+
+
 class KVManagerUnavailable(RuntimeError):
     """The KV manager stayed behind the lag bound for `wait_s`: the step was not applied."""
 
@@ -60,7 +63,9 @@ class RemoteKV:
     step, compact (`ops.record`), numbered, with its digest (`replication.StepLog`); it never waits for
     the manager, except for backpressure: while the replica lags more than `max_lag_steps` steps or
     `max_lag_s` seconds, `apply` waits for it to catch up, and raises KVManagerUnavailable after
-    `wait_s` (the engine loop then fails the running requests cleanly; their ends go out later).
+    `wait_s`, having applied nothing (the engine loop then ends the step's requests with
+    MANAGER_UNAVAILABLE; their ends go out later). Until the replica is back within the bound, every
+    `apply` raises at once: the engine goes on, and what it admits meanwhile ends the same way.
 
     The sender sends whatever is unacknowledged as one batch, at most every `send_every_s` (so a busy
     worker sends several steps per message), one batch in flight; an ack drops the steps it covers. It
@@ -82,6 +87,7 @@ class RemoteKV:
         self.on_round_trip = None  # Callable[[float], None]: each answered batch's round trip, in seconds
         self.on_lag = None  # Callable[[float], None]: each acknowledged step's lag, in seconds
         self.blocked_s = 0.0  # time the engine spent waiting on the lag bound
+        self.unavailable = False  # past the bound for `wait_s`: steps fail at once until it catches up
         self._cv = threading.Condition()  # guards `outbox` (and so the ledger against a snapshot)
         self._closed = False
         self._idle = False  # the sender waits for a step: wake it
@@ -108,20 +114,35 @@ class RemoteKV:
             self._cv.notify_all()
 
     def _within_lag(self) -> None:
-        steps, seconds = self.outbox.lag()
-        if steps <= self.max_lag_steps and seconds <= self.max_lag_s:
+        """Return once the replica is within the lag bound; raise KVManagerUnavailable after `wait_s`
+        past it, and from then on at once, without waiting, until the replica is back within it."""
+        if self._within_bound():
             return
+        steps, seconds = self.outbox.lag()
+        if self.unavailable:
+            raise KVManagerUnavailable(f"the KV manager is still {steps} steps and {seconds:.1f} s behind")
         t0 = time.monotonic()
         deadline = t0 + self.wait_s
         while steps > self.max_lag_steps or seconds > self.max_lag_s:
             left = deadline - time.monotonic()
             if left <= 0:
                 self.blocked_s += time.monotonic() - t0
+                self.unavailable = True
                 raise KVManagerUnavailable(f"the KV manager is {steps} steps and {seconds:.1f} s behind "
-                                           f"this worker after {self.wait_s:.0f} s")
+                                           f"this worker after {self.wait_s:g} s")
             self._cv.wait(min(left, 0.05))
             steps, seconds = self.outbox.lag()
         self.blocked_s += time.monotonic() - t0
+
+    def _within_bound(self) -> bool:
+        """Whether the replica is within the lag bound (and if it just came back, say so once)."""
+        steps, seconds = self.outbox.lag()
+        if steps > self.max_lag_steps or seconds > self.max_lag_s:
+            return False
+        if self.unavailable:
+            self.unavailable = False
+            log.warning("the KV manager caught up with this worker: its steps go on")
+        return True
 
     # ---- for tests and shutdown ---------------------------------------------------------------------
     def drain(self, timeout: float = 10.0) -> None:
@@ -174,6 +195,8 @@ class RemoteKV:
                 self.on_round_trip(time.monotonic() - last_send)
             with self._cv:
                 lags = self.outbox.acked(ack)
+                if self.unavailable:
+                    self._within_bound()
                 if self.outbox.want_resync:
                     log.warning("the KV manager's replica of this worker needs a resync (acked step %d of %d)",
                                 ack.applied, self.outbox.seq)

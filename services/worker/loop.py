@@ -20,9 +20,11 @@ from concurrent.futures import Future
 from services.protocol.events import Event, FinishReason, RequestFinished
 from services.protocol.params import SamplingParams
 from services.worker.engine import Engine, StepResult
+from services.worker.kv import MANAGER_UNAVAILABLE, KVManagerUnavailable
 
 log = logging.getLogger(__name__)
 
+INTERNAL_ERROR = "internal engine error"  # the error of the requests a failed step ends
 Sink = Callable[[list[Event]], None]
 OnStep = Callable[[Engine, "float | None", "StepResult | None"], None]
 
@@ -34,6 +36,7 @@ class EngineLoop:
         self._sinks: dict[str, Sink] = {}
         self._on_step = on_step
         self._stop = threading.Event()
+        self._outage: str | None = None  # the KV manager is away past the lag bound (logged once)
         self._thread = threading.Thread(target=self._run, name="apar-engine", daemon=True)
         self._thread.start()
 
@@ -62,16 +65,22 @@ class EngineLoop:
     # ---- the loop thread ---------------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._drain(block=not self.engine.has_work())
-            if self._stop.is_set():
-                break
-            if self.engine.has_work():
-                self._step()
-            else:
-                self._flush()
-                self._report(None, None)
+            try:
+                self._turn()
+            except Exception:  # a bug outside a step (a command, a sink): logged, and the loop goes on
+                log.exception("engine loop")
         for rid in list(self._sinks):  # shutting down: every open request ends cleanly
-            self._dispatch(self.engine.abort(rid, FinishReason.CANCELLED))
+            self._end([rid], FinishReason.CANCELLED, None)
+
+    def _turn(self) -> None:
+        self._drain(block=not self.engine.has_work())
+        if self._stop.is_set():
+            return
+        if self.engine.has_work():
+            self._step()
+        else:
+            self._flush()
+            self._report(None, None)
 
     def _drain(self, block: bool) -> None:
         try:
@@ -112,18 +121,39 @@ class EngineLoop:
         t0 = time.perf_counter()
         try:
             result = self.engine.step()
-        except Exception:  # a bug: fail every running request cleanly, keep serving
-            log.exception("engine step failed; ending every running request")
-            events: list[Event] = []
-            for rid in list(self.engine.requests):
-                req = self.engine.requests[rid]
-                req.error = "internal engine error"
-                events.extend(self.engine.abort(rid, FinishReason.ERROR))
-            self._dispatch(events)
-            self._recover()
+        except KVManagerUnavailable as exc:  # nothing of the step was applied; the engine goes on
+            running = [req.id for req in self.engine.scheduler.running]
+            if self._outage is None:
+                log.warning("%s: ending the requests of its steps until it catches up", exc)
+            self._outage = str(exc)
+            self._end(running, FinishReason.ERROR, MANAGER_UNAVAILABLE)
             return
+        except Exception as exc:  # a bug: the step's requests fail cleanly, the engine goes on
+            running = [req.id for req in self.engine.scheduler.running]
+            log.exception("engine step failed (%s: %s); ending its %d requests", type(exc).__name__, exc,
+                          len(running))
+            self._end(running, FinishReason.ERROR, INTERNAL_ERROR)
+            return
+        self._outage = None
         self._dispatch(result.events)
         self._report(time.perf_counter() - t0, result)
+
+    def _end(self, rids: list[str], reason: FinishReason, error: str | None) -> None:
+        """End these requests with `reason` (and `error`), each on its own: one that cannot be ended
+        cleanly (a bug in the engine's bookkeeping) is discarded, and still told that it ended."""
+        events: list[Event] = []
+        for rid in rids:
+            req = self.engine.requests.get(rid)
+            if req is None:
+                continue
+            if error is not None:
+                req.error = error
+            try:
+                events.extend(self.engine.abort(rid, reason))
+            except Exception:
+                log.exception("ending request %s failed; discarding it", rid)
+                events.extend(self.engine.discard(rid, reason))
+        self._dispatch(events)
 
     def _report(self, seconds: float | None, result: StepResult | None) -> None:
         if self._on_step is None:
@@ -139,17 +169,6 @@ class EngineLoop:
             self.engine.kv.flush()
         except Exception as exc:
             log.warning("KV flush failed, will retry: %s", exc)
-            self._recover()
-
-    def _recover(self) -> None:
-        recover = getattr(self.engine.kv, "recover", None)
-        if recover is None:
-            return
-        try:
-            if recover():
-                log.warning("the KV manager had forgotten this worker: registered again, ledger restarted")
-        except Exception:
-            log.exception("KV recovery failed; will retry")
 
     def _dispatch(self, events: list[Event]) -> None:
         by_request: dict[str, list[Event]] = {}

@@ -1,0 +1,139 @@
+"""A worker's engine through outages of its KV manager, on a real gRPC manager in this process.
+
+The manager is stopped while forking requests run and stays away past the worker's lag bound: the
+engine thread lives on, the requests that were running end with the status that says the manager is
+unavailable (not the loop's catch-all), a request admitted during the outage ends the same way at once,
+and when a manager is back on the same port the worker registers again, resyncs, serves new requests,
+and the replica equals its ledger. Each wait is on an event (a request's end, a log line, the replica's
+acknowledgement), never a fixed sleep.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+
+import pytest
+
+from apar.bench_suite.simulated import ScratchRedis
+from services.kvmanager import convert
+from services.kvmanager.service import serve
+from services.protocol.events import FinishReason, RequestFinished, ThreadStarted, TokenEvent
+from services.protocol.params import SamplingParams
+from services.worker.config import EngineConfig
+from services.worker.engine import Engine
+from services.worker.kv import MANAGER_UNAVAILABLE, RemoteKV
+from services.worker.kvclient import KVManagerClient
+from services.worker.loop import EngineLoop
+from tests.faults import wait_until
+from tests.test_engine_pressure import biased_forward
+
+LAG_S, WAIT_S = 0.3, 0.4  # the worker's lag bound and its wait past it (RemoteKV's are 5 s and 10 s)
+
+
+class Requests:
+    """Sinks for requests submitted to an engine loop: each request's events, and its end."""
+
+    def __init__(self, loop: EngineLoop) -> None:
+        self.loop = loop
+        self.events: dict[str, list] = {}
+        self.done: dict[str, RequestFinished] = {}
+        self._cond = threading.Condition()
+
+    def submit(self, rid: str, prompt: list[int], params: SamplingParams) -> str:
+        self.events[rid] = []
+
+        def sink(evs) -> None:
+            with self._cond:
+                self.events[rid].extend(evs)
+                if isinstance(evs[-1], RequestFinished):
+                    self.done[rid] = evs[-1]
+                self._cond.notify_all()
+
+        self.loop.submit(prompt, params, rid, sink).result(timeout=10)
+        return rid
+
+    def tokens(self, rid: str) -> int:
+        return sum(isinstance(e, TokenEvent) for e in self.events[rid])
+
+    def forks(self, rid: str) -> int:
+        return sum(isinstance(e, ThreadStarted) and e.parent is not None for e in self.events[rid])
+
+    def wait_done(self, rids, timeout: float = 30.0) -> list[RequestFinished]:
+        with self._cond:
+            ok = self._cond.wait_for(lambda: all(r in self.done for r in rids), timeout)
+        assert ok, f"requests {sorted(set(rids) - set(self.done))} never ended (the engine loop is stuck or dead)"
+        return [self.done[r] for r in rids]
+
+
+@pytest.fixture
+def cluster(long_llama_dir):
+    """A memory-only KV manager on loopback gRPC and a worker's engine loop in cluster mode (fork-biased
+    random model, 32k positions: its requests run until something ends them)."""
+    c = type("Cluster", (), {})()
+    c.server = serve("127.0.0.1:0", reap_every_s=0.2)
+    c.clients = []
+
+    def factory(ledger):
+        client = KVManagerClient(f"127.0.0.1:{c.server.port}", "w-out", "here", ledger.num_blocks,
+                                 ledger.block_size, ttl_s=30)
+        assert not client.register()
+        client.start_heartbeat()
+        c.clients.append(client)
+        return RemoteKV(ledger, client, max_lag_s=LAG_S, wait_s=WAIT_S)
+
+    c.engine = Engine(long_llama_dir, EngineConfig(block_size=4, num_blocks=512, max_batch_tokens=32,
+                                                   fork_watermark=0.0), kv_factory=factory)
+    biased_forward(c.engine, 3.0)
+    c.loop = EngineLoop(c.engine)
+    c.requests = Requests(c.loop)
+    yield c
+    c.loop.stop()
+    c.engine.kv.close()
+    for client in c.clients:
+        client.close()
+    c.server.stop(grace=None)
+
+
+def forking(max_tokens: int, seed: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=seed, ignore_eos=True, max_threads=4)
+
+
+def test_engine_survives_a_manager_outage_past_the_lag_bound(cluster, caplog):
+    c, reqs = cluster, cluster.requests
+    running = [reqs.submit(f"run-{i}", list(range(40 + 9 * i, 52 + 9 * i)), forking(30000, i)) for i in range(3)]
+    wait_until(lambda: all(reqs.tokens(r) >= 20 for r in running) and sum(reqs.forks(r) for r in running), 60,
+               "every request streaming, and a fork")
+    port = c.server.port
+    with caplog.at_level(logging.WARNING, logger="services.worker.loop"):
+        c.server.stop(grace=None)  # the manager is gone: the worker's replica falls behind
+        ended = reqs.wait_done(running, timeout=30)
+        # each was running when the manager went away, and ends with the status that says why
+        assert all(reqs.tokens(r) > 20 for r in running)
+        assert [(e.reason, e.error) for e in ended] == [(FinishReason.ERROR, MANAGER_UNAVAILABLE)] * 3
+        # admitted while the manager is still away (its start in the ledger cannot be handed over):
+        # it ends the same way, at once, and the engine lives on
+        late = reqs.submit("late", list(range(200, 230)), forking(100, 7))
+        (e,) = reqs.wait_done([late], timeout=10)
+        assert (e.reason, e.error) == (FinishReason.ERROR, MANAGER_UNAVAILABLE)
+        assert c.loop._thread.is_alive()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], "an outage is not an engine failure"
+    assert c.engine.ledger.num_used == 0  # every failed request's blocks are free in the worker's ledger
+    c.engine.ledger.check()
+
+    c.server = serve(f"127.0.0.1:{port}", reap_every_s=0.2)  # a new manager, empty: the worker is unknown
+    # the worker registers again and resyncs its ledger; until the replica is back within the lag bound
+    # its steps still fail at once
+    wait_until(lambda: not c.engine.kv.unavailable, 30, "the worker caught up with the new manager")
+    after = [reqs.submit(f"after-{i}", list(range(300 + 5 * i, 320 + 5 * i)), forking(60, 10 + i))
+             for i in range(3)]
+    done = reqs.wait_done(after, timeout=60)
+    assert all((e.reason, e.error) == (FinishReason.LENGTH, None) for e in done)
+    assert all(e.usage.completion_tokens == 60 for e in done)
+
+    def replica_equal() -> bool:
+        c.loop.call(lambda e: e.kv.drain(10)).result(timeout=20)
+        mine = c.loop.call(lambda e: convert.state_to_pb(e.ledger.snapshot())).result(timeout=10)
+        return c.clients[0].state() == mine
+
+    wait_until(replica_equal, 30, "the new manager's replica equal to the worker's ledger")
+    assert [w.worker_id for w in c.server.manager.usage()] == ["w-out"]
