@@ -145,6 +145,12 @@ class KVLedger:
             n += 1
         return n
 
+    def cached_among(self, names) -> int:
+        """How many of the held blocks named `names` are cached (no thread reads them): what reusing them
+        takes from `num_free`. One that a running thread reads is shared, and takes nothing."""
+        blocks, named = self._blocks, self._named
+        return sum(blocks[named[name]].refcount == 0 for name in names)
+
     def reusable(self, names, n_tokens: int) -> int:
         """The blocks a new root with this prompt (`n_tokens` tokens, `names` its full blocks' names)
         reuses: the cached prefix, leaving at least one prompt token to compute (its logits are needed)."""

@@ -208,15 +208,16 @@ class Engine:
     def _make_room(self, work: list[Work], need: dict[str, int], result: StepResult) -> list[Work]:
         """While the step's new blocks (`need`, per request) exceed the free ones, preempt the most
         recently admitted request. A request left alone that still does not fit has filled the pool: it
-        ends with `length`."""
+        ends with `length`. The free count is read again after each preemption: what a victim frees is
+        its own blocks and the named prompt blocks only it read, which stay cached (and count as free)."""
         free = self.ledger.num_free
         running = self.scheduler.running
         gone: set[str] = set()
         while sum(need.values()) > free and len(running) > 1:
             victim = running[-1]
             need.pop(victim.id, None)
-            free += self.ledger.blocks_of(victim.id)
-            self._preempt(victim)
+            self._preempt(victim)  # its release is applied to the ledger at once
+            free = self.ledger.num_free
             gone.add(victim.id)
         if sum(need.values()) > free:
             req = running[0]
