@@ -23,12 +23,12 @@ _new = tuple.__new__  # a NamedTuple made without its Python-level __new__ (a re
 
 
 def digest_from_pb(d) -> Digest:
-    return _new(Digest, (d.free_blocks, d.used_blocks, d.threads, d.tokens, d.next_free, d.named))
+    return _new(Digest, (d.free_blocks, d.used_blocks, d.threads, d.tokens, d.next_free, d.named, d.contents))
 
 
 def digest_to_pb(d: Digest):
     return K.Digest(free_blocks=d.free, used_blocks=d.used, threads=d.threads, tokens=d.tokens,
-                    next_free=d.next_free, named=d.named)
+                    next_free=d.next_free, named=d.named, contents=d.contents)
 
 
 def batch_from_pb(req) -> Batch:
