@@ -243,6 +243,47 @@ def test_killed_worker_is_reclaimed(cluster):
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
+def test_a_worker_id_belongs_to_one_live_process(cluster, long_llama_dir):
+    """Two worker processes with one id, as a StatefulSet's replacement pod has: while `old` lives, `new`
+    is refused (it says so and waits) and the manager still lists the id at `old`'s address, where the
+    router sends requests; `old` freezes past its time-to-live (a pause, a partition): reaped, and `new`
+    registers the id and serves; `old` wakes, is refused, and stops (exit 1, saying why)."""
+    ports = free_port(), free_port()
+
+    def worker(port: int, ttl: int) -> Proc:
+        return Proc("worker", "--model", str(long_llama_dir), "--port", str(port), "--kv-blocks", "64",
+                    "--kvmanager", cluster.kv_address, "--kv-ttl", str(ttl), "--worker-id", "w-dup")
+
+    def listed() -> list[str]:
+        return [w.address for w in kv_usage(cluster).workers if w.worker_id == "w-dup"]
+
+    old = worker(ports[0], 1)
+    new = None
+    try:
+        old.wait_for("listening on")
+        new = worker(ports[1], 4)
+        new.wait_for("worker id w-dup is taken")
+        assert listed() == [f"127.0.0.1:{ports[0]}"]
+        with grpc.insecure_channel(cluster.address) as ch:
+            stub = pb.apar_pb2_grpc.AparStub(ch)
+            assert gen(stub, 6, ignore_eos=True).usage.completion_tokens == 6
+            old.pause()
+            try:
+                new.wait_for("listening on", timeout=30)
+                assert listed() == [f"127.0.0.1:{ports[1]}"]
+            finally:
+                mark = len(old.lines)
+                old.resume()
+            assert old.p.wait(timeout=30) == 1
+            old.wait_for("stopped: another process holds this worker's id", timeout=1, since=mark)
+            assert listed() == [f"127.0.0.1:{ports[1]}"]
+            serving(stub)
+    finally:
+        for p in (old, new):
+            if p is not None:
+                p.stop()
+
+
 def test_manager_paused_engine_keeps_its_pace(tmp_path, tokenizer):
     """A real engine (random model, in this process) in cluster mode under a steady load (8 requests
     running, each replaced as it ends), its manager a process: frozen (SIGSTOP) for 2 s, the engine's

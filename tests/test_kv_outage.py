@@ -137,3 +137,48 @@ def test_engine_survives_a_manager_outage_past_the_lag_bound(cluster, caplog):
 
     wait_until(replica_equal, 30, "the new manager's replica equal to the worker's ledger")
     assert [w.worker_id for w in c.server.manager.usage()] == ["w-out"]
+
+
+def test_a_worker_reconnects_at_once_after_a_long_outage_and_is_not_reaped(tmp_path, caplog):
+    """A worker (time-to-live 2 s) streams its steps to a manager with Redis; the manager is stopped
+    while the worker's heartbeats fail ten times over (gRPC's own reconnect backoff would by then wait
+    seconds between tries), then restarted on the same port from the same Redis, which gives the
+    worker's ledger a fresh time-to-live. The worker reaches it again before that runs out: it is not
+    reaped, its heartbeats are known, and after its next steps the replica equals its ledger."""
+    from apar.bench_suite.simulated import SimWorker
+    from services.kvmanager.ledger import KVLedger
+
+    redis = ScratchRedis()
+    server = serve("127.0.0.1:0", redis.url, reap_every_s=0.1)
+    port = server.port
+    client = KVManagerClient(f"127.0.0.1:{port}", "w-long", "here", 64, 4, ttl_s=2)
+    kv = None
+    try:
+        assert not client.register()
+        client.start_heartbeat()
+        kv = RemoteKV(KVLedger(64, 4), client)
+        sim = SimWorker(kv, seed=3)
+        for _ in range(30):
+            sim.step()
+        kv.drain()
+        with caplog.at_level(logging.WARNING, logger="services.worker.kvclient"):
+            server.stop(grace=None)
+            wait_until(lambda: sum("heartbeat to the KV manager failed" in r.getMessage() for r in caplog.records)
+                       >= 10, 30, "ten failed heartbeats")
+        beats = client.beats
+        server = serve(f"127.0.0.1:{port}", redis.url, reap_every_s=0.1)
+        reaped = server.metrics.reaped._value.get
+        # the worker's first heartbeat the new manager answers, or its reap, whichever comes first
+        wait_until(lambda: client.beats > beats or reaped(), 30, "the worker heard again, or reaped")
+        assert reaped() == 0, "the worker was reaped: it reached the manager only after its time-to-live"
+        for _ in range(10):
+            sim.step()
+        kv.drain(20)
+        assert server.manager.state("w-long") == sim.ledger.snapshot()
+        assert reaped() == 0
+    finally:
+        if kv is not None:
+            kv.close()
+        client.close()
+        server.stop(grace=None)
+        redis.close()

@@ -52,7 +52,7 @@ def entry_from_json(text: str | bytes) -> tuple[int, list[tuple[int, list[Op]]]]
 
 def spec_to_json(spec: WorkerSpec) -> str:
     return _dumps({"worker_id": spec.worker_id, "address": spec.address, "num_blocks": spec.num_blocks,
-                   "block_size": spec.block_size, "ttl_s": spec.ttl_s})
+                   "block_size": spec.block_size, "ttl_s": spec.ttl_s, "model": spec.model})
 
 
 def spec_from_json(text: str | bytes) -> WorkerSpec:

@@ -70,13 +70,14 @@ def ack_from_pb(resp) -> Ack:
 def spec_from_pb(req, default_ttl_s: int) -> WorkerSpec:
     """A RegisterRequest as a checked spec; ttl_seconds 0 takes the manager's default."""
     return WorkerSpec(worker_id=req.worker_id, address=req.address, num_blocks=req.num_blocks,
-                      block_size=req.block_size, ttl_s=req.ttl_seconds or default_ttl_s)
+                      block_size=req.block_size, ttl_s=req.ttl_seconds or default_ttl_s, model=req.model)
 
 
 def usage_to_pb(usage: list[Usage]):
     return K.UsageResponse(workers=[K.WorkerUsage(worker_id=u.worker_id, address=u.address, num_blocks=u.num_blocks,
                                                   free_blocks=u.free_blocks, requests=u.requests,
-                                                  block_size=u.block_size, cached_blocks=u.cached_blocks)
+                                                  block_size=u.block_size, cached_blocks=u.cached_blocks,
+                                                  model=u.model)
                                     for u in usage])
 
 

@@ -39,9 +39,10 @@ from typing import TYPE_CHECKING
 from services.kvmanager.codec import entry_to_json, snapshot_of, snapshot_to_json
 from services.kvmanager.ledger import KVLedger
 from services.kvmanager.ops import MAX_NAMES
-from services.kvmanager.records import (Applied, BadRequest, StoreUnavailable, UnknownWorker, Usage, WorkerRecord,
-                                        WorkerSpec, apply_batch, check_batch, check_worker_id)
-from services.kvmanager.replication import Ack, Batch, ReplicaUnavailable, WorkerForgotten
+from services.kvmanager.records import (Applied, BadRequest, StaleSession, StoreUnavailable, UnknownWorker, Usage,
+                                        WorkerIdTaken, WorkerRecord, WorkerSpec, apply_batch, check_batch,
+                                        check_worker_id)
+from services.kvmanager.replication import Ack, Batch, ReplicaUnavailable, WorkerFenced, WorkerForgotten
 
 if TYPE_CHECKING:
     from services.kvmanager.metrics import KVMetrics
@@ -85,9 +86,12 @@ class KVManager:
 
     # ---- worker registration ----------------------------------------------------------------------
     def register(self, spec: WorkerSpec, session: int = 0) -> tuple[bool, int]:
-        """Lease a pool: (restored, free blocks). Restored when a live ledger of the same size exists
-        (the worker reconnects after a manager restart, or restarted with the same id: its steps then
-        ask for a resync); otherwise a fresh ledger, holding `session` at step 0, replaces any other."""
+        """Lease a pool: (restored, free blocks). A worker id is bound to the session that registered it.
+        While that registration lives, the same session registering again (after a manager restart, a
+        lost answer) keeps its ledger (restored) if the pool is the same size, and another session is
+        refused with WorkerIdTaken, nothing changed: a second process with the id, or a replacement
+        that came before the old registration expired. Otherwise a fresh ledger, bound to `session`
+        at step 0, replaces any other (a stale process's steps are then refused: StaleSession)."""
         with self._store_lock:
             self._sync_reachable()
             with self._lock:
@@ -95,7 +99,11 @@ class KVManager:
 
     def _register(self, spec: WorkerSpec, session: int) -> tuple[bool, int]:
         rec = self._workers.get(spec.worker_id)
-        if rec is not None and rec.spec.same_pool(spec) and self._alive(rec):
+        live = rec is not None and self._alive(rec)
+        if live and rec.session != session:
+            raise WorkerIdTaken(f"worker id {spec.worker_id} is held by another live process (its registration "
+                                f"expires {rec.spec.ttl_s} s after its last heartbeat)")
+        if live and rec.spec.same_pool(spec):
             if self.store is not None:
                 self._guard(self.store.renew, spec)
             rec.spec = spec
@@ -109,12 +117,13 @@ class KVManager:
         self._pending.pop(spec.worker_id, None)
         return False, rec.ledger.num_free
 
-    def heartbeat(self, worker_id: str) -> bool:
-        """Extend a registration; False when the worker is unknown or expired (it must register again)."""
+    def heartbeat(self, worker_id: str, session: int = 0) -> bool:
+        """Extend a registration; False when the worker is unknown or expired, or registered by another
+        session than `session` (0: any): it must register again."""
         check_worker_id(worker_id)
         with self._lock:
             rec = self._workers.get(worker_id)
-            if rec is None:
+            if rec is None or (session and rec.session != session):
                 return False
             if self.store is None:
                 if rec.expires_at <= self.clock():
@@ -264,7 +273,7 @@ class KVManager:
         """Every registered worker (memory only: no store call), sorted by id."""
         with self._lock:
             return [Usage(r.worker_id, r.spec.address, r.spec.num_blocks, r.ledger.num_free, r.ledger.num_requests,
-                          r.spec.block_size, r.ledger.num_cached)
+                          r.spec.block_size, r.ledger.num_cached, r.spec.model)
                     for r in sorted(self._workers.values(), key=lambda r: r.worker_id)]
 
     def prefix(self, names: list[int]) -> list[tuple[str, str, int]]:
@@ -396,30 +405,34 @@ class InProcessClient:
     gRPC. A registration lives `ttl_s` (default a day) and needs no heartbeat unless something reaps."""
 
     def __init__(self, manager: KVManager, worker_id: str, worker_address: str, num_blocks: int, block_size: int,
-                 ttl_s: int = 24 * 3600) -> None:
+                 ttl_s: int = 24 * 3600, model: str = "") -> None:
         self.manager = manager
-        self.spec = WorkerSpec(worker_id, worker_address, num_blocks, block_size, ttl_s)
+        self.spec = WorkerSpec(worker_id, worker_address, num_blocks, block_size, ttl_s, model)
         self.session = secrets.randbits(63) | 1
         self.forgotten = False
         self.closed = False
 
     def register(self, timeout: float | None = None) -> bool:
-        return self.manager.register(self.spec, self.session)[0]
+        """Whether the manager had this session's ledger; WorkerFenced when another session holds the id."""
+        try:
+            return self.manager.register(self.spec, self.session)[0]
+        except WorkerIdTaken as exc:
+            raise WorkerFenced(str(exc)) from None
 
     def start_heartbeat(self) -> None:
         """Nothing to do in-process; `heartbeat()` extends the registration if a caller reaps."""
 
     def heartbeat(self) -> bool:
-        return self.manager.heartbeat(self.spec.worker_id)
+        return self.manager.heartbeat(self.spec.worker_id, self.session)
 
     def send(self, batch: Batch) -> Ack:
         """One message; raises ReplicaUnavailable when the store is away (send again later),
-        WorkerForgotten when the manager holds no ledger for this worker."""
+        WorkerForgotten when the manager holds no ledger for this worker, of this session."""
         try:
             return self.manager.submit(self.spec.worker_id, batch)
         except StoreUnavailable as exc:
             raise ReplicaUnavailable(str(exc)) from None
-        except UnknownWorker as exc:
+        except (UnknownWorker, StaleSession) as exc:
             raise WorkerForgotten(str(exc)) from None
 
     def state(self) -> dict:

@@ -17,6 +17,7 @@ from services.kvmanager.replication import Ack, Batch, Step
 
 MAX_ID_CHARS = 128  # worker ids (part of Redis keys)
 MAX_ADDRESS_CHARS = 256
+MAX_MODEL_CHARS = 256  # a served model name
 MAX_BLOCKS = 1 << 20  # per worker; a ledger of this size snapshots to a few MB of JSON
 MAX_BLOCK_SIZE = 1 << 12  # tokens per block
 MAX_TTL_S = 24 * 3600
@@ -34,6 +35,17 @@ class UnknownWorker(LookupError):
 
 class StoreUnavailable(RuntimeError):
     """Redis cannot be reached or lost data; nothing was applied, retry later (UNAVAILABLE)."""
+
+
+class WorkerIdTaken(RuntimeError):
+    """Another live process holds this worker id: its registration (another session) has not expired.
+    Nothing was changed (ALREADY_EXISTS)."""
+
+
+class StaleSession(RuntimeError):
+    """A message from a session that no longer holds its worker id (the id was reaped and registered by
+    another process): refused, nothing applied (FAILED_PRECONDITION). The process registers again, and
+    stops if the id is taken."""
 
 
 def check_worker_id(worker_id: str) -> str:
@@ -55,11 +67,14 @@ class WorkerSpec:
     num_blocks: int
     block_size: int
     ttl_s: int
+    model: str = ""  # the model it serves ("": not said)
 
     def __post_init__(self) -> None:
         check_worker_id(self.worker_id)
         if len(self.address) > MAX_ADDRESS_CHARS or not self.address.isprintable():
             raise BadRequest(f"address must be at most {MAX_ADDRESS_CHARS} printable characters")
+        if len(self.model) > MAX_MODEL_CHARS or not self.model.isprintable():
+            raise BadRequest(f"model must be at most {MAX_MODEL_CHARS} printable characters")
         if not 1 <= self.num_blocks <= MAX_BLOCKS:
             raise BadRequest(f"num_blocks must be 1..{MAX_BLOCKS}, got {self.num_blocks}")
         if not 1 <= self.block_size <= MAX_BLOCK_SIZE:
@@ -111,8 +126,8 @@ def check_batch(batch: Batch) -> Batch:
 class WorkerRecord:
     """One worker's replica and where it stands.
 
-    `session` and `seq` are the worker's: the session whose steps the replica holds and the last of
-    them applied. `broken` is set when the replica refused an op or its digest differed from the
+    `session` and `seq` are the worker's: the session that registered the worker id (the only one whose
+    messages are applied: the id is bound to it) and the last of its steps applied. `broken` is set when the replica refused an op or its digest differed from the
     worker's (it no longer follows the worker): nothing more is applied until a resync. `n` counts the
     messages that changed the replica since registration (each a log entry, or a resync); `base` is the
     `n` of the last snapshot in the store, so entries `base+1..n` are in the store's log. `born` (ns
@@ -154,9 +169,12 @@ class Applied:
 
 
 def apply_batch(rec: WorkerRecord, batch: Batch) -> Applied:
-    """Apply one message of a worker to its replica by the rules in `replication`'s docstring."""
+    """Apply one message of a worker to its replica by the rules in `replication`'s docstring; raises
+    StaleSession, changing nothing, for a message of a session the worker id is not bound to."""
+    if batch.session != rec.session:
+        raise StaleSession(f"worker {rec.worker_id} is registered by another process now: register again")
     out = Applied()
-    stale = batch.session == rec.session and not rec.broken and batch.resync is not None and batch.resync.seq < rec.seq
+    stale = not rec.broken and batch.resync is not None and batch.resync.seq < rec.seq
     if batch.resync is not None and not stale:  # a stale one (a late copy) would only set the replica back
         data = batch.resync.ledger
         if not isinstance(data, dict) or (data.get("num_blocks"), data.get("block_size")) != (
@@ -166,9 +184,9 @@ def apply_batch(rec: WorkerRecord, batch: Batch) -> Applied:
             ledger = KVLedger.from_snapshot(data)
         except LedgerError as exc:
             raise BadRequest(f"resync: {exc}") from None
-        rec.ledger, rec.session, rec.seq, rec.broken = ledger, batch.session, batch.resync.seq, False
+        rec.ledger, rec.seq, rec.broken = ledger, batch.resync.seq, False
         out.resynced = True
-    if batch.session != rec.session or rec.broken:
+    if rec.broken:
         out.ack = rec.ack(resync=True)
         return out
     for step in batch.steps:
@@ -212,3 +230,4 @@ class Usage:
     requests: int
     block_size: int = 0
     cached_blocks: int = 0
+    model: str = ""

@@ -190,10 +190,15 @@ class KVManagerDirectory(WorkerDirectory):
 
     A request goes by `prefix_choice`: every shard is asked at once (`Prefix`) how many leading blocks of
     the prompt each of its workers holds; a shard that fails or takes over `PREFIX_TIMEOUT_S` counts as
-    none for its workers, so a slow manager costs a request its cache hit, never its answer."""
+    none for its workers, so a slow manager costs a request its cache hit, never its answer.
 
-    def __init__(self, kvmanager: str, refresh_s: float = 0.2, tls: TLSFiles | None = None) -> None:
+    With `model` (the router's served model name) only the workers that registered serving that model
+    are taken: a manager shared by several models' workers never sends a request to another model."""
+
+    def __init__(self, kvmanager: str, refresh_s: float = 0.2, tls: TLSFiles | None = None,
+                 model: str | None = None) -> None:
         super().__init__([], refresh_s, tls)
+        self.model = model
         self._kv_channels = [open_channel(shard, tls, aio=True) for shard in parse_shards(kvmanager)]
         self._kv = [pb.kvmanager_pb2_grpc.KVManagerStub(channel) for channel in self._kv_channels]
         self._views: list[dict] = [{} for _ in self._kv]  # per shard: worker address -> its WorkerUsage
@@ -241,7 +246,7 @@ class KVManagerDirectory(WorkerDirectory):
             elif isinstance(answer, BaseException):
                 raise answer
             else:
-                self._views[i] = {u.address: u for u in answer.workers}
+                self._views[i] = {u.address: u for u in answer.workers if self.model in (None, u.model)}
         listed = {addr: u for view in self._views for addr, u in view.items()}
         known = {w.address: w for w in self.workers}
         for addr in listed:

@@ -26,7 +26,7 @@ import time
 
 from services.kvmanager.ledger import KVLedger
 from services.kvmanager.ops import Op, StepAnswer, apply
-from services.kvmanager.replication import ReplicaUnavailable, StepLog, WorkerForgotten
+from services.kvmanager.replication import ReplicaUnavailable, StepLog, WorkerFenced, WorkerForgotten
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,9 @@ class RemoteKV:
     resends after a lost connection (the manager skips duplicates), registers again when the manager
     forgot this worker, and sends a snapshot instead of steps when the replica asks for one or cannot
     go on. Idle for `probe_every_s`, it sends an empty batch, whose ack checks the replica's digest.
+    When it registers again and another live process holds the worker id (this one was reaped, and a
+    replacement took the id), this process is fenced: it sends nothing more, every `apply` raises at
+    once, and `on_fenced(reason)` tells the worker to stop.
     `on_round_trip(seconds)` (the worker's metrics) hears every answered batch; `on_lag(seconds)`, when
     set, every acknowledged step's lag.
     """
@@ -88,6 +91,8 @@ class RemoteKV:
         self.on_lag = None  # Callable[[float], None]: each acknowledged step's lag, in seconds
         self.blocked_s = 0.0  # time the engine spent waiting on the lag bound
         self.unavailable = False  # past the bound for `wait_s`: steps fail at once until it catches up
+        self.fenced: str | None = None  # why this process may no longer replicate its id's ledger
+        self.on_fenced = None  # Callable[[str], None]: the worker stops
         self._cv = threading.Condition()  # guards `outbox` (and so the ledger against a snapshot)
         self._closed = False
         self._idle = False  # the sender waits for a step: wake it
@@ -116,6 +121,8 @@ class RemoteKV:
     def _within_lag(self) -> None:
         """Return once the replica is within the lag bound; raise KVManagerUnavailable after `wait_s`
         past it, and from then on at once, without waiting, until the replica is back within it."""
+        if self.fenced is not None:
+            raise KVManagerUnavailable(self.fenced)
         if self._within_bound():
             return
         steps, seconds = self.outbox.lag()
@@ -209,7 +216,7 @@ class RemoteKV:
         """Wait for something to send and for the send interval; None once closed."""
         with self._cv:
             while True:
-                if self._closed or self.client.closed:  # the worker is shutting down
+                if self._closed or self.client.closed or self.fenced:  # the worker is shutting down
                     return None
                 if self.client.forgotten:  # the heartbeat found this worker forgotten, maybe while idle
                     self._cv.release()
@@ -235,6 +242,9 @@ class RemoteKV:
         send a snapshot of the ledger first."""
         try:
             self.client.register()
+        except WorkerFenced as exc:
+            self._fence(f"another process holds this worker's id at the KV manager ({exc})")
+            return
         except Exception as exc:  # the manager is away too: the next batch tries again
             log.warning("registering again with the KV manager failed: %s", exc)
             time.sleep(0.2)
@@ -242,3 +252,11 @@ class RemoteKV:
         log.warning("the KV manager had forgotten this worker: registered again, resyncing its ledger")
         with self._cv:
             self.outbox.forget()
+
+    def _fence(self, reason: str) -> None:
+        log.error("%s: this worker stops replicating its ledger and serving", reason)
+        with self._cv:
+            self.fenced = reason
+            self._cv.notify_all()
+        if self.on_fenced is not None:
+            self.on_fenced(reason)
