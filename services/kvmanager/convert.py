@@ -11,10 +11,10 @@ manager reads batches and writes acks, the worker the other way round.
 from __future__ import annotations
 
 from apar.protogen import stubs
-from services.kvmanager.codec import ops_from_bytes, ops_to_bytes, snapshot_from_bytes, snapshot_to_bytes
+from services.kvmanager.codec import ops_from_bytes, ops_to_bytes, snapshot_from_bytes, snapshot_parts, snapshot_to_bytes
 from services.kvmanager.ledger import Digest
 from services.kvmanager.records import BadRequest, Usage, WorkerSpec
-from services.kvmanager.replication import Ack, Batch, Resync, Step
+from services.kvmanager.replication import Ack, Batch, Resync, ResyncPart, Step
 
 K = stubs().kvmanager_pb2
 
@@ -40,14 +40,29 @@ def batch_from_pb(req) -> Batch:
         except ValueError as exc:
             raise BadRequest(f"step {i}: {exc}") from None
         steps.append(Step(s.seq, ops, digest_from_pb(s.digest), raw=raw))
-    resync = None
-    if req.HasField("resync"):
+    resync = part = None
+    if req.HasField("resync") and req.resync.parts:  # one part of it: the manager puts them together
+        r = req.resync
+        part = ResyncPart(r.seq, r.part, r.parts, r.ledger)
+    elif req.HasField("resync"):
         try:
             ledger = snapshot_from_bytes(req.resync.ledger)
         except ValueError as exc:
             raise BadRequest(f"resync: the ledger is not JSON: {exc}") from None
         resync = Resync(req.resync.seq, ledger)
-    return Batch(req.session, steps, resync)
+    return Batch(req.session, steps, resync, part)
+
+
+def batch_to_pbs(worker_id: str, batch: Batch) -> list:
+    """The messages a batch travels in, in order: one, or with a resync, one per part of its snapshot
+    (compressed; the last part with the steps), so a pool of any size resyncs under the message cap."""
+    if batch.resync is None:
+        return [batch_to_pb(worker_id, batch)]
+    parts = snapshot_parts(batch.resync.ledger)
+    return [K.StepBatch(worker_id=worker_id, session=batch.session,
+                        resync=K.Resync(seq=batch.resync.seq, ledger=data, part=i, parts=len(parts)),
+                        steps=batch_to_pb(worker_id, batch).steps if i == len(parts) - 1 else [])
+            for i, data in enumerate(parts)]
 
 
 def batch_to_pb(worker_id: str, batch: Batch):

@@ -23,6 +23,7 @@ MAX_BLOCK_SIZE = 1 << 12  # tokens per block
 MAX_TTL_S = 24 * 3600
 MAX_OPS = 1 << 16  # per step
 MAX_STEPS = 1 << 12  # per message
+MAX_RESYNC_PARTS = 1 << 10  # parts of one resync (of codec.RESYNC_PART_BYTES each)
 
 
 class BadRequest(UserError):
@@ -113,6 +114,12 @@ def check_batch(batch: Batch) -> Batch:
         raise BadRequest(f"{len(batch.steps)} steps in one message; at most {MAX_STEPS}")
     if batch.resync is not None and batch.resync.seq < 0:
         raise BadRequest("resync seq must be 0 or more")
+    p = batch.part
+    if p is not None:
+        if p.seq < 0 or not 0 <= p.part < p.parts <= MAX_RESYNC_PARTS:
+            raise BadRequest(f"resync part {p.part} of {p.parts}: parts must be 1..{MAX_RESYNC_PARTS}, part below")
+        if batch.steps and p.part < p.parts - 1:
+            raise BadRequest("a resync's steps come with its last part")
     for i, step in enumerate(batch.steps):
         if step.seq <= 0:
             raise BadRequest(f"step {i}: seq must be 1 or more (a worker numbers its steps from 1)")

@@ -68,10 +68,21 @@ class Resync:
 
 
 @dataclass(frozen=True, slots=True)
+class ResyncPart:
+    """One part of a resync's snapshot as it travels (the wire's form: compressed JSON, in parts)."""
+
+    seq: int
+    part: int
+    parts: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Batch:
     session: int  # the worker's replication session: a new one per ledger that starts empty
     steps: list[Step]
     resync: Resync | None = None
+    part: ResyncPart | None = None  # at the manager: a resync still coming in parts (`resync` is None)
 
 
 @dataclass(frozen=True, slots=True)

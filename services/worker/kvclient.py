@@ -23,7 +23,7 @@ import time
 import grpc
 
 from apar.protogen import stubs
-from services.kvmanager.convert import ack_from_pb, batch_to_pb
+from services.kvmanager.convert import ack_from_pb, batch_to_pbs
 from services.kvmanager.replication import Ack, Batch, ReplicaUnavailable, WorkerFenced, WorkerForgotten
 from services.kvmanager.shards import parse_shards, shard_for
 from services.security import open_channel
@@ -112,14 +112,18 @@ class KVManagerClient:
                 log.warning("heartbeat to the KV manager failed: %s", exc.code().name)
 
     def send(self, batch: Batch) -> Ack:
-        """One batch on the open stream (opened first if need be) and its ack."""
+        """One batch on the open stream (opened first if need be) and its ack: a resync goes in parts, each
+        answered, under the message cap (`convert.batch_to_pbs`); the last part's answer is the batch's."""
         if self.forgotten:
             raise WorkerForgotten(f"the KV manager no longer knows worker {self.worker_id}")
+        msgs = batch_to_pbs(self.worker_id, batch)
         if self._stream is None:
             self._stream = _StepStream(self.stub)
-        self._sent_at = time.monotonic()
         try:
-            return ack_from_pb(self._stream.send(batch_to_pb(self.worker_id, batch)))
+            for msg in msgs:
+                self._sent_at = time.monotonic()
+                resp = self._stream.send(msg)
+            return ack_from_pb(resp)
         except (grpc.RpcError, StopIteration) as exc:
             self._stream.close()
             self._stream = None
