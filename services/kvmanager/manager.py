@@ -36,12 +36,12 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from services.kvmanager.codec import MAX_SNAPSHOT_BYTES, entry_to_json, snapshot_from_parts, snapshot_of, snapshot_to_json
+from services.kvmanager.codec import entry_to_json, snapshot_from_parts, snapshot_of, snapshot_to_json
 from services.kvmanager.ledger import KVLedger
 from services.kvmanager.ops import MAX_NAMES
-from services.kvmanager.records import (Applied, BadRequest, StaleSession, StoreUnavailable, UnknownWorker, Usage,
-                                        WorkerIdTaken, WorkerRecord, WorkerSpec, apply_batch, check_batch,
-                                        check_worker_id)
+from services.kvmanager.records import (Applied, BadRequest, ResyncParts, StaleSession, StoreUnavailable,
+                                        UnknownWorker, Usage, WorkerIdTaken, WorkerRecord, WorkerSpec, add_part,
+                                        apply_batch, check_batch, check_worker_id)
 from services.kvmanager.replication import Ack, Batch, ReplicaUnavailable, Resync, WorkerFenced, WorkerForgotten
 
 if TYPE_CHECKING:
@@ -49,17 +49,6 @@ if TYPE_CHECKING:
     from services.kvmanager.store import RedisStore, Write
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class _Parts:
-    """A resync coming in parts, so far."""
-
-    session: int
-    seq: int
-    parts: int
-    data: list[bytes] = field(default_factory=list)
-    size: int = 0
 
 
 @dataclass(slots=True)
@@ -85,7 +74,7 @@ class KVManager:
         self._lock = threading.Lock()
         self._store_lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}
-        self._parts: dict[str, _Parts] = {}  # worker id -> the resync it is sending in parts
+        self._parts: dict[str, ResyncParts] = {}  # worker id -> the resync it is sending in parts
         self._work = threading.Condition(self._lock)  # wakes the writer
         self._writer_idle = False  # the writer waits on `_work`: the next message wakes it (only then)
         self._writer: threading.Thread | None = None
@@ -172,31 +161,18 @@ class KVManager:
         return ack
 
     def _assemble(self, worker_id: str, batch: Batch) -> Batch | None:
-        """Keep one part of a resync; with the last, the whole batch (the snapshot decoded, outside the
-        memory lock). BadRequest for a part out of order (the worker sends the snapshot again from part
-        0) or a snapshot too large; StaleSession for another session's."""
+        """Keep one part of a resync (`records.add_part`); with the last, the whole batch (the snapshot
+        decoded outside the memory lock). StaleSession for another session's parts."""
         p = batch.part
         with self._lock:
             rec = self._record(worker_id)
             if batch.session != rec.session:
                 raise StaleSession(f"worker {worker_id} is registered by another process now: register again")
-            have = self._parts.get(worker_id)
-            if p.part == 0:
-                have = self._parts[worker_id] = _Parts(batch.session, p.seq, p.parts)
-            elif have is None or (have.session, have.seq, have.parts, len(have.data)) != (batch.session, p.seq,
-                                                                                           p.parts, p.part):
-                self._parts.pop(worker_id, None)
-                raise BadRequest(f"resync part {p.part} of {p.parts} out of order: send it again from part 0")
-            have.data.append(p.data)
-            have.size += len(p.data)
-            if have.size > MAX_SNAPSHOT_BYTES:
-                del self._parts[worker_id]
-                raise BadRequest(f"resync: more than {MAX_SNAPSHOT_BYTES} bytes")
-            if len(have.data) < have.parts:
+            data = add_part(self._parts, worker_id, batch.session, p)
+            if data is None:
                 return None
-            del self._parts[worker_id]
         try:
-            ledger = snapshot_from_parts(have.data)
+            ledger = snapshot_from_parts(data)
         except ValueError as exc:
             raise BadRequest(f"resync: {exc}") from None
         return Batch(batch.session, batch.steps, Resync(p.seq, ledger))

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from apar.errors import UserError
 from services.kvmanager.ledger import KVLedger, LedgerError
 from services.kvmanager.ops import OPS, Op, apply
-from services.kvmanager.replication import Ack, Batch, Step
+from services.kvmanager.replication import Ack, Batch, ResyncPart, Step
 
 MAX_ID_CHARS = 128  # worker ids (part of Redis keys)
 MAX_ADDRESS_CHARS = 256
@@ -24,6 +24,7 @@ MAX_TTL_S = 24 * 3600
 MAX_OPS = 1 << 16  # per step
 MAX_STEPS = 1 << 12  # per message
 MAX_RESYNC_PARTS = 1 << 10  # parts of one resync (of codec.RESYNC_PART_BYTES each)
+MAX_RESYNC_BYTES = 1 << 29  # of a resync's parts together (compressed)
 
 
 class BadRequest(UserError):
@@ -213,6 +214,38 @@ def apply_batch(rec: WorkerRecord, batch: Batch) -> Applied:
         rec.n += 1
     out.ack = rec.ack()
     return out
+
+
+@dataclass(slots=True)
+class ResyncParts:
+    """A worker's resync coming in parts, so far."""
+
+    session: int
+    seq: int
+    parts: int
+    data: list[bytes] = field(default_factory=list)
+    size: int = 0
+
+
+def add_part(pending: dict[str, ResyncParts], worker_id: str, session: int, p: ResyncPart) -> list[bytes] | None:
+    """Keep one part of a worker's resync in `pending`; with its last part, all of them (and the worker's
+    entry gone). BadRequest, the entry dropped, for a part out of order (the worker sends the snapshot
+    again from part 0) or parts too large together."""
+    have = pending.get(worker_id)
+    if p.part == 0:
+        have = pending[worker_id] = ResyncParts(session, p.seq, p.parts)
+    elif have is None or (have.session, have.seq, have.parts, len(have.data)) != (session, p.seq, p.parts, p.part):
+        pending.pop(worker_id, None)
+        raise BadRequest(f"resync part {p.part} of {p.parts} out of order: send it again from part 0")
+    have.data.append(p.data)
+    have.size += len(p.data)
+    if have.size > MAX_RESYNC_BYTES:
+        del pending[worker_id]
+        raise BadRequest(f"resync: more than {MAX_RESYNC_BYTES} bytes in parts")
+    if len(have.data) < have.parts:
+        return None
+    del pending[worker_id]
+    return have.data
 
 
 def replay_entry(rec: WorkerRecord, steps: list[tuple[int, list[Op]]]) -> None:

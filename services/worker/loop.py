@@ -7,6 +7,12 @@ in one batch (`sink(events)`, called on the loop thread). The engine itself stay
 `on_step(engine, seconds, result)` (the metrics) runs on the loop thread after every step, and with
 `seconds` and `result` None while the loop is idle (at most every 0.5 s, and after each command), so
 gauges read from the engine return to 0 after the last request ends, aborted ones included.
+
+Failures: a step that raises ends that step's requests (the running ones; the waiting ones stay
+queued) with finish reason `error`: "the KV manager is unavailable" when the manager stayed away past
+the lag bound (a warning, once per outage), else "internal engine error" (logged once, with its
+cause). A request whose end fails is discarded and still told it ended; nothing ends the loop thread
+but `stop`.
 """
 from __future__ import annotations
 
@@ -69,6 +75,7 @@ class EngineLoop:
                 self._turn()
             except Exception:  # a bug outside a step (a command, a sink): logged, and the loop goes on
                 log.exception("engine loop")
+                self._stop.wait(0.05)  # (a bug that repeats does not spin)
         for rid in list(self._sinks):  # shutting down: every open request ends cleanly
             self._end([rid], FinishReason.CANCELLED, None)
 
@@ -152,7 +159,11 @@ class EngineLoop:
                 events.extend(self.engine.abort(rid, reason))
             except Exception:
                 log.exception("ending request %s failed; discarding it", rid)
-                events.extend(self.engine.discard(rid, reason))
+                try:
+                    events.extend(self.engine.discard(rid, reason))
+                except Exception:  # its client is still told that it ended
+                    log.exception("discarding request %s failed too", rid)
+                    events.append(RequestFinished(rid, reason, req.usage, req.error))
         self._dispatch(events)
 
     def _report(self, seconds: float | None, result: StepResult | None) -> None:
