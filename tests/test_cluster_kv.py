@@ -223,6 +223,43 @@ def test_worker_forgotten_by_the_manager_recovers(cluster):
         assert info.free_kv_blocks == info.total_kv_blocks == BLOCKS
 
 
+def test_a_worker_id_belongs_to_one_live_process(cluster, long_llama_dir):
+    """A second worker process with the cluster worker's id, as a StatefulSet's replacement pod has:
+    while the first lives, the second is refused (it says so and waits) and the manager still lists the
+    id at the first's address, where the router sends requests; the first freezes past its time-to-live
+    (a pause, a partition): reaped, and the second registers the id and serves; the first wakes, is
+    refused, and stops (exit 1, saying why). The second is the cluster's worker from then on."""
+    old, port = cluster.worker, free_port()
+
+    def listed() -> list[str]:
+        return [w.address for w in kv_usage(cluster).workers if w.worker_id == "w-main"]
+
+    new = Proc("worker", "--model", str(long_llama_dir), "--port", str(port), "--kv-blocks", str(BLOCKS),
+               "--kvmanager", cluster.kv_address, "--kv-ttl", "4", "--worker-id", "w-main",
+               "--kv-max-lag", "1", "--kv-lag-wait", "3")
+    try:
+        new.wait_for("worker id w-main is taken")
+        assert listed() == [cluster.worker_address]
+        with grpc.insecure_channel(cluster.address) as ch:
+            stub = pb.apar_pb2_grpc.AparStub(ch)
+            assert gen(stub, 6, ignore_eos=True).usage.completion_tokens == 6
+            old.pause()
+            try:
+                new.wait_for("listening on", timeout=30)
+                assert listed() == [f"127.0.0.1:{port}"]
+            finally:
+                mark = len(old.lines)
+                old.resume()
+            assert old.p.wait(timeout=30) == 1
+            old.wait_for("stopped: another process holds this worker's id", timeout=1, since=mark)
+            assert listed() == [f"127.0.0.1:{port}"]
+            cluster.worker, cluster.worker_address = new, f"127.0.0.1:{port}"
+            serving(stub)
+    except BaseException:
+        new.stop()
+        raise
+
+
 def test_killed_worker_is_reclaimed(cluster):
     """The worker is killed under a running request: the request gets UNAVAILABLE, the manager reclaims
     the worker's ledger (the request's blocks with it), and new requests get UNAVAILABLE."""
@@ -241,47 +278,6 @@ def test_killed_worker_is_reclaimed(cluster):
         with pytest.raises(grpc.RpcError) as err:
             gen(stub, 5)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-
-
-def test_a_worker_id_belongs_to_one_live_process(cluster, long_llama_dir):
-    """Two worker processes with one id, as a StatefulSet's replacement pod has: while `old` lives, `new`
-    is refused (it says so and waits) and the manager still lists the id at `old`'s address, where the
-    router sends requests; `old` freezes past its time-to-live (a pause, a partition): reaped, and `new`
-    registers the id and serves; `old` wakes, is refused, and stops (exit 1, saying why)."""
-    ports = free_port(), free_port()
-
-    def worker(port: int, ttl: int) -> Proc:
-        return Proc("worker", "--model", str(long_llama_dir), "--port", str(port), "--kv-blocks", "64",
-                    "--kvmanager", cluster.kv_address, "--kv-ttl", str(ttl), "--worker-id", "w-dup")
-
-    def listed() -> list[str]:
-        return [w.address for w in kv_usage(cluster).workers if w.worker_id == "w-dup"]
-
-    old = worker(ports[0], 1)
-    new = None
-    try:
-        old.wait_for("listening on")
-        new = worker(ports[1], 4)
-        new.wait_for("worker id w-dup is taken")
-        assert listed() == [f"127.0.0.1:{ports[0]}"]
-        with grpc.insecure_channel(cluster.address) as ch:
-            stub = pb.apar_pb2_grpc.AparStub(ch)
-            assert gen(stub, 6, ignore_eos=True).usage.completion_tokens == 6
-            old.pause()
-            try:
-                new.wait_for("listening on", timeout=30)
-                assert listed() == [f"127.0.0.1:{ports[1]}"]
-            finally:
-                mark = len(old.lines)
-                old.resume()
-            assert old.p.wait(timeout=30) == 1
-            old.wait_for("stopped: another process holds this worker's id", timeout=1, since=mark)
-            assert listed() == [f"127.0.0.1:{ports[1]}"]
-            serving(stub)
-    finally:
-        for p in (old, new):
-            if p is not None:
-                p.stop()
 
 
 def test_manager_paused_engine_keeps_its_pace(tmp_path, tokenizer):

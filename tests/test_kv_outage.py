@@ -110,11 +110,11 @@ def test_engine_survives_a_manager_outage_past_the_lag_bound(cluster, caplog):
         # each was running when the manager went away, and ends with the status that says why
         assert all(reqs.tokens(r) > 20 for r in running)
         assert [(e.reason, e.error) for e in ended] == [(FinishReason.ERROR, MANAGER_UNAVAILABLE)] * 3
-        # admitted while the manager is still away (its start in the ledger cannot be handed over):
-        # it ends the same way, at once, and the engine lives on
+        # sent while the manager is still away: nothing is admitted until it is back; it waits for it
+        # (the backend's wait) and ends the same way, and the engine lives on
         late = reqs.submit("late", list(range(200, 230)), forking(100, 7))
         (e,) = reqs.wait_done([late], timeout=10)
-        assert (e.reason, e.error) == (FinishReason.ERROR, MANAGER_UNAVAILABLE)
+        assert (e.reason, e.error) == (FinishReason.ERROR, MANAGER_UNAVAILABLE) and reqs.tokens(late) == 0
         assert c.loop._thread.is_alive()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], "an outage is not an engine failure"
     assert c.engine.ledger.num_used == 0  # every failed request's blocks are free in the worker's ledger
@@ -122,7 +122,7 @@ def test_engine_survives_a_manager_outage_past_the_lag_bound(cluster, caplog):
 
     c.server = serve(f"127.0.0.1:{port}", reap_every_s=0.2)  # a new manager, empty: the worker is unknown
     # the worker registers again and resyncs its ledger; until the replica is back within the lag bound
-    # its steps still fail at once
+    # nothing is admitted (with this test's short wait, a request sent now could end unserved)
     wait_until(lambda: not c.engine.kv.unavailable, 30, "the worker caught up with the new manager")
     after = [reqs.submit(f"after-{i}", list(range(300 + 5 * i, 320 + 5 * i)), forking(60, 10 + i))
              for i in range(3)]
@@ -182,3 +182,45 @@ def test_a_worker_reconnects_at_once_after_a_long_outage_and_is_not_reaped(tmp_p
         client.close()
         server.stop(grace=None)
         redis.close()
+
+
+def test_a_step_whose_ops_cannot_be_handed_over_marks_no_thread_known(llama_dir):
+    """With the manager gone and no lag allowed, the step that starts a new request (and forks) raises
+    before applying anything: no thread of it counts as known to the ledger, so ending the requests
+    sends no op for a thread the ledger never saw, and every block is free."""
+    from services.worker.kv import KVManagerUnavailable
+
+    server = serve("127.0.0.1:0")
+    clients = []
+
+    def factory(ledger):
+        client = KVManagerClient(f"127.0.0.1:{server.port}", "w-step", "here", ledger.num_blocks, ledger.block_size)
+        client.register()
+        clients.append(client)
+        return RemoteKV(ledger, client, max_lag_s=0.2, wait_s=0.01)
+
+    eng = Engine(llama_dir, EngineConfig(block_size=4, num_blocks=128, max_batch_tokens=64, fork_watermark=0.0),
+                 kv_factory=factory)
+    biased_forward(eng, 6.0)
+    try:
+        first = eng.add_request(list(range(30, 45)), forking(200, 1))
+        while not eng.requests[first].usage.forks:
+            eng.step()
+        server.stop(grace=None)
+        eng.step()  # a step the manager will not acknowledge
+        wait_until(lambda: eng.kv.outbox.lag()[1] > eng.kv.max_lag_s, 10, "the replica past the lag bound")
+        second = eng.add_request(list(range(60, 75)), forking(200, 2))
+        with pytest.raises(KVManagerUnavailable):
+            eng.step()  # admits `second` and starts it in the ledger: cannot be handed over
+        fresh = [t for r in (first, second) for t in eng.requests[r].threads if not t.in_ledger]
+        assert fresh and any(t.parent is None for t in fresh)  # the new request's root, unknown
+        for rid in (first, second):
+            eng.requests[rid].error = MANAGER_UNAVAILABLE
+            eng.abort(rid, FinishReason.ERROR)
+        assert not eng.requests and eng.ledger.num_used == 0
+        eng.ledger.check()
+    finally:
+        eng.kv.close()
+        for client in clients:
+            client.close()
+        server.stop(grace=None)

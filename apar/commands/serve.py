@@ -47,7 +47,8 @@ def register(subparsers) -> None:
                         "the engine waits for it (5)")
     w.add_argument("--kv-lag-wait", type=_positive_s, default=10.0, metavar="S",
                    help="after waiting this long past the lag bound, the running requests end with the "
-                        "error \"the KV manager is unavailable\", as do the steps after, until it catches up (10)")
+                        "error \"the KV manager is unavailable\"; until it catches up nothing is admitted, and a "
+                        "new request waits for it at most this long (10)")
     w.add_argument("--metrics-port", type=int, default=None)
     w.add_argument("--served-model-name", default=None, help="the model it serves, as the router names it (its "
                                                              "--served-model-name): registered with the KV "

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 
 class LocalKV:
+    unavailable = False  # (a ledger in this process is never behind: see RemoteKV)
+    wait_s = 0.0
+
     def __init__(self, ledger: KVLedger) -> None:
         self.ledger = ledger
 
@@ -64,8 +67,8 @@ class RemoteKV:
     the manager, except for backpressure: while the replica lags more than `max_lag_steps` steps or
     `max_lag_s` seconds, `apply` waits for it to catch up, and raises KVManagerUnavailable after
     `wait_s`, having applied nothing (the engine loop then ends the step's requests with
-    MANAGER_UNAVAILABLE; their ends go out later). Until the replica is back within the bound, every
-    `apply` raises at once: the engine goes on, and what it admits meanwhile ends the same way.
+    MANAGER_UNAVAILABLE; their ends go out later). Until the replica is back within the bound,
+    `unavailable` is set (the engine loop admits nothing meanwhile) and every `apply` raises at once.
 
     The sender sends whatever is unacknowledged as one batch, at most every `send_every_s` (so a busy
     worker sends several steps per message), one batch in flight; an ack drops the steps it covers. It
@@ -257,6 +260,7 @@ class RemoteKV:
         log.error("%s: this worker stops replicating its ledger and serving", reason)
         with self._cv:
             self.fenced = reason
+            self.unavailable = True  # for good: nothing more is admitted
             self._cv.notify_all()
         if self.on_fenced is not None:
             self.on_fenced(reason)

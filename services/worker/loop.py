@@ -11,8 +11,9 @@ gauges read from the engine return to 0 after the last request ends, aborted one
 Failures: a step that raises ends that step's requests (the running ones; the waiting ones stay
 queued) with finish reason `error`: "the KV manager is unavailable" when the manager stayed away past
 the lag bound (a warning, once per outage), else "internal engine error" (logged once, with its
-cause). A request whose end fails is discarded and still told it ended; nothing ends the loop thread
-but `stop`.
+cause). Until the manager catches up no step runs: new requests queue, and one that waited for it
+longer than the KV backend's `wait_s` ends the same way; once it is back they are served. A request
+whose end fails is discarded and still told it ended; nothing ends the loop thread but `stop`.
 """
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ class EngineLoop:
         self._on_step = on_step
         self._stop = threading.Event()
         self._outage: str | None = None  # the KV manager is away past the lag bound (logged once)
+        self._held_since: float | None = None  # since when no step runs for it
+        self._arrived: dict[str, float] = {}  # each open request's submit time (a held one waits so long)
         self._thread = threading.Thread(target=self._run, name="apar-engine", daemon=True)
         self._thread.start()
 
@@ -80,14 +83,33 @@ class EngineLoop:
             self._end([rid], FinishReason.CANCELLED, None)
 
     def _turn(self) -> None:
-        self._drain(block=not self.engine.has_work())
+        held = self.engine.kv.unavailable  # the KV manager is away past the lag bound: nothing is admitted
+        self._drain(block=held or not self.engine.has_work())
         if self._stop.is_set():
             return
-        if self.engine.has_work():
+        if held and self.engine.kv.unavailable:
+            self._hold()
+        elif self.engine.has_work():
+            self._held_since = None
             self._step()
         else:
+            self._held_since = None
             self._flush()
             self._report(None, None)
+
+    def _hold(self) -> None:
+        """While the KV manager is unavailable no step runs: what runs ends (it cannot go on), and a
+        waiting request waits for the manager at most the KV backend's `wait_s`, then ends too."""
+        now = time.monotonic()
+        if self._held_since is None:
+            self._held_since = now
+        late = [req.id for req in self.engine.scheduler.running]
+        late += [req.id for req in self.engine.scheduler.waiting
+                 if now - max(self._arrived.get(req.id, now), self._held_since) > self.engine.kv.wait_s]
+        if late:
+            self._end(late, FinishReason.ERROR, MANAGER_UNAVAILABLE)
+        self._flush()
+        self._report(None, None)
 
     def _drain(self, block: bool) -> None:
         try:
@@ -115,6 +137,7 @@ class EngineLoop:
                 fut.set_exception(exc)
                 return
             self._sinks[rid] = sink
+            self._arrived[rid] = time.monotonic()
             fut.set_result(rid)
         elif kind == "abort":
             self._dispatch(self.engine.abort(*arg))
@@ -191,9 +214,11 @@ class EngineLoop:
                 continue
             if isinstance(evs[-1], RequestFinished):
                 del self._sinks[rid]
+                self._arrived.pop(rid, None)
             try:
                 sink(evs)
             except Exception:
                 log.exception("event sink of %s failed; cancelling it", rid)
                 self._sinks.pop(rid, None)
+                self._arrived.pop(rid, None)
                 self.engine.abort(rid)
