@@ -195,8 +195,9 @@ def test_a_stale_worker_stops_and_the_replacement_keeps_its_replica(manager):
             c.close()
 
 
-def test_the_router_takes_only_the_workers_of_its_model(manager):
-    """Two models' workers register with one manager: a router serving one model lists only its own."""
+def test_the_router_takes_only_the_workers_of_its_model(manager, caplog):
+    """Two models' workers register with one manager: a router serving one model lists only its own (and
+    says that the others are there: a worker with another served model name gets no request)."""
     for i, model in enumerate(["llama-a", "llama-b", "llama-a"]):
         manager.manager.register(WorkerSpec(f"model-{i}", f"10.0.1.{i}:50061", 16, BS, 30, model), 100 + i)
 
@@ -210,6 +211,8 @@ def test_the_router_takes_only_the_workers_of_its_model(manager):
 
     assert asyncio.run(listed("llama-a")) == {"10.0.1.0:50061", "10.0.1.2:50061"}
     assert asyncio.run(listed("llama-b")) == {"10.0.1.1:50061"}
+    said = [r.getMessage() for r in caplog.records if "workers of other models" in r.getMessage()]
+    assert any("'llama-a'" in m and "serves 'llama-b' only" in m for m in said)
     assert asyncio.run(listed(None)) == {"10.0.1.0:50061", "10.0.1.1:50061", "10.0.1.2:50061"}
     [u] = [u for u in manager.manager.usage() if u.worker_id == "model-1"]
     assert u.model == "llama-b"
