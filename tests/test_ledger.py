@@ -461,7 +461,8 @@ def test_replicas_that_differ_in_contents_with_equal_counts_are_caught(sequence,
         elif op == "finish" and running:
             fn = lambda led: led.finish(running[thr_i % len(running)])  # noqa: E731
         elif op == "advance":
-            fn = lambda led: led.advance(frozenset(r for r in worker.open_threads() if r.thread == thr_i % 3))  # noqa: E731
+            held = frozenset(r for r in worker.open_threads() if r.thread == thr_i % 3)
+            fn = lambda led: led.advance(held)  # noqa: E731
         elif op == "release" and req in next_thread:
             fn = lambda led: led.release(req)  # noqa: E731
         both = _both(worker, replica, fn) if fn else None

@@ -135,8 +135,9 @@ class WorkerRecord:
     """One worker's replica and where it stands.
 
     `session` and `seq` are the worker's: the session that registered the worker id (the only one whose
-    messages are applied: the id is bound to it) and the last of its steps applied. `broken` is set when the replica refused an op or its digest differed from the
-    worker's (it no longer follows the worker): nothing more is applied until a resync. `n` counts the
+    messages are applied: the id is bound to it) and the last of its steps applied. `broken` is set when
+    the replica refused an op or its digest differed from the worker's (it no longer follows the
+    worker): nothing more is applied until a resync. `n` counts the
     messages that changed the replica since registration (each a log entry, or a resync); `base` is the
     `n` of the last snapshot in the store, so entries `base+1..n` are in the store's log. `born` (ns
     since the epoch, set at registration) orders two replicas of the same worker id: a fresh
