@@ -18,7 +18,10 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from apar.protogen import stubs
 from services.kvmanager import convert
-from services.kvmanager.ledger import KVLedger
+from services.grpc_common import MAX_MESSAGE
+from services.kvmanager.codec import snapshot_parts, snapshot_to_bytes
+from services.kvmanager.ledger import KVLedger, ThreadRef
+from services.kvmanager.records import MAX_BLOCKS
 from services.kvmanager.replication import Batch, StepLog
 from services.kvmanager.service import serve
 from apar.bench_suite.simulated import ScratchRedis, SimWorker, free_port
@@ -324,7 +327,7 @@ def test_the_same_batch_twice_is_applied_once(kv):
     assert client.send(msg).applied == sim.kv.seq and client.state() == state
     assert server.metrics.duplicates._value.get() == 3
     other = convert.batch_to_pb("w1", Batch(SESSION + 1, sim.kv.batch().steps))  # another session
-    assert client.send(other).resync and client.state() == state
+    assert code_of(lambda: client.send(other)) == C.FAILED_PRECONDITION and client.state() == state
 
 
 def test_expired_worker_is_reclaimed_and_comes_back_by_a_resync(kv, redis_server, request):
@@ -461,7 +464,8 @@ def test_fuzz_never_crashes_the_service(kv):
     client.register("w1", blocks=8)
     rng = random.Random(18)
     methods = [m.name for m in K.DESCRIPTOR.services_by_name["KVManager"].methods]
-    allowed = {C.OK, C.INVALID_ARGUMENT, C.NOT_FOUND}
+    # another session's steps and registrations of a live id are refused too (the id is bound to w1's)
+    allowed = {C.OK, C.INVALID_ARGUMENT, C.NOT_FOUND, C.FAILED_PRECONDITION, C.ALREADY_EXISTS}
     seen = set()
     for i in range(400):
         method = rng.choice(methods)
@@ -512,3 +516,74 @@ def test_bad_manager_flags_are_refused_with_a_reason(flags, message, capsys):
 
     assert main(["--no-redis", "--port", "0", *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_pool_of_a_million_blocks_resyncs_in_parts(kv):
+    """A worker with the largest pool (2^20 blocks), half of it in use by requests of random ids and
+    lengths (some released, so the free list is out of order), resyncs its whole ledger over a real gRPC
+    stream: the snapshot, as one message more than twice gRPC's 16 MiB cap, goes compressed in parts,
+    and the replica equals the worker's ledger, digest and all."""
+    server, _ = kv(memory=True)
+    rng = random.Random(7)
+    ledger, requests = KVLedger(MAX_BLOCKS, 16), []
+    while ledger.num_used < MAX_BLOCKS // 2:
+        ref = ThreadRef(f"{rng.getrandbits(128):032x}", 0)  # as the router names requests
+        ledger.start(ref)
+        ledger.append(ref, rng.randint(1, 300 * 16), want_slots=False)
+        requests.append(ref.request)
+        if rng.random() < 0.3:
+            ledger.release(requests.pop(rng.randrange(len(requests))))
+    snapshot = ledger.snapshot()
+    assert len(snapshot_to_bytes(snapshot)) > MAX_MESSAGE and len(snapshot_parts(snapshot)) > 1
+    client = KVManagerClient(f"127.0.0.1:{server.port}", "w-big", "here", MAX_BLOCKS, 16, ttl_s=60)
+    backend = None
+    try:
+        assert not client.register()
+        backend = RemoteKV(ledger, client)
+        backend.flush()
+        with backend._cv:
+            backend.outbox.forget()  # what a worker does when its replica is lost: its ledger, whole
+        backend.drain(60)
+        assert server.manager.state("w-big") == snapshot
+        assert server.metrics.resyncs._value.get() == 1
+    finally:
+        if backend is not None:
+            backend.close()
+        client.close()
+
+
+def test_resync_parts_out_of_order_or_not_a_snapshot_are_refused(kv):
+    """A resync in parts: a part out of order, parts that are not a compressed snapshot, steps before
+    the last part are INVALID_ARGUMENT with a reason, and change nothing; in order, they replace the
+    replica."""
+    server, client = kv(memory=True)
+    client.register()
+    sim = worker(19)
+    client.drive(sim, 10)
+    state = client.state()
+    parts = snapshot_parts(sim.ledger.snapshot(), size=64)  # small parts: several even for this pool
+    assert len(parts) > 2
+
+    def part(i: int, data: bytes | None = None, **kw):
+        return K.StepBatch(worker_id="w1", session=SESSION, resync=K.Resync(
+            seq=sim.kv.seq, ledger=parts[i] if data is None else data, part=i, parts=len(parts)), **kw)
+
+    def refused(msg) -> str:
+        with pytest.raises(grpc.RpcError) as err:
+            client.send(msg)
+        assert err.value.code() == C.INVALID_ARGUMENT
+        return err.value.details()
+
+    assert "out of order" in refused(part(1))
+    client.send(part(0))
+    assert "out of order" in refused(part(2))
+    step = K.Step(seq=sim.kv.seq + 1, ops=b"[]", digest=convert.digest_to_pb(sim.ledger.digest()))
+    assert "last part" in refused(part(0, steps=[step]))
+    for i in range(len(parts) - 1):
+        client.send(part(i, b"not zlib" if i == 0 else None))
+    assert "not a compressed snapshot" in refused(part(len(parts) - 1))
+    assert client.state() == state
+    for i in range(len(parts)):
+        ack = client.send(part(i))
+    assert ack.applied == sim.kv.seq and not ack.resync and client.state() == state
+    assert server.metrics.resyncs._value.get() == 1

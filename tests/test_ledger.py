@@ -1,10 +1,13 @@
 """The KV ledger: exact block ids and free order on a handful of 16-token blocks, the open threads and
 the one-token advance a replica replays, and its invariants over random sequences of operations
 (hypothesis)."""
+import copy
+
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from services.kvmanager.contents import COUNT, USED, block_key, thread_key
 from services.kvmanager.ledger import KVLedger, LedgerError, OutOfBlocks, ThreadRef
 
 R = ThreadRef
@@ -79,6 +82,13 @@ def test_nested_fork_references_every_ancestor():
     led.check()
 
 
+def contents(blocks: dict[int, tuple]) -> int:
+    """`Digest.contents` of a ledger holding these blocks: id -> (owner ref, fill, count)."""
+    total = sum(block_key(i) * (thread_key(*owner) + USED * fill + COUNT * count)
+                for i, (owner, fill, count) in blocks.items())
+    return total % (1 << 64)
+
+
 def test_open_threads_advance_in_place_and_the_digest_follows():
     led = KVLedger(num_blocks=6, block_size=4)
     a, b, c = R("a", 0), R("b", 0), R("b", 1)
@@ -87,14 +97,18 @@ def test_open_threads_advance_in_place_and_the_digest_follows():
     led.start(b)
     led.append(b, 4)  # block 1, full
     led.fork(b, c)
-    assert led.open_threads() == {a} and led.digest() == (4, 2, 3, 7, 2, 0)
+    assert led.open_threads() == {a} and led.digest()[:6] == (4, 2, 3, 7, 2, 0)
+    # the contents hash, by its formula: each block's key times (owner's key + USED * fill + COUNT * count)
+    assert led.digest().contents == contents({0: (a, 3, 1), 1: (b, 4, 2)})
     assert led.advance() == 1  # a's last slot; b is full and sealed, c has no block yet
     assert led.open_threads() == set() and led.num_tokens == 8
+    assert led.digest().contents == contents({0: (a, 4, 1), 1: (b, 4, 2)})  # a's advance, lazy, is in it
     led.append(c, 1)
     led.append(b, 1)
     assert led.open_threads() == {b, c}
     assert led.advance(held=frozenset({c})) == 1 and led.context_blocks(b) == [1, 3]
-    assert led.digest() == (2, 4, 3, 11, 4, 0)
+    assert led.digest()[:6] == (2, 4, 3, 11, 4, 0)
+    assert led.digest().contents == contents({0: (a, 4, 1), 1: (b, 4, 2), 2: (c, 1, 1), 3: (b, 2, 1)})
     led.check()
     assert led.finish(c) == [2] and led.open_threads() == {b} and led.num_tokens == 10
     led.check()
@@ -368,3 +382,98 @@ def test_prefix_cache_keeps_invariants_and_reused_blocks_hold_their_tokens(seque
         led.release(req)
     led.check()
     assert led.num_used == 0 and led.num_free == 14
+
+
+# ---- the digest's contents hash: a replica that differs in contents is caught ------------------------
+
+def _held(led: KVLedger) -> list[tuple]:
+    """What a replica must agree on: every held block's id, owner, count, fill and name."""
+    return sorted(tuple(b) for b in led.snapshot()["blocks"])
+
+
+def _both(worker: KVLedger, replica: KVLedger, fn) -> tuple[KVLedger, KVLedger] | None:
+    """`fn` applied to copies of both ledgers, or None when either refuses it."""
+    w, r = copy.deepcopy(worker), copy.deepcopy(replica)
+    try:
+        fn(w)
+        fn(r)
+    except LedgerError:
+        return None
+    return w, r
+
+
+def _diverge(worker: KVLedger, replica: KVLedger, kind: str, salt: int) -> bool:
+    """Apply to each ledger one op the other does not get, of a kind that leaves all six counts of the
+    old digest equal: a token given to another open thread, a block given another name, a prompt
+    started under another request's id. False when the ledgers offer no place for it now."""
+    if kind == "thread":
+        open_ = sorted(worker.open_threads())
+        if len(open_) < 2:
+            return False
+        x, y = open_[salt % len(open_)], open_[(salt + 1) % len(open_)]
+        worker.append(x, 1)
+        replica.append(y, 1)
+    elif kind == "name":
+        full = [(t.ref, len(t.refs) + i) for t in worker._threads.values() if t.running
+                for i, b in enumerate(t.own) if worker._blocks[b].used == worker.block_size
+                and worker._blocks[b].name is None]
+        if not full:
+            return False
+        ref, index = full[salt % len(full)]
+        worker.name(ref, index, (1000 + salt,))
+        replica.name(ref, index, (2000 + salt,))
+    else:  # "request"
+        if worker.num_free == 0:
+            return False
+        for led, request in ((worker, "w"), (replica, "v")):
+            led.start(R(request, 0))
+            led.append(R(request, 0), 1 + salt % worker.block_size)
+    return True
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops, st.sampled_from(["thread", "name", "request"]), st.integers(0, 40), st.integers(0, 99))
+def test_replicas_that_differ_in_contents_with_equal_counts_are_caught(sequence, kind, at, salt):
+    """Two ledgers go through the same ops but one: from then on the six counts of the old digest may
+    well agree (they do right after it), while the contents hash differs exactly when the held blocks
+    (owner, name, fill, count) differ, through every op after."""
+    worker, replica = KVLedger(num_blocks=12, block_size=4), KVLedger(num_blocks=12, block_size=4)
+    for led in (worker, replica):  # two open threads and two full blocks for the ops that differ
+        for request, tokens in (("p", 6), ("q", 5)):
+            led.start(R(request, 0))
+            led.append(R(request, 0), tokens)
+    next_thread: dict[str, int] = {}
+    diverged = False
+    for i, (op, req_i, thr_i, n) in enumerate([*sequence, ("end", 0, 0, 0)]):
+        if not diverged and i >= min(at, len(sequence)) and _diverge(worker, replica, kind, salt):
+            diverged = True
+            assert worker.digest()[:6] == replica.digest()[:6]  # blind to it
+            assert worker.digest().contents != replica.digest().contents
+        req = f"r{req_i}"
+        running = [r for r in worker._threads if r.request == req and worker.is_running(r)]
+        fn = None
+        if op == "start" and req not in next_thread:
+            fn = lambda led: led.start(R(req, 0))  # noqa: E731
+        elif op in ("append", "append_each") and running:
+            fn = lambda led: led.append(running[thr_i % len(running)], n)  # noqa: E731
+        elif op == "fork" and running:
+            fn = lambda led: led.fork(running[thr_i % len(running)], R(req, next_thread[req]))  # noqa: E731
+        elif op == "finish" and running:
+            fn = lambda led: led.finish(running[thr_i % len(running)])  # noqa: E731
+        elif op == "advance":
+            held = frozenset(r for r in worker.open_threads() if r.thread == thr_i % 3)
+            fn = lambda led: led.advance(held)  # noqa: E731
+        elif op == "release" and req in next_thread:
+            fn = lambda led: led.release(req)  # noqa: E731
+        both = _both(worker, replica, fn) if fn else None
+        if both is None:
+            continue
+        worker, replica = both
+        if op == "start":
+            next_thread[req] = 1
+        elif op == "fork":
+            next_thread[req] += 1
+        elif op == "release":
+            del next_thread[req]
+        assert (_held(worker) != _held(replica)) == (worker.digest().contents != replica.digest().contents)
+    assume(diverged)

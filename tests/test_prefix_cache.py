@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from apar.protogen import stubs
 from services.protocol.convert import events_from_pb, events_to_pb
-from services.protocol.events import FinishReason, RequestFinished, Usage
+from services.protocol.events import FinishReason, RequestFinished, TokenEvent, Usage
 from services.protocol.params import SamplingParams
 from services.worker.config import EngineConfig
 from services.worker.engine import Engine
@@ -221,3 +221,47 @@ def test_cached_tokens_travel_in_the_worker_events():
     done = RequestFinished("r", FinishReason.STOP, Usage(prompt_tokens=30, cached_tokens=28))
     (back,) = events_from_pb("r", events_to_pb([done], pb))
     assert back.usage.cached_tokens == 28 and back.usage == done.usage
+
+
+def crowded(llama_dir, cache: bool, requests: dict, num_blocks: int) -> tuple[Engine, Transcript]:
+    eng = Engine(llama_dir, EngineConfig(block_size=BS, num_blocks=num_blocks, max_batch_tokens=64,
+                                         prefix_cache=cache))
+    for rid, (prompt, params) in requests.items():
+        eng.add_request(prompt, params, request_id=rid)
+    return eng, run(eng)
+
+
+def test_preempting_a_request_counts_the_prompt_blocks_it_leaves_cached(llama_dir):
+    """Block size 4, 11 blocks: `a` (n=4 answers) needs room, `b` is preempted for it, and `b`'s named
+    prompt blocks become cached (free for an allocation) when it lets go of them. With the prefix cache
+    on, `a` finishes exactly as it does with the cache off, instead of ending with "the KV cache is full"
+    while 6 blocks are free."""
+    requests = {"a": (list(range(100, 112)), SamplingParams(max_tokens=7, n=4, auto_parallel=False, ignore_eos=True)),
+                "b": (list(range(300, 312)), SamplingParams(max_tokens=11, auto_parallel=False, ignore_eos=True))}
+    on_eng, on = crowded(llama_dir, True, requests, 11)
+    off_eng, off = crowded(llama_dir, False, requests, 11)
+    assert off_eng.preemptions > 0 and on_eng.preemptions > 0  # the pressure the case is about
+    assert on_eng.ledger.num_cached > 0  # and with the cache on, b's prompt blocks were named
+    ends = {rid: (f.reason, f.error, f.usage.completion_tokens) for rid, f in on.finished.items()}
+    assert ends == {rid: (f.reason, f.error, f.usage.completion_tokens) for rid, f in off.finished.items()}
+    assert ends["a"] == (FinishReason.LENGTH, None, 4 * 7)
+    assert on.tokens == off.tokens and on.threads == off.threads
+
+
+def test_a_prompt_on_blocks_another_request_reads_starts_beside_it(llama_dir):
+    """Two requests with one 33-token prompt in a pool of 16 blocks of 4: once `first` is prefilled, its
+    8 full prompt blocks are named and `second` reads them instead of taking 8 new ones: it needs 1 block
+    to start, which the pool has, so it starts while `first` still runs (admission and the step's block
+    count take shared blocks as shared), and each streams what it streams alone without the cache."""
+    prompt = list(range(40, 73))
+    params = SamplingParams(max_tokens=12, auto_parallel=False, ignore_eos=True)
+    eng = Engine(llama_dir, EngineConfig(block_size=BS, num_blocks=16, max_batch_tokens=64, admit_watermark=0.0))
+    for rid in ("first", "second"):
+        eng.add_request(prompt, params, request_id=rid)
+    order: list[tuple[str, str]] = []
+    tr = run(eng, on_step=lambda res, _: order.extend(
+        (type(e).__name__, e.request) for e in res.events if isinstance(e, (TokenEvent, RequestFinished))))
+    assert order.index(("TokenEvent", "second")) < order.index(("RequestFinished", "first"))
+    assert tr.finished["second"].usage.cached_tokens == 32 and eng.preemptions == 0
+    alone = alone_without_cache(llama_dir, {"first": prompt}, params)["first"]
+    assert tr.tokens[("first", 0)] == tr.tokens[("second", 0)] == alone

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from services.kvmanager.ledger import KVLedger, ThreadRef
 from services.kvmanager.ops import Advance, Append, AppendEach, Finish, Fork, Release, Start, apply, record
-from services.kvmanager.records import BadRequest, WorkerRecord, WorkerSpec, apply_batch
+from services.kvmanager.records import BadRequest, StaleSession, WorkerRecord, WorkerSpec, apply_batch
 from services.kvmanager.replication import Ack, Batch, Resync, StepLog
 from apar.bench_suite.simulated import SimWorker
 
@@ -221,7 +221,7 @@ def test_resync_replaces_the_replica_and_is_checked():
     ch = Channel(4)
     for _ in range(10):
         ch.sim.step()
-    ch.rec.session = 99  # another session: the replica asks for a snapshot
+    ch.rec.broken = True  # a replica that diverged: it asks for a snapshot
     assert ch.arrive(ch.send()).resync
     ch.log.forget()
     batch = ch.send()
@@ -232,4 +232,7 @@ def test_resync_replaces_the_replica_and_is_checked():
     broken = {**batch.resync.ledger, "free": batch.resync.ledger["free"][1:]}  # a block lost
     with pytest.raises(BadRequest):
         apply_batch(ch.rec, Batch(SESSION, [], Resync(10, broken)))
-    assert ch.rec.ledger.snapshot() == ch.log.ledger.snapshot()
+    # another process's snapshot (its session is not the one the worker id is bound to) changes nothing
+    with pytest.raises(StaleSession):
+        apply_batch(ch.rec, Batch(SESSION + 1, [], Resync(99, KVLedger(24, 4).snapshot())))
+    assert ch.rec.ledger.snapshot() == ch.log.ledger.snapshot() and ch.rec.seq == 10

@@ -1,6 +1,7 @@
 """`apar serve` (router + worker + in-process KV ledger in one process), `apar worker`, `apar router`."""
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
@@ -9,9 +10,12 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 import uuid
 
 from apar.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def register(subparsers) -> None:
@@ -44,9 +48,18 @@ def register(subparsers) -> None:
                                                      "shard's, comma-separated (the worker id picks its own); "
                                                      "without it the worker keeps its ledger in-process")
     w.add_argument("--kv-ttl", type=int, default=10, help="registration time-to-live at the KV manager, s")
+    w.add_argument("--kv-max-lag", type=_positive_s, default=5.0, metavar="S",
+                   help="the lag bound: while the KV manager's replica is more than this many seconds behind, "
+                        "the engine waits for it (5)")
+    w.add_argument("--kv-lag-wait", type=_positive_s, default=10.0, metavar="S",
+                   help="after waiting this long past the lag bound, the running requests end with the "
+                        "error \"the KV manager is unavailable\"; until it catches up nothing is admitted, and a "
+                        "new request waits for it at most this long (10)")
     w.add_argument("--metrics-port", type=int, default=None, help="expose Prometheus metrics on this port (on --host)")
-    w.add_argument("--served-model-name", default=None, help="the model_name label of its metrics: the router's "
-                                                             "--served-model-name (default: the --model path)")
+    w.add_argument("--served-model-name", default=None, help="the model it serves, as the router names it (its "
+                                                             "--served-model-name): registered with the KV "
+                                                             "manager and the model_name label of its metrics "
+                                                             "(default: the --model path)")
     add_internal_tls_args(w, "--tls")
     add_cluster_token_arg(w)
     _add_stream_buffer_arg(w)
@@ -95,6 +108,16 @@ def _add_stream_buffer_arg(p) -> None:
                         f"({STREAM_BUFFER_EVENTS})")
 
 
+def _positive_s(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"seconds in (0, 3600], got {text!r}")
+    return value
+
+
 def _setup() -> None:
     from apar.quiet import quiet_transformers
 
@@ -103,8 +126,9 @@ def _setup() -> None:
     quiet_transformers()
 
 
-async def _until_signal(*servers) -> None:
-    stop = asyncio.Event()
+async def _until_signal(*servers, stop: asyncio.Event | None = None) -> None:
+    """Serve until SIGINT or SIGTERM (or `stop` is set), then stop the servers gracefully."""
+    stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -259,33 +283,61 @@ def run_worker(args) -> int:
     async def main() -> int:
         from services.worker.service import start_worker_server
 
+        stop, fenced = asyncio.Event(), []
+        if client is not None:  # another process took this worker's id: this one stops
+            aloop = asyncio.get_running_loop()
+            loop.engine.kv.on_fenced = lambda reason: (fenced.append(reason), aloop.call_soon_threadsafe(stop.set))
+            if loop.engine.kv.fenced:
+                fenced.append(loop.engine.kv.fenced)
+                stop.set()
         server, port = await start_worker_server(loop, f"{args.host}:{args.port}", wid, str(args.model), tls, token,
                                                  args.stream_buffer)
         warn_if_open(token, "apar worker", SERVER_RISK)
         print(f"apar worker: {wid} listening on {args.host}:{port} ({tls.describe() if tls else 'plaintext'}, "
               f"{describe(token)})", file=sys.stderr, flush=True)
         try:
-            await _until_signal(server)
+            await _until_signal(server, stop=stop)
         finally:
             loop.stop()
             if client is not None:
                 client.close()
+        if fenced:
+            print(f"apar worker: {wid} stopped: {fenced[0]}", file=sys.stderr, flush=True)
+            return 1
         return 0
 
     return asyncio.run(main())
 
 
 def _lease_pool(engine, loop, args, wid: str, tls=None, token=None):
-    """Cluster mode: register the pool with the KV manager and mirror its ledger (RemoteKV)."""
+    """Cluster mode: register the pool with the KV manager, with the model it serves, and mirror its
+    ledger (RemoteKV). While another live process holds the id (or a replacement's predecessor's
+    registration has not expired yet), try again for two time-to-lives, then give up."""
+    from services.kvmanager.replication import WorkerFenced
     from services.worker.kv import RemoteKV
     from services.worker.kvclient import KVManagerClient
 
     address = args.advertise or f"{args.host}:{args.port}"
     client = KVManagerClient(args.kvmanager, wid, address, engine.ledger.num_blocks, engine.ledger.block_size,
-                             args.kv_ttl, tls=tls, token=token)
-    if client.register():
+                             args.kv_ttl, tls=tls, token=token, model=args.served_model_name or str(args.model))
+    deadline, said = time.monotonic() + 2 * args.kv_ttl + 1, False
+    while True:
+        try:
+            restored = client.register()
+            break
+        except WorkerFenced as exc:
+            if time.monotonic() > deadline:
+                client.close()
+                raise UserError(f"worker id {wid} is taken: {exc}. Stop the other process, or start with "
+                                f"another --worker-id") from None
+            if not said:
+                log.warning("worker id %s is taken (%s); trying again until its registration expires", wid, exc)
+                said = True
+            time.sleep(0.5)
+    if restored:  # (a new session cannot find a ledger of its own)
         raise UserError(f"the KV manager still holds a ledger for worker {wid}: start with a new --worker-id")
-    loop.call(lambda e: setattr(e, "kv", RemoteKV(e.ledger, client))).result(timeout=10)
+    loop.call(lambda e: setattr(e, "kv", RemoteKV(e.ledger, client, max_lag_s=args.kv_max_lag,
+                                                  wait_s=args.kv_lag_wait))).result(timeout=10)
     client.start_heartbeat()
     return client
 
@@ -322,7 +374,8 @@ def run_router(args) -> int:
         elif discovery == "kvmanager":
             from services.router.workers import KVManagerDirectory
 
-            directory = KVManagerDirectory(args.kvmanager, tls=tls, token=token)
+            directory = KVManagerDirectory(args.kvmanager, tls=tls, token=token,
+                                           model=args.served_model_name or str(args.model))
             source = f"KV manager {args.kvmanager}"
         else:
             directory = WorkerDirectory(addresses, tls=tls, token=token)

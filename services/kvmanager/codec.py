@@ -14,6 +14,7 @@ ledger is deterministic.
 from __future__ import annotations
 
 import json
+import zlib
 
 from services.kvmanager.ledger import KVLedger, LedgerError
 from services.kvmanager.ops import Op, op_from_json
@@ -52,7 +53,7 @@ def entry_from_json(text: str | bytes) -> tuple[int, list[tuple[int, list[Op]]]]
 
 def spec_to_json(spec: WorkerSpec) -> str:
     return _dumps({"worker_id": spec.worker_id, "address": spec.address, "num_blocks": spec.num_blocks,
-                   "block_size": spec.block_size, "ttl_s": spec.ttl_s})
+                   "block_size": spec.block_size, "ttl_s": spec.ttl_s, "model": spec.model})
 
 
 def spec_from_json(text: str | bytes) -> WorkerSpec:
@@ -79,10 +80,32 @@ def record_from_json(spec: WorkerSpec, text: str | bytes) -> WorkerRecord:
                         base=d["n"])
 
 
+RESYNC_PART_BYTES = 4 << 20  # a resync's parts: far under gRPC's 16 MiB message cap
+MAX_SNAPSHOT_BYTES = 1 << 30  # a snapshot's JSON: a pool of MAX_BLOCKS blocks, each of another long request id
+
+
 def snapshot_to_bytes(snapshot: dict) -> bytes:
-    """A ledger snapshot as it travels in a Resync."""
+    """A ledger snapshot as it travels in a Resync of one part."""
     return _dumps(snapshot).encode()
 
 
 def snapshot_from_bytes(data: bytes) -> dict:
+    return json.loads(data)
+
+
+def snapshot_parts(snapshot: dict, size: int = RESYNC_PART_BYTES) -> list[bytes]:
+    """A snapshot as a Resync in parts carries it: its JSON, compressed, cut in pieces of `size` bytes."""
+    data = zlib.compress(snapshot_to_bytes(snapshot), 1)
+    return [data[i:i + size] for i in range(0, len(data), size)]
+
+
+def snapshot_from_parts(parts: list[bytes]) -> dict:
+    """The snapshot the parts carry; ValueError when they are not one (or it would exceed MAX_SNAPSHOT_BYTES)."""
+    d = zlib.decompressobj()
+    try:
+        data = d.decompress(b"".join(parts), MAX_SNAPSHOT_BYTES)
+    except zlib.error as exc:
+        raise ValueError(f"the parts are not a compressed snapshot: {exc}") from None
+    if not d.eof or d.unconsumed_tail:
+        raise ValueError(f"the parts are not a whole compressed snapshot of at most {MAX_SNAPSHOT_BYTES} bytes")
     return json.loads(data)

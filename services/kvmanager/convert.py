@@ -11,10 +11,11 @@ manager reads batches and writes acks, the worker the other way round.
 from __future__ import annotations
 
 from apar.protogen import stubs
-from services.kvmanager.codec import ops_from_bytes, ops_to_bytes, snapshot_from_bytes, snapshot_to_bytes
+from services.kvmanager.codec import (ops_from_bytes, ops_to_bytes, snapshot_from_bytes, snapshot_parts,
+                                      snapshot_to_bytes)
 from services.kvmanager.ledger import Digest
 from services.kvmanager.records import BadRequest, Usage, WorkerSpec
-from services.kvmanager.replication import Ack, Batch, Resync, Step
+from services.kvmanager.replication import Ack, Batch, Resync, ResyncPart, Step
 
 K = stubs().kvmanager_pb2
 
@@ -23,12 +24,12 @@ _new = tuple.__new__  # a NamedTuple made without its Python-level __new__ (a re
 
 
 def digest_from_pb(d) -> Digest:
-    return _new(Digest, (d.free_blocks, d.used_blocks, d.threads, d.tokens, d.next_free, d.named))
+    return _new(Digest, (d.free_blocks, d.used_blocks, d.threads, d.tokens, d.next_free, d.named, d.contents))
 
 
 def digest_to_pb(d: Digest):
     return K.Digest(free_blocks=d.free, used_blocks=d.used, threads=d.threads, tokens=d.tokens,
-                    next_free=d.next_free, named=d.named)
+                    next_free=d.next_free, named=d.named, contents=d.contents)
 
 
 def batch_from_pb(req) -> Batch:
@@ -40,14 +41,29 @@ def batch_from_pb(req) -> Batch:
         except ValueError as exc:
             raise BadRequest(f"step {i}: {exc}") from None
         steps.append(Step(s.seq, ops, digest_from_pb(s.digest), raw=raw))
-    resync = None
-    if req.HasField("resync"):
+    resync = part = None
+    if req.HasField("resync") and req.resync.parts:  # one part of it: the manager puts them together
+        r = req.resync
+        part = ResyncPart(r.seq, r.part, r.parts, r.ledger)
+    elif req.HasField("resync"):
         try:
             ledger = snapshot_from_bytes(req.resync.ledger)
         except ValueError as exc:
             raise BadRequest(f"resync: the ledger is not JSON: {exc}") from None
         resync = Resync(req.resync.seq, ledger)
-    return Batch(req.session, steps, resync)
+    return Batch(req.session, steps, resync, part)
+
+
+def batch_to_pbs(worker_id: str, batch: Batch) -> list:
+    """The messages a batch travels in, in order: one, or with a resync, one per part of its snapshot
+    (compressed; the last part with the steps), so a pool of any size resyncs under the message cap."""
+    if batch.resync is None:
+        return [batch_to_pb(worker_id, batch)]
+    parts = snapshot_parts(batch.resync.ledger)
+    return [K.StepBatch(worker_id=worker_id, session=batch.session,
+                        resync=K.Resync(seq=batch.resync.seq, ledger=data, part=i, parts=len(parts)),
+                        steps=batch_to_pb(worker_id, batch).steps if i == len(parts) - 1 else [])
+            for i, data in enumerate(parts)]
 
 
 def batch_to_pb(worker_id: str, batch: Batch):
@@ -70,13 +86,14 @@ def ack_from_pb(resp) -> Ack:
 def spec_from_pb(req, default_ttl_s: int) -> WorkerSpec:
     """A RegisterRequest as a checked spec; ttl_seconds 0 takes the manager's default."""
     return WorkerSpec(worker_id=req.worker_id, address=req.address, num_blocks=req.num_blocks,
-                      block_size=req.block_size, ttl_s=req.ttl_seconds or default_ttl_s)
+                      block_size=req.block_size, ttl_s=req.ttl_seconds or default_ttl_s, model=req.model)
 
 
 def usage_to_pb(usage: list[Usage]):
     return K.UsageResponse(workers=[K.WorkerUsage(worker_id=u.worker_id, address=u.address, num_blocks=u.num_blocks,
                                                   free_blocks=u.free_blocks, requests=u.requests,
-                                                  block_size=u.block_size, cached_blocks=u.cached_blocks)
+                                                  block_size=u.block_size, cached_blocks=u.cached_blocks,
+                                                  model=u.model)
                                     for u in usage])
 
 

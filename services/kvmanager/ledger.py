@@ -38,6 +38,8 @@ when no block is free, so `num_free` counts free and cached blocks alike. A thre
 released deepest first, so a prefix's head is cached last and evicted last.
   I8. a block with count 0 is cached: named, in `_cache` (LRU order), and `_named` maps every name to
       its block, in use or cached; a named block has no owner and is full.
+  I9. the contents hash (`Digest.contents`, services/kvmanager/contents.py) sums every held block's
+      owner or name, fill and count, whatever ops brought the ledger there.
 
 `advance` is lazy, so a replica's decode step costs O(held + blocks filled), not O(open threads): the
 ledger counts advances (`_tick`); an open thread's last block holds `used + (_tick - since)` tokens,
@@ -51,6 +53,8 @@ from collections import OrderedDict, deque
 from itertools import repeat
 from dataclasses import dataclass, field
 from typing import NamedTuple
+
+from services.kvmanager.contents import COUNT, MASK, USED, block_key, block_keys, name_weight, thread_key
 
 
 class ThreadRef(NamedTuple):
@@ -70,6 +74,7 @@ class Digest(NamedTuple):
     tokens: int
     next_free: int  # the id the next new block gets, -1 when none is free
     named: int = 0  # blocks with a prefix name, in use or cached
+    contents: int = 0  # a hash of every held block's owner, name, fill and count (services/kvmanager/contents.py)
 
 
 class LedgerError(RuntimeError):
@@ -97,6 +102,8 @@ class _Thread:
     running: bool = True
     since: int = 0  # open: the ledger's tick when its last block's `used` was written down
     fill: int = -1  # open: the tick its last block fills at (its key in `_fills`)
+    key: int = 0  # contents.thread_key of its ref: the weight of the blocks it owns
+    ctx: int = 0  # the sum of the block keys of `refs + own` (its references, in the contents hash)
 
 
 class KVLedger:
@@ -120,6 +127,11 @@ class KVLedger:
         self.evictions = 0  # cached blocks taken for new ones, so far
         self._tick = 0  # advances so far (see the module's docstring)
         self._fills: dict[int, set[ThreadRef]] = {}  # tick -> the open threads whose last block fills then
+        # the contents hash (`digest`): `_h` sums every held block's term with the fills written down;
+        # `_s1` and `_s2` sum block_key(last block) and block_key(last block) * since over the open
+        # threads, whose blocks hold `tick - since` tokens more than written down
+        self._h = self._s1 = self._s2 = 0
+        self._keys = block_keys(num_blocks)  # block id -> contents.block_key
 
     # ---- read side ---------------------------------------------------------------------------------
     @property
@@ -145,6 +157,12 @@ class KVLedger:
             n += 1
         return n
 
+    def cached_among(self, names) -> int:
+        """How many of the held blocks named `names` are cached (no thread reads them): what reusing them
+        takes from `num_free`. One that a running thread reads is shared, and takes nothing."""
+        blocks, named = self._blocks, self._named
+        return sum(blocks[named[name]].refcount == 0 for name in names)
+
     def reusable(self, names, n_tokens: int) -> int:
         """The blocks a new root with this prompt (`n_tokens` tokens, `names` its full blocks' names)
         reuses: the cached prefix, leaving at least one prompt token to compute (its logits are needed)."""
@@ -161,7 +179,9 @@ class KVLedger:
 
     def digest(self) -> Digest:
         nxt = self._free[0] if self._free else next(iter(self._cache.values())) if self._cache else -1
-        return Digest(len(self._free), len(self._blocks), len(self._threads), self._tokens, nxt, len(self._named))
+        contents = (self._h + USED * (self._tick * self._s1 - self._s2)) & MASK
+        return Digest(len(self._free), len(self._blocks), len(self._threads), self._tokens, nxt, len(self._named),
+                      contents)
 
     def open_threads(self) -> set[ThreadRef]:
         """The running threads whose next token fits in their last own block (unsealed, not full)."""
@@ -217,7 +237,7 @@ class KVLedger:
         """Register a root thread (no context yet); its prompt and tokens come by `append`."""
         if ref in self._threads:
             raise LedgerError(f"thread {ref} already exists")
-        self._threads[ref] = _Thread(ref=ref, refs=[])
+        self._threads[ref] = _Thread(ref=ref, refs=[], key=thread_key(*ref))
         self._request_blocks.setdefault(ref.request, 0)
         self._request_threads.setdefault(ref.request, []).append(ref)
 
@@ -237,6 +257,7 @@ class KVLedger:
                 last = self._blocks[t.own[-1]]
                 last.used += 1
                 self._tokens += 1
+                self._h += self._keys[t.own[-1]] * USED
                 if last.used == self.block_size:
                     self._close(t)
                 else:
@@ -249,12 +270,15 @@ class KVLedger:
                     raise OutOfBlocks("1 block needed, 0 free")
                 block_id = self._take()
                 self._blocks[block_id] = _Block(owner=ref, used=1)
+                key = self._keys[block_id]
+                self._h += key * (t.key + USED + COUNT)
+                t.ctx += key
                 self._request_blocks[ref.request] += 1
                 t.own.append(block_id)
                 t.sealed = False
                 self._tokens += 1
                 if self.block_size > 1:
-                    self._open[ref] = t
+                    self._opened(t)
                     self._file(t, 1)
                 return [(block_id, 0)] if want_slots else []
         need = self.blocks_needed(ref, n_tokens)
@@ -262,6 +286,9 @@ class KVLedger:
             raise OutOfBlocks(f"{need} blocks needed, {self.num_free} free")
         slots: list[tuple[int, int]] = []
         remaining = n_tokens
+        was_open = ref in self._open
+        if was_open:  # (settled) its last block may change below: out of the open sums until then
+            self._unsum(t)
         if t.own and not t.sealed and self._blocks[t.own[-1]].used < self.block_size:
             last = self._blocks[t.own[-1]]  # (a full one may be shared: a named prompt block others reuse)
             if last.refcount != 1:  # I3
@@ -270,11 +297,15 @@ class KVLedger:
             if want_slots:
                 slots.extend(zip(repeat(t.own[-1]), range(last.used, last.used + take)))
             last.used += take
+            self._h += self._keys[t.own[-1]] * USED * take
             remaining -= take
         while remaining:
             block_id = self._take()
             take = min(remaining, self.block_size)
             self._blocks[block_id] = _Block(owner=ref, used=take)
+            key = self._keys[block_id]
+            self._h += key * (t.key + USED * take + COUNT)
+            t.ctx += key
             self._request_blocks[ref.request] += 1
             t.own.append(block_id)
             t.sealed = False
@@ -283,10 +314,11 @@ class KVLedger:
             remaining -= take
         self._tokens += n_tokens
         if self._is_open(t):
-            self._open[ref] = t
+            self._opened(t)
             self._file(t, self._blocks[t.own[-1]].used)
-        elif ref in self._open:
-            self._close(t)
+        elif was_open:
+            del self._open[ref]
+            self._unfile(t)
         return slots
 
     def append_each(self, refs, starved: set[str], want_slots: bool = True) -> list[list[tuple[int, int]] | None]:
@@ -297,7 +329,7 @@ class KVLedger:
         case (an open thread, an unknown one) goes through `append`."""
         out: list[list[tuple[int, int]] | None] = []
         threads, open_, blocks, free = self._threads, self._open, self._blocks, self._free
-        request_blocks, tick, bs = self._request_blocks, self._tick, self.block_size
+        request_blocks, tick, bs, keys = self._request_blocks, self._tick, self.block_size, self._keys
         fill = tick + bs - 1  # the tick a block opened now (one token in it) fills at
         bucket: set[ThreadRef] | None = None
         for ref in refs:
@@ -315,7 +347,12 @@ class KVLedger:
                 bucket = None  # (`append` may have emptied and dropped it)
                 continue
             block_id = free.popleft()
+            key = keys[block_id]
             blocks[block_id] = _Block(ref, 1, 1)  # (owner, refcount, used: by keyword it costs more)
+            self._h += key * (t.key + USED + COUNT)
+            t.ctx += key
+            self._s1 += key  # open from `tick` on: since = tick
+            self._s2 += key * tick
             request_blocks[request] += 1
             t.own.append(block_id)
             t.sealed = False
@@ -339,13 +376,18 @@ class KVLedger:
             self._settle(t)
         self._tick += 1
         tick = self._tick
+        blocks, keys = self._blocks, self._keys
         for t in stay:
             t.since = tick
-            self._file(t, self._blocks[t.own[-1]].used)
+            self._s2 += keys[t.own[-1]]  # (since one more)
+            self._file(t, blocks[t.own[-1]].used)
         n = len(open_) - len(stay)
         for ref in self._fills.pop(tick, ()):  # their blocks are full now
             t = open_[ref]
             self._settle(t)
+            key = keys[t.own[-1]]  # out of the open sums (`_unsum`, inlined: a block fills every few steps)
+            self._s1 -= key
+            self._s2 -= key * tick
             del open_[ref]
             t.fill = -1
         self._tokens += n
@@ -358,8 +400,24 @@ class KVLedger:
                 last = self._blocks[t.own[-1]]
                 if last.refcount != 1:  # I3: an unsealed last block is never shared
                     raise LedgerError(f"write to shared block {t.own[-1]}")
-                last.used += self._tick - t.since
+                delta = self._tick - t.since
+                last.used += delta
+                key = self._keys[t.own[-1]]
+                self._h += key * USED * delta  # the same contents: written down, and out of the open sums
+                self._s2 += key * delta
             t.since = self._tick
+
+    def _opened(self, t: _Thread) -> None:
+        """`t` (settled) is open, its last block as it is now: into `_open` and the open sums."""
+        self._open[t.ref] = t
+        key = self._keys[t.own[-1]]
+        self._s1 += key
+        self._s2 += key * t.since
+
+    def _unsum(self, t: _Thread) -> None:
+        key = self._keys[t.own[-1]]
+        self._s1 -= key
+        self._s2 -= key * t.since
 
     def _file(self, t: _Thread, used: int) -> None:
         """File a settled open thread under the tick its last block (`used` tokens now) fills at."""
@@ -379,6 +437,7 @@ class KVLedger:
 
     def _close(self, t: _Thread) -> None:
         """`t` is open no more (settled first)."""
+        self._unsum(t)
         del self._open[t.ref]
         self._unfile(t)
 
@@ -400,10 +459,11 @@ class KVLedger:
         blocks = self._blocks
         for block_id in refs:
             blocks[block_id].refcount += 1
+        self._h += p.ctx * COUNT
         p.sealed = True
         if parent in self._open:
             self._close(p)
-        self._threads[child] = _Thread(ref=child, refs=refs)
+        self._threads[child] = _Thread(ref=child, refs=refs, key=thread_key(*child), ctx=p.ctx)
         self._request_threads[child.request].append(child)
 
     def finish(self, ref: ThreadRef) -> list[int]:
@@ -417,6 +477,7 @@ class KVLedger:
             self._close(t)
         freed: list[int] = []
         blocks = self._blocks
+        self._h -= t.ctx * COUNT
         for block_id in reversed(t.refs + t.own):  # deepest first: a prefix's head is cached last
             b = blocks[block_id]
             if b.refcount > 1:  # still read by others: `_unref`'s common case, inlined
@@ -445,6 +506,7 @@ class KVLedger:
         return freed
 
     def _unref(self, block_id: int, freed: list[int]) -> None:
+        """One reference less (the caller takes its count out of the contents hash)."""
         b = self._blocks[block_id]
         b.refcount -= 1
         if b.refcount < 0:
@@ -454,6 +516,7 @@ class KVLedger:
             if b.name is not None:  # kept with its KV, evictable
                 self._cache[b.name] = block_id
                 return
+            self._h -= self._keys[block_id] * (self._threads[b.owner].key + USED * b.used)
             del self._blocks[block_id]
             self._request_blocks[b.owner.request] -= 1
             self._free.append(block_id)
@@ -465,7 +528,8 @@ class KVLedger:
             return self._free.popleft()
         name, block_id = self._cache.popitem(last=False)
         del self._named[name]
-        del self._blocks[block_id]
+        b = self._blocks.pop(block_id)
+        self._h -= self._keys[block_id] * (name_weight(name) + USED * b.used)
         self.evictions += 1
         return block_id
 
@@ -485,6 +549,9 @@ class KVLedger:
                 del self._cache[name]
                 self._tokens += b.used
             b.refcount += 1
+        keys = self._keys
+        t.ctx = sum([keys[i] for i in ids])
+        self._h += t.ctx * COUNT
         t.refs = ids
         self._request_named[ref.request] = self._request_named.get(ref.request, 0) + len(ids)
 
@@ -505,6 +572,7 @@ class KVLedger:
             b.name = name
             self._named[name] = block_id
             self._request_blocks[b.owner.request] -= 1
+            self._h += self._keys[block_id] * (name_weight(name) - t.key)  # (its own block: `t` owns it)
             b.owner = None
             named += 1
         if named:
@@ -536,6 +604,7 @@ class KVLedger:
         self._tick = 0
         self._cache.clear()
         self._named.clear()
+        self._h = self._s1 = self._s2 = 0
 
     def _settle_all(self) -> None:
         for t in self._open.values():
@@ -576,7 +645,7 @@ class KVLedger:
             for r, t, refs, own, sealed, running in data["threads"]:
                 ref = ThreadRef(str(r), int(t))
                 led._threads[ref] = _Thread(ref=ref, refs=[int(i) for i in refs], own=[int(i) for i in own],
-                                            sealed=bool(sealed), running=bool(running))
+                                            sealed=bool(sealed), running=bool(running), key=thread_key(*ref))
             led._request_blocks = {str(r): int(n) for r, n in data["requests"]}
             led._tokens = sum(b.used for b in led._blocks.values() if b.refcount)
             led._open = {t.ref: t for t in led._threads.values() if led._is_open(t)}
@@ -588,7 +657,11 @@ class KVLedger:
                         led._request_named[t.ref.request] = named
             for t in led._open.values():
                 led._file(t, led._blocks[t.own[-1]].used)
-        except (KeyError, TypeError, ValueError) as exc:
+            keys = led._keys
+            for t in led._threads.values():
+                t.ctx = sum([keys[i] for i in t.refs]) + sum([keys[i] for i in t.own])
+            led._h, led._s1, led._s2 = led._recount()
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise LedgerError(f"malformed ledger snapshot: {exc}") from None
         if set(led._free) | set(led._blocks) != set(range(led.num_blocks)):
             raise LedgerError("I1: snapshot block ids are not 0..num_blocks-1")
@@ -596,8 +669,26 @@ class KVLedger:
         return led
 
     # ---- invariants --------------------------------------------------------------------------------
+    def _recount(self) -> tuple[int, int, int]:
+        """The contents hash's sums (`_h`, `_s1`, `_s2`) from scratch, from the block ids and owners."""
+        h, weights = 0, {}
+        for i, b in self._blocks.items():
+            if b.name is not None:
+                weight = name_weight(b.name)
+            else:
+                weight = weights.get(b.owner)
+                if weight is None:
+                    weight = weights[b.owner] = thread_key(*b.owner)
+            h += block_key(i) * (weight + USED * b.used + COUNT * b.refcount)
+        s1 = s2 = 0
+        for t in self._open.values():
+            key = block_key(t.own[-1])
+            s1 += key
+            s2 += key * t.since
+        return h, s1, s2
+
     def check(self) -> None:
-        """Verify I1-I4 and I6-I8 from scratch; raises LedgerError naming the first broken one."""
+        """Verify I1-I4 and I6-I9 from scratch; raises LedgerError naming the first broken one."""
         self._settle_all()
         free = list(self._free)
         if len(set(free)) != len(free):
@@ -663,3 +754,8 @@ class KVLedger:
                 if self._request_named.get(t.ref.request, 0) != held:
                     raise LedgerError(f"I8: request {t.ref.request} counts {self._request_named.get(t.ref.request, 0)} "
                                       f"named blocks, its root reads {held}")
+        if (self._h, self._s1, self._s2) != self._recount():
+            raise LedgerError("I9: the contents hash does not sum the blocks held")
+        if any(t.key != thread_key(*t.ref) or t.ctx != sum(block_key(i) for i in t.refs + t.own)
+               for t in self._threads.values()):
+            raise LedgerError("I9: a thread's key or its context's key sum is wrong")

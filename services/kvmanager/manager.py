@@ -36,12 +36,13 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from services.kvmanager.codec import entry_to_json, snapshot_of, snapshot_to_json
+from services.kvmanager.codec import entry_to_json, snapshot_from_parts, snapshot_of, snapshot_to_json
 from services.kvmanager.ledger import KVLedger
 from services.kvmanager.ops import MAX_NAMES
-from services.kvmanager.records import (Applied, BadRequest, StoreUnavailable, UnknownWorker, Usage, WorkerRecord,
-                                        WorkerSpec, apply_batch, check_batch, check_worker_id)
-from services.kvmanager.replication import Ack, Batch, ReplicaUnavailable, WorkerForgotten
+from services.kvmanager.records import (Applied, BadRequest, ResyncParts, StaleSession, StoreUnavailable,
+                                        UnknownWorker, Usage, WorkerIdTaken, WorkerRecord, WorkerSpec, add_part,
+                                        apply_batch, check_batch, check_worker_id)
+from services.kvmanager.replication import Ack, Batch, ReplicaUnavailable, Resync, WorkerFenced, WorkerForgotten
 
 if TYPE_CHECKING:
     from services.kvmanager.metrics import KVMetrics
@@ -73,6 +74,7 @@ class KVManager:
         self._lock = threading.Lock()
         self._store_lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}
+        self._parts: dict[str, ResyncParts] = {}  # worker id -> the resync it is sending in parts
         self._work = threading.Condition(self._lock)  # wakes the writer
         self._writer_idle = False  # the writer waits on `_work`: the next message wakes it (only then)
         self._writer: threading.Thread | None = None
@@ -85,9 +87,12 @@ class KVManager:
 
     # ---- worker registration ----------------------------------------------------------------------
     def register(self, spec: WorkerSpec, session: int = 0) -> tuple[bool, int]:
-        """Lease a pool: (restored, free blocks). Restored when a live ledger of the same size exists
-        (the worker reconnects after a manager restart, or restarted with the same id: its steps then
-        ask for a resync); otherwise a fresh ledger, holding `session` at step 0, replaces any other."""
+        """Lease a pool: (restored, free blocks). A worker id is bound to the session that registered it.
+        While that registration lives, the same session registering again (after a manager restart, a
+        lost answer) keeps its ledger (restored) if the pool is the same size, and another session is
+        refused with WorkerIdTaken, nothing changed: a second process with the id, or a replacement
+        that came before the old registration expired. Otherwise a fresh ledger, bound to `session`
+        at step 0, replaces any other (a stale process's steps are then refused: StaleSession)."""
         with self._store_lock:
             self._sync_reachable()
             with self._lock:
@@ -95,7 +100,11 @@ class KVManager:
 
     def _register(self, spec: WorkerSpec, session: int) -> tuple[bool, int]:
         rec = self._workers.get(spec.worker_id)
-        if rec is not None and rec.spec.same_pool(spec) and self._alive(rec):
+        live = rec is not None and self._alive(rec)
+        if live and rec.session != session:
+            raise WorkerIdTaken(f"worker id {spec.worker_id} is held by another live process (its registration "
+                                f"expires {rec.spec.ttl_s} s after its last heartbeat)")
+        if live and rec.spec.same_pool(spec):
             if self.store is not None:
                 self._guard(self.store.renew, spec)
             rec.spec = spec
@@ -107,14 +116,16 @@ class KVManager:
             self._guard(self.store.save, rec, True)
         self._workers[spec.worker_id] = rec
         self._pending.pop(spec.worker_id, None)
+        self._parts.pop(spec.worker_id, None)
         return False, rec.ledger.num_free
 
-    def heartbeat(self, worker_id: str) -> bool:
-        """Extend a registration; False when the worker is unknown or expired (it must register again)."""
+    def heartbeat(self, worker_id: str, session: int = 0) -> bool:
+        """Extend a registration; False when the worker is unknown or expired, or registered by another
+        session than `session` (0: any): it must register again."""
         check_worker_id(worker_id)
         with self._lock:
             rec = self._workers.get(worker_id)
-            if rec is None:
+            if rec is None or (session and rec.session != session):
                 return False
             if self.store is None:
                 if rec.expires_at <= self.clock():
@@ -137,11 +148,34 @@ class KVManager:
         check_batch(batch)
         if not self._loaded:
             self.sync()
+        if batch.part is not None:
+            whole = self._assemble(worker_id, batch)
+            if whole is None:  # more parts to come: the replica as it is
+                with self._lock:
+                    return self._record(worker_id).ack()
+            batch = whole
         with self._lock:
             ack = self._apply(worker_id, batch)
             if self.store is not None and self._writer_idle and (self._pending or self._doubt):
                 self._work.notify()  # a busy writer takes this message in its next round unasked
         return ack
+
+    def _assemble(self, worker_id: str, batch: Batch) -> Batch | None:
+        """Keep one part of a resync (`records.add_part`); with the last, the whole batch (the snapshot
+        decoded outside the memory lock). StaleSession for another session's parts."""
+        p = batch.part
+        with self._lock:
+            rec = self._record(worker_id)
+            if batch.session != rec.session:
+                raise StaleSession(f"worker {worker_id} is registered by another process now: register again")
+            data = add_part(self._parts, worker_id, batch.session, p)
+            if data is None:
+                return None
+        try:
+            ledger = snapshot_from_parts(data)
+        except ValueError as exc:
+            raise BadRequest(f"resync: {exc}") from None
+        return Batch(batch.session, batch.steps, Resync(p.seq, ledger))
 
     def flush(self) -> None:
         """Write what the messages applied so far changed to Redis now (a round of the caller's own);
@@ -264,7 +298,7 @@ class KVManager:
         """Every registered worker (memory only: no store call), sorted by id."""
         with self._lock:
             return [Usage(r.worker_id, r.spec.address, r.spec.num_blocks, r.ledger.num_free, r.ledger.num_requests,
-                          r.spec.block_size, r.ledger.num_cached)
+                          r.spec.block_size, r.ledger.num_cached, r.spec.model)
                     for r in sorted(self._workers.values(), key=lambda r: r.worker_id)]
 
     def prefix(self, names: list[int]) -> list[tuple[str, str, int]]:
@@ -328,6 +362,7 @@ class KVManager:
                 with self._lock:
                     del self._workers[w]
                     self._pending.pop(w, None)
+                    self._parts.pop(w, None)
                 if self.metrics is not None:
                     self.metrics.reaped.inc()
                 log.info("worker %s expired: its ledger is dropped", w)
@@ -396,30 +431,34 @@ class InProcessClient:
     gRPC. A registration lives `ttl_s` (default a day) and needs no heartbeat unless something reaps."""
 
     def __init__(self, manager: KVManager, worker_id: str, worker_address: str, num_blocks: int, block_size: int,
-                 ttl_s: int = 24 * 3600) -> None:
+                 ttl_s: int = 24 * 3600, model: str = "") -> None:
         self.manager = manager
-        self.spec = WorkerSpec(worker_id, worker_address, num_blocks, block_size, ttl_s)
+        self.spec = WorkerSpec(worker_id, worker_address, num_blocks, block_size, ttl_s, model)
         self.session = secrets.randbits(63) | 1
         self.forgotten = False
         self.closed = False
 
     def register(self, timeout: float | None = None) -> bool:
-        return self.manager.register(self.spec, self.session)[0]
+        """Whether the manager had this session's ledger; WorkerFenced when another session holds the id."""
+        try:
+            return self.manager.register(self.spec, self.session)[0]
+        except WorkerIdTaken as exc:
+            raise WorkerFenced(str(exc)) from None
 
     def start_heartbeat(self) -> None:
         """Nothing to do in-process; `heartbeat()` extends the registration if a caller reaps."""
 
     def heartbeat(self) -> bool:
-        return self.manager.heartbeat(self.spec.worker_id)
+        return self.manager.heartbeat(self.spec.worker_id, self.session)
 
     def send(self, batch: Batch) -> Ack:
         """One message; raises ReplicaUnavailable when the store is away (send again later),
-        WorkerForgotten when the manager holds no ledger for this worker."""
+        WorkerForgotten when the manager holds no ledger for this worker, of this session."""
         try:
             return self.manager.submit(self.spec.worker_id, batch)
         except StoreUnavailable as exc:
             raise ReplicaUnavailable(str(exc)) from None
-        except UnknownWorker as exc:
+        except (UnknownWorker, StaleSession) as exc:
             raise WorkerForgotten(str(exc)) from None
 
     def state(self) -> dict:

@@ -13,15 +13,18 @@ from dataclasses import dataclass, field
 from apar.errors import UserError
 from services.kvmanager.ledger import KVLedger, LedgerError
 from services.kvmanager.ops import OPS, Op, apply
-from services.kvmanager.replication import Ack, Batch, Step
+from services.kvmanager.replication import Ack, Batch, ResyncPart, Step
 
 MAX_ID_CHARS = 128  # worker ids (part of Redis keys)
 MAX_ADDRESS_CHARS = 256
+MAX_MODEL_CHARS = 256  # a served model name
 MAX_BLOCKS = 1 << 20  # per worker; a ledger of this size snapshots to a few MB of JSON
 MAX_BLOCK_SIZE = 1 << 12  # tokens per block
 MAX_TTL_S = 24 * 3600
 MAX_OPS = 1 << 16  # per step
 MAX_STEPS = 1 << 12  # per message
+MAX_RESYNC_PARTS = 1 << 10  # parts of one resync (of codec.RESYNC_PART_BYTES each)
+MAX_RESYNC_BYTES = 1 << 29  # of a resync's parts together (compressed)
 
 
 class BadRequest(UserError):
@@ -34,6 +37,17 @@ class UnknownWorker(LookupError):
 
 class StoreUnavailable(RuntimeError):
     """Redis cannot be reached or lost data; nothing was applied, retry later (UNAVAILABLE)."""
+
+
+class WorkerIdTaken(RuntimeError):
+    """Another live process holds this worker id: its registration (another session) has not expired.
+    Nothing was changed (ALREADY_EXISTS)."""
+
+
+class StaleSession(RuntimeError):
+    """A message from a session that no longer holds its worker id (the id was reaped and registered by
+    another process): refused, nothing applied (FAILED_PRECONDITION). The process registers again, and
+    stops if the id is taken."""
 
 
 def check_worker_id(worker_id: str) -> str:
@@ -55,11 +69,14 @@ class WorkerSpec:
     num_blocks: int
     block_size: int
     ttl_s: int
+    model: str = ""  # the model it serves ("": not said)
 
     def __post_init__(self) -> None:
         check_worker_id(self.worker_id)
         if len(self.address) > MAX_ADDRESS_CHARS or not self.address.isprintable():
             raise BadRequest(f"address must be at most {MAX_ADDRESS_CHARS} printable characters")
+        if len(self.model) > MAX_MODEL_CHARS or not self.model.isprintable():
+            raise BadRequest(f"model must be at most {MAX_MODEL_CHARS} printable characters")
         if not 1 <= self.num_blocks <= MAX_BLOCKS:
             raise BadRequest(f"num_blocks must be 1..{MAX_BLOCKS}, got {self.num_blocks}")
         if not 1 <= self.block_size <= MAX_BLOCK_SIZE:
@@ -98,6 +115,12 @@ def check_batch(batch: Batch) -> Batch:
         raise BadRequest(f"{len(batch.steps)} steps in one message; at most {MAX_STEPS}")
     if batch.resync is not None and batch.resync.seq < 0:
         raise BadRequest("resync seq must be 0 or more")
+    p = batch.part
+    if p is not None:
+        if p.seq < 0 or not 0 <= p.part < p.parts <= MAX_RESYNC_PARTS:
+            raise BadRequest(f"resync part {p.part} of {p.parts}: parts must be 1..{MAX_RESYNC_PARTS}, part below")
+        if batch.steps and p.part < p.parts - 1:
+            raise BadRequest("a resync's steps come with its last part")
     for i, step in enumerate(batch.steps):
         if step.seq <= 0:
             raise BadRequest(f"step {i}: seq must be 1 or more (a worker numbers its steps from 1)")
@@ -111,9 +134,10 @@ def check_batch(batch: Batch) -> Batch:
 class WorkerRecord:
     """One worker's replica and where it stands.
 
-    `session` and `seq` are the worker's: the session whose steps the replica holds and the last of
-    them applied. `broken` is set when the replica refused an op or its digest differed from the
-    worker's (it no longer follows the worker): nothing more is applied until a resync. `n` counts the
+    `session` and `seq` are the worker's: the session that registered the worker id (the only one whose
+    messages are applied: the id is bound to it) and the last of its steps applied. `broken` is set when
+    the replica refused an op or its digest differed from the worker's (it no longer follows the
+    worker): nothing more is applied until a resync. `n` counts the
     messages that changed the replica since registration (each a log entry, or a resync); `base` is the
     `n` of the last snapshot in the store, so entries `base+1..n` are in the store's log. `born` (ns
     since the epoch, set at registration) orders two replicas of the same worker id: a fresh
@@ -154,9 +178,12 @@ class Applied:
 
 
 def apply_batch(rec: WorkerRecord, batch: Batch) -> Applied:
-    """Apply one message of a worker to its replica by the rules in `replication`'s docstring."""
+    """Apply one message of a worker to its replica by the rules in `replication`'s docstring; raises
+    StaleSession, changing nothing, for a message of a session the worker id is not bound to."""
+    if batch.session != rec.session:
+        raise StaleSession(f"worker {rec.worker_id} is registered by another process now: register again")
     out = Applied()
-    stale = batch.session == rec.session and not rec.broken and batch.resync is not None and batch.resync.seq < rec.seq
+    stale = not rec.broken and batch.resync is not None and batch.resync.seq < rec.seq
     if batch.resync is not None and not stale:  # a stale one (a late copy) would only set the replica back
         data = batch.resync.ledger
         if not isinstance(data, dict) or (data.get("num_blocks"), data.get("block_size")) != (
@@ -166,9 +193,9 @@ def apply_batch(rec: WorkerRecord, batch: Batch) -> Applied:
             ledger = KVLedger.from_snapshot(data)
         except LedgerError as exc:
             raise BadRequest(f"resync: {exc}") from None
-        rec.ledger, rec.session, rec.seq, rec.broken = ledger, batch.session, batch.resync.seq, False
+        rec.ledger, rec.seq, rec.broken = ledger, batch.resync.seq, False
         out.resynced = True
-    if batch.session != rec.session or rec.broken:
+    if rec.broken:
         out.ack = rec.ack(resync=True)
         return out
     for step in batch.steps:
@@ -188,6 +215,38 @@ def apply_batch(rec: WorkerRecord, batch: Batch) -> Applied:
         rec.n += 1
     out.ack = rec.ack()
     return out
+
+
+@dataclass(slots=True)
+class ResyncParts:
+    """A worker's resync coming in parts, so far."""
+
+    session: int
+    seq: int
+    parts: int
+    data: list[bytes] = field(default_factory=list)
+    size: int = 0
+
+
+def add_part(pending: dict[str, ResyncParts], worker_id: str, session: int, p: ResyncPart) -> list[bytes] | None:
+    """Keep one part of a worker's resync in `pending`; with its last part, all of them (and the worker's
+    entry gone). BadRequest, the entry dropped, for a part out of order (the worker sends the snapshot
+    again from part 0) or parts too large together."""
+    have = pending.get(worker_id)
+    if p.part == 0:
+        have = pending[worker_id] = ResyncParts(session, p.seq, p.parts)
+    elif have is None or (have.session, have.seq, have.parts, len(have.data)) != (session, p.seq, p.parts, p.part):
+        pending.pop(worker_id, None)
+        raise BadRequest(f"resync part {p.part} of {p.parts} out of order: send it again from part 0")
+    have.data.append(p.data)
+    have.size += len(p.data)
+    if have.size > MAX_RESYNC_BYTES:
+        del pending[worker_id]
+        raise BadRequest(f"resync: more than {MAX_RESYNC_BYTES} bytes in parts")
+    if len(have.data) < have.parts:
+        return None
+    del pending[worker_id]
+    return have.data
 
 
 def replay_entry(rec: WorkerRecord, steps: list[tuple[int, list[Op]]]) -> None:
@@ -212,3 +271,4 @@ class Usage:
     requests: int
     block_size: int = 0
     cached_blocks: int = 0
+    model: str = ""

@@ -13,13 +13,14 @@ own, so a block can neither be lost nor handed to two threads by the replication
                     takes wholesale
 
 Rules the manager follows for a batch (`records.apply_batch`):
-  - a `Resync` replaces the replica and its session, and sets `applied` to its seq;
-  - steps of another session, or of a replica that refused an op, are not applied: the ack asks for a
-    resync (a worker restarted with the same id, a replica that diverged);
+  - a batch of a session the worker id is not bound to (the id was reaped and registered by another
+    process) is refused whole (StaleSession), resync included: it never touches that process's replica;
+  - a `Resync` replaces the replica, and sets `applied` to its seq;
+  - steps of a replica that refused an op or diverged are not applied: the ack asks for a resync;
   - a step at or below `applied` is a duplicate and is skipped; one above `applied + 1` is early (a gap)
     and is not applied, the ack's `applied` tells the worker where to resend from;
   - a step whose digest differs from the replica's after applying it asks for a resync;
-  - a resync older than the replica's last step of the same session is a late copy and is skipped.
+  - a resync older than the replica's last step is a late copy and is skipped.
 And the worker, on every ack that covers its last step, compares the replica's digest with its own (an
 idle worker sends an empty batch now and then for that: a `probe`). So a step arriving twice or out of
 order is applied once, in order, and whatever goes wrong ends in a resync, never in a stalled engine:
@@ -42,7 +43,12 @@ class ReplicaUnavailable(ConnectionError):
 
 
 class WorkerForgotten(RuntimeError):
-    """The KV manager holds no ledger for this worker (expired, or never registered): register again."""
+    """The KV manager holds no ledger for this worker (expired, or never registered), or it holds one
+    another process registered since: register again."""
+
+
+class WorkerFenced(RuntimeError):
+    """Another live process holds this worker's id at the KV manager: this one may not register it."""
 
 
 @dataclass(slots=True)  # not frozen: a replica builds thousands a second, and a frozen init costs 4x
@@ -62,10 +68,21 @@ class Resync:
 
 
 @dataclass(frozen=True, slots=True)
+class ResyncPart:
+    """One part of a resync's snapshot as it travels (the wire's form: compressed JSON, in parts)."""
+
+    seq: int
+    part: int
+    parts: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Batch:
     session: int  # the worker's replication session: a new one per ledger that starts empty
     steps: list[Step]
     resync: Resync | None = None
+    part: ResyncPart | None = None  # at the manager: a resync still coming in parts (`resync` is None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,6 +3,8 @@
 Each RPC is `convert.*_from_pb` -> one `KVManager` call -> `convert.*_to_pb`; `Steps` is a stream of
 them, one StepAck per StepBatch. Domain errors become status codes in one place (`_status`):
 BadRequest -> INVALID_ARGUMENT (also for bytes that are not a message), UnknownWorker -> NOT_FOUND,
+WorkerIdTaken (another live process holds the id) -> ALREADY_EXISTS, StaleSession (a message of a
+process that no longer holds its id) -> FAILED_PRECONDITION,
 StoreUnavailable -> UNAVAILABLE (send again: nothing was done; on `Steps` only before the ledgers were
 ever loaded, since a message does not wait for Redis), anything else -> INTERNAL (logged; the server
 goes on); on `Steps` the error ends the stream. An op the replica refuses is NOT a status:
@@ -32,14 +34,15 @@ from services.grpc_common import add_health_and_reflection, add_servicer, host_o
 from services.kvmanager import convert
 from services.kvmanager.manager import KVManager
 from services.kvmanager.metrics import KVMetrics
-from services.kvmanager.records import BadRequest, StoreUnavailable, UnknownWorker
+from services.kvmanager.records import BadRequest, StaleSession, StoreUnavailable, UnknownWorker, WorkerIdTaken
 from services.security import internal_interceptors, open_port
 
 log = logging.getLogger(__name__)
 K = stubs().kvmanager_pb2
 SERVICE = K.DESCRIPTOR.services_by_name["KVManager"]
 _CODES = ((BadRequest, grpc.StatusCode.INVALID_ARGUMENT), (UnknownWorker, grpc.StatusCode.NOT_FOUND),
-          (StoreUnavailable, grpc.StatusCode.UNAVAILABLE))
+          (StoreUnavailable, grpc.StatusCode.UNAVAILABLE), (WorkerIdTaken, grpc.StatusCode.ALREADY_EXISTS),
+          (StaleSession, grpc.StatusCode.FAILED_PRECONDITION))
 
 
 class KVManagerServicer:
@@ -54,7 +57,7 @@ class KVManagerServicer:
         return K.RegisterResponse(restored=restored, free_blocks=free)
 
     def Heartbeat(self, req, context):
-        return K.HeartbeatResponse(known=self.manager.heartbeat(req.worker_id))
+        return K.HeartbeatResponse(known=self.manager.heartbeat(req.worker_id, req.session))
 
     async def Steps(self, req):
         return convert.ack_to_pb(self.manager.submit(req.worker_id, convert.batch_from_pb(req)))

@@ -195,10 +195,16 @@ class KVManagerDirectory(WorkerDirectory):
 
     A request goes by `prefix_choice`: every shard is asked at once (`Prefix`) how many leading blocks of
     the prompt each of its workers holds; a shard that fails or takes over `PREFIX_TIMEOUT_S` counts as
-    none for its workers, so a slow manager costs a request its cache hit, never its answer."""
+    none for its workers, so a slow manager costs a request its cache hit, never its answer.
 
-    def __init__(self, kvmanager: str, refresh_s: float = 0.2, tls: TLSFiles | None = None, token=None) -> None:
+    With `model` (the router's served model name) only the workers that registered serving that model
+    are taken: a manager shared by several models' workers never sends a request to another model."""
+
+    def __init__(self, kvmanager: str, refresh_s: float = 0.2, tls: TLSFiles | None = None, token=None,
+                 model: str | None = None) -> None:
         super().__init__([], refresh_s, tls, token)
+        self.model = model
+        self._others: frozenset[str] = frozenset()  # other models whose workers the shards list (logged once)
         self._kv_channels = [open_channel(shard, tls, aio=True, token=token) for shard in parse_shards(kvmanager)]
         self._kv = [pb.kvmanager_pb2_grpc.KVManagerStub(channel) for channel in self._kv_channels]
         self._views: list[dict] = [{} for _ in self._kv]  # per shard: worker address -> its WorkerUsage
@@ -248,7 +254,8 @@ class KVManagerDirectory(WorkerDirectory):
             elif isinstance(answer, BaseException):
                 raise answer
             else:
-                self._views[i] = {u.address: u for u in answer.workers}
+                self._views[i] = {u.address: u for u in answer.workers if self.model in (None, u.model)}
+                self._note_others(answer.workers)
         listed = {addr: u for view in self._views for addr, u in view.items()}
         known = {w.address: w for w in self.workers}
         for addr in listed:
@@ -260,6 +267,15 @@ class KVManagerDirectory(WorkerDirectory):
                 w.alive = False
             elif w.info is not None:  # the manager's count of free blocks is the authority
                 w.info.free_blocks = listed[addr].free_blocks
+
+    def _note_others(self, workers) -> None:
+        """Say once (per set of models) that workers of other models are registered: a worker started
+        with another --served-model-name (or --model path) than this router's gets no request."""
+        others = frozenset(u.model for u in workers if self.model is not None and u.model != self.model)
+        if others and others != self._others:
+            log.warning("the KV manager lists workers of other models (%s); this router serves %r only",
+                        ", ".join(sorted(repr(m) for m in others)), self.model)
+        self._others = others
 
     async def close(self) -> None:
         await super().close()

@@ -192,6 +192,19 @@ class Engine:
         self.penalties.flush()
         return events
 
+    def discard(self, request_id: str, reason: FinishReason) -> list[Event]:
+        """Last resort for a request whose `abort` failed (a bug in the bookkeeping): forget it, free
+        what the ledger still holds of it (a release of a request it does not know frees nothing), and
+        report its end."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return []
+        self.scheduler.remove(req)
+        self.runner.contexts.forget(req.threads)
+        self.kv.defer(Release(req.id))
+        req.finish = reason
+        return [RequestFinished(req.id, reason, req.usage, req.error)]
+
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
@@ -233,15 +246,16 @@ class Engine:
     def _make_room(self, work: list[Work], need: dict[str, int], result: StepResult) -> list[Work]:
         """While the step's new blocks (`need`, per request) exceed the free ones, preempt the most
         recently admitted request. A request left alone that still does not fit has filled the pool: it
-        ends with `length`."""
+        ends with `length`. The free count is read again after each preemption: what a victim frees is
+        its own blocks and the named prompt blocks only it read, which stay cached (and count as free)."""
         free = self.ledger.num_free
         running = self.scheduler.running
         gone: set[str] = set()
         while sum(need.values()) > free and len(running) > 1:
             victim = running[-1]
             need.pop(victim.id, None)
-            free += self.ledger.blocks_of(victim.id)
-            self._preempt(victim)
+            self._preempt(victim)  # its release is applied to the ledger at once
+            free = self.ledger.num_free
             gone.add(victim.id)
         if sum(need.values()) > free:
             req = running[0]
@@ -277,11 +291,11 @@ class Engine:
         start first, so that no allocation of the step evicts a cached block one of them reuses."""
         starts: list[Op] = []
         ops: list[Op] = []
-        new_threads: set[int] = set()
+        new_threads: dict[int, Thread] = {}
         for w in work:
             req, t = w.request, w.thread
             ref = ThreadRef(req.id, t.id)
-            if not t.in_ledger:
+            if not t.in_ledger and id(t) not in new_threads:
                 if t.parent is None:
                     starts += self._start_root(req, ref)
                 else:
@@ -289,14 +303,18 @@ class Engine:
                     ops.append(Fork(ThreadRef(req.id, parent.id), ref))
                     if not parent.running and t is parent.last_reader:
                         ops.append(Finish(ThreadRef(req.id, parent.id)))  # its last reader is forked
-                        parent.recompute_to = 0
-                t.in_ledger = True
-                new_threads.add(id(t))
+                new_threads[id(t)] = t
             if w.n:
                 ops.append(Append(ref, w.n))
         if not starts and not ops:
             return []
+        # raises when the ops cannot be handed over (the KV manager is away past the lag bound); then
+        # nothing was applied, and no thread may count as known to the ledger before it is
         answer = self.kv.apply(starts + ops)
+        for t in new_threads.values():
+            t.in_ledger = True
+            if t.parent is not None and not t.parent.running and t is t.parent.last_reader:
+                t.parent.recompute_to = 0
         bs = self.config.block_size
         failed: set[str] = set()
         appends = iter(answer.appends)
@@ -310,8 +328,7 @@ class Engine:
                 result.events.extend(self._end_request(w.request, FinishReason.LENGTH))
                 continue
             t = w.thread
-            if id(t) in new_threads:
-                new_threads.discard(id(t))
+            if new_threads.pop(id(t), None) is not None:
                 if t.parent is not None:  # the parent's context up to its [Fork]
                     self.runner.contexts.fork(t.parent, t)
                 elif t.reused:  # a root's cached prefix

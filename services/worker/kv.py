@@ -26,12 +26,15 @@ import time
 
 from services.kvmanager.ledger import KVLedger
 from services.kvmanager.ops import Op, StepAnswer, apply
-from services.kvmanager.replication import ReplicaUnavailable, StepLog, WorkerForgotten
+from services.kvmanager.replication import ReplicaUnavailable, StepLog, WorkerFenced, WorkerForgotten
 
 log = logging.getLogger(__name__)
 
 
 class LocalKV:
+    unavailable = False  # (a ledger in this process is never behind: see RemoteKV)
+    wait_s = 0.0
+
     def __init__(self, ledger: KVLedger) -> None:
         self.ledger = ledger
 
@@ -49,6 +52,9 @@ class LocalKV:
         """Send what was deferred (nothing to send for a local ledger)."""
 
 
+MANAGER_UNAVAILABLE = "the KV manager is unavailable"  # the error of the requests its outage ends
+
+
 class KVManagerUnavailable(RuntimeError):
     """The KV manager stayed behind the lag bound for `wait_s`: the step was not applied."""
 
@@ -60,13 +66,18 @@ class RemoteKV:
     step, compact (`ops.record`), numbered, with its digest (`replication.StepLog`); it never waits for
     the manager, except for backpressure: while the replica lags more than `max_lag_steps` steps or
     `max_lag_s` seconds, `apply` waits for it to catch up, and raises KVManagerUnavailable after
-    `wait_s` (the engine loop then fails the running requests cleanly; their ends go out later).
+    `wait_s`, having applied nothing (the engine loop then ends the step's requests with
+    MANAGER_UNAVAILABLE; their ends go out later). Until the replica is back within the bound,
+    `unavailable` is set (the engine loop admits nothing meanwhile) and every `apply` raises at once.
 
     The sender sends whatever is unacknowledged as one batch, at most every `send_every_s` (so a busy
     worker sends several steps per message), one batch in flight; an ack drops the steps it covers. It
     resends after a lost connection (the manager skips duplicates), registers again when the manager
     forgot this worker, and sends a snapshot instead of steps when the replica asks for one or cannot
     go on. Idle for `probe_every_s`, it sends an empty batch, whose ack checks the replica's digest.
+    When it registers again and another live process holds the worker id (this one was reaped, and a
+    replacement took the id), this process is fenced: it sends nothing more, every `apply` raises at
+    once, and `on_fenced(reason)` tells the worker to stop.
     `on_round_trip(seconds)` (the worker's metrics) hears every answered batch; `on_lag(seconds)`, when
     set, every acknowledged step's lag.
     """
@@ -82,6 +93,9 @@ class RemoteKV:
         self.on_round_trip = None  # Callable[[float], None]: each answered batch's round trip, in seconds
         self.on_lag = None  # Callable[[float], None]: each acknowledged step's lag, in seconds
         self.blocked_s = 0.0  # time the engine spent waiting on the lag bound
+        self.unavailable = False  # past the bound for `wait_s`: steps fail at once until it catches up
+        self.fenced: str | None = None  # why this process may no longer replicate its id's ledger
+        self.on_fenced = None  # Callable[[str], None]: the worker stops
         self._cv = threading.Condition()  # guards `outbox` (and so the ledger against a snapshot)
         self._closed = False
         self._idle = False  # the sender waits for a step: wake it
@@ -108,20 +122,37 @@ class RemoteKV:
             self._cv.notify_all()
 
     def _within_lag(self) -> None:
-        steps, seconds = self.outbox.lag()
-        if steps <= self.max_lag_steps and seconds <= self.max_lag_s:
+        """Return once the replica is within the lag bound; raise KVManagerUnavailable after `wait_s`
+        past it, and from then on at once, without waiting, until the replica is back within it."""
+        if self.fenced is not None:
+            raise KVManagerUnavailable(self.fenced)
+        if self._within_bound():
             return
+        steps, seconds = self.outbox.lag()
+        if self.unavailable:
+            raise KVManagerUnavailable(f"the KV manager is still {steps} steps and {seconds:.1f} s behind")
         t0 = time.monotonic()
         deadline = t0 + self.wait_s
         while steps > self.max_lag_steps or seconds > self.max_lag_s:
             left = deadline - time.monotonic()
             if left <= 0:
                 self.blocked_s += time.monotonic() - t0
+                self.unavailable = True
                 raise KVManagerUnavailable(f"the KV manager is {steps} steps and {seconds:.1f} s behind "
-                                           f"this worker after {self.wait_s:.0f} s")
+                                           f"this worker after {self.wait_s:g} s")
             self._cv.wait(min(left, 0.05))
             steps, seconds = self.outbox.lag()
         self.blocked_s += time.monotonic() - t0
+
+    def _within_bound(self) -> bool:
+        """Whether the replica is within the lag bound (and if it just came back, say so once)."""
+        steps, seconds = self.outbox.lag()
+        if steps > self.max_lag_steps or seconds > self.max_lag_s:
+            return False
+        if self.unavailable:
+            self.unavailable = False
+            log.warning("the KV manager caught up with this worker: its steps go on")
+        return True
 
     # ---- for tests and shutdown ---------------------------------------------------------------------
     def drain(self, timeout: float = 10.0) -> None:
@@ -174,6 +205,8 @@ class RemoteKV:
                 self.on_round_trip(time.monotonic() - last_send)
             with self._cv:
                 lags = self.outbox.acked(ack)
+                if self.unavailable:
+                    self._within_bound()
                 if self.outbox.want_resync:
                     log.warning("the KV manager's replica of this worker needs a resync (acked step %d of %d)",
                                 ack.applied, self.outbox.seq)
@@ -186,7 +219,7 @@ class RemoteKV:
         """Wait for something to send and for the send interval; None once closed."""
         with self._cv:
             while True:
-                if self._closed or self.client.closed:  # the worker is shutting down
+                if self._closed or self.client.closed or self.fenced:  # the worker is shutting down
                     return None
                 if self.client.forgotten:  # the heartbeat found this worker forgotten, maybe while idle
                     self._cv.release()
@@ -212,6 +245,9 @@ class RemoteKV:
         send a snapshot of the ledger first."""
         try:
             self.client.register()
+        except WorkerFenced as exc:
+            self._fence(f"another process holds this worker's id at the KV manager ({exc})")
+            return
         except Exception as exc:  # the manager is away too: the next batch tries again
             log.warning("registering again with the KV manager failed: %s", exc)
             time.sleep(0.2)
@@ -219,3 +255,12 @@ class RemoteKV:
         log.warning("the KV manager had forgotten this worker: registered again, resyncing its ledger")
         with self._cv:
             self.outbox.forget()
+
+    def _fence(self, reason: str) -> None:
+        log.error("%s: this worker stops replicating its ledger and serving", reason)
+        with self._cv:
+            self.fenced = reason
+            self.unavailable = True  # for good: nothing more is admitted
+            self._cv.notify_all()
+        if self.on_fenced is not None:
+            self.on_fenced(reason)

@@ -7,6 +7,13 @@ in one batch (`sink(events)`, called on the loop thread). The engine itself stay
 `on_step(engine, seconds, result)` (the metrics) runs on the loop thread after every step, and with
 `seconds` and `result` None while the loop is idle (at most every 0.5 s, and after each command), so
 gauges read from the engine return to 0 after the last request ends, aborted ones included.
+
+Failures: a step that raises ends that step's requests (the running ones; the waiting ones stay
+queued) with finish reason `error`: "the KV manager is unavailable" when the manager stayed away past
+the lag bound (a warning, once per outage), else "internal engine error" (logged once, with its
+cause). Until the manager catches up no step runs: new requests queue, and one that waited for it
+longer than the KV backend's `wait_s` ends the same way; once it is back they are served. A request
+whose end fails is discarded and still told it ended; nothing ends the loop thread but `stop`.
 """
 from __future__ import annotations
 
@@ -20,9 +27,11 @@ from concurrent.futures import Future
 from services.protocol.events import Event, FinishReason, RequestFinished
 from services.protocol.params import SamplingParams
 from services.worker.engine import Engine, StepResult
+from services.worker.kv import MANAGER_UNAVAILABLE, KVManagerUnavailable
 
 log = logging.getLogger(__name__)
 
+INTERNAL_ERROR = "internal engine error"  # the error of the requests a failed step ends
 Sink = Callable[[list[Event]], None]
 OnStep = Callable[[Engine, "float | None", "StepResult | None"], None]
 
@@ -34,6 +43,9 @@ class EngineLoop:
         self._sinks: dict[str, Sink] = {}
         self._on_step = on_step
         self._stop = threading.Event()
+        self._outage: str | None = None  # the KV manager is away past the lag bound (logged once)
+        self._held_since: float | None = None  # since when no step runs for it
+        self._arrived: dict[str, float] = {}  # each open request's submit time (a held one waits so long)
         self._thread = threading.Thread(target=self._run, name="apar-engine", daemon=True)
         self._thread.start()
 
@@ -63,16 +75,42 @@ class EngineLoop:
     # ---- the loop thread ---------------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._drain(block=not self.engine.has_work())
-            if self._stop.is_set():
-                break
-            if self.engine.has_work():
-                self._step()
-            else:
-                self._flush()
-                self._report(None, None)
+            try:
+                self._turn()
+            except Exception:  # a bug outside a step (a command, a sink): logged, and the loop goes on
+                log.exception("engine loop")
+                self._stop.wait(0.05)  # (a bug that repeats does not spin)
         for rid in list(self._sinks):  # shutting down: every open request ends cleanly
-            self._dispatch(self.engine.abort(rid, FinishReason.CANCELLED))
+            self._end([rid], FinishReason.CANCELLED, None)
+
+    def _turn(self) -> None:
+        held = self.engine.kv.unavailable  # the KV manager is away past the lag bound: nothing is admitted
+        self._drain(block=held or not self.engine.has_work())
+        if self._stop.is_set():
+            return
+        if held and self.engine.kv.unavailable:
+            self._hold()
+        elif self.engine.has_work():
+            self._held_since = None
+            self._step()
+        else:
+            self._held_since = None
+            self._flush()
+            self._report(None, None)
+
+    def _hold(self) -> None:
+        """While the KV manager is unavailable no step runs: what runs ends (it cannot go on), and a
+        waiting request waits for the manager at most the KV backend's `wait_s`, then ends too."""
+        now = time.monotonic()
+        if self._held_since is None:
+            self._held_since = now
+        late = [req.id for req in self.engine.scheduler.running]
+        late += [req.id for req in self.engine.scheduler.waiting
+                 if now - max(self._arrived.get(req.id, now), self._held_since) > self.engine.kv.wait_s]
+        if late:
+            self._end(late, FinishReason.ERROR, MANAGER_UNAVAILABLE)
+        self._flush()
+        self._report(None, None)
 
     def _drain(self, block: bool) -> None:
         try:
@@ -100,6 +138,7 @@ class EngineLoop:
                 fut.set_exception(exc)
                 return
             self._sinks[rid] = sink
+            self._arrived[rid] = time.monotonic()
             fut.set_result(rid)
         elif kind == "abort":
             self._dispatch(self.engine.abort(*arg))
@@ -113,18 +152,43 @@ class EngineLoop:
         t0 = time.perf_counter()
         try:
             result = self.engine.step()
-        except Exception:  # a bug: fail every running request cleanly, keep serving
-            log.exception("engine step failed; ending every running request")
-            events: list[Event] = []
-            for rid in list(self.engine.requests):
-                req = self.engine.requests[rid]
-                req.error = "internal engine error"
-                events.extend(self.engine.abort(rid, FinishReason.ERROR))
-            self._dispatch(events)
-            self._recover()
+        except KVManagerUnavailable as exc:  # nothing of the step was applied; the engine goes on
+            running = [req.id for req in self.engine.scheduler.running]
+            if self._outage is None:
+                log.warning("%s: ending the requests of its steps until it catches up", exc)
+            self._outage = str(exc)
+            self._end(running, FinishReason.ERROR, MANAGER_UNAVAILABLE)
             return
+        except Exception as exc:  # a bug: the step's requests fail cleanly, the engine goes on
+            running = [req.id for req in self.engine.scheduler.running]
+            log.exception("engine step failed (%s: %s); ending its %d requests", type(exc).__name__, exc,
+                          len(running))
+            self._end(running, FinishReason.ERROR, INTERNAL_ERROR)
+            return
+        self._outage = None
         self._dispatch(result.events)
         self._report(time.perf_counter() - t0, result)
+
+    def _end(self, rids: list[str], reason: FinishReason, error: str | None) -> None:
+        """End these requests with `reason` (and `error`), each on its own: one that cannot be ended
+        cleanly (a bug in the engine's bookkeeping) is discarded, and still told that it ended."""
+        events: list[Event] = []
+        for rid in rids:
+            req = self.engine.requests.get(rid)
+            if req is None:
+                continue
+            if error is not None:
+                req.error = error
+            try:
+                events.extend(self.engine.abort(rid, reason))
+            except Exception:
+                log.exception("ending request %s failed; discarding it", rid)
+                try:
+                    events.extend(self.engine.discard(rid, reason))
+                except Exception:  # its client is still told that it ended
+                    log.exception("discarding request %s failed too", rid)
+                    events.append(RequestFinished(rid, reason, req.usage, req.error))
+        self._dispatch(events)
 
     def _report(self, seconds: float | None, result: StepResult | None) -> None:
         if self._on_step is None:
@@ -140,17 +204,6 @@ class EngineLoop:
             self.engine.kv.flush()
         except Exception as exc:
             log.warning("KV flush failed, will retry: %s", exc)
-            self._recover()
-
-    def _recover(self) -> None:
-        recover = getattr(self.engine.kv, "recover", None)
-        if recover is None:
-            return
-        try:
-            if recover():
-                log.warning("the KV manager had forgotten this worker: registered again, ledger restarted")
-        except Exception:
-            log.exception("KV recovery failed; will retry")
 
     def _dispatch(self, events: list[Event]) -> None:
         by_request: dict[str, list[Event]] = {}
@@ -162,9 +215,11 @@ class EngineLoop:
                 continue
             if isinstance(evs[-1], RequestFinished):
                 del self._sinks[rid]
+                self._arrived.pop(rid, None)
             try:
                 sink(evs)
             except Exception:
                 log.exception("event sink of %s failed; cancelling it", rid)
                 self._sinks.pop(rid, None)
+                self._arrived.pop(rid, None)
                 self.engine.abort(rid)

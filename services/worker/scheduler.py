@@ -15,8 +15,9 @@ every thread of the request together, so its stream goes on exactly as if nothin
 
 Admission is on what is free, never on a reservation: the oldest waiting request is admitted when the
 free blocks (cached ones included: they are evicted when needed), less what this step's decoding threads
-are about to open, cover what it needs to start (its prompt, its cached prefix counted as if it all came
-off the free list, or after a preemption the KV it must recompute) plus a watermark: a share of the
+are about to open, cover what it needs to start (its prompt, less the blocks of its cached prefix that
+a running request reads: shared, they take nothing from the free list; or after a preemption the KV it
+must recompute) plus a watermark: a share of the
 pool, or one block per running request if more (what they open over the next block's worth of steps).
 With nothing running the head of the queue is admitted whatever it needs, so the queue can never stall.
 A request whose prompt can never fit is rejected.
@@ -59,12 +60,15 @@ class Scheduler:
 
     # ---- admission ---------------------------------------------------------------------------------
     def blocks_to_start(self, req: Request) -> int:
-        """Blocks a request takes before it can sample: its prompt (once, whatever its answers), or its
+        """Blocks a request takes before it can sample: its prompt (once, whatever its answers) less the
+        blocks of its cached prefix a running request reads (shared, they take nothing), or its
         recompute after a preemption (every thread to its target, one more block per fork for the sealed
         one it shares)."""
         bs = self.ledger.block_size
         if not req.admitted:
-            return -(-len(req.prompt) // bs)
+            reused = self.ledger.reusable(req.prompt_names, len(req.prompt))
+            shared = reused - self.ledger.cached_among(req.prompt_names[:reused])
+            return -(-len(req.prompt) // bs) - shared
         return sum(-(-t.target // bs) + 1 for t in req.threads if t.target) - 1
 
     def check_fits(self, req: Request) -> None:
@@ -173,8 +177,8 @@ class Scheduler:
     def blocks_needed(self, work: list[Work]) -> dict[str, int]:
         """Blocks each request's work takes off the free list, simulating the ledger's rule exactly: a
         thread fills its last block unless it is sealed (a child read it), then opens fresh ones. A root
-        starting on a cached prefix counts each block of it (at most: one another thread reads is in use
-        already)."""
+        starting on a cached prefix counts the blocks of it that are cached (one a running thread reads
+        is in use already, and shared)."""
         bs = self.ledger.block_size
         room: dict[int, int] = {}
         need: dict[str, int] = {}
@@ -183,8 +187,8 @@ class Scheduler:
             reused = 0
             if id(t) not in room:
                 room[id(t)] = self.ledger.room(ThreadRef(w.request.id, t.id)) if t.in_ledger else 0
-                if not t.in_ledger:
-                    reused = t.reused
+                if not t.in_ledger and t.reused:  # only the cached ones come off the free count
+                    reused = self.ledger.cached_among(w.request.prompt_names[: t.reused])
             if not t.in_ledger and t.parent is not None:
                 room[id(t.parent)] = 0  # the fork seals the parent's last block
             extra = max(0, w.n - room[id(t)])
