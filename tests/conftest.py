@@ -1,9 +1,22 @@
-"""Shared fixtures: small random-weight model directories, built once per test session."""
+"""Shared fixtures: small random-weight model directories, built once per test session; a scratch
+Redis per module."""
 from __future__ import annotations
 
 import pytest
 
 from apar.modelgen import ModelShape, build_tokenizer, make_model
+from tests.procs import require
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    """A private redis-server on a free loopback port, no persistence, for one test module."""
+    from apar.bench_suite.simulated import ScratchRedis
+
+    require("redis-server")
+    server = ScratchRedis()
+    yield server
+    server.close()
 
 
 @pytest.fixture(scope="session")

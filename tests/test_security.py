@@ -29,7 +29,7 @@ from services.router.guard import Caller, Guard, Limits, Refused
 from services.security import ApiKeys, TLSFiles, bearer, key_id, mask_url, open_channel, redis_url_with_password
 from tests.certs import CA
 from tests.faults import wait_until
-from tests.procs import Proc, free_port
+from tests.procs import Proc, free_port, require
 
 pb = stubs()
 A, K, W = pb.apar_pb2, pb.kvmanager_pb2, pb.worker_pb2
@@ -666,10 +666,7 @@ def kv_serving(address: str) -> bool:
 
 
 def test_kv_manager_reaches_redis_with_a_password_over_tls(pki, tmp_path):
-    import shutil
-
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not on PATH")
+    require("redis-server")
     password = "Redis-Pw-sentinel-4c2e8a"
     redis_srv = _TLSRedis(pki.server, password)
     pwfile = tmp_path / "redis-password"
