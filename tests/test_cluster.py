@@ -48,7 +48,7 @@ def test_split_services_answer_like_serve(cluster, long_llama_dir):
             max_tokens=20, temperature=0.8, seed=3))
         finals = [next(r.final for r in stub.Generate(req, timeout=30) if r.WhichOneof("event") == "final")
                   for _ in range(3)]
-        info = stub.ModelInfo(A.ModelInfoRequest())
+        info = stub.ModelInfo(A.ModelInfoRequest(), timeout=10)
     engine = Engine(long_llama_dir, EngineConfig(num_blocks=64))
     engine.add_request(encode_prompt(engine.tokenizer, "Name three rivers."),
                        SamplingParams(max_tokens=20, temperature=0.8, seed=3))
@@ -68,7 +68,7 @@ def test_killed_worker_gives_unavailable_and_traffic_moves(cluster):
         for _ in range(2):  # one on each worker: a request goes where the most blocks are free
             streams.append(Stream(stub, LONG))
             streams[-1].wait_running()
-            stub.ModelInfo(A.ModelInfoRequest())  # the router reads every worker's load again
+            stub.ModelInfo(A.ModelInfoRequest(), timeout=10)  # the router reads every worker's load again
         infos = [worker_info(a) for a in worker_addresses]
         assert [i.running for i in infos] == [1, 1], (
             "the requests were not spread: (running, waiting, free blocks) per worker "
@@ -86,7 +86,7 @@ def test_killed_worker_gives_unavailable_and_traffic_moves(cluster):
         for _ in range(4):
             final = [r.final for r in stub.Generate(short, timeout=30) if r.WhichOneof("event") == "final"][0]
             assert final.usage.completion_tokens == 5
-        assert stub.ModelInfo(A.ModelInfoRequest()).workers == 1
+        assert stub.ModelInfo(A.ModelInfoRequest(), timeout=10).workers == 1
 
 
 def test_fuzzed_worker_requests_never_crash_it(llama_dir):

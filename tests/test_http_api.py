@@ -53,7 +53,7 @@ def grpc_text(stub, max_tokens: int, raw: bool = False, prompt: str = PROMPT) ->
 
 
 def blocks_in_use(stub) -> int:
-    info = stub.ModelInfo(A.ModelInfoRequest())
+    info = stub.ModelInfo(A.ModelInfoRequest(), timeout=10)
     return info.total_kv_blocks - info.free_kv_blocks
 
 

@@ -197,7 +197,7 @@ def test_a_shared_system_prompt_goes_where_it_is_cached_until_that_worker_is_loa
         longs = [Stream(stub, chat(QUESTIONS[2], 3000, A.STREAM_MODE_THREADS))]
         longs[0].wait_running()
         assert (running(holder), running(other)) == (1, 0)
-        stub.ModelInfo(A.ModelInfoRequest())  # the router reads every worker's free blocks again
+        stub.ModelInfo(A.ModelInfoRequest(), timeout=10)  # the router reads every worker's free blocks again
         assert final(stub, chat(QUESTIONS[1])).usage.cached_tokens == want
 
         # loaded: the holder takes requests while it has at most LOAD_SLACK more than the other

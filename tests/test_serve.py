@@ -76,7 +76,7 @@ def collect(stub, req, timeout=60):
 
 
 def blocks_in_use(stub) -> int:
-    info = stub.ModelInfo(A.ModelInfoRequest())
+    info = stub.ModelInfo(A.ModelInfoRequest(), timeout=10)
     return info.total_kv_blocks - info.free_kv_blocks
 
 
@@ -160,10 +160,11 @@ def test_health_and_reflection(server):
     with grpc.insecure_channel(server) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for name in ("", "apar.v1.Apar"):
-            assert health.Check(health_pb2.HealthCheckRequest(service=name)).status == \
+            assert health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10).status == \
                 health_pb2.HealthCheckResponse.SERVING
         refl = reflection_pb2_grpc.ServerReflectionStub(channel)
-        answers = list(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        ask = [reflection_pb2.ServerReflectionRequest(list_services="")]
+        answers = list(refl.ServerReflectionInfo(iter(ask), timeout=10))
         names = {s.name for s in answers[0].list_services_response.service}
         assert "apar.v1.Apar" in names and "grpc.health.v1.Health" in names
 
@@ -214,7 +215,7 @@ def test_200_concurrent_streaming_clients(server):
         async with grpc.aio.insecure_channel(server) as channel:
             stub = pb.apar_pb2_grpc.AparStub(channel)
             results = await asyncio.gather(*(one(stub, i) for i in range(200)))
-            info = await stub.ModelInfo(A.ModelInfoRequest())
+            info = await stub.ModelInfo(A.ModelInfoRequest(), timeout=10)
             return results, info
 
     results, info = asyncio.run(main())
