@@ -301,14 +301,22 @@ def test_a_paused_manager_holds_the_engine_back_only_past_the_lag_bound(llama_di
             assert eng.steps - steps >= LAG_STEPS and eng.kv.blocked_s == 0.0
             assert eng.ledger.num_requests == 4  # all still running
             # past the bound: the next step waits for the frozen manager
-            step = threading.Thread(target=eng.step, daemon=True)
+            failed: list[BaseException] = []
+
+            def one_step() -> None:
+                try:
+                    eng.step()
+                except BaseException as exc:  # reported on the test's thread below
+                    failed.append(exc)
+
+            step = threading.Thread(target=one_step, daemon=True)
             step.start()
             wait_until(lambda: waiting_on_lag(step) or not step.is_alive(), 30, "the step to reach the lag bound")
             assert step.is_alive(), "the step past the lag bound did not wait for the manager"
         finally:
             kv.resume()
         step.join(30)
-        assert not step.is_alive() and eng.kv.blocked_s > 0.0
+        assert not step.is_alive() and not failed and eng.kv.blocked_s > 0.0, failed
         eng.kv.drain(30)
         state = clients[0].state()
         assert state == convert.state_to_pb(eng.ledger.snapshot()) and state.used
