@@ -1,11 +1,11 @@
-"""Shared fixtures: small random-weight model directories, built once per test session; a scratch
-Redis per module."""
+"""Shared fixtures: small random-weight model directories and a server for long requests, built once per
+test session; a scratch Redis per module."""
 from __future__ import annotations
 
 import pytest
 
 from apar.modelgen import ModelShape, build_tokenizer, make_model
-from tests.procs import require
+from tests.procs import LONG_TOKENS, Proc, free_port, require
 
 
 @pytest.fixture(scope="module")
@@ -52,3 +52,17 @@ def long_llama_dir(tmp_path_factory, tokenizer):
     a test's calls."""
     return make_model(tmp_path_factory.mktemp("long"), "llama", ModelShape(max_positions=1 << 15),
                       tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="session")
+def long_serve(long_llama_dir):
+    """`apar serve` (gRPC and HTTP) on the 32,768-position model with a pool that holds a request of
+    LONG_TOKENS: for tests that cancel, time out or drop a request that must still be running. Each
+    such test leaves every block free."""
+    port = free_port()
+    proc = Proc("serve", "--model", str(long_llama_dir), "--port", str(port), "--http-port", "0", "--kv-blocks",
+                str(LONG_TOKENS // 16 + 100), "--block-size", "16", "--served-model-name", "apar-long")
+    http_port = int(proc.wait_for(r"listening on .*HTTP on 127\.0\.0\.1:(\d+)").group(1))
+    yield {"grpc": f"127.0.0.1:{port}", "http": f"http://127.0.0.1:{http_port}", "port": http_port,
+           "model": "apar-long"}
+    proc.stop()

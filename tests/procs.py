@@ -21,6 +21,11 @@ PROGRAMS = {
 }
 
 
+# The most tokens `apar serve` allows a request by default. On the 32,768-position model, with a pool that
+# holds them, such a request runs on for as long as any test takes to act on it.
+LONG_TOKENS = 16000
+
+
 def require(program: str) -> None:
     """Fail the calling test, with the reason, when `program` is not on PATH."""
     if shutil.which(program) is None:

@@ -17,7 +17,7 @@ import pytest
 
 from apar.protogen import stubs
 from tests.faults import wait_until
-from tests.procs import Proc, free_port
+from tests.procs import LONG_TOKENS, Proc, free_port
 
 pb = stubs()
 A = pb.apar_pb2
@@ -224,23 +224,15 @@ def test_200_concurrent_streaming_clients(server, stub):
 
 
 @pytest.fixture(scope="module")
-def long_server(long_llama_dir):
-    """A server whose requests can run far longer than a test takes to act on them: a 32,768-position model
-    and a pool that holds LONG tokens (the module's server ends any request at 768 tokens, its pool)."""
-    port = free_port()
-    proc = Proc("serve", "--model", str(long_llama_dir), "--port", str(port), "--http-port", "0", "--kv-blocks",
-                "1100", "--block-size", "16", "--served-model-name", MODEL)
-    http_port = int(proc.wait_for(r"listening on .*HTTP on 127\.0\.0\.1:(\d+)").group(1))
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        yield {"stub": pb.apar_pb2_grpc.AparStub(channel), "http": f"http://127.0.0.1:{http_port}", "port": http_port}
-    proc.stop()
+def long_server(long_serve):
+    """The session's server for requests that must still be running when a test acts (this module's
+    server ends any request at 768 tokens, its pool)."""
+    with grpc.insecure_channel(long_serve["grpc"]) as channel:
+        yield {**long_serve, "stub": pb.apar_pb2_grpc.AparStub(channel)}
 
 
-LONG = 16000  # tokens (the most a server allows by default): a request that cannot end while a test acts on it
-
-
-def _long_request(stream: bool) -> bytes:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": LONG,
+def _long_request(model: str, stream: bool) -> bytes:
+    body = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": LONG_TOKENS,
             "temperature": 0, "stream": stream, "apar": {"ignore_eos": True}}
     data = json.dumps(body).encode()
     return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -252,7 +244,7 @@ def test_a_client_that_disconnects_frees_its_blocks(long_server, stream):
     stub = long_server["stub"]
     finished = metric(long_server, "apar_request_success_total")
     with socket.create_connection(("127.0.0.1", long_server["port"]), timeout=30) as sock:
-        sock.sendall(_long_request(stream))
+        sock.sendall(_long_request(long_server["model"], stream))
         if stream:
             got = b""
             while got.count(b"data: ") < 3:  # the role chunk and two with text: the request is decoding

@@ -17,7 +17,7 @@ from services.router.stream import RequestStream
 from services.worker.config import EngineConfig
 from services.worker.engine import Engine
 from tests.faults import Stream, wait_until
-from tests.procs import Proc, free_port
+from tests.procs import LONG_TOKENS, Proc, free_port
 
 pb = stubs()
 A = pb.apar_pb2
@@ -43,19 +43,11 @@ def stub(server):
 
 
 @pytest.fixture(scope="module")
-def long_stub(long_llama_dir):
-    """A server whose requests can run far longer than a test takes to act on them: a 32,768-position model
-    and a pool that holds LONG tokens (the module's server ends any request at 768 tokens, its pool)."""
-    port = free_port()
-    proc = Proc("serve", "--model", str(long_llama_dir), "--port", str(port), "--kv-blocks", "1100",
-                "--block-size", "16")
-    proc.wait_for(r"listening on")
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+def long_stub(long_serve):
+    """The session's server for requests that must still be running when a test acts (this module's
+    server ends any request at 768 tokens, its pool)."""
+    with grpc.insecure_channel(long_serve["grpc"]) as channel:
         yield pb.apar_pb2_grpc.AparStub(channel)
-    proc.stop()
-
-
-LONG = 16000  # tokens (the most a server allows by default): a request that cannot end while a test acts on it
 
 
 def request(prompt="Give me three tips for sleep.", mode=A.STREAM_MODE_LINEAR, **sampling):
@@ -130,7 +122,7 @@ def test_a_request_the_pool_cannot_hold_is_resource_exhausted(stub):
 
 
 def test_cancel_mid_stream_frees_the_blocks(long_stub):
-    s = Stream(long_stub, request(mode=A.STREAM_MODE_THREADS, max_tokens=LONG, ignore_eos=True))
+    s = Stream(long_stub, request(mode=A.STREAM_MODE_THREADS, max_tokens=LONG_TOKENS, ignore_eos=True))
     wait_until(lambda: s.events >= 5 or s.ended, 30, "five events")
     assert s.running and blocks_in_use(long_stub) > 0
     s.cancel()
@@ -145,7 +137,7 @@ def test_deadline_frees_the_blocks(long_stub):
     ends past its deadline and gives its blocks back."""
     tries = []
     for deadline in (0.5, 1.0, 2.0, 4.0, 8.0, 16.0):
-        s = Stream(long_stub, request(mode=A.STREAM_MODE_THREADS, max_tokens=LONG, ignore_eos=True),
+        s = Stream(long_stub, request(mode=A.STREAM_MODE_THREADS, max_tokens=LONG_TOKENS, ignore_eos=True),
                    timeout=deadline)
         s.join(deadline + 30)
         tries.append((deadline, s.code, s.events))
