@@ -3,8 +3,8 @@
 Requests go through `apar serve` (gRPC and HTTP) and through the cluster (router, worker and KV manager
 processes with Redis); every `/metrics` is scraped and checked against the usage the clients received:
 generated and prompt tokens, forks (the threads started less one per answer), attended tokens and their
-AR equivalent; the KV blocks released early against the same requests replayed one by one on an
-in-process engine (which must make the same trees); running, waiting and threads return to 0 once the
+AR equivalent; the KV blocks released early against the same requests replayed on an in-process
+engine (which must make the same trees); running, waiting and threads return to 0 once the
 last request, a cancelled one included, has ended; every metric the dashboard queries is exported. The
 random model forks when the engine's fork token is the ordinary token it emits most (as in
 test_engine_sampling), so forks happen over gRPC too.
@@ -157,7 +157,7 @@ def run_job(job: Job, address: str, http_base: str) -> tuple[dict, int]:
 
 @pytest.fixture(scope="module")
 def replayed(llama_dir, fork_token) -> tuple[list[tuple[int, int, int]], int]:
-    """The load's requests run one by one on an in-process engine configured as the servers are: each
+    """The load's requests run together on an in-process engine configured as the servers are: each
     request's (completion tokens, threads, forks), and the KV blocks its threads freed while it still ran,
     summed. A request's tree, and so what its threads free early, is its own whatever runs beside it."""
     from services.protocol.convert import params_from_pb
@@ -168,7 +168,7 @@ def replayed(llama_dir, fork_token) -> tuple[list[tuple[int, int, int]], int]:
     from services.worker.engine import Engine
 
     eng = Engine(llama_dir, EngineConfig(num_blocks=KV_BLOCKS, block_size=16, control=ControlTokens(fork=fork_token)))
-    usages = []
+    streams = {}
     for job in JOBS:
         if job.door == "grpc":  # as grpc_request sends it
             params = params_from_pb(pb.common_pb2.SamplingParameters(n=job.n, **dict(job.sampling)),
@@ -177,13 +177,11 @@ def replayed(llama_dir, fork_token) -> tuple[list[tuple[int, int, int]], int]:
         else:  # as http_request's body reads
             params = SamplingParams(max_tokens=30, n=job.n, temperature=0.8, seed=7, max_threads=6, max_depth=2)
             ids = encode_prompt(eng.tokenizer, messages=[{"role": "user", "content": job.prompt}])
-        eng.add_request(ids, params)
-        stream = RequestStream(eng.tokenizer, eng.fork_id, eng.child_id, eng.eos_ids)
-        for ev in eng.run_to_completion():
-            stream.feed(ev)
-        u = stream.finals[0].usage
-        usages.append((u["completion_tokens"], u["threads"], u["forks"]))
-    return usages, eng.blocks_released_early
+        streams[eng.add_request(ids, params)] = RequestStream(eng.tokenizer, eng.fork_id, eng.child_id, eng.eos_ids)
+    for ev in eng.run_to_completion():
+        streams[ev.request].feed(ev)
+    usages = [stream.finals[0].usage for stream in streams.values()]
+    return [(u["completion_tokens"], u["threads"], u["forks"]) for u in usages], eng.blocks_released_early
 
 
 def drive(address: str, http_base: str, worker_url: str) -> tuple[list[tuple[dict, int]], int]:
