@@ -1,9 +1,22 @@
-"""Shared fixtures: small random-weight model directories, built once per test session."""
+"""Shared fixtures: small random-weight model directories and a server for long requests, built once per
+test session; a scratch Redis per module."""
 from __future__ import annotations
 
 import pytest
 
 from apar.modelgen import ModelShape, build_tokenizer, make_model
+from tests.procs import LONG_TOKENS, Proc, free_port, require
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    """A private redis-server on a free loopback port, no persistence, for one test module."""
+    from apar.bench_suite.simulated import ScratchRedis
+
+    require("redis-server")
+    server = ScratchRedis()
+    yield server
+    server.close()
 
 
 @pytest.fixture(scope="session")
@@ -45,3 +58,17 @@ def long_llama_dir(tmp_path_factory, tokenizer):
 def plain_llama_dir(tmp_path_factory):
     """An ordinary model: its tokenizer has no control tokens, so it serves auto-regressively only."""
     return make_model(tmp_path_factory.mktemp("plain"), "llama", ModelShape(vocab=512), seed=4, control=())
+
+
+@pytest.fixture(scope="session")
+def long_serve(long_llama_dir):
+    """`apar serve` (gRPC and HTTP) on the 32,768-position model with a pool that holds a request of
+    LONG_TOKENS: for tests that cancel, time out or drop a request that must still be running. Each
+    such test leaves every block free."""
+    port = free_port()
+    proc = Proc("serve", "--model", str(long_llama_dir), "--port", str(port), "--http-port", "0", "--kv-blocks",
+                str(LONG_TOKENS // 16 + 100), "--block-size", "16", "--served-model-name", "apar-long")
+    http_port = int(proc.wait_for(r"listening on .*HTTP on 127\.0\.0\.1:(\d+)").group(1))
+    yield {"grpc": f"127.0.0.1:{port}", "http": f"http://127.0.0.1:{http_port}", "port": http_port,
+           "model": "apar-long"}
+    proc.stop()

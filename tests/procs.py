@@ -1,15 +1,36 @@
-"""Real service processes for tests: start `apar ...`, wait until it listens, stop it for sure."""
+"""Real service processes for tests: start `apar ...`, wait until it listens, stop it for sure; and
+`require(program)` for the programs besides Python's that tests run."""
 from __future__ import annotations
 
 import os
 import re
 import resource
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+
+import pytest
+
+# Without one of these on PATH, the tests that run it fail (never skip), saying why.
+PROGRAMS = {
+    "redis-server": "the KV manager's tests run their own Redis on free ports (apt-get install redis-server)",
+    "git": "the repository-copy test lists the repository's files with it (apt-get install git)",
+}
+
+
+# The most tokens `apar serve` allows a request by default. On the 32,768-position model, with a pool that
+# holds them, such a request runs on for as long as any test takes to act on it.
+LONG_TOKENS = 16000
+
+
+def require(program: str) -> None:
+    """Fail the calling test, with the reason, when `program` is not on PATH."""
+    if shutil.which(program) is None:
+        pytest.fail(f"{program} is not on PATH: {PROGRAMS[program]}", pytrace=False)
 
 
 def free_port() -> int:

@@ -81,19 +81,22 @@ def test_prefix_bench_counts_the_cached_tokens(llama_dir, one_thread):
 def test_kvmanager_bench_applies_every_step_and_ends_with_equal_ledgers(replay, shards):
     """`apar bench kvmanager` on real manager processes and a scratch Redis, both ways of producing the steps
     (made live, or made first and replayed by the sender's rule; the replay over two shards): every step
-    made is acknowledged at the pace it is made, over real messages and Redis rounds, and every worker's
-    ledger equals its replica."""
+    made is applied over real messages and Redis rounds (every worker's ledger equals its replica), and
+    the replay counts each step due in the measured window once. Rates and lags are reported, not
+    bounded: the figures are the command's."""
     from apar.bench_suite.kvmanager import KVBenchConfig, measure
 
     cfg = KVBenchConfig(workers=4, threads=8, steps_per_s=50, seconds=2, warmup_s=0.5, procs=1, blocks=256,
                         replay=replay, shards=shards)
     r = measure(cfg)
-    assert r["ledgers_equal"] == 4 and r["resyncs"] == 0
-    assert 0.9 * 200 <= r["made_steps_per_s"] <= 1.1 * 200
-    assert r["steps_per_s"] >= 0.9 * r["made_steps_per_s"]
+    assert r["ledgers_equal"] == 4 and r["resyncs"] == 0  # every step made was applied, none resynced
+    made = r["made_steps_per_s"] * cfg.seconds
+    if replay:  # the steps due inside the window by the schedule, each counted once whatever the load
+        assert abs(made - cfg.workers * cfg.steps_per_s * cfg.seconds) <= cfg.workers, made
+    assert made > 0 and r["steps_per_s"] > 0
     # several steps per message (a send at most every 25 ms, a step every 20 ms per worker), one Redis
     # transaction per round of messages at most, beside each shard's expiry check (once a second; the
     # counters are read a moment apart, so give it two)
     assert 0 < r["messages_per_s"] < r["made_steps_per_s"]
     assert 0 < r["redis_transactions_per_s"] <= r["messages_per_s"] + 2 * shards
-    assert 0 < r["lag_p50_ms"] <= r["lag_p99_ms"] <= r["lag_max_ms"] < 2000
+    assert 0 < r["lag_p50_ms"] <= r["lag_p99_ms"] <= r["lag_max_ms"]

@@ -1,8 +1,6 @@
-"""Separate processes: two workers and a router. A killed worker's clients get UNAVAILABLE promptly and
-new requests go to the live one."""
+"""Separate processes: two workers and a router. Answers equal the in-process engine's; a killed worker's
+clients get UNAVAILABLE while the other worker's request runs on, and new requests go to the live one."""
 from __future__ import annotations
-
-import time
 
 import grpc
 import pytest
@@ -34,7 +32,15 @@ def cluster(long_llama_dir):
         p.stop()
 
 
-def test_split_services_answer_like_serve(cluster):
+def test_split_services_answer_like_serve(cluster, long_llama_dir):
+    """Through the router (three times, spread over the two workers), a sampled request gets the answer
+    the engine gives in-process, as `apar serve` would."""
+    from services.protocol.params import SamplingParams
+    from services.router.prompt import encode_prompt
+    from services.router.stream import RequestStream
+    from services.worker.config import EngineConfig
+    from services.worker.engine import Engine
+
     address, _, _, _ = cluster
     with grpc.insecure_channel(address) as ch:
         stub = pb.apar_pb2_grpc.AparStub(ch)
@@ -42,9 +48,16 @@ def test_split_services_answer_like_serve(cluster):
             max_tokens=20, temperature=0.8, seed=3))
         finals = [next(r.final for r in stub.Generate(req, timeout=30) if r.WhichOneof("event") == "final")
                   for _ in range(3)]
-        assert len({f.text for f in finals}) == 1 and finals[0].usage.completion_tokens == 20
-        info = stub.ModelInfo(A.ModelInfoRequest())
-        assert info.workers == 2 and info.total_kv_blocks == 2 * BLOCKS
+        info = stub.ModelInfo(A.ModelInfoRequest(), timeout=10)
+    engine = Engine(long_llama_dir, EngineConfig(num_blocks=64))
+    engine.add_request(encode_prompt(engine.tokenizer, "Name three rivers."),
+                       SamplingParams(max_tokens=20, temperature=0.8, seed=3))
+    local = RequestStream(engine.tokenizer, engine.fork_id, engine.child_id, engine.eos_ids)
+    for ev in engine.run_to_completion():
+        local.feed(ev)
+    assert local.final.text and [f.text for f in finals] == [local.final.text] * 3
+    assert [f.usage.completion_tokens for f in finals] == [local.final.usage["completion_tokens"]] * 3
+    assert info.workers == 2 and info.total_kv_blocks == 2 * BLOCKS
 
 
 def test_killed_worker_gives_unavailable_and_traffic_moves(cluster):
@@ -55,17 +68,16 @@ def test_killed_worker_gives_unavailable_and_traffic_moves(cluster):
         for _ in range(2):  # one on each worker: a request goes where the most blocks are free
             streams.append(Stream(stub, LONG))
             streams[-1].wait_running()
-            stub.ModelInfo(A.ModelInfoRequest())  # the router reads every worker's load again
+            stub.ModelInfo(A.ModelInfoRequest(), timeout=10)  # the router reads every worker's load again
         infos = [worker_info(a) for a in worker_addresses]
         assert [i.running for i in infos] == [1, 1], (
             "the requests were not spread: (running, waiting, free blocks) per worker "
             f"{[(i.running, i.waiting, i.free_blocks) for i in infos]}; router log:\n{''.join(router.lines[-20:])}")
-        killed_at = time.monotonic()
         workers[0].kill()
-        # the request on the killed worker ends with UNAVAILABLE, promptly; the other runs on
-        wait_until(lambda: any(s.ended for s in streams), 2.0, "the killed worker's request to end")
+        # the request on the killed worker ends with UNAVAILABLE (not at its 60 s deadline); the other runs on
+        wait_until(lambda: any(s.ended for s in streams), 30, "the killed worker's request to end")
         [failed] = [s for s in streams if s.ended]
-        assert failed.code == "UNAVAILABLE" and failed.ended_at - killed_at < 2.0, failed.code
+        assert failed.code == "UNAVAILABLE", failed.code
         [other] = [s for s in streams if not s.ended]
         assert other.running
         other.cancel()
@@ -74,7 +86,7 @@ def test_killed_worker_gives_unavailable_and_traffic_moves(cluster):
         for _ in range(4):
             final = [r.final for r in stub.Generate(short, timeout=30) if r.WhichOneof("event") == "final"][0]
             assert final.usage.completion_tokens == 5
-        assert stub.ModelInfo(A.ModelInfoRequest()).workers == 1
+        assert stub.ModelInfo(A.ModelInfoRequest(), timeout=10).workers == 1
 
 
 def test_fuzzed_worker_requests_never_crash_it(llama_dir):

@@ -17,7 +17,7 @@ import pytest
 
 from apar.protogen import stubs
 from tests.faults import wait_until
-from tests.procs import Proc, free_port
+from tests.procs import LONG_TOKENS, Proc, free_port
 
 pb = stubs()
 A = pb.apar_pb2
@@ -59,7 +59,7 @@ def autoregressive_only(server) -> bool:
 
 
 def blocks_in_use(stub) -> int:
-    info = stub.ModelInfo(A.ModelInfoRequest())
+    info = stub.ModelInfo(A.ModelInfoRequest(), timeout=10)
     return info.total_kv_blocks - info.free_kv_blocks
 
 
@@ -216,10 +216,21 @@ def test_other_errors(server, client):
 
 
 def test_200_concurrent_streaming_clients(server, stub):
+    """200 streams at once, over 10 distinct (question, seed) requests: each streamed text is the answer its
+    request gets alone over gRPC, with exactly its 8 tokens counted."""
+    def question(i: int) -> str:
+        return f"Question {i % 10}: list three things."
+
+    def alone(i: int) -> str:
+        req = A.GenerateRequest(messages=[A.ChatMessage(role="user", content=question(i))], stream=A.STREAM_MODE_FINAL,
+                                sampling=pb.common_pb2.SamplingParameters(max_tokens=8, temperature=0.7, seed=i % 10,
+                                                                          ignore_eos=True))
+        return [r.final for r in stub.Generate(req, timeout=60) if r.WhichOneof("event") == "final"][0].text
+
     async def one(client, i):
         stream = await client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": f"Question {i}: list three things."}], max_tokens=8,
-            temperature=0.7, seed=i, stream=True, stream_options={"include_usage": True})
+            model=MODEL, messages=[{"role": "user", "content": question(i)}], max_tokens=8, temperature=0.7,
+            seed=i % 10, stream=True, stream_options={"include_usage": True}, extra_body={"apar": {"ignore_eos": True}})
         text, usage = "", None
         async for c in stream:
             if c.choices:
@@ -233,13 +244,24 @@ def test_200_concurrent_streaming_clients(server, stub):
         await client.close()
         return results
 
+    expected = [alone(i) for i in range(10)]
+    assert len(set(expected)) == 10  # the ten requests tell their streams apart
     results = asyncio.run(main())
-    assert len(results) == 200 and all(u is not None and u.completion_tokens <= 8 for _, u in results)
+    assert [text for text, _ in results] == [expected[i % 10] for i in range(200)]
+    assert all(u is not None and u.completion_tokens == 8 for _, u in results)
     wait_until(lambda: blocks_in_use(stub) == 0, 10, "every KV block free", every=0.05)
 
 
-def _long_request(stream: bool) -> bytes:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 900,
+@pytest.fixture(scope="module")
+def long_server(long_serve):
+    """The session's server for requests that must still be running when a test acts (this module's
+    server ends any request at 768 tokens, its pool)."""
+    with grpc.insecure_channel(long_serve["grpc"]) as channel:
+        yield {**long_serve, "stub": pb.apar_pb2_grpc.AparStub(channel)}
+
+
+def _long_request(model: str, stream: bool) -> bytes:
+    body = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": LONG_TOKENS,
             "temperature": 0, "stream": stream, "apar": {"ignore_eos": True}}
     data = json.dumps(body).encode()
     return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
@@ -247,21 +269,23 @@ def _long_request(stream: bool) -> bytes:
 
 
 @pytest.mark.parametrize("stream", [True, False])
-def test_a_client_that_disconnects_frees_its_blocks(server, stub, stream):
-    finished = metric(server, "apar_request_success_total")
-    sock = socket.create_connection(("127.0.0.1", server["port"]))
-    sock.sendall(_long_request(stream))
-    if stream:
-        got = b""
-        while got.count(b"data: ") < 3:  # the role chunk and two with text: the request is decoding
-            got += sock.recv(65536)
-    else:
-        wait_until(lambda: blocks_in_use(stub) > 0, 30, "the request running")
-    assert blocks_in_use(stub) > 0
-    sock.close()
+def test_a_client_that_disconnects_frees_its_blocks(long_server, stream):
+    stub = long_server["stub"]
+    finished = metric(long_server, "apar_request_success_total")
+    with socket.create_connection(("127.0.0.1", long_server["port"]), timeout=30) as sock:
+        sock.sendall(_long_request(long_server["model"], stream))
+        if stream:
+            got = b""
+            while got.count(b"data: ") < 3:  # the role chunk and two with text: the request is decoding
+                part = sock.recv(65536)  # the socket's timeout: a server that goes silent fails the test
+                assert part, f"the server closed the connection: {got!r}"
+                got += part
+        else:
+            wait_until(lambda: blocks_in_use(stub) > 0, 30, "the request running")
+        assert blocks_in_use(stub) > 0
     wait_until(lambda: blocks_in_use(stub) == 0, 10, "every KV block free", every=0.05)
     # freed by the disconnect, not by finishing: the router never counted it as answered
-    assert metric(server, "apar_request_success_total") == finished
+    assert metric(long_server, "apar_request_success_total") == finished
 
 
 def test_fuzzed_bodies_never_crash_the_server(server, client):

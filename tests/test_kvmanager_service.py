@@ -35,16 +35,6 @@ C = grpc.StatusCode
 BLOCKS, BLOCK_SIZE, SESSION = 64, 4, 7
 
 
-@pytest.fixture(scope="module")
-def redis_server():
-    try:
-        server = ScratchRedis()
-    except FileNotFoundError:
-        pytest.skip("redis-server is not installed")
-    yield server
-    server.close()
-
-
 class Client:
     """The manager's API as a test drives it: unary calls, and batches on one open Steps stream."""
 

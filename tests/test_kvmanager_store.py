@@ -15,20 +15,10 @@ from services.kvmanager.ops import Append
 from services.kvmanager.records import BadRequest, StoreUnavailable, UnknownWorker, WorkerSpec
 from services.kvmanager.replication import Batch, ReplicaUnavailable, StepLog, WorkerForgotten
 from services.kvmanager.store import RedisStore
-from apar.bench_suite.simulated import ScratchRedis, SimWorker, deliver
+from apar.bench_suite.simulated import SimWorker, deliver
 
 SPEC = WorkerSpec("w1", "127.0.0.1:1", num_blocks=64, block_size=4, ttl_s=30)
 SESSION = 7
-
-
-@pytest.fixture(scope="module")
-def redis_server():
-    try:
-        server = ScratchRedis()
-    except FileNotFoundError:
-        pytest.skip("redis-server is not installed")
-    yield server
-    server.close()
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ worker that holds it until it is loaded `LOAD_SLACK` requests beyond the other, 
 from __future__ import annotations
 
 import asyncio
+import logging
 from types import SimpleNamespace
 
 import grpc
@@ -11,6 +12,11 @@ import pytest
 
 from apar.modelgen import ModelShape, make_model
 from apar.protogen import stubs
+from services.kvmanager.ledger import KVLedger, ThreadRef
+from services.kvmanager.manager import InProcessClient
+from services.kvmanager.ops import Append, Name, Start
+from services.kvmanager.replication import StepLog
+from services.kvmanager.service import serve
 from services.protocol.prefix import block_hashes
 from services.router.prompt import encode_prompt
 from services.router.tokenizer import load_tokenizer
@@ -80,34 +86,42 @@ def test_a_burst_between_two_polls_spreads_over_the_workers():
     assert b.free_blocks == 31 and prefix_choice([a, b], {"b": 160}, 500) is a
 
 
-def test_a_failing_shard_counts_as_holding_nothing():
-    class Shard:
-        def __init__(self, answer):
-            self.answer, self.asked = answer, []
-
-        async def Prefix(self, req, timeout):
-            self.asked.append((list(req.names), timeout))
-            if isinstance(self.answer, Exception):
-                raise self.answer
-            return self.answer
+def test_a_failing_shard_counts_as_holding_nothing(caplog):
+    """Two shards: a real in-memory KV manager where worker a holds the prompt's first 3 blocks (named by a
+    real step stream) and b none, and an address nobody listens on. The live shard's answer counts, the
+    dead one's workers hold nothing, and its failure is logged once."""
+    live = serve("127.0.0.1:0", None)
+    dead = f"127.0.0.1:{free_port()}"
+    ids = list(range(100, 150))  # 50 tokens: 3 full blocks that leave a token to compute
+    names = block_hashes(ids, BS)
+    for worker, held_names in (("a", names[:3]), ("b", [])):
+        client = InProcessClient(live.manager, worker, worker, 64, BS)
+        assert not client.register()
+        log = StepLog(KVLedger(64, BS), client.session)
+        ref = ThreadRef("r", 0)
+        log.apply([Start(ref), Append(ref, len(ids))])
+        if held_names:
+            log.apply([Name(ref, 0, tuple(held_names))])
+        log.acked(client.send(log.batch()))
+    assert live.manager.prefix(names) == [("a", "a", 3), ("b", "b", 0)]
 
     async def main():
-        d = KVManagerDirectory("127.0.0.1:1,127.0.0.1:2")
+        d = KVManagerDirectory(f"127.0.0.1:{live.port},{dead}")
         try:
-            ok = Shard(K.PrefixResponse(workers=[K.WorkerPrefix(worker_id="a", address="a", blocks=3),
-                                                 K.WorkerPrefix(worker_id="b", address="b", blocks=0)]))
-            dead = Shard(grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata()))
-            d._kv = [ok, dead]
-            ids = list(range(100, 150))  # 50 tokens: 3 full blocks, all reusable
             held = await d.cached_tokens(ids, [handle("a", 10), handle("b", 10), handle("c", 10)])
             assert held == {"a": 48, "b": 0}
-            assert ok.asked[0][0] == block_hashes(ids, BS) and len(dead.asked) == 1
+            assert await d.cached_tokens(ids, [handle("a", 10)]) == {"a": 48, "b": 0}  # asked again
             assert await d.cached_tokens(ids[:16], [handle("a", 10)]) == {}  # no block leaves a token to compute
-            assert len(ok.asked) == 1
         finally:
             await d.close()
 
-    asyncio.run(main())
+    try:
+        with caplog.at_level(logging.WARNING, logger="services.router.workers"):
+            asyncio.run(main())
+    finally:
+        live.stop(grace=None)
+    failed = [r.getMessage() for r in caplog.records if "prefix lookup failed" in r.getMessage()]
+    assert len(failed) == 1 and failed[0].startswith("KV manager shard 1 "), failed
 
 
 # ---- a cluster --------------------------------------------------------------------------------------
@@ -183,7 +197,7 @@ def test_a_shared_system_prompt_goes_where_it_is_cached_until_that_worker_is_loa
         longs = [Stream(stub, chat(QUESTIONS[2], 3000, A.STREAM_MODE_THREADS))]
         longs[0].wait_running()
         assert (running(holder), running(other)) == (1, 0)
-        stub.ModelInfo(A.ModelInfoRequest())  # the router reads every worker's free blocks again
+        stub.ModelInfo(A.ModelInfoRequest(), timeout=10)  # the router reads every worker's free blocks again
         assert final(stub, chat(QUESTIONS[1])).usage.cached_tokens == want
 
         # loaded: the holder takes requests while it has at most LOAD_SLACK more than the other

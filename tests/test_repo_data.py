@@ -16,6 +16,7 @@ from apar.cli import main
 from apar.data.readers import data_files, read_conversations, read_text
 from apar.errors import UserError
 from apar.split import DATA_ENV, REPO_DATA, data_dir, is_test_instruction
+from tests.procs import require
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = 16
@@ -90,12 +91,12 @@ def test_import_compresses_checks_and_reads_back(tmp_path, capsys):
 
 
 def _repo_files() -> list[str]:
-    if shutil.which("git") is None:
-        pytest.skip("git is not installed")
+    require("git")
     done = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
                           capture_output=True, text=True)
     if done.returncode != 0:
-        pytest.skip(f"{ROOT} is not a git work tree")
+        pytest.fail(f"{ROOT} is not a git work tree: run the tests from a clone ({done.stderr.strip()})",
+                    pytrace=False)
     return [name for name in done.stdout.split("\0") if name and (ROOT / name).is_file()]
 
 

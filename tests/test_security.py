@@ -29,7 +29,7 @@ from services.router.guard import Caller, Guard, Limits, Refused
 from services.security import ApiKeys, TLSFiles, bearer, key_id, mask_url, open_channel, redis_url_with_password
 from tests.certs import CA
 from tests.faults import wait_until
-from tests.procs import Proc, free_port
+from tests.procs import Proc, free_port, require
 
 pb = stubs()
 A, K, W = pb.apar_pb2, pb.kvmanager_pb2, pb.worker_pb2
@@ -290,16 +290,19 @@ def test_prefix_cache_salts_differ_per_key_unless_shared():
 
 # ---------------------------------------------------------------- the public APIs: TLS, keys, limits
 
+LONG = 16000  # the secure server's max_tokens limit: a request of LONG tokens runs on while a test acts
+
+
 @pytest.fixture(scope="module")
-def secure(llama_dir, pki, tmp_path_factory):
+def secure(long_llama_dir, pki, tmp_path_factory):
     d = tmp_path_factory.mktemp("secure")
     keyfile = d / "keys"
     keyfile.write_text("# API keys\n" + "\n".join(KEYS) + "\n")
     port, http_port, mport = free_port(), free_port(), free_port()
-    proc = Proc("serve", "--model", str(llama_dir), "--port", str(port), "--http-port", str(http_port),
-                "--metrics-port", str(mport), "--kv-blocks", "256", "--served-model-name", "demo",
+    proc = Proc("serve", "--model", str(long_llama_dir), "--port", str(port), "--http-port", str(http_port),
+                "--metrics-port", str(mport), "--kv-blocks", "2100", "--served-model-name", "demo",
                 "--tls-cert", pki.server.cert, "--tls-key", pki.server.key, "--api-key-file", str(keyfile),
-                "--max-request-bytes", "65536", "--max-prompt-tokens", "48", "--max-tokens-limit", "1000",
+                "--max-request-bytes", "65536", "--max-prompt-tokens", "48", "--max-tokens-limit", str(LONG),
                 "--max-streams-per-key", "2")
     proc.wait_for("listening on")
     s = type("Secure", (), {})()
@@ -415,14 +418,14 @@ def test_each_limit_refuses_with_its_status_and_message(secure):
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
 
     with pytest.raises(grpc.RpcError) as err:
-        generate(secure.stub, KEYS[0], max_tokens=5000)
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "(1000)" in err.value.details()
-    r = secure.client.post(f"{secure.http}/v1/chat/completions", headers=auth,
-                           json={"model": "demo", "max_tokens": 5000, "messages": [{"role": "user", "content": "hi"}]})
+        generate(secure.stub, KEYS[0], max_tokens=LONG + 1)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and f"({LONG})" in err.value.details()
+    r = secure.client.post(f"{secure.http}/v1/chat/completions", headers=auth, json={
+        "model": "demo", "max_tokens": LONG + 1, "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
 
     # concurrent streams per key: two run, the third is refused, another key still gets in
-    long = A.GenerateRequest(prompt="hi", sampling=pb.common_pb2.SamplingParameters(max_tokens=1000, ignore_eos=True))
+    long = A.GenerateRequest(prompt="hi", sampling=pb.common_pb2.SamplingParameters(max_tokens=LONG, ignore_eos=True))
     calls = [secure.stub.Generate(long, timeout=60, metadata=md) for _ in range(2)]
     try:
         for call in calls:
@@ -585,6 +588,25 @@ def test_the_key_file_is_reread(secure):
 
 
 def test_the_log_never_holds_a_key_or_a_prompt(secure):
+    """Every kind of refusal is logged with the key's id, never the key, the prompt or a password: the
+    test makes one of each itself (so it holds alone, under -k, or after the others), then reads the log
+    of the stopped server."""
+    md = bearer_md(KEYS[0])
+    assert grpc_code(lambda: generate(secure.stub, WRONG)) == grpc.StatusCode.UNAUTHENTICATED
+    assert grpc_code(lambda: generate(secure.stub, KEYS[0], prompt=PROMPT + "x" * 70000)) == \
+        grpc.StatusCode.RESOURCE_EXHAUSTED  # too_large
+    assert grpc_code(lambda: generate(secure.stub, KEYS[0], prompt=PROMPT + " word" * 100)) == \
+        grpc.StatusCode.INVALID_ARGUMENT  # prompt_too_long
+    assert grpc_code(lambda: generate(secure.stub, KEYS[0], max_tokens=LONG + 1)) == grpc.StatusCode.INVALID_ARGUMENT
+    long = A.GenerateRequest(prompt=PROMPT, sampling=pb.common_pb2.SamplingParameters(max_tokens=LONG, ignore_eos=True))
+    calls = [secure.stub.Generate(long, timeout=60, metadata=md) for _ in range(2)]
+    try:
+        for call in calls:
+            next(call)  # both streaming: the key's two places are taken
+        assert grpc_code(lambda: generate(secure.stub, KEYS[0])) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        for call in calls:
+            call.cancel()
     secure.proc.stop()  # every line flushed
     log = "".join(secure.proc.lines)
     for secret in (*KEYS, WRONG, getattr(secure, "added", "k3-Charlie"), "Zebra-sentinel", "word word"):
@@ -734,10 +756,7 @@ def kv_serving(address: str) -> bool:
 
 
 def test_kv_manager_reaches_redis_with_a_password_over_tls(pki, tmp_path):
-    import shutil
-
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not on PATH")
+    require("redis-server")
     password = "Redis-Pw-sentinel-4c2e8a"
     redis_srv = _TLSRedis(pki.server, password)
     pwfile = tmp_path / "redis-password"

@@ -75,5 +75,5 @@ def test_preempted_streams_equal_their_answers_alone(server):
         return now["apar_num_requests_waiting"] == now["apar_num_requests_running"] == 0
 
     wait_until(idle, 10, "running and waiting back to 0")
-    info = pb.apar_pb2_grpc.AparStub(grpc.insecure_channel(address)).ModelInfo(A.ModelInfoRequest())
+    info = pb.apar_pb2_grpc.AparStub(grpc.insecure_channel(address)).ModelInfo(A.ModelInfoRequest(), timeout=10)
     assert info.free_kv_blocks == info.total_kv_blocks == KV_BLOCKS
