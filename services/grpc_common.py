@@ -7,8 +7,6 @@ import inspect
 import grpc
 from google.protobuf import message as _message
 from google.protobuf import message_factory
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from apar.errors import CapacityError, UserError
 
@@ -25,8 +23,12 @@ def server_options() -> list[tuple[str, int]]:
     return [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
 
 
-async def add_health_and_reflection(server: grpc.aio.Server, service_names: list[str]) -> health.aio.HealthServicer:
-    """Standard health checking ("" and each service SERVING) and server reflection."""
+async def add_health_and_reflection(server: grpc.aio.Server, service_names: list[str]) -> "health.aio.HealthServicer":
+    """Standard health checking ("" and each service SERVING) and server reflection. (Imported here: the
+    CLI and the interceptors import this module on machines without grpc_health, such as the GPU one.)"""
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection
+
     servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     for name in ["", *service_names]:

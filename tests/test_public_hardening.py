@@ -232,7 +232,8 @@ class _Conn:
 
 
 def test_pending_connections_are_capped_per_client_address_and_in_all():
-    from services.router.http_server import PENDING_GRACE_S, Connections, HttpServerLimits
+    from services.router.http_limits import HttpServerLimits
+    from services.router.http_server import PENDING_GRACE_S, Connections
 
     now = [0.0]
     c = Connections(HttpServerLimits(max_connections=8, max_pending_per_client=2), clock=lambda: now[0])

@@ -173,7 +173,7 @@ def run_serve(args) -> int:
 def _public_security(args):
     """(TLS files or None, the Guard) of the public APIs, from the flags (the HTTP server's bounds checked)."""
     from services.router.guard import guard_from_args, public_tls
-    from services.router.http_server import http_limits_from_args
+    from services.router.http_limits import http_limits_from_args
 
     http_limits_from_args(args)
     return public_tls(args), guard_from_args(args)
@@ -205,7 +205,8 @@ async def _front_doors(args, tokenizer, directory, registry=None, security=None)
     servers, where = [grpc_server], f"{args.host}:{port}"
     if args.http_port is not None:
         from services.router.http import build_app
-        from services.router.http_server import allowed_hosts, http_limits_from_args, start_http_server
+        from services.router.http_limits import http_limits_from_args
+        from services.router.http_server import allowed_hosts, start_http_server
 
         limits = http_limits_from_args(args)
         app = build_app(gateway, request_timeout_s=limits.request_timeout_s,

@@ -301,7 +301,7 @@ def grpc_server_options(limits: Limits) -> list[tuple[str, int]]:
 # ---- flags ----------------------------------------------------------------------------------------------
 def add_public_args(p: argparse.ArgumentParser) -> None:
     """The public APIs' TLS, API keys, limits and HTTP server bounds (`apar serve`, `apar router`)."""
-    from services.router.http_server import add_http_server_args
+    from services.router.http_limits import add_http_server_args
 
     g = p.add_argument_group("public API security (gRPC and HTTP)")
     g.add_argument("--tls-cert", default=None, metavar="PEM", help="serve the public gRPC and HTTP APIs over TLS "

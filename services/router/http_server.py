@@ -24,80 +24,24 @@ against DNS rebinding) and the API key of every request but `/health`, before it
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
-import resource
 import socket
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from apar.errors import UserError
 from services.router.guard import CALLER, OPEN_HTTP, Guard
+from services.router.http_limits import HttpServerLimits
 from services.security import bearer
 
 log = logging.getLogger(__name__)
 HARD_CUT_GRACE_S = 5.0  # past the request time limit, a client still not done reading is disconnected
 PENDING_GRACE_S = 1.0  # a new connection's time to send its head before the per-address cap may close it
-
-
-def default_max_connections() -> int:
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return 4096
-    return max(16, min(4096, soft // 2))
-
-
-@dataclass(slots=True)
-class HttpServerLimits:
-    header_timeout_s: float = 10.0
-    idle_timeout_s: float = 5.0
-    max_connections: int = 0  # 0: default_max_connections()
-    max_pending_per_client: int = 32
-    request_timeout_s: float = 600.0  # 0: none
-
-    def __post_init__(self) -> None:
-        for name in ("header_timeout_s", "idle_timeout_s"):
-            if not 0 < getattr(self, name) <= 3600:
-                raise UserError(f"--http-{name[:-2].replace('_', '-')} must be in (0, 3600] s")
-        if not 0 <= self.request_timeout_s <= 7 * 24 * 3600:
-            raise UserError("--http-request-timeout must be 0 (none) or a number of seconds up to a week")
-        if self.max_connections < 0 or self.max_pending_per_client < 1:
-            raise UserError("--http-max-connections must be 0 (automatic) or more, --http-max-pending-per-client "
-                            "1 or more")
-        if not self.max_connections:
-            self.max_connections = default_max_connections()
-
-
-def add_http_server_args(p: argparse.ArgumentParser) -> None:
-    d = HttpServerLimits(max_connections=1)
-    g = p.add_argument_group("HTTP server bounds (what a client may hold before and while it is served)")
-    g.add_argument("--http-header-timeout", type=float, default=d.header_timeout_s, metavar="S",
-                   help=f"a request head must arrive whole within S seconds ({d.header_timeout_s:g})")
-    g.add_argument("--http-idle-timeout", type=float, default=d.idle_timeout_s, metavar="S",
-                   help=f"close a kept-alive connection idle this long ({d.idle_timeout_s:g})")
-    g.add_argument("--http-max-connections", type=int, default=0, metavar="N",
-                   help="open HTTP connections at most (0, the default: half the process's file-descriptor "
-                        "limit, at most 4096); past it the oldest idle one is closed")
-    g.add_argument("--http-max-pending-per-client", type=int, default=d.max_pending_per_client, metavar="N",
-                   help="connections one client address may hold before one of its requests passes the API key "
-                        f"check; past it its oldest is closed ({d.max_pending_per_client})")
-    g.add_argument("--http-request-timeout", type=float, default=d.request_timeout_s, metavar="S",
-                   help=f"a request's time limit, body and answer included (0: none; {d.request_timeout_s:g})")
-    g.add_argument("--allowed-host", action="append", default=None, metavar="NAME",
-                   help="answer HTTP requests only for this Host name (repeatable; 421 otherwise). Listening on "
-                        "loopback, localhost, 127.0.0.1 and ::1 are allowed too and nothing else is (against DNS "
-                        "rebinding); elsewhere, without it, any name is")
-
-
-def http_limits_from_args(args) -> HttpServerLimits:
-    return HttpServerLimits(args.http_header_timeout, args.http_idle_timeout, args.http_max_connections,
-                            args.http_max_pending_per_client, args.http_request_timeout)
 
 
 class Connections:
