@@ -26,14 +26,14 @@ import tests.test_engine_golden as golden
 import tests.test_engine_n as answers
 import tests.test_engine_pressure as pressure
 from apar.modelgen import ModelShape, random_model, save_model
-from services.protocol.events import TokenEvent
-from services.protocol.params import SamplingParams
-from services.worker.backends import BACKENDS, cascade, native
-from services.worker.backends.base import Run, attention_with_lse, merge_by_lse
-from services.worker.backends.cascade import Span, plan_cascade
-from services.worker.config import EngineConfig
-from services.worker.engine import Engine
-from services.worker.sequence import ReplayNode
+from apar.engine.events import TokenEvent
+from apar.engine.params import SamplingParams
+from apar.engine.backends import BACKENDS, cascade, native
+from apar.engine.backends.base import Run, attention_with_lse, merge_by_lse
+from apar.engine.backends.cascade import Span, plan_cascade
+from apar.engine.config import EngineConfig
+from apar.engine.engine import Engine
+from apar.engine.sequence import ReplayNode
 
 WINDOW = 8  # positions: far shorter than the golden contexts (prompts of 5-40 tokens, trees below)
 
@@ -201,8 +201,8 @@ def test_decode_graph_path_on_padded_static_buffers(compiled, llama_dir, monkeyp
     (`capture_all`) from padding rows only. Decode steps padded to their bucket (padding rows writing to
     the trash slot, reading row 0) give the plain model's logits, with the flex backend's static block
     tables; with eager layers and with compiled ones (the CUDA default)."""
-    from services.worker.cuda_graphs import DecodeGraphs
-    from services.worker.model_runner import ModelRunner
+    from apar.engine.cuda_graphs import DecodeGraphs
+    from apar.engine.model_runner import ModelRunner
 
     class EagerGraphs(DecodeGraphs):
         def _record(self, forward):
@@ -237,8 +237,8 @@ class _Request:
 def test_auto_gives_way_to_cascade_when_flex_cannot_run(llama_dir, monkeypatch):
     """`auto` that picked flex (on CUDA) and cannot run it (no compiler, a kernel error) before its first
     success decodes with cascade instead; `--attention flex` asked explicitly fails loudly."""
-    import services.worker.model_runner as model_runner
-    from services.worker.backends import flex
+    import apar.engine.model_runner as model_runner
+    from apar.engine.backends import flex
 
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler here")
@@ -280,9 +280,9 @@ def test_triton_graph_buffers_give_the_eager_answer():
     zeros. One thread's graph (the AR step at batch 1) has no group launch at all. The kernels run in
     Triton's interpreter."""
     from apar.bench_suite.attention import AttentionShape, _step
-    from services.worker.backends import tree
-    from services.worker.backends.base import DecodeQueries, StepData
-    from services.worker.backends.tree import TreeBackend
+    from apar.engine.backends import tree
+    from apar.engine.backends.base import DecodeQueries, StepData
+    from apar.engine.backends.tree import TreeBackend
 
     shape = AttentionShape(threads=6, context=40, shared=24, heads=4, kv_heads=2, head_dim=16, block_size=4)
     pool, _, step = _step(shape, torch.device("cpu"), torch.float32)
@@ -318,8 +318,8 @@ def test_triton_graph_buffers_give_the_eager_answer():
 def test_triton_layout_cuts_spans_and_fits_a_graphs_capacities():
     """Work items cut each span at `split` positions; reader j of an item owns part part0 + j; every thread
     owns one part per item it reads. A graph's capacities are met with longer items, or not at all."""
-    from services.worker.backends import tree
-    from services.worker.backends.tree import TreeBackend, layout
+    from apar.engine.backends import tree
+    from apar.engine.backends.tree import TreeBackend, layout
 
     plan = cascade.CascadePlan(groups=[((0, 1, 2), [Span(1, 0, 100)])],
                                private=[[Span(1, 100, 130)], [Span(2, 100, 110), Span(2, 120, 125)], []])
@@ -348,8 +348,8 @@ def test_triton_kernels_compile_for_a_hopper_gpu(dtype):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from services.worker.backends import tree
-    from services.worker.backends.tree_kernels import merge, partial
+    from apar.engine.backends import tree
+    from apar.engine.backends.tree_kernels import merge, partial
 
     target = GPUTarget("cuda", 90, 32)
 

@@ -20,7 +20,7 @@ from apar.protogen import stubs
 from services.kvmanager import convert
 from services.grpc_common import MAX_MESSAGE
 from services.kvmanager.codec import snapshot_parts, snapshot_to_bytes
-from services.kvmanager.ledger import KVLedger, ThreadRef
+from apar.engine.kv.ledger import KVLedger, ThreadRef
 from services.kvmanager.records import MAX_BLOCKS
 from services.kvmanager.replication import Batch, StepLog
 from services.kvmanager.service import serve

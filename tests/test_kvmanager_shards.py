@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 
 from services.kvmanager import convert
-from services.kvmanager.ledger import KVLedger
+from apar.engine.kv.ledger import KVLedger
 from services.kvmanager.records import WorkerSpec
 from services.kvmanager.replication import ReplicaUnavailable
 from services.kvmanager.service import serve
@@ -151,8 +151,8 @@ def test_router_directory_asks_every_shard(llama_dir):
     routes to every shard's workers; with one shard stopped, its workers stay as last seen while the
     other shard's answers still come in (a worker registered there after the stop becomes routable)."""
     from services.router.workers import KVManagerDirectory
-    from services.worker.config import EngineConfig
-    from services.worker.engine import Engine
+    from apar.engine.config import EngineConfig
+    from apar.engine.engine import Engine
     from services.worker.loop import EngineLoop
     from services.worker.service import start_worker_server
 

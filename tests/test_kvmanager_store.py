@@ -8,10 +8,10 @@ import threading
 import pytest
 import redis.connection
 
-from services.kvmanager.ledger import KVLedger, ThreadRef
+from apar.engine.kv.ledger import KVLedger, ThreadRef
 from services.kvmanager.manager import InProcessClient, KVManager
 from services.kvmanager.metrics import KVMetrics
-from services.kvmanager.ops import Append
+from apar.engine.kv.ops import Append
 from services.kvmanager.records import BadRequest, StoreUnavailable, UnknownWorker, WorkerSpec
 from services.kvmanager.replication import Batch, ReplicaUnavailable, StepLog, WorkerForgotten
 from services.kvmanager.store import RedisStore

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from services.kvmanager.contents import COUNT, USED, block_key, thread_key
-from services.kvmanager.ledger import KVLedger, LedgerError, OutOfBlocks, ThreadRef
+from apar.engine.kv.contents import COUNT, USED, block_key, thread_key
+from apar.engine.kv.ledger import KVLedger, LedgerError, OutOfBlocks, ThreadRef
 
 R = ThreadRef
 
@@ -328,7 +328,7 @@ def test_prefix_cache_keeps_invariants_and_reused_blocks_hold_their_tokens(seque
     contents (the token written in every slot) shows that a reused block holds exactly the prompt's
     tokens at those positions (no named block is ever written), and `check()` after every op shows that
     no block is evicted while referenced and none is leaked, through cancellations (release)."""
-    from services.protocol.prefix import block_hashes
+    from apar.engine.prefix import block_hashes
 
     bs = 4
     led = KVLedger(num_blocks=14, block_size=bs)

@@ -81,11 +81,11 @@ def dashboard_names() -> set[str]:
 def fork_token(llama_dir) -> str:
     """The ordinary token greedy decoding of the random model emits most after these prompts: served
     as the fork token, the model forks whenever it picks it."""
-    from services.protocol.events import TokenEvent
-    from services.protocol.params import SamplingParams
+    from apar.engine.events import TokenEvent
+    from apar.engine.params import SamplingParams
     from services.router.prompt import encode_prompt
-    from services.worker.config import EngineConfig
-    from services.worker.engine import Engine
+    from apar.engine.config import EngineConfig
+    from apar.engine.engine import Engine
 
     eng = Engine(llama_dir, EngineConfig(num_blocks=64))
     counts: Counter = Counter()
@@ -161,11 +161,11 @@ def replayed(llama_dir, fork_token) -> tuple[list[tuple[int, int, int]], int]:
     request's (completion tokens, threads, forks), and the KV blocks its threads freed while it still ran,
     summed. A request's tree, and so what its threads free early, is its own whatever runs beside it."""
     from services.protocol.convert import params_from_pb
-    from services.protocol.params import SamplingParams
+    from apar.engine.params import SamplingParams
     from services.router.prompt import encode_prompt
     from services.router.stream import RequestStream
-    from services.worker.config import ControlTokens, EngineConfig
-    from services.worker.engine import Engine
+    from apar.engine.config import ControlTokens, EngineConfig
+    from apar.engine.engine import Engine
 
     eng = Engine(llama_dir, EngineConfig(num_blocks=KV_BLOCKS, block_size=16, control=ControlTokens(fork=fork_token)))
     streams = {}

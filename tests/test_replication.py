@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.kvmanager.ledger import KVLedger, ThreadRef
-from services.kvmanager.ops import Advance, Append, AppendEach, Finish, Fork, Release, Start, apply, record
+from apar.engine.kv.ledger import KVLedger, ThreadRef
+from apar.engine.kv.ops import Advance, Append, AppendEach, Finish, Fork, Release, Start, apply, record
 from services.kvmanager.records import BadRequest, StaleSession, WorkerRecord, WorkerSpec, apply_batch
 from services.kvmanager.replication import Ack, Batch, Resync, StepLog
 from apar.bench_suite.simulated import SimWorker

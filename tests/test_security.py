@@ -23,7 +23,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from apar.errors import UserError
+from apar.engine.errors import UserError
 from apar.protogen import stubs
 from services.router.guard import Caller, Guard, Limits, Refused
 from services.security import ApiKeys, TLSFiles, bearer, key_id, mask_url, open_channel, redis_url_with_password
@@ -275,7 +275,7 @@ def test_max_threads_and_max_depth_are_bounded_on_both_apis():
 
 
 def test_prefix_cache_salts_differ_per_key_unless_shared():
-    from services.protocol.prefix import block_hashes
+    from apar.engine.prefix import block_hashes
 
     isolated, shared = Guard(ApiKeys(["key-a", "key-b"])), Guard(ApiKeys(["key-a", "key-b"]), shared_prefix_cache=True)
     a, b = (isolated.authenticate(f"Bearer {k}", "http", "m") for k in ("key-a", "key-b"))

@@ -19,9 +19,9 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from services.protocol.events import RequestFinished, TokenEvent
-from services.protocol.params import SamplingParams
-from services.worker.sequence import ReplayNode
+from apar.engine.events import RequestFinished, TokenEvent
+from apar.engine.params import SamplingParams
+from apar.engine.sequence import ReplayNode
 
 _ENGINE_COUNTERS = ("forks_refused", "recomputed_tokens")
 _IDLE_LIMIT = 1000  # engine calls in a row with no step and no event: the pool cannot serve the jobs

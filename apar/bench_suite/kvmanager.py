@@ -34,7 +34,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
-from apar.errors import UserError
+from apar.engine.errors import UserError
 
 
 class _Manager(NamedTuple):
@@ -274,7 +274,7 @@ def _simulate(cfg: KVBenchConfig, address: str, ids: list[str], start, results) 
     import logging
 
     from services.kvmanager import convert
-    from services.kvmanager.ledger import KVLedger
+    from apar.engine.kv.ledger import KVLedger
     from apar.bench_suite.simulated import SimWorker
     from services.worker.kv import RemoteKV
     from services.worker.kvclient import KVManagerClient
@@ -344,7 +344,7 @@ def _replay(cfg: KVBenchConfig, address: str, ids: list[str], start, results) ->
 
     from apar.protogen import stubs
     from services.kvmanager import convert
-    from services.kvmanager.ledger import KVLedger
+    from apar.engine.kv.ledger import KVLedger
     from services.kvmanager.replication import Batch, StepLog
     from apar.bench_suite.simulated import SimWorker
     from services.worker.kvclient import KVManagerClient

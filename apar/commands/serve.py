@@ -13,7 +13,7 @@ import tempfile
 import time
 import uuid
 
-from apar.errors import UserError
+from apar.engine.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def register(subparsers) -> None:
 
 
 def _add_stream_buffer_arg(p) -> None:
-    from services.worker.config import STREAM_BUFFER_EVENTS
+    from apar.engine.config import STREAM_BUFFER_EVENTS
 
     def events(text: str) -> int:
         value = int(text)
@@ -139,7 +139,7 @@ async def _until_signal(*servers, stop: asyncio.Event | None = None) -> None:
 
 def _engine(args, registry):
     from apar.commands.generate import engine_config
-    from services.worker.engine import Engine
+    from apar.engine.engine import Engine
     from services.worker.loop import EngineLoop
     from services.worker.metrics import WorkerMetrics
 

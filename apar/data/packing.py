@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from apar.data.tree import CHILD, FORK, Node, thread_texts
-from apar.errors import UserError
+from apar.engine.errors import UserError
 
 IGNORE = -100
 

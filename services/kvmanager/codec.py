@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 import zlib
 
-from services.kvmanager.ledger import KVLedger, LedgerError
-from services.kvmanager.ops import Op, op_from_json
+from apar.engine.kv.ledger import KVLedger, LedgerError
+from apar.engine.kv.ops import Op, op_from_json
 from services.kvmanager.records import WorkerRecord, WorkerSpec
 from services.kvmanager.replication import Step
 

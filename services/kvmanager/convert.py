@@ -13,7 +13,7 @@ from __future__ import annotations
 from apar.protogen import stubs
 from services.kvmanager.codec import (ops_from_bytes, ops_to_bytes, snapshot_from_bytes, snapshot_parts,
                                       snapshot_to_bytes)
-from services.kvmanager.ledger import Digest
+from apar.engine.kv.ledger import Digest
 from services.kvmanager.records import BadRequest, Usage, WorkerSpec
 from services.kvmanager.replication import Ack, Batch, Resync, ResyncPart, Step
 

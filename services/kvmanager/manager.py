@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from services.kvmanager.codec import entry_to_json, snapshot_from_parts, snapshot_of, snapshot_to_json
-from services.kvmanager.ledger import KVLedger
-from services.kvmanager.ops import MAX_NAMES
+from apar.engine.kv.ledger import KVLedger
+from apar.engine.kv.ops import MAX_NAMES
 from services.kvmanager.records import (Applied, BadRequest, ResyncParts, StaleSession, StoreUnavailable,
                                         UnknownWorker, Usage, WorkerIdTaken, WorkerRecord, WorkerSpec, add_part,
                                         apply_batch, check_batch, check_worker_id)

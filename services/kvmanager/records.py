@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from apar.errors import UserError
-from services.kvmanager.ledger import KVLedger, LedgerError
-from services.kvmanager.ops import OPS, Op, apply
+from apar.engine.errors import UserError
+from apar.engine.kv.ledger import KVLedger, LedgerError
+from apar.engine.kv.ops import OPS, Op, apply
 from services.kvmanager.replication import Ack, Batch, ResyncPart, Step
 
 MAX_ID_CHARS = 128  # worker ids (part of Redis keys)

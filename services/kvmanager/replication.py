@@ -34,8 +34,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import islice
 
-from services.kvmanager.ledger import Digest, KVLedger
-from services.kvmanager.ops import Op, StepAnswer, apply, record
+from apar.engine.kv.ledger import Digest, KVLedger
+from apar.engine.kv.ops import Op, StepAnswer, apply, record
 
 
 class ReplicaUnavailable(ConnectionError):

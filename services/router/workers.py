@@ -17,7 +17,7 @@ import grpc
 
 from apar.protogen import stubs
 from services.kvmanager.shards import parse_shards
-from services.protocol.prefix import block_hashes
+from apar.engine.prefix import block_hashes
 from services.security import TLSFiles, open_channel
 
 log = logging.getLogger(__name__)

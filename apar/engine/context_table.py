@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from services.worker.sequence import Thread
+from apar.engine.sequence import Thread
 
 
 class Uploader:

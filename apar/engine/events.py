@@ -1,6 +1,6 @@
 """What the engine reports after each step, in order: the stream the router stitches into text.
 
-Torch-free: the router imports it (and so does the worker); the engine's own types stay in `services/worker/`.
+Torch-free: the router imports it (and so does the worker); the engine's own thread types are in `sequence.py`.
 """
 from __future__ import annotations
 

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from apar.errors import UserError
+from apar.engine.errors import UserError
 
 # a request's events waiting for a client that reads slower than the engine generates (worker/service.py)
 STREAM_BUFFER_EVENTS = 16384
 
-ATTENTION_CHOICES = ("auto", "portable", "cascade", "flex", "triton")  # services/worker/backends (kept torch-free here)
+ATTENTION_CHOICES = ("auto", "portable", "cascade", "flex", "triton")  # apar/engine/backends (kept torch-free here)
 
 
 @dataclass(slots=True)
@@ -38,7 +38,7 @@ class EngineConfig:
     fork_watermark: float = 0.01
     device: str | None = None  # None: cuda when present, else cpu
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu; or float32 / float16 / bfloat16
-    # how decoding threads attend (services/worker/backends): portable, cascade, flex, triton, or auto
+    # how decoding threads attend (apar/engine/backends): portable, cascade, flex, triton, or auto
     # (triton on cuda, flex there for a head dim that is not a power of two; cascade on cpu)
     attention: str = "auto"
     cuda_graphs: bool = True  # on cuda: replay decode steps as CUDA graphs (flex and triton attention)

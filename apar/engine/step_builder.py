@@ -9,10 +9,10 @@ upload each. Per-step host work is proportional to the tokens computed, never to
 """
 from __future__ import annotations
 
-from services.worker.backends.base import ChunkQuery, DecodeQueries, Run, StepData
-from services.worker.context_table import ContextTable
-from services.worker.scheduler import Work
-from services.worker.sequence import Request, Thread
+from apar.engine.backends.base import ChunkQuery, DecodeQueries, Run, StepData
+from apar.engine.context_table import ContextTable
+from apar.engine.scheduler import Work
+from apar.engine.sequence import Request, Thread
 
 
 def context_runs(t: Thread, length: int) -> tuple[Run, ...]:

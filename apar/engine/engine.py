@@ -28,21 +28,21 @@ from pathlib import Path
 
 import torch
 
-from apar.errors import UserError
-from services.kvmanager.ledger import KVLedger, ThreadRef
-from services.kvmanager.ops import Append, Finish, Fork, Name, Op, Release, Reuse, Start
-from services.protocol.events import Event, FinishReason, RequestFinished, ThreadFinished, ThreadStarted, TokenEvent
-from services.protocol.params import SamplingParams
-from services.protocol.prefix import block_hashes
-from services.worker.backends.base import StepData
-from services.worker.config import EngineConfig
-from services.worker.kv import LocalKV
-from services.worker.model_runner import ModelRunner
-from services.worker.penalties import Penalties
-from services.worker.sampler import fork_allowed, sample
-from services.worker.scheduler import Scheduler, Work
-from services.worker.sequence import ReplayCursor, ReplayNode, Request, Thread, context_tokens
-from services.worker.step_builder import StepBuilder
+from apar.engine.errors import UserError
+from apar.engine.kv.ledger import KVLedger, ThreadRef
+from apar.engine.kv.ops import Append, Finish, Fork, Name, Op, Release, Reuse, Start
+from apar.engine.events import Event, FinishReason, RequestFinished, ThreadFinished, ThreadStarted, TokenEvent
+from apar.engine.params import SamplingParams
+from apar.engine.prefix import block_hashes
+from apar.engine.backends.base import StepData
+from apar.engine.config import EngineConfig
+from apar.engine.kv.local import LocalKV
+from apar.engine.model_runner import ModelRunner
+from apar.engine.penalties import Penalties
+from apar.engine.sampler import fork_allowed, sample
+from apar.engine.scheduler import Scheduler, Work
+from apar.engine.sequence import ReplayCursor, ReplayNode, Request, Thread, context_tokens
+from apar.engine.step_builder import StepBuilder
 
 log = logging.getLogger(__name__)
 

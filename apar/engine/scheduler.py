@@ -27,9 +27,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from apar.errors import CapacityError
-from services.kvmanager.ledger import KVLedger, ThreadRef
-from services.worker.sequence import Request, Thread
+from apar.engine.errors import CapacityError
+from apar.engine.kv.ledger import KVLedger, ThreadRef
+from apar.engine.sequence import Request, Thread
 
 
 # A running request opens about one block every `block_size` steps (an AR one exactly; an APAR one opens

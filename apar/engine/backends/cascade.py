@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from services.worker.backends.base import (AttentionBackend, ChunkMeta, Run, StepData, attention_with_lse,
+from apar.engine.backends.base import (AttentionBackend, ChunkMeta, Run, StepData, attention_with_lse,
                                            merge_by_lse)
-from services.worker.backends.portable import gather_contexts
+from apar.engine.backends.portable import gather_contexts
 
 MIN_SHARED = 32  # positions: a shorter shared span is cheaper to read per thread than as its own group
 # K/V bytes per layer that sharing must save in a step (reads of the groups' spans by all but one reader),

@@ -22,8 +22,8 @@ from typing import Callable
 
 import torch
 
-from services.worker.attention import StepBatch
-from services.worker.backends.base import DecodeQueries, StepData
+from apar.engine.attention import StepBatch
+from apar.engine.backends.base import DecodeQueries, StepData
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from services.protocol.params import SamplingParams
-from services.worker.sequence import Request, Thread
+from apar.engine.params import SamplingParams
+from apar.engine.sequence import Request, Thread
 
 
 def fork_allowed(req: Request, thread: Thread, fork_id: int, child_id: int, max_positions: int) -> bool:

@@ -1,6 +1,6 @@
 """What every attention backend gets from the engine, and what they share.
 
-Data flow, once per step: the step builder (`services/worker/step_builder.py`) turns the step's work into
+Data flow, once per step: the step builder (`apar/engine/step_builder.py`) turns the step's work into
 a `StepData`: the flat batch on the device and, per thread that computes tokens, where its context is (a
 row of the context table and a length) and, on the host, its context as *runs* of positions by the thread
 that wrote them (`Run`). The backend's `prepare(step)` turns that into its own metadata once; every layer
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from services.worker.context_table import ContextTable
+from apar.engine.context_table import ContextTable
 
 
 @dataclass(frozen=True, slots=True)

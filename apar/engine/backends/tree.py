@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from services.worker.backends import cascade
-from services.worker.backends.base import AttentionBackend, ChunkMeta, StepData
-from services.worker.backends.cascade import CascadePlan, Span, plan_cascade
+from apar.engine.backends import cascade
+from apar.engine.backends.base import AttentionBackend, ChunkMeta, StepData
+from apar.engine.backends.cascade import CascadePlan, Span, plan_cascade
 
 SPLIT = 256  # positions per work item at most (a longer span is cut): each program's share of a context
 # positions per tile of a program's loop: on a GPU, K and V tiles of BLOCK_N x D in registers; in the
@@ -155,7 +155,7 @@ class TreeBackend(AttentionBackend):
         self.query_group = query_group  # query heads per KV head: a program holds at most MAX_ROWS rows
         self._static: dict[int, _Static] = {}  # padded threads -> a graph's buffers
         self.shared_steps = 0  # steps that attended some span once for several threads
-        from services.worker.backends.tree_kernels import kernels
+        from apar.engine.backends.tree_kernels import kernels
 
         self._partial, self._merge = kernels(self.interpret)
 

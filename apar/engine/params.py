@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from apar.errors import UserError
+from apar.engine.errors import UserError
 
 MAX_TOKENS_LIMIT = 1 << 20  # anything above is absurd for any model this engine loads
 MAX_N = 16  # answers per request
@@ -29,7 +29,7 @@ class SamplingParams:
     max_depth: int = 4  # fork depth: the root is depth 0
     ignore_eos: bool = False  # EOS banned: generate exactly max_tokens (benchmarks)
     n: int = 1  # answers to the prompt, each with its own thread tree, max_tokens and max_threads
-    # over a thread's own context, control tokens excluded (services/worker/penalties.py says which tokens):
+    # over a thread's own context, control tokens excluded (apar/engine/penalties.py says which tokens):
     repetition_penalty: float = 1.0  # HF/vLLM: > 1 divides positive logits of tokens seen, multiplies negative
     frequency_penalty: float = 0.0  # OpenAI: minus count * this for each generated token
     presence_penalty: float = 0.0  # OpenAI: minus this for each token generated at least once

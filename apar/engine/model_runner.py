@@ -14,13 +14,13 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from apar.errors import UserError
-from services.worker.attention import ATTN_NAME, ATTN_NAME_COMPILED, CurrentStep, KVPool, StepBatch, attach_pools
-from services.worker.backends import make_backend, resolve
-from services.worker.backends.base import AttentionBackend, StepData
-from services.worker.config import EngineConfig
-from services.worker.context_table import ContextTable
-from services.worker.fusion import fuse_projections
+from apar.engine.errors import UserError
+from apar.engine.attention import ATTN_NAME, ATTN_NAME_COMPILED, CurrentStep, KVPool, StepBatch, attach_pools
+from apar.engine.backends import make_backend, resolve
+from apar.engine.backends.base import AttentionBackend, StepData
+from apar.engine.config import EngineConfig
+from apar.engine.context_table import ContextTable
+from apar.engine.fusion import fuse_projections
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class ModelRunner:
         self._proven = False  # a forward with this backend succeeded (no fallback after that)
         self.graphs = None
         if self.device.type == "cuda" and config.cuda_graphs:
-            from services.worker.cuda_graphs import DecodeGraphs
+            from apar.engine.cuda_graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(self)
         log.info("loaded %s on %s (%s): %d KV blocks of %d tokens, %s attention%s%s", path, self.device, self.dtype,

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from services.kvmanager.ledger import KVLedger, LedgerError, OutOfBlocks, ThreadRef
+from apar.engine.kv.ledger import KVLedger, LedgerError, OutOfBlocks, ThreadRef
 
 MAX_REQUEST_CHARS = 256  # a request id, in an op
 MAX_THREAD = (1 << 32) - 1
@@ -63,7 +63,7 @@ def _refs(items: list, what: str) -> tuple[ThreadRef, ...]:
 
 
 def _names(names, what: str) -> tuple[int, ...]:
-    """Block names (services/protocol/prefix.py: unsigned 64-bit); ValueError for anything else."""
+    """Block names (apar/engine/prefix.py: unsigned 64-bit); ValueError for anything else."""
     if type(names) not in (list, tuple) or len(names) > MAX_NAMES:
         raise ValueError(f"{what}: a list of at most {MAX_NAMES} block names")
     if any(type(n) is not int or not 0 <= n < 1 << 64 for n in names):

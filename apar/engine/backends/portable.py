@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from services.worker.backends.base import AttentionBackend, ChunkMeta, StepData
+from apar.engine.backends.base import AttentionBackend, ChunkMeta, StepData
 
 
 @dataclass(slots=True)

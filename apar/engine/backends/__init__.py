@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from services.worker.backends.base import AttentionBackend
-from services.worker.config import ATTENTION_CHOICES as CHOICES
+from apar.engine.backends.base import AttentionBackend
+from apar.engine.config import ATTENTION_CHOICES as CHOICES
 
 BACKENDS = tuple(c for c in CHOICES if c != "auto")
 
@@ -43,19 +43,19 @@ def make_backend(name: str, device: torch.device, pool_slots: int, bytes_per_pos
     """pool_slots: slots per layer of the KV pool; bytes_per_position: K and V of one position, one layer;
     query_group: query heads per KV head."""
     if name == "portable":
-        from services.worker.backends.portable import PortableBackend
+        from apar.engine.backends.portable import PortableBackend
 
         return PortableBackend()
     if name == "cascade":
-        from services.worker.backends.cascade import CascadeBackend
+        from apar.engine.backends.cascade import CascadeBackend
 
         return CascadeBackend(bytes_per_position)
     if name == "flex":
-        from services.worker.backends.flex import FlexBackend
+        from apar.engine.backends.flex import FlexBackend
 
         return FlexBackend(device, pool_slots)
     if name == "triton":
-        from services.worker.backends.tree import TreeBackend
+        from apar.engine.backends.tree import TreeBackend
 
         return TreeBackend(device, query_group)
     raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(CHOICES)}")

@@ -30,7 +30,7 @@ A thread is *open* when it runs and its last own block is unsealed and not full:
 into that block, without taking one from the free list. Appends into open blocks commute with every
 other thread's ops, which is why a step can carry them as one `advance` instead of one op per thread.
 
-Prefix cache. A full block of a prompt can be *named* (`name`: its hash chain name, services/protocol/
+Prefix cache. A full block of a prompt can be *named* (`name`: its hash chain name, apar/engine/
 prefix.py): from then on it belongs to no request, is never written, and when its count reaches 0 it
 is *cached* instead of freed: kept with its KV, evictable, least recently cached first. A new root
 `reuse`s cached (or in use) blocks by name as read-only refs, and allocation evicts a cached block only
@@ -38,7 +38,7 @@ when no block is free, so `num_free` counts free and cached blocks alike. A thre
 released deepest first, so a prefix's head is cached last and evicted last.
   I8. a block with count 0 is cached: named, in `_cache` (LRU order), and `_named` maps every name to
       its block, in use or cached; a named block has no owner and is full.
-  I9. the contents hash (`Digest.contents`, services/kvmanager/contents.py) sums every held block's
+  I9. the contents hash (`Digest.contents`, apar/engine/kv/contents.py) sums every held block's
       owner or name, fill and count, whatever ops brought the ledger there.
 
 `advance` is lazy, so a replica's decode step costs O(held + blocks filled), not O(open threads): the
@@ -54,7 +54,7 @@ from itertools import repeat
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from services.kvmanager.contents import COUNT, MASK, USED, block_key, block_keys, name_weight, thread_key
+from apar.engine.kv.contents import COUNT, MASK, USED, block_key, block_keys, name_weight, thread_key
 
 
 class ThreadRef(NamedTuple):
@@ -74,7 +74,7 @@ class Digest(NamedTuple):
     tokens: int
     next_free: int  # the id the next new block gets, -1 when none is free
     named: int = 0  # blocks with a prefix name, in use or cached
-    contents: int = 0  # a hash of every held block's owner, name, fill and count (services/kvmanager/contents.py)
+    contents: int = 0  # a hash of every held block's owner, name, fill and count (apar/engine/kv/contents.py)
 
 
 class LedgerError(RuntimeError):

@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import torch
 
-from services.worker.context_table import Uploader
-from services.worker.sequence import Request, Thread
+from apar.engine.context_table import Uploader
+from apar.engine.sequence import Request, Thread
 
 
 class Penalties:

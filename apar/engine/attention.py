@@ -4,7 +4,7 @@ The engine keeps the Hugging Face model code and owns the cache: the model is lo
 `attn_implementation="apar_paged"`, and every attention layer calls `paged_attention`, which finds the
 step's `StepBatch` in `CurrentStep` (`ModelRunner.call_model` sets it around the model call). Per layer
 the function first writes the new K/V of every token into its slot (so a child's `[Child]` sees its
-parent's `[Fork]` written in the same step), then hands the queries to the step's backend (`services/worker/backends/`), which lets each token attend
+parent's `[Fork]` written in the same step), then hands the queries to the step's backend (`apar/engine/backends/`), which lets each token attend
 to exactly its thread's context using the metadata it prepared once for the step. Compiled layers use
 `paged_attention_compiled`, the same two parts traced without a graph break.
 """
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import AttentionInterface
 
-from services.worker.backends.base import AttentionBackend
+from apar.engine.backends.base import AttentionBackend
 
 ATTN_NAME = "apar_paged"
 SLOT_ALIGN = 128  # the pool's slots come in whole multiples of this (the flex backend's KV block)

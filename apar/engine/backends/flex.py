@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from services.worker.backends.base import AttentionBackend, ChunkMeta, StepData
+from apar.engine.backends.base import AttentionBackend, ChunkMeta, StepData
 
 KV_BLOCK = 128  # slots per block of the block mask; the pool is allocated in whole multiples of it
 QUERIES = 16  # threads per element: one kernel block of queries (a request's threads read a prefix once)

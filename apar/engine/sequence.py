@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from services.protocol.events import FinishReason, Usage
-from services.protocol.params import SamplingParams
+from apar.engine.events import FinishReason, Usage
+from apar.engine.params import SamplingParams
 
 
 @dataclass(slots=True, eq=False)
@@ -33,7 +33,7 @@ class Thread:
     finish: FinishReason | None = None
     in_ledger: bool = False  # the ledger knows it: the root from admission, an answer root from its
     # creation, a child from the step its parent feeds the [Fork] (so that the [Fork] slot exists first)
-    # its context's slots live in a row of the device context table (services/worker/context_table.py),
+    # its context's slots live in a row of the device context table (apar/engine/context_table.py),
     # index = position, valid below n_ctx; `new_slots`: slots the ledger gave it, not yet laid out in a step
     row: int | None = None
     n_ctx: int = 0
@@ -48,7 +48,7 @@ class Thread:
     # ledger; their tokens count as computed, so its prefill starts after them
     reused: int = 0
     # when its request has a penalty: its row of the penalty tables, and where each token id of its
-    # context sits in that row (services/worker/penalties.py)
+    # context sits in that row (apar/engine/penalties.py)
     penalty_row: int | None = None
     penalty_slots: dict[int, int] | None = None
 
