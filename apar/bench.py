@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
+from apar.engine.engine import Engine
 from apar.engine.events import RequestFinished
 from apar.engine.params import SamplingParams
-from apar.engine.engine import Engine
 from apar.engine.sequence import ReplayNode
 
 

@@ -25,15 +25,15 @@ from transformers import MistralConfig, Qwen2Config
 import tests.test_engine_golden as golden
 import tests.test_engine_n as answers
 import tests.test_engine_pressure as pressure
-from apar.modelgen import ModelShape, random_model, save_model
-from apar.engine.events import TokenEvent
-from apar.engine.params import SamplingParams
 from apar.engine.backends import BACKENDS, cascade, native
 from apar.engine.backends.base import Run, attention_with_lse, merge_by_lse
 from apar.engine.backends.cascade import Span, plan_cascade
 from apar.engine.config import EngineConfig
 from apar.engine.engine import Engine
+from apar.engine.events import TokenEvent
+from apar.engine.params import SamplingParams
 from apar.engine.sequence import ReplayNode
+from apar.modelgen import ModelShape, random_model, save_model
 
 WINDOW = 8  # positions: far shorter than the golden contexts (prompts of 5-40 tokens, trees below)
 
@@ -237,8 +237,8 @@ class _Request:
 def test_auto_gives_way_to_cascade_when_flex_cannot_run(llama_dir, monkeypatch):
     """`auto` that picked flex (on CUDA) and cannot run it (no compiler, a kernel error) before its first
     success decodes with cascade instead; `--attention flex` asked explicitly fails loudly."""
-    import apar.engine.model_runner as model_runner
     from apar.engine.backends import flex
+    import apar.engine.model_runner as model_runner
 
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler here")

@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from apar.engine.events import RequestFinished, ThreadStarted, TokenEvent
-from apar.engine.params import SamplingParams
 from apar.engine.config import EngineConfig
 from apar.engine.engine import Engine
+from apar.engine.events import RequestFinished, ThreadStarted, TokenEvent
+from apar.engine.params import SamplingParams
 from apar.engine.sequence import ReplayNode, random_tree
 
 

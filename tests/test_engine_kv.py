@@ -1,10 +1,10 @@
 """KV accounting through the real engine: blocks per step, early release, cancellation, a full pool."""
 import pytest
 
-from apar.engine.events import FinishReason, RequestFinished
-from apar.engine.params import SamplingParams
 from apar.engine.config import EngineConfig
 from apar.engine.engine import Engine
+from apar.engine.events import FinishReason, RequestFinished
+from apar.engine.params import SamplingParams
 from apar.engine.sequence import ReplayNode
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import logging
 
-from apar.engine.events import FinishReason
-from apar.engine.params import SamplingParams
 from apar.engine.config import EngineConfig
 from apar.engine.engine import Engine
+from apar.engine.events import FinishReason
+from apar.engine.params import SamplingParams
 from services.worker.loop import INTERNAL_ERROR, EngineLoop
 from tests.test_kv_outage import Requests
 

@@ -11,14 +11,15 @@ from collections import Counter
 import torch
 from transformers import AutoModelForCausalLM
 
-from apar.engine.kv.ledger import KVLedger
-from services.kvmanager.manager import InProcessClient, KVManager
-from apar.engine.events import FinishReason, RequestFinished, ThreadFinished, ThreadStarted, TokenEvent
-from apar.engine.params import SamplingParams
 from apar.engine.config import EngineConfig
 from apar.engine.engine import Engine
-from services.worker.kv import RemoteKV
+from apar.engine.events import FinishReason, RequestFinished, ThreadFinished, ThreadStarted, TokenEvent
+from apar.engine.kv.ledger import KVLedger
+from apar.engine.params import SamplingParams
 from apar.engine.sequence import ReplayNode, random_tree
+from services.kvmanager.inprocess import InProcessClient
+from services.kvmanager.manager import KVManager
+from services.worker.kv import RemoteKV
 from tests.test_engine_golden import reference_logits
 
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from apar.engine.events import FinishReason, RequestFinished, ThreadStarted, TokenEvent
-from apar.engine.params import SamplingParams
 from apar.engine.config import ControlTokens, EngineConfig
 from apar.engine.engine import Engine
+from apar.engine.events import FinishReason, RequestFinished, ThreadStarted, TokenEvent
+from apar.engine.params import SamplingParams
 
 PROMPT = [17, 250, 33, 99, 140, 61, 7]
 

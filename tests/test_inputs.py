@@ -3,10 +3,10 @@ import json
 
 import pytest
 
-from apar.engine.errors import CapacityError, UserError
-from apar.engine.params import SamplingParams
 from apar.engine.config import ControlTokens, EngineConfig
 from apar.engine.engine import Engine
+from apar.engine.errors import CapacityError, UserError
+from apar.engine.params import SamplingParams
 
 
 @pytest.mark.parametrize("kwargs, words", [

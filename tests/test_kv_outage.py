@@ -15,12 +15,12 @@ import threading
 import pytest
 
 from apar.bench_suite.simulated import ScratchRedis
-from services.kvmanager import convert
-from services.kvmanager.service import serve
-from apar.engine.events import FinishReason, RequestFinished, ThreadStarted, TokenEvent
-from apar.engine.params import SamplingParams
 from apar.engine.config import EngineConfig
 from apar.engine.engine import Engine
+from apar.engine.events import FinishReason, RequestFinished, ThreadStarted, TokenEvent
+from apar.engine.params import SamplingParams
+from services.kvmanager import convert
+from services.kvmanager.service import serve
 from services.worker.kv import MANAGER_UNAVAILABLE, RemoteKV
 from services.worker.kvclient import KVManagerClient
 from services.worker.loop import EngineLoop

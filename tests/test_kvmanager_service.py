@@ -16,15 +16,15 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from apar.protogen import stubs
-from services.kvmanager import convert
-from services.grpc_common import MAX_MESSAGE
-from services.kvmanager.codec import snapshot_parts, snapshot_to_bytes
+from apar.bench_suite.simulated import ScratchRedis, SimWorker, free_port
 from apar.engine.kv.ledger import KVLedger, ThreadRef
+from apar.protogen import stubs
+from services.grpc_common import MAX_MESSAGE
+from services.kvmanager import convert
+from services.kvmanager.codec import snapshot_parts, snapshot_to_bytes
 from services.kvmanager.records import MAX_BLOCKS
 from services.kvmanager.replication import Batch, StepLog
 from services.kvmanager.service import serve
-from apar.bench_suite.simulated import ScratchRedis, SimWorker, free_port
 from services.worker.kv import RemoteKV
 from services.worker.kvclient import KVManagerClient
 from tests.faults import wait_until

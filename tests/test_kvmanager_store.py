@@ -8,14 +8,15 @@ import threading
 import pytest
 import redis.connection
 
+from apar.bench_suite.simulated import SimWorker, deliver
 from apar.engine.kv.ledger import KVLedger, ThreadRef
-from services.kvmanager.manager import InProcessClient, KVManager
-from services.kvmanager.metrics import KVMetrics
 from apar.engine.kv.ops import Append
+from services.kvmanager.inprocess import InProcessClient
+from services.kvmanager.manager import KVManager
+from services.kvmanager.metrics import KVMetrics
 from services.kvmanager.records import BadRequest, StoreUnavailable, UnknownWorker, WorkerSpec
 from services.kvmanager.replication import Batch, ReplicaUnavailable, StepLog, WorkerForgotten
 from services.kvmanager.store import RedisStore
-from apar.bench_suite.simulated import SimWorker, deliver
 
 SPEC = WorkerSpec("w1", "127.0.0.1:1", num_blocks=64, block_size=4, ttl_s=30)
 SESSION = 7

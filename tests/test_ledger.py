@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from apar.engine.kv.contents import COUNT, USED, block_key, thread_key
 from apar.engine.kv.ledger import KVLedger, LedgerError, OutOfBlocks, ThreadRef
+from services.kvmanager.replica import ReplicaLedger
 
 R = ThreadRef
 
@@ -90,7 +91,7 @@ def contents(blocks: dict[int, tuple]) -> int:
 
 
 def test_open_threads_advance_in_place_and_the_digest_follows():
-    led = KVLedger(num_blocks=6, block_size=4)
+    led = ReplicaLedger(num_blocks=6, block_size=4)
     a, b, c = R("a", 0), R("b", 0), R("b", 1)
     led.start(a)
     led.append(a, 3)  # block 0, one slot left
@@ -112,7 +113,7 @@ def test_open_threads_advance_in_place_and_the_digest_follows():
     led.check()
     assert led.finish(c) == [2] and led.open_threads() == {b} and led.num_tokens == 10
     led.check()
-    assert KVLedger.from_snapshot(led.snapshot()).digest() == led.digest()
+    assert ReplicaLedger.from_snapshot(led.snapshot()).digest() == led.digest()
 
 
 def test_out_of_blocks_changes_nothing():
@@ -175,7 +176,7 @@ ops = st.lists(
 @settings(max_examples=300, deadline=None)
 @given(ops)
 def test_random_operations_keep_invariants(sequence):
-    led = KVLedger(num_blocks=12, block_size=4)
+    led = ReplicaLedger(num_blocks=12, block_size=4)
     next_thread = {}
     for op, req_i, thr_i, n in sequence:
         req = f"r{req_i}"
@@ -228,7 +229,7 @@ def _append_each_is_append_one_by_one(led: KVLedger, pick: int, n: int) -> None:
     refs = [threads[(pick + 3 * i) % len(threads)] for i in range(n)] if threads else []
     if pick == 7:
         refs.append(R("nobody", 0))
-    other = KVLedger.from_snapshot(led.snapshot())
+    other = ReplicaLedger.from_snapshot(led.snapshot())
     expected, starved_expected, error = [], {"r3"}, None
     for ref in refs:
         if ref.request in starved_expected:
@@ -303,7 +304,7 @@ def test_a_name_held_elsewhere_is_skipped_and_only_full_own_blocks_are_named():
 def test_a_full_named_block_others_reuse_is_never_written_by_its_owner():
     """Found by the property below: the owner of a full prompt block another request reuses appends
     several tokens at once (a prefill chunk): they go to fresh blocks, the shared one is not touched."""
-    led = KVLedger(num_blocks=6, block_size=4)
+    led = ReplicaLedger(num_blocks=6, block_size=4)
     a, b = R("a", 0), R("b", 0)
     led.start(a)
     led.append(a, 4)
@@ -331,7 +332,7 @@ def test_prefix_cache_keeps_invariants_and_reused_blocks_hold_their_tokens(seque
     from apar.engine.prefix import block_hashes
 
     bs = 4
-    led = KVLedger(num_blocks=14, block_size=bs)
+    led = ReplicaLedger(num_blocks=14, block_size=bs)
     content: dict[tuple[int, int], int] = {}  # (block, offset) -> token written there
     prompts = {i: [(i % 3) * 100 + j for j in range(12)][: 4 + 2 * i] for i in range(5)}  # three families
     live: dict[str, int] = {}
@@ -437,7 +438,7 @@ def test_replicas_that_differ_in_contents_with_equal_counts_are_caught(sequence,
     """Two ledgers go through the same ops but one: from then on the six counts of the old digest may
     well agree (they do right after it), while the contents hash differs exactly when the held blocks
     (owner, name, fill, count) differ, through every op after."""
-    worker, replica = KVLedger(num_blocks=12, block_size=4), KVLedger(num_blocks=12, block_size=4)
+    worker, replica = ReplicaLedger(num_blocks=12, block_size=4), ReplicaLedger(num_blocks=12, block_size=4)
     for led in (worker, replica):  # two open threads and two full blocks for the ops that differ
         for request, tokens in (("p", 6), ("q", 5)):
             led.start(R(request, 0))

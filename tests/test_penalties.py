@@ -11,10 +11,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from apar.engine.events import RequestFinished, ThreadStarted, TokenEvent
-from apar.engine.params import SamplingParams
 from apar.engine.config import ControlTokens, EngineConfig
 from apar.engine.engine import Engine
+from apar.engine.events import RequestFinished, ThreadStarted, TokenEvent
+from apar.engine.params import SamplingParams
 from apar.engine.penalties import Penalties
 from apar.engine.sequence import ReplayNode
 

@@ -9,8 +9,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from apar.engine.errors import UserError
 from apar.engine.config import ATTENTION_CHOICES
+from apar.engine.errors import UserError
 
 
 @dataclass(frozen=True, slots=True)

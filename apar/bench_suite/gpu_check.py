@@ -70,9 +70,9 @@ def golden_run(model_dir: Path, attention: str, device: str, dtype: str, graphs:
     "+compile" or "+nocompile" (its decoder layers compiled or not; else the engine's default)."""
     from transformers import AutoModelForCausalLM
 
-    from apar.engine.params import SamplingParams
     from apar.engine.config import EngineConfig
     from apar.engine.engine import Engine
+    from apar.engine.params import SamplingParams
     from apar.engine.sequence import random_tree
 
     attention, compiled = variant(attention)

@@ -104,9 +104,9 @@ def measure(model_dir, cfg: PrefixBenchConfig, data=None) -> dict:
 
     from apar.bench_suite.driver import Job, run_level
     from apar.bench_suite.workloads import warm_up
-    from apar.engine.params import SamplingParams
     from apar.engine.config import EngineConfig
     from apar.engine.engine import Engine
+    from apar.engine.params import SamplingParams
 
     system, ids = prompts(AutoTokenizer.from_pretrained(str(model_dir)), cfg.system_tokens, cfg.requests, data)
     params = SamplingParams(max_tokens=cfg.max_tokens, auto_parallel=False, ignore_eos=True)

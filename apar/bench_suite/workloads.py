@@ -19,9 +19,9 @@ import torch
 from apar.bench import answer_trees_for, tree_tokens
 from apar.bench_suite.driver import Job, LevelPlan, LevelStats, Mode, Progress, run_level, run_levels
 from apar.bench_suite.report import Report, Run
+from apar.engine.config import ControlTokens, EngineConfig
 from apar.engine.errors import UserError
 from apar.engine.params import SamplingParams
-from apar.engine.config import ControlTokens, EngineConfig
 from apar.engine.sequence import ReplayNode
 
 

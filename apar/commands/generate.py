@@ -113,10 +113,10 @@ def run(args) -> int:
         return generate_remote(args, params)
     if not args.model:
         raise UserError("give --model DIR (in-process) or --server HOST:PORT")
+    from apar.engine.engine import Engine
     from apar.quiet import quiet_transformers
     from services.router.prompt import encode_prompt
     from services.router.stream import Final, LinearDelta, RequestStream
-    from apar.engine.engine import Engine
 
     quiet_transformers()
     engine = Engine(args.model, engine_config(args))

@@ -181,7 +181,8 @@ def _public_security(args):
 
 def _embedded_kv_manager(engine, loop) -> None:
     """The KV manager in this process, in memory: the worker's ledger is mirrored by it as in a cluster."""
-    from services.kvmanager.manager import InProcessClient, KVManager
+    from services.kvmanager.inprocess import InProcessClient
+    from services.kvmanager.manager import KVManager
     from services.worker.kv import RemoteKV
 
     client = InProcessClient(KVManager(store=None), "embedded", "in-process", engine.ledger.num_blocks,

@@ -28,17 +28,17 @@ from pathlib import Path
 
 import torch
 
-from apar.engine.errors import UserError
-from apar.engine.kv.ledger import KVLedger, ThreadRef
-from apar.engine.kv.ops import Append, Finish, Fork, Name, Op, Release, Reuse, Start
-from apar.engine.events import Event, FinishReason, RequestFinished, ThreadFinished, ThreadStarted, TokenEvent
-from apar.engine.params import SamplingParams
-from apar.engine.prefix import block_hashes
 from apar.engine.backends.base import StepData
 from apar.engine.config import EngineConfig
+from apar.engine.errors import UserError
+from apar.engine.events import Event, FinishReason, RequestFinished, ThreadFinished, ThreadStarted, TokenEvent
+from apar.engine.kv.ledger import KVLedger, ThreadRef
 from apar.engine.kv.local import LocalKV
+from apar.engine.kv.ops import Append, Finish, Fork, Name, Op, Release, Reuse, Start
 from apar.engine.model_runner import ModelRunner
+from apar.engine.params import SamplingParams
 from apar.engine.penalties import Penalties
+from apar.engine.prefix import block_hashes
 from apar.engine.sampler import fork_allowed, sample
 from apar.engine.scheduler import Scheduler, Work
 from apar.engine.sequence import ReplayCursor, ReplayNode, Request, Thread, context_tokens

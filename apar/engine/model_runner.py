@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from apar.engine.errors import UserError
 from apar.engine.attention import ATTN_NAME, ATTN_NAME_COMPILED, CurrentStep, KVPool, StepBatch, attach_pools
 from apar.engine.backends import make_backend, resolve
 from apar.engine.backends.base import AttentionBackend, StepData
 from apar.engine.config import EngineConfig
 from apar.engine.context_table import ContextTable
+from apar.engine.errors import UserError
 from apar.engine.fusion import fuse_projections
 
 log = logging.getLogger(__name__)

@@ -125,10 +125,10 @@ def run_eval(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from apar.data.pipeline import load_records
+    from apar.engine.params import SamplingParams
     from apar.split import data_dir
     from apar.train.evaluate import generate_all, held_out_prompts, report
     from apar.train.trainer import SUMMARY_FILE
-    from apar.engine.params import SamplingParams
 
     for directory in (args.apar, args.ar):
         if not (directory / "config.json").is_file():

@@ -57,10 +57,10 @@ def well_formed(text: str) -> bool:
 
 def generate_all(model_dir: Path, prompts: list[str], params) -> list[Answer]:
     """Answer every prompt with one engine, all requests in flight together."""
+    from apar.engine.engine import Engine
     from apar.quiet import quiet_transformers
     from services.router.prompt import encode_prompt
     from services.router.stream import RequestStream
-    from apar.engine.engine import Engine
 
     quiet_transformers()
     engine = Engine(str(model_dir))

@@ -35,7 +35,8 @@ from dataclasses import dataclass
 from itertools import islice
 
 from apar.engine.kv.ledger import Digest, KVLedger
-from apar.engine.kv.ops import Op, StepAnswer, apply, record
+from apar.engine.kv.ops import Op
+from apar.engine.kv.step import StepAnswer, apply, record
 
 
 class ReplicaUnavailable(ConnectionError):

@@ -39,8 +39,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from apar.engine.errors import UserError
-from services.protocol.convert import DEFAULT_MAX_TOKENS
 from apar.engine.params import MAX_DEPTH, MAX_THREADS, PENALTY_RANGE, SamplingParams
+from services.protocol.convert import DEFAULT_MAX_TOKENS
 from services.router.gateway import Gateway, GatewayError, Job
 from services.router.guard import current_caller
 from services.router.http_server import HttpGuard

@@ -23,7 +23,8 @@ import threading
 import time
 
 from apar.engine.kv.ledger import KVLedger
-from apar.engine.kv.ops import Op, StepAnswer
+from apar.engine.kv.ops import Op
+from apar.engine.kv.step import StepAnswer
 from services.kvmanager.replication import ReplicaUnavailable, StepLog, WorkerFenced, WorkerForgotten
 
 log = logging.getLogger(__name__)

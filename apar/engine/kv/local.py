@@ -8,7 +8,8 @@ blocks are free in the step it ends. In cluster mode the worker passes a `Remote
 from __future__ import annotations
 
 from apar.engine.kv.ledger import KVLedger
-from apar.engine.kv.ops import Op, StepAnswer, apply
+from apar.engine.kv.ops import Op
+from apar.engine.kv.step import StepAnswer, apply
 
 
 class LocalKV:
