@@ -18,7 +18,7 @@ import torch
 from apar.engine.engine import Engine
 from apar.engine.events import RequestFinished
 from apar.engine.params import SamplingParams
-from apar.engine.sequence import ReplayNode
+from apar.engine.replay import ReplayNode
 
 
 @dataclass(slots=True)

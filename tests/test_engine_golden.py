@@ -12,7 +12,7 @@ from apar.engine.config import EngineConfig
 from apar.engine.engine import Engine
 from apar.engine.events import RequestFinished, ThreadStarted, TokenEvent
 from apar.engine.params import SamplingParams
-from apar.engine.sequence import ReplayNode, random_tree
+from apar.engine.replay import ReplayNode, random_tree
 
 
 def reference_logits(model, context: list[int]) -> torch.Tensor:

@@ -5,7 +5,7 @@ from apar.engine.config import EngineConfig
 from apar.engine.engine import Engine
 from apar.engine.events import FinishReason, RequestFinished
 from apar.engine.params import SamplingParams
-from apar.engine.sequence import ReplayNode
+from apar.engine.replay import ReplayNode
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from apar.engine.errors import CapacityError, UserError
 from apar.engine.events import FinishReason
 from apar.engine.kv.ledger import ThreadRef
 from apar.engine.params import SamplingParams
-from apar.engine.sequence import ReplayNode
+from apar.engine.replay import ReplayNode
 from services.kvmanager.inprocess import InProcessClient
 from services.kvmanager.manager import KVManager
 from services.worker.kv import RemoteKV

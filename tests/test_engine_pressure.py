@@ -16,7 +16,7 @@ from apar.engine.engine import Engine
 from apar.engine.events import FinishReason, RequestFinished, ThreadFinished, ThreadStarted, TokenEvent
 from apar.engine.kv.ledger import KVLedger
 from apar.engine.params import SamplingParams
-from apar.engine.sequence import ReplayNode, random_tree
+from apar.engine.replay import ReplayNode, random_tree
 from services.kvmanager.inprocess import InProcessClient
 from services.kvmanager.manager import KVManager
 from services.worker.kv import RemoteKV

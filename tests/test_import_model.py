@@ -19,7 +19,7 @@ from apar.engine.engine import Engine
 from apar.engine.errors import UserError
 from apar.engine.events import RequestFinished, TokenEvent
 from apar.engine.params import SamplingParams
-from apar.engine.sequence import random_tree
+from apar.engine.replay import random_tree
 from apar.importer import PROVENANCE, import_gguf
 from tests.gguf_tiny import write_tiny_gguf
 

@@ -16,7 +16,7 @@ from apar.engine.engine import Engine
 from apar.engine.events import RequestFinished, ThreadStarted, TokenEvent
 from apar.engine.params import SamplingParams
 from apar.engine.penalties import Penalties
-from apar.engine.sequence import ReplayNode
+from apar.engine.replay import ReplayNode
 
 PROMPT = [17, 250, 33, 99, 140, 61, 7]
 

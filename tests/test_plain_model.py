@@ -21,7 +21,7 @@ from apar.engine.engine import Engine
 from apar.engine.errors import UserError
 from apar.engine.events import RequestFinished, TokenEvent
 from apar.engine.params import SamplingParams
-from apar.engine.sequence import ReplayNode
+from apar.engine.replay import ReplayNode
 from apar.protogen import stubs
 from services.router.prompt import encode_prompt
 from tests.procs import Proc, free_port

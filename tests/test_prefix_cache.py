@@ -18,7 +18,7 @@ from apar.engine.config import EngineConfig
 from apar.engine.engine import Engine
 from apar.engine.events import FinishReason, RequestFinished, TokenEvent, Usage
 from apar.engine.params import SamplingParams
-from apar.engine.sequence import random_tree
+from apar.engine.replay import random_tree
 from apar.protogen import stubs
 from services.protocol.convert import events_from_pb, events_to_pb
 from services.worker.metrics import WorkerMetrics

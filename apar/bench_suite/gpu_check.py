@@ -73,7 +73,7 @@ def golden_run(model_dir: Path, attention: str, device: str, dtype: str, graphs:
     from apar.engine.config import EngineConfig
     from apar.engine.engine import Engine
     from apar.engine.params import SamplingParams
-    from apar.engine.sequence import random_tree
+    from apar.engine.replay import random_tree
 
     attention, compiled = variant(attention)
     eng = Engine(model_dir, EngineConfig(block_size=4, num_blocks=256, max_batch_tokens=16, device=device,

@@ -53,7 +53,7 @@ def _requests(engine, batch: str, seed: int) -> None:
     import random
 
     from apar.engine.params import SamplingParams
-    from apar.engine.sequence import ReplayNode
+    from apar.engine.replay import ReplayNode
 
     rng = random.Random(seed)
     plain = [i for i in range(10, 900) if i not in (engine.fork_id, engine.child_id, *engine.eos_ids)]

@@ -22,7 +22,7 @@ from apar.bench_suite.report import Report, Run
 from apar.engine.config import ControlTokens, EngineConfig
 from apar.engine.errors import UserError
 from apar.engine.params import SamplingParams
-from apar.engine.sequence import ReplayNode
+from apar.engine.replay import ReplayNode
 
 
 @dataclass(frozen=True, slots=True)

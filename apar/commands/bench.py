@@ -135,7 +135,7 @@ def run_engine_bench(args) -> int:
     items = answer_trees(engine, args.requests, args.max_answer_tokens, args.seed, args.data)
     threads = sum(t.threads() for _, t, _ in items)
     print(f"\n1) {len(items)} test-split answers replayed concurrently ({threads} threads in all)")
-    from apar.engine.sequence import ReplayNode
+    from apar.engine.replay import ReplayNode
 
     run_replay(engine, "warm-up", [(p, t) for p, t, _ in items[:2]], True)
     apar_runs, ar_runs = [], []

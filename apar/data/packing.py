@@ -1,4 +1,4 @@
-"""Tree-packed training examples: a whole paragraph tree as ONE sequence (SPEC section 4).
+"""Tree-packed training examples: a whole paragraph tree as ONE sequence (docs/design.md, "Paragraph trees").
 
 Data flow: `tokenize_tree(prompt, tree, tokenizer)` -> `TokenTree` (prompt ids + each thread's ids, a
 child's starting with `[Child]`, every thread ending with EOS) -> `pack(token_tree)` -> `PackedExample`

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,7 +31,8 @@ import torch
 from apar.engine.backends.base import StepData
 from apar.engine.config import EngineConfig
 from apar.engine.errors import UserError
-from apar.engine.events import Event, FinishReason, RequestFinished, ThreadFinished, ThreadStarted, TokenEvent
+from apar.engine.events import Event, FinishReason, RequestFinished, ThreadStarted
+from apar.engine.forks import ForkRules
 from apar.engine.kv.ledger import KVLedger, ThreadRef
 from apar.engine.kv.local import LocalKV
 from apar.engine.kv.ops import Append, Finish, Fork, Name, Op, Release, Reuse, Start
@@ -39,26 +40,18 @@ from apar.engine.model_runner import ModelRunner
 from apar.engine.params import SamplingParams
 from apar.engine.penalties import Penalties
 from apar.engine.prefix import block_hashes
-from apar.engine.sampler import fork_allowed, sample
+from apar.engine.replay import ReplayCursor, ReplayNode
+from apar.engine.results import StepResult, TokenResults
 from apar.engine.scheduler import Scheduler, Work
-from apar.engine.sequence import ReplayCursor, ReplayNode, Request, Thread, context_tokens
+from apar.engine.sequence import Request, Thread
 from apar.engine.step_builder import StepBuilder
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(slots=True)
-class StepResult:
-    events: list[Event]
-    tokens: int = 0  # tokens computed in this step (prefill and decode)
-    sampled: int = 0
-    # (request, thread) -> (context token ids, logits [V]) when the engine keeps logits (tests)
-    logits: dict[tuple[str, int], tuple[list[int], torch.Tensor]] = field(default_factory=dict)
-    # (request, thread) -> the row its token was chosen from: penalties and bans applied (tests)
-    chosen_from: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+class Engine(TokenResults, ForkRules):
+    """The step loop over a model, a KV ledger and a scheduler (the module's docstring says how)."""
 
-
-class Engine:
     def __init__(self, model_dir: str | Path, config: EngineConfig | None = None, keep_logits: bool = False,
                  kv_factory=None):
         self.config = config or EngineConfig()
@@ -71,7 +64,7 @@ class Engine:
         self.penalties = Penalties(self.runner.device, {t for t in (self.fork_id, self.child_id) if t is not None})
         self.ledger = KVLedger(self.runner.num_blocks, self.config.block_size)
         self.kv = LocalKV(self.ledger)
-        self.batcher = StepBuilder(self.runner.contexts)
+        self.step_builder = StepBuilder(self.runner.contexts)
         n = self.ledger.num_blocks
         self.scheduler = Scheduler(self.ledger, self.config.max_batch_tokens,
                                    admit_watermark=int(self.config.admit_watermark * n))
@@ -211,7 +204,21 @@ class Engine:
     # ---- one step ----------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> StepResult:
+        """One step: schedule the work (and its KV slots), run the model, apply the sampled tokens."""
         result = StepResult(events=[])
+        work = self._schedule(result)
+        if not work:  # nothing to run (at most forks of recomputed threads, which the ledger now has)
+            self.kv.flush()
+            self.penalties.flush()
+            return result
+        step, samplers, prefilled = self._build_step(work)
+        logits = self.runner.forward(step)  # [S, V]: one row per sampling thread
+        self._apply_results(step, samplers, prefilled, logits, result)
+        return result
+
+    def _schedule(self, result: StepResult) -> list[Work]:
+        """The step's work, with its slots in the ledger: plan the decoding threads, admit on what is
+        free, plan the catch-up chunks, make room (preempting under pressure), allocate."""
         work = self.scheduler.plan_decode()
         need = self.scheduler.blocks_needed(work)  # new blocks per request
         for req in self.scheduler.admit(reserve=sum(need.values())):
@@ -221,15 +228,13 @@ class Engine:
         decoding = len(work)
         self.scheduler.plan_catch_up(work)
         need.update(self.scheduler.blocks_needed(work[decoding:]))  # catching up: other requests
-        work = self._allocate(self._make_room(work, need, result), result)
-        if not work:  # nothing to run (at most forks of recomputed threads, which the ledger now has)
-            self.kv.flush()
-            self.penalties.flush()
-            return result
-        batch, samplers, prefilled = self._build_batch(work)
-        logits = self.runner.forward(batch)  # [S, V]
+        return self._allocate(self._make_room(work, need, result), result)
+
+    def _apply_results(self, step: StepData, samplers: list[tuple[Request, Thread]], prefilled: list[Work],
+                       logits: torch.Tensor, result: StepResult) -> None:
+        """Name the prompts just written, sample and apply each thread's token, end finished requests."""
         self.steps += 1
-        result.tokens = batch.num_tokens
+        result.tokens = step.num_tokens
         self._name_prompts(prefilled)  # before sampling: a root may end there
         produced = self._sample(samplers, logits, result)
         for req in list(self.scheduler.running):
@@ -240,7 +245,6 @@ class Engine:
                 result.events.extend(self._end_request(req, None))
         self.peak_blocks = max(self.peak_blocks, self.ledger.num_used)
         self.penalties.flush()  # the step's tokens counted, the rows of ended threads free
-        return result
 
     # ---- pressure ----------------------------------------------------------------------------------
     def _make_room(self, work: list[Work], need: dict[str, int], result: StepResult) -> list[Work]:
@@ -337,10 +341,10 @@ class Engine:
             self.runner.contexts.push(t, [b * bs + o for b, o in slots])
         return [w for w in work if w.request.id not in failed and w.n]
 
-    def _build_batch(self, work: list[Work]) -> tuple[StepData, list[tuple[Request, Thread]], list[Work]]:
+    def _build_step(self, work: list[Work]) -> tuple[StepData, list[tuple[Request, Thread]], list[Work]]:
         """The step's data (`StepBuilder`), then count its tokens as computed (and in usage); also the
         roots' chunks that complete their prompt."""
-        step, samplers = self.batcher.build(work, self.runner.backend.uses_runs)
+        step, samplers = self.step_builder.build(work, self.runner.backend.uses_runs)
         prefilled = []
         for w in work:
             t, n = w.thread, w.n
@@ -377,207 +381,9 @@ class Engine:
             if names:
                 self.kv.defer(Name(ThreadRef(w.request.id, t.id), t.reused, tuple(names)))
 
-    def _sample(self, samplers: list[tuple[Request, Thread]], logits: torch.Tensor, result: StepResult) -> set[str]:
-        """Pick one token per sampling thread (logits: [S, V], row i for samplers[i]); apply them in order.
-
-        The penalties a request asks for go first, on the device, to its rows only (`Penalties`: each
-        thread's own context counts); then the control-token bans.
-        Bans known before the step are applied to all rows at once; greedy rows take one argmax
-        together; a sampling request draws from its own generator, its threads in id order (and the
-        first tokens of answers 1..n-1 right after the root's first, from the same row). The fork
-        rules are checked again as each token is applied (`_apply`), since a sibling's fork in the same
-        step may have used up a limit. Returns the ids of requests that produced.
-        """
-        if self.keep_logits:
-            for (req, t), row in zip(samplers, logits):
-                result.logits[(req.id, t.id)] = (context_tokens(t), row.detach().to("cpu", copy=True))
-        self.penalties.apply(logits, samplers)
-        if self.child_id is not None:
-            logits[:, self.child_id] = float("-inf")
-        limit = self.runner.max_positions
-        allowed = [fork_allowed(req, t, self.fork_id, self.child_id, limit) for req, t in samplers]
-        tight = self.ledger.num_free < self.fork_watermark
-        if tight:  # memory first: a fork the model wanted is refused, the thread goes on sequentially
-            wanted = [i for i, ok in enumerate(allowed) if ok and samplers[i][1].replay is None]
-            if wanted:
-                top = logits[wanted].argmax(dim=-1).tolist()
-                for i, tok in zip(wanted, top):
-                    if tok == self.fork_id:
-                        self._refused(samplers[i][0])
-        no_fork = [i for i, ok in enumerate(allowed) if not ok or tight]
-        if no_fork and self.fork_id is not None:
-            logits[_rows(logits, no_fork), self.fork_id] = float("-inf")
-        no_eos = [i for i, (req, _) in enumerate(samplers) if req.params.ignore_eos]
-        if no_eos:
-            rows = _rows(logits, no_eos)
-            for eos in self._eos_list:
-                logits[rows, eos] = float("-inf")
-        if self.keep_logits:
-            for (req, t), row in zip(samplers, logits):
-                result.chosen_from[(req.id, t.id)] = row.detach().to("cpu", copy=True)
-        chosen: list[int | None] = [None] * len(samplers)
-        greedy, by_request = [], {}
-        for i, (req, t) in enumerate(samplers):
-            if t.replay is not None:
-                chosen[i] = t.replay.next_token(self.eos_ids)
-            elif req.params.greedy:
-                greedy.append(i)
-            else:
-                by_request.setdefault(req.id, []).append(i)
-        if greedy:
-            for i, tok in zip(greedy, logits[_rows(logits, greedy)].argmax(dim=-1).tolist()):
-                chosen[i] = tok
-        for rows in by_request.values():
-            req = samplers[rows[0]][0]
-            for i, tok in zip(rows, sample(logits[rows], req.params, req.generator).tolist()):
-                chosen[i] = tok
-        for i, ((req, t), token) in enumerate(zip(samplers, chosen)):
-            if token == self.fork_id and (tight or not fork_allowed(req, t, self.fork_id, self.child_id, limit)):
-                token = self._instead_of_fork(req, t, logits[i], tight)
-            if req.params.n > 1 and t.id == 0 and len(t.kv_tokens) == t.n_prompt:  # the root's first token
-                self._open_answers(req, token, logits[i], result)
-            else:
-                self._apply(req, t, token, result)
-        result.sampled += len(samplers)
-        return {req.id for req, _ in samplers}
-
-    def _instead_of_fork(self, req: Request, t: Thread, row: torch.Tensor, tight: bool) -> int | None:
-        """A [Fork] that may not happen now (memory, or a limit a sibling reached in this step): a
-        replayed thread inlines that child and goes on; a sampled one picks again without [Fork]."""
-        if t.replay is None:  # row: [V], already without [Fork] where the ban was known before
-            row = row.clone()
-            row[self.fork_id] = float("-inf")
-            if req.params.greedy:
-                return int(row.argmax())
-            return int(sample(row[None], req.params, req.generator)[0])
-        token: int | None = self.fork_id
-        while token == self.fork_id:
-            if tight:
-                self._refused(req)
-            t.replay.inline()
-            token = t.replay.next_token(self.eos_ids)
-        return token
-
-    def _open_answers(self, req: Request, token: int, row: torch.Tensor, result: StepResult) -> None:
-        """The root's prefill is done and it sampled `token` from `row` ([V], bans applied): draw the
-        first tokens of answers 1..n-1 from the same row (after the root's draw, in answer order), fork
-        their roots from the root's prompt, then apply every answer's first token.
-
-        The forks reach the ledger before the root's first token gets its slot (before the root can
-        end, too), so the answers share exactly the prompt's blocks, its last one sealed."""
-        root = req.root
-        extra = req.params.n - 1
-        if req.params.greedy:
-            tokens = [token] * extra
-        else:
-            tokens = sample(row.expand(extra, -1), req.params, req.generator).tolist()  # [n-1, V] -> [n-1]
-        answers = []
-        for k, tok in enumerate(tokens, start=1):
-            a = Thread(id=len(req.threads), parent=root, anchor=-1, start_pos=root.n_prompt, depth=0,
-                       kv_tokens=[], answer=k, in_ledger=True)
-            self.kv.defer(Fork(ThreadRef(req.id, root.id), ThreadRef(req.id, a.id)))
-            self.runner.contexts.fork(root, a)
-            req.add_thread(a)
-            if root.penalty_row is not None:
-                self.penalties.open_thread(a, root)
-            root.children.append(a)
-            answers.append((a, tok))
-        self._apply(req, root, token, result)
-        for a, tok in answers:
-            result.events.append(ThreadStarted(req.id, a.id, None, -1))  # to the client: a new answer
-            self._apply(req, a, tok, result)
-
-    def _refused(self, req: Request) -> None:
-        req.usage.forks_refused += 1
-        self.forks_refused += 1
-
-    def _apply(self, req: Request, t: Thread, token: int | None, result: StepResult) -> None:
-        """Add one sampled token to a thread: extend it, fork a child, or end it (its whole answer when
-        the answer's budget is spent)."""
-        if not t.running:
-            return
-        if req.budget_left(t.answer) <= 0:
-            self._end_threads(req, FinishReason.LENGTH, result, t.answer)
-            return
-        if token is None:  # a replayed thread ran out of tokens
-            self._finish_thread(req, t, FinishReason.STOP, result)
-            return
-        req.spend(t.answer)
-        if token in self.eos_ids or token in req.params.stop_token_ids:
-            self._finish_thread(req, t, FinishReason.STOP, result)
-            return
-        t.kv_tokens.append(token)
-        if t.penalty_row is not None:
-            self.penalties.count(t, token)
-        result.events.append(TokenEvent(req.id, t.id, token))
-        if token == self.fork_id:
-            self._fork(req, t, result)
-        if t.start_pos + len(t.kv_tokens) >= self.runner.max_positions:
-            self._finish_thread(req, t, FinishReason.LENGTH, result)
-        if req.budget_left(t.answer) <= 0:
-            self._end_threads(req, FinishReason.LENGTH, result, t.answer)
-
-    def _fork(self, req: Request, parent: Thread, result: StepResult) -> None:
-        anchor = len(parent.output_tokens) - 1
-        child = Thread(id=len(req.threads), parent=parent, anchor=anchor,
-                       start_pos=parent.start_pos + len(parent.kv_tokens), depth=parent.depth + 1,
-                       kv_tokens=[self.child_id], answer=parent.answer)
-        if parent.replay is not None:
-            child.replay = ReplayCursor(parent.replay.child(), self.fork_id)
-        req.add_thread(child)
-        if parent.penalty_row is not None:
-            self.penalties.open_thread(child, parent)
-        parent.children.append(child)
-        req.usage.forks += 1
-        self.forks += 1
-        self.forks_by_depth[child.depth] = self.forks_by_depth.get(child.depth, 0) + 1
-        req.spend(child.answer)  # the forced [Child]
-        result.events.append(ThreadStarted(req.id, child.id, parent.id, anchor))
-
-    def _finish_thread(self, req: Request, t: Thread, reason: FinishReason, result: StepResult) -> None:
-        t.finish = reason
-        self.penalties.close_thread(t)
-        if not req.admitted:  # never admitted, never announced: nothing to report
-            return
-        if t.in_ledger:
-            freed = self.kv.defer(Finish(ThreadRef(req.id, t.id)))
-            if req.running_threads:
-                self.blocks_released_early += len(freed)
-        result.events.append(ThreadFinished(req.id, t.id, reason))
-
-    def _end_threads(self, req: Request, reason: FinishReason, result: StepResult, answer: int | None = None) -> None:
-        """Finish the running threads of one answer, or of every answer (None)."""
-        for t in req.threads:
-            if t.running and answer in (None, t.answer):
-                self._finish_thread(req, t, reason, result)
-
-    def _end_request(self, req: Request, reason: FinishReason | None) -> list[Event]:
-        """Finish what still runs, free every block of the request, report it; reason None: all ended."""
-        tmp = StepResult(events=[])
-        if reason is not None:
-            self._end_threads(req, reason, tmp)
-        if req.root.in_ledger:  # not after a preemption: that released it already
-            self.kv.defer(Release(req.id))
-        self.runner.contexts.forget(req.threads)
-        self.penalties.close_request(req)
-        self.scheduler.remove(req)
-        self.requests.pop(req.id, None)
-        if reason is None:
-            reasons = {t.finish for t in req.threads}
-            reason = FinishReason.LENGTH if FinishReason.LENGTH in reasons else FinishReason.STOP
-        req.finish = reason
-        tmp.events.append(RequestFinished(req.id, reason, req.usage, req.error))
-        return tmp.events
-
     # ---- convenience -------------------------------------------------------------------------------
     def run_to_completion(self) -> list[Event]:
         events: list[Event] = []
         while self.has_work():
             events.extend(self.step().events)
         return events
-
-
-def _rows(logits: torch.Tensor, picked: list[int]) -> slice | torch.Tensor:
-    """An index of these rows of `logits`: all of them (an AR batch) as a slice, no index tensor to upload
-    (on a GPU an upload from the host waits for the device); else the rows on the logits' device."""
-    return slice(None) if len(picked) == logits.shape[0] else torch.tensor(picked, device=logits.device)

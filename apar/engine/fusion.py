@@ -2,9 +2,8 @@
 read the same input, so their weights are concatenated once at load and a step multiplies once.
 
 Why: at a decode step's small batch each projection is a matrix-vector product that reads its weight
-once, and a small one (4096 x 4096, 32 MB) runs further below the copy bandwidth than a large one
-(an H200, a Vicuna-7B shape at batch 1: q, k, v and o at 3.2 TB/s, gate and up at 3.8 TB/s, each with
-its own launch, and split-K reductions after the small ones).
+once, and a small one (4096 x 4096, 32 MB) runs further below the copy bandwidth than a large one, each
+with its own launch (docs/benchmarks.md, "Fused projections", has the measurements).
 
 How, without touching the model's code: the first sibling (`q_proj`, `gate_proj`) becomes a `FusedHead`
 that computes every sibling's product and keeps the others' outputs for the input it was given; the

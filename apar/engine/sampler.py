@@ -1,12 +1,8 @@
-"""Per-thread sampling with the APAR control-token rules (SPEC section 3).
+"""Choosing each sampling thread's token from its logits row, once the bans are applied.
 
-Rules applied to a thread's logits before sampling:
-  - `[Child]` is never sampled (it is only forced as a child's first token);
-  - `[Fork]` is banned after `[Fork]` or `[Child]`, in auto-regressive mode, and when a limit is reached
-    (threads per answer, fork depth, fewer than 3 tokens of the answer's budget or of the model's
-    context: [Fork], [Child], one more).
-Each request samples with its own generator, its threads in id order, so the same seed gives the same
-answer whatever else shares the batch.
+A replayed thread takes its next known token (replay.py); greedy rows take one argmax together; each
+sampling request draws from its own generator, its threads in id order, so the same seed gives the same
+answer whatever else shares the batch. The bans themselves (the control-token rules) are in forks.py.
 """
 from __future__ import annotations
 
@@ -14,21 +10,6 @@ import torch
 
 from apar.engine.params import SamplingParams
 from apar.engine.sequence import Request, Thread
-
-
-def fork_allowed(req: Request, thread: Thread, fork_id: int, child_id: int, max_positions: int) -> bool:
-    p = req.params
-    last = thread.kv_tokens[-1]
-    next_pos = thread.start_pos + len(thread.kv_tokens)  # where the [Fork] would sit
-    return (
-        p.auto_parallel
-        and last not in (fork_id, child_id)
-        and thread.n_prompt < len(thread.kv_tokens)  # not the very first token of the answer
-        and req.answer_threads[thread.answer] < p.max_threads
-        and thread.depth < p.max_depth
-        and req.budget_left(thread.answer) >= 3
-        and next_pos + 2 < max_positions  # room for the [Child] and one token of the child
-    )
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
@@ -48,3 +29,32 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def rows_index(logits: torch.Tensor, picked: list[int]) -> slice | torch.Tensor:
+    """An index of these rows of `logits`: all of them (an AR batch) as a slice, no index tensor to upload
+    (on a GPU an upload from the host waits for the device); else the rows on the logits' device."""
+    return slice(None) if len(picked) == logits.shape[0] else torch.tensor(picked, device=logits.device)
+
+
+def choose_tokens(logits: torch.Tensor, samplers: list[tuple[Request, Thread]],
+                  eos_ids: frozenset[int] | set[int]) -> list[int | None]:
+    """One token per row of `logits` ([S, V], bans applied; row i for samplers[i]); None: a replayed
+    thread whose tokens ran out."""
+    chosen: list[int | None] = [None] * len(samplers)
+    greedy, by_request = [], {}
+    for i, (req, t) in enumerate(samplers):
+        if t.replay is not None:
+            chosen[i] = t.replay.next_token(eos_ids)
+        elif req.params.greedy:
+            greedy.append(i)
+        else:
+            by_request.setdefault(req.id, []).append(i)
+    if greedy:
+        for i, tok in zip(greedy, logits[rows_index(logits, greedy)].argmax(dim=-1).tolist()):
+            chosen[i] = tok
+    for rows in by_request.values():
+        req = samplers[rows[0]][0]
+        for i, tok in zip(rows, sample(logits[rows], req.params, req.generator).tolist()):
+            chosen[i] = tok
+    return chosen

@@ -1,9 +1,10 @@
 """Which tokens run in the next step, admission on free blocks, and the order of preemption.
 
 One rule covers prefill, chunked prefill, decode and recompute: each thread's `computed` catches up with
-its `target` (SPEC section 5). Every running thread of a decoding request with one pending token (its
-last sampled one, or a new child's `[Child]`) runs each step; the rest of `max_batch_tokens` goes to
-requests that are catching up, oldest first: a new request's prompt, or a preempted request's threads.
+its `target` (docs/design.md, "Admission and preemption"). Every running thread of a decoding request
+with one pending token (its last sampled one, or a new child's `[Child]`) runs each step; the rest of
+`max_batch_tokens` goes to requests that are catching up, oldest first: a new request's prompt, or a
+preempted request's threads.
 A root that starts in the ledger skips its prompt's cached prefix (the prefix cache): those tokens are
 computed already.
 
@@ -35,9 +36,8 @@ from apar.engine.sequence import Request, Thread
 # A running request opens about one block every `block_size` steps (an AR one exactly; an APAR one opens
 # more with its threads but frees its finished children's at once). Admission keeps one block per running
 # request free besides the watermark: a request admitted into memory the others are about to need would
-# only be preempted again, its prefill wasted. Measured with `apar bench trace` at concurrency 64 in a
-# pool of a third of AR's need: against no such reserve, about a third fewer preemptions and recomputed
-# tokens, tokens per step within 3% for AR and 5% higher for APAR.
+# only be preempted again, its prefill wasted (docs/benchmarks.md, "Admission reserve", has the
+# measurement that chose it).
 GROWTH_BLOCKS_PER_REQUEST = 1
 
 

@@ -3,7 +3,8 @@
 A thread's *kv tokens* are the tokens whose KV it writes: for the root the prompt then its own tokens,
 for a child its own tokens (the first is the forced `[Child]`). `computed` counts the kv tokens already
 in the cache; a thread runs when `computed < len(kv_tokens)`. Positions are consecutive along the path
-from the root, so a kv token's position is also its index in the thread's context (SPEC section 2).
+from the root, so a kv token's position is also its index in the thread's context (docs/design.md,
+"Threads and blocks").
 
 A request for `n` answers has one tree per answer: the root (thread 0, holding the prompt) is answer 0;
 the roots of answers 1..n-1 are the root's children that read its prompt and nothing more, their first
@@ -12,11 +13,15 @@ kv token sampled (no `[Child]`). A forked child belongs to its parent's answer.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from apar.engine.events import FinishReason, Usage
 from apar.engine.params import SamplingParams
+
+if TYPE_CHECKING:
+    from apar.engine.replay import ReplayCursor
 
 
 @dataclass(slots=True, eq=False)
@@ -38,7 +43,7 @@ class Thread:
     row: int | None = None
     n_ctx: int = 0
     new_slots: list[int] = field(default_factory=list)
-    replay: "ReplayCursor | None" = None
+    replay: "ReplayCursor | None" = None  # replay.py: a known thread fed instead of sampled
     children: list["Thread"] = field(default_factory=list)  # in fork order
     # after a preemption, a finished thread whose tokens a running descendant reads: the kv tokens to
     # recompute (up to the last such descendant's [Fork]); 0 when none, or once the ledger has it again
@@ -152,83 +157,6 @@ class Request:
         """Count one completion token (sampled, or a forced [Child]) of the answer."""
         self.answer_tokens[answer] += 1
         self.usage.completion_tokens += 1
-
-
-class ReplayCursor:
-    """Feeds a known thread instead of sampling: its tokens in order, its children at each [Fork].
-
-    A [Fork] the engine refuses (a limit, or memory pressure) is *inlined*: the thread goes on
-    sequentially with that child's tokens (without its closing EOS), then with its own; the restored
-    text stays the same. Frames: (node, next index, inlined); the top one feeds.
-    """
-
-    __slots__ = ("frames", "fork_id", "_last_child")
-
-    def __init__(self, node: "ReplayNode", fork_id: int) -> None:
-        self.frames: list[list] = [[node, 0, False]]
-        self.fork_id = fork_id
-        self._last_child: ReplayNode | None = None
-
-    def next_token(self, eos_ids: frozenset[int] | set[int] = frozenset()) -> int | None:
-        """The next token, or None when the thread's own tokens ran out."""
-        while True:
-            node, index, inlined = self.frames[-1]
-            if inlined and (index >= len(node.tokens) or (index == len(node.tokens) - 1 and node.tokens[index] in eos_ids)):
-                self.frames.pop()  # an inlined child ends: back to the thread that refused its fork
-                continue
-            if index >= len(node.tokens):
-                return None
-            token = node.tokens[index]
-            self.frames[-1][1] = index + 1
-            if token == self.fork_id:
-                k = sum(1 for t in node.tokens[:index] if t == self.fork_id)
-                self._last_child = node.children[k]
-            return token
-
-    def child(self) -> "ReplayNode":
-        """The subtree of the [Fork] just fed (the engine forked)."""
-        assert self._last_child is not None
-        return self._last_child
-
-    def inline(self) -> None:
-        """The [Fork] just fed was refused: feed its child's tokens next, in this thread."""
-        self.frames.append([self.child(), 0, True])
-
-
-@dataclass(slots=True)
-class ReplayNode:
-    """A thread of a known answer: its token ids (with [Fork] where it forks, ending with EOS or not)
-    and one child per [Fork], in order. A child's tokens do not include the forced [Child]."""
-
-    tokens: list[int]
-    children: list["ReplayNode"] = field(default_factory=list)
-
-    def count_forks(self, fork_id: int) -> int:
-        return sum(1 for t in self.tokens if t == fork_id)
-
-    def validate(self, fork_id: int) -> None:
-        if self.count_forks(fork_id) != len(self.children):
-            raise ValueError(f"replay node has {self.count_forks(fork_id)} forks but {len(self.children)} children")
-        for child in self.children:
-            child.validate(fork_id)
-
-    def threads(self) -> int:
-        return 1 + sum(c.threads() for c in self.children)
-
-
-def random_tree(rng, plain: list[int], fork: int, depth: int, eos: int | None) -> ReplayNode:
-    """A random thread for golden tests and checks: 3-12 plain tokens with up to 3 forks (nested while
-    `depth` allows), ending with `eos` half the time. `rng` is a `random.Random`."""
-    tokens: list[int] = []
-    children = []
-    for _ in range(rng.randint(1, 3) if depth > 0 else 0):
-        tokens += rng.sample(plain, rng.randint(1, 4))
-        tokens.append(fork)
-        children.append(random_tree(rng, plain, fork, depth - 1, eos))
-    tokens += rng.sample(plain, rng.randint(2, 6))
-    if eos is not None and rng.random() < 0.5:
-        tokens.append(eos)
-    return ReplayNode(tokens, children)
 
 
 def context_tokens(thread: Thread) -> list[int]:

@@ -1,4 +1,5 @@
-"""The worker's Prometheus metrics, read from the engine on its loop thread after every step (SPEC section 8).
+"""The worker's Prometheus metrics, read from the engine on its loop thread after every step
+(docs/design.md, "Metrics").
 
 Names follow vLLM's (`vllm:num_requests_running` -> `apar_num_requests_running`, ...), with APAR's own
 beside them; every series carries `model_name`. Gauges are set from the engine's state; counters grow by

@@ -28,9 +28,8 @@ def native(device: torch.device) -> list[str]:
 
 def resolve(name: str, device: torch.device, head_dim: int | None = None) -> str:
     """The backend `name` means on `device` (`auto`: triton on CUDA, or flex for a head dim that is not
-    a power of two, which triton's kernels refuse; cascade on the CPU). On an H200 (bf16, 7B shape)
-    triton beat flex at every measure: attention at 64 x 2,048 0.17 against 0.55 ms a layer; the AR step
-    8.2 against 11.3 ms at batch 1 and 42 against 53 ms at batch 64."""
+    a power of two, which triton's kernels refuse; cascade on the CPU). Why triton over flex on a GPU:
+    docs/benchmarks.md, "Attention backends"."""
     if name != "auto":
         return name
     if device.type != "cuda":
@@ -55,7 +54,7 @@ def make_backend(name: str, device: torch.device, pool_slots: int, bytes_per_pos
 
         return FlexBackend(device, pool_slots)
     if name == "triton":
-        from apar.engine.backends.tree import TreeBackend
+        from apar.engine.backends.triton import TritonBackend
 
-        return TreeBackend(device, query_group)
+        return TritonBackend(device, query_group)
     raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(CHOICES)}")

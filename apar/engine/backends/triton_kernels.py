@@ -1,4 +1,4 @@
-"""The Triton kernels of the `triton` backend (`tree.py` says what they compute).
+"""The Triton kernels of the `triton` backend (`triton.py` says what they compute).
 
 `partial`: one program per work item and KV head: the item's reader threads' query heads of that KV head
 as the rows of one matrix, over the item's positions [start, end) of a context-table row, tile by tile,

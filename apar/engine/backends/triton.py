@@ -17,7 +17,7 @@ GPU (split-KV).
 
 Why not flex: its decode kernel checks a mask per (query, slot) inside every visited block, and a block of
 the pool holds several threads' slots, so a thread's private blocks are read (and masked) for all the
-queries of its element (measured on an H100: flex 3.3x the prefix-once floor at 64 x 2,048). Here a
+queries of its element (docs/benchmarks.md, "Attention backends", has the measurements). Here a
 program reads exactly its item's slots, and only the queries that read them are its rows.
 
 Grids and buffers have fixed sizes per padded thread count when a CUDA graph replays the step
@@ -42,11 +42,8 @@ SPLIT = 256  # positions per work item at most (a longer span is cut): each prog
 # interpreter (CPU tests) one numpy op covers a whole tile, so few large tiles run fastest
 BLOCK_N = 64
 BLOCK_N_INTERPRETED = 128
-# the partial kernel's launch on a GPU, timed on an H200 (bf16, 64 threads x 2,048 positions, 1,536 of them
-# shared, 32 heads x 128; Triton 3.6): of BLOCK_N 16-128, 4 or 8 warps, 2-4 stages and SPLIT 128-1,024,
-# BLOCK_N 64 with 4 warps, 2 stages and SPLIT 256 was fastest, 0.168 ms a layer (1.23x the prefix-once
-# floor), against 0.248 ms with BLOCK_N 32, 8 warps, 2 stages (chosen before any GPU run: ptxas counts
-# registers, not time). More stages were slower at every tile size.
+# the partial kernel's launch on a GPU: the fastest of a sweep of tile sizes, warps, stages and SPLIT
+# (docs/benchmarks.md, "Triton kernel tiles", has the sweep and its date)
 NUM_WARPS = 4
 NUM_STAGES = 2
 MAX_ROWS = 64  # query rows (readers x query heads per KV head) in one program at most: its fp32
@@ -63,7 +60,7 @@ class _Items:
 
 
 @dataclass(slots=True)
-class TreeMeta:
+class TritonMeta:
     rows: torch.Tensor | None  # [T] decode rows of the flat batch (int32)
     lens: torch.Tensor | None  # [T] context lengths
     table: torch.Tensor | None  # the context table [rows, positions] int32
@@ -142,7 +139,7 @@ class _Static:
     parts: torch.Tensor
 
 
-class TreeBackend(AttentionBackend):
+class TritonBackend(AttentionBackend):
     name = "triton"
     uses_runs = True
     graphs = True
@@ -155,18 +152,18 @@ class TreeBackend(AttentionBackend):
         self.query_group = query_group  # query heads per KV head: a program holds at most MAX_ROWS rows
         self._static: dict[int, _Static] = {}  # padded threads -> a graph's buffers
         self.shared_steps = 0  # steps that attended some span once for several threads
-        from apar.engine.backends.tree_kernels import kernels
+        from apar.engine.backends.triton_kernels import kernels
 
         self._partial, self._merge = kernels(self.interpret)
 
     # ---- per step ----------------------------------------------------------------------------------
-    def prepare(self, step: StepData, fixed: bool = False) -> TreeMeta | None:
+    def prepare(self, step: StepData, fixed: bool = False) -> TritonMeta | None:
         """The step's work items; `fixed`: in a graph's buffers (fixed grids, refilled in place), or None
         when they cannot hold them (the step runs eagerly)."""
         chunks = self.prepare_chunks(step)
         d = step.decode
         if d is None:
-            return TreeMeta(None, None, None, [], None, None, None, 0, chunks)
+            return TritonMeta(None, None, None, [], None, None, None, 0, chunks)
         n = d.count
         if len(set(d.families)) < n:
             plan = plan_cascade(d.runs, d.host_table_rows, self.min_shared)
@@ -193,7 +190,7 @@ class TreeBackend(AttentionBackend):
         kinds = [_Items(p_items.view(-1, ITEM), 1)]
         if g_items.numel():
             kinds.append(_Items(g_items.view(-1, ITEM), qb))
-        return TreeMeta(d.rows, d.lens, step.contexts.table, kinds, readers, offsets, parts, num_parts, chunks)
+        return TritonMeta(d.rows, d.lens, step.contexts.table, kinds, readers, offsets, parts, num_parts, chunks)
 
     def _fit(self, plan: CascadePlan, per_item: int, caps: tuple[int, ...]) -> Layout | None:
         """The plan's layout in a graph's capacities: spans cut into longer pieces until it fits."""
@@ -211,8 +208,8 @@ class TreeBackend(AttentionBackend):
     def _buffers(self, n: int, per_item: int) -> _Static:
         """A graph's buffers for n (padded) threads: 2n + 8 private items, n + 8 group items (every one of
         them a program per KV head at every replay, most of them empty: few, and long spans cut less); at
-        n = 1 no group items, and no group launch: one thread shares with no other (the AR step at batch 1:
-        a launch of 32 x 9 empty programs a layer, 0.1-0.2 ms a step on an H200)."""
+        n = 1 no group items, and no group launch: one thread shares with no other (at batch 1 a launch of
+        32 x 9 empty programs a layer would cost the AR step time for nothing)."""
         if n not in self._static:
             private, group = 2 * n + 8, (n + 8 if n > 1 else 0)
             readers = private + group * per_item
@@ -226,7 +223,7 @@ class TreeBackend(AttentionBackend):
         return self._static[n]
 
     # ---- per layer ---------------------------------------------------------------------------------
-    def attend(self, meta: TreeMeta, query, k_pool, v_pool, scaling, window):
+    def attend(self, meta: TritonMeta, query, k_pool, v_pool, scaling, window):
         # query: [N, H, D] -> out: [N, H, D]; pools: [Hkv, S, D]
         out = torch.empty_like(query)
         if meta.rows is not None:
@@ -234,7 +231,7 @@ class TreeBackend(AttentionBackend):
         self.attend_chunks(meta.chunks, query, k_pool, v_pool, scaling, window, out)
         return out
 
-    def _decode(self, meta: TreeMeta, query, k_pool, v_pool, scaling, window, out) -> None:
+    def _decode(self, meta: TritonMeta, query, k_pool, v_pool, scaling, window, out) -> None:
         n_heads, dim = query.shape[1:]
         kv_heads = k_pool.shape[0]
         group = n_heads // kv_heads
