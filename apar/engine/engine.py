@@ -38,6 +38,7 @@ from apar.engine.kv.local import LocalKV
 from apar.engine.kv.ops import Append, Finish, Fork, Name, Op, Release, Reuse, Start
 from apar.engine.model_runner import ModelRunner
 from apar.engine.params import SamplingParams
+from apar.engine.pressure import Pressure
 from apar.engine.penalties import Penalties
 from apar.engine.prefix import block_hashes
 from apar.engine.replay import ReplayCursor, ReplayNode
@@ -49,7 +50,7 @@ from apar.engine.step_builder import StepBuilder
 log = logging.getLogger(__name__)
 
 
-class Engine(TokenResults, ForkRules):
+class Engine(TokenResults, ForkRules, Pressure):
     """The step loop over a model, a KV ledger and a scheduler (the module's docstring says how)."""
 
     def __init__(self, model_dir: str | Path, config: EngineConfig | None = None, keep_logits: bool = False,
@@ -245,47 +246,6 @@ class Engine(TokenResults, ForkRules):
                 result.events.extend(self._end_request(req, None))
         self.peak_blocks = max(self.peak_blocks, self.ledger.num_used)
         self.penalties.flush()  # the step's tokens counted, the rows of ended threads free
-
-    # ---- pressure ----------------------------------------------------------------------------------
-    def _make_room(self, work: list[Work], need: dict[str, int], result: StepResult) -> list[Work]:
-        """While the step's new blocks (`need`, per request) exceed the free ones, preempt the most
-        recently admitted request. A request left alone that still does not fit has filled the pool: it
-        ends with `length`. The free count is read again after each preemption: what a victim frees is
-        its own blocks and the named prompt blocks only it read, which stay cached (and count as free)."""
-        free = self.ledger.num_free
-        running = self.scheduler.running
-        gone: set[str] = set()
-        while sum(need.values()) > free and len(running) > 1:
-            victim = running[-1]
-            need.pop(victim.id, None)
-            self._preempt(victim)  # its release is applied to the ledger at once
-            free = self.ledger.num_free
-            gone.add(victim.id)
-        if sum(need.values()) > free:
-            req = running[0]
-            req.error = "the KV cache is full"
-            result.events.extend(self._end_request(req, FinishReason.LENGTH))
-            gone.add(req.id)
-        return [w for w in work if w.request.id not in gone] if gone else work
-
-    def _preempt(self, req: Request) -> None:
-        """Free every block of a running request at once and put it back at the head of the queue; its
-        tokens stay, its KV is recomputed when it is admitted again (parents before children)."""
-        self.scheduler.preempt(req)
-        if not req.root.in_ledger:  # admitted in this step, nothing computed yet: simply not admitted
-            # planning may have marked its recompute as covered: after an earlier preemption it still
-            # has everything to recompute when it is admitted again
-            req.recomputing = req.usage.preemptions > 0
-            return
-        self.kv.defer(Release(req.id))
-        for t in req.threads:
-            t.forget_kv()
-        for t in reversed(req.threads):  # children before parents: `live` is known below each thread
-            if not t.running:
-                t.recompute_to = max((c.fork_offset for c in t.children if c.live), default=0)
-        req.recomputing = True
-        req.usage.preemptions += 1
-        self.preemptions += 1
 
     def _allocate(self, work: list[Work], result: StepResult) -> list[Work]:
         """Give every planned token a slot in ONE ledger call, in plan order: a new root's start, a new
