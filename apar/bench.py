@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from services.protocol.events import RequestFinished
-from services.protocol.params import SamplingParams
-from services.worker.engine import Engine
-from services.worker.sequence import ReplayNode
+from apar.engine.engine import Engine
+from apar.engine.events import RequestFinished
+from apar.engine.params import SamplingParams
+from apar.engine.replay import ReplayNode
 
 
 @dataclass(slots=True)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from apar.errors import UserError
+from apar.engine.errors import UserError
 
 
 def _port() -> int:

@@ -11,7 +11,7 @@ import importlib
 import os
 import sys
 
-from apar.errors import UserError
+from apar.engine.errors import UserError
 
 # Modules that add commands; each has register(subparsers).
 COMMAND_MODULES = (

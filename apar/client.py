@@ -10,7 +10,7 @@ from pathlib import Path
 
 import grpc
 
-from apar.errors import UserError
+from apar.engine.errors import UserError
 from services.router.stream import Final
 
 _STATUS_WORDS = {grpc.StatusCode.INVALID_ARGUMENT: "invalid request", grpc.StatusCode.RESOURCE_EXHAUSTED:

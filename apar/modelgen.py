@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, MistralConfig, Qwen2Config
 
-from apar.errors import UserError
+from apar.engine.errors import UserError
 from apar.split import data_dir
 from apar.tokenizer import CHILD, FORK, save, train_bpe, train_texts
 

@@ -6,7 +6,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from apar.errors import UserError
+from apar.engine.errors import UserError
 
 DATA_ENV = "APAR_DATA"
 # The repository's compressed copy of the AlpacaEval responses (`apar data import` writes it).

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import grpc
 
-from apar.errors import UserError
+from apar.engine.errors import UserError
 from services.grpc_common import aborting_handler, handler_with_trailers
 
 log = logging.getLogger(__name__)

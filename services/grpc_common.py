@@ -8,7 +8,7 @@ import grpc
 from google.protobuf import message as _message
 from google.protobuf import message_factory
 
-from apar.errors import CapacityError, UserError
+from apar.engine.errors import CapacityError, UserError
 
 MAX_MESSAGE = 16 * 1024 * 1024
 

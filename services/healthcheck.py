@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from apar.errors import UserError
+    from apar.engine.errors import UserError
     from services.security import internal_tls, open_channel
 
     try:

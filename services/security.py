@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
-from apar.errors import UserError
+from apar.engine.errors import UserError
 
 log = logging.getLogger(__name__)
 

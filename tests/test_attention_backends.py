@@ -25,15 +25,15 @@ from transformers import MistralConfig, Qwen2Config
 import tests.test_engine_golden as golden
 import tests.test_engine_n as answers
 import tests.test_engine_pressure as pressure
+from apar.engine.backends import BACKENDS, cascade, native
+from apar.engine.backends.base import Run, attention_with_lse, merge_by_lse
+from apar.engine.backends.cascade import Span, plan_cascade
+from apar.engine.config import EngineConfig
+from apar.engine.engine import Engine
+from apar.engine.events import TokenEvent
+from apar.engine.params import SamplingParams
+from apar.engine.replay import ReplayNode
 from apar.modelgen import ModelShape, random_model, save_model
-from services.protocol.events import TokenEvent
-from services.protocol.params import SamplingParams
-from services.worker.backends import BACKENDS, cascade, native
-from services.worker.backends.base import Run, attention_with_lse, merge_by_lse
-from services.worker.backends.cascade import Span, plan_cascade
-from services.worker.config import EngineConfig
-from services.worker.engine import Engine
-from services.worker.sequence import ReplayNode
 
 WINDOW = 8  # positions: far shorter than the golden contexts (prompts of 5-40 tokens, trees below)
 
@@ -201,8 +201,8 @@ def test_decode_graph_path_on_padded_static_buffers(compiled, llama_dir, monkeyp
     (`capture_all`) from padding rows only. Decode steps padded to their bucket (padding rows writing to
     the trash slot, reading row 0) give the plain model's logits, with the flex backend's static block
     tables; with eager layers and with compiled ones (the CUDA default)."""
-    from services.worker.cuda_graphs import DecodeGraphs
-    from services.worker.model_runner import ModelRunner
+    from apar.engine.cuda_graphs import DecodeGraphs
+    from apar.engine.model_runner import ModelRunner
 
     class EagerGraphs(DecodeGraphs):
         def _record(self, forward):
@@ -237,8 +237,8 @@ class _Request:
 def test_auto_gives_way_to_cascade_when_flex_cannot_run(llama_dir, monkeypatch):
     """`auto` that picked flex (on CUDA) and cannot run it (no compiler, a kernel error) before its first
     success decodes with cascade instead; `--attention flex` asked explicitly fails loudly."""
-    import services.worker.model_runner as model_runner
-    from services.worker.backends import flex
+    from apar.engine.backends import flex
+    import apar.engine.model_runner as model_runner
 
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler here")
@@ -280,13 +280,13 @@ def test_triton_graph_buffers_give_the_eager_answer():
     zeros. One thread's graph (the AR step at batch 1) has no group launch at all. The kernels run in
     Triton's interpreter."""
     from apar.bench_suite.attention import AttentionShape, _step
-    from services.worker.backends import tree
-    from services.worker.backends.base import DecodeQueries, StepData
-    from services.worker.backends.tree import TreeBackend
+    from apar.engine.backends import triton as triton_backend
+    from apar.engine.backends.base import DecodeQueries, StepData
+    from apar.engine.backends.triton import TritonBackend
 
     shape = AttentionShape(threads=6, context=40, shared=24, heads=4, kv_heads=2, head_dim=16, block_size=4)
     pool, _, step = _step(shape, torch.device("cpu"), torch.float32)
-    backend = TreeBackend(torch.device("cpu"), query_group=2, min_shared=4)
+    backend = TritonBackend(torch.device("cpu"), query_group=2, min_shared=4)
     query = torch.randn(8, shape.heads, shape.head_dim, generator=torch.Generator().manual_seed(3))
     d = step.decode
     pad = 2
@@ -298,7 +298,7 @@ def test_triton_graph_buffers_give_the_eager_answer():
     eager = backend.prepare(step)
     assert len(eager.kinds) == 2  # private items and one group (the shared prefix)
     fixed = backend.prepare(padded, fixed=True)
-    assert fixed.kinds[0].items.shape[0] == 2 * 8 + 8 and fixed.kinds[1].qb == tree.MAX_ROWS // 2
+    assert fixed.kinds[0].items.shape[0] == 2 * 8 + 8 and fixed.kinds[1].qb == triton_backend.MAX_ROWS // 2
     for window in (None, 8):
         want = backend.attend(eager, query[:6], pool.k[0], pool.v[0], 0.25, window)
         got = backend.attend(fixed, query, pool.k[0], pool.v[0], 0.25, window)
@@ -318,24 +318,24 @@ def test_triton_graph_buffers_give_the_eager_answer():
 def test_triton_layout_cuts_spans_and_fits_a_graphs_capacities():
     """Work items cut each span at `split` positions; reader j of an item owns part part0 + j; every thread
     owns one part per item it reads. A graph's capacities are met with longer items, or not at all."""
-    from services.worker.backends import tree
-    from services.worker.backends.tree import TreeBackend, layout
+    from apar.engine.backends import triton as triton_backend
+    from apar.engine.backends.triton import TritonBackend, layout
 
     plan = cascade.CascadePlan(groups=[((0, 1, 2), [Span(1, 0, 100)])],
                                private=[[Span(1, 100, 130)], [Span(2, 100, 110), Span(2, 120, 125)], []])
     lay = layout(plan, per_item=2, split=64)
-    items = [lay.private[i : i + tree.ITEM] for i in range(0, len(lay.private), tree.ITEM)]
+    items = [lay.private[i : i + triton_backend.ITEM] for i in range(0, len(lay.private), triton_backend.ITEM)]
     assert items == [[1, 100, 130, 0, 1, 0], [2, 100, 110, 1, 1, 1], [2, 120, 125, 1, 1, 2]]
-    groups = [lay.group[i : i + tree.ITEM] for i in range(0, len(lay.group), tree.ITEM)]
+    groups = [lay.group[i : i + triton_backend.ITEM] for i in range(0, len(lay.group), triton_backend.ITEM)]
     # readers 0, 1 then 2 (two per item), the span cut at 64: four items
     assert groups == [[1, 0, 64, 2, 2, 3], [1, 64, 100, 2, 2, 5], [1, 0, 64, 4, 1, 7], [1, 64, 100, 4, 1, 8]]
     assert lay.readers == [0, 1, 0, 1, 2] and lay.widest == 2  # a private item reads its thread's slot
     owned = {t: lay.parts[lay.offsets[t] : lay.offsets[t + 1]] for t in range(3)}
     assert owned == {0: [0, 3, 5], 1: [1, 2, 4, 6], 2: [7, 8]}
-    backend = TreeBackend(torch.device("cpu"))
-    fits = backend._fit(plan, 2, (3 * tree.ITEM, 3 * tree.ITEM, 100, 4, 100))  # 3 group items at most
-    assert fits is not None and len(fits.group) == 2 * tree.ITEM  # cut at 512: one item per reader pair
-    assert backend._fit(plan, 2, (3 * tree.ITEM, tree.ITEM, 100, 4, 100)) is None
+    backend = TritonBackend(torch.device("cpu"))
+    fits = backend._fit(plan, 2, (3 * triton_backend.ITEM, 3 * triton_backend.ITEM, 100, 4, 100))  # 3 group items at most
+    assert fits is not None and len(fits.group) == 2 * triton_backend.ITEM  # cut at 512: one item per reader pair
+    assert backend._fit(plan, 2, (3 * triton_backend.ITEM, triton_backend.ITEM, 100, 4, 100)) is None
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
@@ -348,8 +348,8 @@ def test_triton_kernels_compile_for_a_hopper_gpu(dtype):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from services.worker.backends import tree
-    from services.worker.backends.tree_kernels import merge, partial
+    from apar.engine.backends import triton as triton_backend
+    from apar.engine.backends.triton_kernels import merge, partial
 
     target = GPUTarget("cuda", 90, 32)
 
@@ -362,9 +362,9 @@ def test_triton_kernels_compile_for_a_hopper_gpu(dtype):
 
     args = [f"*{dtype}"] * 3 + ["*i32"] * 5 + ["*fp32"] * 2 + ["i32"] * 4 + ["fp32", "i32"]
     for rows, readers, group, windowed in ((16, 1, 1, False), (64, 64, 1, False), (16, 1, 4, True)):
-        kernel = build(partial, args, {"H": 32, "GROUP": group, "QB": readers, "M": rows, "D": 128, "BLOCK": tree.BLOCK_N,
+        kernel = build(partial, args, {"H": 32, "GROUP": group, "QB": readers, "M": rows, "D": 128, "BLOCK": triton_backend.BLOCK_N,
                                        "IEEE": dtype == "fp32", "WINDOWED": windowed},
-                       num_warps=tree.NUM_WARPS, num_stages=tree.NUM_STAGES)
+                       num_warps=triton_backend.NUM_WARPS, num_stages=triton_backend.NUM_STAGES)
         assert kernel.asm["cubin"]
         if dtype == "bf16":
             assert "mma" in kernel.asm["ptx"]

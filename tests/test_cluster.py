@@ -35,11 +35,11 @@ def cluster(long_llama_dir):
 def test_split_services_answer_like_serve(cluster, long_llama_dir):
     """Through the router (three times, spread over the two workers), a sampled request gets the answer
     the engine gives in-process, as `apar serve` would."""
-    from services.protocol.params import SamplingParams
+    from apar.engine.config import EngineConfig
+    from apar.engine.engine import Engine
+    from apar.engine.params import SamplingParams
     from services.router.prompt import encode_prompt
     from services.router.stream import RequestStream
-    from services.worker.config import EngineConfig
-    from services.worker.engine import Engine
 
     address, _, _, _ = cluster
     with grpc.insecure_channel(address) as ch:

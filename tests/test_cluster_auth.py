@@ -14,7 +14,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from apar.errors import UserError
+from apar.engine.errors import UserError
 from apar.protogen import stubs
 from services.cluster_auth import AUTH_KEY, PROOF_KEY, ClusterToken
 from services.security import TLSFiles, open_channel

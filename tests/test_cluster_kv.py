@@ -16,8 +16,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from apar.protogen import stubs
 from apar.bench_suite.simulated import ScratchRedis
+from apar.protogen import stubs
 from services.worker.kv import MANAGER_UNAVAILABLE
 from tests.faults import Stream, wait_until, worker_info
 from tests.procs import Proc, free_port
@@ -96,11 +96,11 @@ def serving(stub, max_tokens=8):
 
 
 def test_through_the_kv_manager(cluster, long_llama_dir):
-    from services.protocol.params import SamplingParams
+    from apar.engine.config import EngineConfig
+    from apar.engine.engine import Engine
+    from apar.engine.params import SamplingParams
     from services.router.prompt import encode_prompt
     from services.router.stream import RequestStream
-    from services.worker.config import EngineConfig
-    from services.worker.engine import Engine
 
     with grpc.insecure_channel(cluster.address) as ch:
         stub = pb.apar_pb2_grpc.AparStub(ch)
@@ -301,10 +301,10 @@ def test_a_paused_manager_holds_the_engine_back_only_past_the_lag_bound(llama_di
     while the manager is frozen) until the manager resumes. After that, the replica equals the engine's
     ledger. (The engine's pace with a frozen manager is measured by `apar bench kvmanager
     --pause-manager S`, a benchmark.)"""
+    from apar.engine.config import EngineConfig
+    from apar.engine.engine import Engine
+    from apar.engine.params import SamplingParams
     from services.kvmanager import convert
-    from services.protocol.params import SamplingParams
-    from services.worker.config import EngineConfig
-    from services.worker.engine import Engine
     from services.worker.kv import RemoteKV
     from services.worker.kvclient import KVManagerClient
 

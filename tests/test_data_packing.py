@@ -126,7 +126,7 @@ def test_batched_packing_matches_single_examples(tokenizer):
 
 
 def test_tokenizer_without_control_tokens_is_refused():
-    from apar.errors import UserError
+    from apar.engine.errors import UserError
     from apar.tokenizer import train_bpe
 
     bare = train_bpe(["plain text only"] * 10, 300, control_tokens=())

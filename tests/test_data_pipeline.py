@@ -10,7 +10,7 @@ from apar.cli import main
 from apar.data.pipeline import approx_tokens, read_trees, tree_record, write_trees
 from apar.data.readers import Conversation, read_conversations
 from apar.data.tree import restore
-from apar.errors import UserError
+from apar.engine.errors import UserError
 from apar.data.readers import data_files
 from apar.split import data_dir
 

@@ -1,4 +1,4 @@
-"""The SPEC section 4 rules on small exact cases, and restoration on generated markdown-like text."""
+"""The paragraph-tree rules (docs/design.md) on small exact cases, and restoration on generated markdown-like text."""
 from __future__ import annotations
 
 import pytest

@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from apar.cli import main as cli
-from apar.errors import UserError
+from apar.engine.errors import UserError
 from apar.protogen import stubs
 from services.router.discovery import (
     Backoff,

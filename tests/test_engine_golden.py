@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from services.protocol.events import RequestFinished, ThreadStarted, TokenEvent
-from services.protocol.params import SamplingParams
-from services.worker.config import EngineConfig
-from services.worker.engine import Engine
-from services.worker.sequence import ReplayNode, random_tree
+from apar.engine.config import EngineConfig
+from apar.engine.engine import Engine
+from apar.engine.events import RequestFinished, ThreadStarted, TokenEvent
+from apar.engine.params import SamplingParams
+from apar.engine.replay import ReplayNode, random_tree
 
 
 def reference_logits(model, context: list[int]) -> torch.Tensor:

@@ -1,11 +1,11 @@
 """KV accounting through the real engine: blocks per step, early release, cancellation, a full pool."""
 import pytest
 
-from services.protocol.events import FinishReason, RequestFinished
-from services.protocol.params import SamplingParams
-from services.worker.config import EngineConfig
-from services.worker.engine import Engine
-from services.worker.sequence import ReplayNode
+from apar.engine.config import EngineConfig
+from apar.engine.engine import Engine
+from apar.engine.events import FinishReason, RequestFinished
+from apar.engine.params import SamplingParams
+from apar.engine.replay import ReplayNode
 
 
 @pytest.fixture

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import logging
 
-from services.protocol.events import FinishReason
-from services.protocol.params import SamplingParams
-from services.worker.config import EngineConfig
-from services.worker.engine import Engine
+from apar.engine.config import EngineConfig
+from apar.engine.engine import Engine
+from apar.engine.events import FinishReason
+from apar.engine.params import SamplingParams
 from services.worker.loop import INTERNAL_ERROR, EngineLoop
 from tests.test_kv_outage import Requests
 

@@ -10,15 +10,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from apar.errors import CapacityError, UserError
-from services.kvmanager.ledger import ThreadRef
-from services.kvmanager.manager import InProcessClient, KVManager
-from services.protocol.events import FinishReason
-from services.protocol.params import SamplingParams
-from services.worker.config import EngineConfig
-from services.worker.engine import Engine
+from apar.engine.config import EngineConfig
+from apar.engine.engine import Engine
+from apar.engine.errors import CapacityError, UserError
+from apar.engine.events import FinishReason
+from apar.engine.kv.ledger import ThreadRef
+from apar.engine.params import SamplingParams
+from apar.engine.replay import ReplayNode
+from services.kvmanager.inprocess import InProcessClient
+from services.kvmanager.manager import KVManager
 from services.worker.kv import RemoteKV
-from services.worker.sequence import ReplayNode
 from tests.test_engine_golden import reference_logits
 from tests.test_engine_pressure import Transcript, assert_each_as_alone, biased_forward, run
 

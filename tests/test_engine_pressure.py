@@ -11,14 +11,15 @@ from collections import Counter
 import torch
 from transformers import AutoModelForCausalLM
 
-from services.kvmanager.ledger import KVLedger
-from services.kvmanager.manager import InProcessClient, KVManager
-from services.protocol.events import FinishReason, RequestFinished, ThreadFinished, ThreadStarted, TokenEvent
-from services.protocol.params import SamplingParams
-from services.worker.config import EngineConfig
-from services.worker.engine import Engine
+from apar.engine.config import EngineConfig
+from apar.engine.engine import Engine
+from apar.engine.events import FinishReason, RequestFinished, ThreadFinished, ThreadStarted, TokenEvent
+from apar.engine.kv.ledger import KVLedger
+from apar.engine.params import SamplingParams
+from apar.engine.replay import ReplayNode, random_tree
+from services.kvmanager.inprocess import InProcessClient
+from services.kvmanager.manager import KVManager
 from services.worker.kv import RemoteKV
-from services.worker.sequence import ReplayNode, random_tree
 from tests.test_engine_golden import reference_logits
 
 
@@ -351,8 +352,8 @@ def test_admission_on_free_blocks_not_worst_case(llama_dir):
 def test_head_of_queue_is_admitted_when_nothing_runs_whatever_it_needs():
     """A preempted request whose recompute estimate exceeds the pool never stalls the queue: with nothing
     running it is admitted (it held that KV before; if it truly cannot fit, it ends with `length`)."""
-    from services.worker.scheduler import Scheduler
-    from services.worker.sequence import Request, Thread
+    from apar.engine.scheduler import Scheduler
+    from apar.engine.sequence import Request, Thread
 
     sched = Scheduler(KVLedger(8, 4), max_batch_tokens=64, admit_watermark=2)
     req = Request(id="r", prompt=[1] * 10, params=SamplingParams(), admitted=True, recomputing=True)

@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from services.protocol.events import FinishReason, RequestFinished, ThreadStarted, TokenEvent
-from services.protocol.params import SamplingParams
-from services.worker.config import ControlTokens, EngineConfig
-from services.worker.engine import Engine
+from apar.engine.config import ControlTokens, EngineConfig
+from apar.engine.engine import Engine
+from apar.engine.events import FinishReason, RequestFinished, ThreadStarted, TokenEvent
+from apar.engine.params import SamplingParams
 
 PROMPT = [17, 250, 33, 99, 140, 61, 7]
 

@@ -1,11 +1,11 @@
-"""Sibling projections fused into one product (services/worker/fusion.py): the same outputs as the separate
+"""Sibling projections fused into one product (apar/engine/fusion.py): the same outputs as the separate
 linears, in the model's call order and in any other, with no weight memory added."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from services.worker.fusion import FusedHead, FusedTail, fuse_projections
+from apar.engine.fusion import FusedHead, FusedTail, fuse_projections
 
 
 class Attention(nn.Module):

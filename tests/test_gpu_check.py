@@ -64,7 +64,7 @@ def test_the_blocker_blocks():
 
 def test_backend_variants_name_the_compiled_layers():
     from apar.bench_suite.gpu_check import variant
-    from apar.errors import UserError
+    from apar.engine.errors import UserError
 
     assert variant("triton") == ("triton", None) and variant("triton+compile") == ("triton", True)
     assert variant("flex+nocompile") == ("flex", False)

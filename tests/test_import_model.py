@@ -14,13 +14,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from apar.errors import UserError
+from apar.engine.config import ControlTokens, EngineConfig
+from apar.engine.engine import Engine
+from apar.engine.errors import UserError
+from apar.engine.events import RequestFinished, TokenEvent
+from apar.engine.params import SamplingParams
+from apar.engine.replay import random_tree
 from apar.importer import PROVENANCE, import_gguf
-from services.protocol.events import RequestFinished, TokenEvent
-from services.protocol.params import SamplingParams
-from services.worker.config import ControlTokens, EngineConfig
-from services.worker.engine import Engine
-from services.worker.sequence import random_tree
 from tests.gguf_tiny import write_tiny_gguf
 
 

@@ -3,10 +3,10 @@ import json
 
 import pytest
 
-from apar.errors import CapacityError, UserError
-from services.protocol.params import SamplingParams
-from services.worker.config import ControlTokens, EngineConfig
-from services.worker.engine import Engine
+from apar.engine.config import ControlTokens, EngineConfig
+from apar.engine.engine import Engine
+from apar.engine.errors import CapacityError, UserError
+from apar.engine.params import SamplingParams
 
 
 @pytest.mark.parametrize("kwargs, words", [

@@ -15,12 +15,12 @@ import threading
 import pytest
 
 from apar.bench_suite.simulated import ScratchRedis
+from apar.engine.config import EngineConfig
+from apar.engine.engine import Engine
+from apar.engine.events import FinishReason, RequestFinished, ThreadStarted, TokenEvent
+from apar.engine.params import SamplingParams
 from services.kvmanager import convert
 from services.kvmanager.service import serve
-from services.protocol.events import FinishReason, RequestFinished, ThreadStarted, TokenEvent
-from services.protocol.params import SamplingParams
-from services.worker.config import EngineConfig
-from services.worker.engine import Engine
 from services.worker.kv import MANAGER_UNAVAILABLE, RemoteKV
 from services.worker.kvclient import KVManagerClient
 from services.worker.loop import EngineLoop
@@ -146,7 +146,7 @@ def test_a_worker_reconnects_at_once_after_a_long_outage_and_is_not_reaped(tmp_p
     worker's ledger a fresh time-to-live. The worker reaches it again before that runs out: it is not
     reaped, its heartbeats are known, and after its next steps the replica equals its ledger."""
     from apar.bench_suite.simulated import SimWorker
-    from services.kvmanager.ledger import KVLedger
+    from apar.engine.kv.ledger import KVLedger
 
     redis = ScratchRedis()
     server = serve("127.0.0.1:0", redis.url, reap_every_s=0.1)

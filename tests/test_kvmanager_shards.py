@@ -10,13 +10,13 @@ from collections import Counter
 
 import pytest
 
+from apar.bench_suite.simulated import ScratchRedis, SimWorker, free_port
+from apar.engine.kv.ledger import KVLedger
 from services.kvmanager import convert
-from services.kvmanager.ledger import KVLedger
 from services.kvmanager.records import WorkerSpec
 from services.kvmanager.replication import ReplicaUnavailable
 from services.kvmanager.service import serve
 from services.kvmanager.shards import parse_shards, shard_for
-from apar.bench_suite.simulated import ScratchRedis, SimWorker, free_port
 from services.worker.kv import RemoteKV
 from services.worker.kvclient import KVManagerClient
 from tests.faults import wait_until
@@ -150,9 +150,9 @@ def test_router_directory_asks_every_shard(llama_dir):
     worker gRPC server (all over one in-process engine: the directory asks each its Info). The directory
     routes to every shard's workers; with one shard stopped, its workers stay as last seen while the
     other shard's answers still come in (a worker registered there after the stop becomes routable)."""
+    from apar.engine.config import EngineConfig
+    from apar.engine.engine import Engine
     from services.router.workers import KVManagerDirectory
-    from services.worker.config import EngineConfig
-    from services.worker.engine import Engine
     from services.worker.loop import EngineLoop
     from services.worker.service import start_worker_server
 

@@ -8,16 +8,17 @@ import threading
 import pytest
 import redis.connection
 
-from services.kvmanager.ledger import KVLedger, ThreadRef
-from services.kvmanager.manager import InProcessClient, KVManager
+from apar.bench_suite.simulated import SimWorker, deliver
+from apar.engine.kv.ledger import KVLedger, ThreadRef
+from apar.engine.kv.ops import Append
+from services.kvmanager.inprocess import InProcessClient
+from services.kvmanager.manager import KVManager
 from services.kvmanager.metrics import KVMetrics
-from services.kvmanager.ops import Append
 from services.kvmanager.records import BadRequest, StoreUnavailable, UnknownWorker, WorkerSpec
 from services.kvmanager.replication import Batch, ReplicaUnavailable, StepLog, WorkerForgotten
 from services.kvmanager.store import RedisStore
-from apar.bench_suite.simulated import SimWorker, deliver
 
-SPEC = WorkerSpec("w1", "127.0.0.1:1", num_blocks=64, block_size=4, ttl_s=30)
+W1 = WorkerSpec("w1", "127.0.0.1:1", num_blocks=64, block_size=4, ttl_s=30)
 SESSION = 7
 
 
@@ -57,11 +58,11 @@ def drive(manager: KVManager, sim: SimWorker, steps: int, worker_id: str = "w1")
 def test_memory_mode_equals_the_worker_and_expires_on_its_clock():
     now = [0.0]
     m = KVManager(store=None, clock=lambda: now[0])
-    assert m.register(SPEC, SESSION) == (False, 64)
+    assert m.register(W1, SESSION) == (False, 64)
     sim = worker(3)
     drive(m, sim, 150)
     assert m.state("w1") == sim.ledger.snapshot()
-    assert m.register(SPEC, SESSION) == (True, sim.ledger.num_free)  # same pool, still alive: restored
+    assert m.register(W1, SESSION) == (True, sim.ledger.num_free)  # same pool, still alive: restored
     now[0] = 20.0
     assert m.heartbeat("w1") and m.reap() == []
     now[0] = 51.0  # 30 s after the last heartbeat
@@ -69,7 +70,7 @@ def test_memory_mode_equals_the_worker_and_expires_on_its_clock():
     assert m.reap() == ["w1"] and m.usage() == []
     with pytest.raises(UnknownWorker):
         m.submit("w1", Batch(SESSION, []))
-    assert m.register(SPEC, SESSION) == (False, 64)  # after expiry: a fresh ledger
+    assert m.register(W1, SESSION) == (False, 64)  # after expiry: a fresh ledger
 
 
 def test_in_process_client_for_the_embedded_mode():
@@ -91,7 +92,7 @@ def test_in_process_client_for_the_embedded_mode():
 
 def test_at_most_one_transaction_per_message_and_fewer_together(make):
     m = make(snapshot_every=8)
-    m.register(SPEC, SESSION)
+    m.register(W1, SESSION)
     sim = worker(4)
     drive(m, sim, 1)  # the connection is open now (its handshake is not a message's traffic)
     m.flush()
@@ -142,7 +143,7 @@ def test_at_most_one_transaction_per_message_and_fewer_together(make):
 
 def test_restore_from_snapshot_and_log_is_exact(make, redis_server):
     m = make(snapshot_every=8)
-    m.register(SPEC, SESSION)
+    m.register(W1, SESSION)
     sim = worker(5)
     drive(m, sim, 101)  # 101 entries: snapshots every 8, the rest in the log
     key = "t-test_restore_from_snapshot_and_log_is_exact:kv:w:w1:log"
@@ -165,7 +166,7 @@ def test_restore_from_snapshot_and_log_is_exact(make, redis_server):
 
 def test_duplicates_and_steps_out_of_order_are_applied_once_in_order(make):
     m = make()
-    m.register(SPEC, SESSION)
+    m.register(W1, SESSION)
     sim = worker(9)
     batches = []
     for _ in range(5):
@@ -183,7 +184,7 @@ def test_duplicates_and_steps_out_of_order_are_applied_once_in_order(make):
 
 def test_bad_batches_are_refused_with_a_reason(make):
     m = make()
-    m.register(SPEC, SESSION)
+    m.register(W1, SESSION)
     sim = worker(11)
     sim.step()
     step = sim.kv.batch().steps[0]
@@ -202,7 +203,7 @@ def test_bad_batches_are_refused_with_a_reason(make):
 
 def test_redis_that_lost_its_data_is_rewritten_from_memory(make, redis_server):
     m = make(snapshot_every=8)
-    m.register(SPEC, SESSION)
+    m.register(W1, SESSION)
     sim = worker(6)
     drive(m, sim, 30)
     client = redis_server.client()
@@ -223,7 +224,7 @@ def test_redis_that_lost_its_data_is_rewritten_from_memory(make, redis_server):
 
 def test_a_failed_transaction_is_written_again_from_memory(make):
     m = make(snapshot_every=4)
-    m.register(SPEC, SESSION)
+    m.register(W1, SESSION)
     sim = worker(7)
     drive(m, sim, 10)
     real = m.store.commit
@@ -253,7 +254,7 @@ def test_a_failed_transaction_is_written_again_from_memory(make):
 def test_unreachable_redis_answers_unavailable_and_applies_nothing():
     m = KVManager(RedisStore("redis://127.0.0.1:1/0", "t-down:"))
     with pytest.raises(StoreUnavailable):
-        m.register(SPEC, SESSION)
+        m.register(W1, SESSION)
     with pytest.raises(StoreUnavailable):
         m.submit("w1", Batch(SESSION, []))
     assert m.usage() == []

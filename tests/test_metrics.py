@@ -24,9 +24,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from apar.bench_suite.simulated import ScratchRedis
 from apar.protogen import stubs
 from services.kvmanager.metrics import STORE_OPERATIONS
-from apar.bench_suite.simulated import ScratchRedis
 from tests.faults import Stream, wait_until
 from tests.procs import Proc, free_port
 
@@ -81,11 +81,11 @@ def dashboard_names() -> set[str]:
 def fork_token(llama_dir) -> str:
     """The ordinary token greedy decoding of the random model emits most after these prompts: served
     as the fork token, the model forks whenever it picks it."""
-    from services.protocol.events import TokenEvent
-    from services.protocol.params import SamplingParams
+    from apar.engine.config import EngineConfig
+    from apar.engine.engine import Engine
+    from apar.engine.events import TokenEvent
+    from apar.engine.params import SamplingParams
     from services.router.prompt import encode_prompt
-    from services.worker.config import EngineConfig
-    from services.worker.engine import Engine
 
     eng = Engine(llama_dir, EngineConfig(num_blocks=64))
     counts: Counter = Counter()
@@ -160,12 +160,12 @@ def replayed(llama_dir, fork_token) -> tuple[list[tuple[int, int, int]], int]:
     """The load's requests run together on an in-process engine configured as the servers are: each
     request's (completion tokens, threads, forks), and the KV blocks its threads freed while it still ran,
     summed. A request's tree, and so what its threads free early, is its own whatever runs beside it."""
+    from apar.engine.config import ControlTokens, EngineConfig
+    from apar.engine.engine import Engine
+    from apar.engine.params import SamplingParams
     from services.protocol.convert import params_from_pb
-    from services.protocol.params import SamplingParams
     from services.router.prompt import encode_prompt
     from services.router.stream import RequestStream
-    from services.worker.config import ControlTokens, EngineConfig
-    from services.worker.engine import Engine
 
     eng = Engine(llama_dir, EngineConfig(num_blocks=KV_BLOCKS, block_size=16, control=ControlTokens(fork=fork_token)))
     streams = {}

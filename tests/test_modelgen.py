@@ -5,12 +5,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from apar.errors import UserError
+from apar.engine.config import EngineConfig
+from apar.engine.engine import Engine
+from apar.engine.errors import UserError
+from apar.engine.events import TokenEvent
+from apar.engine.params import SamplingParams
 from apar.modelgen import make_model
-from services.worker.config import EngineConfig
-from services.protocol.params import SamplingParams
-from services.worker.engine import Engine
-from services.protocol.events import TokenEvent
 
 
 def test_model_from_a_config_file(tmp_path, tokenizer):

@@ -11,12 +11,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from services.protocol.events import RequestFinished, ThreadStarted, TokenEvent
-from services.protocol.params import SamplingParams
-from services.worker.config import ControlTokens, EngineConfig
-from services.worker.engine import Engine
-from services.worker.penalties import Penalties
-from services.worker.sequence import ReplayNode
+from apar.engine.config import ControlTokens, EngineConfig
+from apar.engine.engine import Engine
+from apar.engine.events import RequestFinished, ThreadStarted, TokenEvent
+from apar.engine.params import SamplingParams
+from apar.engine.penalties import Penalties
+from apar.engine.replay import ReplayNode
 
 PROMPT = [17, 250, 33, 99, 140, 61, 7]
 

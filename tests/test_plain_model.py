@@ -16,14 +16,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from apar.errors import UserError
+from apar.engine.config import EngineConfig
+from apar.engine.engine import Engine
+from apar.engine.errors import UserError
+from apar.engine.events import RequestFinished, TokenEvent
+from apar.engine.params import SamplingParams
+from apar.engine.replay import ReplayNode
 from apar.protogen import stubs
-from services.protocol.events import RequestFinished, TokenEvent
-from services.protocol.params import SamplingParams
 from services.router.prompt import encode_prompt
-from services.worker.config import EngineConfig
-from services.worker.engine import Engine
-from services.worker.sequence import ReplayNode
 from tests.procs import Proc, free_port
 
 pb = stubs()

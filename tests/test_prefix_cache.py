@@ -14,14 +14,14 @@ import pytest
 from prometheus_client import CollectorRegistry
 from transformers import AutoModelForCausalLM
 
+from apar.engine.config import EngineConfig
+from apar.engine.engine import Engine
+from apar.engine.events import FinishReason, RequestFinished, TokenEvent, Usage
+from apar.engine.params import SamplingParams
+from apar.engine.replay import random_tree
 from apar.protogen import stubs
 from services.protocol.convert import events_from_pb, events_to_pb
-from services.protocol.events import FinishReason, RequestFinished, TokenEvent, Usage
-from services.protocol.params import SamplingParams
-from services.worker.config import EngineConfig
-from services.worker.engine import Engine
 from services.worker.metrics import WorkerMetrics
-from services.worker.sequence import random_tree
 from tests.test_engine_golden import DEVICES, reference_logits, tolerance
 from tests.test_engine_pressure import Transcript, run
 

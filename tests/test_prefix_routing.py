@@ -10,14 +10,14 @@ from types import SimpleNamespace
 import grpc
 import pytest
 
+from apar.engine.kv.ledger import KVLedger, ThreadRef
+from apar.engine.kv.ops import Append, Name, Start
+from apar.engine.prefix import block_hashes
 from apar.modelgen import ModelShape, make_model
 from apar.protogen import stubs
-from services.kvmanager.ledger import KVLedger, ThreadRef
-from services.kvmanager.manager import InProcessClient
-from services.kvmanager.ops import Append, Name, Start
+from services.kvmanager.inprocess import InProcessClient
 from services.kvmanager.replication import StepLog
 from services.kvmanager.service import serve
-from services.protocol.prefix import block_hashes
 from services.router.prompt import encode_prompt
 from services.router.tokenizer import load_tokenizer
 from services.router.workers import (LOAD_SLACK, KVManagerDirectory, WorkerDirectory, WorkerHandle, most_free,

@@ -10,11 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.kvmanager.ledger import KVLedger, ThreadRef
-from services.kvmanager.ops import Advance, Append, AppendEach, Finish, Fork, Release, Start, apply, record
-from services.kvmanager.records import BadRequest, StaleSession, WorkerRecord, WorkerSpec, apply_batch
-from services.kvmanager.replication import Ack, Batch, Resync, StepLog
 from apar.bench_suite.simulated import SimWorker
+from apar.engine.kv.ledger import KVLedger, ThreadRef
+from apar.engine.kv.ops import Advance, Append, AppendEach, Finish, Fork, Release, Start
+from apar.engine.kv.step import apply, record
+from services.kvmanager.records import BadRequest, StaleSession, WorkerRecord, WorkerSpec, apply_batch
+from services.kvmanager.replica import ReplicaLedger
+from services.kvmanager.replication import Ack, Batch, Resync, StepLog
 
 R = ThreadRef
 SESSION = 5
@@ -46,7 +48,7 @@ def test_folding_respects_what_came_first():
 
 
 def test_tokens_that_open_a_block_travel_as_one_append_each():
-    led, replica = KVLedger(num_blocks=8, block_size=2), KVLedger(num_blocks=8, block_size=2)
+    led, replica = KVLedger(num_blocks=8, block_size=2), ReplicaLedger(num_blocks=8, block_size=2)
     a, b, c, x = R("a", 0), R("b", 0), R("c", 0), R("x", 0)
     for ledger in (led, replica):
         apply(ledger, [Start(a), Append(a, 2), Start(b), Append(b, 2), Start(c), Append(c, 1)])  # a, b full
@@ -70,7 +72,8 @@ step_ops = st.lists(st.tuples(st.sampled_from(["start", "append", "fork", "finis
 @settings(max_examples=300, deadline=None)
 @given(st.lists(step_ops, max_size=25), st.integers(0, 3))
 def test_record_then_apply_equals_apply(steps, ends_first):
-    engine_view, worker, replica = (KVLedger(num_blocks=10, block_size=4) for _ in range(3))
+    engine_view, worker = (KVLedger(num_blocks=10, block_size=4) for _ in range(2))
+    replica = ReplicaLedger(num_blocks=10, block_size=4)  # the manager's: replays the compact steps lazily
     next_thread: dict[str, int] = {}
     for spec in steps:
         ops = _valid_ops(engine_view, spec, next_thread)
@@ -134,7 +137,7 @@ class Channel:
         self.sim = SimWorker(self.log, threads=5, seed=seed, prompt=(1, 9), finish_p=0.1, cancel_p=0.03,
                              prefixes=2 * (seed % 2))
         spec = WorkerSpec("w", "here", 24, 4, 30)
-        self.rec = WorkerRecord(spec=spec, ledger=KVLedger(24, 4), born=1, session=SESSION)
+        self.rec = WorkerRecord(spec=spec, ledger=ReplicaLedger(24, 4), born=1, session=SESSION)
         self.sent: list[Batch] = []
         self.saved: list[tuple[KVLedger, int]] = []  # the replica as it was (a manager restored from Redis)
         self.strays = 0

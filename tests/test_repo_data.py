@@ -14,7 +14,7 @@ import pytest
 
 from apar.cli import main
 from apar.data.readers import data_files, read_conversations, read_text
-from apar.errors import UserError
+from apar.engine.errors import UserError
 from apar.split import DATA_ENV, REPO_DATA, data_dir, is_test_instruction
 from tests.procs import require
 

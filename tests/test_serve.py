@@ -10,12 +10,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from apar.engine.config import EngineConfig
+from apar.engine.engine import Engine
+from apar.engine.params import SamplingParams
 from apar.protogen import stubs
-from services.protocol.params import SamplingParams
 from services.router.prompt import encode_prompt
 from services.router.stream import RequestStream
-from services.worker.config import EngineConfig
-from services.worker.engine import Engine
 from tests.faults import Stream, wait_until
 from tests.procs import LONG_TOKENS, Proc, free_port
 

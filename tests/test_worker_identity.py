@@ -13,9 +13,9 @@ import grpc
 import pytest
 
 from apar.bench_suite.simulated import ScratchRedis, SimWorker
+from apar.engine.kv.ledger import KVLedger
 from apar.protogen import stubs
 from services.kvmanager import convert
-from services.kvmanager.ledger import KVLedger
 from services.kvmanager.records import WorkerSpec
 from services.kvmanager.replication import Batch, StepLog
 from services.kvmanager.service import serve

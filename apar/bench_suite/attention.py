@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from apar.errors import UserError
+from apar.engine.errors import UserError
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,11 +49,11 @@ class AttentionShape:
 def _step(shape: AttentionShape, device: torch.device, dtype: torch.dtype):
     """(pool, the past as one step that wrote every slot, the decode step): T threads forked from one
     prefix writer, every context C long."""
-    from services.worker.attention import KVPool
-    from services.worker.backends.base import DecodeQueries, StepData
-    from services.worker.context_table import ContextTable
-    from services.worker.sequence import Thread
-    from services.worker.step_builder import context_runs
+    from apar.engine.attention import KVPool
+    from apar.engine.backends.base import DecodeQueries, StepData
+    from apar.engine.context_table import ContextTable
+    from apar.engine.sequence import Thread
+    from apar.engine.step_builder import context_runs
 
     bs = shape.block_size
     own = shape.context - shape.shared
@@ -143,8 +143,8 @@ def copy_bandwidth(device: torch.device, mib: int = 256) -> float:
 def run_attention_bench(shape: AttentionShape, device: torch.device, dtype: torch.dtype, backends: list[str],
                         min_runs: int = 3, min_s: float = 0.3) -> dict:
     """{"backends": {name: {"ms", "prepare_ms", "step_ms", "max_diff"} or {"error"}}, "floor_ms", ...}."""
-    from services.worker.attention import KVPool
-    from services.worker.backends import make_backend
+    from apar.engine.attention import KVPool
+    from apar.engine.backends import make_backend
 
     shape.check()
     pool, history, step = _step(shape, device, dtype)

@@ -9,8 +9,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from apar.errors import UserError
-from services.worker.config import ATTENTION_CHOICES
+from apar.engine.config import ATTENTION_CHOICES
+from apar.engine.errors import UserError
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +176,7 @@ def levels_arg(text: str) -> tuple[int, ...]:
 def settings(args, table: dict[bool, Defaults]):
     from apar.bench_suite.driver import LevelPlan
     from apar.bench_suite.workloads import SuiteSettings
-    from services.worker.config import ControlTokens
+    from apar.engine.config import ControlTokens
 
     d = table[args.quick]
     plan = LevelPlan(levels_arg(_pick(args.levels, d.levels)), _pick(args.max_concurrency, d.max_concurrency),
@@ -287,14 +287,14 @@ def run_attention_cmd(args) -> int:
     import json
 
     from apar.bench_suite.attention import AttentionShape, attention_table, run_attention_bench
-    from services.worker.model_runner import pick_device, pick_dtype
+    from apar.engine.model_runner import pick_device, pick_dtype
 
     device = pick_device(args.device)
     cpu_threads(args.threads_cpu, device.type)
     shape = AttentionShape(threads=args.threads, context=args.context, shared=args.shared, heads=args.heads,
                            kv_heads=args.kv_heads or args.heads, head_dim=args.head_dim,
                            block_size=args.block_size, layers=args.layers)
-    from services.worker.backends import BACKENDS, native
+    from apar.engine.backends import BACKENDS, native
 
     names = native(device) if args.backends is None else [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = [b for b in names if b not in BACKENDS]

@@ -19,9 +19,9 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from services.protocol.events import RequestFinished, TokenEvent
-from services.protocol.params import SamplingParams
-from services.worker.sequence import ReplayNode
+from apar.engine.events import RequestFinished, TokenEvent
+from apar.engine.params import SamplingParams
+from apar.engine.replay import ReplayNode
 
 _ENGINE_COUNTERS = ("forks_refused", "recomputed_tokens")
 _IDLE_LIMIT = 1000  # engine calls in a row with no step and no event: the pool cannot serve the jobs
@@ -54,7 +54,7 @@ class LevelStats:
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     steps: int = 0  # engine steps (forward passes)
-    request_steps: int = 0  # generation steps summed over requests (SPEC section 7)
+    request_steps: int = 0  # generation steps summed over requests (docs/design.md, "Measures")
     wall_s: float = 0.0
     peak_kv_blocks: int = 0
     kv_block_steps: int = 0  # blocks in use at the end of each step, summed over steps

@@ -23,7 +23,7 @@ from apar.bench_suite.driver import LevelPlan, ModeRun, run_levels
 from apar.bench_suite.report import Report, Run
 from apar.bench_suite.workloads import (SuiteSettings, engine_mode, fixed_jobs, hf_mode, trace_jobs,
                                         unlimited_blocks, warm_up)
-from apar.errors import UserError
+from apar.engine.errors import UserError
 from apar.modelgen import ModelShape
 
 VICUNA_7B = ModelShape(hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008, max_positions=2048,
@@ -116,7 +116,7 @@ def profile_ar_step(engine, prompts: list[list[int]], steps: int = 24, top: int 
     Wall well above busy: the step waits on the host (Python, launches, syncs); busy near wall: kernels."""
     from torch.profiler import ProfilerActivity, profile
 
-    from services.protocol.params import SamplingParams
+    from apar.engine.params import SamplingParams
 
     cuda = engine.runner.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from apar.errors import UserError
+from apar.engine.errors import UserError
 
 PARTS = ("golden", "attention", "engine")
 # seconds a part needs at least to be worth starting (on a GPU; the tiny CPU run ignores them)
@@ -70,10 +70,10 @@ def golden_run(model_dir: Path, attention: str, device: str, dtype: str, graphs:
     "+compile" or "+nocompile" (its decoder layers compiled or not; else the engine's default)."""
     from transformers import AutoModelForCausalLM
 
-    from services.protocol.params import SamplingParams
-    from services.worker.config import EngineConfig
-    from services.worker.engine import Engine
-    from services.worker.sequence import random_tree
+    from apar.engine.config import EngineConfig
+    from apar.engine.engine import Engine
+    from apar.engine.params import SamplingParams
+    from apar.engine.replay import random_tree
 
     attention, compiled = variant(attention)
     eng = Engine(model_dir, EngineConfig(block_size=4, num_blocks=256, max_batch_tokens=16, device=device,
@@ -132,7 +132,7 @@ def _golden_models(root: Path, data: Path | None, tiny: bool) -> dict[str, Path]
 
 
 def run_golden(s: CheckSettings, device: str, dtype: str) -> dict:
-    from services.worker.backends import native
+    from apar.engine.backends import native
 
     root = Path(tempfile.mkdtemp(prefix="apar-gpu-check-"))
     try:
@@ -177,7 +177,7 @@ def variant(name: str) -> tuple[str, bool | None]:
 # ---- 2. attention -------------------------------------------------------------------------------------
 def run_attention(s: CheckSettings, device: str, dtype: str) -> dict:
     from apar.bench_suite.attention import AttentionShape, run_attention_bench
-    from services.worker.backends import native
+    from apar.engine.backends import native
 
     if s.tiny:
         shape = AttentionShape(threads=4, context=64, shared=48, heads=4, kv_heads=2, head_dim=16, layers=2)
@@ -248,7 +248,7 @@ def run_engine(s: CheckSettings, attention: str, budget_s: float, out: Path) -> 
 def run_gpu_check(s: CheckSettings) -> int:
     import transformers
 
-    from services.worker.config import ATTENTION_CHOICES
+    from apar.engine.config import ATTENTION_CHOICES
 
     unknown = set(s.skip) - set(PARTS)
     if unknown:

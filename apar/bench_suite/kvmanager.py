@@ -34,7 +34,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
-from apar.errors import UserError
+from apar.engine.errors import UserError
 
 
 class _Manager(NamedTuple):
@@ -273,9 +273,9 @@ def _table(cfg: KVBenchConfig, r: dict) -> str:
 def _simulate(cfg: KVBenchConfig, address: str, ids: list[str], start, results) -> None:
     import logging
 
-    from services.kvmanager import convert
-    from services.kvmanager.ledger import KVLedger
     from apar.bench_suite.simulated import SimWorker
+    from apar.engine.kv.ledger import KVLedger
+    from services.kvmanager import convert
     from services.worker.kv import RemoteKV
     from services.worker.kvclient import KVManagerClient
 
@@ -342,11 +342,11 @@ def _replay(cfg: KVBenchConfig, address: str, ids: list[str], start, results) ->
     its ack comes inside the measured window."""
     import asyncio
 
+    from apar.bench_suite.simulated import SimWorker
+    from apar.engine.kv.ledger import KVLedger
     from apar.protogen import stubs
     from services.kvmanager import convert
-    from services.kvmanager.ledger import KVLedger
     from services.kvmanager.replication import Batch, StepLog
-    from apar.bench_suite.simulated import SimWorker
     from services.worker.kvclient import KVManagerClient
 
     K = stubs().kvmanager_pb2

@@ -52,8 +52,8 @@ def _timed_forward(model, sync):
 def _requests(engine, batch: str, seed: int) -> None:
     import random
 
-    from services.protocol.params import SamplingParams
-    from services.worker.sequence import ReplayNode
+    from apar.engine.params import SamplingParams
+    from apar.engine.replay import ReplayNode
 
     rng = random.Random(seed)
     plain = [i for i in range(10, 900) if i not in (engine.fork_id, engine.child_id, *engine.eos_ids)]
@@ -75,8 +75,8 @@ def _requests(engine, batch: str, seed: int) -> None:
 
 def measure(model_dir: Path, batch: str, steps: int, seed: int = 0, **config) -> Overhead:
     """Mean per-step times of `batch` (see the module doc) after the batch is steady."""
-    from services.worker.config import EngineConfig
-    from services.worker.engine import Engine
+    from apar.engine.config import EngineConfig
+    from apar.engine.engine import Engine
 
     engine = Engine(model_dir, EngineConfig(block_size=16, num_blocks=4096, max_batch_tokens=512, **config))
     dev = engine.runner.device

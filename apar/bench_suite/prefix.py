@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-from apar.errors import UserError
+from apar.engine.errors import UserError
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,9 +104,9 @@ def measure(model_dir, cfg: PrefixBenchConfig, data=None) -> dict:
 
     from apar.bench_suite.driver import Job, run_level
     from apar.bench_suite.workloads import warm_up
-    from services.protocol.params import SamplingParams
-    from services.worker.config import EngineConfig
-    from services.worker.engine import Engine
+    from apar.engine.config import EngineConfig
+    from apar.engine.engine import Engine
+    from apar.engine.params import SamplingParams
 
     system, ids = prompts(AutoTokenizer.from_pretrained(str(model_dir)), cfg.system_tokens, cfg.requests, data)
     params = SamplingParams(max_tokens=cfg.max_tokens, auto_parallel=False, ignore_eos=True)

@@ -26,8 +26,8 @@ import time
 
 import redis
 
-from services.kvmanager.ledger import ThreadRef
-from services.kvmanager.ops import Advance, Append, AppendEach, Finish, Fork, Name, Op, Release, Reuse, Start
+from apar.engine.kv.ledger import ThreadRef
+from apar.engine.kv.ops import Advance, Append, AppendEach, Finish, Fork, Name, Op, Release, Reuse, Start
 from services.kvmanager.replication import Ack, StepLog
 
 

@@ -19,10 +19,10 @@ import torch
 from apar.bench import answer_trees_for, tree_tokens
 from apar.bench_suite.driver import Job, LevelPlan, LevelStats, Mode, Progress, run_level, run_levels
 from apar.bench_suite.report import Report, Run
-from apar.errors import UserError
-from services.protocol.params import SamplingParams
-from services.worker.config import ControlTokens, EngineConfig
-from services.worker.sequence import ReplayNode
+from apar.engine.config import ControlTokens, EngineConfig
+from apar.engine.errors import UserError
+from apar.engine.params import SamplingParams
+from apar.engine.replay import ReplayNode
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +48,7 @@ class SuiteSettings:
     prefix_cache: bool = False
 
     def engine(self, model_dir: str | Path, num_blocks: int):
-        from services.worker.engine import Engine
+        from apar.engine.engine import Engine
 
         return Engine(model_dir, EngineConfig(block_size=self.block_size, num_blocks=num_blocks,
                                               max_batch_tokens=self.max_batch_tokens,

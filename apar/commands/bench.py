@@ -121,7 +121,7 @@ def run_engine_bench(args) -> int:
     from apar.bench import answer_trees, fastest, run_engine_ar, run_hf_generate, run_replay, table
     from apar.bench_suite.cli import cpu_threads
     from apar.commands.generate import engine_config
-    from services.worker.engine import Engine
+    from apar.engine.engine import Engine
 
     _apply_quick(args)
     cpu_threads(args.threads, args.device)
@@ -135,7 +135,7 @@ def run_engine_bench(args) -> int:
     items = answer_trees(engine, args.requests, args.max_answer_tokens, args.seed, args.data)
     threads = sum(t.threads() for _, t, _ in items)
     print(f"\n1) {len(items)} test-split answers replayed concurrently ({threads} threads in all)")
-    from services.worker.sequence import ReplayNode
+    from apar.engine.replay import ReplayNode
 
     run_replay(engine, "warm-up", [(p, t) for p, t, _ in items[:2]], True)
     apar_runs, ar_runs = [], []

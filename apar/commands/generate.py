@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from apar.errors import UserError
+from apar.engine.errors import UserError
 
 
 def register(subparsers) -> None:
@@ -66,7 +66,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="share of the KV pool below which new forks are refused (default 0.01)")
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
     g.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
-    from services.worker.config import ATTENTION_CHOICES
+    from apar.engine.config import ATTENTION_CHOICES
 
     g.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
                    help="how threads attend their contexts: auto (triton on CUDA, cascade on CPU), portable "
@@ -84,7 +84,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def engine_config(args):
-    from services.worker.config import ControlTokens, EngineConfig
+    from apar.engine.config import ControlTokens, EngineConfig
 
     return EngineConfig(block_size=args.block_size, num_blocks=args.kv_blocks, kv_memory_mb=args.kv_memory_mb,
                         max_batch_tokens=args.max_batch_tokens, admit_watermark=args.admit_watermark,
@@ -94,7 +94,7 @@ def engine_config(args):
 
 
 def sampling_params(args):
-    from services.protocol.params import SamplingParams
+    from apar.engine.params import SamplingParams
 
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, seed=args.seed, auto_parallel=not args.ar,
@@ -113,10 +113,10 @@ def run(args) -> int:
         return generate_remote(args, params)
     if not args.model:
         raise UserError("give --model DIR (in-process) or --server HOST:PORT")
+    from apar.engine.engine import Engine
     from apar.quiet import quiet_transformers
     from services.router.prompt import encode_prompt
     from services.router.stream import Final, LinearDelta, RequestStream
-    from services.worker.engine import Engine
 
     quiet_transformers()
     engine = Engine(args.model, engine_config(args))

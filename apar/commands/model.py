@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from apar.errors import UserError
+from apar.engine.errors import UserError
 
 
 def register(subparsers) -> None:
@@ -50,9 +50,9 @@ def register_import(subparsers) -> None:
 
 
 def run_import(args) -> int:
+    from apar.engine.config import ControlTokens
     from apar.importer import import_gguf
     from apar.quiet import quiet_transformers
-    from services.worker.config import ControlTokens
 
     if not args.fork_token or not args.child_token or args.fork_token == args.child_token:
         raise UserError("--fork-token and --child-token must be two different non-empty strings")

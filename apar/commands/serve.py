@@ -13,7 +13,7 @@ import tempfile
 import time
 import uuid
 
-from apar.errors import UserError
+from apar.engine.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def register(subparsers) -> None:
 
 
 def _add_stream_buffer_arg(p) -> None:
-    from services.worker.config import STREAM_BUFFER_EVENTS
+    from apar.engine.config import STREAM_BUFFER_EVENTS
 
     def events(text: str) -> int:
         value = int(text)
@@ -139,7 +139,7 @@ async def _until_signal(*servers, stop: asyncio.Event | None = None) -> None:
 
 def _engine(args, registry):
     from apar.commands.generate import engine_config
-    from services.worker.engine import Engine
+    from apar.engine.engine import Engine
     from services.worker.loop import EngineLoop
     from services.worker.metrics import WorkerMetrics
 
@@ -181,7 +181,8 @@ def _public_security(args):
 
 def _embedded_kv_manager(engine, loop) -> None:
     """The KV manager in this process, in memory: the worker's ledger is mirrored by it as in a cluster."""
-    from services.kvmanager.manager import InProcessClient, KVManager
+    from services.kvmanager.inprocess import InProcessClient
+    from services.kvmanager.manager import KVManager
     from services.worker.kv import RemoteKV
 
     client = InProcessClient(KVManager(store=None), "embedded", "in-process", engine.ledger.num_blocks,

@@ -26,7 +26,7 @@ from apar.data.pipeline import (
 from apar.data.readers import iter_file, read_conversations
 from apar.data.rules import DEFAULT_MAX_DEPTH, TreeRules, build_tree
 from apar.data.tree import Node, TreeError
-from apar.errors import UserError
+from apar.engine.errors import UserError
 from apar.split import REPO_DATA, data_dir
 
 # xz preset 9e: the smallest files; decompressing costs the same at any preset.

@@ -1,4 +1,4 @@
-"""Tree-packed training examples: a whole paragraph tree as ONE sequence (SPEC section 4).
+"""Tree-packed training examples: a whole paragraph tree as ONE sequence (docs/design.md, "Paragraph trees").
 
 Data flow: `tokenize_tree(prompt, tree, tokenizer)` -> `TokenTree` (prompt ids + each thread's ids, a
 child's starting with `[Child]`, every thread ending with EOS) -> `pack(token_tree)` -> `PackedExample`
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from apar.data.tree import CHILD, FORK, Node, thread_texts
-from apar.errors import UserError
+from apar.engine.errors import UserError
 
 IGNORE = -100
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from apar.errors import UserError
+from apar.engine.errors import UserError
 
 # Key pairs accepted for (prompt, response), in the order they are tried.
 _KEYS = (("prompt", "response"), ("instruction", "output"))

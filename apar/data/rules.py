@@ -1,4 +1,4 @@
-"""The rules that turn a response into a paragraph tree (SPEC section 4).
+"""The rules that turn a response into a paragraph tree (docs/design.md, "Paragraph trees").
 
 `build_tree(response)` cuts the response at character offsets only, so the tree's parts partition the
 text and restoration is exact by construction. Each fork is a span `(title_end, detail_end)`: the parent
@@ -44,7 +44,7 @@ DEFAULT_MAX_DEPTH = 3
 
 @dataclass(frozen=True, slots=True)
 class TreeRules:
-    """How eagerly responses fork; the defaults follow SPEC section 4."""
+    """How eagerly responses fork; the defaults follow docs/design.md, "Paragraph trees"."""
 
     min_items: int = 3
     min_paragraphs: int = 3

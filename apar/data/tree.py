@@ -1,4 +1,4 @@
-"""Paragraph trees: the tree of threads of one answer, read as text (SPEC sections 2 and 4).
+"""Paragraph trees: the tree of threads of one answer, read as text (docs/design.md, "Words" and "Paragraph trees").
 
 A `Node` is one thread. Its `parts` are, in reading order, plain text and `Fork`s; a `Fork` is the point
 where the thread emits `[Fork]` and holds the child thread (`Fork.child`) spawned there:

@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from apar.errors import UserError
+from apar.engine.errors import UserError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -125,10 +125,10 @@ def run_eval(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from apar.data.pipeline import load_records
+    from apar.engine.params import SamplingParams
     from apar.split import data_dir
     from apar.train.evaluate import generate_all, held_out_prompts, report
     from apar.train.trainer import SUMMARY_FILE
-    from services.protocol.params import SamplingParams
 
     for directory in (args.apar, args.ar):
         if not (directory / "config.json").is_file():

@@ -20,7 +20,7 @@ import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from apar.data.pipeline import TreeRecord, load_records
-from apar.errors import UserError
+from apar.engine.errors import UserError
 from apar.split import data_dir as resolve_data_dir
 from apar.tokenizer import train_bpe, train_texts
 from apar.train.trainer import TrainConfig, TrainResult, train_records

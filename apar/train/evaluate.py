@@ -2,7 +2,7 @@
 
 Data flow: the test split's instructions (never trained on) -> `structured` marks the ones whose
 reference answers mostly fork (lists, multi-paragraph) -> each model answers every prompt on the
-engine (`services.worker.engine`), all requests batched together: the APAR model in APAR mode, its AR
+engine (`apar.engine.engine`), all requests batched together: the APAR model in APAR mode, its AR
 twin in AR mode -> per-answer usage (steps, threads, forks) and text checks -> `Report`.
 """
 from __future__ import annotations
@@ -57,10 +57,10 @@ def well_formed(text: str) -> bool:
 
 def generate_all(model_dir: Path, prompts: list[str], params) -> list[Answer]:
     """Answer every prompt with one engine, all requests in flight together."""
+    from apar.engine.engine import Engine
     from apar.quiet import quiet_transformers
     from services.router.prompt import encode_prompt
     from services.router.stream import RequestStream
-    from services.worker.engine import Engine
 
     quiet_transformers()
     engine = Engine(str(model_dir))

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from apar.data.packing import ControlIds, PackedExample, collate, pack, token_loss_sum, tokenize_tree
 from apar.data.pipeline import TreeRecord
 from apar.data.tree import CHILD, FORK, linear, restore
-from apar.errors import UserError
+from apar.engine.errors import UserError
 
 CHECKPOINT = "checkpoint"
 STATE_FILE = "trainer_state.pt"

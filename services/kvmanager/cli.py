@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 
-from apar.errors import UserError
+from apar.engine.errors import UserError
 from services.cluster_auth import SERVER_RISK, add_cluster_token_arg, cluster_token, describe, warn_if_open
 from services.security import add_kvmanager_security_args, kvmanager_security, mask_url
 

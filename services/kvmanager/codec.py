@@ -16,9 +16,10 @@ from __future__ import annotations
 import json
 import zlib
 
-from services.kvmanager.ledger import KVLedger, LedgerError
-from services.kvmanager.ops import Op, op_from_json
+from apar.engine.kv.ledger import LedgerError
+from apar.engine.kv.ops import Op, op_from_json
 from services.kvmanager.records import WorkerRecord, WorkerSpec
+from services.kvmanager.replica import ReplicaLedger
 from services.kvmanager.replication import Step
 
 
@@ -73,7 +74,7 @@ def snapshot_to_json(rec: WorkerRecord | dict) -> str:
 def record_from_json(spec: WorkerSpec, text: str | bytes) -> WorkerRecord:
     """A record from its snapshot (entries still to replay); raises LedgerError when it does not fit."""
     d = json.loads(text)
-    ledger = KVLedger.from_snapshot(d["ledger"])
+    ledger = ReplicaLedger.from_snapshot(d["ledger"])
     if ledger.num_blocks != spec.num_blocks or ledger.block_size != spec.block_size:
         raise LedgerError(f"snapshot of {spec.worker_id} does not match its registered pool size")
     return WorkerRecord(spec=spec, ledger=ledger, born=d["born"], session=d["session"], seq=d["seq"], n=d["n"],

@@ -10,10 +10,10 @@ manager reads batches and writes acks, the worker the other way round.
 """
 from __future__ import annotations
 
+from apar.engine.kv.ledger import Digest
 from apar.protogen import stubs
 from services.kvmanager.codec import (ops_from_bytes, ops_to_bytes, snapshot_from_bytes, snapshot_parts,
                                       snapshot_to_bytes)
-from services.kvmanager.ledger import Digest
 from services.kvmanager.records import BadRequest, Usage, WorkerSpec
 from services.kvmanager.replication import Ack, Batch, Resync, ResyncPart, Step
 

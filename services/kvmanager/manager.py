@@ -30,19 +30,18 @@ a registration, a reap). Always taken store lock first, then memory lock.
 from __future__ import annotations
 
 import logging
-import secrets
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from apar.engine.kv.ops import MAX_NAMES
 from services.kvmanager.codec import entry_to_json, snapshot_from_parts, snapshot_of, snapshot_to_json
-from services.kvmanager.ledger import KVLedger
-from services.kvmanager.ops import MAX_NAMES
 from services.kvmanager.records import (Applied, BadRequest, ResyncParts, StaleSession, StoreUnavailable,
                                         UnknownWorker, Usage, WorkerIdTaken, WorkerRecord, WorkerSpec, add_part,
                                         apply_batch, check_batch, check_worker_id)
-from services.kvmanager.replication import Ack, Batch, ReplicaUnavailable, Resync, WorkerFenced, WorkerForgotten
+from services.kvmanager.replica import ReplicaLedger
+from services.kvmanager.replication import Ack, Batch, Resync
 
 if TYPE_CHECKING:
     from services.kvmanager.metrics import KVMetrics
@@ -110,7 +109,7 @@ class KVManager:
             rec.spec = spec
             rec.expires_at = self.clock() + spec.ttl_s
             return True, rec.ledger.num_free
-        rec = WorkerRecord(spec=spec, ledger=KVLedger(spec.num_blocks, spec.block_size), born=time.time_ns(),
+        rec = WorkerRecord(spec=spec, ledger=ReplicaLedger(spec.num_blocks, spec.block_size), born=time.time_ns(),
                            session=session, expires_at=self.clock() + spec.ttl_s)
         if self.store is not None:
             self._guard(self.store.save, rec, True)
@@ -422,47 +421,3 @@ class KVManager:
         self._unpersisted = 0
         self._loaded, self._doubt = True, False
         log.info("ledgers in sync with Redis: %d workers", len(self._workers))
-
-
-
-class InProcessClient:
-    """A worker's handle on an in-process `KVManager` (embedded mode): the calls of the gRPC client
-    `services.worker.kvclient.KVManagerClient` (register, start_heartbeat, send, state, close) without
-    gRPC. A registration lives `ttl_s` (default a day) and needs no heartbeat unless something reaps."""
-
-    def __init__(self, manager: KVManager, worker_id: str, worker_address: str, num_blocks: int, block_size: int,
-                 ttl_s: int = 24 * 3600, model: str = "") -> None:
-        self.manager = manager
-        self.spec = WorkerSpec(worker_id, worker_address, num_blocks, block_size, ttl_s, model)
-        self.session = secrets.randbits(63) | 1
-        self.forgotten = False
-        self.closed = False
-
-    def register(self, timeout: float | None = None) -> bool:
-        """Whether the manager had this session's ledger; WorkerFenced when another session holds the id."""
-        try:
-            return self.manager.register(self.spec, self.session)[0]
-        except WorkerIdTaken as exc:
-            raise WorkerFenced(str(exc)) from None
-
-    def start_heartbeat(self) -> None:
-        """Nothing to do in-process; `heartbeat()` extends the registration if a caller reaps."""
-
-    def heartbeat(self) -> bool:
-        return self.manager.heartbeat(self.spec.worker_id, self.session)
-
-    def send(self, batch: Batch) -> Ack:
-        """One message; raises ReplicaUnavailable when the store is away (send again later),
-        WorkerForgotten when the manager holds no ledger for this worker, of this session."""
-        try:
-            return self.manager.submit(self.spec.worker_id, batch)
-        except StoreUnavailable as exc:
-            raise ReplicaUnavailable(str(exc)) from None
-        except (UnknownWorker, StaleSession) as exc:
-            raise WorkerForgotten(str(exc)) from None
-
-    def state(self) -> dict:
-        return self.manager.state(self.spec.worker_id)
-
-    def close(self) -> None:
-        self.closed = True

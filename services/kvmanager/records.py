@@ -1,7 +1,7 @@
 """What the KV manager keeps per worker, the limits on what a client may send, and its errors.
 
 Data flows: a worker's `Register` becomes a checked `WorkerSpec`; the manager keeps one `WorkerRecord`
-per worker (its spec, its replica `KVLedger`, the worker's session and the last step applied); a
+per worker (its spec, its `ReplicaLedger`, the worker's session and the last step applied); a
 worker's `Batch` goes through `apply_batch` (the rules are in `replication`'s docstring); the store
 persists a record as a snapshot plus a log of entries, one per message. Every check a client's input
 needs is here, so the gRPC servicer and the in-process caller get the same INVALID_ARGUMENT answers.
@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from apar.errors import UserError
-from services.kvmanager.ledger import KVLedger, LedgerError
-from services.kvmanager.ops import OPS, Op, apply
+from apar.engine.errors import UserError
+from apar.engine.kv.ledger import LedgerError
+from apar.engine.kv.ops import OPS, Op
+from apar.engine.kv.step import apply
+from services.kvmanager.replica import ReplicaLedger
 from services.kvmanager.replication import Ack, Batch, ResyncPart, Step
 
 MAX_ID_CHARS = 128  # worker ids (part of Redis keys)
@@ -145,7 +147,7 @@ class WorkerRecord:
     """
 
     spec: WorkerSpec
-    ledger: KVLedger
+    ledger: ReplicaLedger
     born: int
     session: int = 0
     seq: int = 0
@@ -190,7 +192,7 @@ def apply_batch(rec: WorkerRecord, batch: Batch) -> Applied:
                 rec.spec.num_blocks, rec.spec.block_size):
             raise BadRequest("resync: the snapshot's pool is not the registered one")
         try:
-            ledger = KVLedger.from_snapshot(data)
+            ledger = ReplicaLedger.from_snapshot(data)
         except LedgerError as exc:
             raise BadRequest(f"resync: {exc}") from None
         rec.ledger, rec.seq, rec.broken = ledger, batch.resync.seq, False

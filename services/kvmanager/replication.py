@@ -34,8 +34,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import islice
 
-from services.kvmanager.ledger import Digest, KVLedger
-from services.kvmanager.ops import Op, StepAnswer, apply, record
+from apar.engine.kv.ledger import Digest, KVLedger
+from apar.engine.kv.ops import Op
+from apar.engine.kv.step import StepAnswer, apply, record
 
 
 class ReplicaUnavailable(ConnectionError):

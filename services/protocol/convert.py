@@ -1,8 +1,8 @@
 """Worker API messages <-> the shared event and parameter types. Torch-free: the router and the worker both use it."""
 from __future__ import annotations
 
-from apar.errors import UserError
-from services.protocol.events import (
+from apar.engine.errors import UserError
+from apar.engine.events import (
     Event,
     FinishReason,
     RequestFinished,
@@ -11,7 +11,7 @@ from services.protocol.events import (
     TokenEvent,
     Usage,
 )
-from services.protocol.params import SamplingParams
+from apar.engine.params import SamplingParams
 
 DEFAULT_MAX_TOKENS = 256
 

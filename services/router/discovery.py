@@ -29,7 +29,7 @@ from pathlib import Path
 
 import grpc
 
-from apar.errors import UserError
+from apar.engine.errors import UserError
 from services.router.workers import WorkerDirectory, WorkerHandle, pb
 
 log = logging.getLogger(__name__)

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from apar.errors import UserError
+from apar.engine.errors import UserError
+from apar.engine.params import SamplingParams
 from apar.protogen import stubs
 from services.protocol.convert import events_from_pb, params_to_pb
-from services.protocol.params import SamplingParams
 from services.router.guard import Caller, Guard, Refused, Ticket, current_caller
 from services.router.metrics import RouterMetrics
 from services.router.prompt import encode_prompt

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from apar.errors import UserError
+from apar.engine.errors import UserError
 from services.grpc_common import aborting_handler, behavior_of, handler_like
 from services.security import ApiKeys, RefusedSecretFlag, TLSFiles, bearer, key_id
 
@@ -66,7 +66,7 @@ class Limits:
 @dataclass(frozen=True, slots=True)
 class Caller:
     """Who sent a request: the key's id (`anonymous` without API keys), the front door, and the salt of
-    its prompt blocks' names in the prefix cache (services/protocol/prefix.py; 0: the shared cache)."""
+    its prompt blocks' names in the prefix cache (apar/engine/prefix.py; 0: the shared cache)."""
 
     key: str = "anonymous"
     door: str = "-"

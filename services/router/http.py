@@ -11,7 +11,7 @@ offending parameter, and a parameter we do not implement (`logprobs`, `tools`, .
 name, never ignored. Such a parameter is accepted only with its no-op value (`logprobs: false`,
 `logit_bias: {}`, ...), since common clients send those. `user` is accepted and ignored.
 `frequency_penalty` and `presence_penalty` (OpenAI's, in [-2, 2]) and `repetition_penalty` (vLLM's
-extension, > 0) apply over each thread's own context (`services/worker/penalties.py`).
+extension, > 0) apply over each thread's own context (`apar/engine/penalties.py`).
 
 Every path but `/health` (and `/metrics` with `--metrics-open`) needs `Authorization: Bearer KEY` when
 the router has API keys (`guard.HttpGuard`, a pure ASGI middleware: a refused request gets 401 in
@@ -38,9 +38,9 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from apar.errors import UserError
+from apar.engine.errors import UserError
+from apar.engine.params import MAX_DEPTH, MAX_THREADS, PENALTY_RANGE, SamplingParams
 from services.protocol.convert import DEFAULT_MAX_TOKENS
-from services.protocol.params import MAX_DEPTH, MAX_THREADS, PENALTY_RANGE, SamplingParams
 from services.router.gateway import Gateway, GatewayError, Job
 from services.router.guard import current_caller
 from services.router.http_server import HttpGuard

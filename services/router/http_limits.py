@@ -6,7 +6,7 @@ import argparse
 import resource
 from dataclasses import dataclass
 
-from apar.errors import UserError
+from apar.engine.errors import UserError
 
 
 def default_max_connections() -> int:

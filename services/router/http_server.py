@@ -34,7 +34,7 @@ from collections import OrderedDict
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from apar.errors import UserError
+from apar.engine.errors import UserError
 from services.router.guard import CALLER, OPEN_HTTP, Guard
 from services.router.http_limits import HttpServerLimits
 from services.security import bearer

@@ -1,4 +1,4 @@
-"""The router's Prometheus metrics (SPEC section 8): what each request's client saw.
+"""The router's Prometheus metrics (docs/design.md, "Metrics"): what each request's client saw.
 
 Names follow vLLM's (`vllm:time_to_first_token_seconds` -> `apar_time_to_first_token_seconds`, with
 vLLM's bucket edges), with APAR's own beside them; every series carries `model_name` (the served model

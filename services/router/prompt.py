@@ -1,7 +1,7 @@
 """From what a user sends to prompt token ids: the chat template when the tokenizer has one."""
 from __future__ import annotations
 
-from apar.errors import UserError
+from apar.engine.errors import UserError
 
 ROLES = ("system", "user", "assistant")
 

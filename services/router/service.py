@@ -14,7 +14,7 @@ import uuid
 
 import grpc
 
-from apar.errors import UserError
+from apar.engine.errors import UserError
 from apar.protogen import stubs
 from services.grpc_common import add_health_and_reflection, add_servicer
 from services.protocol.convert import params_from_pb

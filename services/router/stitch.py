@@ -1,4 +1,4 @@
-"""Stitching: the thread tree back into linear text, streamed append-only (SPEC section 6).
+"""Stitching: the thread tree back into linear text, streamed append-only (docs/design.md, "Restoration and streaming").
 
 Input: per-thread events in engine order (a thread starts with its parent and anchor, tokens arrive, it
 finishes). Reading order is depth-first: a parent's tokens up to a `[Fork]`, then that child's whole

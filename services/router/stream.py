@@ -17,7 +17,7 @@ import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from services.protocol.events import Event, RequestFinished, ThreadFinished, ThreadStarted, TokenEvent
+from apar.engine.events import Event, RequestFinished, ThreadFinished, ThreadStarted, TokenEvent
 from services.router.stitch import Stitcher, ThreadDelta
 
 STREAM_MODES = ("linear", "threads", "final")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from apar.errors import UserError
+from apar.engine.errors import UserError
 
 
 def load_tokenizer(model_dir: str | Path):

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from apar.engine.prefix import block_hashes
 from apar.protogen import stubs
 from services.kvmanager.shards import parse_shards
-from services.protocol.prefix import block_hashes
 from services.security import TLSFiles, open_channel
 
 log = logging.getLogger(__name__)

@@ -1,9 +1,7 @@
-"""How the engine talks to the KV ledger: one `apply` of ordered ops per step, thread ends deferred.
-
-The engine always keeps a local `KVLedger`, its own pool's ledger (admission reads it). `LocalKV` is that
-ledger alone (embedded mode without a manager): deferred ops apply at once, so a finished thread's
-blocks are free in the step it ends. `RemoteKV` (cluster mode) applies the same ops locally first and
-streams them to the KV manager, which keeps a replica; the engine never waits for the manager's answer.
+"""Cluster mode's link from the engine to the KV ledger: `RemoteKV`, the same interface as the core's
+`apar.engine.kv.local.LocalKV` (one `apply` of ordered ops per step, thread ends deferred). It applies
+the ops locally first and streams them to the KV manager, which keeps a replica; the engine never waits
+for the manager's answer.
 
 The manager's authority under this rule. The worker's ledger is the truth for its own pool: every
 allocation of a block of that pool is made by the worker, the pool's single owner, by the ledger's
@@ -24,32 +22,12 @@ import logging
 import threading
 import time
 
-from services.kvmanager.ledger import KVLedger
-from services.kvmanager.ops import Op, StepAnswer, apply
+from apar.engine.kv.ledger import KVLedger
+from apar.engine.kv.ops import Op
+from apar.engine.kv.step import StepAnswer
 from services.kvmanager.replication import ReplicaUnavailable, StepLog, WorkerFenced, WorkerForgotten
 
 log = logging.getLogger(__name__)
-
-
-class LocalKV:
-    unavailable = False  # (a ledger in this process is never behind: see RemoteKV)
-    wait_s = 0.0
-
-    def __init__(self, ledger: KVLedger) -> None:
-        self.ledger = ledger
-
-    def apply(self, ops: list[Op]) -> StepAnswer:
-        answer = apply(self.ledger, ops)
-        if answer.error:
-            raise RuntimeError(f"KV ledger refused an op: {answer.error}")
-        return answer
-
-    def defer(self, op: Op) -> list[int]:
-        """A thread or request end; returns the block ids it freed locally."""
-        return self.apply([op]).freed
-
-    def flush(self) -> None:
-        """Send what was deferred (nothing to send for a local ledger)."""
 
 
 MANAGER_UNAVAILABLE = "the KV manager is unavailable"  # the error of the requests its outage ends

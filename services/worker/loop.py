@@ -24,9 +24,9 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 
-from services.protocol.events import Event, FinishReason, RequestFinished
-from services.protocol.params import SamplingParams
-from services.worker.engine import Engine, StepResult
+from apar.engine.engine import Engine, StepResult
+from apar.engine.events import Event, FinishReason, RequestFinished
+from apar.engine.params import SamplingParams
 from services.worker.kv import MANAGER_UNAVAILABLE, KVManagerUnavailable
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,5 @@
-"""The worker's Prometheus metrics, read from the engine on its loop thread after every step (SPEC section 8).
+"""The worker's Prometheus metrics, read from the engine on its loop thread after every step
+(docs/design.md, "Metrics").
 
 Names follow vLLM's (`vllm:num_requests_running` -> `apar_num_requests_running`, ...), with APAR's own
 beside them; every series carries `model_name`. Gauges are set from the engine's state; counters grow by
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from services.worker.engine import Engine, StepResult
+from apar.engine.engine import Engine, StepResult
 
 STEP_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 RTT_SECONDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)

@@ -14,13 +14,13 @@ import uuid
 
 import grpc
 
-from apar.errors import UserError
+from apar.engine.config import STREAM_BUFFER_EVENTS
+from apar.engine.errors import UserError
+from apar.engine.events import FinishReason, RequestFinished
 from apar.protogen import stubs
 from services.grpc_common import add_health_and_reflection, add_servicer, server_options, status_of
 from services.protocol.convert import events_to_pb, params_from_pb
-from services.protocol.events import FinishReason, RequestFinished
 from services.security import TLSFiles, internal_interceptors, open_port
-from services.worker.config import STREAM_BUFFER_EVENTS
 from services.worker.loop import EngineLoop
 
 log = logging.getLogger(__name__)

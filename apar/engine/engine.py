@@ -1,0 +1,349 @@
+"""The APAR engine: continuous batching of every thread of every request, one forward pass a step.
+
+`step()` reads like its description: plan the decoding threads, admit on what is free, plan the
+catch-up chunks, make room (preempting the most recently admitted request while the step's blocks do
+not fit), allocate slots in the ledger, run the model, sample, then apply the tokens (fork, finish,
+free) and report events. Under pressure new forks are refused first (`fork_watermark`), then requests
+are preempted: every block freed at once, every token kept, the KV recomputed on readmission. Callers
+add requests and abort them between steps; the engine is single-threaded by design (a server drives it
+from one loop).
+
+A request for `n` answers prefills its prompt once: when the root samples its first token, the other
+answers' first tokens are drawn from the same logits row and their roots forked from the root's prompt
+(`_open_answers`), so every answer reads the prompt's blocks. Each answer has its own `max_tokens` and
+`max_threads`; the request ends when every answer has.
+
+Prefix cache (`EngineConfig.prefix_cache`): a root starts in the ledger on the longest run of its
+prompt's full blocks the ledger holds by name (the scheduler looks it up, `_start_root` sends [Start,
+Reuse]): those tokens count as computed and its prefill starts after them. Once its prompt is
+prefilled, the blocks it wrote are named (`_name_prompts`) and outlive the request as cached blocks,
+evicted when a block is needed.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from apar.engine.backends.base import StepData
+from apar.engine.config import EngineConfig
+from apar.engine.errors import UserError
+from apar.engine.events import Event, FinishReason, RequestFinished, ThreadStarted
+from apar.engine.forks import ForkRules
+from apar.engine.kv.ledger import KVLedger, ThreadRef
+from apar.engine.kv.local import LocalKV
+from apar.engine.kv.ops import Append, Finish, Fork, Name, Op, Release, Reuse, Start
+from apar.engine.model_runner import ModelRunner
+from apar.engine.params import SamplingParams
+from apar.engine.pressure import Pressure
+from apar.engine.penalties import Penalties
+from apar.engine.prefix import block_hashes
+from apar.engine.replay import ReplayCursor, ReplayNode
+from apar.engine.results import StepResult, TokenResults
+from apar.engine.scheduler import Scheduler, Work
+from apar.engine.sequence import Request, Thread
+from apar.engine.step_builder import StepBuilder
+
+log = logging.getLogger(__name__)
+
+
+class Engine(TokenResults, ForkRules, Pressure):
+    """The step loop over a model, a KV ledger and a scheduler (the module's docstring says how)."""
+
+    def __init__(self, model_dir: str | Path, config: EngineConfig | None = None, keep_logits: bool = False,
+                 kv_factory=None):
+        self.config = config or EngineConfig()
+        self.runner = ModelRunner(model_dir, self.config)
+        self.tokenizer = self.runner.tokenizer
+        # None, None: the tokenizer lacks the control tokens, every request runs auto-regressively
+        self.fork_id, self.child_id = self._control_ids()
+        self.eos_ids = self.runner.eos_ids()
+        self._eos_list = sorted(self.eos_ids)
+        self.penalties = Penalties(self.runner.device, {t for t in (self.fork_id, self.child_id) if t is not None})
+        self.ledger = KVLedger(self.runner.num_blocks, self.config.block_size)
+        self.kv = LocalKV(self.ledger)
+        self.step_builder = StepBuilder(self.runner.contexts)
+        n = self.ledger.num_blocks
+        self.scheduler = Scheduler(self.ledger, self.config.max_batch_tokens,
+                                   admit_watermark=int(self.config.admit_watermark * n))
+        self.fork_watermark = int(self.config.fork_watermark * n)  # blocks
+        self.keep_logits = keep_logits
+        self.requests: dict[str, Request] = {}
+        self.steps = 0
+        self.peak_blocks = 0
+        self.forks = 0
+        self.forks_by_depth: dict[int, int] = {}  # new child's depth -> forks so far (the metrics read it)
+        self.blocks_released_early = 0  # freed by a thread's end while its request still ran
+        self.preemptions = 0
+        self.forks_refused = 0  # [Fork]s refused because the pool was nearly full
+        self.recomputed_tokens = 0  # tokens computed again after preemptions
+        # prefix cache, at each request's first start: prompt tokens looked up, and found cached
+        self.prefix_queried_tokens = 0
+        self.prefix_hit_tokens = 0
+        self._ids = itertools.count()
+        if self.runner.compiled or self.runner.graphs is not None:
+            self._warm_up()
+        if kv_factory:  # after the warm-up, whose blocks the ledger has all back
+            self.kv = kv_factory(self.ledger)
+
+    @property
+    def auto_parallel(self) -> bool:
+        """The model can fork: its tokenizer has both control tokens. Without them, a request that asks
+        for auto-parallel decoding runs auto-regressively, as one with `auto_parallel=False`."""
+        return self.fork_id is not None
+
+    def _control_ids(self) -> tuple[int | None, int | None]:
+        """The control tokens' ids; (None, None), with one notice, when the tokenizer has neither (an
+        ordinary model). A tokenizer with only one of them is misconfigured (say, a mistyped string):
+        a clear error."""
+        fork, child = self.config.control.fork, self.config.control.child
+        vocab = self.tokenizer.get_vocab()
+        if fork not in vocab and child not in vocab:
+            log.warning("the tokenizer has neither control token (%r, %r): serving auto-regressively "
+                        "(auto-parallel is off for every request)", fork, child)
+            return None, None
+        return self.runner.token_id(fork), self.runner.token_id(child)
+
+    def _warm_up(self) -> None:
+        """Compile and capture before the first request: two short requests of different lengths give a
+        prefill step, decode steps of two threads and of one (the shapes the compiled layers specialise
+        on, see `ModelRunner._compile`); then the CUDA graph of every batch-size bucket a step can fill is
+        captured. The prefix cache is off for the requests, so the ledger is empty again afterwards; the
+        counters start from zero."""
+        banned = self.eos_ids | {self.fork_id, self.child_id}
+        prompt = [t for t in range(self.runner.vocab_size) if t not in banned][:8]
+        cache, self.config.prefix_cache = self.config.prefix_cache, False
+        try:
+            for n, tokens in ((len(prompt), 4), (max(1, len(prompt) // 2), 2)):
+                self.add_request(prompt[:n], SamplingParams(max_tokens=tokens, auto_parallel=False, ignore_eos=True),
+                                 request_id=f"warm-up-{n}")
+            self.run_to_completion()
+        finally:
+            self.config.prefix_cache = cache
+        if self.ledger.num_used:
+            raise RuntimeError(f"the warm-up left {self.ledger.num_used} KV blocks in use")
+        self.steps = self.peak_blocks = 0
+        if self.runner.graphs is not None:
+            self.runner.graphs.capture_all(self.config.max_batch_tokens)
+
+    # ---- requests in and out -----------------------------------------------------------------------
+    def add_request(self, prompt: list[int], params: SamplingParams, request_id: str | None = None,
+                    replay: ReplayNode | None = None, cache_salt: int = 0) -> str:
+        """Queue a request; raises UserError (nothing queued) when it is invalid or can never fit. On a model
+        that cannot fork (`auto_parallel` False) every request runs, and is checked, as an AR one.
+        `cache_salt` is part of its prompt blocks' names: it reuses and leaves cached blocks only for
+        prompts of the same salt."""
+        if params.auto_parallel and not self.auto_parallel:
+            params = replace(params, auto_parallel=False)
+        if not prompt:
+            raise UserError("prompt is empty")
+        if any((not isinstance(t, int)) or t < 0 or t >= self.runner.vocab_size for t in prompt):
+            raise UserError(f"prompt holds token ids outside the vocabulary (0..{self.runner.vocab_size - 1})")
+        limit = self.runner.max_positions
+        if len(prompt) >= limit:
+            raise UserError(f"prompt of {len(prompt)} tokens is longer than the model allows ({limit})")
+        if len(prompt) + params.max_tokens > limit and not params.auto_parallel:
+            raise UserError(
+                f"prompt ({len(prompt)}) + max_tokens ({params.max_tokens}) exceeds the model's context ({limit})"
+            )
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise UserError(f"request id {request_id!r} is already in use")
+        if replay is not None:
+            if params.n > 1:
+                raise UserError("a replayed request serves one answer (n must be 1)")
+            if not self.auto_parallel and replay.threads() > 1:
+                raise UserError("a replayed tree cannot fork on a model without control tokens")
+            replay.validate(self.fork_id)
+        req = Request(id=request_id, prompt=list(prompt), params=params, arrival=self.steps)
+        if self.config.prefix_cache:
+            req.prompt_names = block_hashes(prompt, self.config.block_size, salt=cache_salt)
+        if not params.greedy:
+            gen = torch.Generator(device=self.runner.device)
+            gen.manual_seed(params.seed if params.seed is not None else torch.seed())
+            req.generator = gen
+        root = Thread(id=0, parent=None, anchor=-1, start_pos=0, depth=0, kv_tokens=list(prompt),
+                      n_prompt=len(prompt))
+        if replay is not None:
+            root.replay = ReplayCursor(replay, self.fork_id)
+        req.add_thread(root)
+        if params.penalized:
+            self.penalties.open_request(req)
+        req.usage.prompt_tokens = len(prompt)
+        self.scheduler.add(req)
+        self.requests[request_id] = req
+        return request_id
+
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> list[Event]:
+        """Cancel a request between steps: every block of it is free on return."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return []
+        events = self._end_request(req, reason)
+        self.penalties.flush()
+        return events
+
+    def discard(self, request_id: str, reason: FinishReason) -> list[Event]:
+        """Last resort for a request whose `abort` failed (a bug in the bookkeeping): forget it, free
+        what the ledger still holds of it (a release of a request it does not know frees nothing), and
+        report its end."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return []
+        self.scheduler.remove(req)
+        self.runner.contexts.forget(req.threads)
+        self.kv.defer(Release(req.id))
+        req.finish = reason
+        return [RequestFinished(req.id, reason, req.usage, req.error)]
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- one step ----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> StepResult:
+        """One step: schedule the work (and its KV slots), run the model, apply the sampled tokens."""
+        result = StepResult(events=[])
+        work = self._schedule(result)
+        if not work:  # nothing to run (at most forks of recomputed threads, which the ledger now has)
+            self.kv.flush()
+            self.penalties.flush()
+            return result
+        step, samplers, prefilled = self._build_step(work)
+        logits = self.runner.forward(step)  # [S, V]: one row per sampling thread
+        self._apply_results(step, samplers, prefilled, logits, result)
+        return result
+
+    def _schedule(self, result: StepResult) -> list[Work]:
+        """The step's work, with its slots in the ledger: plan the decoding threads, admit on what is
+        free, plan the catch-up chunks, make room (preempting under pressure), allocate."""
+        work = self.scheduler.plan_decode()
+        need = self.scheduler.blocks_needed(work)  # new blocks per request
+        for req in self.scheduler.admit(reserve=sum(need.values())):
+            if not req.admitted:
+                req.admitted = True
+                result.events.append(ThreadStarted(req.id, 0, None, -1))
+        decoding = len(work)
+        self.scheduler.plan_catch_up(work)
+        need.update(self.scheduler.blocks_needed(work[decoding:]))  # catching up: other requests
+        return self._allocate(self._make_room(work, need, result), result)
+
+    def _apply_results(self, step: StepData, samplers: list[tuple[Request, Thread]], prefilled: list[Work],
+                       logits: torch.Tensor, result: StepResult) -> None:
+        """Name the prompts just written, sample and apply each thread's token, end finished requests."""
+        self.steps += 1
+        result.tokens = step.num_tokens
+        self._name_prompts(prefilled)  # before sampling: a root may end there
+        produced = self._sample(samplers, logits, result)
+        for req in list(self.scheduler.running):
+            if req.id in produced:
+                req.usage.steps += 1
+            req.usage.peak_kv_blocks = max(req.usage.peak_kv_blocks, self.ledger.blocks_read(req.id))
+            if not req.running_threads:
+                result.events.extend(self._end_request(req, None))
+        self.peak_blocks = max(self.peak_blocks, self.ledger.num_used)
+        self.penalties.flush()  # the step's tokens counted, the rows of ended threads free
+
+    def _allocate(self, work: list[Work], result: StepResult) -> list[Work]:
+        """Give every planned token a slot in ONE ledger call, in plan order: a new root's start, a new
+        child's fork (after its parent's [Fork] got its slot), the append, and for a finished thread
+        recomputed for its children, its end once its last such child is forked. (A new answer root is
+        forked when it is created, see `_open_answers`; after a preemption it is forked here.) New roots
+        start first, so that no allocation of the step evicts a cached block one of them reuses."""
+        starts: list[Op] = []
+        ops: list[Op] = []
+        new_threads: dict[int, Thread] = {}
+        for w in work:
+            req, t = w.request, w.thread
+            ref = ThreadRef(req.id, t.id)
+            if not t.in_ledger and id(t) not in new_threads:
+                if t.parent is None:
+                    starts += self._start_root(req, ref)
+                else:
+                    parent = t.parent
+                    ops.append(Fork(ThreadRef(req.id, parent.id), ref))
+                    if not parent.running and t is parent.last_reader:
+                        ops.append(Finish(ThreadRef(req.id, parent.id)))  # its last reader is forked
+                new_threads[id(t)] = t
+            if w.n:
+                ops.append(Append(ref, w.n))
+        if not starts and not ops:
+            return []
+        # raises when the ops cannot be handed over (the KV manager is away past the lag bound); then
+        # nothing was applied, and no thread may count as known to the ledger before it is
+        answer = self.kv.apply(starts + ops)
+        for t in new_threads.values():
+            t.in_ledger = True
+            if t.parent is not None and not t.parent.running and t is t.parent.last_reader:
+                t.parent.recompute_to = 0
+        bs = self.config.block_size
+        failed: set[str] = set()
+        appends = iter(answer.appends)
+        for w in work:
+            slots = next(appends) if w.n else []
+            if w.request.id in failed:
+                continue
+            if slots is None:
+                failed.add(w.request.id)
+                w.request.error = "the KV cache is full"
+                result.events.extend(self._end_request(w.request, FinishReason.LENGTH))
+                continue
+            t = w.thread
+            if new_threads.pop(id(t), None) is not None:
+                if t.parent is not None:  # the parent's context up to its [Fork]
+                    self.runner.contexts.fork(t.parent, t)
+                elif t.reused:  # a root's cached prefix
+                    blocks = self.ledger.context_blocks(ThreadRef(w.request.id, t.id))[: t.reused]
+                    self.runner.contexts.reuse(t, [b * bs + o for b in blocks for o in range(bs)])
+            self.runner.contexts.push(t, [b * bs + o for b, o in slots])
+        return [w for w in work if w.request.id not in failed and w.n]
+
+    def _build_step(self, work: list[Work]) -> tuple[StepData, list[tuple[Request, Thread]], list[Work]]:
+        """The step's data (`StepBuilder`), then count its tokens as computed (and in usage); also the
+        roots' chunks that complete their prompt."""
+        step, samplers = self.step_builder.build(work, self.runner.backend.uses_runs)
+        prefilled = []
+        for w in work:
+            t, n = w.thread, w.n
+            first = t.computed
+            w.request.usage.attended_tokens += n * (t.start_pos + first) + n * (n + 1) // 2  # context lengths
+            redo = max(0, min(first + n, t.recompute_mark) - first)
+            if redo:
+                w.request.usage.recomputed_tokens += redo
+                self.recomputed_tokens += redo
+            t.computed += n
+            if t.parent is None and first < t.n_prompt <= t.computed:
+                prefilled.append(w)
+        return step, samplers, prefilled
+
+    # ---- prefix cache ------------------------------------------------------------------------------
+    def _start_root(self, req: Request, ref: ThreadRef) -> list[Op]:
+        """A root's start in the ledger, on its cached prefix. The first start is the request's cache
+        hit (`cached_tokens`); one after a preemption reads its own cached blocks back."""
+        root = req.root
+        if self.config.prefix_cache and not req.usage.preemptions:
+            req.usage.cached_tokens = root.reused * self.config.block_size
+            self.prefix_queried_tokens += len(req.prompt)
+            self.prefix_hit_tokens += req.usage.cached_tokens
+        if not root.reused:
+            return [Start(ref)]
+        return [Start(ref), Reuse(ref, tuple(req.prompt_names[: root.reused]))]
+
+    def _name_prompts(self, prefilled: list[Work]) -> None:
+        """Roots whose prompt the step just wrote: the full blocks they wrote get their names (those past
+        the cached prefix), so that later prompts can reuse them."""
+        for w in prefilled:
+            t = w.thread
+            names = w.request.prompt_names[t.reused :]
+            if names:
+                self.kv.defer(Name(ThreadRef(w.request.id, t.id), t.reused, tuple(names)))
+
+    # ---- convenience -------------------------------------------------------------------------------
+    def run_to_completion(self) -> list[Event]:
+        events: list[Event] = []
+        while self.has_work():
+            events.extend(self.step().events)
+        return events

@@ -1,0 +1,127 @@
+"""Applying a step's results: each sampling thread's token chosen (bans, then `sampler.choose_tokens`)
+and applied to its thread: extend it, fork a child (forks.py), or end it, its answer, or its request.
+
+`TokenResults` is a part of `Engine` (a mixin over the engine's state), not used alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from apar.engine.events import Event, FinishReason, RequestFinished, ThreadFinished, TokenEvent
+from apar.engine.kv.ledger import ThreadRef
+from apar.engine.kv.ops import Finish, Release
+from apar.engine.sampler import choose_tokens, rows_index
+from apar.engine.sequence import Request, Thread, context_tokens
+
+
+@dataclass(slots=True)
+class StepResult:
+    events: list[Event]
+    tokens: int = 0  # tokens computed in this step (prefill and decode)
+    sampled: int = 0
+    # (request, thread) -> (context token ids, logits [V]) when the engine keeps logits (tests)
+    logits: dict[tuple[str, int], tuple[list[int], torch.Tensor]] = field(default_factory=dict)
+    # (request, thread) -> the row its token was chosen from: penalties and bans applied (tests)
+    chosen_from: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+
+
+class TokenResults:
+    """Sampling and applying tokens, and ending threads and requests (the `Engine` methods)."""
+
+    def _sample(self, samplers: list[tuple[Request, Thread]], logits: torch.Tensor, result: StepResult) -> set[str]:
+        """Pick one token per sampling thread (logits: [S, V], row i for samplers[i]); apply them in order.
+
+        The penalties a request asks for go first, on the device, to its rows only (`Penalties`: each
+        thread's own context counts); then the control-token bans.
+        Bans known before the step are applied to all rows at once; greedy rows take one argmax
+        together; a sampling request draws from its own generator, its threads in id order (and the
+        first tokens of answers 1..n-1 right after the root's first, from the same row). The fork
+        rules are checked again as each token is applied (`_apply`), since a sibling's fork in the same
+        step may have used up a limit. Returns the ids of requests that produced.
+        """
+        if self.keep_logits:
+            for (req, t), row in zip(samplers, logits):
+                result.logits[(req.id, t.id)] = (context_tokens(t), row.detach().to("cpu", copy=True))
+        self.penalties.apply(logits, samplers)
+        tight = self._ban_forks(samplers, logits)  # [Child] always, [Fork] where a rule says so
+        no_eos = [i for i, (req, _) in enumerate(samplers) if req.params.ignore_eos]
+        if no_eos:
+            rows = rows_index(logits, no_eos)
+            for eos in self._eos_list:
+                logits[rows, eos] = float("-inf")
+        if self.keep_logits:
+            for (req, t), row in zip(samplers, logits):
+                result.chosen_from[(req.id, t.id)] = row.detach().to("cpu", copy=True)
+        chosen = choose_tokens(logits, samplers, self.eos_ids)
+        for i, ((req, t), token) in enumerate(zip(samplers, chosen)):
+            if token == self.fork_id and (tight or not self._may_fork(req, t)):
+                token = self._instead_of_fork(req, t, logits[i], tight)
+            if req.params.n > 1 and t.id == 0 and len(t.kv_tokens) == t.n_prompt:  # the root's first token
+                self._open_answers(req, token, logits[i], result)
+            else:
+                self._apply(req, t, token, result)
+        result.sampled += len(samplers)
+        return {req.id for req, _ in samplers}
+
+    def _apply(self, req: Request, t: Thread, token: int | None, result: StepResult) -> None:
+        """Add one sampled token to a thread: extend it, fork a child, or end it (its whole answer when
+        the answer's budget is spent)."""
+        if not t.running:
+            return
+        if req.budget_left(t.answer) <= 0:
+            self._end_threads(req, FinishReason.LENGTH, result, t.answer)
+            return
+        if token is None:  # a replayed thread ran out of tokens
+            self._finish_thread(req, t, FinishReason.STOP, result)
+            return
+        req.spend(t.answer)
+        if token in self.eos_ids or token in req.params.stop_token_ids:
+            self._finish_thread(req, t, FinishReason.STOP, result)
+            return
+        t.kv_tokens.append(token)
+        if t.penalty_row is not None:
+            self.penalties.count(t, token)
+        result.events.append(TokenEvent(req.id, t.id, token))
+        if token == self.fork_id:
+            self._fork(req, t, result)
+        if t.start_pos + len(t.kv_tokens) >= self.runner.max_positions:
+            self._finish_thread(req, t, FinishReason.LENGTH, result)
+        if req.budget_left(t.answer) <= 0:
+            self._end_threads(req, FinishReason.LENGTH, result, t.answer)
+
+    def _finish_thread(self, req: Request, t: Thread, reason: FinishReason, result: StepResult) -> None:
+        t.finish = reason
+        self.penalties.close_thread(t)
+        if not req.admitted:  # never admitted, never announced: nothing to report
+            return
+        if t.in_ledger:
+            freed = self.kv.defer(Finish(ThreadRef(req.id, t.id)))
+            if req.running_threads:
+                self.blocks_released_early += len(freed)
+        result.events.append(ThreadFinished(req.id, t.id, reason))
+
+    def _end_threads(self, req: Request, reason: FinishReason, result: StepResult, answer: int | None = None) -> None:
+        """Finish the running threads of one answer, or of every answer (None)."""
+        for t in req.threads:
+            if t.running and answer in (None, t.answer):
+                self._finish_thread(req, t, reason, result)
+
+    def _end_request(self, req: Request, reason: FinishReason | None) -> list[Event]:
+        """Finish what still runs, free every block of the request, report it; reason None: all ended."""
+        tmp = StepResult(events=[])
+        if reason is not None:
+            self._end_threads(req, reason, tmp)
+        if req.root.in_ledger:  # not after a preemption: that released it already
+            self.kv.defer(Release(req.id))
+        self.runner.contexts.forget(req.threads)
+        self.penalties.close_request(req)
+        self.scheduler.remove(req)
+        self.requests.pop(req.id, None)
+        if reason is None:
+            reasons = {t.finish for t in req.threads}
+            reason = FinishReason.LENGTH if FinishReason.LENGTH in reasons else FinishReason.STOP
+        req.finish = reason
+        tmp.events.append(RequestFinished(req.id, reason, req.usage, req.error))
+        return tmp.events

@@ -1,0 +1,80 @@
+"""From the step's work to the backend-neutral `StepData`: the flat batch and where each context is.
+
+Data flow: the scheduler plans `Work` (thread, n tokens), the engine allocates their slots in the ledger
+and pushes them into the context table (`ContextTable.push`, `fork`); `build` then walks the work once,
+in plan order, and lays out the flat batch: token ids, positions, the slots their K/V goes to, which
+rows sample, and per thread its table row and context length (single-token threads as `DecodeQueries`,
+longer ones as `ChunkQuery`s). The table's pending updates and all these ints reach the device in one
+upload each. Per-step host work is proportional to the tokens computed, never to the contexts' lengths.
+"""
+from __future__ import annotations
+
+from apar.engine.backends.base import ChunkQuery, DecodeQueries, Run, StepData
+from apar.engine.context_table import ContextTable
+from apar.engine.scheduler import Work
+from apar.engine.sequence import Request, Thread
+
+
+def context_runs(t: Thread, length: int) -> tuple[Run, ...]:
+    """Thread t's context of `length` positions as runs by writer, root first: each ancestor's
+    positions up to where the path to t leaves it, then t's own."""
+    runs = [Run(id(t), t.start_pos, length)]
+    child = t
+    while child.parent is not None:
+        parent = child.parent
+        runs.append(Run(id(parent), parent.start_pos, child.start_pos))
+        child = parent
+    return tuple(reversed(runs))
+
+
+class StepBuilder:
+    def __init__(self, contexts: ContextTable) -> None:
+        self.contexts = contexts
+
+    def build(self, work: list[Work], with_runs: bool) -> tuple[StepData, list[tuple[Request, Thread]]]:
+        """The step's data (before the engine counts the tokens as computed) and, in row order, the
+        (request, thread) of each sampled row. `with_runs`: the backend groups threads by their runs."""
+        ids: list[int] = []
+        positions: list[int] = []
+        writes: list[int] = []
+        d_rows: list[int] = []
+        d_table: list[int] = []
+        d_lens: list[int] = []
+        families: list[int] = []
+        runs: list[tuple[Run, ...]] = []
+        chunks: list[ChunkQuery] = []
+        sample_rows: list[int] = []
+        samplers: list[tuple[Request, Thread]] = []
+        ahead: dict[int, int] = {}  # a thread with several chunks in this step: tokens laid out so far
+        for w in work:
+            t, n = w.thread, w.n
+            row = len(ids)
+            first = t.computed + ahead.get(id(t), 0)
+            ahead[id(t)] = first + n - t.computed
+            ids.extend(t.kv_tokens[first : first + n])
+            pos0 = t.start_pos + first
+            positions.extend(range(pos0, pos0 + n))
+            if len(t.new_slots) < n:
+                raise RuntimeError(f"thread {t.id} got {len(t.new_slots)} slots for {n} tokens")
+            writes.extend(t.new_slots[:n])
+            del t.new_slots[:n]
+            if n == 1:
+                d_rows.append(row)
+                d_table.append(t.row)
+                d_lens.append(pos0 + 1)
+                families.append(id(w.request))
+                if with_runs:
+                    runs.append(context_runs(t, pos0 + 1))
+            else:
+                chunks.append(ChunkQuery(row, n, t.row, pos0 + n))
+            if t.running and len(t.kv_tokens) == first + n:  # its last pending token: it samples from this row
+                sample_rows.append(row + n - 1)
+                samplers.append((w.request, t))
+        self.contexts.flush()
+        ids_t, pos_t, writes_t, rows_t, table_t, lens_t, sample_t = self.contexts.uploader.upload(
+            ids, positions, writes, d_rows, d_table, d_lens, sample_rows)
+        decode = None
+        if d_rows:
+            decode = DecodeQueries(rows_t, table_t, lens_t, d_rows, d_table, d_lens, families, runs)
+        step = StepData(ids_t, pos_t, writes_t.long(), sample_t.long(), decode, chunks, self.contexts)
+        return step, samplers
