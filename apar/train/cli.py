@@ -78,6 +78,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--temperature", type=float, default=0.7)
     ev.add_argument("--top-p", type=float, default=0.9)
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--greedy", action="store_true", help="temperature 0 (overrides --temperature/--top-p)")
+    ev.add_argument("--loss-records", type=int, default=0, metavar="N",
+                    help="held-out loss of both models on the first N test-split reference answers, measured "
+                         "here (0: read from their train summaries)")
+    ev.add_argument("--markdown", type=Path, default=None, metavar="FILE",
+                    help="also write a markdown report (table and answers side by side)")
+    ev.add_argument("--samples", type=int, default=3, help="answers side by side in the markdown report")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     _data_arg(ev)
     ev.set_defaults(func=run_eval)
@@ -160,7 +167,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from apar.data.pipeline import load_records
     from apar.split import data_dir
-    from apar.train.evaluate import generate_all, held_out_prompts, report
+    from apar.train.evaluate import generate_all, held_out_loss, held_out_prompts, markdown, report
     from apar.train.trainer import SUMMARY_FILE
     from services.protocol.params import SamplingParams
 
@@ -169,24 +176,33 @@ def run_eval(args: argparse.Namespace) -> int:
             raise UserError(f"{directory}: not a model directory (no config.json)")
     if args.prompts <= 0:
         raise UserError("--prompts must be positive")
-    prompts = held_out_prompts(load_records(data_dir(args.data)))
+    records = load_records(data_dir(args.data))
+    prompts = held_out_prompts(records)
     if args.structured_only:
         prompts = [p for p in prompts if p[1]]
     prompts = prompts[: args.prompts]
     texts = [p for p, _ in prompts]
+    if args.greedy:
+        args.temperature, args.top_p = 0.0, 1.0
     common = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     apar = generate_all(args.apar, texts, SamplingParams(**common, auto_parallel=True))
     ar = generate_all(args.ar, texts, SamplingParams(**common, auto_parallel=False))
     result = asdict(report(prompts, apar, ar))
     losses = {}
+    held = [r for r in records if r.split == "test"][: args.loss_records]
     for name, directory in (("apar", args.apar), ("ar", args.ar)):
         summary = directory / SUMMARY_FILE
-        if summary.is_file():
+        if held:
+            losses[name] = held_out_loss(directory, held)
+        elif summary.is_file():
             losses[name] = json.loads(summary.read_text())["result"]["held_out_loss"]
     if len(losses) == 2 and losses["ar"]:
         result["held_out_loss_apar"] = losses["apar"]
         result["held_out_loss_ar"] = losses["ar"]
         result["held_out_loss_ratio"] = losses["apar"] / losses["ar"]
+        result["held_out_loss_records"] = len(held) or "train summaries"
+    if args.markdown is not None:
+        args.markdown.write_text(markdown(result, apar, ar, args.samples))
     if args.json:
         print(json.dumps(result))
     else:
