@@ -77,6 +77,7 @@ def generate_all(model_dir: Path, prompts: list[str], params) -> list[Answer]:
 
     quiet_transformers()
     engine = Engine(str(model_dir))
+    _warm_up(engine, encode_prompt(engine.tokenizer, prompts[0]), params)
     streams, done = {}, {}
     for prompt in prompts:
         rid = engine.add_request(encode_prompt(engine.tokenizer, prompt), params)
@@ -94,6 +95,15 @@ def generate_all(model_dir: Path, prompts: list[str], params) -> list[Answer]:
         answers.append(Answer(prompt, final.text, usage["steps"], usage["completion_tokens"],
                               usage["threads"], final.finish_reason, done.get(rid, 0.0)))
     return answers
+
+
+def _warm_up(engine, prompt: list[int], params) -> None:
+    """One short request first, so one-time costs (allocation, first kernels) fall outside the timing."""
+    import dataclasses
+
+    engine.add_request(prompt, dataclasses.replace(params, max_tokens=4))
+    while engine.has_work():
+        engine.step()
 
 
 def held_out_loss(model_dir: Path, records: list[TreeRecord], max_length: int = 512, batch_size: int = 4) -> float:
