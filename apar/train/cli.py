@@ -121,6 +121,15 @@ def run_train(args: argparse.Namespace) -> int:
     result = train_records(model, tokenizer, records, config, args.out,
                            resume_from=checkpoint if args.resume else None,
                            extra={"base_model": str(args.model), "data": str(data)})
+    if args.lora_rank:  # the delta beside the model, with its SHA-256 and the command that made it
+        import shlex
+        import sys
+
+        from apar.train.smol import write_manifest
+        from apar.train.trainer import SUMMARY_FILE
+
+        summary = json.loads((args.out / SUMMARY_FILE).read_text())["result"]
+        write_manifest(args.out / "delta", "apar " + shlex.join(sys.argv[1:]), args.model, summary)
     _print_result(result, args.out)
     return 0
 
