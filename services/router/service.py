@@ -13,6 +13,7 @@ import logging
 import uuid
 
 import grpc
+from grpc._cython import cygrpc
 
 from apar.errors import UserError
 from apar.protogen import stubs
@@ -32,6 +33,19 @@ MODES = {A.STREAM_MODE_UNSPECIFIED: "linear", A.STREAM_MODE_LINEAR: "linear", A.
 _STATUS = {"invalid": grpc.StatusCode.INVALID_ARGUMENT, "exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
            "unavailable": grpc.StatusCode.UNAVAILABLE, "deadline": grpc.StatusCode.DEADLINE_EXCEEDED}
 _KINDS = {"started": A.ThreadEvent.STARTED, "delta": A.ThreadEvent.DELTA, "finished": A.ThreadEvent.FINISHED}
+
+
+async def abort_unless_gone(context, code: grpc.StatusCode, message: str, trailers=()) -> None:
+    """End the RPC with `code`; nothing to do (and nothing to log) when the caller already ended it. An
+    abort racing the caller's deadline or cancellation fails in gRPC's core (`ExecuteBatchError`, an
+    ERROR with a traceback in the server's log): that is the client's own end, not the server's fault."""
+    if context.cancelled() or context.done():
+        log.debug("not answering %s (%s): the caller already ended the call", code.name, message)
+        return
+    try:
+        await context.abort(code, message, trailers)
+    except cygrpc.ExecuteBatchError:
+        log.debug("not answering %s (%s): the call ended meanwhile", code.name, message)
 
 
 class RouterService(pb.apar_pb2_grpc.AparServicer):
@@ -67,7 +81,7 @@ class RouterService(pb.apar_pb2_grpc.AparServicer):
             if exc.retry_after_s is not None:
                 trailers = (("retry-after", str(exc.retry_after_s)),
                             ("grpc-retry-pushback-ms", str(exc.retry_after_s * 1000)))
-            await context.abort(_STATUS[exc.status], exc.message, trailers)
+            await abort_unless_gone(context, _STATUS[exc.status], exc.message, trailers)
 
     @staticmethod
     def _response(rid: str, item, mode: str):
@@ -89,7 +103,8 @@ class RouterService(pb.apar_pb2_grpc.AparServicer):
         await self.workers.refresh(force=True)
         live = [w.info for w in self.workers.workers if w.alive and w.info is not None]
         if not live:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "no worker is available")
+            await abort_unless_gone(context, grpc.StatusCode.UNAVAILABLE, "no worker is available")
+            return A.ModelInfoResponse()
         first = live[0]
         return A.ModelInfoResponse(
             model=self.gateway.model_name, max_positions=first.max_positions, vocab_size=first.vocab_size,
