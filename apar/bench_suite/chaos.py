@@ -61,6 +61,9 @@ def register(sub) -> None:
     p.add_argument("--schedule", choices=("fixed", "random"), default="fixed",
                    help="kill order: router, worker, KV manager, Redis per round; or seeded random order and times")
     p.add_argument("--down", type=float, default=0.5, help="seconds a killed component stays down")
+    p.add_argument("--kv-down", type=float, default=None,
+                   help="seconds the KV manager stays down (default --down; beyond the workers' 10 s time-to-live "
+                        "they are reaped, and must register again and resync)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-tokens", type=int, default=32, help="largest max_tokens of a request")
     p.add_argument("--max-rss-growth", type=float, default=0.10,
@@ -623,14 +626,16 @@ async def _storm(args, cluster: Cluster, storm: Storm, plan: list) -> list[dict]
                 return
             t, at_request = time.monotonic(), tally.done
             await asyncio.to_thread(comp.kill, tally.done)
-            await asyncio.sleep(args.down)
+            down = args.kv_down if comp.kind == "kvmanager" and args.kv_down is not None else args.down
+            await asyncio.sleep(down)
             try:
                 await asyncio.to_thread(comp.start, tally.done)
             except RuntimeError as exc:
                 crashes.append(str(exc))
                 stop.set()
                 return
-            kills.append({"component": comp.name, "at_request": at_request, "restart_s": round(time.monotonic() - t, 2)})
+            kills.append({"component": comp.name, "at_request": at_request, "down_s": down,
+                          "restart_s": round(time.monotonic() - t, 2)})
 
     async def monitor() -> None:
         last_print = last_sample = 0.0
