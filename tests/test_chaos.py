@@ -1,5 +1,6 @@
 """`apar bench chaos` as CI runs it: a short storm on a loopback cluster (Redis, a KV manager, two workers,
-two routers) with every component killed once and restarted, and its verdict asserted. The bench waits on
+two routers) with every component killed once and restarted, a worker frozen past its time-to-live (reaped,
+it must register again and resync), and its verdict asserted. The bench waits on
 events throughout (a restarted process's ready line, Redis answering, idle workers, equal digests)."""
 from __future__ import annotations
 
@@ -15,13 +16,15 @@ def test_a_short_chaos_passes_its_verdict(llama_dir, tmp_path):
     require("redis-server")
     out = subprocess.run([sys.executable, "-m", "apar.cli", "bench", "chaos", "--model", str(llama_dir),
                           "--requests", "240", "--concurrency", "16", "--max-tokens", "16", "--down", "0.2",
-                          "--seed", "5", "--json", "--quiet", "--log-dir", str(tmp_path / "logs")],
+                          "--seed", "5", "--pause", "4.5", "--worker-ttl", "2", "--json", "--quiet", "--log-dir", str(tmp_path / "logs")],
                          capture_output=True, text=True, timeout=300)
     assert out.stdout, out.stderr[-3000:]
     v = json.loads(out.stdout)
     assert v["passed"] and out.returncode == 0, (v["failures"], out.stderr[-2000:])
-    killed = {k["component"].rstrip("0123456789") for k in v["kills"]}
+    killed = {k["component"].rstrip("0123456789") for k in v["kills"] if k.get("action") != "pause"}
     assert killed == {"router", "worker", "kvmanager", "redis"}, v["kills"]
+    # a worker frozen past its time-to-live was reaped, registered again and resynced (replicas below)
+    assert [k["registered_again"] for k in v["kills"] if k.get("action") == "pause"] == [True], v["kills"]
     req = v["requests"]
     assert req["done"] == 240 and set(req["outcomes"]) <= set(DOCUMENTED), req
     assert req["outcomes"].get("ok", 0) > 100, req

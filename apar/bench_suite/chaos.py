@@ -64,6 +64,10 @@ def register(sub) -> None:
     p.add_argument("--kv-down", type=float, default=None,
                    help="seconds the KV manager stays down (default --down; beyond the workers' 10 s time-to-live "
                         "they are reaped, and must register again and resync)")
+    p.add_argument("--pause", type=float, default=0.0,
+                   help="also freeze a worker (SIGSTOP) this long once per round: past --worker-ttl the KV manager "
+                        "reaps it, and once thawed it must register again and resync (0: never)")
+    p.add_argument("--worker-ttl", type=int, default=10, help="the workers' registration time-to-live, s")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-tokens", type=int, default=32, help="largest max_tokens of a request")
     p.add_argument("--max-rss-growth", type=float, default=0.10,
@@ -226,6 +230,24 @@ class Component:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=30)
 
+    def pause(self, seconds: float) -> None:
+        """SIGSTOP for `seconds`, then SIGCONT: frozen, it answers nothing and sends no heartbeat."""
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+        try:
+            time.sleep(seconds)
+        finally:
+            os.killpg(self.proc.pid, signal.SIGCONT)
+
+    def wait_line(self, pattern: str, seen: int, timeout: float) -> bool:
+        """Whether a log line matching `pattern` beyond the `seen` such lines appears within `timeout`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if _count(self, pattern) > seen:
+                return True
+            with self._cond:
+                self._cond.wait(0.2)
+        return False
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
@@ -259,7 +281,8 @@ def free_port() -> int:
 
 
 class Cluster:
-    def __init__(self, model: Path, workers: int, routers: int, kv_blocks: int, run_dir: Path) -> None:
+    def __init__(self, model: Path, workers: int, routers: int, kv_blocks: int, run_dir: Path,
+                 worker_ttl: int = 10) -> None:
         import secrets
 
         self.dir = run_dir
@@ -281,8 +304,8 @@ class Cluster:
         self.workers = [Component(f"worker{i}", "worker", [
             *py, "worker", "--model", str(model), "--port", str(port), "--kv-blocks", str(kv_blocks),
             "--block-size", "16", "--kvmanager", f"127.0.0.1:{self.kv_port}", "--worker-id", f"w{i}",
-            "--served-model-name", "chaos", *tok], run_dir, "listening on", env=one_thread)
-            for i, port in enumerate(self.worker_ports)]
+            "--served-model-name", "chaos", "--kv-ttl", str(worker_ttl), *tok], run_dir, "listening on",
+            env=one_thread) for i, port in enumerate(self.worker_ports)]
         self.router_ports = [(free_port(), free_port()) for _ in range(routers)]
         self.routers = [Component(f"router{i}", "router", [
             *py, "router", "--model", str(model), "--kvmanager", f"127.0.0.1:{self.kv_port}", "--port", str(g),
@@ -500,22 +523,24 @@ class Storm:
 
 
 # ---- the run -------------------------------------------------------------------------------------------
-def kill_plan(rounds: int, cluster: Cluster, schedule: str, rng: random.Random) -> list[tuple[float, Component]]:
-    """(progress fraction, component) of each kill, spread over 15%..85% of the run."""
-    events: list[Component] = []
+def kill_plan(rounds: int, cluster: Cluster, schedule: str, rng: random.Random,
+              pause: bool = False) -> list[tuple[float, Component, str]]:
+    """(progress fraction, component, "kill" or "pause") of each fault, spread over 15%..85% of the run."""
+    events: list[tuple[Component, str]] = []
     for r in range(rounds):
-        order = list(KINDS)
+        order = [*KINDS, *(("pause",) if pause else ())]
         if schedule == "random":
             rng.shuffle(order)
         for kind in order:
-            pool = cluster.of_kind(kind)
-            events.append(rng.choice(pool) if schedule == "random" else pool[r % len(pool)])
+            pool = cluster.of_kind("worker" if kind == "pause" else kind)
+            c = rng.choice(pool) if schedule == "random" else pool[r % len(pool)]
+            events.append((c, "pause" if kind == "pause" else "kill"))
     n = len(events)
     out = []
-    for i, c in enumerate(events):
+    for i, (c, action) in enumerate(events):
         slot = 0.7 / max(n, 1)
         at = 0.15 + slot * (i + (rng.uniform(0.1, 0.9) if schedule == "random" else 0.5))
-        out.append((at, c))
+        out.append((at, c, action))
     return out
 
 
@@ -527,7 +552,7 @@ def run_chaos(args) -> dict:
     run_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="apar-chaos-"))
     run_dir.mkdir(parents=True, exist_ok=True)
     model = Path(args.model) if args.model else _random_model(run_dir / "model", args.seed)
-    cluster = Cluster(model, args.workers, args.routers, args.kv_blocks, run_dir)
+    cluster = Cluster(model, args.workers, args.routers, args.kv_blocks, run_dir, args.worker_ttl)
     total = args.requests
     t0 = time.monotonic()
     verdict: dict = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
@@ -536,7 +561,7 @@ def run_chaos(args) -> dict:
         cluster.start()
         verdict["start_s"] = round(time.monotonic() - t0, 1)
         storm = Storm(cluster, rng, args.max_tokens)
-        plan = kill_plan(args.rounds, cluster, args.schedule, rng)
+        plan = kill_plan(args.rounds, cluster, args.schedule, rng, args.pause > 0)
         kills = asyncio.run(_storm(args, cluster, storm, plan))
         verdict["storm_s"] = round(time.monotonic() - t0 - verdict["start_s"], 1)
         verdict["kills"] = kills
@@ -619,12 +644,19 @@ async def _storm(args, cluster: Cluster, storm: Storm, plan: list) -> list[dict]
             await storm.one()
 
     async def chaos() -> None:
-        for at, comp in plan:
+        for at, comp, action in plan:
             while progress() < at and not stop.is_set():
                 await asyncio.sleep(0.05)
             if stop.is_set():
                 return
             t, at_request = time.monotonic(), tally.done
+            if action == "pause":
+                mark = _count(comp, "registered again")
+                await asyncio.to_thread(comp.pause, args.pause)
+                kills.append({"component": comp.name, "action": "pause", "at_request": at_request,
+                              "down_s": args.pause, "registered_again": await asyncio.to_thread(
+                                  comp.wait_line, "registered again", mark, args.worker_ttl + 20)})
+                continue
             await asyncio.to_thread(comp.kill, tally.done)
             down = args.kv_down if comp.kind == "kvmanager" and args.kv_down is not None else args.down
             await asyncio.sleep(down)
@@ -820,6 +852,10 @@ def failures(v: dict) -> list[str]:
     for w, n in st.get("blocks_leaked", {}).items():
         if n:
             out.append(f"{w}: {n} blocks still in use when idle")
+    ttl = v.get("config", {}).get("worker_ttl", 10)
+    for k in v.get("kills", []):
+        if k.get("action") == "pause" and k["down_s"] > ttl + 2 and not k["registered_again"]:
+            out.append(f"{k['component']}: frozen past its time-to-live, it never registered again")
     if v.get("crashed"):
         out.append(f"exited on their own: {v['crashed']}")
     for c in v.get("components", []):
@@ -843,9 +879,9 @@ def render(v: dict) -> str:
                  "mid-answer)")
     for ex in req.get("undocumented_examples", [])[:5]:
         lines.append(f"  undocumented: {ex}")
-    kills = ", ".join(f"{k['component']}@{k['at_request']}" + (f" (restart {k['restart_s']} s)"
-                                                                if "restart_s" in k else " CRASHED")
-                      for k in v.get("kills", []))
+    kills = ", ".join(f"{k['component']}@{k['at_request']}" + (
+        f" (restart {k['restart_s']} s)" if "restart_s" in k else
+        f" (paused {k['down_s']} s, registered again: {k['registered_again']})") for k in v.get("kills", []))
     lines.append(f"kills: {kills or 'none'}")
     st = v.get("state", {})
     if st:
