@@ -13,11 +13,10 @@ import logging
 import uuid
 
 import grpc
-from grpc._cython import cygrpc
 
 from apar.errors import UserError
 from apar.protogen import stubs
-from services.grpc_common import add_health_and_reflection, add_servicer
+from services.grpc_common import abort_unless_gone, add_health_and_reflection, add_servicer
 from services.protocol.convert import params_from_pb
 from services.router.gateway import Gateway, GatewayError
 from services.router.guard import GrpcGuard, Guard, grpc_server_options
@@ -33,19 +32,6 @@ MODES = {A.STREAM_MODE_UNSPECIFIED: "linear", A.STREAM_MODE_LINEAR: "linear", A.
 _STATUS = {"invalid": grpc.StatusCode.INVALID_ARGUMENT, "exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
            "unavailable": grpc.StatusCode.UNAVAILABLE, "deadline": grpc.StatusCode.DEADLINE_EXCEEDED}
 _KINDS = {"started": A.ThreadEvent.STARTED, "delta": A.ThreadEvent.DELTA, "finished": A.ThreadEvent.FINISHED}
-
-
-async def abort_unless_gone(context, code: grpc.StatusCode, message: str, trailers=()) -> None:
-    """End the RPC with `code`; nothing to do (and nothing to log) when the caller already ended it. An
-    abort racing the caller's deadline or cancellation fails in gRPC's core (`ExecuteBatchError`, an
-    ERROR with a traceback in the server's log): that is the client's own end, not the server's fault."""
-    if context.cancelled() or context.done():
-        log.debug("not answering %s (%s): the caller already ended the call", code.name, message)
-        return
-    try:
-        await context.abort(code, message, trailers)
-    except cygrpc.ExecuteBatchError:
-        log.debug("not answering %s (%s): the call ended meanwhile", code.name, message)
 
 
 class RouterService(pb.apar_pb2_grpc.AparServicer):
