@@ -219,7 +219,7 @@ class Component:
             life.rss_warm_kib, life.warm_done = rss, done
 
     def end_sample(self, done: int) -> None:
-        if self.alive():
+        if self.alive() and self.life.rss_end_kib is None:
             self.life.rss_end_kib, self.life.end_done = rss_kib(self.life.pid), done
 
     def kill(self, done: int) -> None:
@@ -571,7 +571,7 @@ def run_chaos(args) -> dict:
                                "undocumented_examples": storm.tally.undocumented}
         for c in cluster.components:
             c.end_sample(storm.tally.done)
-        verdict["state"] = check_state(cluster)
+        verdict["state"] = check_state(cluster, storm.tally.done)
     except Exception as exc:
         verdict["error"] = f"{type(exc).__name__}: {exc}"
     finally:
@@ -731,7 +731,7 @@ def _digest_tuple(d) -> tuple:
     return (d.free_blocks, d.used_blocks, d.threads, d.tokens, d.next_free, d.named, d.contents)
 
 
-def check_state(cluster: Cluster) -> dict:
+def check_state(cluster: Cluster, done: int) -> dict:
     """Blocks in use per worker once idle; each replica against its worker's ledger; Redis's ledgers against
     the replicas; then the KV manager killed and restarted from Redis alone, against the workers again."""
     import grpc
@@ -795,8 +795,8 @@ def check_state(cluster: Cluster) -> dict:
 
     # the manager killed, then restarted from Redis alone: its replicas as loaded, before any resync
     resyncs_before = sum(_count(c, "needs a resync|registered again") for c in cluster.workers)
-    cluster.kvmanager.kill(0)
-    cluster.kvmanager.start(0)
+    cluster.kvmanager.kill(done)
+    cluster.kvmanager.start(done)
     loaded = _wait(lambda: u if set(u := usage()) >= set(mine) else None, 30, 0.05) or usage()
     out["restart_from_redis_equal"] = {w: loaded.get(w) == d for w, d in mine.items()}
     out["resyncs_after_restart"] = sum(_count(c, "needs a resync|registered again")
