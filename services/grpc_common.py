@@ -13,6 +13,7 @@ from google.protobuf import message_factory
 from apar.errors import CapacityError, UserError
 
 MAX_MESSAGE = 16 * 1024 * 1024
+_log = logging.getLogger(__name__)
 
 
 def host_of(address: str) -> str:
@@ -60,12 +61,12 @@ async def abort_unless_gone(context, code: grpc.StatusCode, message: str, traile
     abort racing the caller's deadline or cancellation fails in gRPC's core (`ExecuteBatchError`, an
     ERROR with a traceback in the server's log): that is the client's own end, not the server's fault."""
     if context.cancelled() or context.done():
-        logging.getLogger(__name__).debug("not answering %s (%s): the caller already ended the call", code.name, message)
+        _log.debug("not answering %s (%s): the caller already ended the call", code.name, message)
         return
     try:
         await context.abort(code, message, trailers)
     except cygrpc.ExecuteBatchError:
-        logging.getLogger(__name__).debug("not answering %s (%s): the call ended meanwhile", code.name, message)
+        _log.debug("not answering %s (%s): the call ended meanwhile", code.name, message)
 
 
 def aborting_handler(handler, code: grpc.StatusCode, message: str):

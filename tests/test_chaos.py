@@ -16,7 +16,8 @@ def test_a_short_chaos_passes_its_verdict(llama_dir, tmp_path):
     require("redis-server")
     out = subprocess.run([sys.executable, "-m", "apar.cli", "bench", "chaos", "--model", str(llama_dir),
                           "--requests", "240", "--concurrency", "16", "--max-tokens", "16", "--down", "0.2",
-                          "--seed", "5", "--pause", "4.5", "--worker-ttl", "2", "--json", "--quiet", "--log-dir", str(tmp_path / "logs")],
+                          "--seed", "5", "--pause", "4.5", "--worker-ttl", "2", "--json", "--quiet", "--log-dir",
+                          str(tmp_path / "logs")],
                          capture_output=True, text=True, timeout=300)
     assert out.stdout, out.stderr[-3000:]
     v = json.loads(out.stdout)

@@ -69,7 +69,8 @@ fields = {
     "messages": messages, "prompt": st.one_of(odd_text, json_values, st.lists(odd_text, max_size=2)),
     "max_tokens": st.one_of(st.integers(1, 8), numbers, json_values), "temperature": st.one_of(numbers, json_values),
     "top_p": numbers, "n": st.one_of(st.integers(1, 3), numbers), "seed": numbers,
-    "stop": st.one_of(odd_text, st.lists(odd_text, max_size=9), json_values), "stream": st.one_of(st.booleans(), json_values),
+    "stop": st.one_of(odd_text, st.lists(odd_text, max_size=9), json_values),
+    "stream": st.one_of(st.booleans(), json_values),
     "stream_options": st.one_of(st.just({"include_usage": True}), json_values), "user": json_values,
     "apar": st.one_of(st.fixed_dictionaries({}, optional={
         "auto_parallel": st.booleans(), "max_threads": numbers, "max_depth": numbers,

@@ -553,7 +553,6 @@ def run_chaos(args) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     model = Path(args.model) if args.model else _random_model(run_dir / "model", args.seed)
     cluster = Cluster(model, args.workers, args.routers, args.kv_blocks, run_dir, args.worker_ttl)
-    total = args.requests
     t0 = time.monotonic()
     verdict: dict = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                                 if k not in ("func",)}, "run_dir": str(run_dir)}
@@ -671,7 +670,6 @@ async def _storm(args, cluster: Cluster, storm: Storm, plan: list) -> list[dict]
 
     async def monitor() -> None:
         last_print = last_sample = 0.0
-        nonlocal warm_after
         while not stop.is_set():
             now = time.monotonic()
             warm = warm_after if warm_after is not None else max(20, int(tally.done / max(progress(), 1e-3) / 10))
