@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 
 import grpc
+from grpc._cython import cygrpc
 from google.protobuf import message as _message
 from google.protobuf import message_factory
 
 from apar.engine.errors import CapacityError, UserError
 
 MAX_MESSAGE = 16 * 1024 * 1024
+_log = logging.getLogger(__name__)
 
 
 def host_of(address: str) -> str:
@@ -51,6 +54,19 @@ def behavior_of(handler):
     kind = ("stream" if handler.request_streaming else "unary") + "_" + \
            ("stream" if handler.response_streaming else "unary")
     return getattr(handler, kind)
+
+
+async def abort_unless_gone(context, code: grpc.StatusCode, message: str, trailers=()) -> None:
+    """End the RPC with `code`; nothing to do (and nothing to log) when the caller already ended it. An
+    abort racing the caller's deadline or cancellation fails in gRPC's core (`ExecuteBatchError`, an
+    ERROR with a traceback in the server's log): that is the client's own end, not the server's fault."""
+    if context.cancelled() or context.done():
+        _log.debug("not answering %s (%s): the caller already ended the call", code.name, message)
+        return
+    try:
+        await context.abort(code, message, trailers)
+    except cygrpc.ExecuteBatchError:
+        _log.debug("not answering %s (%s): the call ended meanwhile", code.name, message)
 
 
 def aborting_handler(handler, code: grpc.StatusCode, message: str):

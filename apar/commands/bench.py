@@ -45,6 +45,7 @@ def register(subparsers) -> None:
     _quick_and_out(s, {"requests": 4, "rounds": 2, "max_tokens": 32})
     s.set_defaults(func=run_serve_bench)
 
+    from apar.bench_suite.chaos import register as register_chaos
     from apar.bench_suite.cli import register as register_suite
     from apar.bench_suite.kvmanager import register as register_kvmanager
     from apar.bench_suite.prefix import register as register_prefix
@@ -54,6 +55,7 @@ def register(subparsers) -> None:
     register_kvmanager(sub)
     register_prefix(sub)
     register_served(sub)
+    register_chaos(sub)
 
 
 def add_data_arg(p) -> None:

@@ -93,7 +93,8 @@ def usage_to_pb(usage: list[Usage]):
     return K.UsageResponse(workers=[K.WorkerUsage(worker_id=u.worker_id, address=u.address, num_blocks=u.num_blocks,
                                                   free_blocks=u.free_blocks, requests=u.requests,
                                                   block_size=u.block_size, cached_blocks=u.cached_blocks,
-                                                  model=u.model)
+                                                  model=u.model,
+                                                  digest=None if u.digest is None else digest_to_pb(u.digest))
                                     for u in usage])
 
 

@@ -297,7 +297,7 @@ class KVManager:
         """Every registered worker (memory only: no store call), sorted by id."""
         with self._lock:
             return [Usage(r.worker_id, r.spec.address, r.spec.num_blocks, r.ledger.num_free, r.ledger.num_requests,
-                          r.spec.block_size, r.ledger.num_cached, r.spec.model)
+                          r.spec.block_size, r.ledger.num_cached, r.spec.model, r.ledger.digest())
                     for r in sorted(self._workers.values(), key=lambda r: r.worker_id)]
 
     def prefix(self, names: list[int]) -> list[tuple[str, str, int]]:

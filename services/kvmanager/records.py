@@ -274,3 +274,4 @@ class Usage:
     block_size: int = 0
     cached_blocks: int = 0
     model: str = ""
+    digest: object = None  # the replica's ledger.Digest

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import grpc
 
 from apar.engine.errors import UserError
-from services.grpc_common import aborting_handler, behavior_of, handler_like
+from services.grpc_common import abort_unless_gone, aborting_handler, behavior_of, handler_like
 from services.security import ApiKeys, RefusedSecretFlag, TLSFiles, bearer, key_id
 
 log = logging.getLogger(__name__)
@@ -264,6 +264,8 @@ class GrpcGuard(grpc.aio.ServerInterceptor):
 
             async def behavior(requests, context):
                 request = await read(requests, context, caller)
+                if request is None:  # refused, or the caller is gone
+                    return
                 CALLER.set(caller)
                 async for item in inner(request, context):
                     yield item
@@ -273,23 +275,29 @@ class GrpcGuard(grpc.aio.ServerInterceptor):
 
             async def behavior(requests, context):
                 request = await read(requests, context, caller)
+                if request is None:  # refused, or the caller is gone
+                    return None
                 CALLER.set(caller)
                 return await inner(request, context)
             make = grpc.stream_unary_rpc_method_handler
         return make(behavior, request_deserializer=deserializer, response_serializer=handler.response_serializer)
 
     async def _one_request(self, requests, context, caller: Caller):
-        """The request of a unary call, or the call refused (and logged) when it is too large."""
+        """The request of a unary call; or None: the call refused (and logged) when it is too large, or its
+        caller gone."""
         async for request in requests:
             if isinstance(request, _TooLarge):
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self.guard.too_large(caller, request.size))
+                await abort_unless_gone(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                        self.guard.too_large(caller, request.size))
+                return None
             return request
         cap = max(self.guard.limits.max_request_bytes, GRPC_HARD_CAP)
         if not context.cancelled():  # no message and not cancelled: gRPC refused it for its size
             message = self.guard.too_large(caller, None, cap)
         else:
             message = "the call was cancelled before its request arrived"
-        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+        await abort_unless_gone(context, grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+        return None
 
 
 def grpc_server_options(limits: Limits) -> list[tuple[str, int]]:

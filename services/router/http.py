@@ -229,6 +229,18 @@ def _prompt(body: dict) -> str:
     return prompt
 
 
+def _is_unicode(body) -> bool:
+    """Whether every string of a parsed JSON body is Unicode text: JSON's `\\ud800` escapes may leave a
+    lone surrogate in a Python string, which no tokenizer or encoder takes."""
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    except RecursionError:  # nested deeper than the encoder goes: some check below refuses it by name
+        return True
+    return True
+
+
 def _usage(usage: dict[str, int]) -> dict:
     out: dict = {"prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
                  "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
@@ -285,6 +297,9 @@ def build_app(gateway: Gateway, registry=None, request_timeout_s: float = 0.0,
             raise ApiError(400, f"the body is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object")
+        if not _is_unicode(body):
+            raise ApiError(400, "the body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), which is no "
+                                "Unicode text", code="invalid_unicode")
         model = body.get("model")
         if not isinstance(model, str):
             raise ApiError(400, "model must be a string", "model")

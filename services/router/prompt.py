@@ -13,6 +13,7 @@ def encode_prompt(tokenizer, prompt: str | None = None, messages: list[dict] | N
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
                 raise UserError(f"message {i} needs a role in {ROLES} and a string content")
+            _check_text(m["content"], f"message {i}")
         if not any(m["content"].strip() for m in messages):
             raise UserError("every message is empty")
         if not getattr(tokenizer, "chat_template", None):
@@ -23,6 +24,16 @@ def encode_prompt(tokenizer, prompt: str | None = None, messages: list[dict] | N
         return [int(t) for t in ids]
     if prompt is None or not prompt.strip():
         raise UserError("prompt is empty")
+    _check_text(prompt, "the prompt")
     if use_chat_template and getattr(tokenizer, "chat_template", None):
         return encode_prompt(tokenizer, messages=[{"role": "user", "content": prompt}])
     return [int(t) for t in tokenizer(prompt, add_special_tokens=True)["input_ids"]]
+
+
+def _check_text(text: str, what: str) -> None:
+    """A lone UTF-16 surrogate (JSON's `\\ud800`) is no Unicode text: the tokenizer cannot take it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UserError(f"{what} holds a lone UTF-16 surrogate at character {exc.start}: it is no Unicode "
+                        "text") from None

@@ -16,7 +16,7 @@ import grpc
 
 from apar.engine.errors import UserError
 from apar.protogen import stubs
-from services.grpc_common import add_health_and_reflection, add_servicer
+from services.grpc_common import abort_unless_gone, add_health_and_reflection, add_servicer
 from services.protocol.convert import params_from_pb
 from services.router.gateway import Gateway, GatewayError
 from services.router.guard import GrpcGuard, Guard, grpc_server_options
@@ -67,7 +67,7 @@ class RouterService(pb.apar_pb2_grpc.AparServicer):
             if exc.retry_after_s is not None:
                 trailers = (("retry-after", str(exc.retry_after_s)),
                             ("grpc-retry-pushback-ms", str(exc.retry_after_s * 1000)))
-            await context.abort(_STATUS[exc.status], exc.message, trailers)
+            await abort_unless_gone(context, _STATUS[exc.status], exc.message, trailers)
 
     @staticmethod
     def _response(rid: str, item, mode: str):
@@ -89,7 +89,8 @@ class RouterService(pb.apar_pb2_grpc.AparServicer):
         await self.workers.refresh(force=True)
         live = [w.info for w in self.workers.workers if w.alive and w.info is not None]
         if not live:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "no worker is available")
+            await abort_unless_gone(context, grpc.StatusCode.UNAVAILABLE, "no worker is available")
+            return A.ModelInfoResponse()
         first = live[0]
         return A.ModelInfoResponse(
             model=self.gateway.model_name, max_positions=first.max_positions, vocab_size=first.vocab_size,

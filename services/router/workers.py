@@ -18,6 +18,7 @@ import grpc
 from apar.engine.prefix import block_hashes
 from apar.protogen import stubs
 from services.kvmanager.shards import parse_shards
+from services.repeating import RepeatingWarning
 from services.security import TLSFiles, open_channel
 
 log = logging.getLogger(__name__)
@@ -208,7 +209,8 @@ class KVManagerDirectory(WorkerDirectory):
         self._kv_channels = [open_channel(shard, tls, aio=True, token=token) for shard in parse_shards(kvmanager)]
         self._kv = [pb.kvmanager_pb2_grpc.KVManagerStub(channel) for channel in self._kv_channels]
         self._views: list[dict] = [{} for _ in self._kv]  # per shard: worker address -> its WorkerUsage
-        self._prefix_failing: set[int] = set()  # shards whose last Prefix call failed (logged once)
+        self._prefix_failing = RepeatingWarning(log)  # shards whose last Prefix call failed
+        self._usage_failing = RepeatingWarning(log)  # shards whose last Usage call failed
 
     async def choose(self, prompt_ids: Sequence[int] = (), cache_salt: int = 0) -> WorkerHandle | None:
         """The worker `prefix_choice` picks for the prompt (its blocks named under `cache_salt`), or None
@@ -233,14 +235,12 @@ class KVManagerDirectory(WorkerDirectory):
                                            return_exceptions=True)
             for i, answer in enumerate(answers):
                 if isinstance(answer, grpc.aio.AioRpcError):
-                    if i not in self._prefix_failing:
-                        log.warning("KV manager shard %d prefix lookup failed: %s; its workers count as holding "
-                                    "nothing", i, answer.code().name)
-                    self._prefix_failing.add(i)
+                    self._prefix_failing.failed(i, answer.code().name, "KV manager shard %d prefix lookup failed: "
+                                                "%s; its workers count as holding nothing", i, answer.code().name)
                     continue
                 if isinstance(answer, BaseException):
                     raise answer
-                self._prefix_failing.discard(i)
+                self._prefix_failing.ok(i, "KV manager shard %d answers prefix lookups again", i)
                 for wp in answer.workers:
                     held[wp.address] = max(held.get(wp.address, 0), wp.blocks * bs)
         return held
@@ -250,10 +250,12 @@ class KVManagerDirectory(WorkerDirectory):
                                        return_exceptions=True)
         for i, answer in enumerate(answers):
             if isinstance(answer, grpc.aio.AioRpcError):
-                log.warning("KV manager shard %d usage failed: %s; keeping its last view", i, answer.code().name)
+                self._usage_failing.failed(i, answer.code().name, "KV manager shard %d usage failed: %s; keeping "
+                                           "its last view", i, answer.code().name)
             elif isinstance(answer, BaseException):
                 raise answer
             else:
+                self._usage_failing.ok(i, "KV manager shard %d answers usage again", i)
                 self._views[i] = {u.address: u for u in answer.workers if self.model in (None, u.model)}
                 self._note_others(answer.workers)
         listed = {addr: u for view in self._views for addr, u in view.items()}

@@ -26,6 +26,7 @@ from apar.engine.kv.ledger import KVLedger
 from apar.engine.kv.ops import Op
 from apar.engine.kv.step import StepAnswer
 from services.kvmanager.replication import ReplicaUnavailable, StepLog, WorkerFenced, WorkerForgotten
+from services.repeating import RepeatingWarning
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class RemoteKV:
         self._cv = threading.Condition()  # guards `outbox` (and so the ledger against a snapshot)
         self._closed = False
         self._idle = False  # the sender waits for a step: wake it
+        self._outage = RepeatingWarning(log)  # one line when the manager goes away, one when it is back
         self._sender = threading.Thread(target=self._send_loop, name="apar-kv-sender", daemon=True)
         self._sender.start()
 
@@ -165,7 +167,8 @@ class RemoteKV:
                 self._register_again()
                 continue
             except ReplicaUnavailable as exc:
-                log.warning("KV manager unavailable (%s); sending again in %.2f s", exc, backoff)
+                self._outage.failed("send", "unavailable", "KV manager unavailable (%s); sending again, backing off "
+                                    "up to 1 s", exc)
                 time.sleep(backoff)
                 backoff = min(1.0, backoff * 2)
                 continue
@@ -179,6 +182,7 @@ class RemoteKV:
                 backoff = min(1.0, backoff * 2)
                 continue
             backoff = 0.05
+            self._outage.ok("send", "the KV manager acknowledges steps again")
             if self.on_round_trip is not None:
                 self.on_round_trip(time.monotonic() - last_send)
             with self._cv:

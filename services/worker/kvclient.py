@@ -26,6 +26,7 @@ from apar.protogen import stubs
 from services.kvmanager.convert import ack_from_pb, batch_to_pbs
 from services.kvmanager.replication import Ack, Batch, ReplicaUnavailable, WorkerFenced, WorkerForgotten
 from services.kvmanager.shards import parse_shards, shard_for
+from services.repeating import RepeatingWarning
 from services.security import open_channel
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class KVManagerClient:
         self._sent_at: float | None = None  # when the batch now in flight was sent
         self.forgotten = False  # set by the heartbeat; the KV backend registers again and resyncs
         self.beats = 0  # heartbeats the manager answered knowing this worker
+        self._beat_failing = RepeatingWarning(log)
 
     def register(self, timeout: float = 30.0) -> bool:
         """Lease this worker's pool; returns whether the manager already had this session's ledger.
@@ -90,6 +92,11 @@ class KVManagerClient:
         self.forgotten = False
         return resp.restored
 
+    @property
+    def failed_beats(self) -> int:
+        """Heartbeats failed in a row (logged once per change of state, not each)."""
+        return self._beat_failing.count("beat")
+
     def start_heartbeat(self) -> None:
         self._heart = threading.Thread(target=self._beat, name="apar-kv-heartbeat", daemon=True)
         self._heart.start()
@@ -103,13 +110,15 @@ class KVManagerClient:
             try:
                 resp = self.stub.Heartbeat(K.HeartbeatRequest(worker_id=self.worker_id, session=self.session),
                                            timeout=2.0)
+                self._beat_failing.ok("beat", "heartbeats reach the KV manager again")
                 if resp.known:
                     self.beats += 1
                 elif not self.forgotten:
                     log.error("the KV manager no longer knows worker %s", self.worker_id)
                     self.forgotten = True
             except grpc.RpcError as exc:
-                log.warning("heartbeat to the KV manager failed: %s", exc.code().name)
+                self._beat_failing.failed("beat", exc.code().name, "heartbeat to the KV manager failed: %s",
+                                          exc.code().name)
 
     def send(self, batch: Batch) -> Ack:
         """One batch on the open stream (opened first if need be) and its ack: a resync goes in parts, each

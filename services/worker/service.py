@@ -122,7 +122,18 @@ class WorkerService(pb.worker_pb2_grpc.WorkerServicer):
             block_size=e.ledger.block_size, free_blocks=e.ledger.num_free, running=len(e.scheduler.running),
             waiting=len(e.scheduler.waiting), fork_token=e.config.control.fork, child_token=e.config.control.child,
             max_positions=min(r.max_positions, 2**32 - 1), vocab_size=r.vocab_size,
-            autoregressive_only=not e.auto_parallel)
+            autoregressive_only=not e.auto_parallel, ledger=_ledger_digest(e.ledger))
+
+
+def _ledger_digest(ledger):
+    """The ledger's digest, read outside the engine loop (O(1) counters; a read racing a step may see a
+    dict change size: then none, the next Info has one)."""
+    try:
+        d = ledger.digest()
+    except RuntimeError:
+        return None
+    return pb.kvmanager_pb2.Digest(free_blocks=d.free, used_blocks=d.used, threads=d.threads, tokens=d.tokens,
+                                   next_free=d.next_free, named=d.named, contents=d.contents)
 
 
 async def start_worker_server(loop: EngineLoop, address: str, worker_id: str, model_name: str,

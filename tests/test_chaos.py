@@ -1,0 +1,58 @@
+"""`apar bench chaos` as CI runs it: a short storm on a loopback cluster (Redis, a KV manager, two workers,
+two routers) with every component killed once and restarted, a worker frozen past its time-to-live (reaped,
+it must register again and resync), and its verdict asserted. The bench waits on
+events throughout (a restarted process's ready line, Redis answering, idle workers, equal digests)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from apar.bench_suite.chaos import DOCUMENTED, failures
+from tests.procs import require
+
+
+def test_a_short_chaos_passes_its_verdict(llama_dir, tmp_path):
+    require("redis-server")
+    out = subprocess.run([sys.executable, "-m", "apar.cli", "bench", "chaos", "--model", str(llama_dir),
+                          "--requests", "240", "--concurrency", "16", "--max-tokens", "16", "--down", "0.2",
+                          "--seed", "5", "--pause", "4.5", "--worker-ttl", "2", "--json", "--quiet", "--log-dir",
+                          str(tmp_path / "logs")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.stdout, out.stderr[-3000:]
+    v = json.loads(out.stdout)
+    assert v["passed"] and out.returncode == 0, (v["failures"], out.stderr[-2000:])
+    killed = {k["component"].rstrip("0123456789") for k in v["kills"] if k.get("action") != "pause"}
+    assert killed == {"router", "worker", "kvmanager", "redis"}, v["kills"]
+    # a worker frozen past its time-to-live was reaped, registered again and resynced (replicas below)
+    assert [k["registered_again"] for k in v["kills"] if k.get("action") == "pause"] == [True], v["kills"]
+    req = v["requests"]
+    assert req["done"] == 240 and set(req["outcomes"]) <= set(DOCUMENTED), req
+    assert req["outcomes"].get("ok", 0) > 100, req
+    st = v["state"]
+    assert st["blocks_leaked"] == {"w0": 0, "w1": 0}
+    assert all(st["replicas_equal"].values()) and all(st["redis_equal"].values())
+    assert all(st["restart_from_redis_equal"].values())
+    assert all(c["tracebacks"] == 0 for c in v["components"]), [c["traceback_kinds"] for c in v["components"]]
+    assert all(len(c["lives"]) >= 2 for c in v["components"] if c["name"] in ("router0", "worker0",
+                                                                               "kvmanager", "redis"))
+    for lives in v["memory"]["components"].values():
+        assert all(life["start_kib"] for life in lives)
+
+
+def test_the_verdict_fails_on_what_is_wrong():
+    """Each check can fail: a leaked block, a replica that differs, an undocumented outcome, a traceback,
+    memory that grows."""
+    ok = {"requests": {"done": 10, "outcomes": {"ok": 10}}, "components": [{"name": "router0", "tracebacks": 0,
+          "log": "x"}], "state": {"replicas_equal": {"w0": True}, "redis_equal": {"w0": True},
+                                  "restart_from_redis_equal": {"w0": True}, "blocks_leaked": {"w0": 0}},
+          "memory": {"max_growth": 0.1, "components": {"router0": [{"growth": 0.05}]}}}
+    assert failures(ok) == []
+    bad = json.loads(json.dumps(ok))
+    bad["state"]["blocks_leaked"]["w0"] = 3
+    bad["state"]["replicas_equal"]["w0"] = False
+    bad["requests"]["outcomes"]["grpc_internal"] = 1
+    bad["components"][0]["tracebacks"] = 2
+    bad["memory"]["components"]["router0"][0]["growth"] = 0.25
+    found = failures(bad)
+    assert len(found) == 5, found

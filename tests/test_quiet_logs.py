@@ -1,0 +1,120 @@
+"""What the logs say when clients and peers misbehave: a client's own cancellation or deadline is no ERROR
+with a traceback, and a warning that repeats while a peer stays down is one line per change of state."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from grpc._cython import cygrpc
+
+from apar.protogen import stubs
+from services.repeating import RepeatingWarning
+from services.router.gateway import GatewayError
+from services.router.service import RouterService
+from services.router.workers import KVManagerDirectory
+from tests.procs import free_port
+
+A = stubs().apar_pb2
+
+
+class _Context:
+    """A servicer context whose call already ended: `abort` fails as gRPC's core does then."""
+
+    def __init__(self, cancelled: bool) -> None:
+        self._cancelled = cancelled
+        self.aborted = 0
+
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def done(self) -> bool:
+        return self._cancelled
+
+    def time_remaining(self) -> float:
+        return 0.0
+
+    async def abort(self, code, message, trailers=()):
+        self.aborted += 1
+        raise cygrpc.ExecuteBatchError("Failed \"execute_batch\": (<grpc._cython.cygrpc.SendStatusFromServerOperation"
+                                       " object>,)")
+
+
+class _Gateway:
+    workers = metrics = None
+
+    def __init__(self, exc: GatewayError) -> None:
+        self.exc = exc
+
+    async def prepare(self, *args, **kwargs):
+        raise self.exc
+
+
+def _run_generate(exc: GatewayError, context) -> list:
+    async def main():
+        return [m async for m in RouterService(_Gateway(exc)).Generate(A.GenerateRequest(prompt="hi"), context)]
+    return asyncio.run(main())
+
+
+def test_an_error_for_a_caller_that_cancelled_is_not_sent_and_not_raised():
+    ctx = _Context(cancelled=True)
+    assert _run_generate(GatewayError("unavailable", "no worker"), ctx) == []
+    assert ctx.aborted == 0
+
+
+def test_an_abort_that_races_the_callers_deadline_raises_nothing():
+    """The call's deadline passes while the router aborts it: gRPC's core refuses the status
+    (`ExecuteBatchError`), which the server would log as an ERROR with a traceback if it left the handler."""
+    ctx = _Context(cancelled=False)
+    assert _run_generate(GatewayError("deadline", "deadline exceeded"), ctx) == []
+    assert ctx.aborted == 1
+
+
+def test_a_live_callers_error_is_still_its_status():
+    """The abort path still ends a live call with its status (AbortError, as gRPC's own abort raises)."""
+    class Live(_Context):
+        async def abort(self, code, message, trailers=()):
+            self.aborted += 1
+            self.code = code
+            raise grpc.aio.AbortError()
+
+    ctx = Live(cancelled=False)
+    ctx.time_remaining = lambda: 5.0
+    try:
+        _run_generate(GatewayError("invalid", "bad"), ctx)
+    except grpc.aio.AbortError:
+        pass
+    else:
+        raise AssertionError("the live call was not aborted")
+    assert ctx.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_repeating_warning_is_one_line_per_change_of_state(caplog):
+    rw = RepeatingWarning(logging.getLogger("t.repeat"))
+    with caplog.at_level(logging.INFO, logger="t.repeat"):
+        assert rw.failed(0, "UNAVAILABLE", "shard %d failed: %s", 0, "UNAVAILABLE")
+        assert not any(rw.failed(0, "UNAVAILABLE", "shard %d failed: %s", 0, "UNAVAILABLE") for _ in range(19))
+        assert rw.count(0) == 20
+        assert rw.failed(0, "DEADLINE_EXCEEDED", "shard %d failed: %s", 0, "DEADLINE_EXCEEDED")
+        assert rw.ok(0, "shard %d answers again", 0)
+        assert not rw.ok(0, "shard %d answers again", 0)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3, lines
+    assert "was UNAVAILABLE, 20 times" in lines[1]
+    assert "after 1 failed attempts" in lines[2] and caplog.records[2].levelno == logging.INFO
+
+
+def test_a_kv_manager_shard_that_stays_down_is_one_warning(caplog):
+    """Twenty polls of a shard nobody listens on: one "usage failed" line, not one per poll."""
+    async def main():
+        d = KVManagerDirectory(f"127.0.0.1:{free_port()}")
+        try:
+            for _ in range(20):
+                await d.refresh(force=True)
+        finally:
+            await d.close()
+
+    with caplog.at_level(logging.WARNING, logger="services.router.workers"):
+        asyncio.run(main())
+    failed = [r.getMessage() for r in caplog.records if "usage failed" in r.getMessage()]
+    assert len(failed) == 1, failed
