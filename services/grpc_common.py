@@ -69,6 +69,25 @@ async def abort_unless_gone(context, code: grpc.StatusCode, message: str, traile
         _log.debug("not answering %s (%s): the call ended meanwhile", code.name, message)
 
 
+async def write_unless_gone(context, message) -> bool:
+    """Send one response of a server stream with `context.write`; False when the caller already ended the
+    call (cancelled, past its deadline, disconnected): the handler should then end quietly. A write racing
+    the caller's end fails in gRPC's core (`ExecuteBatchError`); when gRPC writes what an async generator
+    yields, that failure is raised where no handler can catch it, an ERROR with a traceback in the log."""
+    if context.cancelled() or context.done():
+        return False
+    try:
+        await context.write(message)
+    except (cygrpc.ExecuteBatchError, cygrpc.AbortError):
+        _log.debug("not sending a response: the call ended meanwhile")
+        return False
+    except cygrpc.UsageError:  # "write on a finished RPC": only the caller's end explains it here
+        if context.cancelled() or context.done():
+            return False
+        raise
+    return True
+
+
 def aborting_handler(handler, code: grpc.StatusCode, message: str):
     """A handler that refuses the call without parsing its request."""
     if handler.response_streaming:

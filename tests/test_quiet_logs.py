@@ -11,7 +11,9 @@ from grpc._cython import cygrpc
 from apar.protogen import stubs
 from services.repeating import RepeatingWarning
 from services.router.gateway import GatewayError
-from services.router.service import RouterService
+from services.router.guard import Guard
+from services.router.service import RouterService, start_router_server
+from services.router.stream import LinearDelta
 from services.router.workers import KVManagerDirectory
 from tests.procs import free_port
 
@@ -34,6 +36,9 @@ class _Context:
     def time_remaining(self) -> float:
         return 0.0
 
+    async def write(self, message):
+        raise cygrpc.ExecuteBatchError("Failed \"execute_batch\": (<grpc._cython.cygrpc.SendMessageOperation object>,)")
+
     async def abort(self, code, message, trailers=()):
         self.aborted += 1
         raise cygrpc.ExecuteBatchError("Failed \"execute_batch\": (<grpc._cython.cygrpc.SendStatusFromServerOperation"
@@ -50,23 +55,96 @@ class _Gateway:
         raise self.exc
 
 
-def _run_generate(exc: GatewayError, context) -> list:
-    async def main():
-        return [m async for m in RouterService(_Gateway(exc)).Generate(A.GenerateRequest(prompt="hi"), context)]
-    return asyncio.run(main())
+def _run_generate(exc: GatewayError, context) -> None:
+    return asyncio.run(RouterService(_Gateway(exc)).Generate(A.GenerateRequest(prompt="hi"), context))
+
+
+class _Job:
+    released = 0
+
+    def release(self) -> None:
+        self.released += 1
+
+
+class _EndlessGateway:
+    """Prepares any request and streams deltas until the call ends; counts its streams opened and closed."""
+
+    workers = metrics = None
+
+    def __init__(self) -> None:
+        self.guard = Guard()
+        self.job = _Job()
+        self.opened = self.closed = 0
+
+    async def prepare(self, *args, **kwargs):
+        return self.job
+
+    async def generate(self, job, timeout_s=None, request_id=None):
+        self.opened += 1
+        try:
+            while True:
+                yield LinearDelta("x")
+                await asyncio.sleep(0)
+        finally:
+            self.closed += 1
 
 
 def test_an_error_for_a_caller_that_cancelled_is_not_sent_and_not_raised():
     ctx = _Context(cancelled=True)
-    assert _run_generate(GatewayError("unavailable", "no worker"), ctx) == []
+    assert _run_generate(GatewayError("unavailable", "no worker"), ctx) is None
     assert ctx.aborted == 0
+
+
+def test_a_write_that_races_the_callers_deadline_ends_the_call_quietly():
+    """The caller's deadline passes while the router sends a response: gRPC's core refuses the message
+    (`ExecuteBatchError`). The handler ends without raising, its stream to the worker closed, its job
+    released."""
+    gw = _EndlessGateway()
+    ctx = _Context(cancelled=False)
+    assert asyncio.run(RouterService(gw).Generate(A.GenerateRequest(prompt="hi"), ctx)) is None
+    assert (gw.opened, gw.closed, gw.job.released) == (1, 1, 1)
+
+
+def test_a_deadline_storm_on_streams_leaves_no_error_in_the_log(caplog):
+    """Many streaming calls with deadlines of a few milliseconds against a router that streams as fast as it
+    can: each ends DEADLINE_EXCEEDED for the client, and the server logs no ERROR (no `ExecuteBatchError`
+    traceback from a write racing the deadline), every stream to the worker closed."""
+    gw = _EndlessGateway()
+
+    async def main():
+        server, port = await start_router_server(RouterService(gw), "127.0.0.1:0")
+        codes = {}
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                stub = stubs().apar_pb2_grpc.AparStub(ch)
+                for i in range(200):
+                    call = stub.Generate(A.GenerateRequest(prompt="hi"), timeout=0.001 + (i % 10) * 0.002)
+                    try:
+                        async for _ in call:
+                            pass
+                    except grpc.aio.AioRpcError as exc:
+                        codes[exc.code()] = codes.get(exc.code(), 0) + 1
+            for _ in range(200):  # the server sees each call end shortly after its client does
+                if gw.closed == gw.opened:
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            await server.stop(None)
+        return codes
+
+    with caplog.at_level(logging.WARNING):
+        codes = asyncio.run(main())
+    assert set(codes) == {grpc.StatusCode.DEADLINE_EXCEEDED}, codes
+    assert gw.opened > 0 and gw.closed == gw.opened and gw.job.released == gw.opened
+    errors = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], errors[:3]
 
 
 def test_an_abort_that_races_the_callers_deadline_raises_nothing():
     """The call's deadline passes while the router aborts it: gRPC's core refuses the status
     (`ExecuteBatchError`), which the server would log as an ERROR with a traceback if it left the handler."""
     ctx = _Context(cancelled=False)
-    assert _run_generate(GatewayError("deadline", "deadline exceeded"), ctx) == []
+    assert _run_generate(GatewayError("deadline", "deadline exceeded"), ctx) is None
     assert ctx.aborted == 1
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextvars
 import hashlib
+import inspect
 import logging
 import math
 import time
@@ -261,14 +262,21 @@ class GrpcGuard(grpc.aio.ServerInterceptor):
         read = self._one_request
         if handler.response_streaming:
             inner = handler.unary_stream
-
-            async def behavior(requests, context):
-                request = await read(requests, context, caller)
-                if request is None:  # refused, or the caller is gone
-                    return
-                CALLER.set(caller)
-                async for item in inner(request, context):
-                    yield item
+            if inspect.isasyncgenfunction(inner):
+                async def behavior(requests, context):
+                    request = await read(requests, context, caller)
+                    if request is None:  # refused, or the caller is gone
+                        return
+                    CALLER.set(caller)
+                    async for item in inner(request, context):
+                        yield item
+            else:  # it writes its responses itself (`context.write`)
+                async def behavior(requests, context):
+                    request = await read(requests, context, caller)
+                    if request is None:  # refused, or the caller is gone
+                        return
+                    CALLER.set(caller)
+                    await inner(request, context)
             make = grpc.stream_stream_rpc_method_handler
         else:
             inner = handler.unary_unary

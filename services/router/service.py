@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 import uuid
+from contextlib import aclosing
 
 import grpc
 
 from apar.engine.errors import UserError
 from apar.protogen import stubs
-from services.grpc_common import abort_unless_gone, add_health_and_reflection, add_servicer
+from services.grpc_common import abort_unless_gone, add_health_and_reflection, add_servicer, write_unless_gone
 from services.protocol.convert import params_from_pb
 from services.router.gateway import Gateway, GatewayError
 from services.router.guard import GrpcGuard, Guard, grpc_server_options
@@ -42,7 +43,9 @@ class RouterService(pb.apar_pb2_grpc.AparServicer):
         self.workers = gateway.workers
         self.metrics = gateway.metrics
 
-    async def Generate(self, request, context):
+    async def Generate(self, request, context) -> None:
+        """Writes its responses itself (`context.write`), so that a write racing the caller's deadline or
+        cancellation ends the call quietly instead of failing inside gRPC, out of this handler's reach."""
         try:
             if request.stream not in MODES:
                 raise GatewayError("invalid", f"unknown stream mode {request.stream}")
@@ -56,10 +59,11 @@ class RouterService(pb.apar_pb2_grpc.AparServicer):
             mode = MODES[request.stream]
             rid = uuid.uuid4().hex
             try:
-                async for item in self.gateway.generate(job, context.time_remaining(), rid):
-                    out = self._response(rid, item, mode)
-                    if out is not None:
-                        yield out
+                async with aclosing(self.gateway.generate(job, context.time_remaining(), rid)) as items:
+                    async for item in items:
+                        out = self._response(rid, item, mode)
+                        if out is not None and not await write_unless_gone(context, out):
+                            return  # the caller is gone: closing the gateway's stream cancels the worker call
             finally:
                 job.release()
         except GatewayError as exc:

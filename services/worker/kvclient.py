@@ -113,8 +113,9 @@ class KVManagerClient:
                 self._beat_failing.ok("beat", "heartbeats reach the KV manager again")
                 if resp.known:
                     self.beats += 1
-                elif not self.forgotten:
-                    log.error("the KV manager no longer knows worker %s", self.worker_id)
+                elif not self.forgotten:  # expected once it reaped this worker (e.g. frozen past its TTL):
+                    # the next batch meets WorkerForgotten and the worker registers again and resyncs
+                    log.warning("the KV manager no longer knows worker %s", self.worker_id)
                     self.forgotten = True
             except grpc.RpcError as exc:
                 self._beat_failing.failed("beat", exc.code().name, "heartbeat to the KV manager failed: %s",

@@ -18,7 +18,7 @@ from apar.engine.config import STREAM_BUFFER_EVENTS
 from apar.engine.errors import UserError
 from apar.engine.events import FinishReason, RequestFinished
 from apar.protogen import stubs
-from services.grpc_common import add_health_and_reflection, add_servicer, server_options, status_of
+from services.grpc_common import add_health_and_reflection, add_servicer, server_options, status_of, write_unless_gone
 from services.protocol.convert import events_to_pb, params_from_pb
 from services.security import TLSFiles, internal_interceptors, open_port
 from services.worker.loop import EngineLoop
@@ -94,7 +94,8 @@ class WorkerService(pb.worker_pb2_grpc.WorkerServicer):
             while not done:
                 evs = await backlog.queue.get()
                 done = isinstance(evs[-1], RequestFinished)
-                await context.write(events_to_pb(evs, pb))
+                if not await write_unless_gone(context, events_to_pb(evs, pb)):
+                    break  # the caller is gone (its write raced its deadline or cancellation): a quiet end
                 backlog.sent(evs)
         except asyncio.CancelledError:
             if not backlog.overflowed:

@@ -1,0 +1,66 @@
+"""CLI registration of `apar bench chaos`."""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from apar.bench_suite.chaos.run import run_chaos
+from apar.bench_suite.chaos.verdict import render
+
+
+def register(sub) -> None:
+    p = sub.add_parser("chaos", help="a loopback cluster under a storm, every component killed in turn: a verdict")
+    p.add_argument("--model", default=None, help="model directory (default: build a random-weight one)")
+    p.add_argument("--requests", type=int, default=1000, help="requests in the storm (with --duration: at most)")
+    p.add_argument("--duration", type=float, default=None, help="run for this many seconds instead (a soak)")
+    p.add_argument("--concurrency", type=int, default=24, help="clients at once")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--routers", type=int, default=2)
+    p.add_argument("--kv-blocks", type=int, default=256, help="KV blocks per worker")
+    p.add_argument("--rounds", type=int, default=1, help="times each component kind is killed (0: no kills)")
+    p.add_argument("--schedule", choices=("fixed", "random"), default="fixed",
+                   help="kill order: router, worker, KV manager, Redis per round; or seeded random order and times")
+    p.add_argument("--down", type=float, default=0.5, help="seconds a killed component stays down")
+    p.add_argument("--kv-down", type=float, default=None,
+                   help="seconds the KV manager stays down (default --down; beyond the workers' 10 s time-to-live "
+                        "they are reaped, and must register again and resync)")
+    p.add_argument("--pause", type=float, default=0.0,
+                   help="also freeze a worker (SIGSTOP) this long once per round: past --worker-ttl the KV manager "
+                        "reaps it, and once thawed it must register again and resync (0: never)")
+    p.add_argument("--worker-ttl", type=int, default=10, help="the workers' registration time-to-live, s")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-tokens", type=int, default=32, help="largest max_tokens of a request")
+    p.add_argument("--max-rss-growth", type=float, default=0.10,
+                   help="largest growth of a process's resident memory from warm-up to the end (0.10: 10%%)")
+    p.add_argument("--sample-every", type=float, default=5.0, help="seconds between memory samples (the series)")
+    p.add_argument("--log-dir", type=Path, default=None, help="keep each component's log here (default: a "
+                                                              "temporary folder, removed on success)")
+    p.add_argument("--json", action="store_true", help="print the verdict as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_chaos_cmd)
+
+
+def run_chaos_cmd(args) -> int:
+    from apar.engine.errors import UserError
+
+    if shutil.which("redis-server") is None:
+        raise UserError("redis-server is not on PATH (apt-get install redis-server)")
+    if args.workers < 2 or args.routers < 2:
+        raise UserError("--workers and --routers must be at least 2: a killed one's requests go to another")
+    verdict = run_chaos(args)
+    if args.json:
+        print(json.dumps(verdict, indent=1))
+    else:
+        print(render(verdict))
+    return 0 if verdict["passed"] else 1
+
+
+def main(argv: list[str] | None = None) -> int:  # pragma: no cover (for `python -m apar.bench_suite.chaos`)
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    register(sub)
+    args = parser.parse_args(["chaos", *(argv or sys.argv[1:])])
+    return run_chaos_cmd(args)

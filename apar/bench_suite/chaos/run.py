@@ -1,0 +1,66 @@
+"""One chaos run: the cluster started, the storm with its fault schedule, the verdict."""
+from __future__ import annotations
+
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from apar.bench_suite.chaos.cluster import Cluster
+from apar.bench_suite.chaos.faults import kill_plan
+from apar.bench_suite.chaos.storm import Storm, _storm
+from apar.bench_suite.chaos.verdict import check_state, failures, memory_report
+
+
+def run_chaos(args) -> dict:
+    import asyncio
+
+    rng = random.Random(args.seed)
+    keep = args.log_dir is not None
+    run_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="apar-chaos-"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model = Path(args.model) if args.model else _random_model(run_dir / "model", args.seed)
+    cluster = Cluster(model, args.workers, args.routers, args.kv_blocks, run_dir, args.worker_ttl)
+    t0 = time.monotonic()
+    verdict: dict = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                                if k not in ("func",)}, "run_dir": str(run_dir)}
+    try:
+        cluster.start()
+        verdict["start_s"] = round(time.monotonic() - t0, 1)
+        storm = Storm(cluster, rng, args.max_tokens)
+        plan = kill_plan(args.rounds, cluster, args.schedule, rng, args.pause > 0)
+        kills = asyncio.run(_storm(args, cluster, storm, plan))
+        verdict["storm_s"] = round(time.monotonic() - t0 - verdict["start_s"], 1)
+        verdict["kills"] = kills
+        verdict["requests"] = {"done": storm.tally.done, "outcomes": storm.tally.outcomes,
+                               "by_kind": storm.tally.by_kind, "retries": storm.tally.retries,
+                               "broken_mid_answer": storm.tally.broken_mid_answer,
+                               "undocumented_examples": storm.tally.undocumented}
+        for c in cluster.components:
+            c.end_sample(storm.tally.done)
+        verdict["state"] = check_state(cluster, storm.tally.done)
+    except Exception as exc:
+        verdict["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        for c in cluster.components:
+            c.check_crash()
+        cluster.stop()
+    verdict["crashed"] = [f"{c.name} (life {i}): exit {life.crashed}" for c in cluster.components
+                          for i, life in enumerate(c.lives) if life.crashed is not None]
+    verdict["components"] = [c.report() for c in cluster.components]
+    verdict["memory"] = memory_report(cluster, args.max_rss_growth)
+    verdict["failures"] = failures(verdict)
+    verdict["passed"] = not verdict["failures"]
+    if verdict["passed"] and not keep:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        verdict["run_dir"] = None
+    return verdict
+
+
+def _random_model(out: Path, seed: int) -> Path:
+    from apar.modelgen import make_model
+    from apar.quiet import quiet_transformers
+
+    quiet_transformers()
+    return make_model(out, "llama", seed=seed)
