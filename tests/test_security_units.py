@@ -186,7 +186,7 @@ def test_each_of_n_answers_counts_toward_the_stream_limit():
 
 
 def test_max_threads_and_max_depth_are_bounded_on_both_apis():
-    from services.protocol.convert import params_from_pb
+    from services.protocol.wire import params_from_pb
     from services.router.openai_request import ApiError, read_params
 
     for field, value in (("max_threads", 1025), ("max_threads", 2**32 - 1), ("max_depth", 1025),

@@ -25,7 +25,7 @@ import time
 from typing import TYPE_CHECKING
 
 from apar.engine.kv.ops import MAX_NAMES
-from services.kvmanager.codec import snapshot_from_parts
+from services.kvmanager.json_forms import snapshot_from_parts
 from services.kvmanager.persistence import StoreWriter
 from services.kvmanager.records import (Applied, BadRequest, ResyncParts, StaleSession,
                                         UnknownWorker, Usage, WorkerIdTaken, WorkerRecord, WorkerSpec, add_part,

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from services.kvmanager.codec import entry_to_json, snapshot_of, snapshot_to_json
+from services.kvmanager.json_forms import entry_to_json, snapshot_of, snapshot_to_json
 from services.kvmanager.records import Applied, StoreUnavailable, WorkerRecord
 
 if TYPE_CHECKING:

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 
 from apar.engine.errors import UserError
 from apar.engine.params import MAX_DEPTH, MAX_THREADS, PENALTY_RANGE, SamplingParams
-from services.protocol.convert import DEFAULT_MAX_TOKENS
+from services.protocol.wire import DEFAULT_MAX_TOKENS
 from services.router.gateway import GatewayError
 
 _HTTP = {"invalid": 400, "exhausted": 429, "unavailable": 503, "deadline": 504}
