@@ -35,6 +35,15 @@ class ContextSlots:
     new_slots: list[int] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class PenaltyRow:
+    """A penalized thread's row of the penalty tables, and where each token id of its context sits in
+    that row (apar/engine/penalties.py)."""
+
+    row: int
+    slots: dict[int, int]
+
+
 @dataclass(slots=True, eq=False)
 class Thread:
     id: int
@@ -59,10 +68,7 @@ class Thread:
     # root only: leading prompt blocks it reads from the prefix cache since its (next) start in the
     # ledger; their tokens count as computed, so its prefill starts after them
     reused: int = 0
-    # when its request has a penalty: its row of the penalty tables, and where each token id of its
-    # context sits in that row (apar/engine/penalties.py)
-    penalty_row: int | None = None
-    penalty_slots: dict[int, int] | None = None
+    penalty: PenaltyRow | None = None  # when its request has a penalty (apar/engine/penalties.py)
 
     @property
     def running(self) -> bool:
