@@ -40,7 +40,7 @@ class RunStats:
 def answer_trees(engine: Engine, n: int, max_answer_tokens: int, seed: int, data: Path | None = None
                  ) -> list[tuple[list[int], ReplayNode, list[int]]]:
     """(prompt ids, APAR tree, AR linear ids) for n forkable test-split answers of the AlpacaEval data
-    (`data`, else `apar.split.data_dir()`)."""
+    (`data`, else `apar.data.alpaca_split.data_dir()`)."""
     return answer_trees_for(engine.tokenizer, engine.config.control, n, max_answer_tokens, seed, data)
 
 
@@ -50,7 +50,7 @@ def answer_trees_for(tokenizer, control_tokens, n: int, max_answer_tokens: int, 
     from apar.data.packing import ControlIds, tokenize_tree
     from apar.data.readers import read_conversations
     from apar.data.rules import build_tree
-    from apar.split import data_dir, is_test_instruction
+    from apar.data.alpaca_split import data_dir, is_test_instruction
 
     data = data_dir(data)
     control = ControlIds.from_tokenizer(tokenizer, control_tokens.fork, control_tokens.child)

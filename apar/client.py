@@ -20,7 +20,7 @@ _STATUS_WORDS = {grpc.StatusCode.INVALID_ARGUMENT: "invalid request", grpc.Statu
 
 
 def build_request(args, params, pb):
-    from services.protocol.convert import params_to_pb
+    from services.protocol.wire import params_to_pb
 
     A = pb.apar_pb2
     sampling, limits, ar = params_to_pb(params, pb)

@@ -1,7 +1,7 @@
 """Small random-weight model directories built from a config: real HF models for tests and benchmarks.
 
 `make_model(out, arch="llama")` writes config.json, model.safetensors, a generation config and a byte-level
-BPE tokenizer (trained here on the AlpacaEval data's train split: `data`, else `apar.split.data_dir()`)
+BPE tokenizer (trained here on the AlpacaEval data's train split: `data`, else `apar.data.alpaca_split.data_dir()`)
 with the control tokens `[Fork]` and `[Child]`.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, MistralConfig, Qwen2Config
 
 from apar.engine.errors import UserError
-from apar.split import data_dir
+from apar.data.alpaca_split import data_dir
 from apar.tokenizer import CHILD, FORK, save, train_bpe, train_texts
 
 ARCHS = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
@@ -31,7 +31,7 @@ class ModelShape:
 
 def build_tokenizer(vocab: int, control: tuple[str, str] = (FORK, CHILD), data: str | Path | None = None):
     """A BPE tokenizer trained on the first 3000 train-split texts of the AlpacaEval folder `data`
-    (None: `apar.split.data_dir()`)."""
+    (None: `apar.data.alpaca_split.data_dir()`)."""
     texts = train_texts(data_dir(data), limit=3000)
     if not texts:
         raise UserError(f"{data_dir(data)}: no train-split AlpacaEval records to train a tokenizer on")

@@ -62,7 +62,7 @@ def train_texts(data_dir: Path, limit: int | None = None) -> list[str]:
     import json
 
     from apar.data.readers import data_files, kind, read_text
-    from apar.split import is_test_instruction
+    from apar.data.alpaca_split import is_test_instruction
 
     texts: list[str] = []
     for path in data_files(data_dir):

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from apar.tokenizer import CHAT_TEMPLATE, train_bpe, train_texts
-from apar.split import data_dir
+from apar.data.alpaca_split import data_dir
 
 NORMAL, CONTROL = 1, 3  # llama.cpp token types
 

@@ -10,7 +10,7 @@ import pytest
 from apar.bench_suite.simulated import SimWorker
 from apar.engine.kv.ledger import KVLedger
 from apar.protogen import stubs
-from services.kvmanager import convert
+from services.kvmanager import wire
 from services.kvmanager.replication import StepLog
 from services.kvmanager.service import serve
 
@@ -57,7 +57,7 @@ class Client:
         for i in range(steps):
             sim.step()
             if (i + 1) % per_message == 0 or i == steps - 1:
-                ack = convert.ack_from_pb(self.send(convert.batch_to_pb(worker, sim.kv.batch())))
+                ack = wire.ack_from_pb(self.send(wire.batch_to_pb(worker, sim.kv.batch())))
                 assert ack.applied == sim.kv.seq and ack.digest == sim.ledger.digest() and not ack.resync
                 sim.kv.acked(ack)
 

@@ -181,11 +181,11 @@ def test_context_table_rows_follow_the_ledger(llama_dir):
     while eng.has_work():
         eng.step()
         req = eng.requests.get(rid)
-        if req and len(req.threads) == 2 and req.threads[1].row is not None and req.threads[0].running:
+        if req and len(req.threads) == 2 and req.threads[1].ctx.row is not None and req.threads[0].running:
             root, child = req.threads
-            rows = table.table[[root.row, child.row]].tolist()
+            rows = table.table[[root.ctx.row, child.ctx.row]].tolist()
             assert rows[1][: child.start_pos] == rows[0][: child.start_pos]  # the fork copied the prefix
-            assert len(set(rows[1][child.start_pos : child.n_ctx]) & set(rows[0][: root.n_ctx])) == 0
+            assert len(set(rows[1][child.start_pos : child.ctx.n_ctx]) & set(rows[0][: root.ctx.n_ctx])) == 0
             seen = True
     assert seen
     table.flush()  # rows come back at the next step's flush

@@ -306,7 +306,7 @@ def test_a_paused_manager_holds_the_engine_back_only_past_the_lag_bound(llama_di
     from apar.engine.config import EngineConfig
     from apar.engine.engine import Engine
     from apar.engine.params import SamplingParams
-    from services.kvmanager import convert
+    from services.kvmanager import wire
     from services.worker.kv import RemoteKV
     from services.worker.kvclient import KVManagerClient
 
@@ -365,7 +365,7 @@ def test_a_paused_manager_holds_the_engine_back_only_past_the_lag_bound(llama_di
         assert not step.is_alive() and not failed and eng.kv.blocked_s > 0.0, failed
         eng.kv.drain(30)
         state = clients[0].state()
-        assert state == convert.state_to_pb(eng.ledger.snapshot()) and state.used
+        assert state == wire.state_to_pb(eng.ledger.snapshot()) and state.used
     finally:
         torch.set_num_threads(threads)
         if clients:

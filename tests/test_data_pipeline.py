@@ -12,7 +12,7 @@ from apar.data.readers import Conversation, read_conversations
 from apar.data.tree import restore
 from apar.engine.errors import UserError
 from apar.data.readers import data_files
-from apar.split import data_dir
+from apar.data.alpaca_split import data_dir
 
 LIST_ANSWER = "Tips:\n1. Sleep: early.\n2. Eat: greens.\n3. Walk: daily.\n\nThat is all."
 STATS_KEYS = {"records", "forkable", "threads_mean", "depth_max", "step_bound", "restore_mismatches"}

@@ -20,7 +20,7 @@ from apar.data.tree import (
     validate,
 )
 from apar.data.readers import data_files, read_text
-from apar.split import data_dir
+from apar.data.alpaca_split import data_dir
 
 # "Tips:\n1. A:" [Fork -> " x\n - p:" [Fork -> " deep"] ] "\n2. B:" [Fork -> " y"] "\nEnd."
 NESTED = Node([

@@ -19,7 +19,7 @@ from apar.engine.config import EngineConfig
 from apar.engine.engine import Engine
 from apar.engine.events import FinishReason, RequestFinished, ThreadStarted, TokenEvent
 from apar.engine.params import SamplingParams
-from services.kvmanager import convert
+from services.kvmanager import wire
 from services.kvmanager.service import serve
 from services.worker.kv import MANAGER_UNAVAILABLE, RemoteKV
 from services.worker.kvclient import KVManagerClient
@@ -132,7 +132,7 @@ def test_engine_survives_a_manager_outage_past_the_lag_bound(cluster, caplog):
 
     def replica_equal() -> bool:
         c.loop.call(lambda e: e.kv.drain(10)).result(timeout=20)
-        mine = c.loop.call(lambda e: convert.state_to_pb(e.ledger.snapshot())).result(timeout=10)
+        mine = c.loop.call(lambda e: wire.state_to_pb(e.ledger.snapshot())).result(timeout=10)
         return c.clients[0].state() == mine
 
     wait_until(replica_equal, 30, "the new manager's replica equal to the worker's ledger")

@@ -14,8 +14,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from apar.bench_suite.simulated import free_port
 from apar.engine.kv.ledger import KVLedger, ThreadRef
 from services.grpc_common import MAX_MESSAGE
-from services.kvmanager import convert
-from services.kvmanager.codec import snapshot_parts, snapshot_to_bytes
+from services.kvmanager import wire
+from services.kvmanager.json_forms import snapshot_parts, snapshot_to_bytes
 from services.kvmanager.records import MAX_BLOCKS
 from services.worker.kv import RemoteKV
 from services.worker.kvclient import KVManagerClient
@@ -203,7 +203,7 @@ def test_resync_parts_out_of_order_or_not_a_snapshot_are_refused(kv):
     assert "out of order" in refused(part(1))
     client.send(part(0))
     assert "out of order" in refused(part(2))
-    step = K.Step(seq=sim.kv.seq + 1, ops=b"[]", digest=convert.digest_to_pb(sim.ledger.digest()))
+    step = K.Step(seq=sim.kv.seq + 1, ops=b"[]", digest=wire.digest_to_pb(sim.ledger.digest()))
     assert "last part" in refused(part(0, steps=[step]))
     for i in range(len(parts) - 1):
         client.send(part(i, b"not zlib" if i == 0 else None))

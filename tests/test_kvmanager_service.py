@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from apar.bench_suite.simulated import ScratchRedis, SimWorker, free_port
 from apar.engine.kv.ledger import KVLedger
-from services.kvmanager import convert
+from services.kvmanager import wire
 from services.kvmanager.replication import Batch
 from services.worker.kv import RemoteKV
 from services.worker.kvclient import KVManagerClient
@@ -26,7 +26,7 @@ def test_stream_of_steps_equals_the_workers_own_ledger(kv):
     assert not client.register().restored
     sim = worker(11)
     client.drive(sim, 300)
-    assert client.state() == convert.state_to_pb(sim.ledger.snapshot())
+    assert client.state() == wire.state_to_pb(sim.ledger.snapshot())
     assert [(u.worker_id, u.free_blocks, u.requests) for u in client.usage()] == \
         [("w1", sim.ledger.num_free, sim.ledger.num_requests)]
     server.manager.check()
@@ -75,7 +75,7 @@ def test_remote_kv_workers_stream_concurrently(kv):
                 sim.step()
         for i, sim in enumerate(sims):
             sim.kv.drain()
-            assert sim.kv.client.state() == convert.state_to_pb(sim.ledger.snapshot())
+            assert sim.kv.client.state() == wire.state_to_pb(sim.ledger.snapshot())
             assert sim.kv.blocked_s == 0.0
     finally:
         for sim in sims:
@@ -91,7 +91,7 @@ def test_memory_only_server(kv):
     client.register()
     sim = worker(24)
     client.drive(sim, 50)
-    assert client.state() == convert.state_to_pb(sim.ledger.snapshot())
+    assert client.state() == wire.state_to_pb(sim.ledger.snapshot())
 
 
 def test_restart_on_the_same_redis_restores_every_ledger(kv):
@@ -108,7 +108,7 @@ def test_restart_on_the_same_redis_restores_every_ledger(kv):
     assert client.register("w1").restored and client.register("w2", blocks=32).restored
     for w, sim in sims.items():  # going on, no block is handed out twice: the replicas equal the workers
         client.drive(sim, 60, w)
-        assert client.state(w) == convert.state_to_pb(sim.ledger.snapshot())
+        assert client.state(w) == wire.state_to_pb(sim.ledger.snapshot())
     second.manager.check()
     assert not client.register("w2", blocks=16).restored  # another pool size: a fresh ledger
     assert client.state("w2").free == list(range(16))
@@ -160,7 +160,7 @@ def test_killed_manager_process_restarts_from_redis(redis_server, request, tmp_p
                    "the writer's round to put every acknowledged message in Redis")
         for _ in range(3):
             sim.step()
-        unanswered = convert.batch_to_pb("w1", sim.kv.batch())
+        unanswered = wire.batch_to_pb("w1", sim.kv.batch())
         proc.kill()  # SIGKILL: nothing is flushed on the way out
         assert code_of(lambda: client.send(unanswered)) == C.UNAVAILABLE
         # down longer than the ttl: the registration expires in Redis, no heartbeat could arrive meanwhile
@@ -174,11 +174,11 @@ def test_killed_manager_process_restarts_from_redis(redis_server, request, tmp_p
         assert [u.worker_id for u in client.usage()] == ["w1"]
         assert client.register(ttl=1).restored
         assert client.state() == before
-        ack = convert.ack_from_pb(client.send(unanswered))  # the worker sends what was never acknowledged
+        ack = wire.ack_from_pb(client.send(unanswered))  # the worker sends what was never acknowledged
         assert ack.applied == sim.kv.seq and not ack.resync
         sim.kv.acked(ack)
         client.drive(sim, 40)
-        assert client.state() == convert.state_to_pb(sim.ledger.snapshot())
+        assert client.state() == wire.state_to_pb(sim.ledger.snapshot())
     finally:
         proc.kill()
 
@@ -206,17 +206,17 @@ def test_a_manager_killed_before_its_round_restarts_behind_and_is_caught_up_by_a
         assert client.register().restored
         for _ in range(2):
             sim.step()
-        ack = convert.ack_from_pb(client.send(convert.batch_to_pb("w1", sim.kv.batch())))
+        ack = wire.ack_from_pb(client.send(wire.batch_to_pb("w1", sim.kv.batch())))
         assert ack.applied == 60 - 2 * 2 and not ack.resync  # the replica's last step: a gap before step 61
         sim.kv.acked(ack)
-        snapshot = convert.batch_to_pb("w1", sim.kv.batch())
+        snapshot = wire.batch_to_pb("w1", sim.kv.batch())
         assert snapshot.HasField("resync") and not snapshot.steps
-        ack = convert.ack_from_pb(client.send(snapshot))
+        ack = wire.ack_from_pb(client.send(snapshot))
         assert ack.applied == sim.kv.seq == 62 and ack.digest == sim.ledger.digest() and not ack.resync
         sim.kv.acked(ack)
         assert metric(metrics_port, "apar_kvmanager_resyncs_total") == 1
         client.drive(sim, 20)
-        assert client.state() == convert.state_to_pb(sim.ledger.snapshot())
+        assert client.state() == wire.state_to_pb(sim.ledger.snapshot())
     finally:
         proc.kill()
 
@@ -228,12 +228,12 @@ def test_the_same_batch_twice_is_applied_once(kv):
     client.drive(sim, 20)
     for _ in range(3):
         sim.step()
-    msg = convert.batch_to_pb("w1", sim.kv.batch())
+    msg = wire.batch_to_pb("w1", sim.kv.batch())
     assert client.send(msg).applied == sim.kv.seq
     state = client.state()
     assert client.send(msg).applied == sim.kv.seq and client.state() == state
     assert server.metrics.duplicates._value.get() == 3
-    other = convert.batch_to_pb("w1", Batch(SESSION + 1, sim.kv.batch().steps))  # another session
+    other = wire.batch_to_pb("w1", Batch(SESSION + 1, sim.kv.batch().steps))  # another session
     assert code_of(lambda: client.send(other)) == C.FAILED_PRECONDITION and client.state() == state
 
 
@@ -267,7 +267,7 @@ def test_expired_worker_is_reclaimed_and_comes_back_by_a_resync(kv, redis_server
         for _ in range(5):
             sim.step()
         backend.drain()
-        assert dead.state() == convert.state_to_pb(sim.ledger.snapshot())
+        assert dead.state() == wire.state_to_pb(sim.ledger.snapshot())
         assert server.metrics.resyncs._value.get() == 1 and backend.blocked_s == 0.0
     finally:
         backend.close()
@@ -298,6 +298,6 @@ def test_redis_restart_is_survived(kv):
         server.manager.check()
         server.stop(grace=None)  # and the restarted Redis holds it all: a new manager restores it
         _, client = kv(redis.url)
-        assert client.state() == convert.state_to_pb(sim.ledger.snapshot())
+        assert client.state() == wire.state_to_pb(sim.ledger.snapshot())
     finally:
         redis.close()

@@ -12,7 +12,7 @@ import pytest
 
 from apar.bench_suite.simulated import ScratchRedis, SimWorker, free_port
 from apar.engine.kv.ledger import KVLedger
-from services.kvmanager import convert
+from services.kvmanager import wire
 from services.kvmanager.records import WorkerSpec
 from services.kvmanager.replication import ReplicaUnavailable
 from services.kvmanager.service import serve
@@ -137,7 +137,7 @@ def test_a_shard_restart_touches_only_its_own_workers(tmp_path):
             assert fleet.failures[w] == 0  # never noticed
         for wid, backend in fleet.backends.items():
             assert backend.blocked_s == 0.0
-            assert backend.client.state() == convert.state_to_pb(backend.ledger.snapshot()), wid
+            assert backend.client.state() == wire.state_to_pb(backend.ledger.snapshot()), wid
     finally:
         fleet.close()
         for p in procs:

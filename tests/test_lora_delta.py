@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from apar.data.pipeline import load_records
 from apar.engine.errors import UserError
 from apar.importer import import_gguf
-from apar.split import data_dir
+from apar.data.alpaca_split import data_dir
 from apar.train import lora
 from apar.train.smol import build_from_delta, read_checked_delta, write_manifest
 from apar.train.trainer import TrainConfig, train_records

@@ -163,7 +163,7 @@ def replayed(llama_dir, fork_token) -> tuple[list[tuple[int, int, int]], int]:
     from apar.engine.config import ControlTokens, EngineConfig
     from apar.engine.engine import Engine
     from apar.engine.params import SamplingParams
-    from services.protocol.convert import params_from_pb
+    from services.protocol.wire import params_from_pb
     from services.router.prompt import encode_prompt
     from services.router.stream import RequestStream
 

@@ -20,7 +20,7 @@ from apar.engine.events import FinishReason, RequestFinished, TokenEvent, Usage
 from apar.engine.params import SamplingParams
 from apar.engine.replay import random_tree
 from apar.protogen import stubs
-from services.protocol.convert import events_from_pb, events_to_pb
+from services.protocol.wire import events_from_pb, events_to_pb
 from services.worker.metrics import WorkerMetrics
 from tests.test_engine_golden import DEVICES, reference_logits, tolerance
 from tests.test_engine_pressure import Transcript, run

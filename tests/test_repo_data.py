@@ -15,7 +15,7 @@ import pytest
 from apar.cli import main
 from apar.data.readers import data_files, read_conversations, read_text
 from apar.engine.errors import UserError
-from apar.split import DATA_ENV, REPO_DATA, data_dir, is_test_instruction
+from apar.data.alpaca_split import DATA_ENV, REPO_DATA, data_dir, is_test_instruction
 from tests.procs import require
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,7 +124,7 @@ def test_a_bare_copy_of_the_repository_finds_its_data(tmp_path):
     step = run("-c", """
 import json
 import apar
-from apar.split import data_dir, is_test_instruction
+from apar.data.alpaca_split import data_dir, is_test_instruction
 from apar.train.demo import PRESETS, prepare_data
 
 preset = PRESETS["quick"]

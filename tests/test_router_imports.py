@@ -9,8 +9,9 @@ from tests.procs import Proc, free_port
 
 ROUTER_MODULES = ("services.router.service", "services.router.http", "services.router.gateway",
                   "services.router.workers", "services.router.stream", "services.router.tokenizer",
-                  "services.protocol.convert", "apar.commands.serve", "apar.client", "services.router.guard",
-                  "services.security", "services.cluster_auth", "services.router.http_server")
+                  "services.protocol.wire", "apar.commands.serve", "apar.client", "services.router.guard",
+                  "services.security", "services.cluster_auth", "services.router.http_server",
+                  "services.router.openai_request")
 
 
 def test_router_modules_import_no_torch(llama_dir):

@@ -186,15 +186,15 @@ def test_each_of_n_answers_counts_toward_the_stream_limit():
 
 
 def test_max_threads_and_max_depth_are_bounded_on_both_apis():
-    from services.protocol.convert import params_from_pb
-    from services.router.http import ApiError, _params
+    from services.protocol.wire import params_from_pb
+    from services.router.openai_request import ApiError, read_params
 
     for field, value in (("max_threads", 1025), ("max_threads", 2**32 - 1), ("max_depth", 1025),
                          ("max_depth", 2**32 - 1), ("max_threads", 0)):
         with pytest.raises(UserError, match=field):
             params_from_pb(pb.common_pb2.SamplingParameters(), pb.common_pb2.Limits(**{field: value}), False)
         with pytest.raises(ApiError, match=field):
-            _params({"apar": {field: value}}, chat=False)
+            read_params({"apar": {field: value}}, chat=False)
     params = params_from_pb(pb.common_pb2.SamplingParameters(), pb.common_pb2.Limits(max_threads=1024, max_depth=1024),
                             False)
     assert (params.max_threads, params.max_depth) == (1024, 1024)

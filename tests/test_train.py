@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from apar.cli import main
-from apar.split import is_test_instruction
+from apar.data.alpaca_split import is_test_instruction
 from apar.tokenizer import train_bpe
 from apar.train.trainer import CHECKPOINT, SUMMARY_FILE, Trainer
 

@@ -5,7 +5,7 @@ import pytest
 
 from apar.data.pipeline import TreeRecord
 from apar.data.rules import build_tree
-from apar.split import is_test_instruction
+from apar.data.alpaca_split import is_test_instruction
 from apar.train.evaluate import Answer, held_out_prompts, lists_in_order, report, well_formed
 
 

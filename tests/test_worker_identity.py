@@ -15,7 +15,7 @@ import pytest
 from apar.bench_suite.simulated import ScratchRedis, SimWorker
 from apar.engine.kv.ledger import KVLedger
 from apar.protogen import stubs
-from services.kvmanager import convert
+from services.kvmanager import wire
 from services.kvmanager.records import WorkerSpec
 from services.kvmanager.replication import Batch, StepLog
 from services.kvmanager.service import serve
@@ -58,10 +58,10 @@ class Process:
     def send(self, batch: Batch):
         """One message on a stream of its own; the ack, or the status it was refused with."""
         try:
-            (ack,) = self.stub.Steps(iter([convert.batch_to_pb(self.id, batch)]), timeout=5)
+            (ack,) = self.stub.Steps(iter([wire.batch_to_pb(self.id, batch)]), timeout=5)
         except grpc.RpcError as exc:
             return exc.code()
-        return convert.ack_from_pb(ack)
+        return wire.ack_from_pb(ack)
 
     def steps(self, n: int) -> None:
         """`n` steps of its engine, sent and acknowledged."""

@@ -70,7 +70,7 @@ def _step(shape: AttentionShape, device: torch.device, dtype: torch.dtype):
     if shape.shared:
         n_root = -(-shape.shared // bs)
         table.push(root, [b * bs + o for b in range(n_root) for o in range(bs)][: shape.shared])
-        written += root.new_slots
+        written += root.ctx.new_slots
         positions += range(shape.shared)
         next_block = n_root
     kids = [Thread(id=i + 1, parent=root, anchor=0, start_pos=shape.shared, depth=1, kv_tokens=[], in_ledger=True)
@@ -81,12 +81,12 @@ def _step(shape: AttentionShape, device: torch.device, dtype: torch.dtype):
     for k, kid in enumerate(kids):  # block j of thread k: the j-th round of a round-robin hand-out
         slots = [(next_block + j * shape.threads + k) * bs + o for j in range(per_kid) for o in range(bs)]
         table.push(kid, slots[:own])
-        written += kid.new_slots
+        written += kid.ctx.new_slots
         positions += range(shape.shared, shape.context)
     table.flush()
     past = table.uploader.upload(written, positions)
     history = StepData(past[0], past[1], past[0].long(), past[0][:0].long(), None, [], table)
-    rows = [kid.row for kid in kids]
+    rows = [kid.ctx.row for kid in kids]
     lens = [shape.context] * shape.threads
     tensors = table.uploader.upload(list(range(shape.threads)), rows, lens, [0] * shape.threads,
                                     [shape.context - 1] * shape.threads)

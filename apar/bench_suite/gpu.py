@@ -47,7 +47,7 @@ class GpuSettings:
     compile: bool | None = None  # torch.compile the engine's decoder layers (`--compile`; None: on CUDA)
     seed: int = 0
     progress: bool = True
-    data: Path | None = None  # the AlpacaEval folder; None: `apar.split.data_dir()`
+    data: Path | None = None  # the AlpacaEval folder; None: `apar.data.alpaca_split.data_dir()`
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -63,7 +63,7 @@ def check_cuda() -> None:
 
 
 def run_gpu(g: GpuSettings) -> Report:
-    from apar.split import data_dir
+    from apar.data.alpaca_split import data_dir
 
     if not g.tiny:
         check_cuda()

@@ -275,7 +275,7 @@ def _simulate(cfg: KVBenchConfig, address: str, ids: list[str], start, results) 
 
     from apar.bench_suite.simulated import SimWorker
     from apar.engine.kv.ledger import KVLedger
-    from services.kvmanager import convert
+    from services.kvmanager import wire
     from services.worker.kv import RemoteKV
     from services.worker.kvclient import KVManagerClient
 
@@ -322,7 +322,7 @@ def _simulate(cfg: KVBenchConfig, address: str, ids: list[str], start, results) 
     equal = 0
     for sim in sims:
         sim.kv.drain(60)
-        equal += sim.kv.client.state() == convert.state_to_pb(sim.ledger.snapshot())
+        equal += sim.kv.client.state() == wire.state_to_pb(sim.ledger.snapshot())
         sim.kv.close()
         sim.kv.client.close()
     results.put({"lags": lags, "acked": acked[0], "made": made, "made_paused": made_paused, "equal": equal,
@@ -345,7 +345,7 @@ def _replay(cfg: KVBenchConfig, address: str, ids: list[str], start, results) ->
     from apar.bench_suite.simulated import SimWorker
     from apar.engine.kv.ledger import KVLedger
     from apar.protogen import stubs
-    from services.kvmanager import convert
+    from services.kvmanager import wire
     from services.kvmanager.replication import Batch, StepLog
     from services.worker.kvclient import KVManagerClient
 
@@ -367,7 +367,7 @@ def _replay(cfg: KVBenchConfig, address: str, ids: list[str], start, results) ->
         for _ in range(n_steps):
             sim.step()
             step = log.unacked.popleft()
-            fields.append(convert.batch_to_pb(wid, Batch(0, [step])).SerializeToString())
+            fields.append(wire.batch_to_pb(wid, Batch(0, [step])).SerializeToString())
             lasts.append((step.seq, step.digest))
         plans.append((head, fields, lasts, log.max_batch_steps, client.address))  # to its shard
     outcomes = [{"lags": [], "rtts": [], "acked": 0, "made": 0, "made_paused": 0, "equal": True} for _ in plans]
@@ -391,7 +391,7 @@ def _replay(cfg: KVBenchConfig, address: str, ids: list[str], start, results) ->
             while j < len(fields) and j - k < max_batch and due[j] <= sent_at and due[j] < window[1]:
                 j += 1
             await call.write(head + b"".join(fields[k:j]))
-            ack = convert.ack_from_pb(K.StepAck.FromString(await call.read()))
+            ack = wire.ack_from_pb(K.StepAck.FromString(await call.read()))
             now = time.time()
             if window[0] <= sent_at < window[1]:
                 out["rtts"].append(now - sent_at)

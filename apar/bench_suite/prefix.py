@@ -80,7 +80,7 @@ def register(sub) -> None:
 def prompts(tokenizer, system_tokens: int, count: int, data=None) -> tuple[list[int], list[list[int]]]:
     """The shared system prompt's ids and `count` prompts: it, then a distinct test-split instruction."""
     from apar.data.readers import read_conversations
-    from apar.split import data_dir, is_test_instruction
+    from apar.data.alpaca_split import data_dir, is_test_instruction
 
     convs = read_conversations(data_dir(data))
     system: list[int] = []

@@ -142,7 +142,7 @@ def register(sub) -> None:
 def run_cmd(args) -> int:
     from apar.bench import text_table
     from apar.data.pipeline import load_records
-    from apar.split import data_dir
+    from apar.data.alpaca_split import data_dir
     from apar.train.evaluate import held_out_prompts
 
     levels = [int(x) for x in args.levels.split(",") if x.strip()]

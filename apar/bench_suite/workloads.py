@@ -42,7 +42,7 @@ class SuiteSettings:
     compile: bool | None = None  # torch.compile the decoder layers (`EngineConfig.compile`; None: on CUDA)
     control: ControlTokens = field(default_factory=ControlTokens)
     progress: bool = True
-    data: Path | None = None  # the AlpacaEval folder; None: `apar.split.data_dir()`
+    data: Path | None = None  # the AlpacaEval folder; None: `apar.data.alpaca_split.data_dir()`
     # off: these benches compare decoding (APAR beside AR), and the rounds replay the same prompts, which
     # the cache would serve from the second round on; `apar bench prefix` measures the cache itself
     prefix_cache: bool = False
@@ -151,7 +151,7 @@ def run_live(apar_dir: Path, ar_dir: Path, s: SuiteSettings, prompts: int = 32, 
     from transformers import AutoTokenizer
 
     from apar.data.pipeline import load_records
-    from apar.split import data_dir
+    from apar.data.alpaca_split import data_dir
     from apar.train.evaluate import held_out_prompts
     from services.router.prompt import encode_prompt
 

@@ -2,7 +2,7 @@
 `apar data import`: the repository's compressed copy of the AlpacaEval files.
 
 IN is an AlpacaEval JSON file, a JSONL file of {"prompt", "response"} (either may be .xz-compressed), or
-a directory of such files; left out, the AlpacaEval data (`apar.split.data_dir`: $APAR_DATA, else the
+a directory of such files; left out, the AlpacaEval data (`apar.data.alpaca_split.data_dir`: $APAR_DATA, else the
 repository's data/alpaca_eval). `stats` also reads a tree file that `apar data trees` wrote.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from apar.data.readers import iter_file, read_conversations
 from apar.data.rules import DEFAULT_MAX_DEPTH, TreeRules, build_tree
 from apar.data.tree import Node, TreeError
 from apar.engine.errors import UserError
-from apar.split import REPO_DATA, data_dir
+from apar.data.alpaca_split import REPO_DATA, data_dir
 
 # xz preset 9e: the smallest files; decompressing costs the same at any preset.
 XZ_PRESET = 9 | lzma.PRESET_EXTREME

@@ -21,7 +21,7 @@ from apar.data.readers import Conversation, read_conversations
 from apar.data.rules import TreeRules, build_tree
 from apar.data.tree import CHILD, FORK, Node, TreeError, from_json, longest_chain, restore, to_json, validate
 from apar.engine.errors import UserError
-from apar.split import is_test_instruction
+from apar.data.alpaca_split import is_test_instruction
 
 _APPROX_TOKEN = re.compile(r"\w+|[^\w\s]|\n+")
 

@@ -96,7 +96,7 @@ class ContextTable:
     def push(self, t: Thread, slots: list[int]) -> None:
         """The ledger gave `t` these slots for its next positions (a root gets its row on its first)."""
         self._extend(t, slots)
-        t.new_slots.extend(slots)  # the step builder takes them, in plan order
+        t.ctx.new_slots.extend(slots)  # the step builder takes them, in plan order
 
     def reuse(self, t: Thread, slots: list[int]) -> None:
         """A root just started reads its first positions from the prefix cache: these slots already hold
@@ -104,28 +104,28 @@ class ContextTable:
         self._extend(t, slots)
 
     def _extend(self, t: Thread, slots: list[int]) -> None:
-        if t.row is None:
-            t.row = self._take(t)
+        if t.ctx.row is None:
+            t.ctx.row = self._take(t)
         rows, positions, values = self._appends
         n = len(slots)
-        rows.extend([t.row] * n)
-        positions.extend(range(t.n_ctx, t.n_ctx + n))
+        rows.extend([t.ctx.row] * n)
+        positions.extend(range(t.ctx.n_ctx, t.ctx.n_ctx + n))
         values.extend(slots)
-        t.n_ctx += n
-        if t.n_ctx > self.width:
-            self._widen(t.n_ctx)
+        t.ctx.n_ctx += n
+        if t.ctx.n_ctx > self.width:
+            self._widen(t.ctx.n_ctx)
 
     def fork(self, parent: Thread, child: Thread) -> None:
         """`child` reads `parent`'s context up to its own start (the ledger just forked it)."""
-        if parent.row is None:
+        if parent.ctx.row is None:
             raise RuntimeError(f"fork from thread {parent.id}, which holds no context row")
-        child.row = self._take(child)
-        self._copies.append((parent.row, child.row, child.start_pos))
-        child.n_ctx = child.start_pos
+        child.ctx.row = self._take(child)
+        self._copies.append((parent.ctx.row, child.ctx.row, child.start_pos))
+        child.ctx.n_ctx = child.start_pos
 
     def forget(self, threads: list[Thread]) -> None:
         """Their request ended: their rows come back at the next flush."""
-        self._ended.update(t.row for t in threads if t.row is not None)
+        self._ended.update(t.ctx.row for t in threads if t.ctx.row is not None)
 
     # ---- device side, once per step ----------------------------------------------------------------
     def flush(self) -> None:
@@ -151,14 +151,14 @@ class ContextTable:
         self._ended.clear()
         for row in gone:
             t = self._holders.pop(row)
-            if t.row == row:
-                t.row = None
+            if t.ctx.row == row:
+                t.ctx.row = None
             self._free.append(row)
 
     def _take(self, t: Thread) -> int:
-        if t.row is not None and self._holders.get(t.row) is t:  # again after a preemption: a fresh start
-            self._holders.pop(t.row)
-            self._free.append(t.row)
+        if t.ctx.row is not None and self._holders.get(t.ctx.row) is t:  # again after a preemption: a fresh start
+            self._holders.pop(t.ctx.row)
+            self._free.append(t.ctx.row)
         if not self._free:
             self._grow_rows()
         row = self._free.pop()

@@ -104,7 +104,7 @@ class ForkRules:
             self.kv.defer(Fork(ThreadRef(req.id, root.id), ThreadRef(req.id, a.id)))
             self.runner.contexts.fork(root, a)
             req.add_thread(a)
-            if root.penalty_row is not None:
+            if root.penalty is not None:
                 self.penalties.open_thread(a, root)
             root.children.append(a)
             answers.append((a, tok))
@@ -125,7 +125,7 @@ class ForkRules:
         if parent.replay is not None:
             child.replay = ReplayCursor(parent.replay.child(), self.fork_id)
         req.add_thread(child)
-        if parent.penalty_row is not None:
+        if parent.penalty is not None:
             self.penalties.open_thread(child, parent)
         parent.children.append(child)
         req.usage.forks += 1

@@ -15,7 +15,7 @@ of two device tables; the host keeps, per thread, where each id sits in its row:
 
     seen[row(t), j]       the j-th distinct token id of t's context (int32)
     generated[row(t), j]  how often it was generated in t's context (float32; 0: only in the prompt)
-    t.penalty_slots       {token id: j}, on the host
+    t.penalty.slots       {token id: j}, on the host
 
 A root's row starts with its prompt's distinct ids; a child's (and an answer root's) is a copy of its
 parent's at the fork (the parent's tokens up to its [Fork], which never counts). A new token costs one
@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from apar.engine.context_table import Uploader
-from apar.engine.sequence import Request, Thread
+from apar.engine.sequence import PenaltyRow, Request, Thread
 
 
 class Penalties:
@@ -52,33 +52,32 @@ class Penalties:
     def open_request(self, req: Request) -> None:
         """A request that asks for a penalty: its root's row starts with the prompt's distinct ids."""
         root = req.root
-        root.penalty_row = self._take()
-        root.penalty_slots = {}
+        root.penalty = PenaltyRow(self._take(), {})
         for token in dict.fromkeys(req.prompt):
             self._add(root, token)
 
     def open_thread(self, t: Thread, parent: Thread) -> None:
         """`t` reads `parent`'s context up to here (a forked child, an answer's root): a copy of its row."""
         self._sync()  # the parent's row as its tokens so far left it
-        t.penalty_row = row = self._take()
-        t.penalty_slots = dict(parent.penalty_slots)  # type: ignore[arg-type]
-        n = len(t.penalty_slots)
+        src = parent.penalty
+        t.penalty = PenaltyRow(row := self._take(), dict(src.slots))  # type: ignore[union-attr]
+        n = len(t.penalty.slots)
         if n > self.seen.shape[1]:
             self._widen(n)
-        self.seen[row, :n] = self.seen[parent.penalty_row, :n]
-        self.generated[row, :n] = self.generated[parent.penalty_row, :n]
+        self.seen[row, :n] = self.seen[src.row, :n]  # type: ignore[union-attr]
+        self.generated[row, :n] = self.generated[src.row, :n]  # type: ignore[union-attr]
 
     def count(self, t: Thread, token: int) -> None:
         """`token` was generated into `t`'s context."""
         j = self._add(t, token)
         if j is not None:
-            self._counts[0].append(t.penalty_row)  # type: ignore[arg-type]
+            self._counts[0].append(t.penalty.row)  # type: ignore[union-attr]
             self._counts[1].append(j)
 
     def close_thread(self, t: Thread) -> None:
-        if t.penalty_row is not None:
-            self._closing.append(t.penalty_row)
-            t.penalty_row = t.penalty_slots = None
+        if t.penalty is not None:
+            self._closing.append(t.penalty.row)
+            t.penalty = None
 
     def close_request(self, req: Request) -> None:
         for t in req.threads:
@@ -88,13 +87,14 @@ class Penalties:
         """The entry of `token` in t's row, new if needed (None for a control token)."""
         if token in self.control:
             return None
-        slots = t.penalty_slots
-        j = slots.get(token)  # type: ignore[union-attr]
+        pen = t.penalty
+        slots = pen.slots  # type: ignore[union-attr]
+        j = slots.get(token)
         if j is None:
-            j = slots[token] = len(slots)  # type: ignore[index]
+            j = slots[token] = len(slots)
             if j >= self.seen.shape[1]:
                 self._widen(j + 1)
-            self._new[0].append(t.penalty_row)  # type: ignore[arg-type]
+            self._new[0].append(pen.row)  # type: ignore[union-attr]
             self._new[1].append(j)
             self._new[2].append(token)
         return j
@@ -121,16 +121,16 @@ class Penalties:
         a penalty; the other rows are left alone (nothing runs when no request asks)."""
         if not self.in_use:
             return
-        picked = [i for i, (_, t) in enumerate(samplers) if t.penalty_row is not None]
+        picked = [i for i, (_, t) in enumerate(samplers) if t.penalty is not None]
         if not picked:
             return
         self._sync()  # entries added since the last step (a new request's prompt)
         threads = [samplers[i][1] for i in picked]
-        sizes = [len(t.penalty_slots) for t in threads]  # type: ignore[arg-type]
+        sizes = [len(t.penalty.slots) for t in threads]  # type: ignore[union-attr]
         width = max(sizes)
         if not width:
             return
-        index, rows, n = (x.long() for x in self.uploader.upload(picked, [t.penalty_row for t in threads], sizes))
+        index, rows, n = (x.long() for x in self.uploader.upload(picked, [t.penalty.row for t in threads], sizes))
         params = [samplers[i][0].params for i in picked]
         factors = torch.tensor([[p.repetition_penalty, p.frequency_penalty, p.presence_penalty] for p in params],
                                dtype=logits.dtype, device=self.device)  # [P, 3]

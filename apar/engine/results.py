@@ -81,7 +81,7 @@ class TokenResults:
             self._finish_thread(req, t, FinishReason.STOP, result)
             return
         t.kv_tokens.append(token)
-        if t.penalty_row is not None:
+        if t.penalty is not None:
             self.penalties.count(t, token)
         result.events.append(TokenEvent(req.id, t.id, token))
         if token == self.fork_id:

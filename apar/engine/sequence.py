@@ -24,6 +24,26 @@ if TYPE_CHECKING:
     from apar.engine.replay import ReplayCursor
 
 
+@dataclass(slots=True)
+class ContextSlots:
+    """Where a thread's context lives on the device: a row of the context table
+    (apar/engine/context_table.py), index = position, valid below `n_ctx`; `new_slots`: slots the ledger
+    gave it, not yet laid out in a step."""
+
+    row: int | None = None
+    n_ctx: int = 0
+    new_slots: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class PenaltyRow:
+    """A penalized thread's row of the penalty tables, and where each token id of its context sits in
+    that row (apar/engine/penalties.py)."""
+
+    row: int
+    slots: dict[int, int]
+
+
 @dataclass(slots=True, eq=False)
 class Thread:
     id: int
@@ -38,11 +58,7 @@ class Thread:
     finish: FinishReason | None = None
     in_ledger: bool = False  # the ledger knows it: the root from admission, an answer root from its
     # creation, a child from the step its parent feeds the [Fork] (so that the [Fork] slot exists first)
-    # its context's slots live in a row of the device context table (apar/engine/context_table.py),
-    # index = position, valid below n_ctx; `new_slots`: slots the ledger gave it, not yet laid out in a step
-    row: int | None = None
-    n_ctx: int = 0
-    new_slots: list[int] = field(default_factory=list)
+    ctx: ContextSlots = field(default_factory=ContextSlots)  # its context's slots on the device
     replay: "ReplayCursor | None" = None  # replay.py: a known thread fed instead of sampled
     children: list["Thread"] = field(default_factory=list)  # in fork order
     # after a preemption, a finished thread whose tokens a running descendant reads: the kv tokens to
@@ -52,10 +68,7 @@ class Thread:
     # root only: leading prompt blocks it reads from the prefix cache since its (next) start in the
     # ledger; their tokens count as computed, so its prefill starts after them
     reused: int = 0
-    # when its request has a penalty: its row of the penalty tables, and where each token id of its
-    # context sits in that row (apar/engine/penalties.py)
-    penalty_row: int | None = None
-    penalty_slots: dict[int, int] | None = None
+    penalty: PenaltyRow | None = None  # when its request has a penalty (apar/engine/penalties.py)
 
     @property
     def running(self) -> bool:
@@ -109,8 +122,8 @@ class Thread:
         self.recompute_mark = max(self.recompute_mark, self.computed)
         self.computed = 0
         self.reused = 0
-        self.n_ctx = 0
-        self.new_slots.clear()
+        self.ctx.n_ctx = 0
+        self.ctx.new_slots.clear()
         self.in_ledger = False
 
 

@@ -54,19 +54,19 @@ class StepBuilder:
             ids.extend(t.kv_tokens[first : first + n])
             pos0 = t.start_pos + first
             positions.extend(range(pos0, pos0 + n))
-            if len(t.new_slots) < n:
-                raise RuntimeError(f"thread {t.id} got {len(t.new_slots)} slots for {n} tokens")
-            writes.extend(t.new_slots[:n])
-            del t.new_slots[:n]
+            if len(t.ctx.new_slots) < n:
+                raise RuntimeError(f"thread {t.id} got {len(t.ctx.new_slots)} slots for {n} tokens")
+            writes.extend(t.ctx.new_slots[:n])
+            del t.ctx.new_slots[:n]
             if n == 1:
                 d_rows.append(row)
-                d_table.append(t.row)
+                d_table.append(t.ctx.row)
                 d_lens.append(pos0 + 1)
                 families.append(id(w.request))
                 if with_runs:
                     runs.append(context_runs(t, pos0 + 1))
             else:
-                chunks.append(ChunkQuery(row, n, t.row, pos0 + n))
+                chunks.append(ChunkQuery(row, n, t.ctx.row, pos0 + n))
             if t.running and len(t.kv_tokens) == first + n:  # its last pending token: it samples from this row
                 sample_rows.append(row + n - 1)
                 samplers.append((w.request, t))

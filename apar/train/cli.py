@@ -97,7 +97,7 @@ def _data_arg(parser: argparse.ArgumentParser) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from apar.data.pipeline import load_records
-    from apar.split import data_dir
+    from apar.data.alpaca_split import data_dir
     from apar.train.trainer import CHECKPOINT, TrainConfig, add_control_tokens, load_model, train_records
 
     config = TrainConfig(
@@ -176,7 +176,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from apar.data.pipeline import load_records
     from apar.engine.params import SamplingParams
-    from apar.split import data_dir
+    from apar.data.alpaca_split import data_dir
     from apar.train.evaluate import generate_all, held_out_loss, held_out_prompts, markdown, report
     from apar.train.trainer import SUMMARY_FILE
 

@@ -21,7 +21,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTra
 
 from apar.data.pipeline import TreeRecord, load_records
 from apar.engine.errors import UserError
-from apar.split import data_dir as resolve_data_dir
+from apar.data.alpaca_split import data_dir as resolve_data_dir
 from apar.tokenizer import train_bpe, train_texts
 from apar.train.trainer import TrainConfig, TrainResult, train_records
 
@@ -68,7 +68,7 @@ def select_records(records: list[TreeRecord], preset: Preset) -> list[TreeRecord
 
 def prepare_data(preset: Preset, data_dir: Path | None = None) -> tuple[list[TreeRecord], PreTrainedTokenizerFast]:
     """Steps 1 and 2: the preset's tree records (train, then held-out test) and the tokenizer trained on
-    train-split texts, from the AlpacaEval folder `data_dir` (None: `apar.split.data_dir()`)."""
+    train-split texts, from the AlpacaEval folder `data_dir` (None: `apar.data.alpaca_split.data_dir()`)."""
     data = resolve_data_dir(data_dir)
     records = select_records(load_records(data), preset)
     texts = train_texts(data, limit=preset.tokenizer_texts)  # train split only

@@ -15,29 +15,19 @@ restart shows: the replica it loads is a few steps behind the worker's acknowled
 worker cannot fill (it dropped the steps), and it sends its snapshot (`replication`: a manager restart
 ends in a resync). A graceful stop (`close`) and `flush` write the last round first.
 
-Memory may be ahead of Redis, never behind once loaded: after a store failure the manager is in doubt:
-the writer stages nothing more (memory holds it all) and, with backoff, `_sync`s: it loads every ledger
-from Redis and, per worker, keeps the newer of memory and store (`WorkerRecord.version`), writing
-memory back wherever Redis is behind (a failed transaction, or Redis restarted empty). While Redis is
-away the workers' messages go on being applied and acknowledged; registrations wait for it. A ledger
-loaded at start gets a fresh registration time-to-live: while no manager ran, its worker's heartbeats
-could not arrive, so it is reclaimed only if they stay away for a whole ttl after the restart.
-
-Two locks: `_lock` guards memory (every record, the staged entries), held for microseconds but while a
-sync rewrites the store; `_store_lock` makes one thread at a time write to the store (a round, a sync,
-a registration, a reap). Always taken store lock first, then memory lock.
+What the manager keeps in Redis, and how it recovers when Redis fails, is `persistence.StoreWriter`'s.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from apar.engine.kv.ops import MAX_NAMES
-from services.kvmanager.codec import entry_to_json, snapshot_from_parts, snapshot_of, snapshot_to_json
-from services.kvmanager.records import (Applied, BadRequest, ResyncParts, StaleSession, StoreUnavailable,
+from services.kvmanager.json_forms import snapshot_from_parts
+from services.kvmanager.persistence import StoreWriter
+from services.kvmanager.records import (Applied, BadRequest, ResyncParts, StaleSession,
                                         UnknownWorker, Usage, WorkerIdTaken, WorkerRecord, WorkerSpec, add_part,
                                         apply_batch, check_batch, check_worker_id)
 from services.kvmanager.replica import ReplicaLedger
@@ -45,42 +35,26 @@ from services.kvmanager.replication import Ack, Batch, Resync
 
 if TYPE_CHECKING:
     from services.kvmanager.metrics import KVMetrics
-    from services.kvmanager.store import RedisStore, Write
+    from services.kvmanager.store import RedisStore
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class _Pending:
-    """What a record's messages changed since the last commit."""
-
-    rec: WorkerRecord
-    entries: list[str] = field(default_factory=list)
-    snapshot: bool = False  # resynced: its whole state is written
 
 
 class KVManager:
     def __init__(self, store: RedisStore | None = None, metrics: KVMetrics | None = None,
                  clock=time.monotonic, round_every_s: float = 0.05) -> None:
         self.store = store
-        # Rounds start at most this often. No ack waits for one, so this only bounds how far Redis trails
-        # memory; each round takes in every message since the last (a round costs the writer about the same
-        # for one message as for sixty-four: at 32 workers 50 ms rounds save 7% of the manager's CPU over 4 ms)
-        self.round_every_s = round_every_s
         self.metrics = metrics
         self.clock = clock
         self._workers: dict[str, WorkerRecord] = {}
         self._lock = threading.Lock()
-        self._store_lock = threading.Lock()
-        self._pending: dict[str, _Pending] = {}
         self._parts: dict[str, ResyncParts] = {}  # worker id -> the resync it is sending in parts
-        self._work = threading.Condition(self._lock)  # wakes the writer
-        self._writer_idle = False  # the writer waits on `_work`: the next message wakes it (only then)
-        self._writer: threading.Thread | None = None
-        self._closing = False
-        self._loaded = store is None  # nothing loaded yet: the first store call loads every ledger
-        self._doubt = False  # a store call failed: Redis may be behind memory
-        self._unpersisted = 0  # messages acknowledged that changed a replica Redis does not hold yet
+        # Rounds start at most every `round_every_s`. No ack waits for one, so this only bounds how far
+        # Redis trails memory; each round takes in every message since the last (a round costs the writer
+        # about the same for one message as for sixty-four).
+        self._store = StoreWriter(store, self._workers, self._lock, clock, metrics, round_every_s)
+        self._store_lock = self._store.store_lock
+        self._guard = self._store.guard
         if metrics is not None:
             metrics.watch(self.usage, self.unpersisted)
 
@@ -93,7 +67,7 @@ class KVManager:
         that came before the old registration expired. Otherwise a fresh ledger, bound to `session`
         at step 0, replaces any other (a stale process's steps are then refused: StaleSession)."""
         with self._store_lock:
-            self._sync_reachable()
+            self._store.sync_reachable()
             with self._lock:
                 return self._register(spec, session)
 
@@ -114,7 +88,7 @@ class KVManager:
         if self.store is not None:
             self._guard(self.store.save, rec, True)
         self._workers[spec.worker_id] = rec
-        self._pending.pop(spec.worker_id, None)
+        self._store.forget(spec.worker_id)
         self._parts.pop(spec.worker_id, None)
         return False, rec.ledger.num_free
 
@@ -145,7 +119,7 @@ class KVManager:
         if worker_id not in self._workers:  # (a registered one was checked when it registered)
             check_worker_id(worker_id)
         check_batch(batch)
-        if not self._loaded:
+        if not self._store.loaded:
             self.sync()
         if batch.part is not None:
             whole = self._assemble(worker_id, batch)
@@ -155,8 +129,7 @@ class KVManager:
             batch = whole
         with self._lock:
             ack = self._apply(worker_id, batch)
-            if self.store is not None and self._writer_idle and (self._pending or self._doubt):
-                self._work.notify()  # a busy writer takes this message in its next round unasked
+            self._store.wake()
         return ack
 
     def _assemble(self, worker_id: str, batch: Batch) -> Batch | None:
@@ -179,66 +152,11 @@ class KVManager:
     def flush(self) -> None:
         """Write what the messages applied so far changed to Redis now (a round of the caller's own);
         StoreUnavailable when Redis cannot take it (the writer goes on trying)."""
-        if self.store is not None:
-            self._round()
+        self._store.flush()
 
     def close(self) -> None:
         """Stop the writer thread, then write the last round (a graceful stop loses nothing)."""
-        with self._lock:
-            self._closing = True
-            self._work.notify()
-        if self._writer is not None:
-            self._writer.join(timeout=10)
-        try:
-            self.flush()
-        except StoreUnavailable as exc:
-            log.warning("KV manager stopped with changes Redis does not hold (%s): their workers resync", exc)
-
-    def _write_loop(self) -> None:
-        started, backoff = 0.0, 0.0
-        while True:
-            with self._lock:
-                while not (self._pending or self._doubt) and not self._closing:
-                    self._writer_idle = True
-                    self._work.wait()
-                    self._writer_idle = False
-                delay = max(backoff, started + self.round_every_s - time.monotonic())
-                if delay > 0 and not self._closing:
-                    self._work.wait(delay)  # (only `close` wakes it early)
-                if self._closing:
-                    return  # `close` writes the last round
-            started = time.monotonic()
-            try:
-                self._round()
-                backoff = 0.0
-            except Exception as exc:  # StoreUnavailable (in doubt: memory holds it all, the next round syncs), or a bug
-                backoff = min(2.0, max(0.05, 2 * backoff))
-                if isinstance(exc, StoreUnavailable):
-                    log.warning("Redis unreachable (%s); writing again in %.2f s", exc, backoff)
-                else:
-                    log.exception("KV manager writer")
-
-    def _round(self) -> None:
-        """Persist in ONE transaction what the messages applied so far changed; in doubt (a store call
-        failed), sync instead (which writes back whatever memory holds that Redis does not)."""
-        with self._store_lock:
-            if self._doubt:
-                self._sync_reachable()
-                return
-            with self._lock:
-                writes, taken = self._take_pending(), self._unpersisted
-            for w in writes:  # encoded outside the memory lock: the workers' messages go on meanwhile
-                if isinstance(w.snapshot, dict):
-                    w.snapshot = snapshot_to_json(w.snapshot)
-            lost = self._guard(self.store.commit, writes) if writes else []
-            with self._lock:
-                self._unpersisted -= taken
-            if lost:
-                log.warning("Redis no longer holds the ledgers of %s: rewriting the store from memory",
-                            ", ".join(r.worker_id for r in lost))
-                with self._lock:
-                    self._doubt = True
-                    self._sync()
+        self._store.close()
 
     def _apply(self, worker_id: str, batch: Batch) -> Ack:
         rec = self._record(worker_id)
@@ -247,19 +165,7 @@ class KVManager:
         return applied.ack
 
     def _applied(self, rec: WorkerRecord, applied: Applied) -> None:
-        if self.store is not None and (applied.steps or applied.resynced):
-            if self._writer is None:  # (under the memory lock: one writer)
-                self._writer = threading.Thread(target=self._write_loop, name="apar-kv-writer", daemon=True)
-                self._writer.start()
-            self._unpersisted += 1
-            if not self._doubt:  # (in doubt the next sync writes all memory holds: nothing to stage)
-                pending = self._pending.get(rec.worker_id)
-                if pending is None or pending.rec is not rec:
-                    pending = self._pending[rec.worker_id] = _Pending(rec)
-                if applied.resynced:
-                    pending.snapshot = True
-                if applied.steps:
-                    pending.entries.append(entry_to_json(rec.n, applied.steps))
+        self._store.stage(rec, applied)
         if self.metrics is not None:
             m = self.metrics
             m.messages.inc()
@@ -271,27 +177,14 @@ class KVManager:
             if applied.resynced:
                 m.resyncs.inc()
 
-    def _take_pending(self) -> list[Write]:
-        from services.kvmanager.store import Write
-
-        live = [p for w, p in self._pending.items() if self._workers.get(w) is p.rec]  # not re-registered, reaped
-        # A resync's snapshot is written at once (no log entry holds it). A log that reached
-        # `snapshot_every` entries is folded into a fresh snapshot, the longest first, one per round:
-        # workers that started together reach it together, and encoding all of theirs in one round
-        # would stall every message for that long.
-        due = sorted((p for p in live if not p.snapshot and p.rec.n - p.rec.base >= self.store.snapshot_every),
-                     key=lambda p: p.rec.base - p.rec.n)
-        for p in due[:1]:
-            p.snapshot = True
-        writes = [Write(p.rec, p.rec.n, p.rec.base, [], snapshot_of(p.rec)) if p.snapshot
-                  else Write(p.rec, p.rec.n, p.rec.base, p.entries) for p in live]
-        self._pending = {}
-        return writes
-
     # ---- read side ---------------------------------------------------------------------------------
     def unpersisted(self) -> int:
         """Messages acknowledged whose changes Redis does not hold yet (0 when all are written)."""
-        return self._unpersisted
+        return self._store.unpersisted
+
+    @property
+    def round_every_s(self) -> float:
+        return self._store.round_every_s
 
     def usage(self) -> list[Usage]:
         """Every registered worker (memory only: no store call), sorted by id."""
@@ -341,15 +234,14 @@ class KVManager:
         nothing is reaped: the ledgers are written back from memory with fresh registrations instead.
         Memory is locked only to read the ids and to drop the dead: the workers' messages go on meanwhile."""
         with self._store_lock:
-            self._sync_reachable()
+            self._store.sync_reachable()
             with self._lock:
                 ids = sorted(self._workers)
             if self.store is not None:
                 intact, alive = self._guard(self.store.alive, ids)
                 if not intact:
                     with self._lock:
-                        self._doubt = True
-                        self._sync()
+                        self._store.resync_all()
                     return []
             else:
                 now = self.clock()
@@ -360,7 +252,7 @@ class KVManager:
                     self._guard(self.store.drop, w)
                 with self._lock:
                     del self._workers[w]
-                    self._pending.pop(w, None)
+                    self._store.forget(w)
                     self._parts.pop(w, None)
                 if self.metrics is not None:
                     self.metrics.reaped.inc()
@@ -374,50 +266,7 @@ class KVManager:
             raise UnknownWorker(f"worker {worker_id} is not registered (or its registration expired)")
         return rec
 
-    def _guard(self, fn, *args):
-        """A store call; on failure the manager is in doubt (sync before the next acknowledgement)."""
-        try:
-            return fn(*args)
-        except StoreUnavailable:
-            self._doubt = True
-            if self.metrics is not None:
-                self.metrics.store_errors.labels(getattr(fn, "__name__", "other")).inc()
-            raise
-
     def sync(self) -> None:
         """Load or reconcile the ledgers now if a store call failed (or nothing was loaded yet)."""
         with self._store_lock:
-            self._sync_reachable()
-
-    def _sync_reachable(self) -> None:
-        """`_sync`, once Redis answers a ping made with the memory lock free: while Redis is away, the
-        workers' messages go on being applied. Called with the store lock held."""
-        if self.store is None or (self._loaded and not self._doubt):
-            return
-        self._guard(self.store.ping)
-        with self._lock:
-            self._sync()
-
-    def _sync(self) -> None:
-        """At start, or after a store failure: reconcile memory with Redis, newer version wins. Called
-        with both locks held."""
-        if self.store is None or (self._loaded and not self._doubt):
-            return
-        intact, stored = self._guard(self.store.load)
-        for w in sorted(set(stored) | set(self._workers)):
-            mem, red = self._workers.get(w), stored.get(w)
-            if red is not None and (mem is None or red.version > mem.version):
-                red.expires_at = self.clock() + red.spec.ttl_s
-                self._workers[w] = red
-                if mem is None:  # loaded at start: its heartbeats failed while no manager ran
-                    self._guard(self.store.renew, red.spec)
-            elif intact and (red is None or red.version < mem.version):
-                self._guard(self.store.save, mem, False)
-        if not intact:  # Redis lost its data: write every ledger back, registrations renewed
-            for rec in self._workers.values():
-                self._guard(self.store.save, rec, True)
-            self._guard(self.store.mark_intact)
-        self._pending = {}  # everything memory holds is in the store now
-        self._unpersisted = 0
-        self._loaded, self._doubt = True, False
-        log.info("ledgers in sync with Redis: %d workers", len(self._workers))
+            self._store.sync_reachable()

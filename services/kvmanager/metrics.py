@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-# RedisStore's methods (each one round trip or two); `KVManager._guard` labels an error with the name
+# RedisStore's methods (each one round trip or two); `StoreWriter.guard` labels an error with the name
 STORE_OPERATIONS = ("commit", "save", "renew", "touch", "alive", "drop", "mark_intact", "load", "ping")
 
 

@@ -25,7 +25,7 @@ MAX_BLOCK_SIZE = 1 << 12  # tokens per block
 MAX_TTL_S = 24 * 3600
 MAX_OPS = 1 << 16  # per step
 MAX_STEPS = 1 << 12  # per message
-MAX_RESYNC_PARTS = 1 << 10  # parts of one resync (of codec.RESYNC_PART_BYTES each)
+MAX_RESYNC_PARTS = 1 << 10  # parts of one resync (of json_forms.RESYNC_PART_BYTES each)
 MAX_RESYNC_BYTES = 1 << 29  # of a resync's parts together (compressed)
 
 

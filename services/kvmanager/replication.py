@@ -58,7 +58,7 @@ class Step:
     ops: list[Op]
     digest: Digest  # the worker's ledger right after this step
     at: float = 0.0  # when the worker applied it (its monotonic clock; never sent)
-    raw: bytes | None = None  # at the manager: the ops as they came (codec JSON), logged as they are
+    raw: bytes | None = None  # at the manager: the ops as they came (`json_forms` JSON), logged as they are
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,6 @@
 """The KV manager's gRPC service: a thin servicer over `KVManager`, health, reflection, and the reaper.
 
-Each RPC is `convert.*_from_pb` -> one `KVManager` call -> `convert.*_to_pb`; `Steps` is a stream of
+Each RPC is `wire.*_from_pb` -> one `KVManager` call -> `wire.*_to_pb`; `Steps` is a stream of
 them, one StepAck per StepBatch. Domain errors become status codes in one place (`_status`):
 BadRequest -> INVALID_ARGUMENT (also for bytes that are not a message), UnknownWorker -> NOT_FOUND,
 WorkerIdTaken (another live process holds the id) -> ALREADY_EXISTS, StaleSession (a message of a
@@ -31,7 +31,7 @@ from prometheus_client import CollectorRegistry
 
 from apar.protogen import stubs
 from services.grpc_common import add_health_and_reflection, add_servicer, host_of, server_options
-from services.kvmanager import convert
+from services.kvmanager import wire
 from services.kvmanager.manager import KVManager
 from services.kvmanager.metrics import KVMetrics
 from services.kvmanager.records import BadRequest, StaleSession, StoreUnavailable, UnknownWorker, WorkerIdTaken
@@ -53,23 +53,23 @@ class KVManagerServicer:
         self.default_ttl_s = default_ttl_s
 
     def Register(self, req, context):
-        restored, free = self.manager.register(convert.spec_from_pb(req, self.default_ttl_s), req.session)
+        restored, free = self.manager.register(wire.spec_from_pb(req, self.default_ttl_s), req.session)
         return K.RegisterResponse(restored=restored, free_blocks=free)
 
     def Heartbeat(self, req, context):
         return K.HeartbeatResponse(known=self.manager.heartbeat(req.worker_id, req.session))
 
     async def Steps(self, req):
-        return convert.ack_to_pb(self.manager.submit(req.worker_id, convert.batch_from_pb(req)))
+        return wire.ack_to_pb(self.manager.submit(req.worker_id, wire.batch_from_pb(req)))
 
     def Usage(self, req, context):
-        return convert.usage_to_pb(self.manager.usage())
+        return wire.usage_to_pb(self.manager.usage())
 
     def State(self, req, context):
-        return convert.state_to_pb(self.manager.state(req.worker_id))
+        return wire.state_to_pb(self.manager.state(req.worker_id))
 
     def Prefix(self, req, context):
-        return convert.prefix_to_pb(self.manager.prefix(list(req.names)))
+        return wire.prefix_to_pb(self.manager.prefix(list(req.names)))
 
 
 def _status(exc: Exception) -> tuple[grpc.StatusCode, str]:

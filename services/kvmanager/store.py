@@ -3,8 +3,8 @@
 Keys (P is the prefix, default `apar:`; W a worker id)::
 
     P kv:workers        hash  W -> spec JSON (address, pool size, ttl): which ledgers exist
-    P kv:w:W:snap       hash  base -> n of the snapshot, data -> snapshot JSON (codec.snapshot_to_json)
-    P kv:w:W:log        list  entries base+1, base+2, ... (codec.entry_to_json), one per message applied
+    P kv:w:W:snap       hash  base -> n of the snapshot, data -> snapshot JSON (json_forms.snapshot_to_json)
+    P kv:w:W:log        list  entries base+1, base+2, ... (json_forms.entry_to_json), one per message applied
     P kv:w:W:alive      string with EX ttl: the worker's registration, refreshed by Heartbeat
     P kv:intact         set once the store holds every ledger; gone means Redis lost its data
 
@@ -33,7 +33,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from services.kvmanager.codec import entry_from_json, record_from_json, snapshot_to_json, spec_from_json, spec_to_json
+from services.kvmanager.json_forms import entry_from_json, record_from_json, snapshot_to_json, spec_from_json, spec_to_json
 from services.kvmanager.records import StoreUnavailable, WorkerRecord, WorkerSpec, replay_entry
 from services.security import mask_url
 
@@ -51,7 +51,7 @@ def connect(url: str) -> redis.Redis:
 class Write:
     """What one commit writes for one record: its new log entries, or (snapshot set) its whole state,
     as of entry `n`; `base` is the snapshot's n the store should hold before it. The manager takes a
-    snapshot as `codec.snapshot_of` data under its lock and encodes it (`snapshot_to_json`) after."""
+    snapshot as `json_forms.snapshot_of` data under its lock and encodes it (`snapshot_to_json`) after."""
 
     rec: WorkerRecord
     n: int

@@ -26,7 +26,7 @@ import grpc
 from apar.engine.errors import UserError
 from apar.engine.params import SamplingParams
 from apar.protogen import stubs
-from services.protocol.convert import events_from_pb, params_to_pb
+from services.protocol.wire import events_from_pb, params_to_pb
 from services.router.guard import Caller, Guard, Refused, Ticket, current_caller
 from services.router.metrics import RouterMetrics
 from services.router.prompt import encode_prompt

@@ -23,7 +23,7 @@ import time
 import grpc
 
 from apar.protogen import stubs
-from services.kvmanager.convert import ack_from_pb, batch_to_pbs
+from services.kvmanager.wire import ack_from_pb, batch_to_pbs
 from services.kvmanager.replication import Ack, Batch, ReplicaUnavailable, WorkerFenced, WorkerForgotten
 from services.kvmanager.shards import parse_shards, shard_for
 from services.repeating import RepeatingWarning
@@ -123,7 +123,7 @@ class KVManagerClient:
 
     def send(self, batch: Batch) -> Ack:
         """One batch on the open stream (opened first if need be) and its ack: a resync goes in parts, each
-        answered, under the message cap (`convert.batch_to_pbs`); the last part's answer is the batch's."""
+        answered, under the message cap (`wire.batch_to_pbs`); the last part's answer is the batch's."""
         if self.forgotten:
             raise WorkerForgotten(f"the KV manager no longer knows worker {self.worker_id}")
         msgs = batch_to_pbs(self.worker_id, batch)

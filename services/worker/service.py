@@ -1,6 +1,6 @@
 """The worker's gRPC service: the engine behind the internal API (token ids in, thread events out).
 
-Thin: a request is converted (`convert.params_from_pb`), handed to the engine loop, and each step's
+Thin: a request is converted (`wire.params_from_pb`), handed to the engine loop, and each step's
 events for it stream back as one `WorkerEvents` message. A client that cancels, disconnects or passes its
 deadline ends the handler, which aborts the request: its KV blocks are free after the next command drain.
 A client that does not read (its transport window full) lets at most `stream_buffer` events wait for it:
@@ -19,7 +19,7 @@ from apar.engine.errors import UserError
 from apar.engine.events import FinishReason, RequestFinished
 from apar.protogen import stubs
 from services.grpc_common import add_health_and_reflection, add_servicer, server_options, status_of, write_unless_gone
-from services.protocol.convert import events_to_pb, params_from_pb
+from services.protocol.wire import events_to_pb, params_from_pb
 from services.security import TLSFiles, internal_interceptors, open_port
 from services.worker.loop import EngineLoop
 

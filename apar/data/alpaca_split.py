@@ -10,7 +10,7 @@ from apar.engine.errors import UserError
 
 DATA_ENV = "APAR_DATA"
 # The repository's compressed copy of the AlpacaEval responses (`apar data import` writes it).
-REPO_DATA = Path(__file__).resolve().parent.parent / "data" / "alpaca_eval"
+REPO_DATA = Path(__file__).resolve().parents[2] / "data" / "alpaca_eval"
 
 
 def is_test_instruction(instruction: str) -> bool:

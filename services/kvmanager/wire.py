@@ -3,7 +3,7 @@ that sees `kvmanager_pb2`.
 
 `*_from_pb` builds batches and specs from a message (raising BadRequest for what cannot be one: ops or
 a snapshot that are not the JSON they should be); the manager checks every value. A step's ops travel
-as the codec's JSON (three times cheaper to build and read than a message per op, and the form the
+as the JSON of `json_forms` (three times cheaper to build and read than a message per op, and the form the
 store logs). `*_to_pb` builds messages
 from batches, acks, usage and ledger snapshots. Both directions of batches and acks are here: the
 manager reads batches and writes acks, the worker the other way round.
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from apar.engine.kv.ledger import Digest
 from apar.protogen import stubs
-from services.kvmanager.codec import (ops_from_bytes, ops_to_bytes, snapshot_from_bytes, snapshot_parts,
+from services.kvmanager.json_forms import (ops_from_bytes, ops_to_bytes, snapshot_from_bytes, snapshot_parts,
                                       snapshot_to_bytes)
 from services.kvmanager.records import BadRequest, Usage, WorkerSpec
 from services.kvmanager.replication import Ack, Batch, Resync, ResyncPart, Step
