@@ -274,8 +274,8 @@ def _simulate(cfg: KVBenchConfig, address: str, ids: list[str], start, results) 
     import logging
 
     from apar.bench_suite.simulated import SimWorker
-    from apar.engine.kv.ledger import KVLedger
     from services.kvmanager import wire
+    from services.kvmanager.replica import ReplicaLedger
     from services.worker.kv import RemoteKV
     from services.worker.kvclient import KVManagerClient
 
@@ -293,7 +293,8 @@ def _simulate(cfg: KVBenchConfig, address: str, ids: list[str], start, results) 
     for wid in ids:
         client = KVManagerClient(address, wid, f"sim/{wid}", cfg.blocks, cfg.block_size, ttl_s=600)
         client.register()
-        kv = RemoteKV(KVLedger(cfg.blocks, cfg.block_size), client, send_every_s=cfg.send_every_ms / 1000)
+        kv = RemoteKV(ReplicaLedger(cfg.blocks, cfg.block_size), client,  # compact steps: see _replay
+                      send_every_s=cfg.send_every_ms / 1000)
         sim = SimWorker(kv, threads=cfg.threads, seed=int(wid.rpartition('-')[2]), prompt=(16, 512), finish_p=1 / 256,
                         cancel_p=0.001, compact=True)
         while sim.num_running < cfg.threads:  # warm: every thread running before the clock starts
@@ -343,9 +344,9 @@ def _replay(cfg: KVBenchConfig, address: str, ids: list[str], start, results) ->
     import asyncio
 
     from apar.bench_suite.simulated import SimWorker
-    from apar.engine.kv.ledger import KVLedger
     from apar.protogen import stubs
     from services.kvmanager import wire
+    from services.kvmanager.replica import ReplicaLedger
     from services.kvmanager.replication import Batch, StepLog
     from services.worker.kvclient import KVManagerClient
 
@@ -355,7 +356,8 @@ def _replay(cfg: KVBenchConfig, address: str, ids: list[str], start, results) ->
     for wid in ids:
         client = KVManagerClient(address, wid, f"sim/{wid}", cfg.blocks, cfg.block_size, ttl_s=600)
         client.register()
-        log = StepLog(KVLedger(cfg.blocks, cfg.block_size), client.session)
+        # the plans' steps are compact (Advance, AppendEach), as a replica reads them: only its ledger applies them
+        log = StepLog(ReplicaLedger(cfg.blocks, cfg.block_size), client.session)
         sim = SimWorker(log, threads=cfg.threads, seed=int(wid.rpartition("-")[2]), prompt=(16, 512),
                         finish_p=1 / 256, cancel_p=0.001, compact=True)
         while sim.num_running < cfg.threads:
