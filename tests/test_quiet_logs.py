@@ -75,18 +75,22 @@ class _EndlessGateway:
         self.guard = Guard()
         self.job = _Job()
         self.opened = self.closed = 0
+        self.all_closed = asyncio.Event()  # set while every stream opened has closed
 
     async def prepare(self, *args, **kwargs):
         return self.job
 
     async def generate(self, job, timeout_s=None, request_id=None):
         self.opened += 1
+        self.all_closed.clear()
         try:
             while True:
                 yield LinearDelta("x")
                 await asyncio.sleep(0)
         finally:
             self.closed += 1
+            if self.closed == self.opened:
+                self.all_closed.set()
 
 
 def test_an_error_for_a_caller_that_cancelled_is_not_sent_and_not_raised():
@@ -124,10 +128,8 @@ def test_a_deadline_storm_on_streams_leaves_no_error_in_the_log(caplog):
                             pass
                     except grpc.aio.AioRpcError as exc:
                         codes[exc.code()] = codes.get(exc.code(), 0) + 1
-            for _ in range(200):  # the server sees each call end shortly after its client does
-                if gw.closed == gw.opened:
-                    break
-                await asyncio.sleep(0.01)
+            # the server sees each call end shortly after its client does
+            await asyncio.wait_for(gw.all_closed.wait(), timeout=10)
         finally:
             await server.stop(None)
         return codes
