@@ -40,15 +40,27 @@ def test_each_worker_has_one_shard_and_a_new_shard_moves_only_its_own():
         parse_shards(" , ")
 
 
+def ids_owned_by_each(shards: str, per_shard: int) -> dict[str, list[str]]:
+    """Worker ids w-0, w-1, ... taken until every shard owns `per_shard` of them (ports are random, so a
+    fixed list of ids may all hash to one shard)."""
+    owned: dict[str, list[str]] = {a: [] for a in parse_shards(shards)}
+    for i in range(1000):
+        mine = owned[shard_for(f"w-{i}", list(owned))]
+        if len(mine) < per_shard:
+            mine.append(f"w-{i}")
+        if all(len(v) == per_shard for v in owned.values()):
+            return owned
+    raise AssertionError(f"1000 ids and still a shard short: {owned}")
+
+
 class Fleet:
     """Simulated workers over RemoteKV and the real client, stepping on a thread at `rate` steps/s each;
     every failed send is counted per worker."""
 
-    def __init__(self, shards: str, n: int, rate: float = 50.0) -> None:
+    def __init__(self, shards: str, ids: list[str], rate: float = 50.0) -> None:
         self.backends: dict[str, RemoteKV] = {}
         self.failures: Counter = Counter()
-        for i in range(n):
-            wid = f"w-{i}"
+        for i, wid in enumerate(ids):
             client = KVManagerClient(shards, wid, f"127.0.0.1:{i + 1}", BLOCKS, BLOCK_SIZE, ttl_s=30)
             assert not client.register()
             send = client.send
@@ -107,10 +119,11 @@ def test_a_shard_restart_touches_only_its_own_workers(tmp_path):
         return proc
 
     procs = [start_shard(0), start_shard(1)]
-    fleet = Fleet(shards, 8)
+    owned = ids_owned_by_each(shards, 4)
+    fleet = Fleet(shards, [w for ids in owned.values() for w in ids])
     try:
         by_shard = {a: [w for w in fleet.backends if fleet.shard_of(w) == a] for a in parse_shards(shards)}
-        assert all(by_shard.values()), by_shard  # both shards own workers
+        assert by_shard == owned  # the clients found the shards the ids hash to: four workers each
         fleet.start()
         victim, other = parse_shards(shards)
         acked = lambda ws: all(fleet.backends[w].outbox.acked_seq >= 20 for w in ws)  # noqa: E731
@@ -159,12 +172,7 @@ def test_router_directory_asks_every_shard(llama_dir):
     servers = [serve("127.0.0.1:0", None), serve("127.0.0.1:0", None)]
     addresses = [f"127.0.0.1:{s.port}" for s in servers]
     shards = ",".join(addresses)
-    owned: dict[str, list[str]] = {a: [] for a in addresses}
-    for i in range(200):
-        owned[shard_for(f"w-{i}", parse_shards(shards))].append(f"w-{i}")
-        if all(len(v) >= 3 for v in owned.values()):
-            break
-    assert all(len(v) >= 3 for v in owned.values()), owned
+    owned = ids_owned_by_each(shards, 3)
     engine_loop = EngineLoop(Engine(llama_dir, EngineConfig(num_blocks=16)))
 
     async def listed() -> tuple[set[str], set[str], set[str], set[str]]:

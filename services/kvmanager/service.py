@@ -117,9 +117,13 @@ class KVManagerServer:
             self._serving(True)
             wait = self.reap_every_s
 
-    def _serving(self, ok: bool) -> None:
+    def _serving(self, ok: bool, wait: bool = False) -> None:
+        """Sets the health status on the server's loop. The reaper does not wait for it: a loop busy with a
+        long resync must not time the reaper out and end its thread."""
         status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
-        asyncio.run_coroutine_threadsafe(self.health.set(SERVICE.full_name, status), self.loop).result(timeout=10)
+        done = asyncio.run_coroutine_threadsafe(self.health.set(SERVICE.full_name, status), self.loop)
+        if wait:
+            done.result(timeout=10)
 
     def stop(self, grace: float | None = 1.0) -> None:
         if self._stop.is_set():
@@ -179,10 +183,10 @@ def serve(address: str = "127.0.0.1:0", redis_url: str | None = None, *, prefix:
     handle = KVManagerServer(server, port, manager, metrics, checker, reap_every_s, loop, loop_thread)
     try:
         manager.sync()
-        handle._serving(True)
+        handle._serving(True, wait=True)
     except StoreUnavailable as exc:
         log.warning("Redis unreachable at start (%s); ledgers load when it answers", exc)
-        handle._serving(False)
+        handle._serving(False, wait=True)
     if metrics_port is not None:
         from prometheus_client import start_http_server
 
