@@ -95,9 +95,12 @@ def write_manifest(folder: Path, command: str, base: Path | None, summary: dict 
     manifest = {"sha256": sha256(folder / DELTA_TENSORS), "bytes": (folder / DELTA_TENSORS).stat().st_size,
                 "command": command}
     if base is not None and (base / "provenance.json").is_file():
-        source = json.loads((base / "provenance.json").read_text())["source"]
+        provenance = json.loads((base / "provenance.json").read_text())
+        source = provenance["source"]
         manifest["base_file_sha256"] = source["file_sha256"]
         manifest["base_package"] = f"{source['package']}=={source['version']}"
+        made_by = provenance.get("command", "apar import-model")
+        manifest["base_command"] = made_by if "--out" in made_by else f"{made_by} --out {base}"
     if summary is not None:
         manifest["train_summary"] = summary
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
