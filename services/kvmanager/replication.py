@@ -36,7 +36,7 @@ from itertools import islice
 
 from apar.engine.kv.ledger import Digest, KVLedger
 from apar.engine.kv.ops import Op
-from apar.engine.kv.step import StepAnswer, apply, record
+from apar.engine.kv.step import OpResults, apply, record
 
 
 class ReplicaUnavailable(ConnectionError):
@@ -116,7 +116,7 @@ class StepLog:
         self._digest = ledger.digest()  # the ledger's after step `seq`
 
     # ---- the engine's side ----------------------------------------------------------------------------
-    def apply(self, ops: list[Op]) -> StepAnswer:
+    def apply(self, ops: list[Op]) -> OpResults:
         answer, compact = record(self.ledger, ops)
         if answer.error:
             raise RuntimeError(f"KV ledger refused an op: {answer.error}")

@@ -24,7 +24,7 @@ import time
 
 from apar.engine.kv.ledger import KVLedger
 from apar.engine.kv.ops import Op
-from apar.engine.kv.step import StepAnswer
+from apar.engine.kv.step import OpResults
 from services.kvmanager.replication import ReplicaUnavailable, StepLog, WorkerFenced, WorkerForgotten
 from services.repeating import RepeatingWarning
 
@@ -83,7 +83,7 @@ class RemoteKV:
         self._sender.start()
 
     # ---- the engine's thread ------------------------------------------------------------------------
-    def apply(self, ops: list[Op]) -> StepAnswer:
+    def apply(self, ops: list[Op]) -> OpResults:
         with self._cv:
             self._within_lag()
             answer = self.outbox.apply(ops)
