@@ -15,10 +15,10 @@ from apar.engine.kv.ops import Append, Name, Start
 from apar.engine.prefix import block_hashes
 from apar.modelgen import ModelShape, make_model
 from apar.protogen import stubs
+from apar.text.prompt import encode_prompt
 from services.kvmanager.inprocess import InProcessClient
 from services.kvmanager.replication import StepLog
 from services.kvmanager.service import serve
-from services.router.prompt import encode_prompt
 from services.router.tokenizer import load_tokenizer
 from services.router.workers import (LOAD_SLACK, KVManagerDirectory, WorkerDirectory, WorkerHandle, most_free,
                                      prefix_choice)
