@@ -1,0 +1,142 @@
+"""The KV manager's resident memory per `Prefix` call that the caller ends (deadline or cancel).
+
+    python -m apar.bench_suite.prefix_memory [--calls 20000] [--concurrency 32] [--deadline-ms 0.5,4]
+
+A KV manager runs as its own process (`python -m services.kvmanager --no-redis`, a cluster token, two
+registered workers); this process sends it `Prefix` calls as the router does, in three phases of
+`--calls` each: calls that end normally (a long deadline), calls with a deadline drawn from
+`--deadline-ms` (most end DEADLINE_EXCEEDED), and calls cancelled after a delay drawn from the same
+range. The manager's resident memory (VmRSS) is read from /proc before and after each phase, after a
+warm-up of the same phases; the table gives each phase's outcomes and its growth in bytes per call.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import re
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def start_manager(token_file: Path | None, extra: list[str]) -> tuple[subprocess.Popen, int]:
+    argv = [sys.executable, "-m", "services.kvmanager", "--no-redis", "--port", "0", *extra]
+    if token_file is not None:
+        argv += ["--cluster-token-file", str(token_file)]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    for line in proc.stderr:
+        if m := re.search(r"listening on \S+:(\d+)", line):
+            return proc, int(m.group(1))
+    raise RuntimeError(f"the KV manager did not start (exit {proc.wait()})")
+
+
+async def _one(stub, req, kind: str, low_s: float, high_s: float) -> str:
+    import grpc
+
+    try:
+        if kind == "ok":
+            await stub.Prefix(req, timeout=10.0)
+        elif kind == "deadline":
+            await stub.Prefix(req, timeout=random.uniform(low_s, high_s))
+        else:  # cancel: the caller gives up as a cancelled router request does
+            task = asyncio.ensure_future(stub.Prefix(req, timeout=10.0))
+            await asyncio.sleep(random.uniform(low_s, high_s))
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                return "CANCELLED(local)"
+        return "OK"
+    except grpc.aio.AioRpcError as exc:
+        return exc.code().name
+
+
+async def phase(stub, req, kind: str, calls: int, concurrency: int, low_s: float, high_s: float) -> Counter:
+    outcomes: Counter = Counter()
+    left = iter(range(calls))
+
+    async def lane() -> None:
+        for _ in left:
+            outcomes[await _one(stub, req, kind, low_s, high_s)] += 1
+
+    await asyncio.gather(*(lane() for _ in range(concurrency)))
+    return outcomes
+
+
+async def drive(port: int, pid: int, token_file: Path | None, args) -> list[tuple]:
+    from apar.engine.prefix import block_hashes
+    from apar.protogen import stubs
+    from services.cluster_auth import ClusterToken
+    from services.security import open_channel
+
+    pb = stubs()
+    channel = open_channel(f"127.0.0.1:{port}", aio=True, token=ClusterToken.load(str(token_file)) if token_file else None)
+    stub = pb.kvmanager_pb2_grpc.KVManagerStub(channel)
+    for i in range(2):
+        await stub.Register(pb.kvmanager_pb2.RegisterRequest(
+            worker_id=f"w{i}", address=f"127.0.0.1:{60000 + i}", num_blocks=256, block_size=16, ttl_seconds=3600,
+            session=1 + i, model="m"), timeout=10)
+    req = pb.kvmanager_pb2.PrefixRequest(names=block_hashes(list(range(200)), 16, limit=12))
+    low_s, high_s = args.low_ms / 1000, args.high_ms / 1000
+    kinds = ["ok", "deadline", "cancel"]
+    for kind in kinds:  # warm-up: every path once, allocator arenas and caches filled
+        await phase(stub, req, kind, args.warmup, args.concurrency, low_s, high_s)
+    rows = []
+    for kind in [k for k in kinds if k in args.phases] * args.rounds:
+        before, t0 = rss_bytes(pid), time.monotonic()
+        outcomes = await phase(stub, req, kind, args.calls, args.concurrency, low_s, high_s)
+        await asyncio.sleep(0.5)  # the manager finishes the calls it still holds
+        rows.append((kind, outcomes, before, rss_bytes(pid), time.monotonic() - t0))
+    await channel.close()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m apar.bench_suite.prefix_memory", description=__doc__.split("\n")[0])
+    p.add_argument("--calls", type=int, default=20000, help="calls per phase")
+    p.add_argument("--warmup", type=int, default=2000, help="calls per phase before measuring")
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--deadline-ms", default="0.5,4", help="LOW,HIGH: deadlines and cancel delays, ms")
+    p.add_argument("--phases", default="ok,deadline,cancel", help="the phases measured, in order")
+    p.add_argument("--rounds", type=int, default=1, help="times the phases are measured, one after another")
+    p.add_argument("--no-token", action="store_true", help="no cluster token (calls not authenticated)")
+    p.add_argument("--manager-arg", action="append", default=[], help="one more flag for the KV manager")
+    args = p.parse_args(argv)
+    args.phases = args.phases.split(",")
+    args.low_ms, args.high_ms = (float(x) for x in args.deadline_ms.split(","))
+    with tempfile.TemporaryDirectory() as tmp:
+        token_file = None if args.no_token else Path(tmp) / "token"
+        if token_file is not None:
+            token_file.write_text(secrets.token_hex(32) + "\n")
+        proc, port = start_manager(token_file, args.manager_arg)
+        try:
+            start = rss_bytes(proc.pid)
+            rows = asyncio.run(drive(port, proc.pid, token_file, args))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+    print(f"KV manager pid {proc.pid}: resident {start / 2**20:.1f} MiB at start")
+    print(f"{'phase':<9} {'calls':>6} {'s':>5} {'RSS before MiB':>14} {'after MiB':>9} {'B/call':>7}  outcomes")
+    for kind, outcomes, before, after, secs in rows:
+        calls = sum(outcomes.values())
+        print(f"{kind:<9} {calls:>6} {secs:>5.1f} {before / 2**20:>14.1f} {after / 2**20:>9.1f} "
+              f"{(after - before) / calls:>7.0f}  {dict(outcomes.most_common())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
