@@ -1,13 +1,17 @@
-"""The KV manager's resident memory per `Prefix` call that the caller ends (deadline or cancel).
+"""The KV manager's resident memory per prefix lookup that the caller gives up on (deadline or cancel).
 
-    python -m apar.bench_suite.prefix_memory [--calls 20000] [--concurrency 32] [--deadline-ms 0.5,4]
+    python -m apar.bench_suite.prefix_memory [--via router|raw] [--calls 20000] [--rounds 1]
+        [--concurrency 32] [--deadline-ms 0.5,4] [--phases ok,deadline,cancel] [--no-token]
 
 A KV manager runs as its own process (`python -m services.kvmanager --no-redis`, a cluster token, two
-registered workers); this process sends it `Prefix` calls as the router does, in three phases of
-`--calls` each: calls that end normally (a long deadline), calls with a deadline drawn from
-`--deadline-ms` (most end DEADLINE_EXCEEDED), and calls cancelled after a delay drawn from the same
-range. The manager's resident memory (VmRSS) is read from /proc before and after each phase, after a
-warm-up of the same phases; the table gives each phase's outcomes and its growth in bytes per call.
+registered workers); this process looks a 200-token prompt up in it, `--concurrency` lookups at a time,
+in phases of `--calls` each: lookups that wait for the answer (`ok`), lookups that give up after a time
+drawn from `--deadline-ms` (`deadline`), and lookups cancelled after such a time (`cancel`). With
+`--via router` each lookup is the router's own (`KVManagerDirectory.cached_tokens`, its wait set to that
+time); with `--via raw` it is one `Prefix` call with that deadline, or cancelled, as the router made them
+when its wait was the call's deadline. The manager's resident memory (VmRSS) is read from /proc before
+and after each phase, after a warm-up of every phase; the table gives each phase's outcomes and its
+growth in bytes per lookup.
 """
 from __future__ import annotations
 
@@ -44,6 +48,33 @@ def start_manager(token_file: Path | None, extra: list[str]) -> tuple[subprocess
     raise RuntimeError(f"the KV manager did not start (exit {proc.wait()})")
 
 
+class _Counted:
+    """A KV manager stub that counts its Prefix calls."""
+
+    def __init__(self, stub) -> None:
+        self.stub, self.calls = stub, 0
+
+    def Prefix(self, *args, **kwargs):
+        self.calls += 1
+        return self.stub.Prefix(*args, **kwargs)
+
+
+async def _via_router(directory, ids: list[int], live: list, kind: str, low_s: float, high_s: float) -> str:
+    """One prompt's lookup as the router makes it (`KVManagerDirectory.cached_tokens`): it waits as long as
+    `kind` says, or is cancelled as a request's end cancels it."""
+    if kind == "cancel":
+        task = asyncio.ensure_future(directory.cached_tokens(ids, live))
+        await asyncio.sleep(random.uniform(low_s, high_s))
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            return "cancelled"
+        return "answered" if task.result() else "gave up"
+    directory.prefix_wait_s = 10.0 if kind == "ok" else random.uniform(low_s, high_s)
+    return "answered" if await directory.cached_tokens(ids, live) else "gave up"
+
+
 async def _one(stub, req, kind: str, low_s: float, high_s: float) -> str:
     import grpc
 
@@ -65,42 +96,62 @@ async def _one(stub, req, kind: str, low_s: float, high_s: float) -> str:
         return exc.code().name
 
 
-async def phase(stub, req, kind: str, calls: int, concurrency: int, low_s: float, high_s: float) -> Counter:
+async def phase(call, kind: str, calls: int, concurrency: int, low_s: float, high_s: float) -> Counter:
+    """`calls` calls of `kind`, `concurrency` at a time; `call(kind, low_s, high_s)` makes one."""
     outcomes: Counter = Counter()
     left = iter(range(calls))
 
     async def lane() -> None:
         for _ in left:
-            outcomes[await _one(stub, req, kind, low_s, high_s)] += 1
+            outcomes[await call(kind, low_s, high_s)] += 1
 
     await asyncio.gather(*(lane() for _ in range(concurrency)))
     return outcomes
 
 
 async def drive(port: int, pid: int, token_file: Path | None, args) -> list[tuple]:
+    from types import SimpleNamespace
+
     from apar.engine.prefix import block_hashes
     from apar.protogen import stubs
     from services.cluster_auth import ClusterToken
+    from services.router.workers import KVManagerDirectory, WorkerHandle
     from services.security import open_channel
 
     pb = stubs()
-    channel = open_channel(f"127.0.0.1:{port}", aio=True, token=ClusterToken.load(str(token_file)) if token_file else None)
+    token = ClusterToken.load(str(token_file)) if token_file else None
+    channel = open_channel(f"127.0.0.1:{port}", aio=True, token=token)
     stub = pb.kvmanager_pb2_grpc.KVManagerStub(channel)
+    directory = KVManagerDirectory(f"127.0.0.1:{port}", token=token)
+    directory._kv = [_Counted(kv) for kv in directory._kv]  # the Prefix calls its lookups make
     for i in range(2):
         await stub.Register(pb.kvmanager_pb2.RegisterRequest(
             worker_id=f"w{i}", address=f"127.0.0.1:{60000 + i}", num_blocks=256, block_size=16, ttl_seconds=3600,
             session=1 + i, model="m"), timeout=10)
-    req = pb.kvmanager_pb2.PrefixRequest(names=block_hashes(list(range(200)), 16, limit=12))
+    ids = list(range(200))  # 12 full blocks of 16 tokens that leave a token to compute
+    req = pb.kvmanager_pb2.PrefixRequest(names=block_hashes(ids, 16, limit=12))
+    live = [WorkerHandle(f"127.0.0.1:{60000 + i}", None, None, info=SimpleNamespace(block_size=16)) for i in range(2)]
+    if args.via == "router":
+        def call(kind, low_s, high_s):
+            return _via_router(directory, ids, live, kind, low_s, high_s)
+    else:
+        def call(kind, low_s, high_s):
+            return _one(stub, req, kind, low_s, high_s)
     low_s, high_s = args.low_ms / 1000, args.high_ms / 1000
     kinds = ["ok", "deadline", "cancel"]
     for kind in kinds:  # warm-up: every path once, allocator arenas and caches filled
-        await phase(stub, req, kind, args.warmup, args.concurrency, low_s, high_s)
+        await phase(call, kind, args.warmup, args.concurrency, low_s, high_s)
     rows = []
     for kind in [k for k in kinds if k in args.phases] * args.rounds:
-        before, t0 = rss_bytes(pid), time.monotonic()
-        outcomes = await phase(stub, req, kind, args.calls, args.concurrency, low_s, high_s)
+        before, t0, rpcs = rss_bytes(pid), time.monotonic(), directory._kv[0].calls
+        outcomes = await phase(call, kind, args.calls, args.concurrency, low_s, high_s)
+        while any(directory._asking):  # the router's calls still running end (by their answer)
+            await asyncio.sleep(0.05)
         await asyncio.sleep(0.5)  # the manager finishes the calls it still holds
+        if args.via == "router":
+            outcomes["Prefix calls"] = directory._kv[0].calls - rpcs
         rows.append((kind, outcomes, before, rss_bytes(pid), time.monotonic() - t0))
+    await directory.close()
     await channel.close()
     return rows
 
@@ -113,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--deadline-ms", default="0.5,4", help="LOW,HIGH: deadlines and cancel delays, ms")
     p.add_argument("--phases", default="ok,deadline,cancel", help="the phases measured, in order")
     p.add_argument("--rounds", type=int, default=1, help="times the phases are measured, one after another")
+    p.add_argument("--via", choices=("raw", "router"), default="router",
+                   help="router: lookups as the router makes them (KVManagerDirectory.cached_tokens: it waits "
+                        "LOW..HIGH, or is cancelled after it); raw: Prefix calls with that deadline, or cancelled")
     p.add_argument("--no-token", action="store_true", help="no cluster token (calls not authenticated)")
     p.add_argument("--manager-arg", action="append", default=[], help="one more flag for the KV manager")
     args = p.parse_args(argv)
@@ -132,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"KV manager pid {proc.pid}: resident {start / 2**20:.1f} MiB at start")
     print(f"{'phase':<9} {'calls':>6} {'s':>5} {'RSS before MiB':>14} {'after MiB':>9} {'B/call':>7}  outcomes")
     for kind, outcomes, before, after, secs in rows:
-        calls = sum(outcomes.values())
+        calls = sum(n for k, n in outcomes.items() if k != "Prefix calls")
         print(f"{kind:<9} {calls:>6} {secs:>5.1f} {before / 2**20:>14.1f} {after / 2**20:>9.1f} "
               f"{(after - before) / calls:>7.0f}  {dict(outcomes.most_common())}")
     return 0
