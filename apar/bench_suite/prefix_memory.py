@@ -10,8 +10,8 @@ drawn from `--deadline-ms` (`deadline`), and lookups cancelled after such a time
 `--via router` each lookup is the router's own (`KVManagerDirectory.cached_tokens`, its wait set to that
 time); with `--via raw` it is one `Prefix` call with that deadline, or cancelled, as the router made them
 when its wait was the call's deadline. The manager's resident memory (VmRSS) is read from /proc before
-and after each phase, after a warm-up of every phase; the table gives each phase's outcomes and its
-growth in bytes per lookup.
+and after each phase, after a warm-up of every phase; the table gives each phase's lookups, the Prefix
+calls they made, their outcomes and the growth in bytes per call.
 """
 from __future__ import annotations
 
@@ -61,18 +61,22 @@ class _Counted:
 
 async def _via_router(directory, ids: list[int], live: list, kind: str, low_s: float, high_s: float) -> str:
     """One prompt's lookup as the router makes it (`KVManagerDirectory.cached_tokens`): it waits as long as
-    `kind` says, or is cancelled as a request's end cancels it."""
+    `kind` says, or is cancelled as a request's end cancels it. Then the Prefix calls the router left
+    running end (each lane holds one lookup's call at a time, as a request in flight does), so that every
+    lookup makes its call instead of finding the shard with `PREFIX_PENDING_MAX` calls unanswered."""
     if kind == "cancel":
         task = asyncio.ensure_future(directory.cached_tokens(ids, live))
         await asyncio.sleep(random.uniform(low_s, high_s))
         task.cancel()
         try:
-            await task
+            outcome = "answered" if await task else "gave up"
         except asyncio.CancelledError:
-            return "cancelled"
-        return "answered" if task.result() else "gave up"
-    directory.prefix_wait_s = 10.0 if kind == "ok" else random.uniform(low_s, high_s)
-    return "answered" if await directory.cached_tokens(ids, live) else "gave up"
+            outcome = "cancelled"
+    else:
+        directory.prefix_wait_s = 10.0 if kind == "ok" else random.uniform(low_s, high_s)
+        outcome = "answered" if await directory.cached_tokens(ids, live) else "gave up"
+    await asyncio.gather(*directory._asking[0], return_exceptions=True)
+    return outcome
 
 
 async def _one(stub, req, kind: str, low_s: float, high_s: float) -> str:
@@ -184,11 +188,14 @@ def main(argv: list[str] | None = None) -> int:
             proc.terminate()
             proc.wait(timeout=10)
     print(f"KV manager pid {proc.pid}: resident {start / 2**20:.1f} MiB at start")
-    print(f"{'phase':<9} {'calls':>6} {'s':>5} {'RSS before MiB':>14} {'after MiB':>9} {'B/call':>7}  outcomes")
+    print(f"{'phase':<9} {'lookups':>7} {'calls':>6} {'s':>5} {'RSS before MiB':>14} {'after MiB':>9} "
+          f"{'B/call':>7}  outcomes")
     for kind, outcomes, before, after, secs in rows:
-        calls = sum(n for k, n in outcomes.items() if k != "Prefix calls")
-        print(f"{kind:<9} {calls:>6} {secs:>5.1f} {before / 2**20:>14.1f} {after / 2**20:>9.1f} "
-              f"{(after - before) / calls:>7.0f}  {dict(outcomes.most_common())}")
+        calls = outcomes.pop("Prefix calls", None)
+        lookups = sum(outcomes.values())
+        calls = lookups if calls is None else calls
+        print(f"{kind:<9} {lookups:>7} {calls:>6} {secs:>5.1f} {before / 2**20:>14.1f} {after / 2**20:>9.1f} "
+              f"{(after - before) / max(calls, 1):>7.0f}  {dict(outcomes.most_common())}")
     return 0
 
 
