@@ -111,6 +111,9 @@ def test_a_write_that_races_the_callers_deadline_ends_the_call_quietly():
     ctx = _Context(cancelled=False)
     assert asyncio.run(RouterService(gw).Generate(A.GenerateRequest(prompt="hi"), ctx)) is None
     assert (gw.opened, gw.closed, gw.job.released) == (1, 1, 1)
+    # and the call is aborted, so that gRPC sends no status of its own after the failed write (that one
+    # would carry the initial metadata again: GRPC_CALL_ERROR_TOO_MANY_OPERATIONS, an ERROR traceback)
+    assert ctx.aborted == 1
 
 
 def test_a_deadline_storm_on_streams_leaves_no_error_in_the_log(caplog):
