@@ -73,13 +73,20 @@ async def write_unless_gone(context, message) -> bool:
     """Send one response of a server stream with `context.write`; False when the caller already ended the
     call (cancelled, past its deadline, disconnected): the handler should then end quietly. A write racing
     the caller's end fails in gRPC's core (`ExecuteBatchError`); when gRPC writes what an async generator
-    yields, that failure is raised where no handler can catch it, an ERROR with a traceback in the log."""
+    yields, that failure is raised where no handler can catch it, an ERROR with a traceback in the log.
+
+    A failed first write leaves gRPC believing the initial metadata unsent, though its batch carried it:
+    the status gRPC sends when the handler returns would carry it again and fail the same way
+    (`GRPC_CALL_ERROR_TOO_MANY_OPERATIONS`, logged with a traceback). So a failed write also aborts the
+    call: gRPC then sends no status of its own."""
     if context.cancelled() or context.done():
         return False
     try:
         await context.write(message)
-    except (cygrpc.ExecuteBatchError, cygrpc.AbortError):
+    except (cygrpc.ExecuteBatchError, cygrpc.AbortError) as exc:
         _log.debug("not sending a response: the call ended meanwhile")
+        if isinstance(exc, cygrpc.ExecuteBatchError):
+            await abort_unless_gone(context, grpc.StatusCode.CANCELLED, "the call ended")
         return False
     except cygrpc.UsageError:  # "write on a finished RPC": only the caller's end explains it here
         if context.cancelled() or context.done():

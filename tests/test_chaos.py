@@ -1,7 +1,8 @@
 """`apar bench chaos` as CI runs it: a short storm on a loopback cluster (Redis, a KV manager, two workers,
-two routers) with every component killed once and restarted, a worker frozen past its time-to-live (reaped,
-it must register again and resync), and its verdict asserted. The bench waits on
-events throughout (a restarted process's ready line, Redis answering, idle workers, equal digests)."""
+two routers) with every component killed once and restarted, a worker frozen until the KV manager reaps it
+(it must register again and resync), and its verdict asserted. The bench waits on events throughout (a
+restarted process's ready line, Redis answering, the manager's line that it reaped the frozen worker, idle
+workers, equal digests)."""
 from __future__ import annotations
 
 import json
@@ -16,7 +17,7 @@ def test_a_short_chaos_passes_its_verdict(llama_dir, tmp_path):
     require("redis-server")
     out = subprocess.run([sys.executable, "-m", "apar.cli", "bench", "chaos", "--model", str(llama_dir),
                           "--requests", "240", "--concurrency", "16", "--max-tokens", "16", "--down", "0.2",
-                          "--seed", "5", "--pause", "4.5", "--worker-ttl", "2", "--json", "--quiet", "--log-dir",
+                          "--seed", "5", "--pause", "30", "--worker-ttl", "2", "--json", "--quiet", "--log-dir",
                           str(tmp_path / "logs")],
                          capture_output=True, text=True, timeout=300)
     assert out.stdout, out.stderr[-3000:]
@@ -25,7 +26,8 @@ def test_a_short_chaos_passes_its_verdict(llama_dir, tmp_path):
     killed = {k["component"].rstrip("0123456789") for k in v["kills"] if k.get("action") != "pause"}
     assert killed == {"router", "worker", "kvmanager", "redis"}, v["kills"]
     # a worker frozen past its time-to-live was reaped, registered again and resynced (replicas below)
-    assert [k["registered_again"] for k in v["kills"] if k.get("action") == "pause"] == [True], v["kills"]
+    assert [(k["reaped"], k["registered_again"]) for k in v["kills"] if k.get("action") == "pause"] == \
+        [(True, True)], v["kills"]
     req = v["requests"]
     assert req["done"] == 240 and set(req["outcomes"]) <= set(DOCUMENTED), req
     assert req["outcomes"].get("ok", 0) > 100, req
@@ -42,11 +44,13 @@ def test_a_short_chaos_passes_its_verdict(llama_dir, tmp_path):
 
 def test_the_verdict_fails_on_what_is_wrong():
     """Each check can fail: a leaked block, a replica that differs, an undocumented outcome, a traceback,
-    memory that grows."""
+    memory that grows, a frozen worker never reaped, a reaped one that never registered again."""
     ok = {"requests": {"done": 10, "outcomes": {"ok": 10}}, "components": [{"name": "router0", "tracebacks": 0,
           "log": "x"}], "state": {"replicas_equal": {"w0": True}, "redis_equal": {"w0": True},
                                   "restart_from_redis_equal": {"w0": True}, "blocks_leaked": {"w0": 0}},
-          "memory": {"max_growth": 0.1, "components": {"router0": [{"growth": 0.05}]}}}
+          "memory": {"max_growth": 0.1, "components": {"router0": [{"growth": 0.05}]}},
+          "config": {"pause": 30, "worker_ttl": 2}, "kills": [{"component": "worker0", "action": "pause",
+                                                               "down_s": 2.9, "reaped": True, "registered_again": True}]}
     assert failures(ok) == []
     bad = json.loads(json.dumps(ok))
     bad["state"]["blocks_leaked"]["w0"] = 3
@@ -54,5 +58,8 @@ def test_the_verdict_fails_on_what_is_wrong():
     bad["requests"]["outcomes"]["grpc_internal"] = 1
     bad["components"][0]["tracebacks"] = 2
     bad["memory"]["components"]["router0"][0]["growth"] = 0.25
+    bad["kills"][0]["registered_again"] = False
+    bad["kills"].append({"component": "worker1", "action": "pause", "down_s": 30.0, "reaped": False,
+                         "registered_again": False})
     found = failures(bad)
-    assert len(found) == 5, found
+    assert len(found) == 7, found

@@ -20,8 +20,8 @@ from services.kvmanager.inprocess import InProcessClient
 from services.kvmanager.replication import ReplicationLog
 from services.kvmanager.service import serve
 from services.router.tokenizer import load_tokenizer
-from services.router.workers import (LOAD_SLACK, KVManagerDirectory, WorkerDirectory, WorkerHandle, most_free,
-                                     prefix_choice)
+from services.router.workers import (LOAD_SLACK, PREFIX_PENDING_MAX, KVManagerDirectory, WorkerDirectory,
+                                     WorkerHandle, most_free, prefix_choice)
 from tests.faults import Stream, wait_until, worker_info
 from tests.procs import Proc, free_port
 
@@ -122,6 +122,71 @@ def test_a_failing_shard_counts_as_holding_nothing(caplog):
         live.stop(grace=None)
     failed = [r.getMessage() for r in caplog.records if "prefix lookup failed" in r.getMessage()]
     assert len(failed) == 1 and failed[0].startswith("KV manager shard 1 "), failed
+
+
+class _HeldShard:
+    """A KV manager shard whose Prefix calls answer (worker a holds 3 blocks) only once `answer` is set;
+    it counts its calls and how each ended."""
+
+    def __init__(self) -> None:
+        self.answer = asyncio.Event()
+        self.calls = self.answered = self.cancelled = 0
+
+    def Prefix(self, req, timeout=None):
+        self.calls += 1
+        return self._answer()
+
+    async def _answer(self):
+        try:
+            await self.answer.wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        self.answered += 1
+        return K.PrefixResponse(workers=[K.WorkerPrefix(worker_id="a", address="a", blocks=3)])
+
+
+def test_a_slow_shard_counts_as_holding_nothing_and_its_call_runs_to_its_answer(caplog):
+    """The router stops waiting for a slow shard, and a request's end stops its lookup, without cancelling
+    the Prefix call (a call the caller ends costs the manager's gRPC server memory it never gives back):
+    each runs to its answer. A shard with `PREFIX_PENDING_MAX` calls unanswered is not asked."""
+    ids = list(range(100, 150))  # 3 full blocks that leave a token to compute
+
+    async def main():
+        d = KVManagerDirectory(f"127.0.0.1:{free_port()}", prefix_wait_s=0.01)
+        shard = d._kv[0] = _HeldShard()
+        try:
+            assert await d.cached_tokens(ids, [handle("a", 10)]) == {}  # no answer within the wait
+            lookup = asyncio.ensure_future(d.cached_tokens(ids, [handle("a", 10)]))
+            while shard.calls < 2:
+                await asyncio.sleep(0)
+            lookup.cancel()  # the request ends while its lookup waits
+            with pytest.raises(asyncio.CancelledError):
+                await lookup
+            assert len(d._asking[0]) == 2 and shard.cancelled == 0
+            shard.answer.set()
+            await asyncio.gather(*d._asking[0])
+            assert (shard.answered, shard.cancelled, len(d._asking[0])) == (2, 0, 0)
+            d.prefix_wait_s = 5.0
+            assert await d.cached_tokens(ids, [handle("a", 10)]) == {"a": 48}
+
+            shard.answer.clear()
+            d.prefix_wait_s = 0.0
+            for _ in range(PREFIX_PENDING_MAX):
+                assert await d.cached_tokens(ids, [handle("a", 10)]) == {}
+            asked = shard.calls
+            assert await d.cached_tokens(ids, [handle("a", 10)]) == {} and shard.calls == asked  # not asked
+            shard.answer.set()
+            await asyncio.gather(*d._asking[0])
+            assert (shard.answered, shard.cancelled) == (asked, 0)  # every call asked, answered
+        finally:
+            await d.close()
+
+    with caplog.at_level(logging.INFO, logger="services.router.workers"):
+        asyncio.run(main())
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 4 and "no answer in time" in lines[0] and "answers prefix lookups again" in lines[1], lines
+    assert f"{PREFIX_PENDING_MAX} calls unanswered" in lines[3], lines
 
 
 # ---- a cluster --------------------------------------------------------------------------------------

@@ -3,11 +3,13 @@ with a traceback, and a warning that repeats while a peer stays down is one line
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 
 import grpc
 from grpc._cython import cygrpc
 
+from apar.engine.errors import UserError
 from apar.protogen import stubs
 from apar.text.stream import LinearDelta
 from services.repeating import RepeatingWarning
@@ -15,9 +17,11 @@ from services.router.gateway import GatewayError
 from services.router.guard import Guard
 from services.router.service import RouterService, start_router_server
 from services.router.workers import KVManagerDirectory
+from services.worker.service import WorkerService
 from tests.procs import free_port
 
 A = stubs().apar_pb2
+W = stubs().worker_pb2
 
 
 class _Context:
@@ -107,6 +111,9 @@ def test_a_write_that_races_the_callers_deadline_ends_the_call_quietly():
     ctx = _Context(cancelled=False)
     assert asyncio.run(RouterService(gw).Generate(A.GenerateRequest(prompt="hi"), ctx)) is None
     assert (gw.opened, gw.closed, gw.job.released) == (1, 1, 1)
+    # and the call is aborted, so that gRPC sends no status of its own after the failed write (that one
+    # would carry the initial metadata again: GRPC_CALL_ERROR_TOO_MANY_OPERATIONS, an ERROR traceback)
+    assert ctx.aborted == 1
 
 
 def test_a_deadline_storm_on_streams_leaves_no_error_in_the_log(caplog):
@@ -167,6 +174,44 @@ def test_a_live_callers_error_is_still_its_status():
     else:
         raise AssertionError("the live call was not aborted")
     assert ctx.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+class _RefusingLoop:
+    """An engine loop that refuses every request as the engine refuses a bad one (a UserError)."""
+
+    submitted = aborted = 0
+
+    def submit(self, *args, **kwargs):
+        self.submitted += 1
+        refused = concurrent.futures.Future()
+        refused.set_exception(UserError("prompt is longer than the model's context"))
+        return refused
+
+    def abort(self, *args) -> None:
+        self.aborted += 1
+
+
+def _worker_generate(request, context, loop=None):
+    """The worker's Generate on `context`, bounded: a handler that went on after its error would wait for
+    events forever."""
+    service = WorkerService(loop or _RefusingLoop(), "w0", "m")
+    return asyncio.run(asyncio.wait_for(service.Generate(request, context), timeout=10))
+
+
+def test_the_workers_error_for_a_caller_already_gone_ends_its_handler_quietly():
+    """A bad request (an over-long request id) whose caller already cancelled: nothing is sent, nothing
+    raised, and the request never reaches the engine."""
+    loop, ctx = _RefusingLoop(), _Context(cancelled=True)
+    assert _worker_generate(W.WorkerRequest(request_id="r" * 201, prompt_ids=[1]), ctx, loop) is None
+    assert (ctx.aborted, loop.submitted) == (0, 0)
+
+
+def test_the_workers_abort_racing_the_callers_deadline_raises_nothing():
+    """The engine refuses the request while the caller's deadline passes: gRPC's core refuses the status
+    (`ExecuteBatchError`); the handler ends there, not waiting for events of a request never started."""
+    loop, ctx = _RefusingLoop(), _Context(cancelled=False)
+    assert _worker_generate(W.WorkerRequest(request_id="r", prompt_ids=[1]), ctx, loop) is None
+    assert (ctx.aborted, loop.submitted) == (1, 1)
 
 
 def test_a_repeating_warning_is_one_line_per_change_of_state(caplog):

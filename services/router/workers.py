@@ -26,7 +26,12 @@ pb = stubs()
 # A worker more than this many requests above the least loaded one gets no request for its cached prefix:
 # a hot prefix spreads to a second worker (which then caches it too) instead of queueing on one.
 LOAD_SLACK = 4
-PREFIX_TIMEOUT_S = 0.2  # a KV manager shard slower than this counts as holding nothing
+PREFIX_WAIT_S = 0.2  # a KV manager shard slower than this counts as holding nothing, for the request asking
+# A Prefix call's own deadline, far beyond the wait: the call ends by its answer, not by its deadline or the
+# request's cancellation, since every call ended so leaves native memory behind in the manager's grpc.aio
+# server (grpc/grpc#43360; measured by `python -m apar.bench_suite.prefix_memory`).
+PREFIX_DEADLINE_S = 5.0
+PREFIX_PENDING_MAX = 256  # a shard with this many Prefix calls unanswered is not asked (a stalled manager)
 
 
 @dataclass(slots=True)
@@ -195,20 +200,25 @@ class KVManagerDirectory(WorkerDirectory):
     answer keeps its last view while the others' go on.
 
     A request goes by `prefix_choice`: every shard is asked at once (`Prefix`) how many leading blocks of
-    the prompt each of its workers holds; a shard that fails or takes over `PREFIX_TIMEOUT_S` counts as
-    none for its workers, so a slow manager costs a request its cache hit, never its answer.
+    the prompt each of its workers holds; a shard that fails or takes over `prefix_wait_s` counts as
+    none for its workers, so a slow manager costs a request its cache hit, never its answer. The router
+    stops waiting without cancelling the call (nor does the request's own end cancel it): the call runs to
+    its answer, or to `PREFIX_DEADLINE_S`, in the background; a shard with `PREFIX_PENDING_MAX` calls
+    unanswered is not asked until some are.
 
     With `model` (the router's served model name) only the workers that registered serving that model
     are taken: a manager shared by several models' workers never sends a request to another model."""
 
     def __init__(self, kvmanager: str, refresh_s: float = 0.2, tls: TLSFiles | None = None, token=None,
-                 model: str | None = None) -> None:
+                 model: str | None = None, prefix_wait_s: float = PREFIX_WAIT_S) -> None:
         super().__init__([], refresh_s, tls, token)
         self.model = model
+        self.prefix_wait_s = prefix_wait_s
         self._others: frozenset[str] = frozenset()  # other models whose workers the shards list (logged once)
         self._kv_channels = [open_channel(shard, tls, aio=True, token=token) for shard in parse_shards(kvmanager)]
         self._kv = [pb.kvmanager_pb2_grpc.KVManagerStub(channel) for channel in self._kv_channels]
         self._views: list[dict] = [{} for _ in self._kv]  # per shard: worker address -> its WorkerUsage
+        self._asking: list[set[asyncio.Task]] = [set() for _ in self._kv]  # per shard: its Prefix calls unanswered
         self._prefix_failing = RepeatingWarning(log)  # shards whose last Prefix call failed
         self._usage_failing = RepeatingWarning(log)  # shards whose last Usage call failed
 
@@ -231,19 +241,34 @@ class KVManagerDirectory(WorkerDirectory):
             if not hashes:
                 continue
             req = pb.kvmanager_pb2.PrefixRequest(names=hashes)
-            answers = await asyncio.gather(*(kv.Prefix(req, timeout=PREFIX_TIMEOUT_S) for kv in self._kv),
-                                           return_exceptions=True)
-            for i, answer in enumerate(answers):
-                if isinstance(answer, grpc.aio.AioRpcError):
-                    self._prefix_failing.failed(i, answer.code().name, "KV manager shard %d prefix lookup failed: "
-                                                "%s; its workers count as holding nothing", i, answer.code().name)
+            asks = [self._ask_prefix(i, req) for i in range(len(self._kv))]
+            if any(asks):
+                await asyncio.wait([a for a in asks if a is not None], timeout=self.prefix_wait_s)
+            for i, ask in enumerate(asks):
+                if (failure := _prefix_failure(ask)) is not None:
+                    self._prefix_failing.failed(i, failure, "KV manager shard %d prefix lookup failed: %s; its "
+                                                "workers count as holding nothing", i, failure)
                     continue
-                if isinstance(answer, BaseException):
-                    raise answer
                 self._prefix_failing.ok(i, "KV manager shard %d answers prefix lookups again", i)
-                for wp in answer.workers:
+                for wp in ask.result().workers:
                     held[wp.address] = max(held.get(wp.address, 0), wp.blocks * bs)
         return held
+
+    def _ask_prefix(self, shard: int, req) -> asyncio.Task | None:
+        """Shard `shard`'s Prefix call, running on its own (None: too many of its calls are unanswered)."""
+        asking = self._asking[shard]
+        if len(asking) >= PREFIX_PENDING_MAX:
+            return None
+        task = asyncio.ensure_future(self._kv[shard].Prefix(req, timeout=PREFIX_DEADLINE_S))
+        asking.add(task)
+
+        def settled(t: asyncio.Task) -> None:
+            asking.discard(t)
+            if not t.cancelled():
+                t.exception()  # retrieved: an answer nobody waits for any more is no error to report
+
+        task.add_done_callback(settled)
+        return task
 
     async def refresh(self, force: bool = False) -> None:
         answers = await asyncio.gather(*(kv.Usage(pb.kvmanager_pb2.UsageRequest(), timeout=1.0) for kv in self._kv),
@@ -281,5 +306,20 @@ class KVManagerDirectory(WorkerDirectory):
 
     async def close(self) -> None:
         await super().close()
-        for channel in self._kv_channels:
+        for channel in self._kv_channels:  # ends the Prefix calls still running
             await channel.close()
+
+
+def _prefix_failure(ask: asyncio.Task | None) -> str | None:
+    """Why a shard's Prefix call gave no answer in time (None: it answered)."""
+    if ask is None:
+        return f"{PREFIX_PENDING_MAX} calls unanswered"
+    if not ask.done():
+        return "no answer in time"
+    if ask.cancelled():
+        return "CANCELLED"
+    if isinstance(exc := ask.exception(), grpc.aio.AioRpcError):
+        return exc.code().name
+    if exc is not None:
+        raise exc
+    return None

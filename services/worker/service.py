@@ -5,6 +5,7 @@ events for it stream back as one `WorkerEvents` message. A client that cancels, 
 deadline ends the handler, which aborts the request: its KV blocks are free after the next command drain.
 A client that does not read (its transport window full) lets at most `stream_buffer` events wait for it:
 past that the request is aborted and the call ends RESOURCE_EXHAUSTED, so its memory stays bounded.
+An error status for a caller already gone (its own cancel or deadline) is not sent (`abort_unless_gone`).
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from apar.engine.config import STREAM_BUFFER_EVENTS
 from apar.engine.errors import UserError
 from apar.engine.events import FinishReason, RequestFinished
 from apar.protogen import stubs
-from services.grpc_common import add_health_and_reflection, add_servicer, server_options, status_of, write_unless_gone
+from services.grpc_common import (abort_unless_gone, add_health_and_reflection, add_servicer, server_options, status_of,
+                                 write_unless_gone)
 from services.protocol.wire import events_to_pb, params_from_pb
 from services.security import TLSFiles, internal_interceptors, open_port
 from services.worker.loop import EngineLoop
@@ -72,7 +74,7 @@ class WorkerService(pb.worker_pb2_grpc.WorkerServicer):
                 raise UserError("prompt is absurdly long")
             params = params_from_pb(request.sampling, request.limits, request.auto_regressive)
         except UserError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            return await abort_unless_gone(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         aloop, task = asyncio.get_running_loop(), asyncio.current_task()
 
         def overflow() -> None:
@@ -88,7 +90,7 @@ class WorkerService(pb.worker_pb2_grpc.WorkerServicer):
             await asyncio.wrap_future(self.loop.submit(list(request.prompt_ids), params, rid, sink,
                                                        cache_salt=request.cache_salt))
         except UserError as exc:
-            await context.abort(status_of(exc), str(exc))
+            return await abort_unless_gone(context, status_of(exc), str(exc))
         done = False
         try:
             while not done:
@@ -106,8 +108,8 @@ class WorkerService(pb.worker_pb2_grpc.WorkerServicer):
                 self.loop.abort(rid)
         if backlog.overflowed:
             log.warning("request %s cut off: its client fell more than %d events behind", rid, self.stream_buffer)
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the client fell behind: more than "
-                                f"{self.stream_buffer} events of this request waited for it to read")
+            await abort_unless_gone(context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"the client fell behind: more "
+                                    f"than {self.stream_buffer} events of this request waited for it to read")
 
     async def Finish(self, request, context):
         self.loop.abort(request.request_id, FinishReason.STOP)

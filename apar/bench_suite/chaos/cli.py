@@ -28,8 +28,9 @@ def register(sub) -> None:
                    help="seconds the KV manager stays down (default --down; beyond the workers' 10 s time-to-live "
                         "they are reaped, and must register again and resync)")
     p.add_argument("--pause", type=float, default=0.0,
-                   help="also freeze a worker (SIGSTOP) this long once per round: past --worker-ttl the KV manager "
-                        "reaps it, and once thawed it must register again and resync (0: never)")
+                   help="also freeze a worker (SIGSTOP) once per round until the KV manager reaps it (its "
+                        "--worker-ttl passed), this long at most; once thawed it must register again and resync "
+                        "(0: never)")
     p.add_argument("--worker-ttl", type=int, default=10, help="the workers' registration time-to-live, s")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-tokens", type=int, default=32, help="largest max_tokens of a request")

@@ -45,6 +45,7 @@ class Life:
     rss_peak_kib: int = 0
     killed: bool = False
     ready: bool = False
+    ready_after_s: float | None = None  # from its start to its ready line (and check)
     crashed: int | None = None  # its exit code when it exited on its own
 
 
@@ -68,15 +69,24 @@ class Component:
         self._log = open(self.log_path, "a", encoding="utf-8", errors="replace")
 
     def start(self, done: int, timeout: float = 120.0) -> None:
+        self.launch(done)
+        self.wait_ready(timeout)
+
+    def launch(self, done: int) -> None:
+        """Start the process (a new life) without waiting for it to be ready."""
         with self._cond:
             self._ready_seen = False
         self._log.write(f"==== start {time.strftime('%H:%M:%S')} ====\n")
         self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env=self.env, start_new_session=True, errors="replace")
-        life = Life(self.proc.pid, time.monotonic(), done)
-        self.lives.append(life)
+        self.lives.append(Life(self.proc.pid, time.monotonic(), done))
         threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
-        deadline = time.monotonic() + timeout
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Until the life just launched prints its ready line (and passes its check); RuntimeError when it
+        exits or `timeout` passes first."""
+        life = self.life
+        deadline = life.started_s + timeout
         if self.ready is not None:
             with self._cond:
                 while not self._ready_seen:
@@ -92,6 +102,7 @@ class Component:
                 time.sleep(0.02)
         life.rss_start_kib = rss_kib(life.pid)
         life.ready = True
+        life.ready_after_s = round(time.monotonic() - life.started_s, 2)
 
     def _read(self, proc: subprocess.Popen) -> None:
         for line in proc.stdout:
@@ -153,13 +164,17 @@ class Component:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=30)
 
-    def pause(self, seconds: float) -> None:
-        """SIGSTOP for `seconds`, then SIGCONT: frozen, it answers nothing and sends no heartbeat."""
+    def pause(self, seconds: float, until=None) -> tuple[float, bool]:
+        """SIGSTOP, then SIGCONT once `until(timeout)` (which waits for an event, `timeout` at most) says
+        it came, or after `seconds` without `until`: frozen, it answers nothing and sends no heartbeat.
+        (seconds frozen, whether the event came)."""
+        t = time.monotonic()
         os.killpg(self.proc.pid, signal.SIGSTOP)
         try:
-            time.sleep(seconds)
+            came = until(seconds) if until is not None else bool(time.sleep(seconds))
         finally:
             os.killpg(self.proc.pid, signal.SIGCONT)
+        return round(time.monotonic() - t, 2), came
 
     def wait_line(self, pattern: str, seen: int, timeout: float) -> bool:
         """Whether a log line matching `pattern` beyond the `seen` such lines appears within `timeout`."""
@@ -250,12 +265,22 @@ class Cluster:
             return False
 
     def start(self) -> None:
-        for c in self.components:
-            c.start(0)
+        """Redis, then the KV manager, then every worker and router at once (each waits for the manager
+        only), each ready before this returns."""
+        self.redis.start(0)
+        self.kvmanager.start(0)
+        rest = [*self.workers, *self.routers]
+        for c in rest:
+            c.launch(0)
+        for c in rest:
+            c.wait_ready()
 
     def stop(self) -> None:
         for c in reversed(self.components):
             c.stop()
+
+    def worker_id(self, worker: Component) -> str:
+        return f"w{self.workers.index(worker)}"
 
     def of_kind(self, kind: str) -> list[Component]:
         return {"router": self.routers, "worker": self.workers, "kvmanager": [self.kvmanager],

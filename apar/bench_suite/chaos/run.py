@@ -39,7 +39,9 @@ def run_chaos(args) -> dict:
                                "undocumented_examples": storm.tally.undocumented}
         for c in cluster.components:
             c.end_sample(storm.tally.done)
+        t1 = time.monotonic()
         verdict["state"] = check_state(cluster, storm.tally.done)
+        verdict["check_s"] = round(time.monotonic() - t1, 1)
     except Exception as exc:
         verdict["error"] = f"{type(exc).__name__}: {exc}"
     finally:

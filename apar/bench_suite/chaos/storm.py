@@ -258,11 +258,13 @@ async def _storm(args, cluster: Cluster, storm: Storm, plan: list) -> list[dict]
             if stop.is_set():
                 return
             t, at_request = time.monotonic(), tally.done
-            if action == "pause":
-                mark = _count(comp, "registered again")
-                await asyncio.to_thread(comp.pause, args.pause)
+            if action == "pause":  # frozen until the manager reaps it (at most --pause s)
+                mark, expired = _count(comp, "registered again"), rf"worker {cluster.worker_id(comp)} expired"
+                reaps = _count(cluster.kvmanager, expired)
+                frozen_s, reaped = await asyncio.to_thread(
+                    comp.pause, args.pause, lambda timeout: cluster.kvmanager.wait_line(expired, reaps, timeout))
                 kills.append({"component": comp.name, "action": "pause", "at_request": at_request,
-                              "down_s": args.pause, "registered_again": await asyncio.to_thread(
+                              "down_s": frozen_s, "reaped": reaped, "registered_again": await asyncio.to_thread(
                                   comp.wait_line, "registered again", mark, args.worker_ttl + 20)})
                 continue
             await asyncio.to_thread(comp.kill, tally.done)

@@ -137,10 +137,12 @@ def failures(v: dict) -> list[str]:
     for w, n in st.get("blocks_leaked", {}).items():
         if n:
             out.append(f"{w}: {n} blocks still in use when idle")
-    ttl = v.get("config", {}).get("worker_ttl", 10)
-    for k in v.get("kills", []):
-        if k.get("action") == "pause" and k["down_s"] > ttl + 2 and not k["registered_again"]:
-            out.append(f"{k['component']}: frozen past its time-to-live, it never registered again")
+    cfg = v.get("config", {})
+    for k in (k for k in v.get("kills", []) if k.get("action") == "pause"):
+        if k["reaped"] and not k["registered_again"]:
+            out.append(f"{k['component']}: reaped while frozen, it never registered again")
+        if not k["reaped"] and cfg.get("pause", 0) > cfg.get("worker_ttl", 10) + 2:
+            out.append(f"{k['component']}: frozen {k['down_s']} s, past its time-to-live, it was never reaped")
     if v.get("crashed"):
         out.append(f"exited on their own: {v['crashed']}")
     for c in v.get("components", []):
@@ -166,7 +168,8 @@ def render(v: dict) -> str:
         lines.append(f"  undocumented: {ex}")
     kills = ", ".join(f"{k['component']}@{k['at_request']}" + (
         f" (restart {k['restart_s']} s)" if "restart_s" in k else
-        f" (paused {k['down_s']} s, registered again: {k['registered_again']})") for k in v.get("kills", []))
+        f" (paused {k['down_s']} s, reaped: {k['reaped']}, registered again: {k['registered_again']})")
+        for k in v.get("kills", []))
     lines.append(f"kills: {kills or 'none'}")
     st = v.get("state", {})
     if st:
