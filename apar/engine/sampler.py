@@ -16,6 +16,12 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """logits: [T, V] float32 with banned entries at -inf -> token ids [T]."""
     if params.greedy:
         return logits.argmax(dim=-1)
+    return torch.multinomial(probabilities(logits, params), 1, generator=generator).squeeze(-1)
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """logits: [T, V] float32 with banned entries at -inf -> [T, V] the distributions a sampling request
+    draws from (temperature, top-k, top-p applied): what speculative sampling verifies against."""
     logits = logits / params.temperature
     if params.top_k:
         k = min(params.top_k, logits.shape[-1])
@@ -28,7 +34,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         drop = cum - sorted_p > params.top_p  # keep the smallest prefix whose mass reaches top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return probs
 
 
 def rows_index(logits: torch.Tensor, picked: list[int]) -> slice | torch.Tensor:
