@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from scipy.stats import chisquare
 
 from apar.engine.errors import UserError
-from apar.engine.speculate import NgramDrafter, SpeculativeConfig, accept_greedy, accept_sampled, make_drafter
+from apar.engine.config import SpeculativeConfig
+from apar.engine.speculate import NgramDrafter, accept_greedy, accept_sampled, make_drafter
 
 FORK, CHILD = 90, 91
 
