@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 
 from apar.engine.errors import UserError
-from services.router.stream import Final
+from apar.text.stream import Final
 
 _STATUS_WORDS = {grpc.StatusCode.INVALID_ARGUMENT: "invalid request", grpc.StatusCode.RESOURCE_EXHAUSTED:
                  "server is full", grpc.StatusCode.UNAVAILABLE: "server unavailable",

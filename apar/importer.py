@@ -5,8 +5,8 @@ Data flows one way: find the GGUF (`packaged_gguf`, without importing the packag
 needs the absent `llm` package); let transformers read and dequantize it (model, tokenizer with its chat
 template); add the control-token strings as special tokens, grow the embedding matrix by their rows and
 set those rows (`init_control_embeddings`); write safetensors, tokenizer files, config and
-`provenance.json` (package, version, file SHA-256, licence) into a fresh directory, renamed into place
-only when complete, so a failed import leaves nothing half written.
+`provenance.json` (package, version, file SHA-256, licence) into a fresh directory (`write_model_dir`),
+renamed into place only when complete, so a failed import leaves nothing half written.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -181,17 +182,24 @@ def import_gguf(out: str | Path, gguf: str | Path | None = None, control: Contro
             raise UserError(f"GGUF file {source.path} does not exist")
     model, tokenizer = load_gguf(source.path, dtype)
     ids = add_control_tokens(model, tokenizer, control)
-    # the weights are dequantized: the directory is a plain float model
+    return write_model_dir(out, model, tokenizer,
+                           lambda d: write_provenance(d, source, control, ids, dtype, gguf_license(source.path)))
+
+
+def write_model_dir(out: Path, model, tokenizer, write_extra: Callable[[Path], None]) -> Path:
+    """Write a dequantized model as a plain float model directory: without its quantization config, the
+    model, its tokenizer and what `write_extra(folder)` adds go to a staging folder beside `out`, renamed
+    into place (replacing `out`) only when complete; on any failure the staging folder is removed."""
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
     model.hf_quantizer = None
-    staging = out.with_name(f".{out.name}.importing")
+    staging = out.with_name(f".{out.name}.writing")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
         model.save_pretrained(str(staging), safe_serialization=True)
         tokenizer.save_pretrained(str(staging))
-        write_provenance(staging, source, control, ids, dtype, gguf_license(source.path))
+        write_extra(staging)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         staging.rename(out)

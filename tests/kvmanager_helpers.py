@@ -11,7 +11,7 @@ from apar.bench_suite.simulated import SimWorker
 from apar.engine.kv.ledger import KVLedger
 from apar.protogen import stubs
 from services.kvmanager import wire
-from services.kvmanager.replication import StepLog
+from services.kvmanager.replication import ReplicationLog
 from services.kvmanager.service import serve
 
 
@@ -63,7 +63,7 @@ class Client:
 
 
 def worker(seed: int, blocks: int = BLOCKS, **kw) -> SimWorker:
-    return SimWorker(StepLog(KVLedger(blocks, BLOCK_SIZE), SESSION), seed=seed, **kw)
+    return SimWorker(ReplicationLog(KVLedger(blocks, BLOCK_SIZE), SESSION), seed=seed, **kw)
 
 
 def code_of(call) -> grpc.StatusCode:

@@ -281,7 +281,7 @@ def test_triton_graph_buffers_give_the_eager_answer():
     Triton's interpreter."""
     from apar.bench_suite.attention import AttentionShape, _step
     from apar.engine.backends import triton as triton_backend
-    from apar.engine.backends.base import DecodeQueries, StepData
+    from apar.engine.backends.base import DecodeQueries, ModelInputs
     from apar.engine.backends.triton import TritonBackend
 
     shape = AttentionShape(threads=6, context=40, shared=24, heads=4, kv_heads=2, head_dim=16, block_size=4)
@@ -290,7 +290,7 @@ def test_triton_graph_buffers_give_the_eager_answer():
     query = torch.randn(8, shape.heads, shape.head_dim, generator=torch.Generator().manual_seed(3))
     d = step.decode
     pad = 2
-    padded = StepData(step.input_ids, step.positions, step.write_slots, step.sample_rows,
+    padded = ModelInputs(step.input_ids, step.positions, step.write_slots, step.sample_rows,
                       DecodeQueries(torch.arange(8, dtype=torch.int32), torch.cat([d.table_rows, d.table_rows.new_zeros(pad)]),
                                     torch.cat([d.lens, d.lens.new_ones(pad)]), list(range(8)),
                                     d.host_table_rows + [0] * pad, d.host_lens + [1] * pad,

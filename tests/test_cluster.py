@@ -38,8 +38,8 @@ def test_split_services_answer_like_serve(cluster, long_llama_dir):
     from apar.engine.config import EngineConfig
     from apar.engine.engine import Engine
     from apar.engine.params import SamplingParams
-    from services.router.prompt import encode_prompt
-    from services.router.stream import RequestStream
+    from apar.text.prompt import encode_prompt
+    from apar.text.stream import RequestStream
 
     address, _, _, _ = cluster
     with grpc.insecure_channel(address) as ch:

@@ -99,8 +99,8 @@ def test_through_the_kv_manager(cluster, long_llama_dir):
     from apar.engine.config import EngineConfig
     from apar.engine.engine import Engine
     from apar.engine.params import SamplingParams
-    from services.router.prompt import encode_prompt
-    from services.router.stream import RequestStream
+    from apar.text.prompt import encode_prompt
+    from apar.text.stream import RequestStream
 
     with grpc.insecure_channel(cluster.address) as ch:
         stub = pb.apar_pb2_grpc.AparStub(ch)

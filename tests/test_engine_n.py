@@ -196,7 +196,7 @@ def test_preempted_answers_go_on_unchanged(llama_dir):
     params = [SamplingParams(max_tokens=40, temperature=1.0, top_k=50, seed=s, max_threads=4, n=3 - (s % 3 == 2),
                              stop_token_ids=stops) for s in range(8)]
     seen = {"answers running": 0, "root done, two answers running": 0}
-    preempt = eng._preempt
+    preempt = eng.pressure.preempt
 
     def spy(req):
         if len(req.threads) >= req.params.n and req.root.in_ledger:
@@ -205,7 +205,7 @@ def test_preempted_answers_go_on_unchanged(llama_dir):
             seen["root done, two answers running"] += live > 1 and not req.root.running
         preempt(req)
 
-    eng._preempt = spy
+    eng.pressure.preempt = spy
     ids = [eng.add_request(p, sp) for p, sp in zip(prompts, params)]
     crowded = run(eng)
     assert all(seen.values()), seen

@@ -109,8 +109,8 @@ def test_model_driven_forks_obey_the_rules_and_match_the_plain_model(forking, ll
 
 
 def test_stream_of_a_forking_answer_restores_the_tree(forking):
-    from services.router.stitch import restore_tokens
-    from services.router.stream import Final, LinearDelta, RequestStream
+    from apar.text.stitch import restore_tokens
+    from apar.text.stream import Final, LinearDelta, RequestStream
 
     eng = forking
     rid = eng.add_request(PROMPT, SamplingParams(max_tokens=100, max_threads=5))

@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from apar.bench_suite.simulated import ScratchRedis, SimWorker, free_port
 from apar.engine.kv.ledger import KVLedger
 from services.kvmanager import wire
-from services.kvmanager.replication import Batch
+from services.kvmanager.replication import LogBatch
 from services.worker.kv import RemoteKV
 from services.worker.kvclient import KVManagerClient
 from tests.faults import wait_until
@@ -233,7 +233,7 @@ def test_the_same_batch_twice_is_applied_once(kv):
     state = client.state()
     assert client.send(msg).applied == sim.kv.seq and client.state() == state
     assert server.metrics.duplicates._value.get() == 3
-    other = wire.batch_to_pb("w1", Batch(SESSION + 1, sim.kv.batch().steps))  # another session
+    other = wire.batch_to_pb("w1", LogBatch(SESSION + 1, sim.kv.batch().steps))  # another session
     assert code_of(lambda: client.send(other)) == C.FAILED_PRECONDITION and client.state() == state
 
 

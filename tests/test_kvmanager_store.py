@@ -15,7 +15,7 @@ from services.kvmanager.inprocess import InProcessClient
 from services.kvmanager.manager import KVManager
 from services.kvmanager.metrics import KVMetrics
 from services.kvmanager.records import BadRequest, StoreUnavailable, UnknownWorker, WorkerSpec
-from services.kvmanager.replication import Batch, ReplicaUnavailable, StepLog, WorkerForgotten
+from services.kvmanager.replication import LogBatch, ReplicaUnavailable, ReplicationLog, WorkerForgotten
 from services.kvmanager.store import RedisStore
 
 W1 = WorkerSpec("w1", "127.0.0.1:1", num_blocks=64, block_size=4, ttl_s=30)
@@ -42,7 +42,7 @@ def make(redis_server, request):
 
 
 def worker(seed: int, num_blocks: int = 64) -> SimWorker:
-    return SimWorker(StepLog(KVLedger(num_blocks, 4), SESSION), seed=seed)
+    return SimWorker(ReplicationLog(KVLedger(num_blocks, 4), SESSION), seed=seed)
 
 
 def drive(manager: KVManager, sim: SimWorker, steps: int, worker_id: str = "w1") -> None:
@@ -69,7 +69,7 @@ def test_memory_mode_equals_the_worker_and_expires_on_its_clock():
     assert not m.heartbeat("w1")
     assert m.reap() == ["w1"] and m.usage() == []
     with pytest.raises(UnknownWorker):
-        m.submit("w1", Batch(SESSION, []))
+        m.submit("w1", LogBatch(SESSION, []))
     assert m.register(W1, SESSION) == (False, 64)  # after expiry: a fresh ledger
 
 
@@ -77,7 +77,7 @@ def test_in_process_client_for_the_embedded_mode():
     manager = KVManager()
     client = InProcessClient(manager, "embedded", "", num_blocks=64, block_size=4)
     assert client.register() is False and client.register() is True
-    log = StepLog(KVLedger(64, 4), client.session)
+    log = ReplicationLog(KVLedger(64, 4), client.session)
     sim = SimWorker(log, seed=8)
     for _ in range(60):
         sim.step()
@@ -85,9 +85,9 @@ def test_in_process_client_for_the_embedded_mode():
     assert client.state() == sim.ledger.snapshot() and log.batch() is None
     manager.reap()  # nothing expired: the registration lives a day
     with pytest.raises(WorkerForgotten):
-        InProcessClient(manager, "nobody", "", 64, 4).send(Batch(1, []))
+        InProcessClient(manager, "nobody", "", 64, 4).send(LogBatch(1, []))
     with pytest.raises(ReplicaUnavailable):
-        InProcessClient(KVManager(RedisStore("redis://127.0.0.1:1/0", "t-down:")), "w", "", 64, 4).send(Batch(1, []))
+        InProcessClient(KVManager(RedisStore("redis://127.0.0.1:1/0", "t-down:")), "w", "", 64, 4).send(LogBatch(1, []))
 
 
 def test_at_most_one_transaction_per_message_and_fewer_together(make):
@@ -188,14 +188,15 @@ def test_bad_batches_are_refused_with_a_reason(make):
     sim = worker(11)
     sim.step()
     step = sim.kv.batch().steps[0]
-    for bad in (Batch(0, [step]), Batch(SESSION, [step, step]), Batch(SESSION, [type(step)(0, [], step.digest)]),
-                Batch(SESSION, [type(step)(1, [Append(ThreadRef("", 0), 1)], step.digest)])):
+    for bad in (LogBatch(0, [step]), LogBatch(SESSION, [step, step]),
+                LogBatch(SESSION, [type(step)(0, [], step.digest)]),
+                LogBatch(SESSION, [type(step)(1, [Append(ThreadRef("", 0), 1)], step.digest)])):
         with pytest.raises(BadRequest):
             m.submit("w1", bad)
     assert m.state("w1") == KVLedger(64, 4).snapshot()
     # an op the replica refuses is no status: the replica asks for a resync, then takes the snapshot
     wrong = type(step)(1, [Append(ThreadRef("nobody", 0), 1)], step.digest)
-    assert m.submit("w1", Batch(SESSION, [wrong])).resync
+    assert m.submit("w1", LogBatch(SESSION, [wrong])).resync
     sim.kv.forget()
     assert not m.submit("w1", sim.kv.batch()).resync
     assert m.state("w1") == sim.ledger.snapshot()
@@ -256,6 +257,6 @@ def test_unreachable_redis_answers_unavailable_and_applies_nothing():
     with pytest.raises(StoreUnavailable):
         m.register(W1, SESSION)
     with pytest.raises(StoreUnavailable):
-        m.submit("w1", Batch(SESSION, []))
+        m.submit("w1", LogBatch(SESSION, []))
     assert m.usage() == []
     m.close()

@@ -85,7 +85,7 @@ def fork_token(llama_dir) -> str:
     from apar.engine.engine import Engine
     from apar.engine.events import TokenEvent
     from apar.engine.params import SamplingParams
-    from services.router.prompt import encode_prompt
+    from apar.text.prompt import encode_prompt
 
     eng = Engine(llama_dir, EngineConfig(num_blocks=64))
     counts: Counter = Counter()
@@ -164,8 +164,8 @@ def replayed(llama_dir, fork_token) -> tuple[list[tuple[int, int, int]], int]:
     from apar.engine.engine import Engine
     from apar.engine.params import SamplingParams
     from services.protocol.wire import params_from_pb
-    from services.router.prompt import encode_prompt
-    from services.router.stream import RequestStream
+    from apar.text.prompt import encode_prompt
+    from apar.text.stream import RequestStream
 
     eng = Engine(llama_dir, EngineConfig(num_blocks=KV_BLOCKS, block_size=16, control=ControlTokens(fork=fork_token)))
     streams = {}

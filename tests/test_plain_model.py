@@ -23,7 +23,7 @@ from apar.engine.events import RequestFinished, TokenEvent
 from apar.engine.params import SamplingParams
 from apar.engine.replay import ReplayNode
 from apar.protogen import stubs
-from services.router.prompt import encode_prompt
+from apar.text.prompt import encode_prompt
 from tests.procs import Proc, free_port
 
 pb = stubs()

@@ -145,7 +145,7 @@ def test_preemption_and_cancellation_with_cached_blocks(llama_dir):
     readmitted_on_cache = set()
     while eng.has_work():
         for req in list(eng.scheduler.running):
-            if not (req.root.in_ledger and req.root.reused):
+            if not (req.root.in_ledger and req.root.recompute.reused):
                 continue
             if "reading" not in cancelled:
                 cancelled["reading"] = req.id

@@ -15,10 +15,10 @@ from apar.engine.kv.ops import Append, Name, Start
 from apar.engine.prefix import block_hashes
 from apar.modelgen import ModelShape, make_model
 from apar.protogen import stubs
+from apar.text.prompt import encode_prompt
 from services.kvmanager.inprocess import InProcessClient
-from services.kvmanager.replication import StepLog
+from services.kvmanager.replication import ReplicationLog
 from services.kvmanager.service import serve
-from services.router.prompt import encode_prompt
 from services.router.tokenizer import load_tokenizer
 from services.router.workers import (LOAD_SLACK, KVManagerDirectory, WorkerDirectory, WorkerHandle, most_free,
                                      prefix_choice)
@@ -97,7 +97,7 @@ def test_a_failing_shard_counts_as_holding_nothing(caplog):
     for worker, held_names in (("a", names[:3]), ("b", [])):
         client = InProcessClient(live.manager, worker, worker, 64, BS)
         assert not client.register()
-        log = StepLog(KVLedger(64, BS), client.session)
+        log = ReplicationLog(KVLedger(64, BS), client.session)
         ref = ThreadRef("r", 0)
         log.apply([Start(ref), Append(ref, len(ids))])
         if held_names:

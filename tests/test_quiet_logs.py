@@ -9,11 +9,11 @@ import grpc
 from grpc._cython import cygrpc
 
 from apar.protogen import stubs
+from apar.text.stream import LinearDelta
 from services.repeating import RepeatingWarning
 from services.router.gateway import GatewayError
 from services.router.guard import Guard
 from services.router.service import RouterService, start_router_server
-from services.router.stream import LinearDelta
 from services.router.workers import KVManagerDirectory
 from tests.procs import free_port
 

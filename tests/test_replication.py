@@ -16,7 +16,7 @@ from apar.engine.kv.ops import Advance, Append, AppendEach, Finish, Fork, Releas
 from apar.engine.kv.step import apply, record
 from services.kvmanager.records import BadRequest, StaleSession, WorkerRecord, WorkerSpec, apply_batch
 from services.kvmanager.replica import ReplicaLedger
-from services.kvmanager.replication import Ack, Batch, Resync, StepLog
+from services.kvmanager.replication import Ack, LogBatch, Resync, ReplicationLog
 
 R = ThreadRef
 SESSION = 5
@@ -128,27 +128,27 @@ ACTIONS = ["step", "step", "step", "deliver", "deliver", "drop", "lose_ack", "du
 
 
 class Channel:
-    """A worker's StepLog and the manager's replica of it, with a channel that loses, repeats and
+    """A worker's ReplicationLog and the manager's replica of it, with a channel that loses, repeats and
     reorders messages; every message that reaches the replica is applied by `records.apply_batch`."""
 
     def __init__(self, seed: int) -> None:
-        self.log = StepLog(KVLedger(num_blocks=24, block_size=4), SESSION)
+        self.log = ReplicationLog(KVLedger(num_blocks=24, block_size=4), SESSION)
         # odd seeds: prompts share prefixes, so steps carry Reuse and Name and blocks are cached and evicted
         self.sim = SimWorker(self.log, threads=5, seed=seed, prompt=(1, 9), finish_p=0.1, cancel_p=0.03,
                              prefixes=2 * (seed % 2))
         spec = WorkerSpec("w", "here", 24, 4, 30)
         self.rec = WorkerRecord(spec=spec, ledger=ReplicaLedger(24, 4), born=1, session=SESSION)
-        self.sent: list[Batch] = []
+        self.sent: list[LogBatch] = []
         self.saved: list[tuple[KVLedger, int]] = []  # the replica as it was (a manager restored from Redis)
         self.strays = 0
 
-    def send(self) -> Batch | None:
+    def send(self) -> LogBatch | None:
         batch = self.log.batch()
         if batch is not None:
             self.sent.append(batch)
         return batch
 
-    def arrive(self, batch: Batch) -> Ack:
+    def arrive(self, batch: LogBatch) -> Ack:
         ack = apply_batch(self.rec, batch).ack
         self.rec.ledger.check()  # the replica's invariants after every message it applies
         self.log.ledger.check()
@@ -231,11 +231,11 @@ def test_resync_replaces_the_replica_and_is_checked():
     assert batch.resync is not None and batch.resync.seq == 10 and batch.steps == []
     assert ch.arrive(batch) == Ack(10, ch.log.ledger.digest(), False)
     with pytest.raises(BadRequest):
-        apply_batch(ch.rec, Batch(SESSION, [], Resync(10, {**batch.resync.ledger, "num_blocks": 99})))
+        apply_batch(ch.rec, LogBatch(SESSION, [], Resync(10, {**batch.resync.ledger, "num_blocks": 99})))
     broken = {**batch.resync.ledger, "free": batch.resync.ledger["free"][1:]}  # a block lost
     with pytest.raises(BadRequest):
-        apply_batch(ch.rec, Batch(SESSION, [], Resync(10, broken)))
+        apply_batch(ch.rec, LogBatch(SESSION, [], Resync(10, broken)))
     # another process's snapshot (its session is not the one the worker id is bound to) changes nothing
     with pytest.raises(StaleSession):
-        apply_batch(ch.rec, Batch(SESSION + 1, [], Resync(99, KVLedger(24, 4).snapshot())))
+        apply_batch(ch.rec, LogBatch(SESSION + 1, [], Resync(99, KVLedger(24, 4).snapshot())))
     assert ch.rec.ledger.snapshot() == ch.log.ledger.snapshot() and ch.rec.seq == 10

@@ -8,7 +8,8 @@ from pathlib import Path
 from tests.procs import Proc, free_port
 
 ROUTER_MODULES = ("services.router.service", "services.router.http", "services.router.gateway",
-                  "services.router.workers", "services.router.stream", "services.router.tokenizer",
+                  "services.router.workers", "apar.text.stream", "apar.text.stitch", "apar.text.prompt",
+                  "services.router.tokenizer",
                   "services.protocol.wire", "apar.commands.serve", "apar.client", "services.router.guard",
                   "services.security", "services.cluster_auth", "services.router.http_server",
                   "services.router.openai_request")

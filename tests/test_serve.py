@@ -14,8 +14,8 @@ from apar.engine.config import EngineConfig
 from apar.engine.engine import Engine
 from apar.engine.params import SamplingParams
 from apar.protogen import stubs
-from services.router.prompt import encode_prompt
-from services.router.stream import RequestStream
+from apar.text.prompt import encode_prompt
+from apar.text.stream import RequestStream
 from tests.faults import Stream, wait_until
 from tests.procs import LONG_TOKENS, Proc, free_port
 

@@ -1,7 +1,7 @@
 """Stitching the thread tree back into text: reading order, append-only deltas, no byte lost or doubled."""
 import random
 
-from services.router.stitch import IncrementalDetokenizer, Stitcher, restore_tokens
+from apar.text.stitch import IncrementalDetokenizer, Stitcher, restore_tokens
 
 
 def decoder(tokenizer):

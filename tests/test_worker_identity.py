@@ -17,7 +17,7 @@ from apar.engine.kv.ledger import KVLedger
 from apar.protogen import stubs
 from services.kvmanager import wire
 from services.kvmanager.records import WorkerSpec
-from services.kvmanager.replication import Batch, StepLog
+from services.kvmanager.replication import LogBatch, ReplicationLog
 from services.kvmanager.service import serve
 from services.router.workers import KVManagerDirectory
 from services.worker.kv import KVManagerUnavailable, RemoteKV
@@ -48,14 +48,14 @@ class Process:
                                                                                    ttl, model)
         self.channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
         self.stub = pb.kvmanager_pb2_grpc.KVManagerStub(self.channel)
-        self.sim = SimWorker(StepLog(KVLedger(blocks, BS), session), seed=session)
+        self.sim = SimWorker(ReplicationLog(KVLedger(blocks, BS), session), seed=session)
 
     def register(self):
         return self.stub.Register(K.RegisterRequest(worker_id=self.id, address=self.address, num_blocks=self.blocks,
                                                     block_size=BS, ttl_seconds=self.ttl, session=self.session,
                                                     model=self.model), timeout=5)
 
-    def send(self, batch: Batch):
+    def send(self, batch: LogBatch):
         """One message on a stream of its own; the ack, or the status it was refused with."""
         try:
             (ack,) = self.stub.Steps(iter([wire.batch_to_pb(self.id, batch)]), timeout=5)

@@ -50,10 +50,10 @@ def _step(shape: AttentionShape, device: torch.device, dtype: torch.dtype):
     """(pool, the past as one step that wrote every slot, the decode step): T threads forked from one
     prefix writer, every context C long."""
     from apar.engine.attention import KVPool
-    from apar.engine.backends.base import DecodeQueries, StepData
+    from apar.engine.backends.base import DecodeQueries, ModelInputs
     from apar.engine.context_table import ContextTable
     from apar.engine.sequence import Thread
-    from apar.engine.step_builder import context_runs
+    from apar.engine.input_builder import context_runs
 
     bs = shape.block_size
     own = shape.context - shape.shared
@@ -85,14 +85,14 @@ def _step(shape: AttentionShape, device: torch.device, dtype: torch.dtype):
         positions += range(shape.shared, shape.context)
     table.flush()
     past = table.uploader.upload(written, positions)
-    history = StepData(past[0], past[1], past[0].long(), past[0][:0].long(), None, [], table)
+    history = ModelInputs(past[0], past[1], past[0].long(), past[0][:0].long(), None, [], table)
     rows = [kid.ctx.row for kid in kids]
     lens = [shape.context] * shape.threads
     tensors = table.uploader.upload(list(range(shape.threads)), rows, lens, [0] * shape.threads,
                                     [shape.context - 1] * shape.threads)
     decode = DecodeQueries(tensors[0], tensors[1], tensors[2], list(range(shape.threads)), rows, lens,
                            [0] * shape.threads, [context_runs(kid, shape.context) for kid in kids])
-    step = StepData(tensors[3], tensors[4], torch.full((shape.threads,), pool.trash, device=device),
+    step = ModelInputs(tensors[3], tensors[4], torch.full((shape.threads,), pool.trash, device=device),
                     tensors[0].long(), decode, [], table)
     return pool, history, step
 

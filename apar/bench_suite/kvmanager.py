@@ -333,7 +333,7 @@ def _simulate(cfg: KVBenchConfig, address: str, ids: list[str], start, results) 
 def _replay(cfg: KVBenchConfig, address: str, ids: list[str], start, results) -> None:
     """Each worker's steps made now and sent as they fall due, by `RemoteKV`'s rule: once the previous
     batch is acknowledged and `--send-every-ms` has passed since it was sent, every step due by then
-    goes out as one batch (at most `StepLog.max_batch_steps`). So a manager that falls behind gets
+    goes out as one batch (at most `ReplicationLog.max_batch_steps`). So a manager that falls behind gets
     fewer, larger batches, as it does from real workers, instead of a queue that grows without end. One
     stream per worker, all of this process's on one asyncio loop (grpc.aio: a message costs this process
     far less than a blocking stream's thread hand-offs, so the CPU goes to the manager). A batch is the
@@ -347,7 +347,7 @@ def _replay(cfg: KVBenchConfig, address: str, ids: list[str], start, results) ->
     from apar.protogen import stubs
     from services.kvmanager import wire
     from services.kvmanager.replica import ReplicaLedger
-    from services.kvmanager.replication import Batch, StepLog
+    from services.kvmanager.replication import LogBatch, ReplicationLog
     from services.worker.kvclient import KVManagerClient
 
     K = stubs().kvmanager_pb2
@@ -357,7 +357,7 @@ def _replay(cfg: KVBenchConfig, address: str, ids: list[str], start, results) ->
         client = KVManagerClient(address, wid, f"sim/{wid}", cfg.blocks, cfg.block_size, ttl_s=600)
         client.register()
         # the plans' steps are compact (Advance, AppendEach), as a replica reads them: only its ledger applies them
-        log = StepLog(ReplicaLedger(cfg.blocks, cfg.block_size), client.session)
+        log = ReplicationLog(ReplicaLedger(cfg.blocks, cfg.block_size), client.session)
         sim = SimWorker(log, threads=cfg.threads, seed=int(wid.rpartition("-")[2]), prompt=(16, 512),
                         finish_p=1 / 256, cancel_p=0.001, compact=True)
         while sim.num_running < cfg.threads:
@@ -369,7 +369,7 @@ def _replay(cfg: KVBenchConfig, address: str, ids: list[str], start, results) ->
         for _ in range(n_steps):
             sim.step()
             step = log.unacked.popleft()
-            fields.append(wire.batch_to_pb(wid, Batch(0, [step])).SerializeToString())
+            fields.append(wire.batch_to_pb(wid, LogBatch(0, [step])).SerializeToString())
             lasts.append((step.seq, step.digest))
         plans.append((head, fields, lasts, log.max_batch_steps, client.address))  # to its shard
     outcomes = [{"lags": [], "rtts": [], "acked": 0, "made": 0, "made_paused": 0, "equal": True} for _ in plans]

@@ -28,7 +28,7 @@ import redis
 
 from apar.engine.kv.ledger import ThreadRef
 from apar.engine.kv.ops import Advance, Append, AppendEach, Finish, Fork, Name, Op, Release, Reuse, Start
-from services.kvmanager.replication import Ack, StepLog
+from services.kvmanager.replication import Ack, ReplicationLog
 
 
 class SimWorker:
@@ -145,8 +145,8 @@ class SimWorker:
         return [Fork(parent, child)], None
 
 
-def deliver(manager, worker_id: str, log: StepLog) -> Ack | None:
-    """Send a StepLog's next batch to an in-process KVManager and hand the ack back (None: nothing to send)."""
+def deliver(manager, worker_id: str, log: ReplicationLog) -> Ack | None:
+    """Send a ReplicationLog's next batch to an in-process KVManager and hand the ack back (None: nothing to send)."""
     batch = log.batch()
     if batch is None:
         return None

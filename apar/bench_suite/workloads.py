@@ -153,7 +153,7 @@ def run_live(apar_dir: Path, ar_dir: Path, s: SuiteSettings, prompts: int = 32, 
     from apar.data.pipeline import load_records
     from apar.data.alpaca_split import data_dir
     from apar.train.evaluate import held_out_prompts
-    from services.router.prompt import encode_prompt
+    from apar.text.prompt import encode_prompt
 
     _need_model(apar_dir, f"apar demo-model --preset quick --out {apar_dir}")
     _need_model(ar_dir, f"apar demo-model --preset quick --ar --out {ar_dir}")

@@ -115,8 +115,8 @@ def run(args) -> int:
         raise UserError("give --model DIR (in-process) or --server HOST:PORT")
     from apar.engine.engine import Engine
     from apar.quiet import quiet_transformers
-    from services.router.prompt import encode_prompt
-    from services.router.stream import Final, LinearDelta, RequestStream
+    from apar.text.prompt import encode_prompt
+    from apar.text.stream import Final, LinearDelta, RequestStream
 
     quiet_transformers()
     engine = Engine(args.model, engine_config(args))

@@ -2,7 +2,7 @@
 
 The engine keeps the Hugging Face model code and owns the cache: the model is loaded with
 `attn_implementation="apar_paged"`, and every attention layer calls `paged_attention`, which finds the
-step's `StepBatch` in `CurrentStep` (`ModelRunner.call_model` sets it around the model call). Per layer
+step's `AttentionInputs` in `CurrentStep` (`ModelRunner.call_model` sets it around the model call). Per layer
 the function first writes the new K/V of every token into its slot (so a child's `[Child]` sees its
 parent's `[Fork]` written in the same step), then hands the queries to the step's backend (`apar/engine/backends/`), which lets each token attend
 to exactly its thread's context using the metadata it prepared once for the step. Compiled layers use
@@ -49,7 +49,7 @@ class KVPool:
 
 
 @dataclass(slots=True)
-class StepBatch:
+class AttentionInputs:
     """What every layer needs beyond token ids and positions: write_slots [N] int64, and the backend
     with the metadata it prepared for this step."""
 
@@ -71,7 +71,7 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     return _attend(step, query, k_pool, v_pool, scaling, kwargs.get("sliding_window")), None
 
 
-def _attend(step: StepBatch, query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, scaling: float | None,
+def _attend(step: AttentionInputs, query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, scaling: float | None,
             window: int | None) -> torch.Tensor:
     """The step's backend over a layer's pools (the step's K/V written): [1, H, N, D] -> [1, N, H, D]."""
     if scaling is None:
@@ -84,13 +84,13 @@ class _CurrentStep(threading.local):
     attention functions, and the custom op `apar::attend` (which takes only tensors and numbers), find
     the backend and its metadata here."""
 
-    step: StepBatch | None = None
+    step: AttentionInputs | None = None
 
 
 CurrentStep = _CurrentStep()
 
 
-def _current() -> StepBatch:
+def _current() -> AttentionInputs:
     step = CurrentStep.step
     if step is None:
         raise RuntimeError("apar_paged attention runs only inside ModelRunner.call_model")

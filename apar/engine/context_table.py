@@ -96,7 +96,7 @@ class ContextTable:
     def push(self, t: Thread, slots: list[int]) -> None:
         """The ledger gave `t` these slots for its next positions (a root gets its row on its first)."""
         self._extend(t, slots)
-        t.ctx.new_slots.extend(slots)  # the step builder takes them, in plan order
+        t.ctx.new_slots.extend(slots)  # the input builder takes them, in plan order
 
     def reuse(self, t: Thread, slots: list[int]) -> None:
         """A root just started reads its first positions from the prefix cache: these slots already hold
@@ -147,7 +147,7 @@ class ContextTable:
         preempted, or of an ended request (`forget`). A fork happens only from a thread the ledger has
         running, so a row is never needed after this."""
         gone = [row for row, t in self._holders.items()
-                if row in self._ended or not t.in_ledger or not (t.running or t.recompute_to > 0)]
+                if row in self._ended or not t.in_ledger or not (t.running or t.recompute.to > 0)]
         self._ended.clear()
         for row in gone:
             t = self._holders.pop(row)

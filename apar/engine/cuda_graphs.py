@@ -22,8 +22,8 @@ from typing import Callable
 
 import torch
 
-from apar.engine.attention import StepBatch
-from apar.engine.backends.base import DecodeQueries, StepData
+from apar.engine.attention import AttentionInputs
+from apar.engine.backends.base import DecodeQueries, ModelInputs
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +48,11 @@ class DecodeGraphs:
         self.version = runner.contexts.version
         self.replays = 0
 
-    def fits(self, step: StepData) -> bool:
+    def fits(self, step: ModelInputs) -> bool:
         return self.off is None and step.decode_only and step.decode.count <= self.buckets[-1] \
             and self.runner.backend.graphs
 
-    def run(self, step: StepData) -> torch.Tensor | None:
+    def run(self, step: ModelInputs) -> torch.Tensor | None:
         """Float32 logits [S, V] of the step's sampled rows, or None: run it eagerly."""
         d = step.decode
         count = d.count
@@ -92,7 +92,7 @@ class DecodeGraphs:
             self.graphs.clear()
             self.version = self.runner.contexts.version
 
-    def _fill(self, step: StepData | None, size: int) -> StepData:
+    def _fill(self, step: ModelInputs | None, size: int) -> ModelInputs:
         """The static buffers hold the step's T rows (none for a step of padding only), then padding up
         to `size`."""
         d = step.decode if step is not None else None
@@ -115,12 +115,12 @@ class DecodeGraphs:
         decode = DecodeQueries(self.rows[:size], self.table_rows[:size], self.lens[:size], list(range(size)),
                                rows + [0] * pad, lens + [1] * pad, families + [-1 - i for i in range(pad)],
                                runs + [()] * pad if self.runner.backend.uses_runs else [])
-        return StepData(self.ids[:size], self.positions[:size], self.writes[:size], self.rows[:size], decode, [],
+        return ModelInputs(self.ids[:size], self.positions[:size], self.writes[:size], self.rows[:size], decode, [],
                         self.runner.contexts)
 
-    def _capture(self, size: int, padded: StepData, meta) -> bool:
+    def _capture(self, size: int, padded: ModelInputs, meta) -> bool:
         runner = self.runner
-        batch = StepBatch(runner.pool, padded.write_slots, runner.backend, meta)
+        batch = AttentionInputs(runner.pool, padded.write_slots, runner.backend, meta)
 
         def forward() -> torch.Tensor:
             return runner.call_model(padded, batch, 0)  # [B, V]

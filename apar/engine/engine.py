@@ -28,30 +28,32 @@ from pathlib import Path
 
 import torch
 
-from apar.engine.backends.base import StepData
+from apar.engine.backends.base import ModelInputs
 from apar.engine.config import EngineConfig
 from apar.engine.errors import UserError
 from apar.engine.events import Event, FinishReason, RequestFinished, ThreadStarted
 from apar.engine.forks import ForkRules
+from apar.engine.input_builder import InputBuilder
 from apar.engine.kv.ledger import KVLedger, ThreadRef
 from apar.engine.kv.local import LocalKV
 from apar.engine.kv.ops import Append, Finish, Fork, Name, Op, Release, Reuse, Start
 from apar.engine.model_runner import ModelRunner
 from apar.engine.params import SamplingParams
-from apar.engine.pressure import Pressure
 from apar.engine.penalties import Penalties
+from apar.engine.pressure import Pressure
 from apar.engine.prefix import block_hashes
 from apar.engine.replay import ReplayCursor, ReplayNode
-from apar.engine.results import StepResult, TokenResults
+from apar.engine.results import EngineOutput, TokenResults
 from apar.engine.scheduler import Scheduler, Work
 from apar.engine.sequence import Request, Thread
-from apar.engine.step_builder import StepBuilder
 
 log = logging.getLogger(__name__)
 
 
-class Engine(TokenResults, ForkRules, Pressure):
-    """The step loop over a model, a KV ledger and a scheduler (the module's docstring says how)."""
+class Engine(TokenResults):
+    """The step loop over a model, a KV ledger and a scheduler (the module's docstring says how); it holds
+    its parts (`runner`, `ledger`, `kv`, `scheduler`, `pressure`, `fork_rules`, `penalties`,
+    `input_builder`) and applies the sampled tokens itself (`TokenResults`, results.py)."""
 
     def __init__(self, model_dir: str | Path, config: EngineConfig | None = None, keep_logits: bool = False,
                  kv_factory=None):
@@ -65,20 +67,18 @@ class Engine(TokenResults, ForkRules, Pressure):
         self.penalties = Penalties(self.runner.device, {t for t in (self.fork_id, self.child_id) if t is not None})
         self.ledger = KVLedger(self.runner.num_blocks, self.config.block_size)
         self.kv = LocalKV(self.ledger)
-        self.step_builder = StepBuilder(self.runner.contexts)
+        self.input_builder = InputBuilder(self.runner.contexts)
         n = self.ledger.num_blocks
         self.scheduler = Scheduler(self.ledger, self.config.max_batch_tokens,
                                    admit_watermark=int(self.config.admit_watermark * n))
-        self.fork_watermark = int(self.config.fork_watermark * n)  # blocks
+        self.pressure = Pressure(self.scheduler, self.ledger, self.kv)
+        self.fork_rules = ForkRules(self.fork_id, self.child_id, self.eos_ids, self.runner.max_positions, self.ledger,
+                                    watermark=int(self.config.fork_watermark * n))
         self.keep_logits = keep_logits
         self.requests: dict[str, Request] = {}
         self.steps = 0
         self.peak_blocks = 0
-        self.forks = 0
-        self.forks_by_depth: dict[int, int] = {}  # new child's depth -> forks so far (the metrics read it)
         self.blocks_released_early = 0  # freed by a thread's end while its request still ran
-        self.preemptions = 0
-        self.forks_refused = 0  # [Fork]s refused because the pool was nearly full
         self.recomputed_tokens = 0  # tokens computed again after preemptions
         # prefix cache, at each request's first start: prompt tokens looked up, and found cached
         self.prefix_queried_tokens = 0
@@ -87,7 +87,26 @@ class Engine(TokenResults, ForkRules, Pressure):
         if self.runner.compiled or self.runner.graphs is not None:
             self._warm_up()
         if kv_factory:  # after the warm-up, whose blocks the ledger has all back
-            self.kv = kv_factory(self.ledger)
+            self.kv = self.pressure.kv = kv_factory(self.ledger)
+
+    # the counters the metrics read, kept by the parts that count them
+    @property
+    def forks(self) -> int:
+        return self.fork_rules.forks
+
+    @property
+    def forks_by_depth(self) -> dict[int, int]:
+        """New child's depth -> forks so far."""
+        return self.fork_rules.by_depth
+
+    @property
+    def forks_refused(self) -> int:
+        """[Fork]s refused because the pool was nearly full."""
+        return self.fork_rules.refused
+
+    @property
+    def preemptions(self) -> int:
+        return self.pressure.preemptions
 
     @property
     def auto_parallel(self) -> bool:
@@ -204,9 +223,9 @@ class Engine(TokenResults, ForkRules, Pressure):
 
     # ---- one step ----------------------------------------------------------------------------------
     @torch.inference_mode()
-    def step(self) -> StepResult:
+    def step(self) -> EngineOutput:
         """One step: schedule the work (and its KV slots), run the model, apply the sampled tokens."""
-        result = StepResult(events=[])
+        result = EngineOutput(events=[])
         work = self._schedule(result)
         if not work:  # nothing to run (at most forks of recomputed threads, which the ledger now has)
             self.kv.flush()
@@ -217,7 +236,7 @@ class Engine(TokenResults, ForkRules, Pressure):
         self._apply_results(step, samplers, prefilled, logits, result)
         return result
 
-    def _schedule(self, result: StepResult) -> list[Work]:
+    def _schedule(self, result: EngineOutput) -> list[Work]:
         """The step's work, with its slots in the ledger: plan the decoding threads, admit on what is
         free, plan the catch-up chunks, make room (preempting under pressure), allocate."""
         work = self.scheduler.plan_decode()
@@ -229,10 +248,14 @@ class Engine(TokenResults, ForkRules, Pressure):
         decoding = len(work)
         self.scheduler.plan_catch_up(work)
         need.update(self.scheduler.blocks_needed(work[decoding:]))  # catching up: other requests
-        return self._allocate(self._make_room(work, need, result), result)
+        work, full = self.pressure.make_room(work, need)
+        if full is not None:  # alone, it does not fit: it has filled the pool
+            full.error = "the KV cache is full"
+            result.events.extend(self._end_request(full, FinishReason.LENGTH))
+        return self._allocate(work, result)
 
-    def _apply_results(self, step: StepData, samplers: list[tuple[Request, Thread]], prefilled: list[Work],
-                       logits: torch.Tensor, result: StepResult) -> None:
+    def _apply_results(self, step: ModelInputs, samplers: list[tuple[Request, Thread]], prefilled: list[Work],
+                       logits: torch.Tensor, result: EngineOutput) -> None:
         """Name the prompts just written, sample and apply each thread's token, end finished requests."""
         self.steps += 1
         result.tokens = step.num_tokens
@@ -247,7 +270,7 @@ class Engine(TokenResults, ForkRules, Pressure):
         self.peak_blocks = max(self.peak_blocks, self.ledger.num_used)
         self.penalties.flush()  # the step's tokens counted, the rows of ended threads free
 
-    def _allocate(self, work: list[Work], result: StepResult) -> list[Work]:
+    def _allocate(self, work: list[Work], result: EngineOutput) -> list[Work]:
         """Give every planned token a slot in ONE ledger call, in plan order: a new root's start, a new
         child's fork (after its parent's [Fork] got its slot), the append, and for a finished thread
         recomputed for its children, its end once its last such child is forked. (A new answer root is
@@ -278,7 +301,7 @@ class Engine(TokenResults, ForkRules, Pressure):
         for t in new_threads.values():
             t.in_ledger = True
             if t.parent is not None and not t.parent.running and t is t.parent.last_reader:
-                t.parent.recompute_to = 0
+                t.parent.recompute.to = 0
         bs = self.config.block_size
         failed: set[str] = set()
         appends = iter(answer.appends)
@@ -295,22 +318,22 @@ class Engine(TokenResults, ForkRules, Pressure):
             if new_threads.pop(id(t), None) is not None:
                 if t.parent is not None:  # the parent's context up to its [Fork]
                     self.runner.contexts.fork(t.parent, t)
-                elif t.reused:  # a root's cached prefix
-                    blocks = self.ledger.context_blocks(ThreadRef(w.request.id, t.id))[: t.reused]
+                elif t.recompute.reused:  # a root's cached prefix
+                    blocks = self.ledger.context_blocks(ThreadRef(w.request.id, t.id))[: t.recompute.reused]
                     self.runner.contexts.reuse(t, [b * bs + o for b in blocks for o in range(bs)])
             self.runner.contexts.push(t, [b * bs + o for b, o in slots])
         return [w for w in work if w.request.id not in failed and w.n]
 
-    def _build_step(self, work: list[Work]) -> tuple[StepData, list[tuple[Request, Thread]], list[Work]]:
-        """The step's data (`StepBuilder`), then count its tokens as computed (and in usage); also the
+    def _build_step(self, work: list[Work]) -> tuple[ModelInputs, list[tuple[Request, Thread]], list[Work]]:
+        """The model inputs (`InputBuilder`), then count its tokens as computed (and in usage); also the
         roots' chunks that complete their prompt."""
-        step, samplers = self.step_builder.build(work, self.runner.backend.uses_runs)
+        step, samplers = self.input_builder.build(work, self.runner.backend.uses_runs)
         prefilled = []
         for w in work:
             t, n = w.thread, w.n
             first = t.computed
             w.request.usage.attended_tokens += n * (t.start_pos + first) + n * (n + 1) // 2  # context lengths
-            redo = max(0, min(first + n, t.recompute_mark) - first)
+            redo = max(0, min(first + n, t.recompute.mark) - first)
             if redo:
                 w.request.usage.recomputed_tokens += redo
                 self.recomputed_tokens += redo
@@ -325,21 +348,21 @@ class Engine(TokenResults, ForkRules, Pressure):
         hit (`cached_tokens`); one after a preemption reads its own cached blocks back."""
         root = req.root
         if self.config.prefix_cache and not req.usage.preemptions:
-            req.usage.cached_tokens = root.reused * self.config.block_size
+            req.usage.cached_tokens = root.recompute.reused * self.config.block_size
             self.prefix_queried_tokens += len(req.prompt)
             self.prefix_hit_tokens += req.usage.cached_tokens
-        if not root.reused:
+        if not root.recompute.reused:
             return [Start(ref)]
-        return [Start(ref), Reuse(ref, tuple(req.prompt_names[: root.reused]))]
+        return [Start(ref), Reuse(ref, tuple(req.prompt_names[: root.recompute.reused]))]
 
     def _name_prompts(self, prefilled: list[Work]) -> None:
         """Roots whose prompt the step just wrote: the full blocks they wrote get their names (those past
         the cached prefix), so that later prompts can reuse them."""
         for w in prefilled:
             t = w.thread
-            names = w.request.prompt_names[t.reused :]
+            names = w.request.prompt_names[t.recompute.reused :]
             if names:
-                self.kv.defer(Name(ThreadRef(w.request.id, t.id), t.reused, tuple(names)))
+                self.kv.defer(Name(ThreadRef(w.request.id, t.id), t.recompute.reused, tuple(names)))
 
     # ---- convenience -------------------------------------------------------------------------------
     def run_to_completion(self) -> list[Event]:

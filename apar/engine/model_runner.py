@@ -1,7 +1,7 @@
 """Loads a Hugging Face causal LM from a local directory and runs one engine step through it.
 
 The runner owns the model, the tokenizer, the KV pool, the context table and the attention backend.
-`forward` takes the step's data (`StepData`, built by `StepBuilder`), lets the backend prepare its
+`forward` takes the step's inputs (`ModelInputs`, built by `InputBuilder`), lets the backend prepare its
 metadata once, runs the model (or, on CUDA, replays a captured graph of a decode step) and returns the
 float32 logits of the rows that sample.
 """
@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from apar.engine.attention import ATTN_NAME, ATTN_NAME_COMPILED, CurrentStep, KVPool, StepBatch, attach_pools
+from apar.engine.attention import ATTN_NAME, ATTN_NAME_COMPILED, CurrentStep, KVPool, AttentionInputs, attach_pools
 from apar.engine.backends import make_backend, resolve
-from apar.engine.backends.base import AttentionBackend, StepData
+from apar.engine.backends.base import AttentionBackend, ModelInputs
 from apar.engine.config import EngineConfig
 from apar.engine.context_table import ContextTable
 from apar.engine.errors import UserError
@@ -157,7 +157,7 @@ class ModelRunner:
         return backend
 
     @torch.inference_mode()
-    def forward(self, step: StepData) -> torch.Tensor:
+    def forward(self, step: ModelInputs) -> torch.Tensor:
         """Run the model over the step's flat batch; return float32 logits [S, V] of its sampled rows.
 
         With `--attention auto`, a backend that fails before it ever succeeded (triton or flex that cannot
@@ -178,14 +178,14 @@ class ModelRunner:
         self._proven = True
         return logits
 
-    def eager(self, step: StepData) -> torch.Tensor:
+    def eager(self, step: ModelInputs) -> torch.Tensor:
         meta = self.backend.prepare(step)
-        batch = StepBatch(self.pool, step.write_slots, self.backend, meta)
+        batch = AttentionInputs(self.pool, step.write_slots, self.backend, meta)
         return self.call_model(step, batch, step.sample_rows).float()  # [S, V]
 
-    def call_model(self, step: StepData, batch: StepBatch, logits_to_keep) -> torch.Tensor:
+    def call_model(self, step: ModelInputs, batch: AttentionInputs, logits_to_keep) -> torch.Tensor:
         """The HF model over the step's tokens ([1, N] ids and positions); its logits [S, V] at the rows
-        `logits_to_keep` names. Every layer's attention finds the step's data in `CurrentStep`, and its
+        `logits_to_keep` names. Every layer's attention finds its inputs (`AttentionInputs`) in `CurrentStep`, and its
         slots also as a tensor argument (`apar_slots`), which compiled layers trace their K/V write with."""
         CurrentStep.step = batch
         try:

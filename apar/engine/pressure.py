@@ -1,46 +1,50 @@
 """Memory pressure: when a step's new blocks do not fit, preempt the most recently admitted request
 (docs/design.md, "Admission and preemption"). Forks are refused before this, in forks.py.
 
-`Pressure` is a part of `Engine` (a mixin over the engine's state), not used alone.
+`Pressure` is a part the engine holds (`Engine.pressure`): it reads the ledger's free count, moves
+requests back to the scheduler's queue and defers their release to the engine's KV (`kv`, set again when
+the engine's KV is replaced).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from apar.engine.events import FinishReason
+from apar.engine.kv.ledger import KVLedger
+from apar.engine.kv.local import LocalKV
 from apar.engine.kv.ops import Release
-from apar.engine.scheduler import Work
+from apar.engine.scheduler import Scheduler, Work
 from apar.engine.sequence import Request
-
-if TYPE_CHECKING:
-    from apar.engine.results import StepResult
 
 
 class Pressure:
-    """Making room for a step (the `Engine` methods)."""
+    """Making room for a step, with the preemption counter."""
 
-    def _make_room(self, work: list[Work], need: dict[str, int], result: StepResult) -> list[Work]:
+    def __init__(self, scheduler: Scheduler, ledger: KVLedger, kv: LocalKV):
+        self.scheduler = scheduler
+        self.ledger = ledger
+        self.kv = kv  # LocalKV, or the engine's replacement (same `defer`)
+        self.preemptions = 0
+
+    def make_room(self, work: list[Work], need: dict[str, int]) -> tuple[list[Work], Request | None]:
         """While the step's new blocks (`need`, per request) exceed the free ones, preempt the most
         recently admitted request. A request left alone that still does not fit has filled the pool: it
-        ends with `length`. The free count is read again after each preemption: what a victim frees is
-        its own blocks and the named prompt blocks only it read, which stay cached (and count as free)."""
+        is returned (the engine ends it with `length`), its work dropped. The free count is read again
+        after each preemption: what a victim frees is its own blocks and the named prompt blocks only it
+        read, which stay cached (and count as free)."""
         free = self.ledger.num_free
         running = self.scheduler.running
         gone: set[str] = set()
         while sum(need.values()) > free and len(running) > 1:
             victim = running[-1]
             need.pop(victim.id, None)
-            self._preempt(victim)  # its release is applied to the ledger at once
+            self.preempt(victim)  # its release is applied to the ledger at once
             free = self.ledger.num_free
             gone.add(victim.id)
+        full = None
         if sum(need.values()) > free:
-            req = running[0]
-            req.error = "the KV cache is full"
-            result.events.extend(self._end_request(req, FinishReason.LENGTH))
-            gone.add(req.id)
-        return [w for w in work if w.request.id not in gone] if gone else work
+            full = running[0]
+            gone.add(full.id)
+        return ([w for w in work if w.request.id not in gone] if gone else work), full
 
-    def _preempt(self, req: Request) -> None:
+    def preempt(self, req: Request) -> None:
         """Free every block of a running request at once and put it back at the head of the queue; its
         tokens stay, its KV is recomputed when it is admitted again (parents before children)."""
         self.scheduler.preempt(req)
@@ -54,7 +58,7 @@ class Pressure:
             t.forget_kv()
         for t in reversed(req.threads):  # children before parents: `live` is known below each thread
             if not t.running:
-                t.recompute_to = max((c.fork_offset for c in t.children if c.live), default=0)
+                t.recompute.to = max((c.fork_offset for c in t.children if c.live), default=0)
         req.recomputing = True
         req.usage.preemptions += 1
         self.preemptions += 1

@@ -1,7 +1,10 @@
 """Applying a step's results: each sampling thread's token chosen (bans, then `sampler.choose_tokens`)
-and applied to its thread: extend it, fork a child (forks.py), or end it, its answer, or its request.
+and applied to its thread: extend it, fork a child (forks.py), or end it, its answer, or its request. A
+request for `n` answers forks the roots of answers 1..n-1 from its root's prompt (`_open_answers`).
 
-`TokenResults` is a part of `Engine` (a mixin over the engine's state), not used alone.
+`TokenResults` holds the `Engine`'s own methods (a mixin over the engine's state, not used alone): applying
+a token changes the requests, the scheduler's queues, the KV, the device contexts, the penalties and the
+events at once, so these stay with the engine (docs/design.md, "Parts of the engine").
 """
 from __future__ import annotations
 
@@ -9,15 +12,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from apar.engine.events import Event, FinishReason, RequestFinished, ThreadFinished, TokenEvent
+from apar.engine.events import Event, FinishReason, RequestFinished, ThreadFinished, ThreadStarted, TokenEvent
 from apar.engine.kv.ledger import ThreadRef
-from apar.engine.kv.ops import Finish, Release
-from apar.engine.sampler import choose_tokens, rows_index
+from apar.engine.kv.ops import Finish, Fork, Release
+from apar.engine.sampler import choose_tokens, rows_index, sample
 from apar.engine.sequence import Request, Thread, context_tokens
 
 
 @dataclass(slots=True)
-class StepResult:
+class EngineOutput:
+    """What one `Engine.step()` gives: its events, and how many tokens it computed and sampled."""
+
     events: list[Event]
     tokens: int = 0  # tokens computed in this step (prefill and decode)
     sampled: int = 0
@@ -30,7 +35,7 @@ class StepResult:
 class TokenResults:
     """Sampling and applying tokens, and ending threads and requests (the `Engine` methods)."""
 
-    def _sample(self, samplers: list[tuple[Request, Thread]], logits: torch.Tensor, result: StepResult) -> set[str]:
+    def _sample(self, samplers: list[tuple[Request, Thread]], logits: torch.Tensor, result: EngineOutput) -> set[str]:
         """Pick one token per sampling thread (logits: [S, V], row i for samplers[i]); apply them in order.
 
         The penalties a request asks for go first, on the device, to its rows only (`Penalties`: each
@@ -45,7 +50,8 @@ class TokenResults:
             for (req, t), row in zip(samplers, logits):
                 result.logits[(req.id, t.id)] = (context_tokens(t), row.detach().to("cpu", copy=True))
         self.penalties.apply(logits, samplers)
-        tight = self._ban_forks(samplers, logits)  # [Child] always, [Fork] where a rule says so
+        rules = self.fork_rules
+        tight = rules.ban(samplers, logits)  # [Child] always, [Fork] where a rule says so
         no_eos = [i for i, (req, _) in enumerate(samplers) if req.params.ignore_eos]
         if no_eos:
             rows = rows_index(logits, no_eos)
@@ -56,8 +62,8 @@ class TokenResults:
                 result.chosen_from[(req.id, t.id)] = row.detach().to("cpu", copy=True)
         chosen = choose_tokens(logits, samplers, self.eos_ids)
         for i, ((req, t), token) in enumerate(zip(samplers, chosen)):
-            if token == self.fork_id and (tight or not self._may_fork(req, t)):
-                token = self._instead_of_fork(req, t, logits[i], tight)
+            if token == self.fork_id and (tight or not rules.may_fork(req, t)):
+                token = rules.instead_of_fork(req, t, logits[i], tight)
             if req.params.n > 1 and t.id == 0 and len(t.kv_tokens) == t.n_prompt:  # the root's first token
                 self._open_answers(req, token, logits[i], result)
             else:
@@ -65,7 +71,7 @@ class TokenResults:
         result.sampled += len(samplers)
         return {req.id for req, _ in samplers}
 
-    def _apply(self, req: Request, t: Thread, token: int | None, result: StepResult) -> None:
+    def _apply(self, req: Request, t: Thread, token: int | None, result: EngineOutput) -> None:
         """Add one sampled token to a thread: extend it, fork a child, or end it (its whole answer when
         the answer's budget is spent)."""
         if not t.running:
@@ -85,13 +91,45 @@ class TokenResults:
             self.penalties.count(t, token)
         result.events.append(TokenEvent(req.id, t.id, token))
         if token == self.fork_id:
-            self._fork(req, t, result)
+            child = self.fork_rules.fork(req, t)
+            if t.penalty is not None:
+                self.penalties.open_thread(child, t)
+            result.events.append(ThreadStarted(req.id, child.id, t.id, child.anchor))
         if t.start_pos + len(t.kv_tokens) >= self.runner.max_positions:
             self._finish_thread(req, t, FinishReason.LENGTH, result)
         if req.budget_left(t.answer) <= 0:
             self._end_threads(req, FinishReason.LENGTH, result, t.answer)
 
-    def _finish_thread(self, req: Request, t: Thread, reason: FinishReason, result: StepResult) -> None:
+    def _open_answers(self, req: Request, token: int, row: torch.Tensor, result: EngineOutput) -> None:
+        """The root's prefill is done and it sampled `token` from `row` ([V], bans applied): draw the
+        first tokens of answers 1..n-1 from the same row (after the root's draw, in answer order), fork
+        their roots from the root's prompt, then apply every answer's first token.
+
+        The forks reach the ledger before the root's first token gets its slot (before the root can
+        end, too), so the answers share exactly the prompt's blocks, its last one sealed."""
+        root = req.root
+        extra = req.params.n - 1
+        if req.params.greedy:
+            tokens = [token] * extra
+        else:
+            tokens = sample(row.expand(extra, -1), req.params, req.generator).tolist()  # [n-1, V] -> [n-1]
+        answers = []
+        for k, tok in enumerate(tokens, start=1):
+            a = Thread(id=len(req.threads), parent=root, anchor=-1, start_pos=root.n_prompt, depth=0,
+                       kv_tokens=[], answer=k, in_ledger=True)
+            self.kv.defer(Fork(ThreadRef(req.id, root.id), ThreadRef(req.id, a.id)))
+            self.runner.contexts.fork(root, a)
+            req.add_thread(a)
+            if root.penalty is not None:
+                self.penalties.open_thread(a, root)
+            root.children.append(a)
+            answers.append((a, tok))
+        self._apply(req, root, token, result)
+        for a, tok in answers:
+            result.events.append(ThreadStarted(req.id, a.id, None, -1))  # to the client: a new answer
+            self._apply(req, a, tok, result)
+
+    def _finish_thread(self, req: Request, t: Thread, reason: FinishReason, result: EngineOutput) -> None:
         t.finish = reason
         self.penalties.close_thread(t)
         if not req.admitted:  # never admitted, never announced: nothing to report
@@ -102,7 +140,7 @@ class TokenResults:
                 self.blocks_released_early += len(freed)
         result.events.append(ThreadFinished(req.id, t.id, reason))
 
-    def _end_threads(self, req: Request, reason: FinishReason, result: StepResult, answer: int | None = None) -> None:
+    def _end_threads(self, req: Request, reason: FinishReason, result: EngineOutput, answer: int | None = None) -> None:
         """Finish the running threads of one answer, or of every answer (None)."""
         for t in req.threads:
             if t.running and answer in (None, t.answer):
@@ -110,7 +148,7 @@ class TokenResults:
 
     def _end_request(self, req: Request, reason: FinishReason | None) -> list[Event]:
         """Finish what still runs, free every block of the request, report it; reason None: all ended."""
-        tmp = StepResult(events=[])
+        tmp = EngineOutput(events=[])
         if reason is not None:
             self._end_threads(req, reason, tmp)
         if req.root.in_ledger:  # not after a preemption: that released it already

@@ -138,8 +138,8 @@ class Scheduler:
         names): their tokens count as computed. At least one prompt token is left to compute, for the
         logits of the first token. Looked up again each step until the start: allocations may evict."""
         root = req.root
-        root.reused = self.ledger.reusable(req.prompt_names, len(req.prompt))
-        root.computed = root.reused * self.ledger.block_size
+        root.recompute.reused = self.ledger.reusable(req.prompt_names, len(req.prompt))
+        root.computed = root.recompute.reused * self.ledger.block_size
 
     def _catch_up(self, req: Request, budget: int, work: list[Work]) -> int:
         """Chunks of one request's threads, parents before children, within `budget`; returns what is
@@ -187,8 +187,8 @@ class Scheduler:
             reused = 0
             if id(t) not in room:
                 room[id(t)] = self.ledger.room(ThreadRef(w.request.id, t.id)) if t.in_ledger else 0
-                if not t.in_ledger and t.reused:  # only the cached ones come off the free count
-                    reused = self.ledger.cached_among(w.request.prompt_names[: t.reused])
+                if not t.in_ledger and t.recompute.reused:  # only the cached ones come off the free count
+                    reused = self.ledger.cached_among(w.request.prompt_names[: t.recompute.reused])
             if not t.in_ledger and t.parent is not None:
                 room[id(t.parent)] = 0  # the fork seals the parent's last block
             extra = max(0, w.n - room[id(t)])

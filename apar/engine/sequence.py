@@ -44,6 +44,20 @@ class PenaltyRow:
     slots: dict[int, int]
 
 
+@dataclass(slots=True)
+class Recompute:
+    """What a thread has of its KV when it starts (again) in the ledger: after a preemption, what to
+    recompute and what was computed before; for a root, the prompt blocks the prefix cache gives it."""
+
+    # a finished thread whose tokens a running descendant reads: the kv tokens to recompute (up to the
+    # last such descendant's [Fork]); 0 when none, or once the ledger has it again
+    to: int = 0
+    mark: int = 0  # kv tokens below this index were computed before a preemption
+    # root only: leading prompt blocks it reads from the prefix cache since its (next) start in the
+    # ledger; their tokens count as computed, so its prefill starts after them
+    reused: int = 0
+
+
 @dataclass(slots=True, eq=False)
 class Thread:
     id: int
@@ -61,13 +75,7 @@ class Thread:
     ctx: ContextSlots = field(default_factory=ContextSlots)  # its context's slots on the device
     replay: "ReplayCursor | None" = None  # replay.py: a known thread fed instead of sampled
     children: list["Thread"] = field(default_factory=list)  # in fork order
-    # after a preemption, a finished thread whose tokens a running descendant reads: the kv tokens to
-    # recompute (up to the last such descendant's [Fork]); 0 when none, or once the ledger has it again
-    recompute_to: int = 0
-    recompute_mark: int = 0  # kv tokens below this index were computed before a preemption
-    # root only: leading prompt blocks it reads from the prefix cache since its (next) start in the
-    # ledger; their tokens count as computed, so its prefill starts after them
-    reused: int = 0
+    recompute: Recompute = field(default_factory=Recompute)  # preemption's and the prefix cache's part
     penalty: PenaltyRow | None = None  # when its request has a penalty (apar/engine/penalties.py)
 
     @property
@@ -97,7 +105,7 @@ class Thread:
     def target(self) -> int:
         """The kv tokens that must be in the cache: all of a running thread's, and of a finished one the
         part a running descendant still reads while it is being recomputed."""
-        return len(self.kv_tokens) if self.running else self.recompute_to
+        return len(self.kv_tokens) if self.running else self.recompute.to
 
     @property
     def live(self) -> bool:
@@ -119,9 +127,9 @@ class Thread:
     def forget_kv(self) -> None:
         """Its KV is gone (the request was preempted): nothing computed, no slots, unknown to the ledger
         (the context table takes its row back at the next step)."""
-        self.recompute_mark = max(self.recompute_mark, self.computed)
+        self.recompute.mark = max(self.recompute.mark, self.computed)
         self.computed = 0
-        self.reused = 0
+        self.recompute.reused = 0
         self.ctx.n_ctx = 0
         self.ctx.new_slots.clear()
         self.in_ledger = False

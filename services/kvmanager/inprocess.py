@@ -5,7 +5,7 @@ import secrets
 
 from services.kvmanager.manager import KVManager
 from services.kvmanager.records import StaleSession, StoreUnavailable, UnknownWorker, WorkerIdTaken, WorkerSpec
-from services.kvmanager.replication import Ack, Batch, ReplicaUnavailable, WorkerFenced, WorkerForgotten
+from services.kvmanager.replication import Ack, LogBatch, ReplicaUnavailable, WorkerFenced, WorkerForgotten
 
 
 class InProcessClient:
@@ -34,7 +34,7 @@ class InProcessClient:
     def heartbeat(self) -> bool:
         return self.manager.heartbeat(self.spec.worker_id, self.session)
 
-    def send(self, batch: Batch) -> Ack:
+    def send(self, batch: LogBatch) -> Ack:
         """One message; raises ReplicaUnavailable when the store is away (send again later),
         WorkerForgotten when the manager holds no ledger for this worker, of this session."""
         try:

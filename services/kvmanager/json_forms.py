@@ -20,7 +20,7 @@ from apar.engine.kv.ledger import LedgerError
 from apar.engine.kv.ops import Op, op_from_json
 from services.kvmanager.records import WorkerRecord, WorkerSpec
 from services.kvmanager.replica import ReplicaLedger
-from services.kvmanager.replication import Step
+from services.kvmanager.replication import LogEntry
 
 
 def _dumps(obj) -> str:
@@ -39,7 +39,7 @@ def ops_from_bytes(data: bytes) -> list[Op]:
     return [op_from_json(item) for item in items]
 
 
-def entry_to_json(n: int, steps: list[Step]) -> str:
+def entry_to_json(n: int, steps: list[LogEntry]) -> str:
     """A log entry; a step's ops go in as they came from the worker when the manager has them (`raw`:
     JSON the manager parsed and checked), saving the encoding of every op of every step."""
     parts = [f"[{s.seq},{s.raw.decode() if s.raw is not None else _dumps([op.to_json() for op in s.ops])}]"

@@ -31,7 +31,7 @@ from services.kvmanager.records import (Applied, BadRequest, ResyncParts, StaleS
                                         UnknownWorker, Usage, WorkerIdTaken, WorkerRecord, WorkerSpec, add_part,
                                         apply_batch, check_batch, check_worker_id)
 from services.kvmanager.replica import ReplicaLedger
-from services.kvmanager.replication import Ack, Batch, Resync
+from services.kvmanager.replication import Ack, LogBatch, Resync
 
 if TYPE_CHECKING:
     from services.kvmanager.metrics import KVMetrics
@@ -113,7 +113,7 @@ class KVManager:
         return rec.expires_at > self.clock()
 
     # ---- the replicas -----------------------------------------------------------------------------
-    def submit(self, worker_id: str, batch: Batch) -> Ack:
+    def submit(self, worker_id: str, batch: LogBatch) -> Ack:
         """Apply one message of a worker (`records.apply_batch`) and answer at once; the writer's next
         round puts it in Redis (`flush` waits for that)."""
         if worker_id not in self._workers:  # (a registered one was checked when it registered)
@@ -132,7 +132,7 @@ class KVManager:
             self._store.wake()
         return ack
 
-    def _assemble(self, worker_id: str, batch: Batch) -> Batch | None:
+    def _assemble(self, worker_id: str, batch: LogBatch) -> LogBatch | None:
         """Keep one part of a resync (`records.add_part`); with the last, the whole batch (the snapshot
         decoded outside the memory lock). StaleSession for another session's parts."""
         p = batch.part
@@ -147,7 +147,7 @@ class KVManager:
             ledger = snapshot_from_parts(data)
         except ValueError as exc:
             raise BadRequest(f"resync: {exc}") from None
-        return Batch(batch.session, batch.steps, Resync(p.seq, ledger))
+        return LogBatch(batch.session, batch.steps, Resync(p.seq, ledger))
 
     def flush(self) -> None:
         """Write what the messages applied so far changed to Redis now (a round of the caller's own);
@@ -158,7 +158,7 @@ class KVManager:
         """Stop the writer thread, then write the last round (a graceful stop loses nothing)."""
         self._store.close()
 
-    def _apply(self, worker_id: str, batch: Batch) -> Ack:
+    def _apply(self, worker_id: str, batch: LogBatch) -> Ack:
         rec = self._record(worker_id)
         applied = apply_batch(rec, batch)
         self._applied(rec, applied)

@@ -2,7 +2,7 @@
 
 Data flows: a worker's `Register` becomes a checked `WorkerSpec`; the manager keeps one `WorkerRecord`
 per worker (its spec, its `ReplicaLedger`, the worker's session and the last step applied); a
-worker's `Batch` goes through `apply_batch` (the rules are in `replication`'s docstring); the store
+worker's `LogBatch` goes through `apply_batch` (the rules are in `replication`'s docstring); the store
 persists a record as a snapshot plus a log of entries, one per message. Every check a client's input
 needs is here, so the gRPC servicer and the in-process caller get the same INVALID_ARGUMENT answers.
 """
@@ -15,7 +15,7 @@ from apar.engine.kv.ledger import LedgerError
 from apar.engine.kv.ops import OPS, Op
 from apar.engine.kv.step import apply
 from services.kvmanager.replica import ReplicaLedger
-from services.kvmanager.replication import Ack, Batch, ResyncPart, Step
+from services.kvmanager.replication import Ack, LogBatch, ResyncPart, LogEntry
 
 MAX_ID_CHARS = 128  # worker ids (part of Redis keys)
 MAX_ADDRESS_CHARS = 256
@@ -109,7 +109,7 @@ def check_ops(ops: list[Op], where: str = "", each: bool = True) -> list[Op]:
     return ops
 
 
-def check_batch(batch: Batch) -> Batch:
+def check_batch(batch: LogBatch) -> LogBatch:
     """A session, consecutive step numbers from 1 up, at most MAX_STEPS of them, ops that can be ops."""
     if batch.session <= 0:
         raise BadRequest("session must be 1 or more")
@@ -173,13 +173,13 @@ class Applied:
     """What one message did to a record: its answer, the steps applied (the log entry), a resync."""
 
     ack: Ack | None = None  # set before `apply_batch` returns
-    steps: list[Step] = field(default_factory=list)
+    steps: list[LogEntry] = field(default_factory=list)
     resynced: bool = False
     duplicates: int = 0
     freed: int = 0
 
 
-def apply_batch(rec: WorkerRecord, batch: Batch) -> Applied:
+def apply_batch(rec: WorkerRecord, batch: LogBatch) -> Applied:
     """Apply one message of a worker to its replica by the rules in `replication`'s docstring; raises
     StaleSession, changing nothing, for a message of a session the worker id is not bound to."""
     if batch.session != rec.session:

@@ -5,9 +5,9 @@ cross-worker view and restart recovery). Every allocation is made by the pool's 
 worker, by the ledger's deterministic rule; the replica replays the same ops and never allocates on its
 own, so a block can neither be lost nor handed to two threads by the replication. Data flows one way:
 
-    engine --ops--> StepLog.apply (local ledger first: the slots, at once)
-                    -> Step(seq, compact ops, digest) queued, unacknowledged
-    sender --Batch(session, [Resync], steps)--> manager: apply_batch -> Ack(applied, digest, resync)
+    engine --ops--> ReplicationLog.apply (local ledger first: the slots, at once)
+                    -> LogEntry(seq, compact ops, digest) queued, unacknowledged
+    sender --LogBatch(session, [Resync], steps)--> manager: apply_batch -> Ack(applied, digest, resync)
     sender <--Ack-- drops the acknowledged steps; a resync flag, a digest that differs or a gap it cannot
                     fill makes it send a snapshot of its ledger instead (`Resync`), which the manager
                     takes wholesale
@@ -36,7 +36,7 @@ from itertools import islice
 
 from apar.engine.kv.ledger import Digest, KVLedger
 from apar.engine.kv.ops import Op
-from apar.engine.kv.step import StepAnswer, apply, record
+from apar.engine.kv.step import OpResults, apply, record
 
 
 class ReplicaUnavailable(ConnectionError):
@@ -53,7 +53,9 @@ class WorkerFenced(RuntimeError):
 
 
 @dataclass(slots=True)  # not frozen: a replica builds thousands a second, and a frozen init costs 4x
-class Step:
+class LogEntry:
+    """One engine step in the log: its number, its ops (compact) and the worker's digest after it."""
+
     seq: int
     ops: list[Op]
     digest: Digest  # the worker's ledger right after this step
@@ -79,9 +81,11 @@ class ResyncPart:
 
 
 @dataclass(frozen=True, slots=True)
-class Batch:
+class LogBatch:
+    """What the sender hands the manager in one message: log entries in order, maybe a resync first."""
+
     session: int  # the worker's replication session: a new one per ledger that starts empty
-    steps: list[Step]
+    steps: list[LogEntry]
     resync: Resync | None = None
     part: ResyncPart | None = None  # at the manager: a resync still coming in parts (`resync` is None)
 
@@ -93,7 +97,7 @@ class Ack:
     resync: bool = False  # the replica cannot go on from these steps: send a snapshot
 
 
-class StepLog:
+class ReplicationLog:
     """A worker's ledger and the numbered steps that replay it, kept until the replica acknowledges them.
 
     The engine's side is `LocalKV`'s (`apply`, `defer`, `flush`); the sender's side is `batch` and
@@ -109,14 +113,14 @@ class StepLog:
         self.clock = clock
         self.seq = 0  # the last step made
         self.acked_seq = 0  # the last step the replica acknowledged
-        self.unacked: deque[Step] = deque()
+        self.unacked: deque[LogEntry] = deque()
         self.resync: Resync | None = None  # a snapshot sent, not yet acknowledged
         self.want_resync = False
         self._ends: list[Op] = []
         self._digest = ledger.digest()  # the ledger's after step `seq`
 
     # ---- the engine's side ----------------------------------------------------------------------------
-    def apply(self, ops: list[Op]) -> StepAnswer:
+    def apply(self, ops: list[Op]) -> OpResults:
         answer, compact = record(self.ledger, ops)
         if answer.error:
             raise RuntimeError(f"KV ledger refused an op: {answer.error}")
@@ -141,7 +145,7 @@ class StepLog:
     def _push(self, ops: list[Op]) -> None:
         self.seq += 1
         self._digest = self.ledger.digest()
-        self.unacked.append(Step(self.seq, ops, self._digest, self.clock()))
+        self.unacked.append(LogEntry(self.seq, ops, self._digest, self.clock()))
 
     # ---- the sender's side ----------------------------------------------------------------------------
     def lag(self) -> tuple[int, float]:
@@ -149,18 +153,18 @@ class StepLog:
         oldest = self.resync.at if self.resync is not None else self.unacked[0].at if self.unacked else None
         return self.seq - self.acked_seq, 0.0 if oldest is None else self.clock() - oldest
 
-    def batch(self) -> Batch | None:
+    def batch(self) -> LogBatch | None:
         """What to send now: a snapshot if one is wanted or unacknowledged, then the unacknowledged
         steps (at most `max_batch_steps`); None when the replica has everything."""
         if self.want_resync:
             self._snapshot()
         if not self.unacked and self.resync is None:
             return None
-        return Batch(self.session, list(islice(self.unacked, self.max_batch_steps)), self.resync)
+        return LogBatch(self.session, list(islice(self.unacked, self.max_batch_steps)), self.resync)
 
-    def probe(self) -> Batch:
+    def probe(self) -> LogBatch:
         """An empty batch: its ack tells whether the replica still matches (sent when idle)."""
-        return self.batch() or Batch(self.session, [])
+        return self.batch() or LogBatch(self.session, [])
 
     def _snapshot(self) -> None:
         """Replace every unacknowledged step (and the deferred ends) by the ledger as it is now."""

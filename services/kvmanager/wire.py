@@ -15,7 +15,7 @@ from apar.protogen import stubs
 from services.kvmanager.json_forms import (ops_from_bytes, ops_to_bytes, snapshot_from_bytes, snapshot_parts,
                                       snapshot_to_bytes)
 from services.kvmanager.records import BadRequest, Usage, WorkerSpec
-from services.kvmanager.replication import Ack, Batch, Resync, ResyncPart, Step
+from services.kvmanager.replication import Ack, LogBatch, Resync, ResyncPart, LogEntry
 
 K = stubs().kvmanager_pb2
 
@@ -32,7 +32,7 @@ def digest_to_pb(d: Digest):
                     next_free=d.next_free, named=d.named, contents=d.contents)
 
 
-def batch_from_pb(req) -> Batch:
+def batch_from_pb(req) -> LogBatch:
     steps = []
     for i, s in enumerate(req.steps):
         raw = s.ops
@@ -40,7 +40,7 @@ def batch_from_pb(req) -> Batch:
             ops = ops_from_bytes(raw)
         except ValueError as exc:
             raise BadRequest(f"step {i}: {exc}") from None
-        steps.append(Step(s.seq, ops, digest_from_pb(s.digest), raw=raw))
+        steps.append(LogEntry(s.seq, ops, digest_from_pb(s.digest), raw=raw))
     resync = part = None
     if req.HasField("resync") and req.resync.parts:  # one part of it: the manager puts them together
         r = req.resync
@@ -51,10 +51,10 @@ def batch_from_pb(req) -> Batch:
         except ValueError as exc:
             raise BadRequest(f"resync: the ledger is not JSON: {exc}") from None
         resync = Resync(req.resync.seq, ledger)
-    return Batch(req.session, steps, resync, part)
+    return LogBatch(req.session, steps, resync, part)
 
 
-def batch_to_pbs(worker_id: str, batch: Batch) -> list:
+def batch_to_pbs(worker_id: str, batch: LogBatch) -> list:
     """The messages a batch travels in, in order: one, or with a resync, one per part of its snapshot
     (compressed; the last part with the steps), so a pool of any size resyncs under the message cap."""
     if batch.resync is None:
@@ -66,7 +66,7 @@ def batch_to_pbs(worker_id: str, batch: Batch) -> list:
             for i, data in enumerate(parts)]
 
 
-def batch_to_pb(worker_id: str, batch: Batch):
+def batch_to_pb(worker_id: str, batch: LogBatch):
     msg = K.StepBatch(worker_id=worker_id, session=batch.session,
                       steps=[K.Step(seq=s.seq, ops=ops_to_bytes(s.ops), digest=digest_to_pb(s.digest))
                              for s in batch.steps])

@@ -26,11 +26,11 @@ import grpc
 from apar.engine.errors import UserError
 from apar.engine.params import SamplingParams
 from apar.protogen import stubs
+from apar.text.prompt import encode_prompt
+from apar.text.stream import Final, RequestStream, StreamItem
 from services.protocol.wire import events_from_pb, params_to_pb
 from services.router.guard import Caller, Guard, Refused, Ticket, current_caller
 from services.router.metrics import RouterMetrics
-from services.router.prompt import encode_prompt
-from services.router.stream import Final, RequestStream, StreamItem
 from services.router.workers import WorkerDirectory
 
 log = logging.getLogger(__name__)

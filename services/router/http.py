@@ -36,13 +36,13 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from apar.text.stitch import ThreadDelta
+from apar.text.stream import Final, LinearDelta
 from services.router.gateway import Gateway, GatewayError, Job
 from services.router.guard import current_caller
 from services.router.http_server import HttpGuard
 from services.router.openai_request import (CHAT_FIELDS, COMPLETION_FIELDS, ApiError, check_names, is_unicode,
                                             read_messages, read_params, read_prompt, read_stop)
-from services.router.stitch import ThreadDelta
-from services.router.stream import Final, LinearDelta
 
 log = logging.getLogger(__name__)
 

@@ -17,12 +17,12 @@ import grpc
 
 from apar.engine.errors import UserError
 from apar.protogen import stubs
+from apar.text.stitch import ThreadDelta
+from apar.text.stream import Final, LinearDelta
 from services.grpc_common import abort_unless_gone, add_health_and_reflection, add_servicer, write_unless_gone
 from services.protocol.wire import params_from_pb
 from services.router.gateway import Gateway, GatewayError
 from services.router.guard import GrpcGuard, Guard, grpc_server_options
-from services.router.stitch import ThreadDelta
-from services.router.stream import Final, LinearDelta
 from services.security import TLSFiles, open_port
 
 log = logging.getLogger(__name__)

@@ -24,8 +24,8 @@ import time
 
 from apar.engine.kv.ledger import KVLedger
 from apar.engine.kv.ops import Op
-from apar.engine.kv.step import StepAnswer
-from services.kvmanager.replication import ReplicaUnavailable, StepLog, WorkerFenced, WorkerForgotten
+from apar.engine.kv.step import OpResults
+from services.kvmanager.replication import ReplicaUnavailable, ReplicationLog, WorkerFenced, WorkerForgotten
 from services.repeating import RepeatingWarning
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class RemoteKV:
         self.client = client  # KVManagerClient (gRPC) or the in-process manager's client
         self.max_lag_steps, self.max_lag_s, self.wait_s = max_lag_steps, max_lag_s, wait_s
         self.send_every_s, self.probe_every_s = send_every_s, probe_every_s
-        self.outbox = StepLog(ledger, client.session, max_batch_steps)
+        self.outbox = ReplicationLog(ledger, client.session, max_batch_steps)
         self.on_round_trip = None  # Callable[[float], None]: each answered batch's round trip, in seconds
         self.on_lag = None  # Callable[[float], None]: each acknowledged step's lag, in seconds
         self.blocked_s = 0.0  # time the engine spent waiting on the lag bound
@@ -83,7 +83,7 @@ class RemoteKV:
         self._sender.start()
 
     # ---- the engine's thread ------------------------------------------------------------------------
-    def apply(self, ops: list[Op]) -> StepAnswer:
+    def apply(self, ops: list[Op]) -> OpResults:
         with self._cv:
             self._within_lag()
             answer = self.outbox.apply(ops)

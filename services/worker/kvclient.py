@@ -24,7 +24,7 @@ import grpc
 
 from apar.protogen import stubs
 from services.kvmanager.wire import ack_from_pb, batch_to_pbs
-from services.kvmanager.replication import Ack, Batch, ReplicaUnavailable, WorkerFenced, WorkerForgotten
+from services.kvmanager.replication import Ack, LogBatch, ReplicaUnavailable, WorkerFenced, WorkerForgotten
 from services.kvmanager.shards import parse_shards, shard_for
 from services.repeating import RepeatingWarning
 from services.security import open_channel
@@ -121,7 +121,7 @@ class KVManagerClient:
                 self._beat_failing.failed("beat", exc.code().name, "heartbeat to the KV manager failed: %s",
                                           exc.code().name)
 
-    def send(self, batch: Batch) -> Ack:
+    def send(self, batch: LogBatch) -> Ack:
         """One batch on the open stream (opened first if need be) and its ack: a resync goes in parts, each
         answered, under the message cap (`wire.batch_to_pbs`); the last part's answer is the batch's."""
         if self.forgotten:

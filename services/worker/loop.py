@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 
-from apar.engine.engine import Engine, StepResult
+from apar.engine.engine import Engine, EngineOutput
 from apar.engine.events import Event, FinishReason, RequestFinished
 from apar.engine.params import SamplingParams
 from services.worker.kv import MANAGER_UNAVAILABLE, KVManagerUnavailable
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 INTERNAL_ERROR = "internal engine error"  # the error of the requests a failed step ends
 Sink = Callable[[list[Event]], None]
-OnStep = Callable[[Engine, "float | None", "StepResult | None"], None]
+OnStep = Callable[[Engine, "float | None", "EngineOutput | None"], None]
 
 
 class EngineLoop:
@@ -190,7 +190,7 @@ class EngineLoop:
                     events.append(RequestFinished(rid, reason, req.usage, req.error))
         self._dispatch(events)
 
-    def _report(self, seconds: float | None, result: StepResult | None) -> None:
+    def _report(self, seconds: float | None, result: EngineOutput | None) -> None:
         if self._on_step is None:
             return
         try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from apar.engine.engine import Engine, StepResult
+from apar.engine.engine import Engine, EngineOutput
 
 STEP_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 RTT_SECONDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -75,7 +75,7 @@ class WorkerMetrics:
         self._depths: dict[int, int] = {}
         self._hooked = None
 
-    def on_step(self, engine: Engine, seconds: float | None, result: StepResult | None) -> None:
+    def on_step(self, engine: Engine, seconds: float | None, result: EngineOutput | None) -> None:
         """After a step (on the engine loop's thread), or with seconds/result None while idle."""
         self._hook(engine)
         sched = engine.scheduler

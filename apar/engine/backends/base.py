@@ -1,7 +1,7 @@
 """What every attention backend gets from the engine, and what they share.
 
-Data flow, once per step: the step builder (`apar/engine/step_builder.py`) turns the step's work into
-a `StepData`: the flat batch on the device and, per thread that computes tokens, where its context is (a
+Data flow, once per step: the input builder (`apar/engine/input_builder.py`) turns the step's work into
+a `ModelInputs`: the flat batch on the device and, per thread that computes tokens, where its context is (a
 row of the context table and a length) and, on the host, its context as *runs* of positions by the thread
 that wrote them (`Run`). The backend's `prepare(step)` turns that into its own metadata once; every layer
 then calls `attend(meta, query, k_pool, v_pool, scaling, window)`.
@@ -67,7 +67,7 @@ class ChunkQuery:
 
 
 @dataclass(slots=True)
-class StepData:
+class ModelInputs:
     """One step's batch. input_ids, positions: [N] int32; write_slots: [N] int64 (the slot each token's
     K/V goes to); sample_rows: [S] int64 rows whose logits are sampled."""
 
@@ -118,7 +118,7 @@ class AttentionBackend:
     graphs = False
     uses_runs = False
 
-    def prepare(self, step: StepData, fixed: bool = False):
+    def prepare(self, step: ModelInputs, fixed: bool = False):
         """The step's metadata, built once (never per layer). `fixed`: a CUDA graph replays this step
         (`DecodeGraphs`), so a backend whose sizes vary per step keeps them fixed per thread count; it may
         answer None when the step does not fit them (the step then runs eagerly)."""
@@ -131,7 +131,7 @@ class AttentionBackend:
 
     # ---- shared: chunks ----------------------------------------------------------------------------
     @staticmethod
-    def prepare_chunks(step: StepData) -> list[ChunkMeta]:
+    def prepare_chunks(step: ModelInputs) -> list[ChunkMeta]:
         table = step.contexts.table
         return [ChunkMeta(c, table[c.table_row, : c.length].long()) for c in step.chunks]
 

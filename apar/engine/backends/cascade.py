@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from apar.engine.backends.base import (AttentionBackend, ChunkMeta, Run, StepData, attention_with_lse,
+from apar.engine.backends.base import (AttentionBackend, ChunkMeta, ModelInputs, Run, attention_with_lse,
                                            merge_by_lse)
 from apar.engine.backends.portable import gather_contexts
 
@@ -177,7 +177,7 @@ class CascadeBackend(AttentionBackend):
         self.min_saved_bytes = MIN_SAVED_BYTES if min_saved_bytes is None else min_saved_bytes
         self.shared_steps = 0  # steps that attended some span once for several threads
 
-    def prepare(self, step: StepData, fixed: bool = False) -> CascadeMeta:
+    def prepare(self, step: ModelInputs, fixed: bool = False) -> CascadeMeta:
         chunks = self.prepare_chunks(step)
         d = step.decode
         if d is None:
@@ -264,7 +264,7 @@ def _gather(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return pool.index_select(1, slots.view(-1)).view(pool.shape[0], parts, width, pool.shape[2])
 
 
-def _expand(step: StepData, families: list[list[list[Span]]], extra: list[list[int]]
+def _expand(step: ModelInputs, families: list[list[list[Span]]], extra: list[list[int]]
             ) -> tuple[Parts | None, ...]:
     """Padded slot tables of each family of parts (a part: a list of spans), built on the device from
     the spans alone (the host sends O(spans) ints, never a context's slots), in one upload with `extra`

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from apar.engine.backends.base import AttentionBackend, ChunkMeta, StepData
+from apar.engine.backends.base import AttentionBackend, ChunkMeta, ModelInputs
 
 KV_BLOCK = 128  # slots per block of the block mask; the pool is allocated in whole multiples of it
 QUERIES = 16  # threads per element: one kernel block of queries (a request's threads read a prefix once)
@@ -99,7 +99,7 @@ class FlexMeta:
     elements: int  # E (padded)
     masks: _Masks | None
     chunks: list[ChunkMeta]
-    step: StepData | None = None
+    step: ModelInputs | None = None
     backend: "FlexBackend | None" = None
     element_of: torch.Tensor | None = None  # [T] each decode query's element
 
@@ -124,7 +124,7 @@ class FlexBackend(AttentionBackend):
         self._version = -1
         self._flex = flex_attention_fn()
 
-    def prepare(self, step: StepData, fixed: bool = False) -> FlexMeta:
+    def prepare(self, step: ModelInputs, fixed: bool = False) -> FlexMeta:
         self.slot_pos[step.write_slots] = step.positions
         chunks = self.prepare_chunks(step)
         d = step.decode
@@ -152,7 +152,7 @@ class FlexBackend(AttentionBackend):
             self.fill(step, masks, elements, elem_t, window)
         return FlexMeta(d.rows, where, elements, masks, chunks, step, self, elem_t)
 
-    def fill(self, step: StepData, masks: _Masks, elements: int, elem: torch.Tensor, window: int | None) -> None:
+    def fill(self, step: ModelInputs, masks: _Masks, elements: int, elem: torch.Tensor, window: int | None) -> None:
         """The block tables of `window` for this step: which pool blocks each element visits."""
         d = step.decode
         n_kv = self.slot_pos.numel() // KV_BLOCK

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from apar.engine.backends.base import AttentionBackend, ChunkMeta, StepData
+from apar.engine.backends.base import AttentionBackend, ChunkMeta, ModelInputs
 
 
 @dataclass(slots=True)
@@ -35,7 +35,7 @@ class PortableMeta:
         return self.biases[key]
 
 
-def gather_contexts(step: StepData) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_contexts(step: ModelInputs) -> tuple[torch.Tensor, torch.Tensor]:
     """(slots [T, C] int64 with padding -> 0, keep [T, C] bool) of the decoding threads."""
     d = step.decode
     width = d.max_len
@@ -50,7 +50,7 @@ class PortableBackend(AttentionBackend):
 
     name = "portable"
 
-    def prepare(self, step: StepData, fixed: bool = False) -> PortableMeta:
+    def prepare(self, step: ModelInputs, fixed: bool = False) -> PortableMeta:
         chunks = self.prepare_chunks(step)
         if step.decode is None:
             return PortableMeta(None, None, None, chunks)

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from apar.engine.backends import cascade
-from apar.engine.backends.base import AttentionBackend, ChunkMeta, StepData
+from apar.engine.backends.base import AttentionBackend, ChunkMeta, ModelInputs
 from apar.engine.backends.cascade import CascadePlan, Span, plan_cascade
 
 SPLIT = 256  # positions per work item at most (a longer span is cut): each program's share of a context
@@ -157,7 +157,7 @@ class TritonBackend(AttentionBackend):
         self._partial, self._merge = kernels(self.interpret)
 
     # ---- per step ----------------------------------------------------------------------------------
-    def prepare(self, step: StepData, fixed: bool = False) -> TritonMeta | None:
+    def prepare(self, step: ModelInputs, fixed: bool = False) -> TritonMeta | None:
         """The step's work items; `fixed`: in a graph's buffers (fixed grids, refilled in place), or None
         when they cannot hold them (the step runs eagerly)."""
         chunks = self.prepare_chunks(step)

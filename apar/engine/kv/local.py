@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from apar.engine.kv.ledger import KVLedger
 from apar.engine.kv.ops import Op
-from apar.engine.kv.step import StepAnswer, apply
+from apar.engine.kv.step import OpResults, apply
 
 
 class LocalKV:
@@ -19,7 +19,7 @@ class LocalKV:
     def __init__(self, ledger: KVLedger) -> None:
         self.ledger = ledger
 
-    def apply(self, ops: list[Op]) -> StepAnswer:
+    def apply(self, ops: list[Op]) -> OpResults:
         answer = apply(self.ledger, ops)
         if answer.error:
             raise RuntimeError(f"KV ledger refused an op: {answer.error}")

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, ClassVar
 from apar.engine.kv.ledger import KVLedger, OutOfBlocks, ThreadRef
 
 if TYPE_CHECKING:
-    from apar.engine.kv.step import StepAnswer
+    from apar.engine.kv.step import OpResults
 
 MAX_REQUEST_CHARS = 256  # a request id, in an op
 MAX_THREAD = (1 << 32) - 1
@@ -91,7 +91,7 @@ class _Op:
         """ValueError unless a worker could send this op (ids and counts within their limits)."""
         raise NotImplementedError
 
-    def apply_to(self, ledger: KVLedger, answer: StepAnswer, starved: set[str], slots: bool) -> None:
+    def apply_to(self, ledger: KVLedger, answer: OpResults, starved: set[str], slots: bool) -> None:
         """Change the ledger (LedgerError if it refuses); see `apply` for `starved` and `slots`."""
         raise NotImplementedError
 

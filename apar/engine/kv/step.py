@@ -15,17 +15,19 @@ from apar.engine.kv.ops import Advance, Append, AppendEach, Fork, Name, Op, Rele
 
 
 @dataclass(slots=True)
-class StepAnswer:
+class OpResults:
+    """What applying a list of ops gave: per append, its slots (block, offset) in order; the blocks freed."""
+
     appends: list[list[tuple[int, int]] | None] = field(default_factory=list)  # None: out of blocks
     freed: list[int] = field(default_factory=list)
     error: str | None = None  # an op the ledger refused; the ops after it were not applied
 
 
-def apply(ledger: KVLedger, ops: list[Op], slots: bool = True) -> StepAnswer:
+def apply(ledger: KVLedger, ops: list[Op], slots: bool = True) -> OpResults:
     """Apply ops in order. An append that does not fit changes nothing and answers None; every op of
     that request after it is skipped (its worker ends the request), the other requests go on. A replica
     (it writes no KV) passes `slots=False`: its appends answer empty lists."""
-    answer = StepAnswer()
+    answer = OpResults()
     starved: set[str] = set()
     for op in ops:
         if not _apply_one(ledger, op, answer, starved, slots):
@@ -33,7 +35,7 @@ def apply(ledger: KVLedger, ops: list[Op], slots: bool = True) -> StepAnswer:
     return answer
 
 
-def _apply_one(ledger: KVLedger, op: Op, answer: StepAnswer, starved: set[str], slots: bool = True) -> bool:
+def _apply_one(ledger: KVLedger, op: Op, answer: OpResults, starved: set[str], slots: bool = True) -> bool:
     """One op of `apply`; False when the ledger refused it (`answer.error` says why)."""
     if not isinstance(op, _Op):
         answer.error = f"unknown op {op!r}"
@@ -46,7 +48,7 @@ def _apply_one(ledger: KVLedger, op: Op, answer: StepAnswer, starved: set[str], 
     return True
 
 
-def record(ledger: KVLedger, ops: list[Op]) -> tuple[StepAnswer, list[Op]]:
+def record(ledger: KVLedger, ops: list[Op]) -> tuple[OpResults, list[Op]]:
     """`apply(ledger, ops)`, and the same step compact: `[Advance(held), AppendEach(threads), *the other ops
     in order]`.
 
@@ -69,7 +71,7 @@ def record(ledger: KVLedger, ops: list[Op]) -> tuple[StepAnswer, list[Op]]:
     opening: list[ThreadRef] = []
     movable = True  # no op so far took, freed or cached a block, but the folded appends
     rest: list[Op] = []
-    answer = StepAnswer()
+    answer = OpResults()
     for op in ops:
         kind = type(op)
         if kind is Append:

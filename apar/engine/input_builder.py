@@ -1,4 +1,4 @@
-"""From the step's work to the backend-neutral `StepData`: the flat batch and where each context is.
+"""From the step's work to the backend-neutral `ModelInputs`: the flat batch and where each context is.
 
 Data flow: the scheduler plans `Work` (thread, n tokens), the engine allocates their slots in the ledger
 and pushes them into the context table (`ContextTable.push`, `fork`); `build` then walks the work once,
@@ -9,7 +9,7 @@ upload each. Per-step host work is proportional to the tokens computed, never to
 """
 from __future__ import annotations
 
-from apar.engine.backends.base import ChunkQuery, DecodeQueries, Run, StepData
+from apar.engine.backends.base import ChunkQuery, DecodeQueries, ModelInputs, Run
 from apar.engine.context_table import ContextTable
 from apar.engine.scheduler import Work
 from apar.engine.sequence import Request, Thread
@@ -27,12 +27,12 @@ def context_runs(t: Thread, length: int) -> tuple[Run, ...]:
     return tuple(reversed(runs))
 
 
-class StepBuilder:
+class InputBuilder:
     def __init__(self, contexts: ContextTable) -> None:
         self.contexts = contexts
 
-    def build(self, work: list[Work], with_runs: bool) -> tuple[StepData, list[tuple[Request, Thread]]]:
-        """The step's data (before the engine counts the tokens as computed) and, in row order, the
+    def build(self, work: list[Work], with_runs: bool) -> tuple[ModelInputs, list[tuple[Request, Thread]]]:
+        """The model inputs (before the engine counts the tokens as computed) and, in row order, the
         (request, thread) of each sampled row. `with_runs`: the backend groups threads by their runs."""
         ids: list[int] = []
         positions: list[int] = []
@@ -76,5 +76,5 @@ class StepBuilder:
         decode = None
         if d_rows:
             decode = DecodeQueries(rows_t, table_t, lens_t, d_rows, d_table, d_lens, families, runs)
-        step = StepData(ids_t, pos_t, writes_t.long(), sample_t.long(), decode, chunks, self.contexts)
+        step = ModelInputs(ids_t, pos_t, writes_t.long(), sample_t.long(), decode, chunks, self.contexts)
         return step, samplers

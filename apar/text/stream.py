@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from apar.engine.events import Event, RequestFinished, ThreadFinished, ThreadStarted, TokenEvent
-from services.router.stitch import Stitcher, ThreadDelta
+from apar.text.stitch import Stitcher, ThreadDelta
 
 STREAM_MODES = ("linear", "threads", "final")
 
