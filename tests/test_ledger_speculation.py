@@ -1,6 +1,6 @@
 """Rolling back a rejected draft in the KV ledger (`KVLedger.truncate`, the `Truncate` op): exact block ids
 and free order, the refusals that keep I3, and (hypothesis) engine-like steps with drafts, rejections
-and block boundaries through the worker's real outbox (`StepLog`) to the KV manager's replica over the
+and block boundaries through the worker's real outbox (`ReplicationLog`) to the KV manager's replica over the
 JSON wire: the invariants hold after every step on both sides, the replica equals the worker's ledger,
 and nothing leaks."""
 from __future__ import annotations
@@ -16,7 +16,7 @@ from apar.engine.kv.ops import Append, Finish, Fork, Name, Release, Start, Trunc
 from apar.engine.kv.step import apply
 from services.kvmanager.json_forms import ops_from_bytes, ops_to_bytes
 from services.kvmanager.replica import ReplicaLedger
-from services.kvmanager.replication import Ack, StepLog
+from services.kvmanager.replication import Ack, ReplicationLog
 
 R = ThreadRef
 
@@ -85,7 +85,7 @@ class DraftingWorker:
 
     def __init__(self, rng: random.Random) -> None:
         self.rng = rng
-        self.log = StepLog(KVLedger(NUM_BLOCKS, BLOCK_SIZE), session=1)
+        self.log = ReplicationLog(KVLedger(NUM_BLOCKS, BLOCK_SIZE), session=1)
         self.replica = ReplicaLedger(NUM_BLOCKS, BLOCK_SIZE)
         self.running: dict[str, list[ThreadRef]] = {}
         self.next_thread: dict[str, int] = {}
