@@ -44,12 +44,14 @@ def rows_index(logits: torch.Tensor, picked: list[int]) -> slice | torch.Tensor:
 
 
 def choose_tokens(logits: torch.Tensor, samplers: list[tuple[Request, Thread]],
-                  eos_ids: frozenset[int] | set[int]) -> list[int | None]:
+                  eos_ids: frozenset[int] | set[int], skip: set[int] = frozenset()) -> list[int | None]:
     """One token per row of `logits` ([S, V], bans applied; row i for samplers[i]); None: a replayed
-    thread whose tokens ran out."""
+    thread whose tokens ran out, or a row in `skip` (a sampling thread's draft decides it, speculate.py)."""
     chosen: list[int | None] = [None] * len(samplers)
     greedy, by_request = [], {}
     for i, (req, t) in enumerate(samplers):
+        if i in skip:
+            continue
         if t.replay is not None:
             chosen[i] = t.replay.next_token(eos_ids)
         elif req.params.greedy:
