@@ -82,19 +82,24 @@ class TokenResults:
     def _apply_rounds(self, samplers: list[tuple[Request, Thread]], logits: torch.Tensor, drafts: list[DraftRows],
                       emitted: list[list[int | None]], tight: bool, result: EngineOutput) -> list[int]:
         """Apply the tokens in rounds: every thread's first token in row order (as without speculation),
-        then every thread's second, and so on: round r is what the step r later would have applied, so
-        the budget and the fork limits see the tokens in the same order as without drafts. A fork (a
-        new thread) in round r ends the request's rounds there: its child's first token would have
-        come in round r + 1, so no later token of that request is applied in this step (its threads
-        go on from there in the next step, the child with them). Returns how many tokens each
-        sampler's thread was given."""
+        then every thread's second, and so on, each answer's threads in lockstep (as many rounds as its
+        shortest run of tokens): round r is what the step r later would have applied, so the answer's
+        budget and fork limits see its tokens in the same order as without drafts. A fork (a new
+        thread) in round r ends the request's rounds there: its child's first token would have come in
+        round r + 1, so no later token of that request is applied in this step (its threads go on from
+        there in the next step, the child with them). Returns how many tokens each sampler's thread
+        was given."""
         rules = self.fork_rules
         first_row = {d.sampler: d.first_row for d in drafts}
         applied = [0] * len(samplers)
+        rounds: dict[tuple[str, int], int] = {}  # (request, answer) -> its rounds in this step
+        for i, (req, t) in enumerate(samplers):
+            key = (req.id, t.answer)
+            rounds[key] = min(rounds.get(key, len(emitted[i])), len(emitted[i]))
         last_round: dict[str, int] = {}  # request -> its last round, once a fork ended them
-        for r in range(max(map(len, emitted), default=0)):
+        for r in range(max(rounds.values(), default=0)):
             for i, (req, t) in enumerate(samplers):
-                if r >= len(emitted[i]) or r > last_round.get(req.id, r) or (r and not t.running):
+                if r >= rounds[(req.id, t.answer)] or r > last_round.get(req.id, r) or (r and not t.running):
                     continue
                 token = emitted[i][r]
                 row = logits[i] if r == 0 else logits[first_row[i] + r - 1]  # [V], the row it came from

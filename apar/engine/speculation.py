@@ -36,24 +36,32 @@ class Speculation:
     """Drafts planned, verified and settled (the `Engine` methods)."""
 
     def _plan_drafts(self, work: list[Work]) -> list[Work]:
-        """The decoding work with each thread's draft, where it may draft (the module's docstring)."""
+        """The decoding work with each thread's draft, where it may draft (the module's docstring). The
+        threads of one answer draft in lockstep: each as many tokens as the shortest draft among them
+        (none if one of them has none), since the tokens are applied in lockstep (`_apply_rounds`)."""
         if self.drafter is None or not work:
             return work
+        found: dict[int, list[int]] = {}  # work index -> its draft
+        shortest: dict[tuple[str, int], int] = {}  # (request, answer) -> its shortest draft
+        for i, w in enumerate(work):
+            t = w.thread
+            k = self._draft_limit(w)
+            draft = self.drafter.draft(context_tokens_upto(t, t.start_pos + len(t.kv_tokens)), k) if k > 0 else []
+            key = (w.request.id, t.answer)
+            shortest[key] = min(shortest.get(key, len(draft)), len(draft))
+            found[i] = draft
         room = self.config.max_batch_tokens - len(work)  # the step's tokens the drafts may take
         spare = self.ledger.num_free - sum(self.scheduler.blocks_needed(work).values()) - self.fork_rules.watermark
         out = []
-        for w in work:
-            k = min(self._draft_limit(w), room)
-            if k > 0 and spare >= 0:
-                t = w.thread
-                draft = self.drafter.draft(context_tokens_upto(t, t.start_pos + len(t.kv_tokens)), k)
-                if draft:
-                    ref = ThreadRef(w.request.id, t.id)
-                    opened = self.ledger.blocks_needed(ref, 1 + len(draft)) - self.ledger.blocks_needed(ref, 1)
-                    if opened <= spare:
-                        spare -= opened
-                        room -= len(draft)
-                        w = replace(w, draft=tuple(draft))
+        for i, w in enumerate(work):
+            draft = found[i][: min(shortest[(w.request.id, w.thread.answer)], room)]
+            if draft and spare >= 0:
+                ref = ThreadRef(w.request.id, w.thread.id)
+                opened = self.ledger.blocks_needed(ref, 1 + len(draft)) - self.ledger.blocks_needed(ref, 1)
+                if opened <= spare:
+                    spare -= opened
+                    room -= len(draft)
+                    w = replace(w, draft=tuple(draft))
             out.append(w)
         return out
 
