@@ -165,3 +165,19 @@ def test_the_replica_of_a_drafting_worker_equals_its_ledger(llama_dir, fork_stri
     deliver(None)
     assert replica.snapshot() == eng.ledger.snapshot() and replica.num_used == 0
     assert rollbacks > 5
+
+
+def test_worker_metrics_count_drafted_and_accepted_tokens(llama_dir, fork_string):
+    from services.worker.metrics import WorkerMetrics
+
+    eng = engine(llama_dir, fork_string, NGRAM)
+    metrics = WorkerMetrics("m")
+    eng.add_request(PROMPTS[0], SamplingParams(max_tokens=40, auto_parallel=False))
+    while eng.has_work():
+        metrics.on_step(eng, 0.01, eng.step())
+
+    def value(name: str) -> float:
+        return metrics.registry.get_sample_value(name, {"model_name": "m"})
+
+    assert value("apar_spec_decode_num_draft_tokens_total") == eng.spec_draft_tokens > 0
+    assert value("apar_spec_decode_num_accepted_tokens_total") == eng.spec_accepted_tokens > 0
