@@ -181,3 +181,23 @@ def test_worker_metrics_count_drafted_and_accepted_tokens(llama_dir, fork_string
 
     assert value("apar_spec_decode_num_draft_tokens_total") == eng.spec_draft_tokens > 0
     assert value("apar_spec_decode_num_accepted_tokens_total") == eng.spec_accepted_tokens > 0
+
+
+def test_sampled_answers_with_drafts_keep_the_rules_and_the_same_seed_repeats(llama_dir, fork_string):
+    """Sampling with drafts (the acceptance rule itself is tested on its own, with a chi-square test, in
+    tests/test_speculate.py): trees obey the fork rules, a seed gives the same answer twice."""
+    params = SamplingParams(max_tokens=80, temperature=0.3, seed=11, max_threads=5, max_depth=2)
+    eng = engine(llama_dir, fork_string, NGRAM)
+    first = run(eng, [(PROMPTS[0], params), (PROMPTS[2], SamplingParams(max_tokens=40, temperature=0.3, seed=5,
+                                                                        auto_parallel=False))])
+    again = run(eng, [(PROMPTS[0], params), (PROMPTS[2], SamplingParams(max_tokens=40, temperature=0.3, seed=5,
+                                                                        auto_parallel=False))])
+    assert [r["tokens"] for r in first.values()] == [r["tokens"] for r in again.values()]
+    assert eng.spec_draft_tokens > 0
+    for r in first.values():
+        assert r["finish"].usage.completion_tokens <= 80 and r["finish"].usage.threads <= 5
+        for thread, parent, anchor in r["started"]:
+            if parent is not None:
+                assert r["tokens"][parent][anchor] == eng.fork_id
+        for seq in r["tokens"].values():
+            assert eng.child_id not in seq
