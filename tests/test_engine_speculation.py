@@ -201,3 +201,49 @@ def test_sampled_answers_with_drafts_keep_the_rules_and_the_same_seed_repeats(ll
                 assert r["tokens"][parent][anchor] == eng.fork_id
         for seq in r["tokens"].values():
             assert eng.child_id not in seq
+
+
+def test_replayed_trees_with_drafts_feed_the_tree_and_match_the_plain_model(llama_dir):
+    """The golden test's replayed trees (tests/test_engine_golden.py), drafting: a replayed thread's
+    known tokens are its model's, so its drafts are checked against them; the engine feeds exactly the
+    trees, and every sampled and draft row equals the plain model's on its context."""
+    import random
+
+    from apar.engine.replay import random_tree
+
+    eng = Engine(llama_dir, EngineConfig(block_size=4, num_blocks=256, max_batch_tokens=32, speculate=NGRAM),
+                 keep_logits=True)
+    ref = AutoModelForCausalLM.from_pretrained(str(llama_dir), dtype=torch.float32)
+    rng = random.Random(7)
+    eos = next(iter(eng.eos_ids))
+    few = [i for i in range(5, 12) if i not in (eng.fork_id, eng.child_id, eos)]  # few tokens: n-grams repeat
+    trees = {}
+    for _ in range(3):
+        tree = random_tree(rng, few, eng.fork_id, depth=2, eos=eos)
+        trees[eng.add_request(rng.choices(few, k=12), SamplingParams(max_tokens=500), replay=tree)] = tree
+    worst, tokens = 0.0, {}
+    while eng.has_work():
+        res = eng.step()
+        pairs = [(ctx, logits) for ctx, logits in res.logits.values()]
+        pairs += [(ctx, logits) for _, _, ctx, logits in res.draft_logits]
+        for ctx, logits in pairs:
+            with torch.no_grad():
+                want = ref(input_ids=torch.tensor([ctx])).logits[0, -1]
+            worst = max(worst, (logits - want).abs().max().item())
+        for ev in res.events:
+            if isinstance(ev, TokenEvent):
+                tokens.setdefault((ev.request, ev.thread), []).append(ev.token)
+        eng.ledger.check()
+    assert worst < 1e-4
+    assert eng.spec_accepted_tokens > 10 and eng.ledger.num_used == 0
+    for rid, tree in trees.items():
+        order = []
+
+        def walk(node):
+            order.append([t for t in node.tokens if t != eos])
+            for c in node.children:
+                walk(c)
+
+        walk(tree)
+        got = [tokens.get((rid, i), []) for i in range(len(order))]
+        assert sorted(map(tuple, got)) == sorted(map(tuple, order))

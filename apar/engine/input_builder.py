@@ -37,6 +37,8 @@ class DraftRows:
     sampler: int
     draft: tuple[int, ...]
     first_row: int
+    replay_state: tuple | None = None  # a replayed thread's cursor before its draft was checked
+    replay_read: int = 0  # the known tokens read past its first one, checking the draft
 
 
 class InputBuilder:

@@ -66,11 +66,11 @@ class Speculation:
         return out
 
     def _draft_limit(self, w: Work) -> int:
-        """How many tokens the thread may draft now: none for a replayed or penalized thread (its logits
-        depend on more than its context) or after a control token (the [Fork] a child reads, or the
+        """How many tokens the thread may draft now: none for a penalized thread (its logits depend on
+        more than its context) or after a control token (the [Fork] a child reads, or the
         [Child] it starts with); otherwise K, less near the answer's budget and the model's context."""
         req, t = w.request, w.thread
-        if w.n != 1 or t.replay is not None or req.params.penalized or not t.in_ledger:
+        if w.n != 1 or req.params.penalized or not t.in_ledger:
             return 0
         if t.kv_tokens[-1] in (self.fork_id, self.child_id):
             return 0
@@ -93,7 +93,19 @@ class Speculation:
             self.fork_rules.ban_in_draft_rows(req, t, d.draft, rows)
             if req.params.ignore_eos:
                 rows[:, self._eos_list] = float("-inf")
-        greedy = [d for d in drafts if samplers[d.sampler][0].params.greedy]
+        for d in drafts:  # a replayed thread: its known tokens are the model's, read as far as they agree
+            t = samplers[d.sampler][1]
+            if t.replay is not None and emitted[d.sampler][0] != self.fork_id:  # (a [Fork] ends the run)
+                d.replay_state = t.replay.state()
+                out = emitted[d.sampler]
+                for tok in d.draft:  # draft[j] is a guess at out[j]: kept, the row after it gives out[j + 1]
+                    if out[-1] != tok:
+                        break
+                    out.append(t.replay.next_token(self.eos_ids))
+                    if out[-1] == self.fork_id:
+                        break
+                d.replay_read = len(out) - 1
+        greedy = [d for d in drafts if samplers[d.sampler][0].params.greedy and samplers[d.sampler][1].replay is None]
         if greedy:
             top = logits[len(samplers):].argmax(dim=-1).tolist()  # one read for every draft row
             base = len(samplers)
@@ -103,7 +115,7 @@ class Speculation:
                 emitted[d.sampler] = accept_greedy(d.draft, argmax).tokens
         for d in drafts:
             req, t = samplers[d.sampler]
-            if req.params.greedy:
+            if req.params.greedy or t.replay is not None:
                 continue
             rows = torch.cat([logits[d.sampler: d.sampler + 1], logits[d.first_row: d.first_row + len(d.draft)]])
             probs = probabilities(rows, req.params)  # [K + 1, V]
@@ -122,6 +134,10 @@ class Speculation:
             req.usage.accepted_tokens += used
             self.spec_draft_tokens += k
             self.spec_accepted_tokens += used
+            if d.replay_state is not None and applied[d.sampler] - 1 < d.replay_read:
+                t.replay.restore(d.replay_state)  # it read ahead: read again only what was applied
+                for _ in range(applied[d.sampler] - 1):
+                    t.replay.next_token(self.eos_ids)
             if not t.running or not t.in_ledger:
                 continue
             t.computed += used
