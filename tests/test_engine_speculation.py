@@ -209,7 +209,7 @@ def test_replayed_trees_with_drafts_feed_the_tree_and_match_the_plain_model(llam
     trees, and every sampled and draft row equals the plain model's on its context."""
     import random
 
-    from apar.engine.replay import random_tree
+    from apar.engine.replay import ReplayNode, random_tree
 
     eng = Engine(llama_dir, EngineConfig(block_size=4, num_blocks=256, max_batch_tokens=32, speculate=NGRAM),
                  keep_logits=True)
@@ -221,6 +221,8 @@ def test_replayed_trees_with_drafts_feed_the_tree_and_match_the_plain_model(llam
     for _ in range(3):
         tree = random_tree(rng, few, eng.fork_id, depth=2, eos=eos)
         trees[eng.add_request(rng.choices(few, k=12), SamplingParams(max_tokens=500), replay=tree)] = tree
+    loop = ReplayNode([5, 6, 7, 8] * 6 + [eos])  # one thread that repeats its prompt: most drafts hold
+    trees[eng.add_request([5, 6, 7, 8, 5, 6], SamplingParams(max_tokens=500), replay=loop)] = loop
     worst, tokens = 0.0, {}
     while eng.has_work():
         res = eng.step()

@@ -164,8 +164,8 @@ def _suite_args(p: argparse.ArgumentParser) -> None:
     from apar.engine.config import SPECULATE_CHOICES
 
     p.add_argument("--speculate", default="off", choices=SPECULATE_CHOICES,
-                   help="live: also run APAR with this speculation inside its threads, beside plain APAR and AR "
-                        "in the same run (replayed trace answers never draft: trace ignores it)")
+                   help="also run APAR with this speculation inside its threads, beside plain APAR and AR in the "
+                        "same run (trace: the replayed threads draft, checked against their known tokens)")
     p.add_argument("--num-speculative-tokens", type=int, default=4, help="with --speculate: tokens drafted per "
                                                                           "thread and step")
 

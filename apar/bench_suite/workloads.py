@@ -141,7 +141,11 @@ def run_trace(model_dir: str | Path, s: SuiteSettings, answers: int = 64, max_an
 
     def make_modes(blocks: int) -> list[Mode]:
         engine = warm_up(s.engine(model_dir, blocks), ar_jobs)
-        return [engine_mode("ar", "AR", engine, ar_jobs), engine_mode("apar", "APAR", engine, apar_jobs)]
+        modes = [engine_mode("ar", "AR", engine, ar_jobs), engine_mode("apar", "APAR", engine, apar_jobs)]
+        if s.speculate.enabled:  # the replayed threads draft, checked against their known tokens
+            spec = warm_up(s.engine(model_dir, blocks, speculate=True), ar_jobs)
+            modes.append(engine_mode("spec", f"APAR + {s.speculate.method} speculation", spec, apar_jobs))
+        return modes
 
     runs = two_pools(make_modes, ar_jobs + apar_jobs, s, "trace")
     settings = {"model": str(model_dir), "answers": len(apar_jobs), "max_answer_tokens": max_answer_tokens,

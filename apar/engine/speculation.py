@@ -2,14 +2,14 @@
 "Speculation"; the drafter and the acceptance rules are in speculate.py).
 
 Data flow, one step:
-  `_plan_drafts`   a decoding thread may draft (not replayed, not penalized, its pending token not a
-                   control token); up to K tokens, fewer near its answer's budget or the model's context,
+  `_plan_drafts`   a decoding thread may draft (not penalized, its pending token not a control token); up to K tokens, fewer near its answer's budget or the model's context,
                    within the step's token budget and while the pool keeps the fork watermark free
                    (under pressure speculation goes first, before forks: `Engine._schedule`)
   ledger           `Append(t, 1 + k)`: the pending token and the draft get slots like a prefill chunk
   forward          one chunk query per drafting thread: its K + 1 logits rows
   `_verify`        the bans of each row as if the draft before it had been emitted; greedy keeps the
-                   prefix equal to the argmax, sampling applies the speculative-sampling rule
+                   prefix equal to the argmax, sampling applies the speculative-sampling rule, a
+                   replayed thread keeps the prefix equal to its known tokens
   `_apply_rounds`  (results.py) the kept tokens, in rounds, as the steps without drafts would have
   `_settle_drafts` the accepted drafts count as computed; the rest is rolled back: `Truncate` deferred
                    to the ledger (it travels at the head of the next step's message) and the context
