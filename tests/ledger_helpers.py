@@ -13,7 +13,8 @@ R = ThreadRef
 # ---- property-based: random operation sequences keep every invariant ---------------------------------
 
 ops = st.lists(
-    st.tuples(st.sampled_from(["start", "append", "fork", "finish", "release", "advance", "append_each"]),
+    st.tuples(st.sampled_from(["start", "append", "fork", "finish", "release", "advance", "append_each",
+                                  "truncate"]),
               st.integers(0, 3), st.integers(0, 7), st.integers(1, 9)),
     max_size=60,
 )

@@ -201,6 +201,15 @@ def test_random_operations_keep_invariants(sequence):
                 del next_thread[req]
             elif op == "append_each":
                 _append_each_is_append_one_by_one(led, thr_i, n)
+            elif op == "truncate" and running:  # any thread, any count: refused (nothing changed) or done
+                ref, before = running[thr_i % len(running)], led.snapshot()
+                tokens, used = led.num_tokens, led.num_used
+                try:
+                    freed = led.truncate(ref, n)
+                except LedgerError:
+                    assert led.snapshot() == before
+                else:
+                    assert led.num_tokens == tokens - n and used - led.num_used == len(freed)
         except OutOfBlocks:
             pass
         led.check()

@@ -161,6 +161,13 @@ def _suite_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fork-token", default="[Fork]", help="'[SplitMask]' for the published APAR checkpoints")
     p.add_argument("--child-token", default="[Child]", help="'[SplitSop]' for the published APAR checkpoints")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    from apar.engine.config import SPECULATE_CHOICES
+
+    p.add_argument("--speculate", default="off", choices=SPECULATE_CHOICES,
+                   help="also run APAR with this speculation inside its threads, beside plain APAR and AR in the "
+                        "same run (trace: the replayed threads draft, checked against their known tokens)")
+    p.add_argument("--num-speculative-tokens", type=int, default=4, help="with --speculate: tokens drafted per "
+                                                                          "thread and step")
 
 
 def levels_arg(text: str) -> tuple[int, ...]:
@@ -176,7 +183,7 @@ def levels_arg(text: str) -> tuple[int, ...]:
 def settings(args, table: dict[bool, Defaults]):
     from apar.bench_suite.driver import LevelPlan
     from apar.bench_suite.workloads import SuiteSettings
-    from apar.engine.config import ControlTokens
+    from apar.engine.config import ControlTokens, SpeculativeConfig
 
     d = table[args.quick]
     plan = LevelPlan(levels_arg(_pick(args.levels, d.levels)), _pick(args.max_concurrency, d.max_concurrency),
@@ -193,7 +200,7 @@ def settings(args, table: dict[bool, Defaults]):
                          admit_watermark=args.admit_watermark, fork_watermark=args.fork_watermark, device=args.device,
                          dtype=args.dtype,
                          control=ControlTokens(args.fork_token, args.child_token), progress=not args.no_progress,
-                         data=args.data)
+                         data=args.data, speculate=SpeculativeConfig(args.speculate, args.num_speculative_tokens))
 
 
 def cpu_threads(threads: int | None, device: str | None) -> None:

@@ -19,7 +19,7 @@ import torch
 from apar.bench import answer_trees_for, tree_tokens
 from apar.bench_suite.driver import Job, LevelPlan, LevelStats, Mode, Progress, run_level, run_levels
 from apar.bench_suite.report import Report, Run
-from apar.engine.config import ControlTokens, EngineConfig
+from apar.engine.config import ControlTokens, EngineConfig, SpeculativeConfig
 from apar.engine.errors import UserError
 from apar.engine.params import SamplingParams
 from apar.engine.replay import ReplayNode
@@ -46,8 +46,10 @@ class SuiteSettings:
     # off: these benches compare decoding (APAR beside AR), and the rounds replay the same prompts, which
     # the cache would serve from the second round on; `apar bench prefix` measures the cache itself
     prefix_cache: bool = False
+    # live: a third mode, APAR with this speculation inside its threads (off: none)
+    speculate: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
-    def engine(self, model_dir: str | Path, num_blocks: int):
+    def engine(self, model_dir: str | Path, num_blocks: int, speculate: bool = False):
         from apar.engine.engine import Engine
 
         return Engine(model_dir, EngineConfig(block_size=self.block_size, num_blocks=num_blocks,
@@ -56,14 +58,16 @@ class SuiteSettings:
                                               fork_watermark=self.fork_watermark, device=self.device,
                                               dtype=self.dtype, attention=self.attention, compile=self.compile,
                                               control=self.control,
-                                              prefix_cache=self.prefix_cache))
+                                              prefix_cache=self.prefix_cache,
+                                              speculate=self.speculate if speculate else SpeculativeConfig()))
 
     def describe(self) -> dict:
         p = self.plan
         return {"levels": list(p.levels), "max_concurrency": p.max_concurrency, "rounds": p.rounds,
                 "min_requests": p.min_requests, "block_size": self.block_size,
                 "max_batch_tokens": self.max_batch_tokens, "pool_fraction": self.pool_fraction,
-                "admit_watermark": self.admit_watermark, "fork_watermark": self.fork_watermark}
+                "admit_watermark": self.admit_watermark, "fork_watermark": self.fork_watermark,
+                "speculate": self.speculate.method, "num_speculative_tokens": self.speculate.num_tokens}
 
 
 def warm_up(engine, jobs: list[Job]):
@@ -100,7 +104,12 @@ def two_pools(make_modes: Callable[[int], list[Mode]], jobs: list[Job], s: Suite
         print(f"note: {small} KV blocks is less than one request may need ({fits_one}): some may end early")
     plan = replace(s.plan, levels=tuple(x.concurrency for x in wide["ar"].levels), max_concurrency=0)
     narrow = run_levels(make_modes(small), plan, f"{tag} limited", s.progress)
-    return [Run("unlimited", big, "ar", "apar", wide), Run("limited", small, "ar", "apar", narrow, limited=True)]
+    runs = [Run("unlimited", big, "ar", "apar", wide), Run("limited", small, "ar", "apar", narrow, limited=True)]
+    if "spec" in wide:  # APAR with speculation, beside plain APAR and beside AR
+        for base in ("apar", "ar"):
+            runs += [Run(f"spec over {base}", big, base, "spec", wide),
+                     Run(f"spec over {base}", small, base, "spec", narrow, limited=True)]
+    return runs
 
 
 # ---- trace ------------------------------------------------------------------------------------------
@@ -132,7 +141,11 @@ def run_trace(model_dir: str | Path, s: SuiteSettings, answers: int = 64, max_an
 
     def make_modes(blocks: int) -> list[Mode]:
         engine = warm_up(s.engine(model_dir, blocks), ar_jobs)
-        return [engine_mode("ar", "AR", engine, ar_jobs), engine_mode("apar", "APAR", engine, apar_jobs)]
+        modes = [engine_mode("ar", "AR", engine, ar_jobs), engine_mode("apar", "APAR", engine, apar_jobs)]
+        if s.speculate.enabled:  # the replayed threads draft, checked against their known tokens
+            spec = warm_up(s.engine(model_dir, blocks, speculate=True), ar_jobs)
+            modes.append(engine_mode("spec", f"APAR + {s.speculate.method} speculation", spec, apar_jobs))
+        return modes
 
     runs = two_pools(make_modes, ar_jobs + apar_jobs, s, "trace")
     settings = {"model": str(model_dir), "answers": len(apar_jobs), "max_answer_tokens": max_answer_tokens,
@@ -159,15 +172,17 @@ def run_live(apar_dir: Path, ar_dir: Path, s: SuiteSettings, prompts: int = 32, 
     _need_model(ar_dir, f"apar demo-model --preset quick --ar --out {ar_dir}")
     texts = [p for p, _ in held_out_prompts(load_records(data_dir(s.data)))][:prompts]
     sides = (("ar", "AR twin", ar_dir), ("apar", "APAR", apar_dir))
+    if s.speculate.enabled:
+        sides += (("spec", f"APAR + {s.speculate.method} speculation", apar_dir),)
     jobs: dict[str, list[Job]] = {}
     for name, _, path in sides:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed,
-                                auto_parallel=name == "apar")
+                                auto_parallel=name != "ar")
         jobs[name] = [Job(encode_prompt(tokenizer, t), params) for t in texts]
 
     def make_modes(blocks: int) -> list[Mode]:
-        return [engine_mode(name, label, warm_up(s.engine(path, blocks), jobs[name]), jobs[name])
+        return [engine_mode(name, label, warm_up(s.engine(path, blocks, name == "spec"), jobs[name]), jobs[name])
                 for name, label, path in sides]
 
     runs = two_pools(make_modes, jobs["ar"] + jobs["apar"], s, "live")

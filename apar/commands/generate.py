@@ -81,16 +81,25 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the cached KV blocks of a prompt's longest known prefix, prefill only the rest; "
                         "prompts' blocks stay cached until evicted (default on)")
+    from apar.engine.config import MAX_SPECULATIVE_TOKENS, SPECULATE_CHOICES
+
+    g.add_argument("--speculate", default="off", choices=SPECULATE_CHOICES,
+                   help="speculation inside every thread: ngram drafts a thread's next tokens by looking its last "
+                        "tokens up in its own context (prompt, ancestors, itself), verified in the same step; "
+                        "greedy answers stay token for token the same (default off)")
+    g.add_argument("--num-speculative-tokens", type=int, default=4,
+                   help=f"tokens a thread drafts per step, 1..{MAX_SPECULATIVE_TOKENS} (default 4)")
 
 
 def engine_config(args):
-    from apar.engine.config import ControlTokens, EngineConfig
+    from apar.engine.config import ControlTokens, EngineConfig, SpeculativeConfig
 
     return EngineConfig(block_size=args.block_size, num_blocks=args.kv_blocks, kv_memory_mb=args.kv_memory_mb,
                         max_batch_tokens=args.max_batch_tokens, admit_watermark=args.admit_watermark,
                         fork_watermark=args.fork_watermark, device=args.device, dtype=args.dtype,
                         attention=args.attention, cuda_graphs=args.cuda_graphs, compile=args.compile, prefix_cache=args.prefix_cache,
-                        control=ControlTokens(fork=args.fork_token, child=args.child_token))
+                        control=ControlTokens(fork=args.fork_token, child=args.child_token),
+                        speculate=SpeculativeConfig(args.speculate, args.num_speculative_tokens))
 
 
 def sampling_params(args):

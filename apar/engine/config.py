@@ -24,6 +24,36 @@ class ControlTokens:
         return cls(fork="[SplitMask]", child="[SplitSop]")
 
 
+SPECULATE_CHOICES = ("off", "ngram")
+MAX_SPECULATIVE_TOKENS = 16  # a draft's length: each is a query position of every step it is in
+
+
+@dataclass(slots=True)
+class SpeculativeConfig:
+    """What a worker drafts: `method` off or ngram, up to `num_tokens` tokens per thread and step; the
+    ngram drafter matches the context's last n tokens for n from `max_ngram` down to `min_ngram`."""
+
+    method: str = "off"
+    num_tokens: int = 4
+    min_ngram: int = 1
+    max_ngram: int = 4
+
+    def __post_init__(self) -> None:
+        if self.method not in SPECULATE_CHOICES:
+            raise UserError(f"speculate must be one of {', '.join(SPECULATE_CHOICES)}, got {self.method!r}")
+        if isinstance(self.num_tokens, bool) or not isinstance(self.num_tokens, int) or \
+                not 1 <= self.num_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise UserError(f"num_speculative_tokens must be an integer in [1, {MAX_SPECULATIVE_TOKENS}], "
+                            f"got {self.num_tokens}")
+        if not isinstance(self.min_ngram, int) or not isinstance(self.max_ngram, int) or \
+                not 1 <= self.min_ngram <= self.max_ngram:
+            raise UserError(f"ngram sizes must satisfy 1 <= min <= max, got {self.min_ngram}..{self.max_ngram}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "off"
+
+
 @dataclass(slots=True)
 class EngineConfig:
     """The engine's fixed sizes: KV pool, batch, devices."""
@@ -50,6 +80,8 @@ class EngineConfig:
     # rest; a prompt's full blocks stay cached (evictable) after its request ends
     prefix_cache: bool = True
     control: ControlTokens = field(default_factory=ControlTokens)
+    # each decoding thread drafts its next tokens, verified in the same step (apar/engine/speculate.py)
+    speculate: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

@@ -115,6 +115,13 @@ class ContextTable:
         if t.ctx.n_ctx > self.width:
             self._widen(t.ctx.n_ctx)
 
+    def truncate(self, t: Thread, n: int) -> None:
+        """`t`'s last `n` positions were rolled back (a rejected draft): its context ends before them. The
+        entries past the end stay in the row, unread, until later tokens overwrite them."""
+        if n > t.ctx.n_ctx:
+            raise RuntimeError(f"thread {t.id}: {n} positions rolled back of {t.ctx.n_ctx}")
+        t.ctx.n_ctx -= n
+
     def fork(self, parent: Thread, child: Thread) -> None:
         """`child` reads `parent`'s context up to its own start (the ledger just forked it)."""
         if parent.ctx.row is None:

@@ -33,7 +33,7 @@ from apar.engine.config import EngineConfig
 from apar.engine.errors import UserError
 from apar.engine.events import Event, FinishReason, RequestFinished, ThreadStarted
 from apar.engine.forks import ForkRules
-from apar.engine.input_builder import InputBuilder
+from apar.engine.input_builder import DraftRows, InputBuilder
 from apar.engine.kv.ledger import KVLedger, ThreadRef
 from apar.engine.kv.local import LocalKV
 from apar.engine.kv.ops import Append, Finish, Fork, Name, Op, Release, Reuse, Start
@@ -46,11 +46,13 @@ from apar.engine.replay import ReplayCursor, ReplayNode
 from apar.engine.results import EngineOutput, TokenResults
 from apar.engine.scheduler import Scheduler, Work
 from apar.engine.sequence import Request, Thread
+from apar.engine.speculate import make_drafter
+from apar.engine.speculation import Speculation
 
 log = logging.getLogger(__name__)
 
 
-class Engine(TokenResults):
+class Engine(TokenResults, Speculation):
     """The step loop over a model, a KV ledger and a scheduler (the module's docstring says how); it holds
     its parts (`runner`, `ledger`, `kv`, `scheduler`, `pressure`, `fork_rules`, `penalties`,
     `input_builder`) and applies the sampled tokens itself (`TokenResults`, results.py)."""
@@ -74,6 +76,9 @@ class Engine(TokenResults):
         self.pressure = Pressure(self.scheduler, self.ledger, self.kv)
         self.fork_rules = ForkRules(self.fork_id, self.child_id, self.eos_ids, self.runner.max_positions, self.ledger,
                                     watermark=int(self.config.fork_watermark * n))
+        # speculation (speculation.py): None when off; drafted and accepted tokens so far
+        self.drafter = make_drafter(self.config.speculate, [t for t in (self.fork_id, self.child_id) if t is not None])
+        self.spec_draft_tokens = self.spec_accepted_tokens = 0
         self.keep_logits = keep_logits
         self.requests: dict[str, Request] = {}
         self.steps = 0
@@ -231,15 +236,15 @@ class Engine(TokenResults):
             self.kv.flush()
             self.penalties.flush()
             return result
-        step, samplers, prefilled = self._build_step(work)
-        logits = self.runner.forward(step)  # [S, V]: one row per sampling thread
-        self._apply_results(step, samplers, prefilled, logits, result)
+        step, samplers, drafts, prefilled = self._build_step(work)
+        logits = self.runner.forward(step)  # [S + D, V]: one row per sampling thread, then one per draft token
+        self._apply_results(step, samplers, drafts, prefilled, logits, result)
         return result
 
     def _schedule(self, result: EngineOutput) -> list[Work]:
         """The step's work, with its slots in the ledger: plan the decoding threads, admit on what is
         free, plan the catch-up chunks, make room (preempting under pressure), allocate."""
-        work = self.scheduler.plan_decode()
+        work = self._plan_drafts(self.scheduler.plan_decode())
         need = self.scheduler.blocks_needed(work)  # new blocks per request
         for req in self.scheduler.admit(reserve=sum(need.values())):
             if not req.admitted:
@@ -248,19 +253,22 @@ class Engine(TokenResults):
         decoding = len(work)
         self.scheduler.plan_catch_up(work)
         need.update(self.scheduler.blocks_needed(work[decoding:]))  # catching up: other requests
+        if sum(need.values()) > self.ledger.num_free and any(w.draft for w in work[:decoding]):
+            work = [replace(w, draft=()) for w in work]  # under pressure speculation goes first
+            need = self.scheduler.blocks_needed(work)
         work, full = self.pressure.make_room(work, need)
         if full is not None:  # alone, it does not fit: it has filled the pool
             full.error = "the KV cache is full"
             result.events.extend(self._end_request(full, FinishReason.LENGTH))
         return self._allocate(work, result)
 
-    def _apply_results(self, step: ModelInputs, samplers: list[tuple[Request, Thread]], prefilled: list[Work],
-                       logits: torch.Tensor, result: EngineOutput) -> None:
+    def _apply_results(self, step: ModelInputs, samplers: list[tuple[Request, Thread]], drafts: list[DraftRows],
+                       prefilled: list[Work], logits: torch.Tensor, result: EngineOutput) -> None:
         """Name the prompts just written, sample and apply each thread's token, end finished requests."""
         self.steps += 1
         result.tokens = step.num_tokens
         self._name_prompts(prefilled)  # before sampling: a root may end there
-        produced = self._sample(samplers, logits, result)
+        produced = self._sample(samplers, logits, result, drafts)
         for req in list(self.scheduler.running):
             if req.id in produced:
                 req.usage.steps += 1
@@ -292,7 +300,7 @@ class Engine(TokenResults):
                         ops.append(Finish(ThreadRef(req.id, parent.id)))  # its last reader is forked
                 new_threads[id(t)] = t
             if w.n:
-                ops.append(Append(ref, w.n))
+                ops.append(Append(ref, w.tokens))
         if not starts and not ops:
             return []
         # raises when the ops cannot be handed over (the KV manager is away past the lag bound); then
@@ -306,7 +314,7 @@ class Engine(TokenResults):
         failed: set[str] = set()
         appends = iter(answer.appends)
         for w in work:
-            slots = next(appends) if w.n else []
+            slots = next(appends) if w.n else []  # (a draft only follows kv tokens: n > 0)
             if w.request.id in failed:
                 continue
             if slots is None:
@@ -324,15 +332,16 @@ class Engine(TokenResults):
             self.runner.contexts.push(t, [b * bs + o for b, o in slots])
         return [w for w in work if w.request.id not in failed and w.n]
 
-    def _build_step(self, work: list[Work]) -> tuple[ModelInputs, list[tuple[Request, Thread]], list[Work]]:
+    def _build_step(self, work: list[Work]) -> tuple[ModelInputs, list[tuple[Request, Thread]], list[DraftRows],
+                                                     list[Work]]:
         """The model inputs (`InputBuilder`), then count its tokens as computed (and in usage); also the
-        roots' chunks that complete their prompt."""
-        step, samplers = self.input_builder.build(work, self.runner.backend.uses_runs)
+        roots' chunks that complete their prompt. (A draft's tokens count once verified: `_settle_drafts`.)"""
+        step, samplers, drafts = self.input_builder.build(work, self.runner.backend.uses_runs)
         prefilled = []
         for w in work:
-            t, n = w.thread, w.n
+            t, n, m = w.thread, w.n, w.tokens
             first = t.computed
-            w.request.usage.attended_tokens += n * (t.start_pos + first) + n * (n + 1) // 2  # context lengths
+            w.request.usage.attended_tokens += m * (t.start_pos + first) + m * (m + 1) // 2  # context lengths
             redo = max(0, min(first + n, t.recompute.mark) - first)
             if redo:
                 w.request.usage.recomputed_tokens += redo
@@ -340,7 +349,7 @@ class Engine(TokenResults):
             t.computed += n
             if t.parent is None and first < t.n_prompt <= t.computed:
                 prefilled.append(w)
-        return step, samplers, prefilled
+        return step, samplers, drafts, prefilled
 
     # ---- prefix cache ------------------------------------------------------------------------------
     def _start_root(self, req: Request, ref: ThreadRef) -> list[Op]:

@@ -28,6 +28,8 @@ class Usage:
     recomputed_tokens: int = 0  # tokens computed again after preemptions
     forks_refused: int = 0  # [Fork]s the model chose (or a replay held) that memory pressure refused
     cached_tokens: int = 0  # prompt tokens served from the prefix cache (at its first start), not computed
+    drafted_tokens: int = 0  # tokens its threads drafted and the model verified (apar/engine/speculate.py)
+    accepted_tokens: int = 0  # drafted tokens kept: each saved a step of its thread
 
     def as_dict(self) -> dict[str, int]:
         return {k: getattr(self, k) for k in self.__slots__}

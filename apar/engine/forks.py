@@ -12,6 +12,8 @@ the fork counters; the engine applies the tokens and reports the events.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from apar.engine.kv.ledger import KVLedger
@@ -20,17 +22,21 @@ from apar.engine.sampler import rows_index, sample
 from apar.engine.sequence import Request, Thread
 
 
-def fork_allowed(req: Request, thread: Thread, fork_id: int, child_id: int, max_positions: int) -> bool:
+def fork_allowed(req: Request, thread: Thread, fork_id: int, child_id: int, max_positions: int,
+                 ahead: Sequence[int] = ()) -> bool:
+    """Whether the thread may emit [Fork] next; `ahead`: draft tokens taken as already emitted (the row
+    after them is being verified, speculate.py), each spending one token of the answer's budget."""
     p = req.params
-    last = thread.kv_tokens[-1]
-    next_pos = thread.start_pos + len(thread.kv_tokens)  # where the [Fork] would sit
+    last = ahead[-1] if ahead else thread.kv_tokens[-1]
+    n_tokens = len(thread.kv_tokens) + len(ahead)
+    next_pos = thread.start_pos + n_tokens  # where the [Fork] would sit
     return (
         p.auto_parallel
         and last not in (fork_id, child_id)
-        and thread.n_prompt < len(thread.kv_tokens)  # not the very first token of the answer
+        and thread.n_prompt < n_tokens  # not the very first token of the answer
         and req.answer_threads[thread.answer] < p.max_threads
         and thread.depth < p.max_depth
-        and req.budget_left(thread.answer) >= 3
+        and req.budget_left(thread.answer) - len(ahead) >= 3
         and next_pos + 2 < max_positions  # room for the [Child] and one token of the child
     )
 
@@ -49,8 +55,20 @@ class ForkRules:
         self.by_depth: dict[int, int] = {}  # new child's depth -> forks so far (the metrics read it)
         self.refused = 0  # [Fork]s refused because the pool was nearly full
 
-    def may_fork(self, req: Request, t: Thread) -> bool:
-        return fork_allowed(req, t, self.fork_id, self.child_id, self.max_positions)
+    def may_fork(self, req: Request, t: Thread, ahead: Sequence[int] = ()) -> bool:
+        return fork_allowed(req, t, self.fork_id, self.child_id, self.max_positions, ahead)
+
+    def ban_in_draft_rows(self, req: Request, t: Thread, draft: Sequence[int], rows: torch.Tensor) -> None:
+        """The bans of `rows` ([K, V]: the logits after each draft token), row j as if draft[:j + 1] had
+        been emitted: [Child] always, [Fork] where a rule says so then, or while the pool is tight."""
+        if self.child_id is not None:
+            rows[:, self.child_id] = float("-inf")
+        if self.fork_id is None:
+            return
+        tight = self.ledger.num_free < self.watermark
+        for j in range(len(draft)):
+            if tight or not self.may_fork(req, t, draft[: j + 1]):
+                rows[j, self.fork_id] = float("-inf")
 
     def ban(self, samplers: list[tuple[Request, Thread]], logits: torch.Tensor) -> bool:
         """Ban [Child] in every row ([S, V]) and [Fork] in the rows whose thread may not fork now; returns

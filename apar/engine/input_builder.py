@@ -9,6 +9,8 @@ upload each. Per-step host work is proportional to the tokens computed, never to
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from apar.engine.backends.base import ChunkQuery, DecodeQueries, ModelInputs, Run
 from apar.engine.context_table import ContextTable
 from apar.engine.scheduler import Work
@@ -27,13 +29,28 @@ def context_runs(t: Thread, length: int) -> tuple[Run, ...]:
     return tuple(reversed(runs))
 
 
+@dataclass(slots=True)
+class DraftRows:
+    """A draft to verify: its thread is `samplers[sampler]`, whose sampled row gives the logits after its
+    pending token; the logits after each draft token are rows `first_row ..` of the step's logits."""
+
+    sampler: int
+    draft: tuple[int, ...]
+    first_row: int
+    replay_state: tuple | None = None  # a replayed thread's cursor before its draft was checked
+    replay_read: int = 0  # the known tokens read past its first one, checking the draft
+
+
 class InputBuilder:
     def __init__(self, contexts: ContextTable) -> None:
         self.contexts = contexts
 
-    def build(self, work: list[Work], with_runs: bool) -> tuple[ModelInputs, list[tuple[Request, Thread]]]:
-        """The model inputs (before the engine counts the tokens as computed) and, in row order, the
-        (request, thread) of each sampled row. `with_runs`: the backend groups threads by their runs."""
+    def build(self, work: list[Work], with_runs: bool) -> tuple[ModelInputs, list[tuple[Request, Thread]],
+                                                                 list[DraftRows]]:
+        """The model inputs (before the engine counts the tokens as computed), in row order the
+        (request, thread) of each sampled row, and the drafts to verify. `with_runs`: the backend groups
+        threads by their runs. A thread with a draft computes its pending token and the draft as one
+        chunk; its first logits row is its sampled row, the draft's rows come after every sampled row."""
         ids: list[int] = []
         positions: list[int] = []
         writes: list[int] = []
@@ -45,20 +62,23 @@ class InputBuilder:
         chunks: list[ChunkQuery] = []
         sample_rows: list[int] = []
         samplers: list[tuple[Request, Thread]] = []
+        draft_rows: list[int] = []
+        drafts: list[DraftRows] = []
         ahead: dict[int, int] = {}  # a thread with several chunks in this step: tokens laid out so far
         for w in work:
-            t, n = w.thread, w.n
+            t, n, m = w.thread, w.n, w.tokens
             row = len(ids)
             first = t.computed + ahead.get(id(t), 0)
             ahead[id(t)] = first + n - t.computed
             ids.extend(t.kv_tokens[first : first + n])
+            ids.extend(w.draft)
             pos0 = t.start_pos + first
-            positions.extend(range(pos0, pos0 + n))
-            if len(t.ctx.new_slots) < n:
-                raise RuntimeError(f"thread {t.id} got {len(t.ctx.new_slots)} slots for {n} tokens")
-            writes.extend(t.ctx.new_slots[:n])
-            del t.ctx.new_slots[:n]
-            if n == 1:
+            positions.extend(range(pos0, pos0 + m))
+            if len(t.ctx.new_slots) < m:
+                raise RuntimeError(f"thread {t.id} got {len(t.ctx.new_slots)} slots for {m} tokens")
+            writes.extend(t.ctx.new_slots[:m])
+            del t.ctx.new_slots[:m]
+            if m == 1:
                 d_rows.append(row)
                 d_table.append(t.ctx.row)
                 d_lens.append(pos0 + 1)
@@ -66,10 +86,16 @@ class InputBuilder:
                 if with_runs:
                     runs.append(context_runs(t, pos0 + 1))
             else:
-                chunks.append(ChunkQuery(row, n, t.ctx.row, pos0 + n))
+                chunks.append(ChunkQuery(row, m, t.ctx.row, pos0 + m))
             if t.running and len(t.kv_tokens) == first + n:  # its last pending token: it samples from this row
                 sample_rows.append(row + n - 1)
                 samplers.append((w.request, t))
+                if w.draft:
+                    drafts.append(DraftRows(len(samplers) - 1, w.draft, len(draft_rows)))
+                    draft_rows.extend(range(row + n, row + m))
+        for d in drafts:  # (their rows follow the sampled ones)
+            d.first_row += len(sample_rows)
+        sample_rows += draft_rows
         self.contexts.flush()
         ids_t, pos_t, writes_t, rows_t, table_t, lens_t, sample_t = self.contexts.uploader.upload(
             ids, positions, writes, d_rows, d_table, d_lens, sample_rows)
@@ -77,4 +103,4 @@ class InputBuilder:
         if d_rows:
             decode = DecodeQueries(rows_t, table_t, lens_t, d_rows, d_table, d_lens, families, runs)
         step = ModelInputs(ids_t, pos_t, writes_t.long(), sample_t.long(), decode, chunks, self.contexts)
-        return step, samplers
+        return step, samplers, drafts

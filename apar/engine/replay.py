@@ -40,6 +40,15 @@ class ReplayCursor:
                 self._last_child = node.children[k]
             return token
 
+    def state(self) -> tuple:
+        """Where it is, for `restore` (a thread's verified draft may give back tokens it read ahead)."""
+        return [f[:] for f in self.frames], self._last_child
+
+    def restore(self, state: tuple) -> None:
+        frames, last = state
+        self.frames = [f[:] for f in frames]
+        self._last_child = last
+
     def child(self) -> "ReplayNode":
         """The subtree of the [Fork] just fed (the engine forked)."""
         assert self._last_child is not None

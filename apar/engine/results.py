@@ -15,6 +15,7 @@ import torch
 from apar.engine.events import Event, FinishReason, RequestFinished, ThreadFinished, ThreadStarted, TokenEvent
 from apar.engine.kv.ledger import ThreadRef
 from apar.engine.kv.ops import Finish, Fork, Release
+from apar.engine.input_builder import DraftRows
 from apar.engine.sampler import choose_tokens, rows_index, sample
 from apar.engine.sequence import Request, Thread, context_tokens
 
@@ -30,46 +31,89 @@ class EngineOutput:
     logits: dict[tuple[str, int], tuple[list[int], torch.Tensor]] = field(default_factory=dict)
     # (request, thread) -> the row its token was chosen from: penalties and bans applied (tests)
     chosen_from: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    # the rows after each draft token, as `logits` has the sampled rows: (request, thread, the context
+    # through that draft token, logits [V]) when the engine keeps logits (tests)
+    draft_logits: list[tuple[str, int, list[int], torch.Tensor]] = field(default_factory=list)
 
 
 class TokenResults:
     """Sampling and applying tokens, and ending threads and requests (the `Engine` methods)."""
 
-    def _sample(self, samplers: list[tuple[Request, Thread]], logits: torch.Tensor, result: EngineOutput) -> set[str]:
-        """Pick one token per sampling thread (logits: [S, V], row i for samplers[i]); apply them in order.
+    def _sample(self, samplers: list[tuple[Request, Thread]], logits: torch.Tensor, result: EngineOutput,
+                drafts: list[DraftRows] = ()) -> set[str]:
+        """Pick each sampling thread's tokens (logits: [S + D, V], row i for samplers[i], then the rows
+        after the draft tokens); apply them. Returns the ids of requests that produced.
 
         The penalties a request asks for go first, on the device, to its rows only (`Penalties`: each
         thread's own context counts); then the control-token bans.
         Bans known before the step are applied to all rows at once; greedy rows take one argmax
         together; a sampling request draws from its own generator, its threads in id order (and the
-        first tokens of answers 1..n-1 right after the root's first, from the same row). The fork
-        rules are checked again as each token is applied (`_apply`), since a sibling's fork in the same
-        step may have used up a limit. Returns the ids of requests that produced.
+        first tokens of answers 1..n-1 right after the root's first, from the same row). A thread with a
+        draft gets the tokens its verification keeps (`_verify`). The fork rules are checked again as
+        each token is applied (`_apply_rounds`), since a sibling's fork in the same step may have used
+        up a limit.
         """
+        main = logits[: len(samplers)]  # [S, V], a view: the bans below write through
         if self.keep_logits:
-            for (req, t), row in zip(samplers, logits):
+            for (req, t), row in zip(samplers, main):
                 result.logits[(req.id, t.id)] = (context_tokens(t), row.detach().to("cpu", copy=True))
-        self.penalties.apply(logits, samplers)
+        self.penalties.apply(main, samplers)
         rules = self.fork_rules
-        tight = rules.ban(samplers, logits)  # [Child] always, [Fork] where a rule says so
+        tight = rules.ban(samplers, main)  # [Child] always, [Fork] where a rule says so
         no_eos = [i for i, (req, _) in enumerate(samplers) if req.params.ignore_eos]
         if no_eos:
-            rows = rows_index(logits, no_eos)
+            rows = rows_index(main, no_eos)
             for eos in self._eos_list:
-                logits[rows, eos] = float("-inf")
+                main[rows, eos] = float("-inf")
         if self.keep_logits:
-            for (req, t), row in zip(samplers, logits):
+            for (req, t), row in zip(samplers, main):
                 result.chosen_from[(req.id, t.id)] = row.detach().to("cpu", copy=True)
-        chosen = choose_tokens(logits, samplers, self.eos_ids)
-        for i, ((req, t), token) in enumerate(zip(samplers, chosen)):
-            if token == self.fork_id and (tight or not rules.may_fork(req, t)):
-                token = rules.instead_of_fork(req, t, logits[i], tight)
-            if req.params.n > 1 and t.id == 0 and len(t.kv_tokens) == t.n_prompt:  # the root's first token
-                self._open_answers(req, token, logits[i], result)
-            else:
-                self._apply(req, t, token, result)
+        sampled_drafts = {d.sampler for d in drafts if not samplers[d.sampler][0].params.greedy}
+        chosen = choose_tokens(main, samplers, self.eos_ids, sampled_drafts)
+        emitted: list[list[int | None]] = [[tok] for tok in chosen]
+        if drafts:
+            self._verify(samplers, logits, drafts, emitted, result)
+        applied = self._apply_rounds(samplers, logits, drafts, emitted, tight, result)
+        if drafts:
+            self._settle_drafts(samplers, drafts, applied)
         result.sampled += len(samplers)
         return {req.id for req, _ in samplers}
+
+    def _apply_rounds(self, samplers: list[tuple[Request, Thread]], logits: torch.Tensor, drafts: list[DraftRows],
+                      emitted: list[list[int | None]], tight: bool, result: EngineOutput) -> list[int]:
+        """Apply the tokens in rounds: every thread's first token in row order (as without speculation),
+        then every thread's second, and so on, each answer's threads in lockstep (as many rounds as its
+        shortest run of tokens): round r is what the step r later would have applied, so the answer's
+        budget and fork limits see its tokens in the same order as without drafts. A fork (a new
+        thread) in round r ends the request's rounds there: its child's first token would have come in
+        round r + 1, so no later token of that request is applied in this step (its threads go on from
+        there in the next step, the child with them). Returns how many tokens each sampler's thread
+        was given."""
+        rules = self.fork_rules
+        first_row = {d.sampler: d.first_row for d in drafts}
+        applied = [0] * len(samplers)
+        rounds: dict[tuple[str, int], int] = {}  # (request, answer) -> its rounds in this step
+        for i, (req, t) in enumerate(samplers):
+            key = (req.id, t.answer)
+            rounds[key] = min(rounds.get(key, len(emitted[i])), len(emitted[i]))
+        last_round: dict[str, int] = {}  # request -> its last round, once a fork ended them
+        for r in range(max(rounds.values(), default=0)):
+            for i, (req, t) in enumerate(samplers):
+                if r >= rounds[(req.id, t.answer)] or r > last_round.get(req.id, r) or (r and not t.running):
+                    continue
+                token = emitted[i][r]
+                row = logits[i] if r == 0 else logits[first_row[i] + r - 1]  # [V], the row it came from
+                if token == self.fork_id and (tight or not rules.may_fork(req, t)):
+                    token = rules.instead_of_fork(req, t, row, tight)
+                threads = len(req.threads)
+                if r == 0 and req.params.n > 1 and t.id == 0 and len(t.kv_tokens) == t.n_prompt:  # root's first
+                    self._open_answers(req, token, row, result)
+                else:
+                    self._apply(req, t, token, result)
+                applied[i] = r + 1
+                if len(req.threads) > threads:
+                    last_round[req.id] = r
+        return applied
 
     def _apply(self, req: Request, t: Thread, token: int | None, result: EngineOutput) -> None:
         """Add one sampled token to a thread: extend it, fork a child, or end it (its whole answer when

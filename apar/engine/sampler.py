@@ -16,6 +16,12 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """logits: [T, V] float32 with banned entries at -inf -> token ids [T]."""
     if params.greedy:
         return logits.argmax(dim=-1)
+    return torch.multinomial(probabilities(logits, params), 1, generator=generator).squeeze(-1)
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """logits: [T, V] float32 with banned entries at -inf -> [T, V] the distributions a sampling request
+    draws from (temperature, top-k, top-p applied): what speculative sampling verifies against."""
     logits = logits / params.temperature
     if params.top_k:
         k = min(params.top_k, logits.shape[-1])
@@ -28,7 +34,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         drop = cum - sorted_p > params.top_p  # keep the smallest prefix whose mass reaches top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return probs
 
 
 def rows_index(logits: torch.Tensor, picked: list[int]) -> slice | torch.Tensor:
@@ -38,12 +44,14 @@ def rows_index(logits: torch.Tensor, picked: list[int]) -> slice | torch.Tensor:
 
 
 def choose_tokens(logits: torch.Tensor, samplers: list[tuple[Request, Thread]],
-                  eos_ids: frozenset[int] | set[int]) -> list[int | None]:
+                  eos_ids: frozenset[int] | set[int], skip: set[int] = frozenset()) -> list[int | None]:
     """One token per row of `logits` ([S, V], bans applied; row i for samplers[i]); None: a replayed
-    thread whose tokens ran out."""
+    thread whose tokens ran out, or a row in `skip` (a sampling thread's draft decides it, speculate.py)."""
     chosen: list[int | None] = [None] * len(samplers)
     greedy, by_request = [], {}
     for i, (req, t) in enumerate(samplers):
+        if i in skip:
+            continue
         if t.replay is not None:
             chosen[i] = t.replay.next_token(eos_ids)
         elif req.params.greedy:

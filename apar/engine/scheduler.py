@@ -43,11 +43,18 @@ GROWTH_BLOCKS_PER_REQUEST = 1
 
 @dataclass(slots=True)
 class Work:
-    """One thread's share of a step: its next `n` kv tokens (0: only fork it in the ledger)."""
+    """One thread's share of a step: its next `n` kv tokens (0: only fork it in the ledger), then for a
+    decoding thread maybe a `draft` of the tokens after them, verified in the step (speculate.py)."""
 
     request: Request
     thread: Thread
     n: int
+    draft: tuple[int, ...] = ()
+
+    @property
+    def tokens(self) -> int:
+        """Positions the step computes for it: its kv tokens and its draft."""
+        return self.n + len(self.draft)
 
 
 class Scheduler:
@@ -123,7 +130,7 @@ class Scheduler:
     def plan_catch_up(self, work: list[Work]) -> None:
         """Add catch-up chunks (prompts, recomputes) to `work` within the step's token budget, oldest
         request first."""
-        budget = self.max_batch_tokens - len(work)
+        budget = self.max_batch_tokens - sum(w.tokens for w in work)
         for req in self.running:
             if budget <= 0:
                 break
@@ -191,9 +198,9 @@ class Scheduler:
                     reused = self.ledger.cached_among(w.request.prompt_names[: t.recompute.reused])
             if not t.in_ledger and t.parent is not None:
                 room[id(t.parent)] = 0  # the fork seals the parent's last block
-            extra = max(0, w.n - room[id(t)])
+            extra = max(0, w.tokens - room[id(t)])
             opened = -(-extra // bs)
-            room[id(t)] = room[id(t)] - w.n if extra == 0 else opened * bs - extra
+            room[id(t)] = room[id(t)] - w.tokens if extra == 0 else opened * bs - extra
             need[w.request.id] = need.get(w.request.id, 0) + opened + reused
         return need
 

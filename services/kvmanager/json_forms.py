@@ -5,7 +5,7 @@ An op is a short list: `["s", request, thread]` start, `["a", request, thread, t
 [[request, thread], ...]]` advance (the held threads), `["e", [[request, thread], ...]]` one token each
 (in order), `["f", request, parent, request, child]` fork, `["x", request, thread]` finish, `["r",
 request]` release, `["u", request, thread, [name, ...]]` reuse, `["n", request, thread, first, [name,
-...]]` name. A log entry is one applied message: `{"n":
+...]]` name, `["t", request, thread, tokens]` truncate (a rejected draft's slots taken back). A log entry is one applied message: `{"n":
 entry number, "steps": [[seq, [op, ...]], ...]}` (only the steps the replica applied). A snapshot is a
 record without its spec (the spec lives in the workers hash): `{"born", "n", "session", "seq",
 "ledger"}`. Replaying a snapshot's entries through `ops.apply` rebuilds a replica exactly, because the

@@ -1,7 +1,7 @@
 """The KV manager's replica of a worker's ledger: a `KVLedger` that replays a compact step's decode
 appends as one lazy `advance` (docs/design.md, "Replication").
 
-The worker's ledger only ever appends; a compact step (`apar.engine.kv.ops.record`) carries its
+The worker's ledger grows by appends (a rejected draft's `truncate` is an op of its own); a compact step (`apar.engine.kv.ops.record`) carries its
 one-token appends into open blocks as one `Advance` and the ones that open a block as one
 `AppendEach`. Only the replica replays those, so only it keeps the machinery below, out of the
 worker's hot path. Both ledgers compute the same `digest` after the same step.
@@ -57,6 +57,15 @@ class ReplicaLedger(KVLedger):
         if p is not None:
             self._settle(p)
         super().fork(parent, child)
+
+    def truncate(self, ref: ThreadRef, n_tokens: int) -> list[int]:
+        t = self._threads.get(ref)
+        if t is not None and t.running:
+            if ref in self._open:
+                self._settle(t)
+            else:
+                t.since = self._tick  # (as in `append`: it may open again below)
+        return super().truncate(ref, n_tokens)
 
     def finish(self, ref: ThreadRef) -> list[int]:
         t = self._threads.get(ref)

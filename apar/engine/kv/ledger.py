@@ -2,7 +2,7 @@
 
 Plain Python bookkeeping (no torch, no gRPC): the worker asks it for slots, the engine's tensors never
 come here. Data flows one way: the worker's scheduler calls `start`, `append`, `fork` and `finish` for
-each step; the ledger answers with block ids and the ids it freed. The KV manager keeps a replica of
+each step (and `truncate` to take back the slots of a rejected draft); the ledger answers with block ids and the ids it freed. The KV manager keeps a replica of
 each worker's ledger (`services/kvmanager/replica.py:ReplicaLedger`, a subclass that also replays the
 decode step's one-token appends as one lazy `advance`) and compares its `digest` with the worker's.
 
@@ -227,6 +227,57 @@ class KVLedger(PrefixCache, LedgerState):
     def _close(self, t: ThreadState) -> None:
         """`t` is open no more."""
         del self._open[t.ref]
+
+    def truncate(self, ref: ThreadRef, n_tokens: int) -> list[int]:
+        """Take back the thread's last `n_tokens` slots (a rejected draft's KV, apar/engine/speculate.py);
+        returns the ids of the blocks that emptied, freed at once (a draft may have opened them).
+
+        Only slots of the thread's own blocks with count 1 (unshared, unnamed: I3) can be taken back;
+        all or nothing: LedgerError, nothing changed, otherwise. If whole blocks go and the thread's new
+        last block is shared (a child reads it), the thread is sealed again, as it was before they opened.
+        """
+        t = self._threads.get(ref)
+        if t is None or not t.running:
+            raise LedgerError(f"truncate of {'finished' if t else 'unknown'} thread {ref}")
+        if n_tokens <= 0:
+            raise LedgerError(f"truncate of {n_tokens} tokens")
+        blocks = self._blocks
+        left, i = n_tokens, len(t.own)
+        while left > 0:
+            i -= 1
+            if i < 0:
+                raise LedgerError(f"truncate of {n_tokens} tokens: {ref} wrote fewer in its own blocks")
+            b = blocks[t.own[i]]
+            if b.refcount != 1 or b.name is not None:  # I3
+                raise LedgerError(f"truncate into shared block {t.own[i]}")
+            left -= b.used
+        if ref in self._open:
+            self._close(t)
+        freed: list[int] = []
+        left = n_tokens
+        while left:
+            block_id = t.own[-1]
+            b = blocks[block_id]
+            take = min(left, b.used)
+            key = self._keys[block_id]
+            if take == b.used:  # the block empties: free (never cached: it has no name)
+                self._h -= key * (t.key + USED * b.used + COUNT)
+                t.ctx -= key
+                del blocks[block_id]
+                t.own.pop()
+                self._request_blocks[ref.request] -= 1
+                self._free.append(block_id)
+                freed.append(block_id)
+            else:
+                b.used -= take
+                self._h -= key * USED * take
+            self._tokens -= take
+            left -= take
+        if freed and t.own:
+            t.sealed = blocks[t.own[-1]].refcount > 1
+        if self._is_open(t):
+            self._opened(t)
+        return freed
 
     def fork(self, parent: ThreadRef, child: ThreadRef) -> None:
         """Spawn `child` reading all of `parent`'s context so far (which ends with its `[Fork]`).

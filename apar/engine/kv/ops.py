@@ -1,7 +1,8 @@
 """Ledger operations as data: what a worker's steps are made of, applied the same way on both sides.
 
 The worker's engine hands its KV backend, per step, the ops in plan order (`Start`, `Fork`, `Append`),
-and between steps the thread ends (`Finish`, `Release`, answers' `Fork`s). `step.apply` runs ops on a
+and between steps the thread ends (`Finish`, `Release`, answers' `Fork`s) and the rejected drafts'
+`Truncate`s. `step.apply` runs ops on a
 ledger and answers with the slots of each append and every block id freed; the worker's own ledger and the KV
 manager's replica both go through it, so they give the same answer for the same ops.
 
@@ -238,6 +239,42 @@ class Release(_Op):
 
 
 @dataclass(slots=True)
+class Truncate(_Op):
+    """The thread's last `tokens` slots are taken back (`KVLedger.truncate`): the rejected positions of
+    a verified draft (apar/engine/speculate.py). The engine sends it deferred, like a thread end, so it
+    travels at the head of the next step's message: still one message per engine step."""
+
+    thread: ThreadRef
+    tokens: int
+    code: ClassVar[str] = "t"
+    arity: ClassVar[int] = 4
+
+    def to_json(self) -> list:
+        return ["t", self.thread.request, self.thread.thread, self.tokens]
+
+    @classmethod
+    def from_json(cls, item: list) -> Truncate:
+        op = cls(_ref(item[1], item[2], "truncate"), item[3])
+        op._check_tokens()
+        return op
+
+    def check(self) -> None:
+        _ref(*self.thread, "truncate")
+        self._check_tokens()
+
+    def _check_tokens(self) -> None:
+        if type(self.tokens) is not int or not 1 <= self.tokens <= MAX_APPEND_TOKENS:
+            raise ValueError(f"truncate of {self.tokens!r} tokens; must be 1..{MAX_APPEND_TOKENS}")
+
+    def apply_to(self, ledger, answer, starved, slots) -> None:
+        if self.thread.request not in starved:
+            answer.freed.extend(ledger.truncate(self.thread, self.tokens))
+
+    def touches(self) -> tuple[ThreadRef, ...]:
+        return (self.thread,)
+
+
+@dataclass(slots=True)
 class Advance(_Op):
     """One token for every open thread (`KVLedger.open_threads`) except `held`: `KVLedger.advance`."""
 
@@ -363,9 +400,9 @@ class Name(_Op):
         return (self.thread,)
 
 
-Op = Start | Append | Fork | Finish | Release | Advance | AppendEach | Reuse | Name
+Op = Start | Append | Fork | Finish | Release | Advance | AppendEach | Reuse | Name | Truncate
 OPS: dict[str, type[Op]] = {cls.code: cls for cls in (Start, Append, Fork, Finish, Release, Advance, AppendEach, Reuse,
-                                                     Name)}
+                                                     Name, Truncate)}
 
 
 def op_from_json(item) -> Op:
