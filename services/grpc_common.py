@@ -190,14 +190,15 @@ def _server_stream(impl):
     if not inspect.isasyncgenfunction(impl):  # a coroutine that writes its responses (context.write)
         async def writer(request, context):
             if (status := _malformed(request)) is not None:
-                await context.abort(*status)
+                return await abort_unless_gone(context, *status)
             await impl(request, context)
 
         return writer
 
     async def handler(request, context):
         if (status := _malformed(request)) is not None:
-            await context.abort(*status)
+            await abort_unless_gone(context, *status)
+            return
         async for item in impl(request, context):
             yield item
 
@@ -214,7 +215,8 @@ def _unary_async(impl, errors):
                 if errors is None:
                     raise
                 status = errors(exc)
-        await context.abort(*status)
+        await abort_unless_gone(context, *status)  # the caller gone: no response is sent
+        return None
 
     return handler
 
@@ -246,7 +248,8 @@ def _each_in_order(impl, errors):
                         raise
                     status = errors(exc)
             if status is not None:
-                await context.abort(*status)
+                await abort_unless_gone(context, *status)
+                return
             yield response
 
     return handler

@@ -6,8 +6,11 @@ workers, equal digests)."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 from apar.bench_suite.chaos import DOCUMENTED, failures
 from tests.procs import require
@@ -63,3 +66,50 @@ def test_the_verdict_fails_on_what_is_wrong():
                          "registered_again": False})
     found = failures(bad)
     assert len(found) == 7, found
+
+
+def _children(pid: int) -> set[int]:
+    out = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.add(int(stat.parent.name))
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited (reparented, its reaper may not be quick)
+
+
+def test_a_terminated_chaos_run_stops_its_cluster(llama_dir, tmp_path):
+    """Each component runs in its own session, so a signal to `apar bench chaos` reaches none of them: on
+    SIGTERM (as on Ctrl-C) the bench stops the cluster it started before it exits."""
+    require("redis-server")
+    logs = tmp_path / "logs"
+    proc = subprocess.Popen([sys.executable, "-m", "apar.cli", "bench", "chaos", "--model", str(llama_dir),
+                             "--duration", "600", "--requests", "1000000", "--rounds", "0", "--quiet",
+                             "--log-dir", str(logs)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # every component started and the routers listening: the storm is under way (or about to be)
+        deadline = time.monotonic() + 240
+        while not (len(_children(proc.pid)) >= 6 and all(
+                (logs / f"router{i}.log").exists() and "listening on" in (logs / f"router{i}.log").read_text()
+                for i in (0, 1))):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate(timeout=30)
+            time.sleep(0.2)
+        cluster = _children(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted (SIGTERM); the cluster is stopped" in err, err[-2000:]
+    assert [pid for pid in cluster if _running(pid)] == []

@@ -243,3 +243,64 @@ def test_a_kv_manager_shard_that_stays_down_is_one_warning(caplog):
         asyncio.run(main())
     failed = [r.getMessage() for r in caplog.records if "usage failed" in r.getMessage()]
     assert len(failed) == 1, failed
+
+
+def _malformed_call(kind: str, ctx: _Context) -> list:
+    """One call of `kind` (as grpc_common.add_servicer wraps a servicer method) whose request did not parse;
+    returns what the method itself saw (nothing: a malformed request never reaches it)."""
+    from services.grpc_common import Malformed, _each_in_order, _server_stream, _unary_async
+
+    seen = []
+
+    async def unary(request, context):
+        seen.append(request)
+
+    async def stream(request, context):
+        seen.append(request)
+        yield A.GenerateResponse()
+
+    async def main():
+        bad = Malformed("truncated message")
+        if kind == "unary":
+            return await _unary_async(unary, None)(bad, ctx)
+        if kind == "writer":
+            return await _server_stream(unary)(bad, ctx)
+        if kind == "stream":
+            return [r async for r in _server_stream(stream)(bad, ctx)]
+
+        async def requests():
+            yield bad
+        return [r async for r in _each_in_order(unary, None)(requests(), ctx)]
+
+    out = asyncio.run(main())
+    assert out in (None, []), out
+    return seen
+
+
+def test_a_malformed_request_whose_caller_is_gone_ends_each_kind_of_call_quietly():
+    """A request that does not parse, from a caller that already ended the call: no abort is tried. One
+    whose abort races the caller's deadline: the abort's `ExecuteBatchError` is not raised (gRPC would
+    log it as an ERROR with a traceback). Either way the method never sees the request."""
+    for kind in ("unary", "writer", "stream", "bidi"):
+        gone = _Context(cancelled=True)
+        assert _malformed_call(kind, gone) == [] and gone.aborted == 0, kind
+        racing = _Context(cancelled=False)
+        assert _malformed_call(kind, racing) == [] and racing.aborted == 1, kind
+
+
+def test_a_malformed_request_from_a_live_caller_is_still_invalid_argument():
+    class Live(_Context):
+        async def abort(self, code, message, trailers=()):
+            self.aborted += 1
+            self.code = code
+            raise grpc.aio.AbortError()
+
+    for kind in ("unary", "writer", "stream", "bidi"):
+        ctx = Live(cancelled=False)
+        try:
+            _malformed_call(kind, ctx)
+        except grpc.aio.AbortError:
+            pass
+        else:
+            raise AssertionError(f"{kind}: the live call was not aborted")
+        assert ctx.code == grpc.StatusCode.INVALID_ARGUMENT, kind

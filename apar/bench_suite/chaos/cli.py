@@ -7,7 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from apar.bench_suite.chaos.run import run_chaos
+from apar.bench_suite.chaos.run import Interrupted, run_chaos
 from apar.bench_suite.chaos.verdict import render
 
 
@@ -51,7 +51,12 @@ def run_chaos_cmd(args) -> int:
         raise UserError("redis-server is not on PATH (apt-get install redis-server)")
     if args.workers < 2 or args.routers < 2:
         raise UserError("--workers and --routers must be at least 2: a killed one's requests go to another")
-    verdict = run_chaos(args)
+    try:
+        verdict = run_chaos(args)
+    except Interrupted as exc:
+        logs = f"; logs: {exc.run_dir}" if exc.run_dir else ""
+        print(f"\nchaos: interrupted ({exc}); the cluster is stopped{logs}", file=sys.stderr)
+        raise
     if args.json:
         print(json.dumps(verdict, indent=1))
     else:

@@ -1,9 +1,12 @@
 """One chaos run: the cluster started, the storm with its fault schedule, the verdict."""
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -13,7 +16,44 @@ from apar.bench_suite.chaos.storm import Storm, _storm
 from apar.bench_suite.chaos.verdict import check_state, failures, memory_report
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT during a chaos run, raised where the run is so that it stops its cluster: each
+    component runs in its own session, so the signal reaches none of them. `apar` exits 130 on it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.run_dir: Path | None = None
+
+
+def _raise_interrupted(signum, frame) -> None:
+    raise Interrupted(signum)
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _signals_are(handler):
+    """SIGINT and SIGTERM handled by `handler` inside the block (in the main thread only: elsewhere,
+    Python cannot set a handler and nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.signal(sig, handler) for sig in _SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in saved.items():
+            signal.signal(sig, old)
+
+
 def run_chaos(args) -> dict:
+    with _signals_are(_raise_interrupted):
+        return _run_chaos(args)
+
+
+def _run_chaos(args) -> dict:
     import asyncio
 
     rng = random.Random(args.seed)
@@ -44,10 +84,14 @@ def run_chaos(args) -> dict:
         verdict["check_s"] = round(time.monotonic() - t1, 1)
     except Exception as exc:
         verdict["error"] = f"{type(exc).__name__}: {exc}"
+    except Interrupted as exc:
+        exc.run_dir = run_dir  # kept, with each component's log
+        raise
     finally:
-        for c in cluster.components:
-            c.check_crash()
-        cluster.stop()
+        with _signals_are(signal.SIG_IGN):  # a second signal must not leave the cluster half stopped
+            for c in cluster.components:
+                c.check_crash()
+            cluster.stop()
     verdict["crashed"] = [f"{c.name} (life {i}): exit {life.crashed}" for c in cluster.components
                           for i, life in enumerate(c.lives) if life.crashed is not None]
     verdict["components"] = [c.report() for c in cluster.components]
