@@ -9,10 +9,10 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from apar.bench_suite.chaos import DOCUMENTED, failures
+from tests.faults import wait_until
 from tests.procs import require
 
 
@@ -98,12 +98,13 @@ def test_a_terminated_chaos_run_stops_its_cluster(llama_dir, tmp_path):
                              "--log-dir", str(logs)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         # every component started and the routers listening: the storm is under way (or about to be)
-        deadline = time.monotonic() + 240
-        while not (len(_children(proc.pid)) >= 6 and all(
+        def cluster_up() -> bool:
+            assert proc.poll() is None, proc.communicate(timeout=30)  # the bench must not end by itself
+            return len(_children(proc.pid)) >= 6 and all(
                 (logs / f"router{i}.log").exists() and "listening on" in (logs / f"router{i}.log").read_text()
-                for i in (0, 1))):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate(timeout=30)
-            time.sleep(0.2)
+                for i in (0, 1))
+
+        wait_until(cluster_up, 240, "every component started and both routers listening")
         cluster = _children(proc.pid)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)

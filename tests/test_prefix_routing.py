@@ -131,9 +131,12 @@ class _HeldShard:
     def __init__(self) -> None:
         self.answer = asyncio.Event()
         self.calls = self.answered = self.cancelled = 0
+        self.second_call = asyncio.Event()
 
     def Prefix(self, req, timeout=None):
         self.calls += 1
+        if self.calls >= 2:
+            self.second_call.set()
         return self._answer()
 
     async def _answer(self):
@@ -158,8 +161,7 @@ def test_a_slow_shard_counts_as_holding_nothing_and_its_call_runs_to_its_answer(
         try:
             assert await d.cached_tokens(ids, [handle("a", 10)]) == {}  # no answer within the wait
             lookup = asyncio.ensure_future(d.cached_tokens(ids, [handle("a", 10)]))
-            while shard.calls < 2:
-                await asyncio.sleep(0)
+            await asyncio.wait_for(shard.second_call.wait(), 10)  # the lookup's call is in flight
             lookup.cancel()  # the request ends while its lookup waits
             with pytest.raises(asyncio.CancelledError):
                 await lookup
