@@ -79,6 +79,19 @@ def same_answers(a: dict, b: dict) -> None:
 APAR = SamplingParams(max_tokens=120, max_threads=6, max_depth=2)
 
 
+
+def _worst_gap(ref, res) -> float:
+    """The largest gap between a step's logits rows (sampled and draft) and the plain model's on each
+    row's context as one ordinary sequence."""
+    pairs = [(ctx, logits) for ctx, logits in res.logits.values()]
+    pairs += [(ctx, logits) for _, _, ctx, logits in res.draft_logits]
+    worst = 0.0
+    for ctx, logits in pairs:
+        with torch.no_grad():
+            want = ref(input_ids=torch.tensor([ctx])).logits[0, -1]
+        worst = max(worst, (logits - want).abs().max().item())
+    return worst
+
 def test_greedy_with_drafts_is_the_answer_without_them_through_nested_forks(llama_dir, fork_string):
     requests = [(p, APAR) for p in PROMPTS] + [(PROMPTS[0], SamplingParams(max_tokens=50, auto_parallel=False))]
     plain = run(engine(llama_dir, fork_string), requests)
@@ -117,12 +130,7 @@ def test_every_row_of_a_drafting_step_equals_the_plain_model(llama_dir, fork_str
 
     def compare(res) -> None:
         nonlocal worst, rows
-        pairs = [(ctx, logits) for ctx, logits in res.logits.values()]
-        pairs += [(ctx, logits) for _, _, ctx, logits in res.draft_logits]
-        for ctx, logits in pairs:
-            with torch.no_grad():
-                want = ref(input_ids=torch.tensor([ctx])).logits[0, -1]
-            worst = max(worst, (logits - want).abs().max().item())
+        worst = max(worst, _worst_gap(ref, res))
         rows += len(res.draft_logits)
 
     eng = engine(llama_dir, fork_string, NGRAM)
@@ -226,12 +234,7 @@ def test_replayed_trees_with_drafts_feed_the_tree_and_match_the_plain_model(llam
     worst, tokens = 0.0, {}
     while eng.has_work():
         res = eng.step()
-        pairs = [(ctx, logits) for ctx, logits in res.logits.values()]
-        pairs += [(ctx, logits) for _, _, ctx, logits in res.draft_logits]
-        for ctx, logits in pairs:
-            with torch.no_grad():
-                want = ref(input_ids=torch.tensor([ctx])).logits[0, -1]
-            worst = max(worst, (logits - want).abs().max().item())
+        worst = max(worst, _worst_gap(ref, res))
         for ev in res.events:
             if isinstance(ev, TokenEvent):
                 tokens.setdefault((ev.request, ev.thread), []).append(ev.token)
