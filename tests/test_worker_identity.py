@@ -46,9 +46,12 @@ class Process:
                  ttl: int = 30, model: str = "m") -> None:
         self.id, self.session, self.address, self.blocks, self.ttl, self.model = (worker_id, session, address, blocks,
                                                                                    ttl, model)
+        self.connect(server)
+        self.sim = SimWorker(ReplicationLog(KVLedger(blocks, BS), session), seed=session)
+
+    def connect(self, server) -> None:
         self.channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
         self.stub = pb.kvmanager_pb2_grpc.KVManagerStub(self.channel)
-        self.sim = SimWorker(ReplicationLog(KVLedger(blocks, BS), session), seed=session)
 
     def register(self):
         return self.stub.Register(K.RegisterRequest(worker_id=self.id, address=self.address, num_blocks=self.blocks,
@@ -193,6 +196,66 @@ def test_a_stale_worker_stops_and_the_replacement_keeps_its_replica(manager):
             kv.close()
         for c in (old_client, new_client):
             c.close()
+
+
+def test_a_worker_must_name_its_session(manager):
+    """Two processes registering one id with no session (0, proto3's default) cannot be told apart: the
+    second's registration would pass for the first's and move its address. Register and Heartbeat
+    without a session are refused with INVALID_ARGUMENT, nothing registered; nor does a heartbeat
+    without one keep another process's registration alive."""
+    wid = "no-session"
+    first = Process(manager, wid, 0, "10.0.0.7:50061")
+    second = Process(manager, wid, 0, "10.0.0.8:50061")
+    live = Process(manager, "no-session-live", 77, "10.0.0.9:50061")
+    try:
+        codes = []
+        for p in (first, second):
+            try:
+                p.register()
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as exc:
+                codes.append(exc.code())
+        held = [u.address for u in manager.manager.usage() if u.worker_id == wid]
+        assert codes == [grpc.StatusCode.INVALID_ARGUMENT] * 2 and held == [], (codes, held)
+        live.register()
+        assert refused(lambda: live.stub.Heartbeat(K.HeartbeatRequest(worker_id=live.id), timeout=5)) == \
+            grpc.StatusCode.INVALID_ARGUMENT
+        assert live.heartbeat()
+    finally:
+        for p in (first, second, live):
+            p.close()
+
+
+def test_the_binding_survives_a_manager_restart():
+    """The session a worker id is bound to is kept in Redis with its ledger: after the manager restarts
+    on the same Redis, a second process is still refused and the record stays the first's; the first
+    registers again (restored: its own ledger) and goes on stepping; the second's steps are refused."""
+    redis = ScratchRedis()
+    server = serve("127.0.0.1:0", redis.url, reap_every_s=0.1)
+    wid = "restart"
+    first = Process(server, wid, 61, "10.0.0.10:50061")
+    second = Process(server, wid, 62, "10.0.0.11:50061")
+    try:
+        assert not first.register().restored
+        first.steps(25)
+        server.stop()  # a graceful stop writes its last round: Redis holds every step acknowledged
+        server = serve("127.0.0.1:0", redis.url, reap_every_s=0.1)
+        for p in (first, second):
+            p.close()
+            p.connect(server)
+        assert refused(second.register) == grpc.StatusCode.ALREADY_EXISTS
+        assert record(server, wid)[0] == "10.0.0.10:50061"
+        assert first.register().restored and first.heartbeat() and not second.heartbeat()
+        first.steps(10)
+        second.sim.step()
+        assert second.send(second.sim.kv.batch()) == grpc.StatusCode.FAILED_PRECONDITION
+        assert server.manager.state(wid) == first.sim.ledger.snapshot()
+        assert record(server, wid)[0] == "10.0.0.10:50061"
+    finally:
+        for p in (first, second):
+            p.close()
+        server.stop(grace=None)
+        redis.close()
 
 
 def test_the_router_takes_only_the_workers_of_its_model(manager, caplog):
