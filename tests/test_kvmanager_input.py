@@ -27,9 +27,11 @@ def test_bad_input_gets_invalid_argument_with_a_reason(kv):
     client.register()
     s = client.stub
     bad_registers = [dict(worker_id=""), dict(worker_id="has space"), dict(num_blocks=0), dict(num_blocks=1 << 30),
-                     dict(block_size=0), dict(block_size=1 << 20), dict(ttl_seconds=10 ** 6), dict(address="\x00")]
+                     dict(block_size=0), dict(block_size=1 << 20), dict(ttl_seconds=10 ** 6), dict(address="\x00"),
+                     dict(session=0)]
     for fields in bad_registers:
-        req = K.RegisterRequest(**{**dict(worker_id="w9", address="x", num_blocks=8, block_size=4), **fields})
+        good = dict(worker_id="w9", address="x", num_blocks=8, block_size=4, session=9)
+        req = K.RegisterRequest(**{**good, **fields})
         with pytest.raises(grpc.RpcError) as err:
             s.Register(req, timeout=5)
         assert err.value.code() == C.INVALID_ARGUMENT and err.value.details(), fields

@@ -253,11 +253,12 @@ def test_expired_worker_is_reclaimed_and_comes_back_by_a_resync(kv, redis_server
         assert client.state("w-dead").used
 
         def reaped() -> bool:  # w-live sends heartbeats meanwhile, w-dead none
-            assert client.stub.Heartbeat(K.HeartbeatRequest(worker_id="w-live"), timeout=5).known
+            assert client.stub.Heartbeat(K.HeartbeatRequest(worker_id="w-live", session=SESSION), timeout=5).known
             return [u.worker_id for u in client.usage()] == ["w-live"]
 
         wait_until(reaped, 10, "w-dead to be reaped", every=0.1)
-        assert not client.stub.Heartbeat(K.HeartbeatRequest(worker_id="w-dead"), timeout=5).known
+        assert not client.stub.Heartbeat(K.HeartbeatRequest(worker_id="w-dead", session=dead.session),
+                                     timeout=5).known
         assert code_of(lambda: client.state("w-dead")) == C.NOT_FOUND
         assert code_of(lambda: client.send(K.StepBatch(worker_id="w-dead", session=1))) == C.NOT_FOUND
         keys = redis_server.client().keys(f"t-{request.node.name}:kv:w:w-dead:*")

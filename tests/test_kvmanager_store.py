@@ -64,9 +64,9 @@ def test_memory_mode_equals_the_worker_and_expires_on_its_clock():
     assert m.state("w1") == sim.ledger.snapshot()
     assert m.register(W1, SESSION) == (True, sim.ledger.num_free)  # same pool, still alive: restored
     now[0] = 20.0
-    assert m.heartbeat("w1") and m.reap() == []
+    assert m.heartbeat("w1", SESSION) and m.reap() == []
     now[0] = 51.0  # 30 s after the last heartbeat
-    assert not m.heartbeat("w1")
+    assert not m.heartbeat("w1", SESSION)
     assert m.reap() == ["w1"] and m.usage() == []
     with pytest.raises(UnknownWorker):
         m.submit("w1", LogBatch(SESSION, []))

@@ -177,7 +177,8 @@ def test_kv_manager_reaches_redis_with_a_password_over_tls(pki, tmp_path):
         wait_until(lambda: kv_serving(address), 10, "the KV manager serving on Redis")
         with grpc.insecure_channel(address) as ch:
             pb.kvmanager_pb2_grpc.KVManagerStub(ch).Register(K.RegisterRequest(
-                worker_id="w-redis", address="127.0.0.1:1", num_blocks=8, block_size=16, ttl_seconds=30), timeout=5)
+                worker_id="w-redis", address="127.0.0.1:1", num_blocks=8, block_size=16, ttl_seconds=30,
+                session=1), timeout=5)
         assert redis_srv.client.hexists("apar:kv:workers", "w-redis")  # the ledger is in that Redis
 
         wrong_pw = "Wrong-Pw-sentinel-1f9b"

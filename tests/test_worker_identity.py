@@ -6,16 +6,25 @@ serves, and a router takes only its own model's workers.
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
+import concurrent.futures
+import logging
 import threading
+from types import SimpleNamespace
 
 import grpc
 import pytest
 
 from apar.bench_suite.simulated import ScratchRedis, SimWorker
-from apar.engine.kv.ledger import KVLedger
+from apar.commands.serve import _lease_pool
+from apar.engine.errors import UserError
+from apar.engine.kv.ledger import KVLedger, ThreadRef
+from apar.engine.kv.ops import Append, Name, Start
+from apar.engine.prefix import block_hashes
 from apar.protogen import stubs
 from services.kvmanager import wire
+from services.kvmanager.inprocess import InProcessClient
 from services.kvmanager.records import WorkerSpec
 from services.kvmanager.replication import LogBatch, ReplicationLog
 from services.kvmanager.service import serve
@@ -46,9 +55,12 @@ class Process:
                  ttl: int = 30, model: str = "m") -> None:
         self.id, self.session, self.address, self.blocks, self.ttl, self.model = (worker_id, session, address, blocks,
                                                                                    ttl, model)
+        self.connect(server)
+        self.sim = SimWorker(ReplicationLog(KVLedger(blocks, BS), session), seed=session)
+
+    def connect(self, server) -> None:
         self.channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
         self.stub = pb.kvmanager_pb2_grpc.KVManagerStub(self.channel)
-        self.sim = SimWorker(ReplicationLog(KVLedger(blocks, BS), session), seed=session)
 
     def register(self):
         return self.stub.Register(K.RegisterRequest(worker_id=self.id, address=self.address, num_blocks=self.blocks,
@@ -195,6 +207,66 @@ def test_a_stale_worker_stops_and_the_replacement_keeps_its_replica(manager):
             c.close()
 
 
+def test_a_worker_must_name_its_session(manager):
+    """Two processes registering one id with no session (0, proto3's default) cannot be told apart: the
+    second's registration would pass for the first's and move its address. Register and Heartbeat
+    without a session are refused with INVALID_ARGUMENT, nothing registered; nor does a heartbeat
+    without one keep another process's registration alive."""
+    wid = "no-session"
+    first = Process(manager, wid, 0, "10.0.0.7:50061")
+    second = Process(manager, wid, 0, "10.0.0.8:50061")
+    live = Process(manager, "no-session-live", 77, "10.0.0.9:50061")
+    try:
+        codes = []
+        for p in (first, second):
+            try:
+                p.register()
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as exc:
+                codes.append(exc.code())
+        held = [u.address for u in manager.manager.usage() if u.worker_id == wid]
+        assert codes == [grpc.StatusCode.INVALID_ARGUMENT] * 2 and held == [], (codes, held)
+        live.register()
+        assert refused(lambda: live.stub.Heartbeat(K.HeartbeatRequest(worker_id=live.id), timeout=5)) == \
+            grpc.StatusCode.INVALID_ARGUMENT
+        assert live.heartbeat()
+    finally:
+        for p in (first, second, live):
+            p.close()
+
+
+def test_the_binding_survives_a_manager_restart():
+    """The session a worker id is bound to is kept in Redis with its ledger: after the manager restarts
+    on the same Redis, a second process is still refused and the record stays the first's; the first
+    registers again (restored: its own ledger) and goes on stepping; the second's steps are refused."""
+    redis = ScratchRedis()
+    server = serve("127.0.0.1:0", redis.url, reap_every_s=0.1)
+    wid = "restart"
+    first = Process(server, wid, 61, "10.0.0.10:50061")
+    second = Process(server, wid, 62, "10.0.0.11:50061")
+    try:
+        assert not first.register().restored
+        first.steps(25)
+        server.stop()  # a graceful stop writes its last round: Redis holds every step acknowledged
+        server = serve("127.0.0.1:0", redis.url, reap_every_s=0.1)
+        for p in (first, second):
+            p.close()
+            p.connect(server)
+        assert refused(second.register) == grpc.StatusCode.ALREADY_EXISTS
+        assert record(server, wid)[0] == "10.0.0.10:50061"
+        assert first.register().restored and first.heartbeat() and not second.heartbeat()
+        first.steps(10)
+        second.sim.step()
+        assert second.send(second.sim.kv.batch()) == grpc.StatusCode.FAILED_PRECONDITION
+        assert server.manager.state(wid) == first.sim.ledger.snapshot()
+        assert record(server, wid)[0] == "10.0.0.10:50061"
+    finally:
+        for p in (first, second):
+            p.close()
+        server.stop(grace=None)
+        redis.close()
+
+
 def test_the_router_takes_only_the_workers_of_its_model(manager, caplog):
     """Two models' workers register with one manager: a router serving one model lists only its own (and
     says that the others are there: a worker with another served model name gets no request)."""
@@ -216,3 +288,118 @@ def test_the_router_takes_only_the_workers_of_its_model(manager, caplog):
     assert asyncio.run(listed(None)) == {"10.0.1.0:50061", "10.0.1.1:50061", "10.0.1.2:50061"}
     [u] = [u for u in manager.manager.usage() if u.worker_id == "model-1"]
     assert u.model == "llama-b"
+
+
+class _InfoOnly(pb.worker_pb2_grpc.WorkerServicer):
+    """A worker as a router polls it: its Info, and nothing else."""
+
+    def __init__(self, info) -> None:
+        self.info = info
+
+    async def Info(self, req, context):
+        return self.info
+
+
+def test_a_router_sends_requests_only_to_the_workers_of_its_model():
+    """Two live workers register with one manager, serving two models; the other model's worker holds the
+    prompt's whole prefix and more free blocks, so by prefix and room it would win every time. A router
+    serving 'llama-a' sends every request to llama-a's worker, and a router serving 'llama-b' to
+    llama-b's: a block name carries no model, the worker's registration does."""
+    server = serve("127.0.0.1:0", None)
+    ids = list(range(100, 150))  # 50 tokens: 3 full blocks that leave a token to compute
+    names = block_hashes(ids, BS)
+
+    async def main() -> tuple[dict[str, list[str]], dict[str, str]]:
+        workers, addresses = [], {}
+        for model, free in (("llama-a", 40), ("llama-b", 60)):
+            w = grpc.aio.server()
+            port = w.add_insecure_port("127.0.0.1:0")
+            info = pb.worker_pb2.WorkerInfo(worker_id=model, model=model, num_blocks=64, block_size=BS,
+                                            free_blocks=free)
+            pb.worker_pb2_grpc.add_WorkerServicer_to_server(_InfoOnly(info), w)
+            await w.start()
+            workers.append(w)
+            addresses[model] = f"127.0.0.1:{port}"
+            client = InProcessClient(server.manager, model, addresses[model], 64, BS, model=model)
+            assert not client.register()
+            log = ReplicationLog(KVLedger(64, BS), client.session)
+            if model == "llama-b":  # b holds the prompt's prefix: the block names alone would pick it
+                ref = ThreadRef("r", 0)
+                log.apply([Start(ref), Append(ref, len(ids)), Name(ref, 0, tuple(names[:3]))])
+                log.acked(client.send(log.batch()))
+        assert [n for _, _, n in server.manager.prefix(names)] == [0, 3]
+        chosen = {}
+        try:
+            for model in ("llama-a", "llama-b"):
+                d = KVManagerDirectory(f"127.0.0.1:{server.port}", refresh_s=60, model=model)
+                try:
+                    chosen[model] = []
+                    for _ in range(8):
+                        w = await d.choose(ids)
+                        chosen[model].append(None if w is None else w.address)
+                        if w is not None:
+                            d.release(w)
+                finally:
+                    await d.close()
+        finally:
+            for w in workers:
+                await w.stop(None)
+        return chosen, addresses
+
+    try:
+        chosen, addresses = asyncio.run(main())
+    finally:
+        server.stop(grace=None)
+    assert chosen == {m: [addresses[m]] * 8 for m in ("llama-a", "llama-b")}, (chosen, addresses)
+
+
+class _Loop:
+    """What `_lease_pool` needs of a worker's engine loop: a call run on its engine."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def call(self, fn):
+        done = concurrent.futures.Future()
+        done.set_result(fn(self.engine))
+        return done
+
+
+def _worker_args(manager, port: int, ttl: int) -> argparse.Namespace:
+    return argparse.Namespace(advertise=None, host="127.0.0.1", port=port, kvmanager=f"127.0.0.1:{manager.port}",
+                              kv_ttl=ttl, served_model_name="m", model="models/m", kv_max_lag=5.0, kv_lag_wait=5.0)
+
+
+def test_a_worker_restarted_after_a_crash_takes_its_id_back(manager, caplog):
+    """A worker crashes (no goodbye: its registration lives on until its time-to-live ends) and restarts
+    with the same id, a new process, a new session: `apar worker`'s lease is refused while the old
+    registration lives, says so, and takes the id once it expired; the new process then replicates its
+    ledger from nothing. A live holder that outlasts two time-to-lives makes it give up with a clear
+    error instead."""
+    wid = "crashed"
+    old = KVManagerClient(f"127.0.0.1:{manager.port}", wid, "127.0.0.1:50071", BLOCKS, BS, ttl_s=1, model="m")
+    engine = SimpleNamespace(ledger=KVLedger(BLOCKS, BS), kv=None)
+    client = None
+    try:
+        assert not old.register()
+        old.close()  # the crash: no more heartbeats
+        with caplog.at_level(logging.WARNING, logger="apar.commands.serve"):
+            client = _lease_pool(engine, _Loop(engine), _worker_args(manager, 50072, 30), wid)
+        assert any("worker id crashed is taken" in r.getMessage() for r in caplog.records)
+        assert record(manager, wid)[:2] == ("127.0.0.1:50072", "m")
+        assert manager.manager.applied(wid) == (client.session, 0)
+        sim = SimWorker(engine.kv, seed=7)
+        for _ in range(30):
+            sim.step()
+        engine.kv.drain()
+        assert manager.manager.state(wid) == sim.ledger.snapshot()
+
+        rival = SimpleNamespace(ledger=KVLedger(BLOCKS, BS), kv=None)  # the id is held, and heartbeats go on
+        with pytest.raises(UserError, match="worker id crashed is taken"):
+            _lease_pool(rival, _Loop(rival), _worker_args(manager, 50073, 1), wid)
+        assert rival.kv is None and record(manager, wid)[0] == "127.0.0.1:50072"
+    finally:
+        if engine.kv is not None:
+            engine.kv.close()
+        if client is not None:
+            client.close()

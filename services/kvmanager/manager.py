@@ -29,7 +29,7 @@ from services.kvmanager.json_forms import snapshot_from_parts
 from services.kvmanager.persistence import StoreWriter
 from services.kvmanager.records import (Applied, BadRequest, ResyncParts, StaleSession,
                                         UnknownWorker, Usage, WorkerIdTaken, WorkerRecord, WorkerSpec, add_part,
-                                        apply_batch, check_batch, check_worker_id)
+                                        apply_batch, check_batch, check_session, check_worker_id)
 from services.kvmanager.replica import ReplicaLedger
 from services.kvmanager.replication import Ack, LogBatch, Resync
 
@@ -59,13 +59,15 @@ class KVManager:
             metrics.watch(self.usage, self.unpersisted)
 
     # ---- worker registration ----------------------------------------------------------------------
-    def register(self, spec: WorkerSpec, session: int = 0) -> tuple[bool, int]:
-        """Lease a pool: (restored, free blocks). A worker id is bound to the session that registered it.
+    def register(self, spec: WorkerSpec, session: int) -> tuple[bool, int]:
+        """Lease a pool: (restored, free blocks). A worker id is bound to the session that registered it
+        (1 or more: BadRequest for none, since two processes sending none could not be told apart).
         While that registration lives, the same session registering again (after a manager restart, a
         lost answer) keeps its ledger (restored) if the pool is the same size, and another session is
         refused with WorkerIdTaken, nothing changed: a second process with the id, or a replacement
         that came before the old registration expired. Otherwise a fresh ledger, bound to `session`
         at step 0, replaces any other (a stale process's steps are then refused: StaleSession)."""
+        check_session(session)
         with self._store_lock:
             self._store.sync_reachable()
             with self._lock:
@@ -92,13 +94,15 @@ class KVManager:
         self._parts.pop(spec.worker_id, None)
         return False, rec.ledger.num_free
 
-    def heartbeat(self, worker_id: str, session: int = 0) -> bool:
+    def heartbeat(self, worker_id: str, session: int) -> bool:
         """Extend a registration; False when the worker is unknown or expired, or registered by another
-        session than `session` (0: any): it must register again."""
+        session than `session`: it must register again. BadRequest without a session (one that named
+        none would keep whichever process holds the id alive)."""
         check_worker_id(worker_id)
+        check_session(session)
         with self._lock:
             rec = self._workers.get(worker_id)
-            if rec is None or (session and rec.session != session):
+            if rec is None or rec.session != session:
                 return False
             if self.store is None:
                 if rec.expires_at <= self.clock():

@@ -62,6 +62,17 @@ def check_worker_id(worker_id: str) -> str:
     return worker_id
 
 
+MAX_SESSION = (1 << 64) - 1  # a uint64 on the wire
+
+
+def check_session(session: int) -> int:
+    """A worker's session: 1 or more. Every call of a worker names it (Register, Heartbeat, StepBatch):
+    it is what binds a worker id to one process, so none is taken as "any"."""
+    if not 1 <= session <= MAX_SESSION:
+        raise BadRequest("session must be 1 or more: a worker names the session it registered with")
+    return session
+
+
 @dataclass(slots=True)
 class WorkerSpec:
     """A worker's lease: its pool size and how long its registration lives without a heartbeat."""
@@ -111,8 +122,7 @@ def check_ops(ops: list[Op], where: str = "", each: bool = True) -> list[Op]:
 
 def check_batch(batch: LogBatch) -> LogBatch:
     """A session, consecutive step numbers from 1 up, at most MAX_STEPS of them, ops that can be ops."""
-    if batch.session <= 0:
-        raise BadRequest("session must be 1 or more")
+    check_session(batch.session)
     if len(batch.steps) > MAX_STEPS:
         raise BadRequest(f"{len(batch.steps)} steps in one message; at most {MAX_STEPS}")
     if batch.resync is not None and batch.resync.seq < 0:
