@@ -28,7 +28,7 @@ from services.kvmanager.inprocess import InProcessClient
 from services.kvmanager.records import WorkerSpec
 from services.kvmanager.replication import LogBatch, ReplicationLog
 from services.kvmanager.service import serve
-from services.router.workers import KVManagerDirectory
+from services.router.workers import KVManagerDirectory, WorkerDirectory
 from services.worker.kv import KVManagerUnavailable, RemoteKV
 from services.worker.kvclient import KVManagerClient
 from tests.faults import wait_until
@@ -351,6 +351,43 @@ def test_a_router_sends_requests_only_to_the_workers_of_its_model():
     finally:
         server.stop(grace=None)
     assert chosen == {m: [addresses[m]] * 8 for m in ("llama-a", "llama-b")}, (chosen, addresses)
+
+
+def test_a_static_worker_list_serves_only_the_workers_of_its_model(caplog):
+    """Without a KV manager (a --workers list, or a Kubernetes Service) the worker's own Info names its
+    model: of two live workers, the one serving another model (and with more free blocks, so room alone
+    would pick it) never gets a request, and the router says so once."""
+
+    async def main() -> tuple[list, dict[str, str]]:
+        workers, addresses = [], {}
+        for model, free in (("llama-a", 40), ("llama-b", 60)):
+            w = grpc.aio.server()
+            port = w.add_insecure_port("127.0.0.1:0")
+            info = pb.worker_pb2.WorkerInfo(worker_id=model, model=model, num_blocks=64, block_size=BS,
+                                            free_blocks=free)
+            pb.worker_pb2_grpc.add_WorkerServicer_to_server(_InfoOnly(info), w)
+            await w.start()
+            workers.append(w)
+            addresses[model] = f"127.0.0.1:{port}"
+        d = WorkerDirectory(list(addresses.values()), refresh_s=60, model="llama-a")
+        chosen = []
+        try:
+            for _ in range(8):
+                w = await d.choose([1, 2, 3])
+                chosen.append(None if w is None else w.address)
+                if w is not None:
+                    d.release(w)
+        finally:
+            await d.close()
+            for w in workers:
+                await w.stop(None)
+        return chosen, addresses
+
+    with caplog.at_level(logging.WARNING, logger="services.router.workers"):
+        chosen, addresses = asyncio.run(main())
+    assert chosen == [addresses["llama-a"]] * 8, (chosen, addresses)
+    said = [r.getMessage() for r in caplog.records if "not this router's" in r.getMessage()]
+    assert len(said) == 1 and addresses["llama-b"] in said[0] and "'llama-b'" in said[0], said
 
 
 class _Loop:

@@ -278,6 +278,7 @@ def run_worker(args) -> int:
     _metrics(args.metrics_port, registry, args.host)
 
     wid = args.worker_id or f"worker-{uuid.uuid4().hex[:8]}"
+    model_name = args.served_model_name or str(args.model)  # what its Info and registration name
     client = None
     if args.kvmanager:
         client = _lease_pool(engine, loop, args, wid, tls, token)
@@ -292,7 +293,7 @@ def run_worker(args) -> int:
             if loop.engine.kv.fenced:
                 fenced.append(loop.engine.kv.fenced)
                 stop.set()
-        server, port = await start_worker_server(loop, f"{args.host}:{args.port}", wid, str(args.model), tls, token,
+        server, port = await start_worker_server(loop, f"{args.host}:{args.port}", wid, model_name, tls, token,
                                                  args.stream_buffer)
         warn_if_open(token, "apar worker", SERVER_RISK)
         print(f"apar worker: {wid} listening on {args.host}:{port} ({tls.describe() if tls else 'plaintext'}, "
@@ -363,6 +364,8 @@ def run_router(args) -> int:
         api_client = kube_api_client(args.kube_api)
     tokenizer = load_tokenizer(args.model)
 
+    served = args.served_model_name or str(args.model)
+
     async def main() -> int:
         from services.router.workers import WorkerDirectory
 
@@ -370,17 +373,16 @@ def run_router(args) -> int:
             from services.router.discovery import KubernetesDirectory
 
             directory = KubernetesDirectory(args.worker_service, args.worker_namespace, args.worker_port_name,
-                                            api_client=api_client, tls=tls, token=token)
+                                            api_client=api_client, tls=tls, token=token, model=served)
             directory.start()
             source = directory.where
         elif discovery == "kvmanager":
             from services.router.workers import KVManagerDirectory
 
-            directory = KVManagerDirectory(args.kvmanager, tls=tls, token=token,
-                                           model=args.served_model_name or str(args.model))
+            directory = KVManagerDirectory(args.kvmanager, tls=tls, token=token, model=served)
             source = f"KV manager {args.kvmanager}"
         else:
-            directory = WorkerDirectory(addresses, tls=tls, token=token)
+            directory = WorkerDirectory(addresses, tls=tls, token=token, model=served)
             source = f"workers {','.join(addresses)}"
         if tls is not None:
             source += f" over {tls.describe()}"

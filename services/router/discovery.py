@@ -131,10 +131,10 @@ class KubernetesDirectory(WorkerDirectory):
     def __init__(self, service: str, namespace: str | None = None, port_name: str = "grpc", api_client=None,
                  kube_api: str | None = None, refresh_s: float = 0.2, backoff_s: tuple[float, float] = (0.2, 10.0),
                  watch_timeout_s: int = 300, connect_timeout_s: float = 5.0, retire_grace_s: float = 5.0,
-                 tls=None, token=None) -> None:
+                 tls=None, token=None, model: str | None = None) -> None:
         from kubernetes import client
 
-        super().__init__([], refresh_s, tls, token)
+        super().__init__([], refresh_s, tls, token, model)
         self.service = service
         self.namespace = namespace or default_namespace()
         self.port_name = port_name

@@ -106,13 +106,17 @@ class WorkerDirectory:
     dead until its Info answers again. With `tls` every channel is mutual TLS with the router's own
     certificate (a worker that does not present one from the CA never answers). With `token` (a
     `cluster_auth.ClusterToken`) a worker is live only while its Info proves it holds the cluster token:
-    no request goes to an address a stranger registered or took over."""
+    no request goes to an address a stranger registered or took over. With `model` (the router's served
+    model name) a worker whose Info names another model is never live: a worker list or a Service that
+    mixes models sends each request only to its own model's workers."""
 
     def __init__(self, addresses: list[str], refresh_s: float = 0.2, tls: TLSFiles | None = None,
-                 token=None) -> None:
+                 token=None, model: str | None = None) -> None:
         self.refresh_s = refresh_s
         self.tls = tls
         self.token = token
+        self.model = model
+        self._wrong_model: set[str] = set()  # addresses already logged as serving another model
         self._poller: asyncio.Task | None = None
         self.workers: list[WorkerHandle] = []
         for addr in addresses:
@@ -142,14 +146,25 @@ class WorkerDirectory:
     async def _check(self, w: WorkerHandle) -> None:
         asked = w.sent
         try:
-            w.saw(await w.stub.Info(pb.worker_pb2.WorkerInfoRequest(), timeout=1.0), asked)
-            w.alive = True
+            info = await w.stub.Info(pb.worker_pb2.WorkerInfoRequest(), timeout=1.0)
+            w.saw(info, asked)
+            w.alive = self._serves_our_model(w.address, info.model)
         except grpc.aio.AioRpcError as exc:
             # a worker going down; or one that fails its first check for want of the token (logged once)
             if w.alive or (not w.checked and exc.code() == grpc.StatusCode.UNAUTHENTICATED):
                 log.warning("worker %s is down: %s %s", w.address, exc.code().name, exc.details() or "")
             w.alive = False
         w.checked = time.monotonic()
+
+    def _serves_our_model(self, address: str, model: str) -> bool:
+        if self.model is None or model == self.model:
+            self._wrong_model.discard(address)
+            return True
+        if address not in self._wrong_model:
+            self._wrong_model.add(address)
+            log.warning("worker %s serves model %r, not this router's %r: it gets no request", address, model,
+                        self.model)
+        return False
 
     def mark_dead(self, w: WorkerHandle) -> None:
         w.alive = False
@@ -211,8 +226,7 @@ class KVManagerDirectory(WorkerDirectory):
 
     def __init__(self, kvmanager: str, refresh_s: float = 0.2, tls: TLSFiles | None = None, token=None,
                  model: str | None = None, prefix_wait_s: float = PREFIX_WAIT_S) -> None:
-        super().__init__([], refresh_s, tls, token)
-        self.model = model
+        super().__init__([], refresh_s, tls, token, model)
         self.prefix_wait_s = prefix_wait_s
         self._others: frozenset[str] = frozenset()  # other models whose workers the shards list (logged once)
         self._kv_channels = [open_channel(shard, tls, aio=True, token=token) for shard in parse_shards(kvmanager)]
