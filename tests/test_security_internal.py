@@ -22,6 +22,7 @@ from tests.certs import CA
 from tests.faults import wait_until
 from tests.procs import Proc, free_port
 from tests.security_helpers import A, K, W, pb
+from tests.test_public_hardening import sockets_of
 
 ROLES = ("router", "worker", "kvmanager")
 SECRET_PROMPT = "my password is hunter2, keep it safe"
@@ -151,18 +152,22 @@ def generate(address: str, max_tokens: int = 4):
 
 
 def test_each_role_answers_only_its_callers_and_the_router_dials_only_workers(llama_dir, roles):
-    kv_port, w_port = free_port(), free_port()
+    kv_port, w_port, kv_metrics, w_metrics = free_port(), free_port(), free_port(), free_port()
     procs = []
     try:
         kv = Proc("kvmanager", "--port", str(kv_port), "--no-redis", *flags(roles["kvmanager"]),
-                  "--tls-peer-names", "apar-worker,apar-router")
+                  "--tls-peer-names", "apar-worker,apar-router", "--metrics-port", str(kv_metrics))
         procs.append(kv)
         kv.wait_for("listening on")
         worker = Proc("worker", "--model", str(llama_dir), "--port", str(w_port), "--kv-blocks", "64",
                       "--kvmanager", f"127.0.0.1:{kv_port}", "--worker-id", "w-role", *flags(roles["worker"]),
-                      "--tls-server-name", "apar-kvmanager", "--tls-peer-names", "apar-router")
+                      "--tls-server-name", "apar-kvmanager", "--tls-peer-names", "apar-router",
+                      "--metrics-port", str(w_metrics))
         procs.append(worker)
         worker.wait_for(r"listening on .*\(mutual TLS, callers apar-router, no cluster token\)")
+        # every port of both on their --host (127.0.0.1, the default), the metrics ports included
+        assert sockets_of(kv.p.pid)[0] == {("127.0.0.1", kv_port), ("127.0.0.1", kv_metrics)}
+        assert sockets_of(worker.p.pid)[0] == {("127.0.0.1", w_port), ("127.0.0.1", w_metrics)}
         address = f"127.0.0.1:{w_port}"
         with open_channel(address, tls_of(roles["router"], "apar-worker")) as ch:
             info = pb.worker_pb2_grpc.WorkerStub(ch).Info(W.WorkerInfoRequest(), timeout=10)
@@ -219,12 +224,40 @@ def test_each_role_answers_only_its_callers_and_the_router_dials_only_workers(ll
     assert SECRET_PROMPT not in "".join(line for p in procs for line in p.lines)
 
 
+def exits_saying(proc: Proc, needle: str) -> None:
+    """`proc` exits with an error, never listening, and says `needle`."""
+    with pytest.raises(RuntimeError, match=r"exited [1-9]"):
+        proc.wait_for("listening on", timeout=120)
+    wait_until(lambda: needle in "".join(proc.lines), 10, f"{proc.args[0]} never said {needle!r}")
+
+
 def test_router_kvmanager_name_needs_tls_and_a_kvmanager(llama_dir, roles):
     for argv, needle in ((["--kvmanager", "127.0.0.1:1", "--internal-tls-kvmanager-name", "apar-kvmanager"],
                           "needs --internal-tls-cert"),
                          ([*flags(roles["router"], "--internal-tls"), "--workers", "127.0.0.1:1",
                            "--internal-tls-kvmanager-name", "apar-kvmanager"], "not used without --kvmanager")):
         p = Proc("router", "--model", str(llama_dir), "--port", str(free_port()), *argv)
-        assert p.p.wait(timeout=60) != 0
-        wait_until(lambda: needle in "".join(p.lines), 10, f"the router never said {needle!r}")
+        try:
+            exits_saying(p, needle)
+        finally:
+            p.stop()
 
+
+# ---------------------------------------------------------------- API keys need closed internals
+
+def test_a_router_with_keys_refuses_open_internal_services(llama_dir, tmp_path):
+    """API keys on a router whose workers anyone can call (no cluster token, no internal TLS) protect
+    nothing: the router refuses to start so, unless told the network is private."""
+    (tmp_path / "keys").write_text("k-0123456789abcdef\n")
+    base = ("router", "--model", str(llama_dir), "--kvmanager", "127.0.0.1:1", "--api-key-file", str(tmp_path / "keys"))
+    refused = Proc(*base, "--port", str(free_port()))
+    try:
+        exits_saying(refused, "the workers and the KV manager are open")
+    finally:
+        refused.stop()
+    allowed = Proc(*base, "--port", str(free_port()), "--allow-open-internal")
+    try:
+        allowed.wait_for("listening on", timeout=120)
+        assert "without a cluster token" in "".join(allowed.lines)  # and it says so
+    finally:
+        allowed.stop()

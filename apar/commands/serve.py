@@ -89,6 +89,10 @@ def register(subparsers) -> None:
     r.add_argument("--served-model-name", default=None, help="the model id clients name (default: the --model path)")
     add_public_args(r)
     add_internal_tls_args(r, "--internal-tls")
+    r.add_argument("--allow-open-internal", action="store_true",
+                   help="run with --api-key-file although neither the cluster token nor internal mutual TLS "
+                        "protects the workers and the KV manager (refused otherwise: any process that reaches "
+                        "them gets past the keys and limits); only where nothing else can reach them")
     r.add_argument("--internal-tls-kvmanager-name", default=None, metavar="NAME",
                    help="check the KV manager against NAME instead of --internal-tls-server-name (where each "
                         "role has its own certificate, the workers' name and the KV manager's differ)")
@@ -355,6 +359,11 @@ def run_router(args) -> int:
     tls = internal_tls(args, "--internal-tls")
     kv_tls = _kvmanager_tls(args, tls)
     token = cluster_token(args)
+    if security[1].keys is not None and token is None and tls is None and not args.allow_open_internal:
+        raise UserError("--api-key-file, but the workers and the KV manager are open: any process that reaches "
+                        "them can register as a worker and receive the clients' prompts, or generate past the "
+                        "keys and limits. Give every router, worker and KV manager the same --cluster-token-file "
+                        "(or internal mutual TLS), or --allow-open-internal where nothing else can reach them")
     _setup()
     from services.router.tokenizer import load_tokenizer
 
