@@ -87,3 +87,17 @@ def test_keys_without_any_internal_protection_are_refused_and_open_parts_are_nam
     text = next(v for k, v in chart.render({}, name=RELEASE, namespace=NAMESPACE, is_install=True).items()
                 if k.endswith("NOTES.txt"))
     assert "tls.internal is off" in text and "auth.apiKeys is off" in text
+
+
+def test_open_internal_services_are_said_so_on_their_command_lines(chart):
+    """The services refuse to listen beyond loopback open (services/cluster_auth.py): a release with the
+    cluster token off and no internal TLS (allowed without API keys, warned in NOTES) says so explicitly."""
+    for values, expected in (({}, False), ({"auth": {"clusterToken": {"enabled": False}}}, True),
+                             ({"auth": {"clusterToken": {"enabled": False}},
+                               "tls": {"internal": {"secretName": "internal-tls"}}}, False),
+                             ({"auth": {"clusterToken": {"enabled": False}}, "tls": {"internal": {"roles": ROLES}}},
+                              False)):
+        docs = render(chart, values)
+        for kind, name, component in PODS:
+            args = container(one(docs, kind, name), component)["args"]
+            assert ("--allow-open-internal" in args) == expected, (values, component)

@@ -261,3 +261,38 @@ def test_a_router_with_keys_refuses_open_internal_services(llama_dir, tmp_path):
         assert "without a cluster token" in "".join(allowed.lines)  # and it says so
     finally:
         allowed.stop()
+
+
+def test_a_worker_or_kv_manager_beyond_loopback_needs_the_token_or_tls(tmp_path):
+    """An internal service reachable from other machines with neither the cluster token nor mutual TLS is
+    what let any pod register or generate: it is refused unless --allow-open-internal says the network is
+    private. On loopback (the default --host) it still starts open, with its warning."""
+    import argparse
+
+    from services.cluster_auth import ClusterToken, is_loopback, refuse_open_listener
+
+    assert all(map(is_loopback, ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost")))
+    assert not any(map(is_loopback, ("0.0.0.0", "::", "10.1.2.3", "worker-0.apar")))
+    token = ClusterToken(b"t" * 32, "test")
+    for host, tok, allow, refused in (("0.0.0.0", None, False, True), ("10.1.2.3", None, False, True),
+                                      ("0.0.0.0", token, False, False), ("0.0.0.0", None, True, False),
+                                      ("127.0.0.1", None, False, False)):
+        args = argparse.Namespace(host=host, allow_open_internal=allow)
+        if refused:
+            with pytest.raises(UserError, match="--allow-open-internal"):
+                refuse_open_listener(args, tok, None, "apar worker")
+        else:
+            refuse_open_listener(args, tok, None, "apar worker")
+
+    for argv in (("kvmanager", "--no-redis"), ("worker", "--model", str(tmp_path / "no-model"))):
+        p = Proc(*argv, "--host", "0.0.0.0", "--port", str(free_port()))
+        try:
+            exits_saying(p, "neither --cluster-token-file")
+        finally:
+            p.stop()
+    kv = Proc("kvmanager", "--no-redis", "--host", "0.0.0.0", "--port", str(free_port()), "--allow-open-internal")
+    try:
+        kv.wait_for("listening on 0.0.0.0")
+        assert "without a cluster token" in "".join(kv.lines)
+    finally:
+        kv.stop()

@@ -89,10 +89,6 @@ def register(subparsers) -> None:
     r.add_argument("--served-model-name", default=None, help="the model id clients name (default: the --model path)")
     add_public_args(r)
     add_internal_tls_args(r, "--internal-tls")
-    r.add_argument("--allow-open-internal", action="store_true",
-                   help="run with --api-key-file although neither the cluster token nor internal mutual TLS "
-                        "protects the workers and the KV manager (refused otherwise: any process that reaches "
-                        "them gets past the keys and limits); only where nothing else can reach them")
     r.add_argument("--internal-tls-kvmanager-name", default=None, metavar="NAME",
                    help="check the KV manager against NAME instead of --internal-tls-server-name (where each "
                         "role has its own certificate, the workers' name and the KV manager's differ)")
@@ -272,11 +268,12 @@ def _private_socket_dir():
 
 
 def run_worker(args) -> int:
-    from services.cluster_auth import SERVER_RISK, cluster_token, describe, warn_if_open
+    from services.cluster_auth import SERVER_RISK, cluster_token, describe, refuse_open_listener, warn_if_open
     from services.security import internal_tls
 
     tls = internal_tls(args, "--tls")  # bad flags fail before the model loads
     token = cluster_token(args)
+    refuse_open_listener(args, token, tls, "apar worker")
     _setup()
     from prometheus_client import CollectorRegistry
 

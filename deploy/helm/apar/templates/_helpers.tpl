@@ -222,6 +222,9 @@ the plain name; with several, each is suffixed with its index. */}}
 {{- define "apar.clusterToken.args" -}}
 {{- if .Values.auth.clusterToken.enabled }}
 - {{ printf "--cluster-token-file=/etc/apar/cluster/%s" .Values.auth.clusterToken.key | quote }}
+{{- else if not (include "apar.internalTLS.on" .) }}
+{{- /* the services refuse to listen beyond loopback open unless told (validate refuses it with API keys) */}}
+- "--allow-open-internal"
 {{- end }}
 {{- end }}
 
