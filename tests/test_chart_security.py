@@ -83,7 +83,10 @@ def test_keys_without_any_internal_protection_are_refused_and_open_parts_are_nam
     notes = chart.render({"tls": {"internal": {"roles": ROLES}}}, name=RELEASE, namespace=NAMESPACE,
                          is_install=True)
     text = next(v for k, v in notes.items() if k.endswith("NOTES.txt"))
-    assert "tls.internal is off" not in text  # roles count as internal TLS
+    assert "tls.internal is off" not in text and "one certificate for every" not in text  # roles: internal TLS
+    shared = chart.render({"tls": {"internal": {"secretName": "internal-tls"}}}, name=RELEASE,
+                          namespace=NAMESPACE, is_install=True)
+    assert "can act as any of them" in next(v for k, v in shared.items() if k.endswith("NOTES.txt"))
     text = next(v for k, v in chart.render({}, name=RELEASE, namespace=NAMESPACE, is_install=True).items()
                 if k.endswith("NOTES.txt"))
     assert "tls.internal is off" in text and "auth.apiKeys is off" in text
