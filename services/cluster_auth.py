@@ -130,6 +130,36 @@ def add_cluster_token_arg(p: argparse.ArgumentParser) -> None:
                    help=f"the secret every internal service of this deployment shares (else ${TOKEN_ENV}): "
                         "every internal call is authenticated with it, both ways; without it internal calls are "
                         "not authenticated")
+    p.add_argument("--allow-open-internal", action="store_true",
+                   help="run without the cluster token and without internal mutual TLS where that is refused "
+                        "otherwise (a worker or KV manager listening beyond loopback; a router with "
+                        "--api-key-file): only on a network that nothing else can reach")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a service's --host) is reachable from this machine only."""
+    import ipaddress
+
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def refuse_open_listener(args, token: ClusterToken | None, tls, what: str) -> None:
+    """A worker or KV manager listening beyond loopback with neither the cluster token nor internal mutual
+    TLS is refused (UserError), unless --allow-open-internal: anyone who reaches its port could register as a
+    worker, or generate past the router's keys and limits."""
+    host = getattr(args, "host", "127.0.0.1")
+    if token is not None or tls is not None or getattr(args, "allow_open_internal", False) or is_loopback(host):
+        return
+    raise UserError(f"{what} on {host} with neither --cluster-token-file (${TOKEN_ENV}) nor internal mutual TLS: "
+                    "anyone who reaches its port could register as a worker and receive prompts, or generate "
+                    "past the router's keys and limits. Give every router, worker and KV manager the same "
+                    "--cluster-token-file (e.g. `openssl rand -hex 32`), or --allow-open-internal where "
+                    "nothing else can reach it")
 
 
 def cluster_token(args) -> ClusterToken | None:

@@ -26,7 +26,7 @@ import re
 import ssl
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import quote
 
@@ -84,6 +84,7 @@ class TLSFiles:
     cert: bytes = field(default=b"", repr=False)
     key: bytes = field(default=b"", repr=False)
     ca: bytes | None = field(default=None, repr=False)
+    peer_names: tuple[str, ...] = ()  # servers: the names (subjectAltName) a caller's certificate must carry one of
 
     @classmethod
     def load(cls, cert: str | None, key: str | None, ca: str | None = None, server_name: str | None = None,
@@ -119,6 +120,8 @@ class TLSFiles:
         return self.ca is not None
 
     def describe(self) -> str:
+        if self.peer_names:
+            return f"mutual TLS, callers {','.join(self.peer_names)}"
         return "mutual TLS" if self.mutual else "TLS"
 
 
@@ -142,13 +145,19 @@ def open_port(server, address: str, tls: TLSFiles | None) -> int:
     return server.add_secure_port(address, server_credentials(tls))
 
 
-def internal_interceptors(token, what: str) -> list:
-    """The server interceptors of an internal service: the cluster token's check, when it has one."""
-    if token is None:
-        return []
-    from services.cluster_auth import ClusterAuthServer
+def internal_interceptors(token, what: str, tls: TLSFiles | None = None) -> list:
+    """The server interceptors of an internal service: the cluster token's check, when it has one, and the
+    check of the callers' certificates' names (services/peer_names.py), when its TLS files name them."""
+    out = []
+    if token is not None:
+        from services.cluster_auth import ClusterAuthServer
 
-    return [ClusterAuthServer(token, what)]
+        out.append(ClusterAuthServer(token, what))
+    if tls is not None and tls.peer_names:
+        from services.peer_names import PeerNamesServer
+
+        out.append(PeerNamesServer(tls.peer_names, what))
+    return out
 
 
 def channel_options(tls: TLSFiles | None) -> list[tuple[str, str]]:
@@ -180,8 +189,10 @@ def open_channel(address: str, tls: TLSFiles | None = None, aio: bool = False, o
     return channel
 
 
-def add_internal_tls_args(p: argparse.ArgumentParser, flags: str = "--tls", client: bool = True) -> None:
-    """`{flags}-cert`, `-key`, `-ca` (and, for services that dial others, `-server-name`)."""
+def add_internal_tls_args(p: argparse.ArgumentParser, flags: str = "--tls", client: bool = True,
+                          peers: bool = False) -> None:
+    """`{flags}-cert`, `-key`, `-ca` (and, for services that dial others, `-server-name`; for services that
+    others call, `-peer-names`)."""
     g = p.add_argument_group("internal mutual TLS (all three files together)")
     g.add_argument(f"{flags}-cert", default=None, metavar="PEM", help="this service's certificate chain")
     g.add_argument(f"{flags}-key", default=None, metavar="PEM", help="its private key")
@@ -191,13 +202,27 @@ def add_internal_tls_args(p: argparse.ArgumentParser, flags: str = "--tls", clie
         g.add_argument(f"{flags}-server-name", default=None, metavar="NAME",
                        help="check the services this one dials against NAME (a DNS name in their "
                             "certificates) instead of the address dialled, e.g. a pod IP")
+    if peers:
+        g.add_argument(f"{flags}-peer-names", default=None, metavar="NAME[,NAME]",
+                       help="answer only callers whose certificate names one of these (subjectAltName DNS "
+                            "names: a certificate per role, e.g. apar-router); default: any certificate "
+                            "of the CA. Health checks stay open")
 
 
 def internal_tls(args, flags: str = "--tls") -> TLSFiles | None:
     dest = flags.lstrip("-").replace("-", "_")
-    return TLSFiles.load(getattr(args, f"{dest}_cert", None), getattr(args, f"{dest}_key", None),
-                         getattr(args, f"{dest}_ca", None), getattr(args, f"{dest}_server_name", None),
-                         flags=flags, need_ca=True)
+    tls = TLSFiles.load(getattr(args, f"{dest}_cert", None), getattr(args, f"{dest}_key", None),
+                        getattr(args, f"{dest}_ca", None), getattr(args, f"{dest}_server_name", None),
+                        flags=flags, need_ca=True)
+    peers = getattr(args, f"{dest}_peer_names", None)
+    if peers is None:
+        return tls
+    from services.peer_names import parse_peer_names
+
+    names = parse_peer_names(peers, f"{flags}-peer-names")
+    if tls is None:
+        raise UserError(f"{flags}-peer-names needs {flags}-cert, {flags}-key and {flags}-ca")
+    return replace(tls, peer_names=names)
 
 
 # ---- API keys -----------------------------------------------------------------------------------------
@@ -333,8 +358,9 @@ def add_redis_password_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_kvmanager_security_args(p: argparse.ArgumentParser) -> None:
-    """`apar kvmanager`'s flags from here: its mutual TLS (a server: no server name) and the Redis password."""
-    add_internal_tls_args(p, "--tls", client=False)
+    """`apar kvmanager`'s flags from here: its mutual TLS (a server: no server name; its callers' names) and
+    the Redis password."""
+    add_internal_tls_args(p, "--tls", client=False, peers=True)
     add_redis_password_args(p)
 
 

@@ -60,11 +60,18 @@ SECURE = {
     "redis": {"auth": {"existingSecret": "redis-auth"}},
 }
 
+# Mutual TLS with a certificate per role, the router finding workers through the KV manager.
+SECURE_ROLES = {**SECURE, "router": {**SECURE["router"], "discovery": "kvmanager"},
+                "tls": {"public": {"secretName": "router-tls"},
+                        "internal": {"roles": {"router": {"secretName": "router-internal-tls"},
+                                               "worker": {"secretName": "worker-internal-tls"},
+                                               "kvmanager": {"secretName": "kvmanager-internal-tls"}}}}}
+
 # Three KV manager shards, the router finding workers through them.
 SHARDED = {**ALL_ON_EXTERNAL, "kvmanager": {"shards": 3}}
 
 MODES = {"defaults": {}, "all-on": ALL_ON, "all-on-keda": ALL_ON_KEDA, "all-on-external": ALL_ON_EXTERNAL,
-         "secure": SECURE, "sharded": SHARDED}
+         "secure": SECURE, "secure-roles": SECURE_ROLES, "sharded": SHARDED}
 
 
 @pytest.fixture(scope="module")

@@ -108,7 +108,7 @@ def test_router_discovery_args_and_ports(rendered):
     assert {p["name"]: p["port"] for p in metrics["spec"]["ports"]} == {"metrics": 9100}
 
 
-@pytest.mark.parametrize("mode", ["defaults", "all-on-external", "secure", "sharded"])
+@pytest.mark.parametrize("mode", ["defaults", "all-on-external", "secure", "secure-roles", "sharded"])
 def test_container_args_parse_with_the_real_cli(rendered, mode):
     """Every apar container's args (after Kubernetes' $(VAR) expansion) are accepted by `apar`'s own parser."""
     from apar.cli import build_parser

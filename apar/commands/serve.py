@@ -60,7 +60,7 @@ def register(subparsers) -> None:
                                                              "--served-model-name): registered with the KV "
                                                              "manager and the model_name label of its metrics "
                                                              "(default: the --model path)")
-    add_internal_tls_args(w, "--tls")
+    add_internal_tls_args(w, "--tls", peers=True)
     add_cluster_token_arg(w)
     _add_stream_buffer_arg(w)
     add_engine_args(w)
@@ -89,6 +89,9 @@ def register(subparsers) -> None:
     r.add_argument("--served-model-name", default=None, help="the model id clients name (default: the --model path)")
     add_public_args(r)
     add_internal_tls_args(r, "--internal-tls")
+    r.add_argument("--internal-tls-kvmanager-name", default=None, metavar="NAME",
+                   help="check the KV manager against NAME instead of --internal-tls-server-name (where each "
+                        "role has its own certificate, the workers' name and the KV manager's differ)")
     add_cluster_token_arg(r)
     r.set_defaults(func=run_router)
 
@@ -265,11 +268,12 @@ def _private_socket_dir():
 
 
 def run_worker(args) -> int:
-    from services.cluster_auth import SERVER_RISK, cluster_token, describe, warn_if_open
+    from services.cluster_auth import SERVER_RISK, cluster_token, describe, refuse_open_listener, warn_if_open
     from services.security import internal_tls
 
     tls = internal_tls(args, "--tls")  # bad flags fail before the model loads
     token = cluster_token(args)
+    refuse_open_listener(args, token, tls, "apar worker")
     _setup()
     from prometheus_client import CollectorRegistry
 
@@ -351,7 +355,13 @@ def run_router(args) -> int:
 
     security = _public_security(args)  # bad security flags fail first
     tls = internal_tls(args, "--internal-tls")
+    kv_tls = _kvmanager_tls(args, tls)
     token = cluster_token(args)
+    if security[1].keys is not None and token is None and tls is None and not args.allow_open_internal:
+        raise UserError("--api-key-file, but the workers and the KV manager are open: any process that reaches "
+                        "them can register as a worker and receive the clients' prompts, or generate past the "
+                        "keys and limits. Give every router, worker and KV manager the same --cluster-token-file "
+                        "(or internal mutual TLS), or --allow-open-internal where nothing else can reach them")
     _setup()
     from services.router.tokenizer import load_tokenizer
 
@@ -379,7 +389,7 @@ def run_router(args) -> int:
         elif discovery == "kvmanager":
             from services.router.workers import KVManagerDirectory
 
-            directory = KVManagerDirectory(args.kvmanager, tls=tls, token=token, model=served)
+            directory = KVManagerDirectory(args.kvmanager, tls=tls, token=token, model=served, kv_tls=kv_tls)
             source = f"KV manager {args.kvmanager}"
         else:
             directory = WorkerDirectory(addresses, tls=tls, token=token, model=served)
@@ -397,6 +407,21 @@ def run_router(args) -> int:
         return 0
 
     return asyncio.run(main())
+
+
+def _kvmanager_tls(args, tls):
+    """The router's TLS files for the KV manager: its own, checking --internal-tls-kvmanager-name if given."""
+    name = args.internal_tls_kvmanager_name
+    if name is None:
+        return tls
+    if tls is None or not name.strip():
+        raise UserError("--internal-tls-kvmanager-name needs --internal-tls-cert, --internal-tls-key and "
+                        "--internal-tls-ca" if tls is None else "--internal-tls-kvmanager-name is empty")
+    if not args.kvmanager:
+        raise UserError("--internal-tls-kvmanager-name: not used without --kvmanager")
+    from dataclasses import replace
+
+    return replace(tls, server_name=name.strip())
 
 
 def _router_discovery(args) -> str:

@@ -14,7 +14,8 @@ import sys
 import threading
 
 from apar.engine.errors import UserError
-from services.cluster_auth import SERVER_RISK, add_cluster_token_arg, cluster_token, describe, warn_if_open
+from services.cluster_auth import (SERVER_RISK, add_cluster_token_arg, cluster_token, describe,
+                                   refuse_open_listener, warn_if_open)
 from services.security import add_kvmanager_security_args, kvmanager_security, mask_url
 
 # every worker's ledger is many small long-lived objects: a full collection of them takes tens of ms, so
@@ -93,6 +94,7 @@ def run(args) -> int:
     gc.set_threshold(100_000, 50, 100)  # see GC_EVERY_S
     redis_url, tls = kvmanager_security(args)  # the URL holds the password: print only mask_url(redis_url)
     token = cluster_token(args)
+    refuse_open_listener(args, token, tls, "apar kvmanager")
     try:
         handle = serve(f"{args.host}:{args.port}", redis_url, prefix=args.prefix, ttl_s=args.ttl,
                        reap_every_s=args.reap_every, snapshot_every=args.snapshot_every,

@@ -169,7 +169,7 @@ def serve(address: str = "127.0.0.1:0", redis_url: str | None = None, *, prefix:
 
     async def create():
         server = grpc.aio.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="apar-kv"),
-                                 options=server_options(), interceptors=internal_interceptors(token, "KV manager"))
+                                 options=server_options(), interceptors=internal_interceptors(token, "KV manager", tls))
         add_servicer(server, KVManagerServicer(manager, ttl_s), SERVICE, errors=_status)
         checker = await add_health_and_reflection(server, [SERVICE.full_name])
         port = open_port(server, address, tls)  # mutual TLS with a TLSFiles (services/security.py)

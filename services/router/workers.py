@@ -222,14 +222,17 @@ class KVManagerDirectory(WorkerDirectory):
     unanswered is not asked until some are.
 
     With `model` (the router's served model name) only the workers that registered serving that model
-    are taken: a manager shared by several models' workers never sends a request to another model."""
+    are taken: a manager shared by several models' workers never sends a request to another model.
+    `kv_tls` (default: `tls`) is for the shards' channels: the same files checking another server name
+    (the KV manager's role where each role has its certificate, services/peer_names.py)."""
 
     def __init__(self, kvmanager: str, refresh_s: float = 0.2, tls: TLSFiles | None = None, token=None,
-                 model: str | None = None, prefix_wait_s: float = PREFIX_WAIT_S) -> None:
+                 model: str | None = None, prefix_wait_s: float = PREFIX_WAIT_S,
+                 kv_tls: TLSFiles | None = None) -> None:
         super().__init__([], refresh_s, tls, token, model)
         self.prefix_wait_s = prefix_wait_s
         self._others: frozenset[str] = frozenset()  # other models whose workers the shards list (logged once)
-        self._kv_channels = [open_channel(shard, tls, aio=True, token=token) for shard in parse_shards(kvmanager)]
+        self._kv_channels = [open_channel(shard, kv_tls or tls, aio=True, token=token) for shard in parse_shards(kvmanager)]
         self._kv = [pb.kvmanager_pb2_grpc.KVManagerStub(channel) for channel in self._kv_channels]
         self._views: list[dict] = [{} for _ in self._kv]  # per shard: worker address -> its WorkerUsage
         self._asking: list[set[asyncio.Task]] = [set() for _ in self._kv]  # per shard: its Prefix calls unanswered

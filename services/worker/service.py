@@ -144,8 +144,9 @@ async def start_worker_server(loop: EngineLoop, address: str, worker_id: str, mo
                               stream_buffer: int = STREAM_BUFFER_EVENTS) -> tuple[grpc.aio.Server, int]:
     """Start the worker's gRPC server on `address` (host:port, port 0 picks one; or unix:PATH); returns it
     and its port. With `tls` (mutual: its CA) only peers with a certificate from that CA get an answer;
-    with `token` (services/cluster_auth.py) only callers that prove the cluster token."""
-    server = grpc.aio.server(options=server_options(), interceptors=internal_interceptors(token, "worker"))
+    with `token` (services/cluster_auth.py) only callers that prove the cluster token; with `tls.peer_names`
+    only callers whose certificate names one of them (services/peer_names.py)."""
+    server = grpc.aio.server(options=server_options(), interceptors=internal_interceptors(token, "worker", tls))
     add_servicer(server, WorkerService(loop, worker_id, model_name, stream_buffer),
                  pb.worker_pb2.DESCRIPTOR.services_by_name["Worker"])
     await add_health_and_reflection(server, [pb.worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name])

@@ -188,7 +188,17 @@ the plain name; with several, each is suffixed with its index. */}}
 {{- if and (eq .Values.router.discovery "kubernetes") (not .Values.rbac.create) (not .Values.router.serviceAccount.name) }}
 {{- fail "router.discovery kubernetes needs rbac.create, or router.serviceAccount.name of an account allowed to list and watch endpointslices" }}
 {{- end }}
-{{- if and .Values.auth.apiKeys.secretName (not .Values.auth.clusterToken.enabled) (not .Values.tls.internal.secretName) }}
+{{- $roles := .Values.tls.internal.roles }}
+{{- if and (or $roles.router.secretName $roles.worker.secretName $roles.kvmanager.secretName) (not (and $roles.router.secretName $roles.worker.secretName $roles.kvmanager.secretName)) }}
+{{- fail "tls.internal.roles: give the Secret of every role (router, worker, kvmanager), or none" }}
+{{- end }}
+{{- if and $roles.router.secretName .Values.tls.internal.secretName }}
+{{- fail "tls.internal: give either secretName (one certificate for every service) or roles (one per role), not both" }}
+{{- end }}
+{{- if and $roles.router.secretName (or (eq $roles.router.name $roles.worker.name) (eq $roles.router.name $roles.kvmanager.name) (eq $roles.worker.name $roles.kvmanager.name)) }}
+{{- fail "tls.internal.roles: each role needs its own name (the DNS name its certificate carries)" }}
+{{- end }}
+{{- if and .Values.auth.apiKeys.secretName (not .Values.auth.clusterToken.enabled) (not (include "apar.internalTLS.on" .)) }}
 {{- fail "auth.apiKeys is set but the internal services are open: any pod could register as a worker and take the clients' prompts, or call a worker past the keys and limits. Keep auth.clusterToken.enabled, or set tls.internal (a NetworkPolicy alone is not enough: not every CNI enforces it)" }}
 {{- end }}
 {{- end }}
@@ -212,6 +222,9 @@ the plain name; with several, each is suffixed with its index. */}}
 {{- define "apar.clusterToken.args" -}}
 {{- if .Values.auth.clusterToken.enabled }}
 - {{ printf "--cluster-token-file=/etc/apar/cluster/%s" .Values.auth.clusterToken.key | quote }}
+{{- else if not (include "apar.internalTLS.on" .) }}
+{{- /* the services refuse to listen beyond loopback open unless told (validate refuses it with API keys) */}}
+- "--allow-open-internal"
 {{- end }}
 {{- end }}
 
@@ -279,7 +292,25 @@ grpc:
 {{- toYaml .probe | nindent 0 }}
 {{- end }}
 
-{{/* Internal mutual TLS: the files' paths in the containers, their flags, volumes and mounts. */}}
+{{/* Internal mutual TLS: one certificate every service shares (tls.internal.secretName), or one per role
+    (tls.internal.roles.*.secretName): then each server answers only its callers' role (--tls-peer-names:
+    the workers the routers', the KV manager the workers' and the routers') and each client checks the role
+    of the server it dials (services/peer_names.py). The files' paths in the containers, their flags,
+    volumes and mounts; include the component's with (dict "ctx" $ "component" "router|worker|kvmanager"). */}}
+{{- define "apar.internalTLS.perRole" -}}
+{{- if .Values.tls.internal.roles.router.secretName }}true{{ end }}
+{{- end }}
+{{- define "apar.internalTLS.on" -}}
+{{- if or .Values.tls.internal.secretName (include "apar.internalTLS.perRole" .) }}true{{ end }}
+{{- end }}
+{{- define "apar.internalTLS.secret" -}}
+{{- if include "apar.internalTLS.perRole" .ctx }}{{ (index .ctx.Values.tls.internal.roles .component).secretName }}
+{{- else }}{{ .ctx.Values.tls.internal.secretName }}{{ end }}
+{{- end }}
+{{- define "apar.internalTLS.name" -}}
+{{- if include "apar.internalTLS.perRole" .ctx }}{{ (index .ctx.Values.tls.internal.roles .component).name }}
+{{- else }}{{ .ctx.Values.tls.internal.serverName }}{{ end }}
+{{- end }}
 {{- define "apar.internalTLS.cert" -}}/etc/apar/tls/internal/{{ .Values.tls.internal.certKey }}{{- end }}
 {{- define "apar.internalTLS.key" -}}/etc/apar/tls/internal/{{ .Values.tls.internal.keyKey }}{{- end }}
 {{- define "apar.internalTLS.ca" -}}
@@ -287,26 +318,38 @@ grpc:
 {{- else }}/etc/apar/tls/internal/{{ .Values.tls.internal.caKey }}{{ end }}
 {{- end }}
 
-{{/* Flags: include with (dict "ctx" $ "prefix" "--tls" "serverName" true) */}}
+{{/* Flags: include with (dict "ctx" $ "prefix" "--tls" "component" "worker") */}}
 {{- define "apar.internalTLS.args" -}}
 {{- $ctx := .ctx }}
-{{- if $ctx.Values.tls.internal.secretName }}
+{{- $roles := include "apar.internalTLS.perRole" $ctx }}
+{{- if include "apar.internalTLS.on" $ctx }}
 - {{ printf "%s-cert=%s" .prefix (include "apar.internalTLS.cert" $ctx) | quote }}
 - {{ printf "%s-key=%s" .prefix (include "apar.internalTLS.key" $ctx) | quote }}
 - {{ printf "%s-ca=%s" .prefix (include "apar.internalTLS.ca" $ctx) | quote }}
-{{- if .serverName }}
-- {{ printf "%s-server-name=%s" .prefix $ctx.Values.tls.internal.serverName | quote }}
+{{- if eq .component "router" }}
+- {{ printf "%s-server-name=%s" .prefix (include "apar.internalTLS.name" (dict "ctx" $ctx "component" "worker")) | quote }}
+{{- if and $roles (ne $ctx.Values.router.discovery "kubernetes") }}
+- {{ printf "%s-kvmanager-name=%s" .prefix (include "apar.internalTLS.name" (dict "ctx" $ctx "component" "kvmanager")) | quote }}
+{{- end }}
+{{- else if eq .component "worker" }}
+- {{ printf "%s-server-name=%s" .prefix (include "apar.internalTLS.name" (dict "ctx" $ctx "component" "kvmanager")) | quote }}
+{{- if $roles }}
+- {{ printf "%s-peer-names=%s" .prefix $ctx.Values.tls.internal.roles.router.name | quote }}
+{{- end }}
+{{- else if $roles }}
+- {{ printf "%s-peer-names=%s,%s" .prefix $ctx.Values.tls.internal.roles.worker.name $ctx.Values.tls.internal.roles.router.name | quote }}
 {{- end }}
 {{- end }}
 {{- end }}
 
 {{- define "apar.internalTLS.volumes" -}}
-{{- if .Values.tls.internal.secretName }}
+{{- $ctx := .ctx }}
+{{- if include "apar.internalTLS.on" $ctx }}
 - name: internal-tls
   secret:
-    secretName: {{ .Values.tls.internal.secretName }}
+    secretName: {{ include "apar.internalTLS.secret" . }}
     defaultMode: 0440
-{{- with .Values.tls.internal.caSecretName }}
+{{- with $ctx.Values.tls.internal.caSecretName }}
 - name: internal-ca
   secret:
     secretName: {{ . }}
@@ -316,7 +359,7 @@ grpc:
 {{- end }}
 
 {{- define "apar.internalTLS.mounts" -}}
-{{- if .Values.tls.internal.secretName }}
+{{- if include "apar.internalTLS.on" . }}
 - name: internal-tls
   mountPath: /etc/apar/tls/internal
   readOnly: true
@@ -328,7 +371,8 @@ grpc:
 {{- end }}
 {{- end }}
 
-{{/* The readiness check over mutual TLS: include with (dict "ctx" $ "port" N "service" "") */}}
+{{/* The readiness check over mutual TLS, with the component's own certificate checking its own name:
+    include with (dict "ctx" $ "component" "worker" "port" N "service" "") */}}
 {{- define "apar.internalTLS.healthcheck" -}}
 {{- $ctx := .ctx }}
 - python
@@ -341,5 +385,5 @@ grpc:
 - {{ printf "--tls-cert=%s" (include "apar.internalTLS.cert" $ctx) | quote }}
 - {{ printf "--tls-key=%s" (include "apar.internalTLS.key" $ctx) | quote }}
 - {{ printf "--tls-ca=%s" (include "apar.internalTLS.ca" $ctx) | quote }}
-- {{ printf "--tls-server-name=%s" $ctx.Values.tls.internal.serverName | quote }}
+- {{ printf "--tls-server-name=%s" (include "apar.internalTLS.name" (dict "ctx" $ctx "component" .component)) | quote }}
 {{- end }}
