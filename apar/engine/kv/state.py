@@ -51,11 +51,20 @@ class LedgerState:
         try:
             led = cls(int(data["num_blocks"]), int(data["block_size"]))
             led._free = deque(int(i) for i in data["free"])
-            led._blocks = {}
-            for i, r, t, c, u, *name in data["blocks"]:  # no name: written before the prefix cache
-                name = name[0] if name else None
-                led._blocks[int(i)] = Block(owner=None if r is None else ThreadRef(str(r), int(t)), refcount=int(c),
-                                             used=int(u), name=None if name is None else int(name))
+            led._blocks = blocks = {}
+            owners: dict = {}  # one ThreadRef per owner (a pool of 2^20 blocks has about 3,500)
+            for row in data["blocks"]:
+                i, r, t, c, u = row[:5]
+                name = row[5] if len(row) == 6 else None  # no name: written before the prefix cache
+                if len(row) not in (5, 6):
+                    raise ValueError(f"a block is [id, request, thread, count, used, name], not {row!r}")
+                if r is None:
+                    owner = None
+                else:
+                    owner = owners.get((r, t))
+                    if owner is None:
+                        owner = owners[(r, t)] = ThreadRef(str(r), int(t))
+                blocks[int(i)] = Block(owner, int(c), int(u), None if name is None else int(name))
             led._named = {b.name: i for i, b in led._blocks.items() if b.name is not None}
             led._cache = OrderedDict((led._blocks[int(i)].name, int(i)) for i in data.get("cache", []))
             led._threads = {}
