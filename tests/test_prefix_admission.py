@@ -99,3 +99,34 @@ def test_roots_on_one_cached_prompt_take_its_blocks_once():
     need = sched.blocks_needed(work)
     assert need == {"b": 9, "c": 1}
     assert sum(need.values()) == taken(ledger, work) == 10
+
+
+def test_a_preempted_request_resumes_beside_the_request_that_reads_its_prompt(llama_dir):
+    """The engine: `first` and `second` bring PROMPT together (both prefill it; only `first`'s blocks get
+    the names) and 24 tokens each, in 22 blocks of 4: they cannot both finish (15 blocks each), so
+    `second` is preempted. Readmitted, it starts on `first`'s 8 named blocks and recomputes only its own
+    tokens after them, a few blocks, which the pool has: it resumes while `first` still runs, instead of
+    waiting for `first` to end because its whole context counted as new. Each streams what it streams
+    alone without the cache."""
+    from apar.engine.config import EngineConfig
+    from apar.engine.engine import Engine
+    from apar.engine.events import RequestFinished, TokenEvent
+    from tests.test_engine_pressure import run
+    from tests.test_prefix_cache import alone_without_cache
+
+    params = SamplingParams(max_tokens=24, auto_parallel=False, ignore_eos=True)
+    eng = Engine(llama_dir, EngineConfig(block_size=BS, num_blocks=22, max_batch_tokens=64, admit_watermark=0.0))
+    for rid in ("first", "second"):
+        eng.add_request(PROMPT, params, request_id=rid)
+    after_preemption: list[str] = []  # what streamed or ended after `second` was preempted, in order
+
+    def watch(res, _):
+        if eng.preemptions:
+            after_preemption.extend(f"{type(e).__name__} {e.request}" for e in res.events
+                                    if isinstance(e, (TokenEvent, RequestFinished)))
+
+    tr = run(eng, on_step=watch)
+    assert eng.preemptions == 1 and tr.finished["second"].usage.preemptions == 1
+    assert "TokenEvent second" in after_preemption[: after_preemption.index("RequestFinished first")]
+    alone = alone_without_cache(llama_dir, {"first": PROMPT}, params)["first"]
+    assert tr.tokens[("first", 0)] == tr.tokens[("second", 0)] == alone
