@@ -1,9 +1,13 @@
 """A resync in parts at the KV manager: the replica of a large snapshot is built outside the memory lock,
-so the other workers' messages go on meanwhile (for the largest pool that build takes seconds)."""
+so the other workers' messages go on meanwhile (for the largest pool that build takes seconds); and
+ledgers built in several threads at once share one correct table of block keys."""
 from __future__ import annotations
 
+import sys
 import threading
+from array import array
 
+from apar.engine.kv import contents
 from apar.engine.kv.ledger import KVLedger, ThreadRef
 from services.kvmanager.inprocess import InProcessClient
 from services.kvmanager.json_forms import snapshot_parts
@@ -64,3 +68,30 @@ def test_another_workers_step_is_applied_while_a_resync_builds_its_replica(monke
         resync.join(30)
     assert acks["big"].applied == 3 and acks["big"].digest == ledger.digest() and not acks["big"].resync
     assert manager.state("big") == snapshot
+
+
+def test_ledgers_built_in_threads_at_once_share_a_correct_key_table(monkeypatch):
+    """Four threads start ledgers of 20,000 blocks at once on an empty key table (the process's, as the
+    manager's gRPC threads do when replicas are built outside its lock), with the interpreter switching
+    threads as often as it can: every key in the table is `block_key` of its index. (Extending it
+    without a lock appended ids twice: every one of 20 tries left a longer, shifted table.)"""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(5):
+            monkeypatch.setattr(contents, "_KEYS", array("Q"))
+            start = threading.Barrier(4)
+
+            def build():
+                start.wait()
+                KVLedger(20_000, BLOCK_SIZE)
+
+            threads = [threading.Thread(target=build) for _ in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            keys = contents._KEYS
+            assert len(keys) == 20_000 and all(keys[i] == contents.block_key(i) for i in range(len(keys)))
+    finally:
+        sys.setswitchinterval(interval)
