@@ -26,23 +26,23 @@ class Pressure:
     def make_room(self, work: list[Work], need: dict[str, int]) -> tuple[list[Work], Request | None]:
         """While the step's new blocks (`need`, per request) exceed the free ones, preempt the most
         recently admitted request. A request left alone that still does not fit has filled the pool: it
-        is returned (the engine ends it with `length`), its work dropped. The free count is read again
-        after each preemption: what a victim frees is its own blocks and the named prompt blocks only it
-        read, which stay cached (and count as free)."""
+        is returned (the engine ends it with `length`), its work dropped. The free count and the need
+        are read again after each preemption: what a victim frees is its own blocks and the named prompt
+        blocks only it read, which stay cached (and count as free); a root of the step that reuses one
+        of those takes it from the free count now, where it shared it before."""
         free = self.ledger.num_free
         running = self.scheduler.running
-        gone: set[str] = set()
         while sum(need.values()) > free and len(running) > 1:
             victim = running[-1]
-            need.pop(victim.id, None)
             self.preempt(victim)  # its release is applied to the ledger at once
+            work = [w for w in work if w.request is not victim]
+            need = self.scheduler.blocks_needed(work)
             free = self.ledger.num_free
-            gone.add(victim.id)
         full = None
         if sum(need.values()) > free:
             full = running[0]
-            gone.add(full.id)
-        return ([w for w in work if w.request.id not in gone] if gone else work), full
+            work = [w for w in work if w.request is not full]
+        return work, full
 
     def preempt(self, req: Request) -> None:
         """Free every block of a running request at once and put it back at the head of the queue; its

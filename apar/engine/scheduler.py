@@ -16,9 +16,9 @@ every thread of the request together, so its stream goes on exactly as if nothin
 
 Admission is on what is free, never on a reservation: the oldest waiting request is admitted when the
 free blocks (cached ones included: they are evicted when needed), less what this step's decoding threads
-are about to open, cover what it needs to start (its prompt, less the blocks of its cached prefix that
-a running request reads: shared, they take nothing from the free list; or after a preemption the KV it
-must recompute) plus a watermark: a share of the
+are about to open, cover what it needs to start (its prompt, or after a preemption the KV it must
+recompute, less the blocks of its root's cached prefix that a running request reads, or that a request
+admitted before it takes: shared, they take nothing from the free list) plus a watermark: a share of the
 pool, or one block per running request if more (what they open over the next block's worth of steps).
 With nothing running the head of the queue is admitted whatever it needs, so the queue can never stall.
 A request whose prompt can never fit is rejected.
@@ -66,17 +66,29 @@ class Scheduler:
         self.running: list[Request] = []  # in admission order: the last is the first to preempt
 
     # ---- admission ---------------------------------------------------------------------------------
-    def blocks_to_start(self, req: Request) -> int:
-        """Blocks a request takes before it can sample: its prompt (once, whatever its answers) less the
-        blocks of its cached prefix a running request reads (shared, they take nothing), or its
+    def blocks_to_start(self, req: Request, counted: set[int] | None = None) -> int:
+        """Blocks a request takes before it can sample: its prompt (once, whatever its answers), or its
         recompute after a preemption (every thread to its target, one more block per fork for the sealed
-        one it shares)."""
+        one it shares), less the blocks of its root's cached prefix that take nothing from the free
+        list: those a running request reads (shared), and those named in `counted` (cached ones that a
+        request admitted before it in the same call takes already; the names it takes are added)."""
         bs = self.ledger.block_size
+        shared = self._shared_prefix(req, counted)
         if not req.admitted:
-            reused = self.ledger.reusable(req.prompt_names, len(req.prompt))
-            shared = reused - self.ledger.cached_among(req.prompt_names[:reused])
             return -(-len(req.prompt) // bs) - shared
-        return sum(-(-t.target // bs) + 1 for t in req.threads if t.target) - 1
+        return sum(-(-t.target // bs) + 1 for t in req.threads if t.target) - 1 - shared
+
+    def _shared_prefix(self, req: Request, counted: set[int] | None) -> int:
+        """Of the prompt blocks a root not in the ledger would start on (`reusable`), how many take nothing
+        from the free list: all but the cached ones not in `counted` (to which those are added)."""
+        if req.root.in_ledger or not req.prompt_names:
+            return 0
+        names = req.prompt_names[: self.ledger.reusable(req.prompt_names, len(req.prompt))]
+        if counted is None:
+            return len(names) - self.ledger.cached_among(names)
+        taken = self.ledger.cached_names(n for n in names if n not in counted)
+        counted.update(taken)
+        return len(names) - len(taken)
 
     def check_fits(self, req: Request) -> None:
         """Reject a request that can never sample its first tokens: its prompt once, then one token per
@@ -97,13 +109,16 @@ class Scheduler:
         admitted = []
         free = self.ledger.num_free - reserve
         growth = len(self.running) * GROWTH_BLOCKS_PER_REQUEST
+        counted: set[int] = set()  # names of the cached blocks the requests admitted so far take
         while self.waiting:
             req = self.waiting[0]
-            need = self.blocks_to_start(req)
+            taken = set(counted)
+            need = self.blocks_to_start(req, taken)
             alone = not (self.running or admitted)  # admitted whatever it needs: it held it before, or
             if not alone and free - need < max(self.admit_watermark, growth):  # it ends with `length`
                 break
             free -= need
+            counted = taken
             self.waiting.popleft()
             self.running.append(req)
             admitted.append(req)
@@ -184,18 +199,23 @@ class Scheduler:
     def blocks_needed(self, work: list[Work]) -> dict[str, int]:
         """Blocks each request's work takes off the free list, simulating the ledger's rule exactly: a
         thread fills its last block unless it is sealed (a child read it), then opens fresh ones. A root
-        starting on a cached prefix counts the blocks of it that are cached (one a running thread reads
-        is in use already, and shared)."""
+        starting on a cached prefix counts the blocks of it that are cached and that no root before it in
+        `work` reuses (one a running thread reads is in use already, and shared; the step's roots start
+        first, so a cached block two of them reuse comes off the free count once, for the first)."""
         bs = self.ledger.block_size
         room: dict[int, int] = {}
         need: dict[str, int] = {}
+        counted: set[int] = set()  # names of the cached blocks that roots in `work` so far reuse
         for w in work:
             t = w.thread
             reused = 0
             if id(t) not in room:
                 room[id(t)] = self.ledger.room(ThreadRef(w.request.id, t.id)) if t.in_ledger else 0
                 if not t.in_ledger and t.recompute.reused:  # only the cached ones come off the free count
-                    reused = self.ledger.cached_among(w.request.prompt_names[: t.recompute.reused])
+                    names = w.request.prompt_names[: t.recompute.reused]
+                    taken = self.ledger.cached_names(n for n in names if n not in counted)
+                    counted.update(taken)
+                    reused = len(taken)
             if not t.in_ledger and t.parent is not None:
                 room[id(t.parent)] = 0  # the fork seals the parent's last block
             extra = max(0, w.tokens - room[id(t)])

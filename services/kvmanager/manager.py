@@ -24,6 +24,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from apar.engine.kv.ledger import LedgerError
 from apar.engine.kv.ops import MAX_NAMES
 from services.kvmanager.json_forms import snapshot_from_parts
 from services.kvmanager.persistence import StoreWriter
@@ -138,7 +139,8 @@ class KVManager:
 
     def _assemble(self, worker_id: str, batch: LogBatch) -> LogBatch | None:
         """Keep one part of a resync (`records.add_part`); with the last, the whole batch (the snapshot
-        decoded outside the memory lock). StaleSession for another session's parts."""
+        decoded, and its replica built, outside the memory lock: for the largest pool that takes
+        seconds, while other workers' messages go on). StaleSession for another session's parts."""
         p = batch.part
         with self._lock:
             rec = self._record(worker_id)
@@ -147,11 +149,15 @@ class KVManager:
             data = add_part(self._parts, worker_id, batch.session, p)
             if data is None:
                 return None
+            pool = (rec.spec.num_blocks, rec.spec.block_size)
         try:
             ledger = snapshot_from_parts(data)
-        except ValueError as exc:
+            # (apply_batch checks the snapshot against the registered pool again, under the lock)
+            fits = isinstance(ledger, dict) and (ledger.get("num_blocks"), ledger.get("block_size")) == pool
+            replica = ReplicaLedger.from_snapshot(ledger) if fits else None
+        except (ValueError, LedgerError) as exc:
             raise BadRequest(f"resync: {exc}") from None
-        return LogBatch(batch.session, batch.steps, Resync(p.seq, ledger))
+        return LogBatch(batch.session, batch.steps, Resync(p.seq, ledger, replica=replica))
 
     def flush(self) -> None:
         """Write what the messages applied so far changed to Redis now (a round of the caller's own);

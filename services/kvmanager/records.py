@@ -202,7 +202,7 @@ def apply_batch(rec: WorkerRecord, batch: LogBatch) -> Applied:
                 rec.spec.num_blocks, rec.spec.block_size):
             raise BadRequest("resync: the snapshot's pool is not the registered one")
         try:
-            ledger = ReplicaLedger.from_snapshot(data)
+            ledger = batch.resync.replica if batch.resync.replica is not None else ReplicaLedger.from_snapshot(data)
         except LedgerError as exc:
             raise BadRequest(f"resync: {exc}") from None
         rec.ledger, rec.seq, rec.broken = ledger, batch.resync.seq, False

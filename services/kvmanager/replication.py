@@ -68,6 +68,7 @@ class Resync:
     seq: int  # the snapshot is the ledger after step `seq`
     ledger: dict  # KVLedger.snapshot()
     at: float = 0.0  # when the oldest step it replaces was applied (never sent)
+    replica: object = None  # at the manager: the ReplicaLedger of `ledger`, built outside its memory lock
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ a worker and the KV manager's replica of its ledger must agree.
 """
 from __future__ import annotations
 
+import threading
 import zlib
 from array import array
 
@@ -23,6 +24,7 @@ NAMED = 0x165667B19E3779F9  # a named block's weight is its name times this
 THREAD = 0xD6E8FEB86659FD93  # a thread's weight: its request's key plus its number times this
 
 _KEYS = array("Q")  # block_key(i) for every id below its length, shared by every ledger of the process
+_KEYS_GROW = threading.Lock()  # one thread at a time extends it (the KV manager builds replicas in several)
 
 
 def block_key(block_id: int) -> int:
@@ -37,7 +39,9 @@ def block_keys(num_blocks: int) -> array:
     """The table of `block_key` for ids 0..num_blocks-1 (and maybe more): computed once per process
     (1 s for the largest pool), then a ledger reads a block's key as `table[id]`."""
     if len(_KEYS) < num_blocks:
-        _KEYS.extend(block_key(i) for i in range(len(_KEYS), num_blocks))
+        with _KEYS_GROW:  # two extending at once would append the same ids twice, shifting the rest
+            if len(_KEYS) < num_blocks:
+                _KEYS.extend(block_key(i) for i in range(len(_KEYS), num_blocks))
     return _KEYS
 
 

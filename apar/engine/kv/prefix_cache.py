@@ -42,6 +42,11 @@ class PrefixCache:
         blocks, named = self._blocks, self._named
         return sum(blocks[named[name]].refcount == 0 for name in names)
 
+    def cached_names(self, names) -> list[int]:
+        """Those of `names` (of held blocks) whose blocks are cached: `cached_among`'s, by name."""
+        blocks, named = self._blocks, self._named
+        return [name for name in names if blocks[named[name]].refcount == 0]
+
     def reusable(self, names, n_tokens: int) -> int:
         """The blocks a new root with this prompt (`n_tokens` tokens, `names` its full blocks' names)
         reuses: the cached prefix, leaving at least one prompt token to compute (its logits are needed)."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 
-from apar.engine.kv.contents import COUNT, USED, block_key, name_weight, thread_key
+from apar.engine.kv.contents import COUNT, USED, name_weight, thread_key
 from apar.engine.kv.types import Block, LedgerError, ThreadRef, ThreadState
 
 
@@ -51,11 +51,20 @@ class LedgerState:
         try:
             led = cls(int(data["num_blocks"]), int(data["block_size"]))
             led._free = deque(int(i) for i in data["free"])
-            led._blocks = {}
-            for i, r, t, c, u, *name in data["blocks"]:  # no name: written before the prefix cache
-                name = name[0] if name else None
-                led._blocks[int(i)] = Block(owner=None if r is None else ThreadRef(str(r), int(t)), refcount=int(c),
-                                             used=int(u), name=None if name is None else int(name))
+            led._blocks = blocks = {}
+            owners: dict = {}  # one ThreadRef per owner (a pool of 2^20 blocks has about 3,500)
+            for row in data["blocks"]:
+                i, r, t, c, u = row[:5]
+                name = row[5] if len(row) == 6 else None  # no name: written before the prefix cache
+                if len(row) not in (5, 6):
+                    raise ValueError(f"a block is [id, request, thread, count, used, name], not {row!r}")
+                if r is None:
+                    owner = None
+                else:
+                    owner = owners.get((r, t))
+                    if owner is None:
+                        owner = owners[(r, t)] = ThreadRef(str(r), int(t))
+                blocks[int(i)] = Block(owner, int(c), int(u), None if name is None else int(name))
             led._named = {b.name: i for i, b in led._blocks.items() if b.name is not None}
             led._cache = OrderedDict((led._blocks[int(i)].name, int(i)) for i in data.get("cache", []))
             led._threads = {}
@@ -68,7 +77,7 @@ class LedgerState:
             led._open = {t.ref: t for t in led._threads.values() if led._is_open(t)}
             for t in led._threads.values():
                 led._request_threads.setdefault(t.ref.request, []).append(t.ref)
-                if t.ref.thread == 0:  # a root: the named blocks of its context are its request's
+                if t.ref.thread == 0 and led._named:  # a root: the named blocks of its context are its request's
                     named = led._named_read(t)
                     if named:
                         led._request_named[t.ref.request] = named
@@ -89,8 +98,9 @@ class LedgerState:
 
     # ---- invariants --------------------------------------------------------------------------------
     def _recount(self) -> int:
-        """The contents hash's sum (`_h`) from scratch, from the block ids and owners."""
-        h, weights = 0, {}
+        """The contents hash's sum (`_h`) from scratch, from the block ids and owners (`_keys[i]` is
+        `block_key(i)`, computed once per process)."""
+        h, weights, keys = 0, {}, self._keys
         for i, b in self._blocks.items():
             if b.name is not None:
                 weight = name_weight(b.name)
@@ -98,7 +108,7 @@ class LedgerState:
                 weight = weights.get(b.owner)
                 if weight is None:
                     weight = weights[b.owner] = thread_key(*b.owner)
-            h += block_key(i) * (weight + USED * b.used + COUNT * b.refcount)
+            h += keys[i] * (weight + USED * b.used + COUNT * b.refcount)
         return h
 
     def check(self) -> None:
@@ -157,12 +167,13 @@ class LedgerState:
                 raise LedgerError(f"I8: named block {i} has an owner or is not full")
         for t in self._threads.values():
             if t.ref.thread == 0 and t.running:
-                held = self._named_read(t)
+                held = self._named_read(t) if self._named else 0
                 if self._request_named.get(t.ref.request, 0) != held:
                     raise LedgerError(f"I8: request {t.ref.request} counts {self._request_named.get(t.ref.request, 0)} "
                                       f"named blocks, its root reads {held}")
         if self._h != self._recount():
             raise LedgerError("I9: the contents hash does not sum the blocks held")
-        if any(t.key != thread_key(*t.ref) or t.ctx != sum(block_key(i) for i in t.refs + t.own)
+        keys = self._keys
+        if any(t.key != thread_key(*t.ref) or t.ctx != sum([keys[i] for i in t.refs + t.own])
                for t in self._threads.values()):
             raise LedgerError("I9: a thread's key or its context's key sum is wrong")
