@@ -83,7 +83,8 @@ def test_kv_manager_answers_only_the_workers_and_routers_certificates(roles):
 
     server = serve("127.0.0.1:0", None, tls=tls_of(roles["kvmanager"], peers=("apar-worker", "apar-router")))
     address = f"127.0.0.1:{server.port}"
-    register = K.RegisterRequest(worker_id="w1", address="127.0.0.1:1", num_blocks=8, block_size=16, ttl_seconds=60)
+    register = K.RegisterRequest(worker_id="w1", address="127.0.0.1:1", num_blocks=8, block_size=16, ttl_seconds=60,
+                                session=7)
     try:
         def call(role, method, request):
             with open_channel(address, tls_of(roles[role], "apar-kvmanager")) as ch:
