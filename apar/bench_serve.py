@@ -6,6 +6,7 @@ first and the last streamed message over the tokens in between).
 """
 from __future__ import annotations
 
+import collections
 import os
 import re
 import signal
@@ -13,6 +14,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -28,18 +30,28 @@ def _port() -> int:
 
 
 class _Proc:
+    """A service process of a bench. Its stderr is read to the end by a thread of its own (the last lines
+    kept for an error message): a pipe nobody reads fills at 64 KiB, and a server writing its logs to it
+    would then block in the middle of a step."""
+
     def __init__(self, *args: str) -> None:
         self.p = subprocess.Popen([sys.executable, "-m", "apar.cli", *args], stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True, start_new_session=True)
+        self.lines: collections.deque[str] = collections.deque(maxlen=50)
+        self._ready = threading.Event()
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        for line in self.p.stderr:
+            self.lines.append(line)
+            if re.search(r"listening on", line):
+                self._ready.set()
+        self._ready.set()  # it ended: wait_ready looks at why
 
     def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        for line in self.p.stderr:
-            if re.search(r"listening on", line):
-                return
-            if time.monotonic() > deadline:
-                break
-        raise UserError(f"a service did not start: {' '.join(self.p.args[3:5])}")
+        if self._ready.wait(timeout) and self.p.poll() is None:
+            return
+        raise UserError(f"a service did not start: {' '.join(self.p.args[3:5])}: {''.join(self.lines)[-2000:]}")
 
     def stop(self) -> None:
         if self.p.poll() is None:

@@ -10,6 +10,7 @@ The two servers alternate level by level, so drift on the machine falls on both 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
@@ -44,6 +45,8 @@ class Level:
     steps_mean: float
     threads_mean: float
     eos_share: float
+    preemptions: int = 0  # the server's requests preempted under KV pressure during the level
+    recomputed_tokens: int = 0  # and the tokens it computed again for them
 
 
 def ask(stub, pb, prompt: str, max_tokens: int, ar: bool) -> Answered:
@@ -79,9 +82,29 @@ def run_level(address: str, name: str, prompts: list[str], concurrency: int, max
                  sum(a.finish_reason == "stop" for a in answers) / n), answers
 
 
+PRESSURE = {"apar_num_preemptions_total": "preemptions", "apar_recomputed_tokens_total": "recomputed_tokens"}
+
+
+def pressure(metrics_port: int) -> dict[str, int]:
+    """The server's preemption counters, read from its Prometheus metrics."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    out = dict.fromkeys(PRESSURE.values(), 0)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in PRESSURE:
+                out[PRESSURE[sample.name]] += int(sample.value)
+    return out
+
+
 def run(apar_dir: Path, ar_dir: Path, prompts: list[str], levels: list[int], max_tokens: int,
         requests_per_level: int, serve_args: list[str] = ()) -> dict:
-    """Both servers up at once; each level runs on the APAR server, then on the twin's."""
+    """Both servers up at once; each level runs on the APAR server, then on the twin's. Each level also
+    counts the server's preemptions (from its metrics): a level that ran out of KV blocks says so."""
     from transformers import AutoTokenizer
 
     from apar.bench_serve import _port, _Proc
@@ -89,11 +112,13 @@ def run(apar_dir: Path, ar_dir: Path, prompts: list[str], levels: list[int], max
     tokenizer = AutoTokenizer.from_pretrained(str(ar_dir))
     count = lambda text: len(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
     ports = {"apar": _port(), "ar": _port()}
+    metrics_ports = {"apar": _port(), "ar": _port()}
     procs = []
     levels_out, samples = [], {}
     try:
         for name, directory in (("apar", apar_dir), ("ar", ar_dir)):
-            procs.append(_Proc("serve", "--model", str(directory), "--port", str(ports[name]), *serve_args))
+            procs.append(_Proc("serve", "--model", str(directory), "--port", str(ports[name]), "--metrics-port",
+                               str(metrics_ports[name]), *serve_args))
             procs[-1].wait_ready(timeout=300)
         warm = prompts[:1]
         for name in ports:
@@ -102,12 +127,16 @@ def run(apar_dir: Path, ar_dir: Path, prompts: list[str], levels: list[int], max
             asked = [prompts[i % len(prompts)] for i in range(max(c, requests_per_level))]
             pair = {}
             for name in ("apar", "ar"):
+                before = pressure(metrics_ports[name])
                 level, answers = run_level(f"127.0.0.1:{ports[name]}", name, asked, c, max_tokens, name == "ar", count)
+                after = pressure(metrics_ports[name])
+                level = dataclasses.replace(level, **{k: after[k] - before[k] for k in after})
                 levels_out.append(level)
                 pair[name] = level
                 samples.setdefault(name, [asdict(a) for a in answers[:3]])
                 print(f"c={c} {name}: {level.tokens_per_s:.1f} tok/s, p50 {level.p50_s:.1f} s, "
-                      f"{level.steps_mean:.0f} steps, {level.threads_mean:.2f} threads", flush=True)
+                      f"{level.steps_mean:.0f} steps, {level.threads_mean:.2f} threads, "
+                      f"{level.preemptions} preemptions", flush=True)
     finally:
         for p in reversed(procs):
             p.stop()
@@ -119,7 +148,8 @@ def run(apar_dir: Path, ar_dir: Path, prompts: list[str], levels: list[int], max
                        "p50_speedup": b.p50_s / a.p50_s})
     return {"levels": [asdict(x) for x in levels_out], "ratios": ratios, "samples": samples,
             "settings": {"apar": str(apar_dir), "ar": str(ar_dir), "max_tokens": max_tokens, "greedy": True,
-                         "requests_per_level": requests_per_level, "prompts": len(prompts)}}
+                         "requests_per_level": requests_per_level, "prompts": len(prompts),
+                         "serve_args": list(serve_args)}}
 
 
 def register(sub) -> None:
@@ -134,6 +164,8 @@ def register(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--structured-only", action="store_true",
                    help="only prompts whose reference answers mostly fork (lists, paragraphs)")
+    p.add_argument("--kv-memory-mb", type=float, default=None,
+                   help="each server's KV pool (default: apar serve's); a level that preempts says so")
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the results here")
     add_data_arg(p)
     p.set_defaults(func=run_cmd)
@@ -154,11 +186,14 @@ def run_cmd(args) -> int:
     prompts = held_out_prompts(load_records(data_dir(args.data)))
     if args.structured_only:
         prompts = [p for p in prompts if p[1]]
-    result = run(args.apar, args.ar, [p for p, _ in prompts], levels, args.max_tokens, args.requests)
-    head = ["model", "C", "requests", "tok/s", "p50 s", "steps", "threads", "EOS"]
+    if args.kv_memory_mb is not None and args.kv_memory_mb <= 0:
+        raise UserError("--kv-memory-mb must be positive")
+    serve_args = [] if args.kv_memory_mb is None else ["--kv-memory-mb", str(args.kv_memory_mb)]
+    result = run(args.apar, args.ar, [p for p, _ in prompts], levels, args.max_tokens, args.requests, serve_args)
+    head = ["model", "C", "requests", "tok/s", "p50 s", "steps", "threads", "EOS", "preempted", "recomputed"]
     body = [[x["model"], str(x["concurrency"]), str(x["requests"]), f"{x['tokens_per_s']:.1f}",
-             f"{x['p50_s']:.2f}", f"{x['steps_mean']:.0f}", f"{x['threads_mean']:.2f}", f"{x['eos_share']:.2f}"]
-            for x in result["levels"]]
+             f"{x['p50_s']:.2f}", f"{x['steps_mean']:.0f}", f"{x['threads_mean']:.2f}", f"{x['eos_share']:.2f}",
+             str(x["preemptions"]), str(x["recomputed_tokens"])] for x in result["levels"]]
     print(text_table(head, body))
     for r in result["ratios"]:
         print(f"C={r['concurrency']}: tokens/s APAR/AR {r['tokens_per_s_ratio']:.2f}x, "
