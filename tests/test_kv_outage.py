@@ -1,10 +1,11 @@
 """A worker's engine through outages of its KV manager, on a real gRPC manager in this process.
 
-The manager is stopped while forking requests run and stays away past the worker's lag bound: the
-engine thread lives on, the requests that were running end with the status that says the manager is
-unavailable (not the loop's catch-all), a request admitted during the outage ends the same way at once,
-and when a manager is back on the same port the worker registers again, resyncs, serves new requests,
-and the replica equals its ledger. Each wait is on an event (a request's end, a log line, the replica's
+The manager is stopped while forking requests run and stays away past the worker's lag bound, and the
+step that passes the bound admits new requests: the engine thread lives on, the requests that were
+running and those the refused step admitted end with the status that says the manager is unavailable
+(not the loop's catch-all), a request sent during the outage waits for the manager and ends the same
+way, and when a manager is back on the same port the worker registers again, resyncs, serves new
+requests, and the replica equals its ledger. Each wait is on an event (a request's end, a log line, the replica's
 acknowledgement), never a fixed sleep.
 """
 from __future__ import annotations
