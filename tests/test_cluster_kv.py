@@ -4,7 +4,8 @@ Faults, each injected while a request is seen running and checked to have hit it
 under load and away past the worker's lag bound, Redis restarted, the worker silent past its
 time-to-live, the worker killed. The worker's steps never wait for the manager within the bound:
 requests go on through Redis's restart and the worker's pause; past the bound they end with a clear
-error and the worker serves again once the manager is back; afterwards the manager's replica equals the
+error (those running, and one the refused step admits) and the worker serves again once the manager
+is back; afterwards the manager's replica equals the
 worker's ledger. And with the manager frozen (SIGSTOP), an engine steps on without waiting while its
 replica lags within the bound, and waits past it."""
 from __future__ import annotations
@@ -159,6 +160,36 @@ def test_kv_manager_killed_past_the_lag_bound_then_back(cluster):
         assert len(set(state.free)) == BLOCKS and not state.used
         info = worker_info(cluster.worker_address)
         assert (info.free_blocks, info.running, info.waiting) == (BLOCKS, 0, 0)
+
+
+def test_the_step_past_the_lag_bound_admits_a_request(cluster):
+    """The KV manager is killed while a request runs; the request is cancelled, so the worker is idle
+    with steps the manager never acknowledged. Once the worker says its replica is past the lag bound, a
+    new request comes: the step that admits it is the step the bound refuses (nothing of it applied).
+    The request ends unserved with the error that says the manager is unavailable; the worker logs no
+    error (ending a request the ledger never saw would), and serves again once the manager is back."""
+    with grpc.insecure_channel(cluster.address) as ch:
+        stub = pb.apar_pb2_grpc.AparStub(ch)
+        serving(stub)
+        mark = len(cluster.worker.lines)
+        s = Stream(stub, streamed(4000, ignore_eos=True))
+        s.wait_running()
+        cluster.kv.kill()
+        s.cancel()
+        assert s.join(10).code == "CANCELLED"
+        wait_until(lambda: worker_info(cluster.worker_address).running == 0, 10, "the worker idle")
+        cluster.worker.wait_for("past the lag bound", timeout=10, since=mark)
+        new = Stream(stub, streamed(20, ignore_eos=True)).join(30)
+        assert (new.code, new.final.finish_reason, new.final.error) == ("OK", "error", MANAGER_UNAVAILABLE)
+        assert new.final.usage.completion_tokens == 0
+        cluster.worker.wait_for("ending the requests of its steps", timeout=5, since=mark)
+        cluster.kv = Proc(*cluster.kv_args)
+        cluster.kv.wait_for("listening on")
+        cluster.worker.wait_for("caught up with this worker", timeout=30, since=mark)
+        serving(stub)
+        assert not [line for line in cluster.worker.lines[mark:] if "Traceback" in line or " ERROR " in line]
+        info = worker_info(cluster.worker_address)
+        assert (info.running, info.waiting) == (0, 0) and info.free_blocks == BLOCKS
 
 
 def went_on(s: Stream, since: int) -> bool:
