@@ -4,7 +4,8 @@ Faults, each injected while a request is seen running and checked to have hit it
 under load and away past the worker's lag bound, Redis restarted, the worker silent past its
 time-to-live, the worker killed. The worker's steps never wait for the manager within the bound:
 requests go on through Redis's restart and the worker's pause; past the bound they end with a clear
-error and the worker serves again once the manager is back; afterwards the manager's replica equals the
+error (those running, and one the refused step admits) and the worker serves again once the manager
+is back; afterwards the manager's replica equals the
 worker's ledger. And with the manager frozen (SIGSTOP), an engine steps on without waiting while its
 replica lags within the bound, and waits past it."""
 from __future__ import annotations
@@ -144,7 +145,8 @@ def test_kv_manager_killed_past_the_lag_bound_then_back(cluster):
             s.join(30)
         ends = [(s.code, s.final.finish_reason, s.final.error) if s.final else (s.code,) for s in streams]
         assert ends == [("OK", "error", MANAGER_UNAVAILABLE)] * 4, (ends, "".join(cluster.worker.lines[mark:]))
-        assert all(s.events > n for s, n in zip(streams, at_kill))  # they streamed on up to the bound
+        # they streamed on up to the bound: tokens after the kill, not only the final message
+        assert all(s.events - 1 - n >= 10 for s, n in zip(streams, at_kill)), (at_kill, [s.events for s in streams])
         cluster.worker.wait_for("ending the requests of its steps", timeout=5, since=mark)
         during = gen(stub, 10, ignore_eos=True)
         assert (during.finish_reason, during.error) == ("error", MANAGER_UNAVAILABLE)
@@ -161,10 +163,44 @@ def test_kv_manager_killed_past_the_lag_bound_then_back(cluster):
         assert (info.free_blocks, info.running, info.waiting) == (BLOCKS, 0, 0)
 
 
+def test_the_step_past_the_lag_bound_admits_a_request(cluster):
+    """The KV manager is killed while a request runs; the request is cancelled, so the worker is idle
+    with steps the manager never acknowledged. Once the worker says its replica is past the lag bound, a
+    new request comes: the step that admits it is the step the bound refuses (nothing of it applied).
+    The request ends unserved with the error that says the manager is unavailable; the worker logs no
+    error (ending a request the ledger never saw would), and serves again once the manager is back."""
+    with grpc.insecure_channel(cluster.address) as ch:
+        stub = pb.apar_pb2_grpc.AparStub(ch)
+        serving(stub)
+        mark = len(cluster.worker.lines)
+        s = Stream(stub, streamed(4000, ignore_eos=True))
+        s.wait_running()
+        cluster.kv.kill()
+        s.cancel()
+        assert s.join(10).code == "CANCELLED"
+        wait_until(lambda: worker_info(cluster.worker_address).running == 0, 10, "the worker idle")
+        cluster.worker.wait_for("past the lag bound", timeout=10, since=mark)
+        new = Stream(stub, streamed(20, ignore_eos=True)).join(30)
+        assert (new.code, new.final.finish_reason, new.final.error) == ("OK", "error", MANAGER_UNAVAILABLE)
+        assert new.final.usage.completion_tokens == 0
+        cluster.worker.wait_for("ending the requests of its steps", timeout=5, since=mark)
+        cluster.kv = Proc(*cluster.kv_args)
+        cluster.kv.wait_for("listening on")
+        cluster.worker.wait_for("caught up with this worker", timeout=30, since=mark)
+        serving(stub)
+        assert not [line for line in cluster.worker.lines[mark:] if "Traceback" in line or " ERROR " in line]
+        info = worker_info(cluster.worker_address)
+        assert (info.running, info.waiting) == (0, 0) and info.free_blocks == BLOCKS
+
+
 def went_on(s: Stream, since: int) -> bool:
-    """The request streamed on from `since` events: still running, or ended cleanly."""
+    """The request streamed ten more events from `since` and is still running, or ended in full (its
+    4,000 tokens): an end with an error, or before those ten events, is not going on."""
     wait_until(lambda: s.events >= since + 10 or s.ended, 30, "the request to go on")
-    return s.events > since and (s.running or (s.final is not None and s.final.error in ("", "the KV cache is full")))
+    if s.events < since + 10:
+        return False
+    return s.running or (s.code == "OK" and s.final is not None
+                         and (s.final.finish_reason, s.final.error) == ("length", ""))
 
 
 def test_redis_restart_then_serving_goes_on(cluster):

@@ -1,10 +1,11 @@
 """A worker's engine through outages of its KV manager, on a real gRPC manager in this process.
 
-The manager is stopped while forking requests run and stays away past the worker's lag bound: the
-engine thread lives on, the requests that were running end with the status that says the manager is
-unavailable (not the loop's catch-all), a request admitted during the outage ends the same way at once,
-and when a manager is back on the same port the worker registers again, resyncs, serves new requests,
-and the replica equals its ledger. Each wait is on an event (a request's end, a log line, the replica's
+The manager is stopped while forking requests run and stays away past the worker's lag bound, and the
+step that passes the bound admits new requests: the engine thread lives on, the requests that were
+running and those the refused step admitted end with the status that says the manager is unavailable
+(not the loop's catch-all), a request sent during the outage waits for the manager and ends the same
+way, and when a manager is back on the same port the worker registers again, resyncs, serves new
+requests, and the replica equals its ledger. Each wait is on an event (a request's end, a log line, the replica's
 acknowledgement), never a fixed sleep.
 """
 from __future__ import annotations
@@ -18,10 +19,11 @@ from apar.bench_suite.simulated import ScratchRedis
 from apar.engine.config import EngineConfig
 from apar.engine.engine import Engine
 from apar.engine.events import FinishReason, RequestFinished, ThreadStarted, TokenEvent
+from apar.engine.kv.ops import Start
 from apar.engine.params import SamplingParams
 from services.kvmanager import wire
 from services.kvmanager.service import serve
-from services.worker.kv import MANAGER_UNAVAILABLE, RemoteKV
+from services.worker.kv import MANAGER_UNAVAILABLE, KVManagerUnavailable, RemoteKV
 from services.worker.kvclient import KVManagerClient
 from services.worker.loop import EngineLoop
 from tests.faults import wait_until
@@ -39,7 +41,8 @@ class Requests:
         self.done: dict[str, RequestFinished] = {}
         self._cond = threading.Condition()
 
-    def submit(self, rid: str, prompt: list[int], params: SamplingParams) -> str:
+    def submit(self, rid: str, prompt: list[int], params: SamplingParams, wait: bool = True) -> str:
+        """Submit a request; with `wait`, once the engine took it (else it may still be queued)."""
         self.events[rid] = []
 
         def sink(evs) -> None:
@@ -49,7 +52,9 @@ class Requests:
                     self.done[rid] = evs[-1]
                 self._cond.notify_all()
 
-        self.loop.submit(prompt, params, rid, sink).result(timeout=10)
+        fut = self.loop.submit(prompt, params, rid, sink)
+        if wait:
+            fut.result(timeout=10)
         return rid
 
     def tokens(self, rid: str) -> int:
@@ -98,18 +103,56 @@ def forking(max_tokens: int, seed: int) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=seed, ignore_eos=True, max_threads=4)
 
 
+def spy_refused_steps(engine: Engine) -> list[list]:
+    """The ops of each step the worker's KV backend refused (KVManagerUnavailable), in order."""
+    refused: list[list] = []
+    apply = engine.kv.apply
+
+    def spied(ops):
+        try:
+            return apply(ops)
+        except KVManagerUnavailable:
+            refused.append(list(ops))
+            raise
+
+    engine.kv.apply = spied
+    return refused
+
+
 def test_engine_survives_a_manager_outage_past_the_lag_bound(cluster, caplog):
+    """The step that passes the lag bound admits new requests (and the running ones fork): its ops are
+    refused, and nothing of it may count as applied."""
     c, reqs = cluster, cluster.requests
+    refused = spy_refused_steps(c.engine)
     running = [reqs.submit(f"run-{i}", list(range(40 + 9 * i, 52 + 9 * i)), forking(30000, i)) for i in range(3)]
     wait_until(lambda: all(reqs.tokens(r) >= 20 for r in running) and sum(reqs.forks(r) for r in running), 60,
                "every request streaming, and a fork")
     port = c.server.port
-    with caplog.at_level(logging.WARNING, logger="services.worker.loop"):
+    gate, parked = threading.Event(), threading.Event()
+
+    def park(engine) -> None:  # on the loop thread, between two steps
+        parked.set()
+        assert gate.wait(30)
+
+    with caplog.at_level(logging.WARNING, logger="services.worker"):
         c.server.stop(grace=None)  # the manager is gone: the worker's replica falls behind
-        ended = reqs.wait_done(running, timeout=30)
-        # each was running when the manager went away, and ends with the status that says why
-        assert all(reqs.tokens(r) > 20 for r in running)
-        assert [(e.reason, e.error) for e in ended] == [(FinishReason.ERROR, MANAGER_UNAVAILABLE)] * 3
+        wait_until(lambda: c.loop.call(lambda e: e.kv.outbox.lag()[0]).result(10), 10,
+                   "a step the manager did not acknowledge")
+        c.loop.call(park)
+        assert parked.wait(10)
+        # queued while the engine is parked: its next step admits them
+        admitted = [reqs.submit(f"new-{i}", list(range(100 + 8 * i, 108 + 8 * i)), forking(100, 20 + i), wait=False)
+                    for i in range(2)]
+        wait_until(lambda: c.engine.kv.outbox.lag()[1] > LAG_S, 10, "the replica past the lag bound")
+        gate.set()
+        ended = reqs.wait_done(running + admitted, timeout=30)
+        # the step past the bound started the new requests' roots in its ops: refused, so never applied
+        assert refused, "no step was refused"
+        starts = {op.thread.request for op in refused[0] if isinstance(op, Start)}
+        assert starts and starts <= set(admitted), refused[0]
+        # each ends with the status that says why: the running ones after streaming, the new ones unserved
+        assert all(reqs.tokens(r) > 20 for r in running) and not any(reqs.tokens(r) for r in admitted)
+        assert [(e.reason, e.error) for e in ended] == [(FinishReason.ERROR, MANAGER_UNAVAILABLE)] * 5
         # sent while the manager is still away: nothing is admitted until it is back; it waits for it
         # (the backend's wait) and ends the same way, and the engine lives on
         late = reqs.submit("late", list(range(200, 230)), forking(100, 7))
@@ -189,8 +232,6 @@ def test_a_step_whose_ops_cannot_be_handed_over_marks_no_thread_known(llama_dir)
     """With the manager gone and no lag allowed, the step that starts a new request (and forks) raises
     before applying anything: no thread of it counts as known to the ledger, so ending the requests
     sends no op for a thread the ledger never saw, and every block is free."""
-    from services.worker.kv import KVManagerUnavailable
-
     server = serve("127.0.0.1:0")
     clients = []
 

@@ -47,6 +47,7 @@ def register(subparsers) -> None:
 
     from apar.bench_suite.chaos import register as register_chaos
     from apar.bench_suite.cli import register as register_suite
+    from apar.bench_suite.kv_outage import register as register_kv_outage
     from apar.bench_suite.kvmanager import register as register_kvmanager
     from apar.bench_suite.prefix import register as register_prefix
     from apar.bench_suite.served import register as register_served
@@ -56,6 +57,7 @@ def register(subparsers) -> None:
     register_prefix(sub)
     register_served(sub)
     register_chaos(sub)
+    register_kv_outage(sub)
 
 
 def add_data_arg(p) -> None:

@@ -48,6 +48,7 @@ class RemoteKV:
     `wait_s`, having applied nothing (the engine loop then ends the step's requests with
     MANAGER_UNAVAILABLE; their ends go out later). Until the replica is back within the bound,
     `unavailable` is set (the engine loop admits nothing meanwhile) and every `apply` raises at once.
+    While the manager cannot be reached, the sender says once when the replica falls past the bound.
 
     The sender sends whatever is unacknowledged as one batch, at most every `send_every_s` (so a busy
     worker sends several steps per message), one batch in flight; an ack drops the steps it covers. It
@@ -79,6 +80,7 @@ class RemoteKV:
         self._closed = False
         self._idle = False  # the sender waits for a step: wake it
         self._outage = RepeatingWarning(log)  # one line when the manager goes away, one when it is back
+        self._past_bound = False  # said that the replica fell past the lag bound (once per outage)
         self._sender = threading.Thread(target=self._send_loop, name="apar-kv-sender", daemon=True)
         self._sender.start()
 
@@ -169,6 +171,7 @@ class RemoteKV:
             except ReplicaUnavailable as exc:
                 self._outage.failed("send", "unavailable", "KV manager unavailable (%s); sending again, backing off "
                                     "up to 1 s", exc)
+                self._say_past_bound()
                 time.sleep(backoff)
                 backoff = min(1.0, backoff * 2)
                 continue
@@ -186,6 +189,7 @@ class RemoteKV:
             if self.on_round_trip is not None:
                 self.on_round_trip(time.monotonic() - last_send)
             with self._cv:
+                self._past_bound = False
                 lags = self.outbox.acked(ack)
                 if self.unavailable:
                     self._within_bound()
@@ -196,6 +200,17 @@ class RemoteKV:
             if self.on_lag is not None:
                 for lag in lags:
                     self.on_lag(lag)
+
+    def _say_past_bound(self) -> None:
+        """Once per outage, when the unreachable manager's replica falls past the lag bound: from now on a
+        step waits for it (at most `wait_s`), then its requests end."""
+        with self._cv:
+            steps, seconds = self.outbox.lag()
+            if self._past_bound or (steps <= self.max_lag_steps and seconds <= self.max_lag_s):
+                return
+            self._past_bound = True
+        log.warning("the KV manager's replica of this worker is %d steps and %.1f s behind, past the lag bound: "
+                    "a step waits for it at most %g s, then its requests end", steps, seconds, self.wait_s)
 
     def _next_batch(self, last_send: float):
         """Wait for something to send and for the send interval; None once closed."""
