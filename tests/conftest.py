@@ -76,8 +76,9 @@ def plain_llama_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def long_serve(long_llama_dir):
     """`apar serve` (gRPC and HTTP) on the 32,768-position model with a pool that holds a request of
-    LONG_TOKENS: for tests that cancel, time out or drop a request that must still be running. Each
-    such test leaves every block free."""
+    LONG_TOKENS: for tests that cancel, time out or drop a request that must still be running and cannot
+    start their own server (one that can holds its engine instead: tests/gated.py). Each such test
+    leaves every block free."""
     port = free_port()
     proc = Proc("serve", "--model", str(long_llama_dir), "--port", str(port), "--http-port", "0", "--kv-blocks",
                 str(LONG_TOKENS // 16 + 100), "--block-size", "16", "--served-model-name", "apar-long")
