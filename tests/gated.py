@@ -1,12 +1,13 @@
 """An `apar` command whose engine loop a test can hold: for tests that act on a request that must still be
 running when they act (cancel it, let its deadline pass, drop its connection, fill a key's places).
 
-`python -m tests.gated serve ...` (started by `Proc(..., gate=path)`) runs `apar serve ...` with one change
-to its engine loop: before each step it reads the gate file. No file: the loop runs as usual. A number N:
-N more steps run, then the loop holds. While it holds no step runs, but the loop still serves its
-commands (a new request joins the engine, an abort ends one, an info call answers), so a request held
-there stays running for as long as the test needs, on any machine. The held loop prints
-`gate: held, N requests` whenever the number of open requests changes; `Gate` waits for those lines.
+`python -m tests.gated serve ...` (started by `Proc(..., gate=Gate(path))`; `serve` or `worker`, the
+commands with an engine loop) runs `apar serve ...` with one change to its engine loop: before each step
+it reads the gate file. No file: the loop runs as usual. A number N: N more steps run, then the loop
+holds. While it holds no step runs, but the loop still serves its commands (a new request joins the
+engine, an abort ends one, an info call answers), so a request held there stays running for as long as
+the test needs, on any machine. The held loop prints `gate: held, N requests` whenever the number of
+open requests changes; `Gate` waits for those lines.
 """
 from __future__ import annotations
 
