@@ -1,11 +1,24 @@
 """Shared fixtures: small random-weight model directories and a server for long requests, built once per
-test session; a scratch Redis per module."""
+test session; a scratch Redis per module. With APAR_REQUIRE_ALL=1 (CI sets it) a skipped test fails."""
 from __future__ import annotations
+
+import os
 
 import pytest
 
 from apar.modelgen import ModelShape, build_tokenizer, make_model
 from tests.procs import LONG_TOKENS, Proc, free_port, require
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under APAR_REQUIRE_ALL=1 a skip is a failure: CI runs every test or fails, saying what was missing
+    (the programs the tests run already fail their tests, never skip them: `tests.procs.require`)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get("APAR_REQUIRE_ALL") == "1" and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped, which APAR_REQUIRE_ALL=1 does not allow: {report.longrepr}"
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +62,7 @@ def short_llama_dir(tmp_path_factory, tokenizer):
 def long_llama_dir(tmp_path_factory, tokenizer):
     """A model with a 32,768-token context, for requests that must still be running when a test acts on
     them: on a loaded machine a tiny model's 1,024 tokens can all be decoded in the gap between two of
-    a test's calls."""
+    a test's calls. Where the test starts the server, holding its engine (tests/gated.py) is surer."""
     return make_model(tmp_path_factory.mktemp("long"), "llama", ModelShape(max_positions=1 << 15),
                       tokenizer=tokenizer)
 
@@ -63,8 +76,9 @@ def plain_llama_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def long_serve(long_llama_dir):
     """`apar serve` (gRPC and HTTP) on the 32,768-position model with a pool that holds a request of
-    LONG_TOKENS: for tests that cancel, time out or drop a request that must still be running. Each
-    such test leaves every block free."""
+    LONG_TOKENS: for tests that cancel, time out or drop a request that must still be running and cannot
+    start their own server (one that can holds its engine instead: tests/gated.py). Each such test
+    leaves every block free."""
     port = free_port()
     proc = Proc("serve", "--model", str(long_llama_dir), "--port", str(port), "--http-port", "0", "--kv-blocks",
                 str(LONG_TOKENS // 16 + 100), "--block-size", "16", "--served-model-name", "apar-long")

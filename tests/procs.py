@@ -42,12 +42,19 @@ def free_port() -> int:
 class Proc:
     """A child process whose stderr is collected; `wait_for(pattern)` blocks until a line matches."""
 
-    def __init__(self, *args: str, env: dict | None = None, nofile: int | None = None) -> None:
-        """`nofile`: the child's limit of open file descriptors (`ulimit -n`)."""
+    def __init__(self, *args: str, env: dict | None = None, nofile: int | None = None, gate=None) -> None:
+        """`nofile`: the child's limit of open file descriptors (`ulimit -n`). `gate`: a `tests.gated.Gate`
+        the test holds the child's engine loop with (the child runs through `tests.gated`)."""
         self.args = args
+        if gate is not None:
+            gate.proc = self
+            root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where `tests` is a package
+            path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+            env = {**(env or {}), "APAR_TEST_GATE": gate.path, "PYTHONPATH": path}
         self.lines: list[str] = []
         self._cond = threading.Condition()
-        self.p = subprocess.Popen([sys.executable, "-m", "apar.cli", *args], stdout=subprocess.DEVNULL,
+        module = "apar.cli" if gate is None else "tests.gated"
+        self.p = subprocess.Popen([sys.executable, "-m", module, *args], stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
                                   start_new_session=True, preexec_fn=None if nofile is None else
                                   lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)))

@@ -286,16 +286,14 @@ def test_dockerignore():
 def test_redis_reads_its_password_from_the_file_the_init_container_writes(rendered, tmp_path):
     """The init container's script, run here with a password full of quoting traps; redis-server started
     with the container's args then takes that password, and it shows on no command line."""
-    import shutil
     import subprocess
 
     import redis as redis_py
 
     from tests.faults import wait_until
-    from tests.procs import free_port
+    from tests.procs import free_port, require
 
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not on PATH")
+    require("redis-server")  # fails, never skips, without it
     sts = one(rendered["defaults"], "StatefulSet", "apar-redis")
     init = sts["spec"]["template"]["spec"]["initContainers"][0]
     script = init["command"][2].replace("/etc/redis-auth", str(tmp_path))

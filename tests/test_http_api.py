@@ -17,7 +17,8 @@ import pytest
 
 from apar.protogen import stubs
 from tests.faults import wait_until
-from tests.procs import LONG_TOKENS, Proc, free_port
+from tests.gated import Gate
+from tests.procs import Proc, free_port
 
 pb = stubs()
 A = pb.apar_pb2
@@ -26,12 +27,14 @@ PROMPT = "Give me three tips for sleep."
 
 
 @pytest.fixture(scope="module")
-def server(llama_dir):
+def server(llama_dir, tmp_path_factory):
+    """`apar serve` with both APIs, whose engine loop a test can hold (`gate`, see tests/gated.py)."""
     port = free_port()
+    gate = Gate(tmp_path_factory.mktemp("gate") / "gate")
     proc = Proc("serve", "--model", str(llama_dir), "--port", str(port), "--http-port", "0", "--kv-blocks", "48",
-                "--block-size", "16", "--served-model-name", MODEL)
+                "--block-size", "16", "--served-model-name", MODEL, gate=gate)
     http_port = int(proc.wait_for(r"listening on .*HTTP on 127\.0\.0\.1:(\d+)").group(1))
-    yield {"grpc": f"127.0.0.1:{port}", "http": f"http://127.0.0.1:{http_port}", "port": http_port}
+    yield {"grpc": f"127.0.0.1:{port}", "http": f"http://127.0.0.1:{http_port}", "port": http_port, "gate": gate}
     proc.stop()
 
 
@@ -252,40 +255,40 @@ def test_200_concurrent_streaming_clients(server, stub):
     wait_until(lambda: blocks_in_use(stub) == 0, 10, "every KV block free", every=0.05)
 
 
-@pytest.fixture(scope="module")
-def long_server(long_serve):
-    """The session's server for requests that must still be running when a test acts (this module's
-    server ends any request at 768 tokens, its pool)."""
-    with grpc.insecure_channel(long_serve["grpc"]) as channel:
-        yield {**long_serve, "stub": pb.apar_pb2_grpc.AparStub(channel)}
-
-
-def _long_request(model: str, stream: bool) -> bytes:
-    body = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": LONG_TOKENS,
-            "temperature": 0, "stream": stream, "apar": {"ignore_eos": True}}
+def _request(stream: bool) -> bytes:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 500, "temperature": 0,
+            "stream": stream, "apar": {"ignore_eos": True}}
     data = json.dumps(body).encode()
     return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n" % len(data)) + data
 
 
 @pytest.mark.parametrize("stream", [True, False])
-def test_a_client_that_disconnects_frees_its_blocks(long_server, stream):
-    stub = long_server["stub"]
-    finished = metric(long_server, "apar_request_success_total")
-    with socket.create_connection(("127.0.0.1", long_server["port"]), timeout=30) as sock:
-        sock.sendall(_long_request(long_server["model"], stream))
-        if stream:
-            got = b""
-            while got.count(b"data: ") < 3:  # the role chunk and two with text: the request is decoding
-                part = sock.recv(65536)  # the socket's timeout: a server that goes silent fails the test
-                assert part, f"the server closed the connection: {got!r}"
-                got += part
-        else:
-            wait_until(lambda: blocks_in_use(stub) > 0, 30, "the request running")
-        assert blocks_in_use(stub) > 0
-    wait_until(lambda: blocks_in_use(stub) == 0, 10, "every KV block free", every=0.05)
+def test_a_client_that_disconnects_frees_its_blocks(server, stub, stream):
+    """A client that goes away while its request runs (the engine held after three steps, so the request
+    cannot end by itself): the server ends it with no further step, frees its blocks, and never counts
+    it as answered."""
+    gate = server["gate"]
+    finished = metric(server, "apar_request_success_total")
+    try:
+        with socket.create_connection(("127.0.0.1", server["port"]), timeout=30) as sock:
+            mark = gate.hold(3)
+            sock.sendall(_request(stream))
+            gate.wait_held(1, mark)  # three steps made, held
+            if stream:
+                got = b""
+                while got.count(b"data: ") < 3:  # the role chunk and two with text: the request is decoding
+                    part = sock.recv(65536)  # the socket's timeout: a server that goes silent fails the test
+                    assert part, f"the server closed the connection: {got!r}"
+                    got += part
+            assert blocks_in_use(stub) > 0  # the held loop still answers ModelInfo
+            mark = len(gate.proc.lines)
+        gate.wait_held(0, mark)  # the server aborted it while no step could run
+        assert blocks_in_use(stub) == 0
+    finally:
+        gate.open()
     # freed by the disconnect, not by finishing: the router never counted it as answered
-    assert metric(long_server, "apar_request_success_total") == finished
+    assert metric(server, "apar_request_success_total") == finished
 
 
 def test_fuzzed_bodies_never_crash_the_server(server, client):

@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from services.security import key_id
 from tests.faults import wait_until
+from tests.gated import Gate
 from tests.procs import Proc, free_port
 from tests.security_helpers import (A, KEYS, PROMPT, ROOT, WRONG, bearer_md, generate, grpc_code,
                                     metric_values, pb, pki)  # noqa: F401 (fixtures)
@@ -29,23 +30,26 @@ from tests.security_helpers import (A, KEYS, PROMPT, ROOT, WRONG, bearer_md, gen
 
 # ---------------------------------------------------------------- the public APIs: TLS, keys, limits
 
-LONG = 16000  # the secure server's max_tokens limit: a request of LONG tokens runs on while a test acts
+LONG = 400  # the secure server's max_tokens limit
 
 
 @pytest.fixture(scope="module")
-def secure(long_llama_dir, pki, tmp_path_factory):
+def secure(llama_dir, pki, tmp_path_factory):
+    """`apar serve` behind TLS and API keys with every limit set, whose engine loop a test can hold
+    (`gate`, see tests/gated.py): a request held there stays running while the test acts."""
     d = tmp_path_factory.mktemp("secure")
     keyfile = d / "keys"
     keyfile.write_text("# API keys\n" + "\n".join(KEYS) + "\n")
     port, http_port, mport = free_port(), free_port(), free_port()
-    proc = Proc("serve", "--model", str(long_llama_dir), "--port", str(port), "--http-port", str(http_port),
-                "--metrics-port", str(mport), "--kv-blocks", "2100", "--served-model-name", "demo",
+    gate = Gate(d / "gate")
+    proc = Proc("serve", "--model", str(llama_dir), "--port", str(port), "--http-port", str(http_port),
+                "--metrics-port", str(mport), "--kv-blocks", "128", "--served-model-name", "demo",
                 "--tls-cert", pki.server.cert, "--tls-key", pki.server.key, "--api-key-file", str(keyfile),
                 "--max-request-bytes", "65536", "--max-prompt-tokens", "48", "--max-tokens-limit", str(LONG),
-                "--max-streams-per-key", "2")
+                "--max-streams-per-key", "2", gate=gate)
     proc.wait_for("listening on")
     s = type("Secure", (), {})()
-    s.proc, s.keyfile, s.ca = proc, keyfile, pki.ca.path
+    s.proc, s.keyfile, s.ca, s.gate = proc, keyfile, pki.ca.path, gate
     s.address, s.http, s.metrics = f"127.0.0.1:{port}", f"https://127.0.0.1:{http_port}", \
         f"http://127.0.0.1:{mport}/metrics"
     s.channel = grpc.secure_channel(s.address, grpc.ssl_channel_credentials(Path(pki.ca.path).read_bytes()))
@@ -138,6 +142,34 @@ def test_health_is_open_metrics_keyed_on_the_api_port(secure):
     assert "apar_requests_received_total" in urllib.request.urlopen(secure.metrics, timeout=5).read().decode()
 
 
+def two_running(secure, md, req) -> list:
+    """Two calls of `req` (a thread-events stream: its first step sends an event) with metadata `md`, both
+    admitted while the engine is held, then one step each: both stream, and neither can end until the test
+    opens the gate (`end_held` cancels and opens)."""
+    mark = secure.gate.hold()
+    calls = [secure.stub.Generate(req, timeout=60, metadata=md) for _ in range(2)]
+    try:
+        secure.gate.wait_held(2, mark)
+        secure.gate.wait_held(2, secure.gate.hold(1))
+        for call in calls:
+            next(call)  # streaming
+    except BaseException:
+        end_held(secure, calls)
+        raise
+    return calls
+
+
+def end_held(secure, calls: list) -> None:
+    """Cancel the held calls, wait until the server has ended them, open the gate."""
+    mark = len(secure.proc.lines)
+    for call in calls:
+        call.cancel()
+    try:
+        secure.gate.wait_held(0, mark)
+    finally:
+        secure.gate.open()
+
+
 def test_each_limit_refuses_with_its_status_and_message(secure):
     md = bearer_md(KEYS[0])
     auth = {"Authorization": f"Bearer {KEYS[0]}"}
@@ -163,12 +195,12 @@ def test_each_limit_refuses_with_its_status_and_message(secure):
         "model": "demo", "max_tokens": LONG + 1, "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
 
-    # concurrent streams per key: two run, the third is refused, another key still gets in
-    long = A.GenerateRequest(prompt="hi", sampling=pb.common_pb2.SamplingParameters(max_tokens=LONG, ignore_eos=True))
-    calls = [secure.stub.Generate(long, timeout=60, metadata=md) for _ in range(2)]
+    # concurrent streams per key: two run (held, so neither can end), the third is refused, another key
+    # still gets in
+    long = A.GenerateRequest(prompt="hi", stream=A.STREAM_MODE_THREADS,
+                             sampling=pb.common_pb2.SamplingParameters(max_tokens=LONG, ignore_eos=True))
+    calls = two_running(secure, md, long)
     try:
-        for call in calls:
-            next(call)  # streaming
         third = secure.stub.Generate(long, timeout=10, metadata=md)
         with pytest.raises(grpc.RpcError) as err:
             next(third)
@@ -178,10 +210,12 @@ def test_each_limit_refuses_with_its_status_and_message(secure):
                                json={"model": "demo", "prompt": "hi", "max_tokens": 2})
         assert r.status_code == 429 and r.headers["retry-after"] == "1"
         assert r.json()["error"]["type"] == "rate_limit_error"
+        mark = secure.gate.hold(20)  # steps for key 2's four tokens; the two long ones stay far from their end
         assert generate(secure.stub, KEYS[1]).usage.completion_tokens == 4
+        secure.gate.wait_held(2, mark)
+        assert [call.code() for call in calls if not call.running()] == []  # both still running
     finally:
-        for call in calls:
-            call.cancel()
+        end_held(secure, calls)
     # their places are given back when they end
     wait_until(lambda: grpc_code(lambda: generate(secure.stub, KEYS[0], max_tokens=1)) == grpc.StatusCode.OK,
                10, "key 1 admitted again")
@@ -191,7 +225,7 @@ def test_each_limit_refuses_with_its_status_and_message(secure):
                                    json={"model": "demo", "prompt": "hi", "max_tokens": 2, "stream": stream})
             assert r.status_code == 200 and ("[DONE]" in r.text) == stream
         with secure.client.stream("POST", f"{secure.http}/v1/completions", headers=auth, json={
-                "model": "demo", "prompt": "hi", "max_tokens": 1000, "stream": True,
+                "model": "demo", "prompt": "hi", "max_tokens": LONG, "stream": True,
                 "apar": {"ignore_eos": True}}) as r:
             assert r.status_code == 200
             next(r.iter_lines())  # then the client goes away mid-stream
@@ -337,15 +371,13 @@ def test_the_log_never_holds_a_key_or_a_prompt(secure):
     assert grpc_code(lambda: generate(secure.stub, KEYS[0], prompt=PROMPT + " word" * 100)) == \
         grpc.StatusCode.INVALID_ARGUMENT  # prompt_too_long
     assert grpc_code(lambda: generate(secure.stub, KEYS[0], max_tokens=LONG + 1)) == grpc.StatusCode.INVALID_ARGUMENT
-    long = A.GenerateRequest(prompt=PROMPT, sampling=pb.common_pb2.SamplingParameters(max_tokens=LONG, ignore_eos=True))
-    calls = [secure.stub.Generate(long, timeout=60, metadata=md) for _ in range(2)]
+    long = A.GenerateRequest(prompt=PROMPT, stream=A.STREAM_MODE_THREADS,
+                             sampling=pb.common_pb2.SamplingParameters(max_tokens=LONG, ignore_eos=True))
+    calls = two_running(secure, md, long)  # the key's two places are taken
     try:
-        for call in calls:
-            next(call)  # both streaming: the key's two places are taken
         assert grpc_code(lambda: generate(secure.stub, KEYS[0])) == grpc.StatusCode.RESOURCE_EXHAUSTED
     finally:
-        for call in calls:
-            call.cancel()
+        end_held(secure, calls)
     secure.proc.stop()  # every line flushed
     log = "".join(secure.proc.lines)
     for secret in (*KEYS, WRONG, getattr(secure, "added", "k3-Charlie"), "Zebra-sentinel", "word word"):

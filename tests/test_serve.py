@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import urllib.request
 
 import grpc
 import pytest
@@ -17,21 +18,27 @@ from apar.protogen import stubs
 from apar.text.prompt import encode_prompt
 from apar.text.stream import RequestStream
 from tests.faults import Stream, wait_until
-from tests.procs import LONG_TOKENS, Proc, free_port
+from tests.gated import Gate
+from tests.procs import Proc, free_port
 
 pb = stubs()
 A = pb.apar_pb2
 KV_BLOCKS = 48
 METRICS_URL: dict[str, str] = {}
+GATES: dict[str, Gate] = {}
 
 
 @pytest.fixture(scope="module")
-def server(llama_dir):
+def server(llama_dir, tmp_path_factory):
+    """`apar serve` whose engine loop a test can hold (`gate`): the tests that act on a running request
+    hold it there."""
     port, mport = free_port(), free_port()
+    gate = Gate(tmp_path_factory.mktemp("gate") / "gate")
     proc = Proc("serve", "--model", str(llama_dir), "--port", str(port), "--kv-blocks", str(KV_BLOCKS),
-                "--block-size", "16", "--metrics-port", str(mport))
+                "--block-size", "16", "--metrics-port", str(mport), gate=gate)
     proc.wait_for(r"listening on")
     METRICS_URL[f"127.0.0.1:{port}"] = f"http://127.0.0.1:{mport}/metrics"
+    GATES[f"127.0.0.1:{port}"] = gate
     yield f"127.0.0.1:{port}"
     proc.stop()
 
@@ -42,12 +49,11 @@ def stub(server):
         yield pb.apar_pb2_grpc.AparStub(channel)
 
 
-@pytest.fixture(scope="module")
-def long_stub(long_serve):
-    """The session's server for requests that must still be running when a test acts (this module's
-    server ends any request at 768 tokens, its pool)."""
-    with grpc.insecure_channel(long_serve["grpc"]) as channel:
-        yield pb.apar_pb2_grpc.AparStub(channel)
+@pytest.fixture
+def gate(server):
+    """The server's gate, open again after the test whatever happened."""
+    yield GATES[server]
+    GATES[server].open()
 
 
 def request(prompt="Give me three tips for sleep.", mode=A.STREAM_MODE_LINEAR, **sampling):
@@ -72,6 +78,18 @@ def blocks_in_use(stub) -> int:
     return info.total_kv_blocks - info.free_kv_blocks
 
 
+def metric_values(server) -> dict[str, float]:
+    """The server's metrics, each summed over its series (every series carries model_name)."""
+    text = urllib.request.urlopen(METRICS_URL[server], timeout=5).read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            series, _, value = line.rpartition(" ")
+            name = series.split("{")[0]
+            out[name] = out.get(name, 0.0) + float(value)
+    return out
+
+
 def wait_all_free(stub, timeout=5.0) -> None:
     wait_until(lambda: blocks_in_use(stub) == 0, timeout, "every KV block free", every=0.05)
 
@@ -81,7 +99,7 @@ def test_streams_the_in_process_answer(stub, llama_dir):
     assert "".join(deltas) == final.text and final.usage.completion_tokens == 40
     engine = Engine(llama_dir, EngineConfig(num_blocks=64))
     ids = encode_prompt(engine.tokenizer, "Give me three tips for sleep.")
-    rid = engine.add_request(ids, SamplingParams(max_tokens=40, temperature=0.9, seed=5))
+    engine.add_request(ids, SamplingParams(max_tokens=40, temperature=0.9, seed=5))
     local = RequestStream(engine.tokenizer, engine.fork_id, engine.child_id, engine.eos_ids)
     for ev in engine.run_to_completion():
         local.feed(ev)
@@ -121,31 +139,50 @@ def test_a_request_the_pool_cannot_hold_is_resource_exhausted(stub):
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "KV blocks" in err.value.details()
 
 
-def test_cancel_mid_stream_frees_the_blocks(long_stub):
-    s = Stream(long_stub, request(mode=A.STREAM_MODE_THREADS, max_tokens=LONG_TOKENS, ignore_eos=True))
-    wait_until(lambda: s.events >= 5 or s.ended, 30, "five events")
-    assert s.running and blocks_in_use(long_stub) > 0
+def running_request(stub, gate: Gate, steps: int, timeout: float = 60.0) -> Stream:
+    """A request the held engine admits, then lets run `steps` steps, then holds: it is running (it has
+    streamed, and cannot end by itself) until the test opens the gate."""
+    mark = gate.hold()
+    s = Stream(stub, request(mode=A.STREAM_MODE_THREADS, max_tokens=500, ignore_eos=True), timeout=timeout)
+    gate.wait_held(1, mark)  # admitted, no step yet
+    gate.wait_held(1, gate.hold(steps))  # `steps` steps, held again
+    wait_until(lambda: s.events >= steps or s.ended, 30, f"the events of {steps} steps")
+    assert s.running and s.events >= steps
+    return s
+
+
+def test_cancel_mid_stream_frees_the_blocks(server, stub, gate):
+    """A request cancelled while it runs (held after five steps) ends CANCELLED, and the server ends it
+    and frees its blocks with no further step; it was never counted as answered."""
+    answered = metric_values(server)["apar_request_success_total"]
+    s = running_request(stub, gate, 5)
+    assert blocks_in_use(stub) > 0  # the held loop still answers ModelInfo
+    mark = len(gate.proc.lines)
     s.cancel()
-    assert s.join(10).code == "CANCELLED"  # it was still running
-    wait_all_free(long_stub)
+    assert s.join(10).code == "CANCELLED"
+    gate.wait_held(0, mark)  # the server aborted it while no step could run
+    assert blocks_in_use(stub) == 0 and s.final is None
+    assert metric_values(server)["apar_request_success_total"] == answered
 
 
-def test_deadline_frees_the_blocks(long_stub):
-    """A deadline that expires while the request streams ends it with DEADLINE_EXCEEDED and frees its
-    blocks. The deadline is a client's choice made before the first event: it doubles from 0.5 s until
-    one expires after the first event came (on a loaded machine the first may take longer); every try
-    ends past its deadline and gives its blocks back."""
+def test_deadline_frees_the_blocks(server, stub, gate):
+    """A deadline that expires while the request streams (held after three steps, so it cannot end by
+    itself) ends it with DEADLINE_EXCEEDED, and the server frees its blocks. The deadline is a client's
+    choice made before the first event: it doubles from 0.5 s until the first event came before it (on a
+    loaded machine the first may take longer); every try ends past its deadline and gives its blocks back."""
+    answered = metric_values(server)["apar_request_success_total"]
     tries = []
     for deadline in (0.5, 1.0, 2.0, 4.0, 8.0, 16.0):
-        s = Stream(long_stub, request(mode=A.STREAM_MODE_THREADS, max_tokens=LONG_TOKENS, ignore_eos=True),
-                   timeout=deadline)
+        gate.hold(3)
+        s = Stream(stub, request(mode=A.STREAM_MODE_THREADS, max_tokens=500, ignore_eos=True), timeout=deadline)
         s.join(deadline + 30)
         tries.append((deadline, s.code, s.events))
-        assert s.code == "DEADLINE_EXCEEDED", tries
-        wait_all_free(long_stub, 10)
+        assert s.code == "DEADLINE_EXCEEDED" and s.final is None, tries
+        wait_all_free(stub, 10)
         if s.events > 0:  # the deadline hit it while it streamed
             break
     assert tries[-1][2] > 0, tries
+    assert metric_values(server)["apar_request_success_total"] == answered
 
 
 def test_health_and_reflection(server):
@@ -220,17 +257,8 @@ def test_200_concurrent_streaming_clients(server):
 def test_prometheus_metrics(server, stub):
     """One request on the idle server moves each counter by exactly its own share (the server's earlier
     requests are in the baseline)."""
-    import urllib.request
-
     def values() -> dict[str, float]:
-        text = urllib.request.urlopen(METRICS_URL[server], timeout=5).read().decode()
-        out: dict[str, float] = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                series, _, value = line.rpartition(" ")
-                name = series.split("{")[0]  # every series carries model_name: summed by name
-                out[name] = out.get(name, 0.0) + float(value)
-        return out
+        return metric_values(server)
 
     wait_all_free(stub)
     before = values()
