@@ -45,6 +45,7 @@ class Level:
     steps_mean: float
     threads_mean: float
     eos_share: float
+    max_s: float = 0.0  # the longest answer's latency
     preemptions: int = 0  # the server's requests preempted under KV pressure during the level
     recomputed_tokens: int = 0  # and the tokens it computed again for them
 
@@ -79,7 +80,7 @@ def run_level(address: str, name: str, prompts: list[str], concurrency: int, max
     n = len(answers)
     return Level(name, concurrency, n, wall, tokens, tokens / wall, statistics.median(a.seconds for a in answers),
                  sum(a.steps for a in answers) / n, sum(a.threads for a in answers) / n,
-                 sum(a.finish_reason == "stop" for a in answers) / n), answers
+                 sum(a.finish_reason == "stop" for a in answers) / n, max(a.seconds for a in answers)), answers
 
 
 PRESSURE = {"apar_num_preemptions_total": "preemptions", "apar_recomputed_tokens_total": "recomputed_tokens"}
@@ -102,9 +103,13 @@ def pressure(metrics_port: int) -> dict[str, int]:
 
 
 def run(apar_dir: Path, ar_dir: Path, prompts: list[str], levels: list[int], max_tokens: int,
-        requests_per_level: int, serve_args: list[str] = ()) -> dict:
+        requests_per_level: int | None = None, serve_args: list[str] = ()) -> dict:
     """Both servers up at once; each level runs on the APAR server, then on the twin's. Each level also
-    counts the server's preemptions (from its metrics): a level that ran out of KV blocks says so."""
+    counts the server's preemptions (from its metrics): a level that ran out of KV blocks says so.
+
+    A level sends `requests_per_level` requests (at least C; default 4 C): with only C, the level is one
+    burst whose wall time is its longest answer's (an APAR answer that never forks takes all its steps at
+    the pace of a batch crowded by the others' threads), not the server's pace with C in flight."""
     from transformers import AutoTokenizer
 
     from apar.bench_serve import _port, _Proc
@@ -124,7 +129,7 @@ def run(apar_dir: Path, ar_dir: Path, prompts: list[str], levels: list[int], max
         for name in ports:
             run_level(f"127.0.0.1:{ports[name]}", name, warm, 1, 16, name == "ar", count)
         for c in levels:
-            asked = [prompts[i % len(prompts)] for i in range(max(c, requests_per_level))]
+            asked = [prompts[i % len(prompts)] for i in range(max(c, requests_per_level or 4 * c))]
             pair = {}
             for name in ("apar", "ar"):
                 before = pressure(metrics_ports[name])
@@ -160,7 +165,9 @@ def register(sub) -> None:
     p.add_argument("--apar", type=Path, required=True, help="APAR model directory (served with auto-parallel on)")
     p.add_argument("--ar", type=Path, required=True, help="its AR twin (every request auto-regressive)")
     p.add_argument("--levels", default="4,16", help="concurrency levels (default 4,16)")
-    p.add_argument("--requests", type=int, default=16, help="requests per level at least (and at least C)")
+    p.add_argument("--requests", type=int, default=None,
+                   help="requests per level (at least C; default 4 C, so the closed loop runs at C in flight "
+                        "for most of the level, not one burst timed by its longest answer)")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--structured-only", action="store_true",
                    help="only prompts whose reference answers mostly fork (lists, paragraphs)")
@@ -178,7 +185,7 @@ def run_cmd(args) -> int:
     from apar.train.evaluate import held_out_prompts
 
     levels = [int(x) for x in args.levels.split(",") if x.strip()]
-    if not levels or min(levels) <= 0 or args.requests <= 0 or args.max_tokens <= 0:
+    if not levels or min(levels) <= 0 or (args.requests is not None and args.requests <= 0) or args.max_tokens <= 0:
         raise UserError("levels, requests and max tokens must be positive")
     for directory in (args.apar, args.ar):
         if not (directory / "config.json").is_file():
@@ -190,9 +197,10 @@ def run_cmd(args) -> int:
         raise UserError("--kv-memory-mb must be positive")
     serve_args = [] if args.kv_memory_mb is None else ["--kv-memory-mb", str(args.kv_memory_mb)]
     result = run(args.apar, args.ar, [p for p, _ in prompts], levels, args.max_tokens, args.requests, serve_args)
-    head = ["model", "C", "requests", "tok/s", "p50 s", "steps", "threads", "EOS", "preempted", "recomputed"]
+    head = ["model", "C", "requests", "tok/s", "p50 s", "max s", "steps", "threads", "EOS", "preempted",
+            "recomputed"]
     body = [[x["model"], str(x["concurrency"]), str(x["requests"]), f"{x['tokens_per_s']:.1f}",
-             f"{x['p50_s']:.2f}", f"{x['steps_mean']:.0f}", f"{x['threads_mean']:.2f}", f"{x['eos_share']:.2f}",
+             f"{x['p50_s']:.2f}", f"{x['max_s']:.2f}", f"{x['steps_mean']:.0f}", f"{x['threads_mean']:.2f}", f"{x['eos_share']:.2f}",
              str(x["preemptions"]), str(x["recomputed_tokens"])] for x in result["levels"]]
     print(text_table(head, body))
     for r in result["ratios"]:
