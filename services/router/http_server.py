@@ -17,7 +17,10 @@ until it has sent a whole request head). Bounds, each a flag:
   client that does not read its answer is disconnected a few seconds after.
 
 When the process runs out of file descriptors anyway, asyncio's accept loop reports every failed
-accept; here that is one warning per burst, with a count.
+accept; here that is one warning per burst, with a count. uvicorn's warnings that any client can cause
+with one request (a malformed head, an `Upgrade` header) are one per `NOISE_EVERY_S` each, with a count
+(`ClientNoise`), so no client without a key can flood the log. WebSocket upgrades are off (the API has
+no WebSocket route): a request asking for one is served as plain HTTP, through the same checks.
 
 In front of the app, `HttpGuard` (a pure ASGI middleware) checks the Host header (`--allowed-host`;
 against DNS rebinding) and the API key of every request but `/health`, before its body is read.
@@ -27,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import socket
 import time
 from collections import OrderedDict
@@ -42,6 +46,7 @@ from services.security import bearer
 log = logging.getLogger(__name__)
 HARD_CUT_GRACE_S = 5.0  # past the request time limit, a client still not done reading is disconnected
 PENDING_GRACE_S = 1.0  # a new connection's time to send its head before the per-address cap may close it
+NOISE_EVERY_S = 10.0  # at most one log line per this long for each warning a client can cause at will
 
 
 class Connections:
@@ -184,6 +189,44 @@ class _AcceptErrors:
             self.last, self.count = now, 0
 
 
+class ClientNoise(logging.Filter):
+    """uvicorn's warnings that a client causes with one request (on logger `uvicorn.error`): each kept
+    to one line per `every_s`, that line saying how many like it were dropped since the last. uvicorn's
+    advice to install a WebSocket library is dropped: the API serves no WebSocket."""
+
+    LIMITED = ("Invalid HTTP request received.", "Unsupported upgrade request.", "Exceeded concurrency limit.")
+    DROPPED = ("No supported WebSocket library detected",)
+
+    def __init__(self, every_s: float = NOISE_EVERY_S, clock=time.monotonic) -> None:
+        super().__init__()
+        self.every_s = every_s
+        self.clock = clock
+        self.last: dict[str, tuple[float, int]] = {}  # message -> (logged at, dropped since)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.msg if isinstance(record.msg, str) else ""
+        if msg.startswith(self.DROPPED):
+            return False
+        if msg not in self.LIMITED:
+            return True
+        now = self.clock()
+        at, dropped = self.last.get(msg, (-math.inf, 0))
+        if now - at < self.every_s:
+            self.last[msg] = (at, dropped + 1)
+            return False
+        self.last[msg] = (now, 0)
+        if dropped:
+            record.msg, record.args = f"{msg} ({dropped} more like it not logged in the last %g s)", (self.every_s,)
+        return True
+
+
+def quiet_client_noise() -> None:
+    """Put one `ClientNoise` on uvicorn's error logger (after uvicorn configured its logging)."""
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, ClientNoise) for f in logger.filters):
+        logger.addFilter(ClientNoise())
+
+
 def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
     previous = loop.get_exception_handler()
     if not isinstance(previous, _AcceptErrors):
@@ -223,9 +266,10 @@ async def start_http_server(app, host: str, port: int, tls=None, limits: HttpSer
     tls_options = {} if tls is None else {"ssl_certfile": tls.cert_path, "ssl_keyfile": tls.key_path}
     protocol = functools.partial(BoundedProtocol, connections=Connections(limits, keys))
     config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2,
-                            backlog=1024, http=protocol, timeout_keep_alive=limits.idle_timeout_s,
+                            backlog=1024, http=protocol, ws="none", timeout_keep_alive=limits.idle_timeout_s,
                             limit_concurrency=limits.max_connections + 1, **tls_options)
     server = uvicorn.Server(config)
+    quiet_client_noise()
     loop = asyncio.get_running_loop()
     quiet_accept_errors(loop)
     loop.create_server = _handshake_timeout(loop, limits.header_timeout_s)

@@ -1,0 +1,178 @@
+"""The HTTP port against clients that hold connections or fill the log without an API key, on loopback:
+500 half-open connections under a lowered descriptor limit, then every one of them closed by the header
+timeout; malformed heads, upgrade requests and wrong keys by the hundred leaving a bounded number of log
+lines; a path that would forge a log line."""
+from __future__ import annotations
+
+import select
+import socket
+import time
+
+import httpx
+import pytest
+
+from tests.faults import wait_until
+from tests.procs import Proc, free_port
+
+KEYS = ("k1-Alpha-7f3c9e2d1b", "k2-Bravo-0a8e4c6f2d")
+NOFILE = 256  # the server's descriptor limit: --http-max-connections is half of it
+HEADER_TIMEOUT_S = 2
+
+
+def auth(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture(scope="module")
+def keyfile(tmp_path_factory):
+    path = tmp_path_factory.mktemp("keys") / "keys"
+    path.write_text("\n".join(KEYS) + "\n")
+    return path
+
+
+def closed_within(sock: socket.socket, deadline: float) -> bool:
+    """Whether the server closes `sock` (EOF or reset) before `deadline` (time.monotonic)."""
+    while (left := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select([sock], [], [], left)
+        if ready:
+            try:
+                if not sock.recv(65536):
+                    return True
+            except (ConnectionResetError, TimeoutError):
+                return True
+    return False
+
+
+def test_500_half_open_connections_are_all_closed_and_an_authenticated_request_still_runs(llama_dir, keyfile):
+    port, http_port = free_port(), free_port()
+    proc = Proc("serve", "--model", str(llama_dir), "--port", str(port), "--http-port", str(http_port),
+                "--kv-blocks", "64", "--served-model-name", "demo", "--api-key-file", str(keyfile),
+                "--http-header-timeout", str(HEADER_TIMEOUT_S), nofile=NOFILE)
+    socks = []
+    try:
+        proc.wait_for("listening on")
+        for _ in range(500):  # each sends part of a head and never the rest
+            sock = socket.create_connection(("127.0.0.1", http_port), timeout=10)
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Le")
+            socks.append(sock)
+        opened = time.monotonic()
+        r = httpx.post(f"http://127.0.0.1:{http_port}/v1/completions", headers=auth(KEYS[0]), timeout=30,
+                       json={"model": "demo", "prompt": "hi", "max_tokens": 2, "apar": {"ignore_eos": True}})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text
+        # every half-open one is closed: shed for room, or by the header timeout once accepted (those the
+        # kernel held while descriptors ran short are accepted as others close, then get their 2 s)
+        deadline = opened + 60
+        still_open = [i for i, sock in enumerate(socks) if not closed_within(sock, deadline)]
+        assert not still_open, f"{len(still_open)} of 500 half-open connections still open after 60 s"
+        r = httpx.get(f"http://127.0.0.1:{http_port}/v1/models", headers=auth(KEYS[1]), timeout=30)
+        assert r.status_code == 200
+    finally:
+        for sock in socks:
+            sock.close()
+        proc.stop()
+    log = "".join(proc.lines)
+    assert "Traceback" not in log and len(proc.lines) < 50, log[-3000:]
+
+
+@pytest.fixture(scope="module")
+def router(llama_dir, keyfile):
+    """A router (no torch: it starts fast) in front of a worker address nobody listens on: the HTTP
+    port's own checks answer before any worker would be asked."""
+    port, http_port = free_port(), free_port()
+    proc = Proc("router", "--model", str(llama_dir), "--workers", f"127.0.0.1:{free_port()}", "--port", str(port),
+                "--http-port", str(http_port), "--served-model-name", "demo", "--api-key-file", str(keyfile))
+    proc.wait_for("listening on")
+    yield proc, http_port
+    proc.stop()
+
+
+def raw_exchange(port: int, data: bytes) -> bytes:
+    """Send `data` on a new connection and read until the server closes it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        out = b""
+        while part := sock.recv(65536):
+            out += part
+        return out
+
+
+def test_clients_without_a_key_cannot_flood_the_log(router):
+    from services.router.guard import UNAUTHENTICATED_LINES
+    from services.router.http_server import NOISE_EVERY_S
+
+    proc, http_port = router
+    since, t0 = len(proc.lines), time.monotonic()
+    for _ in range(100):
+        assert raw_exchange(http_port, b"NOT HTTP AT ALL\r\n\r\n").startswith(b"HTTP/1.1 400")
+        reply = raw_exchange(http_port, b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade, close\r\n"
+                                        b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+                                        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 401"), reply[:200]  # never switched past the key check
+    # 500 wrong keys pipelined on one connection: the server answers them as fast as it can
+    wrong = b"".join(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer wrong-%d\r\n\r\n" % i
+                     for i in range(500))
+    with socket.create_connection(("127.0.0.1", http_port), timeout=30) as sock:
+        sock.sendall(wrong + b"GET /v1/x%0aINFO%20forged%20line%1b[2J HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                             b"Connection: close\r\n\r\n")  # a newline and a terminal escape, once unquoted
+        replies = b""
+        while part := sock.recv(65536):
+            replies += part
+    assert replies.count(b"HTTP/1.1 401") == 501
+    elapsed = time.monotonic() - t0
+    flood = proc.lines[since:]
+    refusals = [line for line in flood if "reason=unauthenticated" in line]
+    assert len(refusals) <= UNAUTHENTICATED_LINES * (elapsed + 1), (len(refusals), elapsed)
+    for warning in ("Invalid HTTP request received.", "Unsupported upgrade request."):
+        assert 1 <= sum(warning in line for line in flood) <= elapsed / NOISE_EVERY_S + 1, "".join(flood[-40:])
+    with httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=10) as client:
+        # the dropped refusals are counted on the next line logged, in a later second
+        wait_until(lambda: client.get("/v1/models", headers=auth("wrong-again")).status_code == 401 and any(
+            "more such refusals not logged" in line for line in proc.lines[since:]), 10, "the count of dropped lines")
+        assert client.get("/v1/models", headers=auth(KEYS[0])).status_code == 200  # still serving
+    assert not any(line.startswith("INFO forged") for line in proc.lines)
+    text = "".join(proc.lines[since:])
+    assert "Traceback" not in text and "WebSocket library" not in text
+
+
+def test_uvicorns_client_warnings_are_one_per_interval_with_a_count():
+    import logging
+
+    from services.router.http_server import ClientNoise
+
+    now = [0.0]
+    noise = ClientNoise(every_s=10.0, clock=lambda: now[0])
+
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("uvicorn.error", logging.WARNING, __file__, 1, msg, (), None)
+
+    assert noise.filter(record("Invalid HTTP request received."))
+    assert not any(noise.filter(record("Invalid HTTP request received.")) for _ in range(99))
+    assert noise.filter(record("Unsupported upgrade request."))  # each message has its own interval
+    assert noise.filter(record("Exception in ASGI application"))  # anything else passes untouched
+    assert not noise.filter(record("No supported WebSocket library detected. Please use ..."))
+    now[0] = 10.0
+    later = record("Invalid HTTP request received.")
+    assert noise.filter(later) and later.getMessage() == \
+        "Invalid HTTP request received. (99 more like it not logged in the last 10 s)"
+
+
+def test_unauthenticated_refusals_are_logged_a_bounded_number_a_second(caplog):
+    import logging
+
+    from services.router.guard import UNAUTHENTICATED_LINES, Guard, LineBudget
+    from services.security import ApiKeys
+
+    now = [0.0]
+    guard = Guard(ApiKeys(["the-key"]))
+    guard._unauthenticated = LineBudget(UNAUTHENTICATED_LINES, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="services.router.guard"):
+        for i in range(1000):
+            assert guard.authenticate(f"Bearer wrong-{i}", "http", "GET /v1/models") is None
+        assert len(caplog.records) == UNAUTHENTICATED_LINES
+        assert guard.authenticate("Bearer the-key", "http", "GET /v1/models") is not None  # keys still work
+        now[0] = 1.0
+        guard.authenticate(None, "http", "GET /v1/x\nforged")
+    last = caplog.records[-1].getMessage()
+    assert len(caplog.records) == UNAUTHENTICATED_LINES + 1
+    assert f"({1000 - UNAUTHENTICATED_LINES} more such refusals not logged)" in last
+    assert "\n" not in last and "GET /v1/x\\nforged" in last
