@@ -80,9 +80,10 @@ def router(llama_dir, keyfile):
     port's own checks answer before any worker would be asked."""
     port, http_port = free_port(), free_port()
     proc = Proc("router", "--model", str(llama_dir), "--workers", f"127.0.0.1:{free_port()}", "--port", str(port),
-                "--http-port", str(http_port), "--served-model-name", "demo", "--api-key-file", str(keyfile))
+                "--http-port", str(http_port), "--served-model-name", "demo", "--api-key-file", str(keyfile),
+                "--max-streams-per-key", "2")
     proc.wait_for("listening on")
-    yield proc, http_port
+    yield proc, http_port, port
     proc.stop()
 
 
@@ -100,7 +101,7 @@ def test_clients_without_a_key_cannot_flood_the_log(router):
     from services.router.guard import UNAUTHENTICATED_LINES
     from services.router.http_server import NOISE_EVERY_S
 
-    proc, http_port = router
+    proc, http_port, _ = router
     since, t0 = len(proc.lines), time.monotonic()
     for _ in range(100):
         assert raw_exchange(http_port, b"NOT HTTP AT ALL\r\n\r\n").startswith(b"HTTP/1.1 400")
@@ -132,6 +133,41 @@ def test_clients_without_a_key_cannot_flood_the_log(router):
     assert not any(line.startswith("INFO forged") for line in proc.lines)
     text = "".join(proc.lines[since:])
     assert "Traceback" not in text and "WebSocket library" not in text
+
+
+def test_n_answers_count_toward_the_stream_limit_and_thread_caps_hold_on_both_doors(router):
+    import grpc
+
+    from apar.engine.params import MAX_DEPTH, MAX_THREADS
+    from apar.protogen import stubs
+
+    pb = stubs()
+    _, http_port, grpc_port = router
+    url = f"http://127.0.0.1:{http_port}/v1/completions"
+
+    def http(**extra) -> httpx.Response:
+        return httpx.post(url, headers=auth(KEYS[0]), timeout=10,
+                          json={"model": "demo", "prompt": "hi", "max_tokens": 2, **extra})
+
+    def rpc(sampling=None, limits=None) -> grpc.RpcError:
+        request = pb.apar_pb2.GenerateRequest(prompt="hi", sampling=sampling or pb.common_pb2.SamplingParameters(),
+                                              limits=limits)
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            with pytest.raises(grpc.RpcError) as err:
+                list(pb.apar_pb2_grpc.AparStub(channel).Generate(request, timeout=10, metadata=(
+                    ("authorization", f"Bearer {KEYS[0]}"),)))
+        return err.value
+
+    for name, bound in (("max_threads", MAX_THREADS), ("max_depth", MAX_DEPTH)):  # one bound, both doors
+        r = http(apar={name: bound + 1})
+        assert r.status_code == 400 and name in r.json()["error"]["message"], r.text
+        err = rpc(limits=pb.common_pb2.Limits(**{name: bound + 1}))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and name in err.details(), err.details()
+    r = http(n=3)  # three answers against --max-streams-per-key 2: refused before any worker is asked
+    assert r.status_code == 429 and "asks for 3" in r.json()["error"]["message"], r.text
+    err = rpc(sampling=pb.common_pb2.SamplingParameters(n=3))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "asks for 3" in err.details()
+    assert http(n=2).status_code == 503  # within the limit: on to the worker, which is not there
 
 
 def test_uvicorns_client_warnings_are_one_per_interval_with_a_count():
