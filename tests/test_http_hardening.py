@@ -211,3 +211,43 @@ def test_unauthenticated_refusals_are_logged_a_bounded_number_a_second(caplog):
     assert len(caplog.records) == UNAUTHENTICATED_LINES + 1
     assert f"({1000 - UNAUTHENTICATED_LINES} more such refusals not logged)" in last
     assert "\n" not in last and "GET /v1/x\\nforged" in last
+
+
+def test_an_http_client_that_never_reads_its_stream_is_cut_off_and_its_blocks_freed(long_llama_dir, keyfile):
+    """End to end: the HTTP client stops reading, the router stops reading the worker, the worker's
+    buffer for the request fills, and the request is cut off long before its time limit (120 s here)."""
+    import grpc
+
+    from apar.protogen import stubs
+
+    pb = stubs()
+    port, http_port = free_port(), free_port()
+    proc = Proc("serve", "--model", str(long_llama_dir), "--port", str(port), "--http-port", str(http_port),
+                "--kv-blocks", "2048", "--served-model-name", "demo", "--api-key-file", str(keyfile),
+                "--stream-buffer", "64", "--http-request-timeout", "120")
+    try:
+        proc.wait_for("listening on")
+        body = ('{"model": "demo", "prompt": "count", "max_tokens": 16000, "n": 16, "stream": true, '
+                '"apar": {"ignore_eos": true}}').encode()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window, filled soon
+        sock.connect(("127.0.0.1", http_port))
+        t0 = time.monotonic()
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s" % (KEYS[0].encode(), len(body), body))
+        proc.wait_for(r"request \w+ cut off: its client fell more than 64 events behind", 100)
+        assert time.monotonic() - t0 < 100  # not the request time limit
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb.apar_pb2_grpc.AparStub(channel)
+            md = (("authorization", f"Bearer {KEYS[1]}"),)
+            wait_until(lambda: (lambda i: i.free_kv_blocks == i.total_kv_blocks)(
+                stub.ModelInfo(pb.apar_pb2.ModelInfoRequest(), timeout=10, metadata=md)), 30, "every block free")
+        sock.settimeout(30)  # the client reads at last: what was sent, then why it ended
+        received = b""
+        while b"data: [DONE]" not in received and (part := sock.recv(65536)):
+            received += part
+        sock.close()
+        assert b"fell behind" in received and received.count(b"data: ") < 16 * 16000
+    finally:
+        proc.stop()
+    assert "Traceback" not in "".join(proc.lines)
