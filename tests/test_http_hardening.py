@@ -4,6 +4,7 @@ timeout; malformed heads, upgrade requests and wrong keys by the hundred leaving
 lines; a path that would forge a log line."""
 from __future__ import annotations
 
+import re
 import select
 import socket
 import time
@@ -135,6 +136,22 @@ def test_clients_without_a_key_cannot_flood_the_log(router):
     assert "Traceback" not in text and "WebSocket library" not in text
 
 
+def test_pipelined_and_kept_alive_requests_are_still_served(router):
+    _, http_port, _ = router
+    head = b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\n" % KEYS[0].encode()
+    post = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer wrong\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+    with socket.create_connection(("127.0.0.1", http_port), timeout=10) as sock:
+        sock.sendall(head + b"\r\n" + post + head + b"Connection: close\r\n\r\n")  # three at once
+        replies = b""
+        while part := sock.recv(65536):
+            replies += part
+    assert re.findall(rb"HTTP/1.1 (\d{3}) ", replies) == [b"200", b"401", b"200"], replies[:600]
+    with httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=10) as client:  # one kept-alive connection
+        for key in (KEYS[0], "wrong", KEYS[1], KEYS[0]):
+            assert client.get("/v1/models", headers=auth(key)).status_code == (401 if key == "wrong" else 200)
+
+
 def test_n_answers_count_toward_the_stream_limit_and_thread_caps_hold_on_both_doors(router):
     import grpc
 
@@ -251,3 +268,49 @@ def test_an_http_client_that_never_reads_its_stream_is_cut_off_and_its_blocks_fr
     finally:
         proc.stop()
     assert "Traceback" not in "".join(proc.lines)
+
+
+def test_a_refused_request_cannot_hold_its_connection_by_trickling_its_body():
+    """A 401 is sent before the body is read. A client that then trickles the body it announced keeps
+    the connection only for the header timeout, as a slow head would (before: for the request time
+    limit, 600 s, and as a busy connection the total cap could not shed)."""
+    import asyncio
+
+    from services.router.http_limits import HttpServerLimits
+    from services.router.http_server import start_http_server
+
+    async def refuse(scope, receive, send):  # answers at once without reading the body, as HttpGuard does
+        await send({"type": "http.response.start", "status": 401, "headers": [(b"content-length", b"0")]})
+        await send({"type": "http.response.body", "body": b""})
+
+    def trickle(port: int) -> tuple[float, bytes]:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer wrong\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{")
+            t0, reply = time.monotonic(), b""
+            while time.monotonic() - t0 < 20:
+                ready, _, _ = select.select([sock], [], [], 0.2)
+                if not ready:
+                    sock.sendall(b" ")  # a byte of body every 0.2 s
+                    continue
+                try:
+                    part = sock.recv(65536)
+                except ConnectionResetError:
+                    break
+                if not part:
+                    break
+                reply += part
+            return time.monotonic() - t0, reply
+
+    async def main():
+        limits = HttpServerLimits(header_timeout_s=1, idle_timeout_s=1, request_timeout_s=60)
+        server, task, port = await start_http_server(refuse, "127.0.0.1", 0, limits=limits)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, trickle, port)
+        finally:
+            server.should_exit = True
+            await task
+
+    held, reply = asyncio.run(main())
+    assert reply.startswith(b"HTTP/1.1 401")
+    assert held < 10, f"the connection was held {held:.1f} s"

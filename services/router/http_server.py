@@ -4,7 +4,9 @@ A connection is **pending** until a request head on it has passed the API key ch
 until it has sent a whole request head). Bounds, each a flag:
 
 - `--http-header-timeout` (10 s): a request head must arrive whole within this long of the connection
-  opening or of the previous answer ending; trickling bytes does not extend it (slow-loris).
+  opening or of the previous answer ending; trickling bytes does not extend it (slow-loris). The rest of
+  a body that its answer did not wait for (a 401 is sent before the body is read) must arrive within it
+  too: a refused client cannot hold its connection by trickling the body it announced.
 - `--http-idle-timeout` (5 s): a kept-alive connection with nothing to do is closed.
 - `--http-max-pending-per-client` (32): past this many pending connections from one address, that
   address's oldest pending one is closed once it has had `PENDING_GRACE_S` to send its head (a burst of
@@ -35,7 +37,6 @@ import socket
 import time
 from collections import OrderedDict
 
-import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from apar.engine.errors import UserError
@@ -110,6 +111,7 @@ class BoundedProtocol(H11Protocol):
         self.client_host = "?"
         self.busy = False  # a request is running
         self._timer: asyncio.TimerHandle | None = None
+        self._seen_cycle = None  # uvicorn's request cycle whose head `_head_received` last saw
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -127,10 +129,16 @@ class BoundedProtocol(H11Protocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        idle = self.conn.their_state is h11.IDLE
         super().data_received(data)
-        if idle and self.conn.their_state is not h11.IDLE and self.headers is not None:
+        if self._new_request():
             self._head_received()
+
+    def _new_request(self) -> bool:
+        """Whether uvicorn started a request (a cycle) since the last look: a whole head arrived."""
+        if self.cycle is None or self.cycle is self._seen_cycle:
+            return False
+        self._seen_cycle = self.cycle
+        return True
 
     def _head_received(self) -> None:
         """A whole request head: the header timer stops; the request's own time limit starts."""
@@ -143,12 +151,16 @@ class BoundedProtocol(H11Protocol):
             self._arm(limit + HARD_CUT_GRACE_S)
 
     def on_response_complete(self) -> None:
+        """The answer is sent: a pipelined request runs on; else the header timer bounds what comes next,
+        the rest of a body the answer did not wait for (a 401's) included, which uvicorn reads and drops."""
         self.busy = False
         super().on_response_complete()
-        if not self.transport.is_closing():
+        if self.transport.is_closing():
+            return
+        if self._new_request():
+            self._head_received()
+        else:
             self._arm(self.connections_guard.limits.header_timeout_s)
-            if self.conn.their_state is not h11.IDLE and self.headers is not None:  # a pipelined request
-                self._head_received()
 
     def _arm(self, seconds: float) -> None:
         self._disarm()
