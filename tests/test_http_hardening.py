@@ -314,3 +314,78 @@ def test_a_refused_request_cannot_hold_its_connection_by_trickling_its_body():
     held, reply = asyncio.run(main())
     assert reply.startswith(b"HTTP/1.1 401")
     assert held < 10, f"the connection was held {held:.1f} s"
+
+
+def test_health_open_to_anyone_asks_the_workers_at_most_once_a_second():
+    """GET /health needs no key. Each call refreshed the worker view, which in cluster mode is a Usage
+    call to every KV manager shard: a flood of /health was a flood on the KV manager."""
+    import asyncio
+    import types
+
+    from services.router.guard import Guard
+    from services.router.http import HEALTH_REFRESH_S, build_app
+    from services.security import ApiKeys
+
+    class Workers:
+        workers: list = []
+        calls = 0
+
+        async def refresh(self, force: bool = False) -> None:
+            Workers.calls += 1
+
+    gateway = types.SimpleNamespace(guard=Guard(ApiKeys(["the-key"])), workers=Workers(), model_name="demo")
+    app = build_app(gateway)
+
+    async def flood() -> list[int]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            replies = await asyncio.gather(*(client.get("/health") for _ in range(200)))
+        return [r.status_code for r in replies]
+
+    t0 = time.monotonic()
+    codes = asyncio.run(flood())
+    elapsed = time.monotonic() - t0
+    assert codes == [503] * 200  # no worker: unavailable, answered without a key
+    assert 1 <= Workers.calls <= 1 + elapsed / HEALTH_REFRESH_S, (Workers.calls, elapsed)
+
+
+def test_a_throttled_call_is_shared_by_its_callers():
+    import asyncio
+
+    from services.router.http import Throttled
+
+    async def main():
+        now = [0.0]
+        runs: list[asyncio.Event] = []  # each run waits for its event, set by the test
+        started: asyncio.Queue = asyncio.Queue()
+
+        async def fn():
+            runs.append(asyncio.Event())
+            started.put_nowait(len(runs))
+            await runs[-1].wait()
+            if len(runs) == 2:
+                raise RuntimeError("the second run failed")
+            return len(runs)
+
+        call = Throttled(fn, 1.0, clock=lambda: now[0])
+        first = [asyncio.ensure_future(call()) for _ in range(5)]
+        assert await started.get() == 1
+        first[0].cancel()  # one caller goes away: the run goes on for the others
+        runs[0].set()
+        assert await asyncio.gather(*first[1:]) == [1] * 4 and len(runs) == 1
+        assert await call() == 1  # within the interval: the last outcome
+        now[0] = 1.0
+        second = asyncio.ensure_future(call())
+        assert await started.get() == 2
+        runs[1].set()
+        with pytest.raises(RuntimeError, match="second run"):
+            await second
+        with pytest.raises(RuntimeError, match="second run"):  # its failure is shared too, until the next run
+            await call()
+        now[0] = 2.0
+        third = asyncio.ensure_future(call())
+        assert await started.get() == 3
+        runs[2].set()
+        assert await third == 3
+
+    asyncio.run(main())
