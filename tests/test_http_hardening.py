@@ -389,3 +389,16 @@ def test_a_throttled_call_is_shared_by_its_callers():
         assert await third == 3
 
     asyncio.run(main())
+
+
+def test_a_json_number_too_long_to_convert_is_a_400_not_a_500(router):
+    """Python refuses to turn a number of more than 4,300 digits into an int (a ValueError, which
+    json.loads lets through): before, that was a 500 and a traceback in the log per request."""
+    proc, http_port, _ = router
+    since = len(proc.lines)
+    for body in ('{"model": "demo", "prompt": "hi", "max_tokens": %s}' % ("1" * 5000),
+                 '{"model": "demo", "prompt": "hi", "seed": -%s}' % ("9" * 100000)):
+        r = httpx.post(f"http://127.0.0.1:{http_port}/v1/completions", content=body, timeout=10,
+                       headers={**auth(KEYS[0]), "Content-Type": "application/json"})
+        assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"], r.text
+    assert "Traceback" not in "".join(proc.lines[since:])
