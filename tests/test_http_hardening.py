@@ -402,3 +402,13 @@ def test_a_json_number_too_long_to_convert_is_a_400_not_a_500(router):
                        headers={**auth(KEYS[0]), "Content-Type": "application/json"})
         assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"], r.text
     assert "Traceback" not in "".join(proc.lines[since:])
+
+
+def test_a_chat_role_that_is_no_string_is_a_400_not_a_500(router):
+    proc, http_port, _ = router
+    since = len(proc.lines)
+    for role in (["user"], {"user": 1}):
+        r = httpx.post(f"http://127.0.0.1:{http_port}/v1/chat/completions", headers=auth(KEYS[0]), timeout=10,
+                       json={"model": "demo", "messages": [{"role": role, "content": "hi"}]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].role", r.text
+    assert "Traceback" not in "".join(proc.lines[since:])
