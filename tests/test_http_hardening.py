@@ -412,3 +412,40 @@ def test_a_chat_role_that_is_no_string_is_a_400_not_a_500(router):
                        json={"model": "demo", "messages": [{"role": role, "content": "hi"}]})
         assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].role", r.text
     assert "Traceback" not in "".join(proc.lines[since:])
+
+
+def test_500_half_open_connections_on_the_grpc_port_starve_neither_door(llama_dir, keyfile):
+    """The gRPC port has its own share of the descriptors and a handshake time limit (10 s). Before, 500
+    half-open connections there under a 256-descriptor limit took every descriptor: HTTP requests hung,
+    new gRPC calls failed, and asyncio's accept retries logged thousands of tracebacks."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from services.router.http_limits import GRPC_HANDSHAKE_TIMEOUT_MS
+
+    port, http_port = free_port(), free_port()
+    proc = Proc("router", "--model", str(llama_dir), "--workers", f"127.0.0.1:{free_port()}", "--port", str(port),
+                "--http-port", str(http_port), "--served-model-name", "demo", "--api-key-file", str(keyfile),
+                nofile=NOFILE)
+    socks = []
+    try:
+        proc.wait_for("listening on")
+        for _ in range(500):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(b"PRI * HTTP/2.0\r\n")  # half an HTTP/2 preface, never the rest
+            socks.append(sock)
+        opened = time.monotonic()
+        r = httpx.get(f"http://127.0.0.1:{http_port}/v1/models", headers=auth(KEYS[0]), timeout=10)
+        assert r.status_code == 200
+        deadline = opened + GRPC_HANDSHAKE_TIMEOUT_MS / 1000 + 30
+        still_open = sum(not closed_within(sock, deadline) for sock in socks)
+        assert not still_open, f"{still_open} of 500 half-open gRPC connections still open"
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        for sock in socks:
+            sock.close()
+        proc.stop()
+    log = "".join(proc.lines)
+    assert "Traceback" not in log and len(proc.lines) < 20, log[-3000:]

@@ -346,9 +346,13 @@ class GrpcGuard(grpc.aio.ServerInterceptor):
 
 
 def grpc_server_options(limits: Limits) -> list[tuple[str, int]]:
-    """The public gRPC server's options: messages up to the hard cap are read, then refused by size here."""
+    """The public gRPC server's options: messages up to the hard cap are read, then refused by size here;
+    connections bounded as the HTTP port's are (`http_limits.grpc_connection_options`)."""
+    from services.router.http_limits import grpc_connection_options
+
     cap = max(limits.max_request_bytes, GRPC_HARD_CAP)
-    return [("grpc.max_receive_message_length", cap), ("grpc.max_send_message_length", GRPC_HARD_CAP)]
+    return [("grpc.max_receive_message_length", cap), ("grpc.max_send_message_length", GRPC_HARD_CAP),
+            *grpc_connection_options()]
 
 
 # ---- flags ----------------------------------------------------------------------------------------------
