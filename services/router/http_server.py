@@ -12,8 +12,9 @@ until it has sent a whole request head). Bounds, each a flag:
   address's oldest pending one is closed once it has had `PENDING_GRACE_S` to send its head (a burst of
   new connections from one proxy is not cut); the newest always gets its chance to send a request.
 - `--http-max-connections` (half this process's file-descriptor limit, at most 4096): past it, the
-  oldest connection with no request running is closed, else the new one is answered 503. The other half
-  stays free for the gRPC port, the workers and the files, so a flood on the HTTP port never starves them.
+  oldest connection with no request running is closed, else the new one is answered 503. A quarter goes
+  to the public gRPC port (`http_limits.grpc_connection_options`, with a 10 s handshake limit), the rest
+  stays for the workers and the files, so a flood on either port never starves the other or them.
 - `--http-request-timeout` (600 s): a request's time from its head to its last byte; its body must
   arrive within it (else 408), its answer ends there (504, or an error event when streamed), and a
   client that does not read its answer is disconnected a few seconds after.
