@@ -449,3 +449,55 @@ def test_500_half_open_connections_on_the_grpc_port_starve_neither_door(llama_di
         proc.stop()
     log = "".join(proc.lines)
     assert "Traceback" not in log and len(proc.lines) < 20, log[-3000:]
+
+
+
+SERVER_OUT_OF_DESCRIPTORS = """
+import asyncio, sys
+from services.router.http_limits import HttpServerLimits
+from services.router.http_server import start_http_server
+
+async def app(scope, receive, send):
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+async def main():
+    # more connections allowed than there are descriptors: accepting runs out of them
+    server, task, port = await start_http_server(app, "127.0.0.1", 0, limits=HttpServerLimits(max_connections=4096))
+    print(port, flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # the flood is on
+    await asyncio.sleep(1.5)  # asyncio retries accepting after 1 s: the retries pile up
+    server.should_exit = True
+    await task
+    await asyncio.sleep(1.5)  # the retries still pending run, on the closed socket
+
+asyncio.run(main())
+"""
+
+
+def test_running_out_of_descriptors_logs_lines_not_a_traceback_each():
+    """A server allowed more connections than it has descriptors: asyncio reports each failed accept and
+    schedules a retry for each, and the retries still pending when the server closes fail on its closed
+    socket. Before, each of those failures was a traceback (thousands); now they are a few lines."""
+    import resource
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen([sys.executable, "-c", SERVER_OUT_OF_DESCRIPTORS], cwd=root, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**__import__("os").environ, "PYTHONPATH": str(root)},
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)))
+    socks = []
+    try:
+        port = int(proc.stdout.readline())
+        for _ in range(150):
+            socks.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        _, err = proc.communicate("go\n", timeout=60)
+    finally:
+        for sock in socks:
+            sock.close()
+        proc.kill()
+    assert "cannot accept connections" in err  # it did run out of descriptors
+    assert "Traceback" not in err and len(err.splitlines()) < 20, err[-3000:]

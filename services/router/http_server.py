@@ -179,15 +179,25 @@ class BoundedProtocol(H11Protocol):
 
 
 class _AcceptErrors:
-    """asyncio's exception handler with failed accepts (out of descriptors) logged once per burst."""
+    """asyncio's exception handler with failed accepts (out of descriptors) logged once per burst.
+
+    asyncio schedules a retry of accepting for each failed accept of a burst (up to the backlog, 1024);
+    a retry still pending when its server closes fails on the closed socket. Those failures are one
+    line, not a traceback each."""
 
     def __init__(self, previous, every_s: float = 10.0) -> None:
         self.previous = previous
         self.every_s = every_s
         self.count = 0
         self.last = -1e18
+        self.retries_failed = 0
 
     def __call__(self, loop, context) -> None:
+        if isinstance(context.get("exception"), ValueError) and "._start_serving(" in context.get("message", ""):
+            self.retries_failed += 1
+            if self.retries_failed == 1:
+                log.warning("retries of accepting connections on a closed server failed: %s", context["exception"])
+            return
         if context.get("message") != "socket.accept() out of system resource":
             if self.previous is None:
                 loop.default_exception_handler(context)
