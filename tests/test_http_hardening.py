@@ -99,7 +99,7 @@ def raw_exchange(port: int, data: bytes) -> bytes:
 
 
 def test_clients_without_a_key_cannot_flood_the_log(router):
-    from services.router.guard import UNAUTHENTICATED_LINES
+    from services.router.guard import REFUSAL_LINES
     from services.router.http_server import NOISE_EVERY_S
 
     proc, http_port, _ = router
@@ -123,7 +123,7 @@ def test_clients_without_a_key_cannot_flood_the_log(router):
     elapsed = time.monotonic() - t0
     flood = proc.lines[since:]
     refusals = [line for line in flood if "reason=unauthenticated" in line]
-    assert len(refusals) <= UNAUTHENTICATED_LINES * (elapsed + 1), (len(refusals), elapsed)
+    assert len(refusals) <= REFUSAL_LINES * (elapsed + 1), (len(refusals), elapsed)
     for warning in ("Invalid HTTP request received.", "Unsupported upgrade request."):
         assert 1 <= sum(warning in line for line in flood) <= elapsed / NOISE_EVERY_S + 1, "".join(flood[-40:])
     with httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=10) as client:
@@ -208,26 +208,43 @@ def test_uvicorns_client_warnings_are_one_per_interval_with_a_count():
         "Invalid HTTP request received. (99 more like it not logged in the last 10 s)"
 
 
-def test_unauthenticated_refusals_are_logged_a_bounded_number_a_second(caplog):
+def test_refusals_are_logged_a_bounded_number_a_second_per_key_and_for_all_unauthenticated(caplog):
     import logging
 
-    from services.router.guard import UNAUTHENTICATED_LINES, Guard, LineBudget
+    from services.router.guard import REFUSAL_LINES, UNAUTHENTICATED, Guard, Limits, LineBudget, Refused
     from services.security import ApiKeys
 
     now = [0.0]
-    guard = Guard(ApiKeys(["the-key"]))
-    guard._unauthenticated = LineBudget(UNAUTHENTICATED_LINES, clock=lambda: now[0])
+    guard = Guard(ApiKeys(["key-a", "key-b"]), Limits(rate=1.0, burst=1))
+    for name in (UNAUTHENTICATED, key_id_of("key-a"), key_id_of("key-b")):
+        guard._log_budgets[name] = LineBudget(REFUSAL_LINES, clock=lambda: now[0])
+    a, b = (guard.authenticate(f"Bearer {k}", "http", "m") for k in ("key-a", "key-b"))
     with caplog.at_level(logging.WARNING, logger="services.router.guard"):
-        for i in range(1000):
+        for i in range(1000):  # a client without a key, a new wrong key each time
             assert guard.authenticate(f"Bearer wrong-{i}", "http", "GET /v1/models") is None
-        assert len(caplog.records) == UNAUTHENTICATED_LINES
-        assert guard.authenticate("Bearer the-key", "http", "GET /v1/models") is not None  # keys still work
+        assert len(caplog.records) == REFUSAL_LINES
+        assert guard.authenticate("Bearer key-a", "http", "GET /v1/models") is not None  # keys still work
+        guard.admit(a)
+        for _ in range(1000):  # a key past its rate limit
+            with pytest.raises(Refused):
+                guard.admit(a)
+        assert len(caplog.records) == 2 * REFUSAL_LINES  # its own budget, not the unauthenticated one's
+        guard.admit(b)
+        with pytest.raises(Refused):
+            guard.admit(b)  # another key's refusal is still logged
+        assert len(caplog.records) == 2 * REFUSAL_LINES + 1
         now[0] = 1.0
         guard.authenticate(None, "http", "GET /v1/x\nforged")
     last = caplog.records[-1].getMessage()
-    assert len(caplog.records) == UNAUTHENTICATED_LINES + 1
-    assert f"({1000 - UNAUTHENTICATED_LINES} more such refusals not logged)" in last
+    assert len(caplog.records) == 2 * REFUSAL_LINES + 2
+    assert f"({1000 - REFUSAL_LINES} more such refusals not logged)" in last
     assert "\n" not in last and "GET /v1/x\\nforged" in last
+
+
+def key_id_of(key: str) -> str:
+    from services.security import key_id
+
+    return key_id(key)
 
 
 def test_an_http_client_that_never_reads_its_stream_is_cut_off_and_its_blocks_freed(long_llama_dir, keyfile):

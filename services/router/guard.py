@@ -11,9 +11,9 @@ RESOURCE_EXHAUSTED / 429 with Retry-After), concurrent streams per key (the same
 `max_tokens` and the longest prompt in tokens (INVALID_ARGUMENT / 400). The largest request message is
 the doors' own check: the gRPC interceptor's deserializer (RESOURCE_EXHAUSTED) and the HTTP body reader
 (413). Every refusal is ONE log line (`refused`): the reason, the door, the caller's key id (the first 8
-hex characters of the key's SHA-256) and a detail that never holds prompt text or a key. Refusals for a
-missing or wrong key, which anyone can cause, are logged `UNAUTHENTICATED_LINES` a second at most (`LineBudget`);
-the next line logged says how many were dropped.
+hex characters of the key's SHA-256) and a detail that never holds prompt text or a key. At most
+`REFUSAL_LINES` such lines a second are logged for each key, and as many for all refusals of a missing or
+wrong key together, which anyone can cause (`LineBudget`); the next line logged says how many were dropped.
 
 The key a request came with is the per-key limits' identity; without API keys every caller is one
 `anonymous` caller.
@@ -33,6 +33,7 @@ import grpc
 
 from apar.engine.errors import UserError
 from services.grpc_common import abort_unless_gone, aborting_handler, behavior_of, handler_like
+from services.router.log_lines import LineBudget, printable
 from services.security import ApiKeys, RefusedSecretFlag, TLSFiles, bearer, key_id
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,8 @@ DEFAULT_MAX_REQUEST_BYTES = 4 << 20
 GRPC_HARD_CAP = 16 << 20  # gRPC refuses bigger messages itself, before reading them (logged by GrpcGuard)
 OPEN_GRPC = ("/grpc.health.v1.Health/",)
 OPEN_HTTP = frozenset({"/health"})
-UNAUTHENTICATED_LINES = 20  # log lines a second at most for refusals of a missing or wrong key
+REFUSAL_LINES = 20  # log lines a second at most for one key's refusals, and for all unauthenticated ones
+UNAUTHENTICATED = "unauthenticated"  # the log budget of refusals for a missing or wrong key
 
 
 @dataclass(frozen=True)
@@ -83,12 +85,6 @@ def cache_salt(key: str) -> int:
     return int.from_bytes(digest[:8], "little") or 1
 
 
-def printable(text: str) -> str:
-    """`text` with each character that is not printable (a newline, a terminal escape) written as its
-    escape: a request's path, which a client without a key chooses, cannot forge a log line."""
-    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
 ANONYMOUS = Caller()
 CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("apar_caller", default=None)
 
@@ -123,29 +119,6 @@ class Ticket:
     __del__ = release  # a request dropped before it ran still gives its place back
 
 
-class LineBudget:
-    """At most `per_s` log lines in each second: the lines past it are dropped and counted."""
-
-    def __init__(self, per_s: int, clock=time.monotonic) -> None:
-        self.per_s = per_s
-        self.clock = clock
-        self.window = -math.inf  # when this second began
-        self.used = 0
-        self.dropped = 0
-
-    def take(self) -> int | None:
-        """None: drop this line; else log it, saying that this many lines were dropped before it."""
-        now = self.clock()
-        if now - self.window >= 1.0:
-            self.window, self.used = now, 0
-        if self.used >= self.per_s:
-            self.dropped += 1
-            return None
-        self.used += 1
-        dropped, self.dropped = self.dropped, 0
-        return dropped
-
-
 class Guard:
     def __init__(self, keys: ApiKeys | None = None, limits: Limits | None = None,
                  metrics_open: bool = False, shared_prefix_cache: bool = False) -> None:
@@ -155,13 +128,21 @@ class Guard:
         self.shared_prefix_cache = shared_prefix_cache  # False: each key's prompts hit only its own blocks
         self._buckets: dict[str, tuple[float, float]] = {}  # key id -> (tokens, at)
         self._streams: dict[str, int] = {}
-        self._unauthenticated = LineBudget(UNAUTHENTICATED_LINES)
+        self._log_budgets: dict[str, LineBudget] = {}  # a key id (or UNAUTHENTICATED) -> its lines this second
 
     # ---- the one log line per refused request ---------------------------------------------------------
-    @staticmethod
-    def refused(caller: Caller, reason: str, detail: str) -> None:
-        log.warning("refused request: reason=%s door=%s key=%s: %s", reason, caller.door, caller.key,
-                    printable(detail))
+    def refused(self, caller: Caller, reason: str, detail: str, budget: str | None = None) -> None:
+        """Log the refusal, within the budget of lines of `budget` (default: the caller's key)."""
+        name = budget or caller.key
+        lines = self._log_budgets.get(name)
+        if lines is None:
+            lines = self._log_budgets[name] = LineBudget(REFUSAL_LINES)
+        dropped = lines.take()
+        if dropped is None:
+            return
+        more = f" ({dropped} more such refusals not logged)" if dropped else ""
+        log.warning("refused request: reason=%s door=%s key=%s: %s%s", reason, caller.door, caller.key,
+                    printable(detail), more)
 
     # ---- keys -----------------------------------------------------------------------------------------
     def authenticate(self, header: str | bytes | None, door: str, what: str) -> Caller | None:
@@ -171,12 +152,9 @@ class Guard:
         token = bearer(header)
         if token is not None and self.keys.check(token):
             return Caller(key_id(token), door, 0 if self.shared_prefix_cache else cache_salt(token))
-        dropped = self._unauthenticated.take()
-        if dropped is not None:
-            presented = "none" if header is None else ("malformed" if token is None else key_id(token))
-            self.refused(Caller(presented, door), "unauthenticated",
-                         f"{what}: {'no' if header is None else 'a wrong'} API key" +
-                         (f" ({dropped} more such refusals not logged)" if dropped else ""))
+        presented = "none" if header is None else ("malformed" if token is None else key_id(token))
+        self.refused(Caller(presented, door), "unauthenticated", f"{what}: {'no' if header is None else 'a wrong'} "
+                     "API key", budget=UNAUTHENTICATED)  # one budget: the key ids are the client's choice
         return None
 
     # ---- per-key limits -------------------------------------------------------------------------------
