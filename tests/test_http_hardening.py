@@ -470,7 +470,7 @@ def test_500_half_open_connections_on_the_grpc_port_starve_neither_door(llama_di
 
 
 SERVER_OUT_OF_DESCRIPTORS = """
-import asyncio, sys
+import asyncio, asyncio.constants, sys
 from services.router.http_limits import HttpServerLimits
 from services.router.http_server import start_http_server
 
@@ -482,11 +482,16 @@ async def main():
     # more connections allowed than there are descriptors: accepting runs out of them
     server, task, port = await start_http_server(app, "127.0.0.1", 0, limits=HttpServerLimits(max_connections=4096))
     print(port, flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # the flood is on
-    await asyncio.sleep(1.5)  # asyncio retries accepting after 1 s: the retries pile up
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, sys.stdin.readline)  # the flood is on
+    errors = loop.get_exception_handler()
+    while errors.last < 0:  # until the first failed accept is reported
+        await asyncio.sleep(0.02)
+    retry = asyncio.constants.ACCEPT_RETRY_DELAY  # asyncio's fixed wait before it accepts again
+    await asyncio.sleep(1.5 * retry)  # its retries run, fail and are scheduled again
     server.should_exit = True
     await task
-    await asyncio.sleep(1.5)  # the retries still pending run, on the closed socket
+    await asyncio.sleep(1.5 * retry)  # the retries still pending run, on the closed socket
 
 asyncio.run(main())
 """
