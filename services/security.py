@@ -310,6 +310,9 @@ class ApiKeys:
                         self.path, "s" if len(bad) > 1 else "", ", ".join(map(str, bad[:20])))
         self._file = [_digest(k) for k in keys]
         self._sig = sig
+        if not keys and not self._fixed:
+            log.warning("API key file %s holds no key: every request but health checks is refused until "
+                        "one is added", self.path)
         if not initial:
             log.info("API key file %s re-read: %d keys", self.path, len(self._file))
 

@@ -11,7 +11,9 @@ RESOURCE_EXHAUSTED / 429 with Retry-After), concurrent streams per key (the same
 `max_tokens` and the longest prompt in tokens (INVALID_ARGUMENT / 400). The largest request message is
 the doors' own check: the gRPC interceptor's deserializer (RESOURCE_EXHAUSTED) and the HTTP body reader
 (413). Every refusal is ONE log line (`refused`): the reason, the door, the caller's key id (the first 8
-hex characters of the key's SHA-256) and a detail that never holds prompt text or a key.
+hex characters of the key's SHA-256) and a detail that never holds prompt text or a key. At most
+`REFUSAL_LINES` such lines a second are logged for each key, and as many for all refusals of a missing or
+wrong key together, which anyone can cause (`LineBudget`); the next line logged says how many were dropped.
 
 The key a request came with is the per-key limits' identity; without API keys every caller is one
 `anonymous` caller.
@@ -31,6 +33,7 @@ import grpc
 
 from apar.engine.errors import UserError
 from services.grpc_common import abort_unless_gone, aborting_handler, behavior_of, handler_like
+from services.router.log_lines import LineBudget, printable
 from services.security import ApiKeys, RefusedSecretFlag, TLSFiles, bearer, key_id
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,8 @@ DEFAULT_MAX_REQUEST_BYTES = 4 << 20
 GRPC_HARD_CAP = 16 << 20  # gRPC refuses bigger messages itself, before reading them (logged by GrpcGuard)
 OPEN_GRPC = ("/grpc.health.v1.Health/",)
 OPEN_HTTP = frozenset({"/health"})
+REFUSAL_LINES = 20  # log lines a second at most for one key's refusals, and for all unauthenticated ones
+UNAUTHENTICATED = "unauthenticated"  # the log budget of refusals for a missing or wrong key
 
 
 @dataclass(frozen=True)
@@ -123,11 +128,21 @@ class Guard:
         self.shared_prefix_cache = shared_prefix_cache  # False: each key's prompts hit only its own blocks
         self._buckets: dict[str, tuple[float, float]] = {}  # key id -> (tokens, at)
         self._streams: dict[str, int] = {}
+        self._log_budgets: dict[str, LineBudget] = {}  # a key id (or UNAUTHENTICATED) -> its lines this second
 
     # ---- the one log line per refused request ---------------------------------------------------------
-    @staticmethod
-    def refused(caller: Caller, reason: str, detail: str) -> None:
-        log.warning("refused request: reason=%s door=%s key=%s: %s", reason, caller.door, caller.key, detail)
+    def refused(self, caller: Caller, reason: str, detail: str, budget: str | None = None) -> None:
+        """Log the refusal, within the budget of lines of `budget` (default: the caller's key)."""
+        name = budget or caller.key
+        lines = self._log_budgets.get(name)
+        if lines is None:
+            lines = self._log_budgets[name] = LineBudget(REFUSAL_LINES)
+        dropped = lines.take()
+        if dropped is None:
+            return
+        more = f" ({dropped} more such refusals not logged)" if dropped else ""
+        log.warning("refused request: reason=%s door=%s key=%s: %s%s", reason, caller.door, caller.key,
+                    printable(detail), more)
 
     # ---- keys -----------------------------------------------------------------------------------------
     def authenticate(self, header: str | bytes | None, door: str, what: str) -> Caller | None:
@@ -138,8 +153,8 @@ class Guard:
         if token is not None and self.keys.check(token):
             return Caller(key_id(token), door, 0 if self.shared_prefix_cache else cache_salt(token))
         presented = "none" if header is None else ("malformed" if token is None else key_id(token))
-        self.refused(Caller(presented, door), "unauthenticated",
-                     f"{what}: {'no' if header is None else 'a wrong'} API key")
+        self.refused(Caller(presented, door), "unauthenticated", f"{what}: {'no' if header is None else 'a wrong'} "
+                     "API key", budget=UNAUTHENTICATED)  # one budget: the key ids are the client's choice
         return None
 
     # ---- per-key limits -------------------------------------------------------------------------------
@@ -309,9 +324,13 @@ class GrpcGuard(grpc.aio.ServerInterceptor):
 
 
 def grpc_server_options(limits: Limits) -> list[tuple[str, int]]:
-    """The public gRPC server's options: messages up to the hard cap are read, then refused by size here."""
+    """The public gRPC server's options: messages up to the hard cap are read, then refused by size here;
+    connections bounded as the HTTP port's are (`http_limits.grpc_connection_options`)."""
+    from services.router.http_limits import grpc_connection_options
+
     cap = max(limits.max_request_bytes, GRPC_HARD_CAP)
-    return [("grpc.max_receive_message_length", cap), ("grpc.max_send_message_length", GRPC_HARD_CAP)]
+    return [("grpc.max_receive_message_length", cap), ("grpc.max_send_message_length", GRPC_HARD_CAP),
+            *grpc_connection_options()]
 
 
 # ---- flags ----------------------------------------------------------------------------------------------

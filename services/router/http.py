@@ -3,7 +3,8 @@
 `POST /v1/chat/completions` and `POST /v1/completions` (streamed as server-sent events ending with
 `data: [DONE]`, or whole), `GET /v1/models` (once a worker answered, the model's entry says under `apar`
 whether it can fork: a model without control tokens serves every request auto-regressively), `GET
-/health`, `GET /metrics` (the router's Prometheus registry). FastAPI on uvicorn, as vLLM, SGLang and TGI serve theirs; it runs in the router's event loop
+/health` (open to anyone: it looks at the workers at most once a second, however many ask), `GET /metrics`
+(the router's Prometheus registry). FastAPI on uvicorn, as vLLM, SGLang and TGI serve theirs; it runs in the router's event loop
 beside the gRPC server, so both share the gateway, its worker view and its metrics.
 
 Request bodies are read and checked by hand in `openai_request.py` (an error names the offending
@@ -45,6 +46,24 @@ from services.router.openai_request import (CHAT_FIELDS, COMPLETION_FIELDS, ApiE
                                             read_messages, read_params, read_prompt, read_stop)
 
 log = logging.getLogger(__name__)
+HEALTH_REFRESH_S = 1.0  # GET /health, open to anyone, looks at the workers (or asks the KV manager) this often
+
+
+class Throttled:
+    """An async call run at most once per `every_s`: callers in between await the last run (or the one
+    under way) and share its outcome, so a flood of callers makes no more calls than one caller."""
+
+    def __init__(self, fn, every_s: float, clock=time.monotonic) -> None:
+        self.fn, self.every_s, self.clock = fn, every_s, clock
+        self.task: asyncio.Future | None = None
+        self.at = -float("inf")
+
+    async def __call__(self):
+        now = self.clock()
+        if self.task is None or (self.task.done() and now - self.at >= self.every_s):
+            self.at = now
+            self.task = asyncio.ensure_future(self.fn())
+        return await asyncio.shield(self.task)  # a caller that goes away does not cancel the others' run
 
 
 def _usage(usage: dict[str, int]) -> dict:
@@ -99,7 +118,7 @@ def build_app(gateway: Gateway, registry=None, request_timeout_s: float = 0.0,
                 raise too_large(None)
         try:
             body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        except (ValueError, RecursionError) as exc:  # ValueError: bad JSON or UTF-8, a number past 4,300 digits
             raise ApiError(400, f"the body is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object")
@@ -161,9 +180,11 @@ def build_app(gateway: Gateway, registry=None, request_timeout_s: float = 0.0,
                              "child_token": control.child_token, "max_positions": control.max_positions}
         return {"object": "list", "data": [model]}
 
+    refresh_for_health = Throttled(gateway.workers.refresh, HEALTH_REFRESH_S)
+
     @app.get("/health")
     async def health():
-        await gateway.workers.refresh()
+        await refresh_for_health()
         live = sum(1 for w in gateway.workers.workers if w.alive)
         return JSONResponse({"status": "ok" if live else "unavailable", "workers": live},
                             status_code=200 if live else 503)

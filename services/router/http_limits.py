@@ -16,6 +16,18 @@ def default_max_connections() -> int:
     return max(16, min(4096, soft // 2))
 
 
+GRPC_HANDSHAKE_TIMEOUT_MS = 10_000  # a public gRPC connection's HTTP/2 (and TLS) handshake, as a request head's
+
+
+def grpc_connection_options() -> list[tuple[str, int]]:
+    """The public gRPC port's share of the file descriptors, a quarter of them (the HTTP port has half;
+    the rest stays for the workers and files), and its handshake's time limit: a flood of half-open
+    connections on the gRPC port neither starves the process nor holds a connection longer than a
+    slow head on the HTTP port."""
+    return [("grpc.max_allowed_incoming_connections", max(8, default_max_connections() // 2)),
+            ("grpc.server_handshake_timeout_ms", GRPC_HANDSHAKE_TIMEOUT_MS)]
+
+
 @dataclass(slots=True)
 class HttpServerLimits:
     header_timeout_s: float = 10.0

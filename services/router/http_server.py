@@ -4,20 +4,26 @@ A connection is **pending** until a request head on it has passed the API key ch
 until it has sent a whole request head). Bounds, each a flag:
 
 - `--http-header-timeout` (10 s): a request head must arrive whole within this long of the connection
-  opening or of the previous answer ending; trickling bytes does not extend it (slow-loris).
+  opening or of the previous answer ending; trickling bytes does not extend it (slow-loris). The rest of
+  a body that its answer did not wait for (a 401 is sent before the body is read) must arrive within it
+  too: a refused client cannot hold its connection by trickling the body it announced.
 - `--http-idle-timeout` (5 s): a kept-alive connection with nothing to do is closed.
 - `--http-max-pending-per-client` (32): past this many pending connections from one address, that
   address's oldest pending one is closed once it has had `PENDING_GRACE_S` to send its head (a burst of
   new connections from one proxy is not cut); the newest always gets its chance to send a request.
 - `--http-max-connections` (half this process's file-descriptor limit, at most 4096): past it, the
-  oldest connection with no request running is closed, else the new one is answered 503. The other half
-  stays free for the gRPC port, the workers and the files, so a flood on the HTTP port never starves them.
+  oldest connection with no request running is closed, else the new one is answered 503. A quarter goes
+  to the public gRPC port (`http_limits.grpc_connection_options`, with a 10 s handshake limit), the rest
+  stays for the workers and the files, so a flood on either port never starves the other or them.
 - `--http-request-timeout` (600 s): a request's time from its head to its last byte; its body must
   arrive within it (else 408), its answer ends there (504, or an error event when streamed), and a
   client that does not read its answer is disconnected a few seconds after.
 
 When the process runs out of file descriptors anyway, asyncio's accept loop reports every failed
-accept; here that is one warning per burst, with a count.
+accept; here that is one warning per burst, with a count. uvicorn's warnings that any client can cause
+with one request (a malformed head, an `Upgrade` header) are one per `NOISE_EVERY_S` each, with a count
+(`ClientNoise`), so no client without a key can flood the log. WebSocket upgrades are off (the API has
+no WebSocket route): a request asking for one is served as plain HTTP, through the same checks.
 
 In front of the app, `HttpGuard` (a pure ASGI middleware) checks the Host header (`--allowed-host`;
 against DNS rebinding) and the API key of every request but `/health`, before its body is read.
@@ -27,11 +33,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import socket
 import time
 from collections import OrderedDict
 
-import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from apar.engine.errors import UserError
@@ -42,6 +48,7 @@ from services.security import bearer
 log = logging.getLogger(__name__)
 HARD_CUT_GRACE_S = 5.0  # past the request time limit, a client still not done reading is disconnected
 PENDING_GRACE_S = 1.0  # a new connection's time to send its head before the per-address cap may close it
+NOISE_EVERY_S = 10.0  # at most one log line per this long for each warning a client can cause at will
 
 
 class Connections:
@@ -105,6 +112,7 @@ class BoundedProtocol(H11Protocol):
         self.client_host = "?"
         self.busy = False  # a request is running
         self._timer: asyncio.TimerHandle | None = None
+        self._seen_cycle = None  # uvicorn's request cycle whose head `_head_received` last saw
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -122,10 +130,16 @@ class BoundedProtocol(H11Protocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        idle = self.conn.their_state is h11.IDLE
         super().data_received(data)
-        if idle and self.conn.their_state is not h11.IDLE and self.headers is not None:
+        if self._new_request():
             self._head_received()
+
+    def _new_request(self) -> bool:
+        """Whether uvicorn started a request (a cycle) since the last look: a whole head arrived."""
+        if self.cycle is None or self.cycle is self._seen_cycle:
+            return False
+        self._seen_cycle = self.cycle
+        return True
 
     def _head_received(self) -> None:
         """A whole request head: the header timer stops; the request's own time limit starts."""
@@ -138,12 +152,16 @@ class BoundedProtocol(H11Protocol):
             self._arm(limit + HARD_CUT_GRACE_S)
 
     def on_response_complete(self) -> None:
+        """The answer is sent: a pipelined request runs on; else the header timer bounds what comes next,
+        the rest of a body the answer did not wait for (a 401's) included, which uvicorn reads and drops."""
         self.busy = False
         super().on_response_complete()
-        if not self.transport.is_closing():
+        if self.transport.is_closing():
+            return
+        if self._new_request():
+            self._head_received()
+        else:
             self._arm(self.connections_guard.limits.header_timeout_s)
-            if self.conn.their_state is not h11.IDLE and self.headers is not None:  # a pipelined request
-                self._head_received()
 
     def _arm(self, seconds: float) -> None:
         self._disarm()
@@ -161,15 +179,25 @@ class BoundedProtocol(H11Protocol):
 
 
 class _AcceptErrors:
-    """asyncio's exception handler with failed accepts (out of descriptors) logged once per burst."""
+    """asyncio's exception handler with failed accepts (out of descriptors) logged once per burst.
+
+    asyncio schedules a retry of accepting for each failed accept of a burst (up to the backlog, 1024);
+    a retry still pending when its server closes fails on the closed socket. Those failures are one
+    line, not a traceback each."""
 
     def __init__(self, previous, every_s: float = 10.0) -> None:
         self.previous = previous
         self.every_s = every_s
         self.count = 0
         self.last = -1e18
+        self.retries_failed = 0
 
     def __call__(self, loop, context) -> None:
+        if isinstance(context.get("exception"), ValueError) and "._start_serving(" in context.get("message", ""):
+            self.retries_failed += 1
+            if self.retries_failed == 1:
+                log.warning("retries of accepting connections on a closed server failed: %s", context["exception"])
+            return
         if context.get("message") != "socket.accept() out of system resource":
             if self.previous is None:
                 loop.default_exception_handler(context)
@@ -182,6 +210,44 @@ class _AcceptErrors:
             log.warning("cannot accept connections: %s (%d failed accepts); lower --http-max-connections or raise "
                         "the file-descriptor limit (ulimit -n)", context.get("exception"), self.count)
             self.last, self.count = now, 0
+
+
+class ClientNoise(logging.Filter):
+    """uvicorn's warnings that a client causes with one request (on logger `uvicorn.error`): each kept
+    to one line per `every_s`, that line saying how many like it were dropped since the last. uvicorn's
+    advice to install a WebSocket library is dropped: the API serves no WebSocket."""
+
+    LIMITED = ("Invalid HTTP request received.", "Unsupported upgrade request.", "Exceeded concurrency limit.")
+    DROPPED = ("No supported WebSocket library detected",)
+
+    def __init__(self, every_s: float = NOISE_EVERY_S, clock=time.monotonic) -> None:
+        super().__init__()
+        self.every_s = every_s
+        self.clock = clock
+        self.last: dict[str, tuple[float, int]] = {}  # message -> (logged at, dropped since)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.msg if isinstance(record.msg, str) else ""
+        if msg.startswith(self.DROPPED):
+            return False
+        if msg not in self.LIMITED:
+            return True
+        now = self.clock()
+        at, dropped = self.last.get(msg, (-math.inf, 0))
+        if now - at < self.every_s:
+            self.last[msg] = (at, dropped + 1)
+            return False
+        self.last[msg] = (now, 0)
+        if dropped:
+            record.msg, record.args = f"{msg} ({dropped} more like it not logged in the last %g s)", (self.every_s,)
+        return True
+
+
+def quiet_client_noise() -> None:
+    """Put one `ClientNoise` on uvicorn's error logger (after uvicorn configured its logging)."""
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, ClientNoise) for f in logger.filters):
+        logger.addFilter(ClientNoise())
 
 
 def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
@@ -223,9 +289,10 @@ async def start_http_server(app, host: str, port: int, tls=None, limits: HttpSer
     tls_options = {} if tls is None else {"ssl_certfile": tls.cert_path, "ssl_keyfile": tls.key_path}
     protocol = functools.partial(BoundedProtocol, connections=Connections(limits, keys))
     config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2,
-                            backlog=1024, http=protocol, timeout_keep_alive=limits.idle_timeout_s,
+                            backlog=1024, http=protocol, ws="none", timeout_keep_alive=limits.idle_timeout_s,
                             limit_concurrency=limits.max_connections + 1, **tls_options)
     server = uvicorn.Server(config)
+    quiet_client_noise()
     loop = asyncio.get_running_loop()
     quiet_accept_errors(loop)
     loop.create_server = _handshake_timeout(loop, limits.header_timeout_s)

@@ -171,7 +171,7 @@ def read_messages(body: dict) -> list[dict]:
         raise ApiError(400, "messages must be a non-empty list", "messages")
     out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in _ROLES:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in _ROLES:
             raise ApiError(400, f"messages[{i}].role must be one of {sorted(_ROLES)}", f"messages[{i}].role")
         extra = set(m) - {"role", "content", "name"}
         if extra:
