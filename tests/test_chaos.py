@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from apar.bench_suite.chaos import DOCUMENTED, failures
 from tests.faults import wait_until
 from tests.procs import require
@@ -114,3 +116,65 @@ def test_a_terminated_chaos_run_stops_its_cluster(llama_dir, tmp_path):
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted (SIGTERM); the cluster is stopped" in err, err[-2000:]
     assert [pid for pid in cluster if _running(pid)] == []
+
+
+def _chaos_args(*argv: str):
+    import argparse
+
+    from apar.bench_suite.chaos.cli import register, resolve_args
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["chaos", *argv])
+    resolve_args(args)
+    return args
+
+
+def test_a_duration_alone_runs_for_its_duration_however_many_requests_end():
+    """`--duration` without `--requests` is a soak: the storm's clients go on until the duration passes,
+    beyond the 1000 requests that bound a run without `--duration` (here a storm of requests that end at
+    once, on a cluster of no process)."""
+    import asyncio
+    import time
+    from types import SimpleNamespace
+
+    from apar.bench_suite.chaos.storm import Tally, _storm
+
+    assert _chaos_args().requests == 1000
+    args = _chaos_args("--duration", "1.5", "--rounds", "0", "--quiet")
+
+    class Instant:
+        tally = Tally()
+
+        async def open(self):
+            pass
+
+        async def close(self):
+            pass
+
+        async def one(self):
+            await asyncio.sleep(0)
+            self.tally.add("grpc_final", "ok")
+
+    storm = Instant()
+    t0 = time.monotonic()
+    assert asyncio.run(_storm(args, SimpleNamespace(components=[]), storm, [])) == []
+    assert time.monotonic() - t0 >= 1.5
+    assert storm.tally.done > 1000, storm.tally.done
+
+
+def test_gc_every_reaches_the_kv_manager_only_when_given(tmp_path):
+    from apar.bench_suite.chaos.cluster import Cluster
+    from apar.engine.errors import UserError
+
+    def kv_argv(*argv: str) -> list[str]:
+        run = tmp_path / str(len(list(tmp_path.iterdir())))
+        run.mkdir()
+        args = _chaos_args(*argv)
+        return Cluster(tmp_path / "model", 2, 2, 64, run, args.worker_ttl, args.gc_every).kvmanager.argv
+
+    assert "--gc-every" not in kv_argv()  # the KV manager's own default
+    argv = kv_argv("--gc-every", "2.5")
+    assert argv[argv.index("--gc-every") + 1] == "2.5"
+    with pytest.raises(UserError, match="--gc-every"):
+        _chaos_args("--gc-every", "-1")

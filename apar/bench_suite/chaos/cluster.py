@@ -220,7 +220,7 @@ def free_port() -> int:
 
 class Cluster:
     def __init__(self, model: Path, workers: int, routers: int, kv_blocks: int, run_dir: Path,
-                 worker_ttl: int = 10) -> None:
+                 worker_ttl: int = 10, gc_every: float | None = None) -> None:
         import secrets
 
         self.dir = run_dir
@@ -236,8 +236,10 @@ class Cluster:
         self.redis = Component("redis", "redis", [
             "redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1", "--dir", str(run_dir / "redis"),
             "--appendonly", "yes", "--save", ""], run_dir, None, ready_check=self._redis_answers)
+        gc = [] if gc_every is None else ["--gc-every", str(gc_every)]  # else the KV manager's own default
         self.kvmanager = Component("kvmanager", "kvmanager", [
-            *py, "kvmanager", "--port", str(self.kv_port), "--redis", self.redis_url, *tok], run_dir, "listening on")
+            *py, "kvmanager", "--port", str(self.kv_port), "--redis", self.redis_url, *gc, *tok], run_dir,
+            "listening on")
         self.worker_ports = [free_port() for _ in range(workers)]
         self.workers = [Component(f"worker{i}", "worker", [
             *py, "worker", "--model", str(model), "--port", str(port), "--kv-blocks", str(kv_blocks),

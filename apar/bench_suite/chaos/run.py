@@ -61,7 +61,8 @@ def _run_chaos(args) -> dict:
     run_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="apar-chaos-"))
     run_dir.mkdir(parents=True, exist_ok=True)
     model = Path(args.model) if args.model else _random_model(run_dir / "model", args.seed)
-    cluster = Cluster(model, args.workers, args.routers, args.kv_blocks, run_dir, args.worker_ttl)
+    cluster = Cluster(model, args.workers, args.routers, args.kv_blocks, run_dir, args.worker_ttl,
+                      args.gc_every)
     t0 = time.monotonic()
     verdict: dict = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                                 if k not in ("func",)}, "run_dir": str(run_dir)}

@@ -212,7 +212,7 @@ async def _storm(args, cluster: Cluster, storm: Storm, plan: list) -> list[dict]
     await storm.open()
     t0 = time.monotonic()
     tally = storm.tally
-    total = args.requests
+    total = args.requests  # None with --duration alone: as many as the duration takes
     duration = args.duration
     warm_after = max(20, total // 10) if duration is None else None
     started = 0
@@ -230,7 +230,7 @@ async def _storm(args, cluster: Cluster, storm: Storm, plan: list) -> list[dict]
         if len(kills) < len(plan) and not stop.is_set():
             return True  # the storm goes on until every planned kill is done
         if duration is not None:
-            return time.monotonic() - t0 < duration and started < total
+            return time.monotonic() - t0 < duration and (total is None or started < total)
         return started < total
 
     def held() -> bool:
