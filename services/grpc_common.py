@@ -152,6 +152,27 @@ def safe_parser(cls):
     return parse
 
 
+class StatusAfterTheEnd(logging.Filter):
+    """gRPC's own ERROR, with a traceback, when the status it sends after a handler returned finds the call
+    already ended (`ExecuteBatchError` on `SendStatusFromServerOperation` alone, "raised in core by
+    servicer method"): the caller cancelled, or its deadline passed, between the handler's last write and
+    its end. That is the client's own end, which no handler can see coming; it is lowered to DEBUG, one
+    line without the traceback. Any other failure in gRPC's core stays an ERROR."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if (isinstance(exc, cygrpc.ExecuteBatchError) and str(record.msg).startswith("ExecuteBatchError raised in core")
+                and "SendStatusFromServerOperation" in str(exc) and str(exc).count("Operation object") == 1):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            record.msg = f"{record.getMessage()}: the call ended before its status (the caller's cancel or deadline)"
+            record.args, record.exc_info, record.exc_text = (), None, None
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+_STATUS_AFTER_THE_END = StatusAfterTheEnd()
+
+
 def add_servicer(server: grpc.aio.Server, servicer, service_descriptor, errors=None) -> None:
     """Register a servicer's methods from the service descriptor, with a request parser that turns
     undecodable bytes into INVALID_ARGUMENT instead of an UNKNOWN failure.
@@ -162,6 +183,9 @@ def add_servicer(server: grpc.aio.Server, servicer, service_descriptor, errors=N
     stream, answering it in order. `errors(exc) -> (status code, message)`, when given, turns what a
     method raises into a status (the stream ends on the first); without it, methods handle their own.
     """
+    core_log = logging.getLogger(cygrpc.__name__)
+    if _STATUS_AFTER_THE_END not in core_log.filters:
+        core_log.addFilter(_STATUS_AFTER_THE_END)
     handlers = {}
     for method in service_descriptor.methods:
         req_cls = message_factory.GetMessageClass(method.input_type)
