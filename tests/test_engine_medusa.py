@@ -17,7 +17,10 @@ from apar.engine.engine import Engine
 from apar.engine.errors import UserError
 from apar.engine.medusa import CONFIG_FILE, HEADS_FILE, MedusaHeads, load_heads, save_heads
 from apar.engine.params import SamplingParams
-from tests.test_engine_speculation import APAR, PROMPTS, _worst_gap, engine, fork_string, run, same_answers  # noqa: F401
+from tests import test_engine_speculation as ngram_tests
+from tests.test_engine_speculation import APAR, PROMPTS, _worst_gap, engine, run, same_answers
+
+fork_string = ngram_tests.fork_string  # (the fixture: the model's most frequent token named [Fork])
 
 MEDUSA = SpeculativeConfig("medusa", num_tokens=4)
 

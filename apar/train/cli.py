@@ -59,10 +59,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     medusa.add_argument("--heads", type=int, default=4, help="K: heads, so the most tokens a draft may hold")
     medusa.add_argument("--records", type=int, default=64, help="training-split trees read (a random sample)")
     medusa.add_argument("--max-length", type=int, default=512, help="tokens of one packed tree")
-    medusa.add_argument("--epochs", type=int, default=3)
-    medusa.add_argument("--batch-size", type=int, default=512, help="positions per step")
-    medusa.add_argument("--lr", type=float, default=1e-3)
+    medusa.add_argument("--epochs", type=int, default=4)
+    medusa.add_argument("--batch-size", type=int, default=128, help="positions per step")
+    medusa.add_argument("--lr", type=float, default=2e-3)
     medusa.add_argument("--seed", type=int, default=0)
+    medusa.add_argument("--cache", type=Path, default=None, metavar="FILE",
+                        help="keep the frozen model's reading of the records here, and reuse it when it matches")
     medusa.add_argument("--fork-token", default="[Fork]", help="control token that forks a thread")
     medusa.add_argument("--child-token", default="[Child]", help="control token that starts a child")
     medusa.set_defaults(func=run_train_medusa)
@@ -169,7 +171,7 @@ def run_train_medusa(args: argparse.Namespace) -> int:
     summary = train_medusa(args.model, records, args.out or args.model, num_heads=args.heads,
                            max_records=args.records, max_length=args.max_length, epochs=args.epochs,
                            batch_size=args.batch_size, lr=args.lr, seed=args.seed, fork=args.fork_token,
-                           child=args.child_token)
+                           child=args.child_token, cache=args.cache)
     print(json.dumps({"out": str(args.out or args.model), **summary}, indent=2))
     return 0
 

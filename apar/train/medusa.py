@@ -141,8 +141,11 @@ def train_heads(hidden: torch.Tensor, targets: torch.Tensor, table: torch.Tensor
 
 def train_medusa(model_dir: Path, records: list[TreeRecord], out: Path, num_heads: int = 4,
                  max_records: int = 64, max_length: int = 512, epochs: int = 3, batch_size: int = 512,
-                 lr: float = 1e-3, seed: int = 0, fork: str = FORK, child: str = CHILD, log=print) -> dict:
-    """Heads for the model in `model_dir`, written to `out` (the module's docstring); a summary."""
+                 lr: float = 1e-3, seed: int = 0, fork: str = FORK, child: str = CHILD, log=print,
+                 cache: Path | None = None) -> dict:
+    """Heads for the model in `model_dir`, written to `out` (the module's docstring); a summary. `cache`:
+    a file keeping the frozen model's reading (hidden states, targets, vocabulary) for later runs of the
+    same model, records and head count: read when it exists, written otherwise."""
     from apar.train.trainer import load_model
 
     if num_heads < 1:
@@ -157,7 +160,15 @@ def train_medusa(model_dir: Path, records: list[TreeRecord], out: Path, num_head
     started = time.monotonic()
     model, tokenizer = load_model(model_dir)
     model.eval().requires_grad_(False)
-    hidden, targets, seen = distill_targets(model, tokenizer, train, num_heads, max_length, fork, child)
+    key = {"model": str(Path(model_dir).resolve()), "records": [r.prompt for r in train], "heads": num_heads,
+           "max_length": max_length}
+    if cache is not None and cache.is_file() and torch.load(cache)["key"] == key:
+        kept = torch.load(cache)
+        hidden, targets, seen = kept["hidden"], kept["targets"], set(kept["seen"])
+    else:
+        hidden, targets, seen = distill_targets(model, tokenizer, train, num_heads, max_length, fork, child)
+        if cache is not None:
+            torch.save({"key": key, "hidden": hidden, "targets": targets, "seen": sorted(seen)}, cache)
     read = time.monotonic() - started
     log(f"{hidden.shape[0]} positions from {len(train)} trees in {read:.0f} s (the model frozen)")
     table = model.get_output_embeddings().weight  # [V, H]
