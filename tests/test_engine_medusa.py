@@ -152,3 +152,28 @@ def test_train_medusa_distills_the_frozen_model_and_the_engine_drafts_with_its_h
         for _, toks in eng.drafter.proposals.values():
             assert set(toks) <= allowed
     assert eng.spec_draft_tokens > 0 and eng.ledger.num_used == 0
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_short_chunks_attended_as_one_batch_equal_one_by_one(window):
+    """Draft chunks (a thread's pending token and its draft) are attended as one padded batch
+    (`ShortChunks`); each query's output equals attending its chunk alone, a long chunk beside them too."""
+    from apar.engine.backends.base import AttentionBackend, ChunkMeta, ChunkQuery, Chunks
+
+    gen = torch.Generator().manual_seed(0)
+    kv_heads, group, dim, pool = 2, 3, 8, 200
+    k_pool, v_pool = torch.randn(kv_heads, pool, dim, generator=gen), torch.randn(kv_heads, pool, dim, generator=gen)
+    shapes = [(5, 40), (1, 7), (3, 12), (30, 60)]  # (queries, context length): the last is a long chunk
+    metas, start = [], 0
+    for n, length in shapes:
+        slots = torch.randperm(pool, generator=gen)[:length]
+        metas.append(ChunkMeta(ChunkQuery(start, n, 0, length), slots))
+        start += n
+    query = torch.randn(start, kv_heads * group, dim, generator=gen)
+    want = torch.zeros_like(query)
+    AttentionBackend.attend_chunks(list(metas), query, k_pool, v_pool, 0.3, window, want)  # one by one
+    got = torch.zeros_like(query)
+    chunks = Chunks(metas)
+    AttentionBackend.attend_chunks(chunks, query, k_pool, v_pool, 0.3, window, got)
+    assert chunks.short(group, window) is not None and len(chunks.short(group, window).rest) == 1
+    assert torch.allclose(got, want, atol=1e-5)
