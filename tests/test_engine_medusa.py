@@ -69,6 +69,7 @@ def test_greedy_with_medusa_drafts_is_the_answer_without_them_through_nested_for
     requests = [(p, APAR) for p in PROMPTS] + [(PROMPTS[0], SamplingParams(max_tokens=50, auto_parallel=False))]
     plain = run(engine(medusa_dir, fork_string), requests)
     wrong = engine(random_medusa_dir, fork_string, MEDUSA)
+    wrong.drafter.min_confidence = 0.0  # every guess drafted, however unsure
     same_answers(plain, run(wrong, requests))  # whatever the heads guess
     assert wrong.spec_draft_tokens > 100
     eng = engine(medusa_dir, fork_string, MEDUSA)

@@ -13,6 +13,9 @@ which keeps the guesses per thread with the context length they follow; `_plan_d
 (`proposal`) when the thread's context still has that length. A guess never holds a control token (cut
 before the first), and any guess is verified, so wrong guesses cost speed, never output.
 
+A chain stops at the first head that is unsure of its token (`MIN_CONFIDENCE`): a wrong guess costs
+positions of the step (its KV written, its logits row computed) and saves nothing.
+
 The LM head of the guesses is restricted to the heads' vocabulary (the token ids saved with them, the
 tokens of the data they were trained on) when present: a guess outside it would rarely be accepted,
 and the product is then a fraction of the full vocabulary's.
@@ -27,6 +30,9 @@ import torch
 
 from apar.engine.errors import UserError
 
+# a guess is cut at the first head whose probability of its own token is below this (docs/benchmarks.md,
+# "Speculation": the heads' accuracy by confidence on SmolLM2-135M)
+MIN_CONFIDENCE = 0.3
 HEADS_FILE = "medusa_heads.safetensors"
 CONFIG_FILE = "medusa.json"
 
@@ -96,6 +102,7 @@ class MedusaDrafter:
         # [V', H]: the LM head's rows of the heads' vocabulary (a copy), or the whole LM head (a view)
         self.table = lm_weight.detach() if vocab is None else lm_weight.detach().index_select(0, self.vocab)
         self.stop_ids = frozenset(stop_ids)
+        self.min_confidence = MIN_CONFIDENCE
         self.proposals: dict[tuple[str, int], tuple[int, list[int]]] = {}
 
     @classmethod
@@ -108,12 +115,17 @@ class MedusaDrafter:
 
     @torch.inference_mode()
     def guess(self, hidden: torch.Tensor) -> list[list[int]]:
-        """hidden: [M, H] final hidden states -> per row the K heads' tokens."""
+        """hidden: [M, H] final hidden states -> per row the K heads' tokens, up to the first head whose
+        own probability of its token is below `min_confidence` (a guess that would most likely be
+        rejected costs its positions in the step and saves nothing)."""
         out = self.heads(hidden.to(self.table.dtype))  # [M, K, H]
-        idx = (out @ self.table.T).argmax(dim=-1)  # [M, K]
+        probs = (out @ self.table.T).float().softmax(dim=-1)  # [M, K, V']
+        conf, idx = probs.max(dim=-1)  # [M, K]
         if self.vocab is not None:
             idx = self.vocab[idx]
-        return idx.tolist()
+        # each row's tokens before its first unconfident head
+        keep = (conf >= self.min_confidence).int().cumprod(dim=-1).sum(dim=-1).tolist()  # [M]
+        return [row[:n] for row, n in zip(idx.tolist(), keep)]
 
     def propose(self, keys: list[tuple[str, int]], lengths: list[int], hidden: torch.Tensor) -> None:
         """Replace the guesses by those of this step: keys[i]'s thread, whose context has lengths[i]
