@@ -72,7 +72,9 @@ def test_config_is_checked_and_names_the_drafter():
     assert make_drafter(SpeculativeConfig(), (FORK,)) is None
     d = make_drafter(SpeculativeConfig("ngram", 3, 2, 5), (FORK,))
     assert isinstance(d, NgramDrafter) and (d.min_n, d.max_n, d.stop_ids) == (2, 5, {FORK})
-    for bad in (dict(method="medusa"), dict(num_tokens=0), dict(num_tokens=17), dict(min_ngram=3, max_ngram=2)):
+    with pytest.raises(ValueError, match="model runner"):  # medusa heads are read beside a served model
+        make_drafter(SpeculativeConfig("medusa"), (FORK,))
+    for bad in (dict(method="eagle"), dict(num_tokens=0), dict(num_tokens=17), dict(min_ngram=3, max_ngram=2)):
         with pytest.raises(UserError):
             SpeculativeConfig(**bad)
 

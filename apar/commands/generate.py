@@ -85,7 +85,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
     g.add_argument("--speculate", default="off", choices=SPECULATE_CHOICES,
                    help="speculation inside every thread: ngram drafts a thread's next tokens by looking its last "
-                        "tokens up in its own context (prompt, ancestors, itself), verified in the same step; "
+                        "tokens up in its own context (prompt, ancestors, itself); medusa from the heads "
+                        "`apar train-medusa` saved in the model's directory; verified in the same step; "
                         "greedy answers stay token for token the same (default off)")
     g.add_argument("--num-speculative-tokens", type=int, default=4,
                    help=f"tokens a thread drafts per step, 1..{MAX_SPECULATIVE_TOKENS} (default 4)")

@@ -24,14 +24,15 @@ class ControlTokens:
         return cls(fork="[SplitMask]", child="[SplitSop]")
 
 
-SPECULATE_CHOICES = ("off", "ngram")
+SPECULATE_CHOICES = ("off", "ngram", "medusa")
 MAX_SPECULATIVE_TOKENS = 16  # a draft's length: each is a query position of every step it is in
 
 
 @dataclass(slots=True)
 class SpeculativeConfig:
-    """What a worker drafts: `method` off or ngram, up to `num_tokens` tokens per thread and step; the
-    ngram drafter matches the context's last n tokens for n from `max_ngram` down to `min_ngram`."""
+    """What a worker drafts: `method` off, ngram or medusa, up to `num_tokens` tokens per thread and step;
+    the ngram drafter matches the context's last n tokens for n from `max_ngram` down to `min_ngram`;
+    medusa reads the heads saved in the model's directory (apar/engine/medusa.py)."""
 
     method: str = "off"
     num_tokens: int = 4

@@ -77,7 +77,8 @@ class Engine(TokenResults, Speculation):
         self.fork_rules = ForkRules(self.fork_id, self.child_id, self.eos_ids, self.runner.max_positions, self.ledger,
                                     watermark=int(self.config.fork_watermark * n))
         # speculation (speculation.py): None when off; drafted and accepted tokens so far
-        self.drafter = make_drafter(self.config.speculate, [t for t in (self.fork_id, self.child_id) if t is not None])
+        self.drafter = make_drafter(self.config.speculate, [t for t in (self.fork_id, self.child_id) if t is not None],
+                                    self.runner)
         self.spec_draft_tokens = self.spec_accepted_tokens = 0
         self.keep_logits = keep_logits
         self.requests: dict[str, Request] = {}

@@ -66,6 +66,7 @@ def check_model_dir(path: str | Path) -> Path:
 class ModelRunner:
     def __init__(self, model_dir: str | Path, config: EngineConfig) -> None:
         path = check_model_dir(model_dir)
+        self.path = path
         self.config = config
         self.device = pick_device(config.device)
         self.dtype = pick_dtype(config.dtype, self.device)
@@ -101,6 +102,7 @@ class ModelRunner:
         self.windows = {None, getattr(text_cfg, "sliding_window", None)}
         self.backend = self._backend(resolve(config.attention, self.device, self.head_dim))
         self._proven = False  # a forward with this backend succeeded (no fallback after that)
+        self.last_hidden: torch.Tensor | None = None  # [S, H] the LM head's input rows, when kept
         self.graphs = None
         if self.device.type == "cuda" and config.cuda_graphs:
             from apar.engine.cuda_graphs import DecodeGraphs
@@ -133,6 +135,16 @@ class ModelRunner:
         if self.tokenizer.convert_ids_to_tokens(tid) != text:
             raise UserError(f"control token {text!r} is not a single token in this tokenizer")
         return int(tid)
+
+    def keep_hidden(self) -> None:
+        """From now on keep the last hidden states the LM head reads in each forward (its sampled rows,
+        [S, H] in `last_hidden`) for draft heads (apar/engine/medusa.py). Steps then run eagerly (a CUDA
+        graph would keep its own copy)."""
+        def hook(module, args, output) -> None:
+            self.last_hidden = args[0].reshape(-1, args[0].shape[-1])
+
+        self.model.get_output_embeddings().register_forward_hook(hook)
+        self.graphs = None
 
     def _compile(self) -> None:
         """torch.compile every decoder layer as one graph: its K/V write traced, the backend's attention an

@@ -74,7 +74,7 @@ class TokenResults:
         if drafts:
             self._verify(samplers, logits, drafts, emitted, result)
         applied = self._apply_rounds(samplers, logits, drafts, emitted, tight, result)
-        if drafts:
+        if self.drafter is not None:  # (medusa guesses after every step, drafts or not)
             self._settle_drafts(samplers, drafts, applied)
         result.sampled += len(samplers)
         return {req.id for req, _ in samplers}

@@ -31,7 +31,8 @@ import torch
 from apar.engine.config import SpeculativeConfig
 
 class Drafter(Protocol):
-    """Proposes a thread's next tokens from its context."""
+    """Proposes a thread's next tokens from its context. (A drafter with `by_thread` true guesses per
+    thread instead, from the step that gave the thread its pending token: `MedusaDrafter`.)"""
 
     def draft(self, context: Sequence[int], k: int) -> list[int]:
         """Up to `k` tokens that may follow `context` (the thread's whole context, its last token
@@ -43,6 +44,8 @@ class NgramDrafter:
     """Prompt lookup (no model): the context's last n tokens, n from `max_n` down to `min_n`, are looked
     up in the context itself; the tokens that followed their latest earlier occurrence are the draft,
     cut before the first of `stop_ids` (the control tokens)."""
+
+    by_thread = False
 
     def __init__(self, min_n: int = 1, max_n: int = 4, stop_ids: Sequence[int] = ()) -> None:
         if not 1 <= min_n <= max_n:
@@ -85,10 +88,20 @@ class NgramDrafter:
         return out
 
 
-def make_drafter(config: SpeculativeConfig, stop_ids: Sequence[int]) -> Drafter | None:
-    """The drafter `config` names; None when speculation is off."""
+def make_drafter(config: SpeculativeConfig, stop_ids: Sequence[int], runner=None) -> Drafter | None:
+    """The drafter `config` names; None when speculation is off. medusa loads the heads saved beside the
+    model `runner` serves and has the runner keep its last hidden states (apar/engine/medusa.py)."""
     if config.method == "ngram":
         return NgramDrafter(config.min_ngram, config.max_ngram, stop_ids)
+    if config.method == "medusa":
+        from apar.engine.medusa import MedusaDrafter
+
+        if runner is None:
+            raise ValueError("medusa drafts need the model runner")
+        drafter = MedusaDrafter.load(runner.path, runner.model.get_output_embeddings().weight, stop_ids,
+                                     config.num_tokens)
+        runner.keep_hidden()
+        return drafter
     return None
 
 

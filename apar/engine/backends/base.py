@@ -109,6 +109,64 @@ class ChunkMeta:
         return self.masks[window]
 
 
+SHORT_CHUNK = 17  # a chunk of at most this many queries (a draft with its pending token) joins the batch
+
+
+class Chunks(list):
+    """A step's `ChunkMeta`s; its short chunks (speculative drafts: few queries each, one per drafting
+    thread) are attended together as one padded batch (`ShortChunks`), built once per step and window,
+    instead of a few small operations per chunk and layer."""
+
+    def short(self, group: int, window: int | None) -> ShortChunks | None:
+        cache = self.__dict__.setdefault("_short", {})
+        if (group, window) not in cache:
+            short = [m for m in self if m.chunk.n <= SHORT_CHUNK]
+            cache[(group, window)] = ShortChunks(short, [m for m in self if m.chunk.n > SHORT_CHUNK], group, window) \
+                if len(short) > 1 else None
+        return cache[(group, window)]
+
+
+class ShortChunks:
+    """B short chunks padded to n queries over C keys: one gather of their contexts and one SDPA a layer.
+    Padding keys are masked; padding queries see key 0 only and are dropped."""
+
+    def __init__(self, short: list[ChunkMeta], rest: list[ChunkMeta], group: int, window: int | None) -> None:
+        self.rest = rest
+        dev = short[0].slots.device
+        n = max(m.chunk.n for m in short)
+        c = max(m.chunk.length for m in short)
+        slots = torch.zeros(len(short), c, dtype=torch.long, device=dev)  # [B, C]
+        mask = torch.zeros(len(short), n, c, dtype=torch.bool, device=dev)  # [B, n, C]
+        mask[:, :, 0] = True
+        rows = []
+        for b, m in enumerate(short):
+            k = m.chunk
+            slots[b, : k.length] = m.slots
+            mask[b, : k.n, : k.length] = m.mask(window)
+            rows.extend(range(k.start, k.start + k.n))
+            rows.extend([k.start] * (n - k.n))
+        self.n, self.c, self.b = n, c, len(short)
+        self.slots = slots.view(-1)
+        self.rows = torch.tensor(rows, device=dev)  # [B * n]: the query row of each (chunk, query)
+        self.valid = torch.tensor([i < m.chunk.n for m in short for i in range(n)], device=dev)  # [B * n]
+        self.out_rows = self.rows[self.valid]
+        # [B, 1, G * n, C]: query rows ordered (head in group, token), as `attend_chunks` lays them out
+        self.mask = mask.repeat(1, group, 1)[:, None]
+        self.group = group
+
+    def attend(self, query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, scaling: float,
+               out: torch.Tensor) -> None:
+        n_heads, dim = query.shape[1:]
+        kv_heads, b, n, g = k_pool.shape[0], self.b, self.n, self.group
+        q = query.index_select(0, self.rows).view(b, n, kv_heads, g, dim).permute(0, 2, 3, 1, 4)
+        q = q.reshape(b, kv_heads, g * n, dim)  # [B, Hkv, G*n, D]
+        k = k_pool.index_select(1, self.slots).view(kv_heads, b, self.c, dim).transpose(0, 1)  # [B, Hkv, C, D]
+        v = v_pool.index_select(1, self.slots).view(kv_heads, b, self.c, dim).transpose(0, 1)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, scale=scaling)  # [B, Hkv, G*n, D]
+        o = o.view(b, kv_heads, g, n, dim).permute(0, 3, 1, 2, 4).reshape(b * n, n_heads, dim)
+        out[self.out_rows] = o[self.valid]
+
+
 class AttentionBackend:
     """The interface. `name` is what `--attention` calls it; `graphs` says whether its decode metadata
     has fixed shapes (then a CUDA graph may replay its decode steps, see `cuda_graphs.py`); `uses_runs`
@@ -133,7 +191,7 @@ class AttentionBackend:
     @staticmethod
     def prepare_chunks(step: ModelInputs) -> list[ChunkMeta]:
         table = step.contexts.table
-        return [ChunkMeta(c, table[c.table_row, : c.length].long()) for c in step.chunks]
+        return Chunks(ChunkMeta(c, table[c.table_row, : c.length].long()) for c in step.chunks)
 
     @staticmethod
     def attend_chunks(chunks: list[ChunkMeta], query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
@@ -145,6 +203,10 @@ class AttentionBackend:
         n_heads, dim = query.shape[1:]
         kv_heads = k_pool.shape[0]
         group = n_heads // kv_heads
+        batch = chunks.short(group, window) if isinstance(chunks, Chunks) else None
+        if batch is not None:
+            batch.attend(query, k_pool, v_pool, scaling, out)
+            chunks = batch.rest
         for m in chunks:
             c = m.chunk
             q = query[c.start : c.start + c.n].view(c.n, kv_heads, group, dim).permute(1, 2, 0, 3)

@@ -1,0 +1,153 @@
+"""Medusa drafts: K small heads on the model's last hidden state guess a thread's next K tokens
+(docs/design.md, "Speculation"; trained by `apar train-medusa`, apar/train/medusa.py).
+
+Head k (k = 1..K) maps the final (normed) hidden state h_t at a thread's position t to SiLU(W_k h_t + b_k)
++ h_t, which the model's own LM head turns into a guess at token t + k + 1 (the LM head on h_t itself
+gives token t + 1, the model's own next token). The heads run in the same step as the forward that
+produced h_t, on the row each sampling thread's next pending token came from (the sampled row, or the
+row of the last accepted draft token), so the next step's draft is ready before it is planned.
+
+Data flow, one step: the runner's LM head hook keeps the hidden rows it saw (`ModelRunner.keep_hidden`);
+after verification `Speculation._propose` picks each thread's row and calls `MedusaDrafter.propose`,
+which keeps the guesses per thread with the context length they follow; `_plan_drafts` takes them
+(`proposal`) when the thread's context still has that length. A guess never holds a control token (cut
+before the first), and any guess is verified, so wrong guesses cost speed, never output.
+
+A chain stops at the first head that is unsure of its token (`MIN_CONFIDENCE`): a wrong guess costs
+positions of the step (its KV written, its logits row computed) and saves nothing.
+
+The LM head of the guesses is restricted to the heads' vocabulary (the token ids saved with them, the
+tokens of the data they were trained on) when present: a guess outside it would rarely be accepted,
+and the product is then a fraction of the full vocabulary's.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from apar.engine.errors import UserError
+
+# a guess is cut at the first head whose probability of its own token is below this (docs/benchmarks.md,
+# "Speculation": the heads' accuracy by confidence on SmolLM2-135M)
+MIN_CONFIDENCE = 0.3
+HEADS_FILE = "medusa_heads.safetensors"
+CONFIG_FILE = "medusa.json"
+
+
+class MedusaHeads(torch.nn.Module):
+    """K residual blocks over the hidden state: [N, H] -> [N, K, H]. Zero weights make each head the
+    identity (every head then guesses the model's own next token)."""
+
+    def __init__(self, hidden: int, num_heads: int) -> None:
+        super().__init__()
+        self.hidden, self.num_heads = hidden, num_heads
+        self.weight = torch.nn.Parameter(torch.zeros(num_heads, hidden, hidden))  # [K, H_out, H_in]
+        self.bias = torch.nn.Parameter(torch.zeros(num_heads, hidden))  # [K, H]
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        z = torch.einsum("nh,kgh->nkg", h, self.weight) + self.bias  # [N, K, H]
+        return torch.nn.functional.silu(z) + h[:, None, :]
+
+
+def save_heads(out: Path, heads: MedusaHeads, vocab: Sequence[int] | None, meta: dict) -> None:
+    """The heads' weights (and their vocabulary) in `out/medusa_heads.safetensors`, their shape and how
+    they were made in `out/medusa.json`."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {"weight": heads.weight.detach().float().contiguous(), "bias": heads.bias.detach().float().contiguous()}
+    if vocab is not None:
+        tensors["vocab"] = torch.tensor(sorted(set(vocab)), dtype=torch.int64)
+    save_file(tensors, str(out / HEADS_FILE))
+    (out / CONFIG_FILE).write_text(json.dumps({"num_heads": heads.num_heads, "hidden_size": heads.hidden, **meta},
+                                              indent=2) + "\n")
+
+
+def load_heads(directory: Path) -> tuple[MedusaHeads, torch.Tensor | None, dict]:
+    """The heads saved in `directory` (and their vocabulary, or None); a clear error when there are none."""
+    from safetensors.torch import load_file
+
+    weights, config = directory / HEADS_FILE, directory / CONFIG_FILE
+    if not weights.is_file() or not config.is_file():
+        raise UserError(f"--speculate medusa: {directory} has no {HEADS_FILE} and {CONFIG_FILE}; train them "
+                        f"with `apar train-medusa {directory}`")
+    try:
+        meta = json.loads(config.read_text())
+        tensors = load_file(str(weights))
+        heads = MedusaHeads(int(meta["hidden_size"]), int(meta["num_heads"]))
+        heads.load_state_dict({"weight": tensors["weight"], "bias": tensors["bias"]})
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise UserError(f"cannot load the medusa heads in {directory}: {exc}") from None
+    return heads, tensors.get("vocab"), meta
+
+
+class MedusaDrafter:
+    """Guesses from the heads, kept per thread (the module's docstring)."""
+
+    by_thread = True  # drafts come from `proposal`, not from the context (`Drafter.draft`)
+
+    def __init__(self, heads: MedusaHeads, lm_weight: torch.Tensor, vocab: torch.Tensor | None,
+                 stop_ids: Sequence[int]) -> None:
+        device, dtype = lm_weight.device, lm_weight.dtype
+        if heads.hidden != lm_weight.shape[1]:
+            raise UserError(f"the medusa heads are for hidden size {heads.hidden}, the model's is {lm_weight.shape[1]}")
+        if vocab is not None and (vocab.numel() == 0 or int(vocab.max()) >= lm_weight.shape[0] or int(vocab.min()) < 0):
+            raise UserError("the medusa heads' vocabulary does not fit the model's")
+        self.heads = heads.to(device=device, dtype=dtype).eval()
+        self.num_heads = heads.num_heads
+        self.vocab = None if vocab is None else vocab.to(device)
+        # [V', H]: the LM head's rows of the heads' vocabulary (a copy), or the whole LM head (a view)
+        self.table = lm_weight.detach() if vocab is None else lm_weight.detach().index_select(0, self.vocab)
+        self.stop_ids = frozenset(stop_ids)
+        self.min_confidence = MIN_CONFIDENCE
+        self.proposals: dict[tuple[str, int], tuple[int, list[int]]] = {}
+
+    @classmethod
+    def load(cls, directory: Path, lm_weight: torch.Tensor, stop_ids: Sequence[int], k: int) -> MedusaDrafter:
+        heads, vocab, _ = load_heads(directory)
+        if k > heads.num_heads:
+            raise UserError(f"--num-speculative-tokens {k} asks for more tokens than the {heads.num_heads} "
+                            f"medusa heads in {directory} guess")
+        return cls(heads, lm_weight, vocab, stop_ids)
+
+    @torch.inference_mode()
+    def guess(self, hidden: torch.Tensor) -> list[list[int]]:
+        """hidden: [M, H] final hidden states -> per row the K heads' tokens, up to the first head whose
+        own probability of its token is below `min_confidence` (a guess that would most likely be
+        rejected costs its positions in the step and saves nothing)."""
+        out = self.heads(hidden.to(self.table.dtype))  # [M, K, H]
+        probs = (out @ self.table.T).float().softmax(dim=-1)  # [M, K, V']
+        conf, idx = probs.max(dim=-1)  # [M, K]
+        if self.vocab is not None:
+            idx = self.vocab[idx]
+        # each row's tokens before its first unconfident head
+        keep = (conf >= self.min_confidence).int().cumprod(dim=-1).sum(dim=-1).tolist()  # [M]
+        return [row[:n] for row, n in zip(idx.tolist(), keep)]
+
+    def propose(self, keys: list[tuple[str, int]], lengths: list[int], hidden: torch.Tensor) -> None:
+        """Replace the guesses by those of this step: keys[i]'s thread, whose context has lengths[i]
+        tokens, from hidden row i ([M, H])."""
+        self.proposals = {}
+        if not keys:
+            return
+        for key, length, toks in zip(keys, lengths, self.guess(hidden)):
+            cut = []
+            for tok in toks:
+                if tok in self.stop_ids:
+                    break
+                cut.append(tok)
+            self.proposals[key] = (length, cut)
+
+    def proposal(self, key: tuple[str, int], length: int, k: int) -> list[int]:
+        """Up to k guessed tokens after the thread's context of `length` tokens; [] when none was made
+        after exactly that context."""
+        found = self.proposals.get(key)
+        if found is None or found[0] != length or k <= 0:
+            return []
+        return found[1][:k]
+
+    def draft(self, context: Sequence[int], k: int) -> list[int]:  # the Drafter protocol: no thread, no guess
+        return []
