@@ -104,16 +104,17 @@ class ContextTable:
         self._extend(t, slots)
 
     def _extend(self, t: Thread, slots: list[int]) -> None:
-        if t.ctx.row is None:
-            t.ctx.row = self._take(t)
+        ctx = t.ctx
+        if ctx.row is None:
+            ctx.row = self._take(t)
         rows, positions, values = self._appends
-        n = len(slots)
-        rows.extend([t.ctx.row] * n)
-        positions.extend(range(t.ctx.n_ctx, t.ctx.n_ctx + n))
+        n, at = len(slots), ctx.n_ctx
+        rows.extend([ctx.row] * n)
+        positions.extend(range(at, at + n))
         values.extend(slots)
-        t.ctx.n_ctx += n
-        if t.ctx.n_ctx > self.width:
-            self._widen(t.ctx.n_ctx)
+        ctx.n_ctx = at + n
+        if at + n > self.width:
+            self._widen(at + n)
 
     def truncate(self, t: Thread, n: int) -> None:
         """`t`'s last `n` positions were rolled back (a rejected draft): its context ends before them. The

@@ -2,11 +2,11 @@
 
 `step()` reads like its description: plan the decoding threads, admit on what is free, plan the
 catch-up chunks, make room (preempting the most recently admitted request while the step's blocks do
-not fit), allocate slots in the ledger, run the model, sample, then apply the tokens (fork, finish,
-free) and report events. Under pressure new forks are refused first (`fork_watermark`), then requests
-are preempted: every block freed at once, every token kept, the KV recomputed on readmission. Callers
-add requests and abort them between steps; the engine is single-threaded by design (a server drives it
-from one loop).
+not fit), allocate slots in the ledger (allocation.py), run the model, sample, then apply the tokens
+(fork, finish, free) and report events. Under pressure new forks are refused first (`fork_watermark`),
+then requests are preempted: every block freed at once, every token kept, the KV recomputed on
+readmission. Callers add requests and abort them between steps; the engine is single-threaded by design
+(a server drives it from one loop).
 
 A request for `n` answers prefills its prompt once: when the root samples its first token, the other
 answers' first tokens are drawn from the same logits row and their roots forked from the root's prompt
@@ -14,8 +14,8 @@ answers' first tokens are drawn from the same logits row and their roots forked 
 `max_threads`; the request ends when every answer has.
 
 Prefix cache (`EngineConfig.prefix_cache`): a root starts in the ledger on the longest run of its
-prompt's full blocks the ledger holds by name (the scheduler looks it up, `_start_root` sends [Start,
-Reuse]): those tokens count as computed and its prefill starts after them. Once its prompt is
+prompt's full blocks the ledger holds by name (the scheduler looks it up, `_start_root` sends
+[Start, Reuse]): those tokens count as computed and its prefill starts after them. Once its prompt is
 prefilled, the blocks it wrote are named (`_name_prompts`) and outlive the request as cached blocks,
 evicted when a block is needed.
 """
@@ -28,15 +28,16 @@ from pathlib import Path
 
 import torch
 
+from apar.engine.allocation import SlotAllocation
 from apar.engine.backends.base import ModelInputs
 from apar.engine.config import EngineConfig
 from apar.engine.errors import UserError
 from apar.engine.events import Event, FinishReason, RequestFinished, ThreadStarted
 from apar.engine.forks import ForkRules
 from apar.engine.input_builder import DraftRows, InputBuilder
-from apar.engine.kv.ledger import KVLedger, ThreadRef
+from apar.engine.kv.ledger import KVLedger
 from apar.engine.kv.local import LocalKV
-from apar.engine.kv.ops import Append, Finish, Fork, Name, Op, Release, Reuse, Start
+from apar.engine.kv.ops import Release
 from apar.engine.model_runner import ModelRunner
 from apar.engine.params import SamplingParams
 from apar.engine.penalties import Penalties
@@ -52,10 +53,11 @@ from apar.engine.speculation import Speculation
 log = logging.getLogger(__name__)
 
 
-class Engine(TokenResults, Speculation):
+class Engine(SlotAllocation, TokenResults, Speculation):
     """The step loop over a model, a KV ledger and a scheduler (the module's docstring says how); it holds
     its parts (`runner`, `ledger`, `kv`, `scheduler`, `pressure`, `fork_rules`, `penalties`,
-    `input_builder`) and applies the sampled tokens itself (`TokenResults`, results.py)."""
+    `input_builder`), allocates the step's slots (`SlotAllocation`, allocation.py) and applies the sampled
+    tokens itself (`TokenResults`, results.py)."""
 
     def __init__(self, model_dir: str | Path, config: EngineConfig | None = None, keep_logits: bool = False,
                  kv_factory=None):
@@ -279,60 +281,6 @@ class Engine(TokenResults, Speculation):
         self.peak_blocks = max(self.peak_blocks, self.ledger.num_used)
         self.penalties.flush()  # the step's tokens counted, the rows of ended threads free
 
-    def _allocate(self, work: list[Work], result: EngineOutput) -> list[Work]:
-        """Give every planned token a slot in ONE ledger call, in plan order: a new root's start, a new
-        child's fork (after its parent's [Fork] got its slot), the append, and for a finished thread
-        recomputed for its children, its end once its last such child is forked. (A new answer root is
-        forked when it is created, see `_open_answers`; after a preemption it is forked here.) New roots
-        start first, so that no allocation of the step evicts a cached block one of them reuses."""
-        starts: list[Op] = []
-        ops: list[Op] = []
-        new_threads: dict[int, Thread] = {}
-        for w in work:
-            req, t = w.request, w.thread
-            ref = ThreadRef(req.id, t.id)
-            if not t.in_ledger and id(t) not in new_threads:
-                if t.parent is None:
-                    starts += self._start_root(req, ref)
-                else:
-                    parent = t.parent
-                    ops.append(Fork(ThreadRef(req.id, parent.id), ref))
-                    if not parent.running and t is parent.last_reader:
-                        ops.append(Finish(ThreadRef(req.id, parent.id)))  # its last reader is forked
-                new_threads[id(t)] = t
-            if w.n:
-                ops.append(Append(ref, w.tokens))
-        if not starts and not ops:
-            return []
-        # raises when the ops cannot be handed over (the KV manager is away past the lag bound); then
-        # nothing was applied, and no thread may count as known to the ledger before it is
-        answer = self.kv.apply(starts + ops)
-        for t in new_threads.values():
-            t.in_ledger = True
-            if t.parent is not None and not t.parent.running and t is t.parent.last_reader:
-                t.parent.recompute.to = 0
-        bs = self.config.block_size
-        failed: set[str] = set()
-        appends = iter(answer.appends)
-        for w in work:
-            slots = next(appends) if w.n else []  # (a draft only follows kv tokens: n > 0)
-            if w.request.id in failed:
-                continue
-            if slots is None:
-                failed.add(w.request.id)
-                w.request.error = "the KV cache is full"
-                result.events.extend(self._end_request(w.request, FinishReason.LENGTH))
-                continue
-            t = w.thread
-            if new_threads.pop(id(t), None) is not None:
-                if t.parent is not None:  # the parent's context up to its [Fork]
-                    self.runner.contexts.fork(t.parent, t)
-                elif t.recompute.reused:  # a root's cached prefix
-                    blocks = self.ledger.context_blocks(ThreadRef(w.request.id, t.id))[: t.recompute.reused]
-                    self.runner.contexts.reuse(t, [b * bs + o for b in blocks for o in range(bs)])
-            self.runner.contexts.push(t, [b * bs + o for b, o in slots])
-        return [w for w in work if w.request.id not in failed and w.n]
-
     def _build_step(self, work: list[Work]) -> tuple[ModelInputs, list[tuple[Request, Thread]], list[DraftRows],
                                                      list[Work]]:
         """The model inputs (`InputBuilder`), then count its tokens as computed (and in usage); also the
@@ -351,28 +299,6 @@ class Engine(TokenResults, Speculation):
             if t.parent is None and first < t.n_prompt <= t.computed:
                 prefilled.append(w)
         return step, samplers, drafts, prefilled
-
-    # ---- prefix cache ------------------------------------------------------------------------------
-    def _start_root(self, req: Request, ref: ThreadRef) -> list[Op]:
-        """A root's start in the ledger, on its cached prefix. The first start is the request's cache
-        hit (`cached_tokens`); one after a preemption reads its own cached blocks back."""
-        root = req.root
-        if self.config.prefix_cache and not req.usage.preemptions:
-            req.usage.cached_tokens = root.recompute.reused * self.config.block_size
-            self.prefix_queried_tokens += len(req.prompt)
-            self.prefix_hit_tokens += req.usage.cached_tokens
-        if not root.recompute.reused:
-            return [Start(ref)]
-        return [Start(ref), Reuse(ref, tuple(req.prompt_names[: root.recompute.reused]))]
-
-    def _name_prompts(self, prefilled: list[Work]) -> None:
-        """Roots whose prompt the step just wrote: the full blocks they wrote get their names (those past
-        the cached prefix), so that later prompts can reuse them."""
-        for w in prefilled:
-            t = w.thread
-            names = w.request.prompt_names[t.recompute.reused :]
-            if names:
-                self.kv.defer(Name(ThreadRef(w.request.id, t.id), t.recompute.reused, tuple(names)))
 
     # ---- convenience -------------------------------------------------------------------------------
     def run_to_completion(self) -> list[Event]:

@@ -27,12 +27,13 @@ def fork_allowed(req: Request, thread: Thread, fork_id: int, child_id: int, max_
     """Whether the thread may emit [Fork] next; `ahead`: draft tokens taken as already emitted (the row
     after them is being verified, speculate.py), each spending one token of the answer's budget."""
     p = req.params
+    if not p.auto_parallel:
+        return False
     last = ahead[-1] if ahead else thread.kv_tokens[-1]
     n_tokens = len(thread.kv_tokens) + len(ahead)
     next_pos = thread.start_pos + n_tokens  # where the [Fork] would sit
     return (
-        p.auto_parallel
-        and last not in (fork_id, child_id)
+        last not in (fork_id, child_id)
         and thread.n_prompt < n_tokens  # not the very first token of the answer
         and req.answer_threads[thread.answer] < p.max_threads
         and thread.depth < p.max_depth
@@ -75,7 +76,8 @@ class ForkRules:
         whether the pool is tight (nearly full: every fork refused, each one the model wanted counted)."""
         if self.child_id is not None:
             logits[:, self.child_id] = float("-inf")
-        allowed = [self.may_fork(req, t) for req, t in samplers]
+        fork_id, child_id, limit = self.fork_id, self.child_id, self.max_positions
+        allowed = [fork_allowed(req, t, fork_id, child_id, limit) for req, t in samplers]
         tight = self.ledger.num_free < self.watermark
         if tight:  # memory first: a fork the model wanted is refused, the thread goes on sequentially
             wanted = [i for i, ok in enumerate(allowed) if ok and samplers[i][1].replay is None]

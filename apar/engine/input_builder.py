@@ -74,19 +74,20 @@ class InputBuilder:
             ids.extend(w.draft)
             pos0 = t.start_pos + first
             positions.extend(range(pos0, pos0 + m))
-            if len(t.ctx.new_slots) < m:
-                raise RuntimeError(f"thread {t.id} got {len(t.ctx.new_slots)} slots for {m} tokens")
-            writes.extend(t.ctx.new_slots[:m])
-            del t.ctx.new_slots[:m]
+            ctx = t.ctx
+            if len(ctx.new_slots) < m:
+                raise RuntimeError(f"thread {t.id} got {len(ctx.new_slots)} slots for {m} tokens")
+            writes.extend(ctx.new_slots[:m])
+            del ctx.new_slots[:m]
             if m == 1:
                 d_rows.append(row)
-                d_table.append(t.ctx.row)
+                d_table.append(ctx.row)
                 d_lens.append(pos0 + 1)
                 families.append(id(w.request))
                 if with_runs:
                     runs.append(context_runs(t, pos0 + 1))
             else:
-                chunks.append(ChunkQuery(row, m, t.ctx.row, pos0 + m))
+                chunks.append(ChunkQuery(row, m, ctx.row, pos0 + m))
             if t.running and len(t.kv_tokens) == first + n:  # its last pending token: it samples from this row
                 sample_rows.append(row + n - 1)
                 samplers.append((w.request, t))

@@ -89,25 +89,30 @@ class TokenResults:
         round r + 1, so no later token of that request is applied in this step (its threads go on from
         there in the next step, the child with them). Returns how many tokens each sampler's thread
         was given."""
-        rules = self.fork_rules
+        rules, fork_id = self.fork_rules, self.fork_id
         first_row = {d.sampler: d.first_row for d in drafts}
+
+        def row(i: int, r: int) -> torch.Tensor:  # [V], the row token r of sampler i came from
+            return logits[i] if r == 0 else logits[first_row[i] + r - 1]
+
         applied = [0] * len(samplers)
         rounds: dict[tuple[str, int], int] = {}  # (request, answer) -> its rounds in this step
-        for i, (req, t) in enumerate(samplers):
-            key = (req.id, t.answer)
-            rounds[key] = min(rounds.get(key, len(emitted[i])), len(emitted[i]))
-        last_round: dict[str, int] = {}  # request -> its last round, once a fork ended them
-        for r in range(max(rounds.values(), default=0)):
+        if drafts:
             for i, (req, t) in enumerate(samplers):
-                if r >= rounds[(req.id, t.answer)] or r > last_round.get(req.id, r) or (r and not t.running):
+                key = (req.id, t.answer)
+                rounds[key] = min(rounds.get(key, len(emitted[i])), len(emitted[i]))
+        last_round: dict[str, int] = {}  # request -> its last round, once a fork ended them
+        for r in range(max(rounds.values(), default=0) if drafts else 1):  # without drafts: one round
+            for i, (req, t) in enumerate(samplers):
+                if drafts and (r >= rounds[(req.id, t.answer)] or r > last_round.get(req.id, r)
+                               or (r and not t.running)):
                     continue
                 token = emitted[i][r]
-                row = logits[i] if r == 0 else logits[first_row[i] + r - 1]  # [V], the row it came from
-                if token == self.fork_id and (tight or not rules.may_fork(req, t)):
-                    token = rules.instead_of_fork(req, t, row, tight)
+                if token == fork_id and (tight or not rules.may_fork(req, t)):
+                    token = rules.instead_of_fork(req, t, row(i, r), tight)
                 threads = len(req.threads)
                 if r == 0 and req.params.n > 1 and t.id == 0 and len(t.kv_tokens) == t.n_prompt:  # root's first
-                    self._open_answers(req, token, row, result)
+                    self._open_answers(req, token, row(i, r), result)
                 else:
                     self._apply(req, t, token, result)
                 applied[i] = r + 1

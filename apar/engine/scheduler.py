@@ -26,7 +26,7 @@ A request whose prompt can never fit is rejected.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from apar.engine.errors import CapacityError
 from apar.engine.kv.ledger import KVLedger, ThreadRef
@@ -50,11 +50,12 @@ class Work:
     thread: Thread
     n: int
     draft: tuple[int, ...] = ()
+    # positions the step computes for it: its kv tokens and its draft (set here, read on every hot loop
+    # of the step; `dataclasses.replace` gives a Work with another draft)
+    tokens: int = field(init=False)
 
-    @property
-    def tokens(self) -> int:
-        """Positions the step computes for it: its kv tokens and its draft."""
-        return self.n + len(self.draft)
+    def __post_init__(self) -> None:
+        self.tokens = self.n + len(self.draft)
 
 
 class Scheduler:
@@ -218,9 +219,10 @@ class Scheduler:
                     reused = len(taken)
             if not t.in_ledger and t.parent is not None:
                 room[id(t.parent)] = 0  # the fork seals the parent's last block
-            extra = max(0, w.tokens - room[id(t)])
+            m = w.tokens
+            extra = max(0, m - room[id(t)])
             opened = -(-extra // bs)
-            room[id(t)] = room[id(t)] - w.tokens if extra == 0 else opened * bs - extra
+            room[id(t)] = room[id(t)] - m if extra == 0 else opened * bs - extra
             need[w.request.id] = need.get(w.request.id, 0) + opened + reused
         return need
 

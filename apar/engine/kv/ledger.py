@@ -37,16 +37,17 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from itertools import repeat
 
-from apar.engine.kv.contents import COUNT, MASK, USED, block_keys, name_weight, thread_key
+from apar.engine.kv.contents import COUNT, USED, block_keys, name_weight, thread_key
 from apar.engine.kv.prefix_cache import PrefixCache
+from apar.engine.kv.reads import LedgerReads
 from apar.engine.kv.state import LedgerState
 from apar.engine.kv.types import Block, Digest, LedgerError, OutOfBlocks, ThreadRef, ThreadState
 
 __all__ = ["Digest", "KVLedger", "LedgerError", "OutOfBlocks", "ThreadRef"]
 
 
-class KVLedger(PrefixCache, LedgerState):
-    """Block ownership and reference counts for every thread of every request."""
+class KVLedger(LedgerReads, PrefixCache, LedgerState):
+    """Block ownership and reference counts for every thread of every request (its queries: reads.py)."""
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
         if num_blocks <= 0 or block_size <= 0:
@@ -66,82 +67,6 @@ class KVLedger(PrefixCache, LedgerState):
         self.evictions = 0  # cached blocks taken for new ones, so far
         self._h = 0  # the contents hash (`digest`): every held block's term (contents.py)
         self._keys = block_keys(num_blocks)  # block id -> contents.block_key
-
-    # ---- read side ---------------------------------------------------------------------------------
-    @property
-    def num_free(self) -> int:
-        """Blocks an allocation can take: free ones and cached ones (evicted when needed)."""
-        return len(self._free) + len(self._cache)
-
-    @property
-    def num_used(self) -> int:
-        """Blocks some running thread reads or writes."""
-        return len(self._blocks) - len(self._cache)
-
-    @property
-    def num_tokens(self) -> int:
-        return self._tokens
-
-    @property
-    def num_requests(self) -> int:
-        """Requests started and not released."""
-        return len(self._request_blocks)
-
-    def digest(self) -> Digest:
-        nxt = self._free[0] if self._free else next(iter(self._cache.values())) if self._cache else -1
-        return Digest(len(self._free), len(self._blocks), len(self._threads), self._tokens, nxt, len(self._named),
-                      self._contents())
-
-    def _contents(self) -> int:
-        return self._h & MASK
-
-    def open_threads(self) -> set[ThreadRef]:
-        """The running threads whose next token fits in their last own block (unsealed, not full)."""
-        return set(self._open)
-
-    def _is_open(self, t: ThreadState) -> bool:
-        return t.running and bool(t.own) and not t.sealed and self._blocks[t.own[-1]].used < self.block_size
-
-    def blocks_of(self, request: str) -> int:
-        """Blocks in use that belong to `request`'s threads (not the named prefix blocks it reads: those
-        belong to no request, and stay cached when it ends)."""
-        return self._request_blocks.get(request, 0)
-
-    def blocks_read(self, request: str) -> int:
-        """Blocks `request`'s threads hold: its own and the named prefix blocks its root reused or named
-        (its footprint, for usage; shared ones count for every request that reads them). Only a root's
-        prompt blocks are named, and every thread of a request reads its root's prompt, so they stay held
-        until the request is released."""
-        return self._request_blocks.get(request, 0) + self._request_named.get(request, 0)
-
-    def context_blocks(self, ref: ThreadRef) -> list[int]:
-        """The blocks of the thread's context, in reading order (refs then own)."""
-        t = self._thread(ref)
-        return t.refs + t.own
-
-    def own_blocks(self, ref: ThreadRef) -> list[int]:
-        return list(self._thread(ref).own)
-
-    def refcount(self, block: int) -> int:
-        b = self._blocks.get(block)
-        return 0 if b is None else b.refcount
-
-    def is_running(self, ref: ThreadRef) -> bool:
-        t = self._threads.get(ref)
-        return t is not None and t.running
-
-    def room(self, ref: ThreadRef) -> int:
-        """Tokens the thread can append without opening a block: what its last block has left, 0 when
-        that block is sealed (a child reads it) or it has none."""
-        t = self._thread(ref)
-        if t.own and not t.sealed:
-            return self.block_size - self._blocks[t.own[-1]].used
-        return 0
-
-    def blocks_needed(self, ref: ThreadRef | None, n_tokens: int) -> int:
-        """New blocks that appending `n_tokens` to `ref` (or to a new thread if None) would take."""
-        extra = max(0, n_tokens - (self.room(ref) if ref is not None else 0))
-        return -(-extra // self.block_size)
 
     # ---- write side --------------------------------------------------------------------------------
     def start(self, ref: ThreadRef) -> None:
@@ -219,6 +144,9 @@ class KVLedger(PrefixCache, LedgerState):
         if self._is_open(t):
             self._opened(t)
         return slots
+
+    def _is_open(self, t: ThreadState) -> bool:
+        return t.running and bool(t.own) and not t.sealed and self._blocks[t.own[-1]].used < self.block_size
 
     def _opened(self, t: ThreadState) -> None:
         """`t` is open, its last block as it is now."""
