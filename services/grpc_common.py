@@ -89,10 +89,15 @@ def _retrieved(task: asyncio.Future) -> None:
 async def abort_unless_gone(context, code: grpc.StatusCode, message: str, trailers=()) -> None:
     """End the RPC with `code`; nothing to do (and nothing to log) when the caller already ended it. An
     abort racing the caller's deadline or cancellation fails in gRPC's core (`ExecuteBatchError`, an
-    ERROR with a traceback in the server's log): that is the client's own end, not the server's fault."""
+    ERROR with a traceback in the server's log): that is the client's own end, not the server's fault.
+
+    When the caller is already gone this raises `asyncio.CancelledError`, ending the handler as gRPC ends
+    one it cancels itself: with no status at all. A handler that returned instead would have gRPC send its
+    status on the ended call, a batch that fails, and grpc.aio never frees a failed batch's native memory
+    (grpc/grpc#43360)."""
     if context.cancelled() or context.done():
         _log.debug("not answering %s (%s): the caller already ended the call", code.name, message)
-        return
+        raise asyncio.CancelledError
     try:
         await context.abort(code, message, trailers)
     except cygrpc.ExecuteBatchError:
@@ -108,7 +113,8 @@ async def write_unless_gone(context, message) -> bool:
     A failed first write leaves gRPC believing the initial metadata unsent, though its batch carried it:
     the status gRPC sends when the handler returns would carry it again and fail the same way
     (`GRPC_CALL_ERROR_TOO_MANY_OPERATIONS`, logged with a traceback). So a failed write also aborts the
-    call: gRPC then sends no status of its own."""
+    call: gRPC then sends no status of its own. A caller found gone then raises `asyncio.CancelledError`
+    (see `abort_unless_gone`); on False the handler should raise it too, rather than return."""
     if context.cancelled() or context.done():
         return False
     try:
