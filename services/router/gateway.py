@@ -28,6 +28,7 @@ from apar.engine.params import SamplingParams
 from apar.protogen import stubs
 from apar.text.prompt import encode_prompt
 from apar.text.stream import Final, RequestStream, StreamItem
+from services.grpc_common import responses
 from services.protocol.wire import events_from_pb, params_to_pb
 from services.router.guard import Caller, Guard, Refused, Ticket, current_caller
 from services.router.metrics import RouterMetrics
@@ -182,7 +183,7 @@ class Gateway:
             first_token_at = last_token_at = None
             finishing = False
             try:
-                async for msg in call:
+                async for msg in responses(call):  # no read left pending when cancelled (grpc/grpc#43360)
                     for event in events_from_pb(rid, msg):
                         for item in stream.feed(event):
                             yield item

@@ -9,6 +9,7 @@ trailing metadata `retry-after` (seconds) and `grpc-retry-pushback-ms`.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from contextlib import aclosing
@@ -63,7 +64,9 @@ class RouterService(pb.apar_pb2_grpc.AparServicer):
                     async for item in items:
                         out = self._response(rid, item, mode)
                         if out is not None and not await write_unless_gone(context, out):
-                            return  # the caller is gone: closing the gateway's stream cancels the worker call
+                            # the caller is gone: closing the gateway's stream cancels the worker call; no
+                            # status for gRPC to send on the ended call (its failed batch leaks: grpc/grpc#43360)
+                            raise asyncio.CancelledError
             finally:
                 job.release()
         except GatewayError as exc:

@@ -97,7 +97,9 @@ class WorkerService(pb.worker_pb2_grpc.WorkerServicer):
                 evs = await backlog.queue.get()
                 done = isinstance(evs[-1], RequestFinished)
                 if not await write_unless_gone(context, events_to_pb(evs, pb)):
-                    break  # the caller is gone (its write raced its deadline or cancellation): a quiet end
+                    # the caller is gone (its write raced its deadline or cancellation): a quiet end, with no
+                    # status for gRPC to send on the ended call (its failed batch leaks: grpc/grpc#43360)
+                    raise asyncio.CancelledError
                 backlog.sent(evs)
         except asyncio.CancelledError:
             if not backlog.overflowed:
