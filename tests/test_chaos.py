@@ -106,7 +106,7 @@ def test_a_terminated_chaos_run_stops_its_cluster(llama_dir, tmp_path):
                 (logs / f"router{i}.log").exists() and "listening on" in (logs / f"router{i}.log").read_text()
                 for i in (0, 1))
 
-        wait_until(cluster_up, 240, "every component started and both routers listening")
+        wait_until(cluster_up, 480, "every component started and both routers listening")
         cluster = _children(proc.pid)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)

@@ -81,6 +81,7 @@ def router(llama_dir, keyfile):
     port's own checks answer before any worker would be asked."""
     port, http_port = free_port(), free_port()
     proc = Proc("router", "--model", str(llama_dir), "--workers", f"127.0.0.1:{free_port()}", "--port", str(port),
+                "--allow-open-internal",  # the public door alone: no worker listens
                 "--http-port", str(http_port), "--served-model-name", "demo", "--api-key-file", str(keyfile),
                 "--max-streams-per-key", "2")
     proc.wait_for("listening on")
@@ -442,6 +443,7 @@ def test_500_half_open_connections_on_the_grpc_port_starve_neither_door(llama_di
 
     port, http_port = free_port(), free_port()
     proc = Proc("router", "--model", str(llama_dir), "--workers", f"127.0.0.1:{free_port()}", "--port", str(port),
+                "--allow-open-internal",  # the public door alone: no worker listens
                 "--http-port", str(http_port), "--served-model-name", "demo", "--api-key-file", str(keyfile),
                 nofile=NOFILE)
     socks = []

@@ -40,6 +40,7 @@ def router(llama_dir, tmp_path):
     (secret / "keys").symlink_to("..data/keys")
     port, http_port = free_port(), free_port()
     proc = Proc("router", "--model", str(llama_dir), "--workers", f"127.0.0.1:{free_port()}", "--port", str(port),
+                "--allow-open-internal",  # the public door alone: no worker listens
                 "--http-port", str(http_port), "--served-model-name", "demo", "--api-key-file",
                 str(secret / "keys"))
     proc.wait_for("listening on")
