@@ -472,7 +472,7 @@ def test_500_half_open_connections_on_the_grpc_port_starve_neither_door(llama_di
 
 
 SERVER_OUT_OF_DESCRIPTORS = """
-import asyncio, asyncio.constants, sys
+import asyncio, sys
 from services.router.http_limits import HttpServerLimits
 from services.router.http_server import start_http_server
 
@@ -489,11 +489,12 @@ async def main():
     errors = loop.get_exception_handler()
     while errors.last < 0:  # until the first failed accept is reported
         await asyncio.sleep(0.02)
-    retry = asyncio.constants.ACCEPT_RETRY_DELAY  # asyncio's fixed wait before it accepts again
-    await asyncio.sleep(1.5 * retry)  # its retries run, fail and are scheduled again
+    while errors.count == 0:  # until asyncio's retries run, fail and are scheduled again
+        await asyncio.sleep(0.02)
     server.should_exit = True
     await task
-    await asyncio.sleep(1.5 * retry)  # the retries still pending run, on the closed socket
+    while errors.retries_failed == 0:  # until a retry still pending runs, on the closed socket
+        await asyncio.sleep(0.02)
 
 asyncio.run(main())
 """
@@ -524,4 +525,5 @@ def test_running_out_of_descriptors_logs_lines_not_a_traceback_each():
             sock.close()
         proc.kill()
     assert "cannot accept connections" in err  # it did run out of descriptors
+    assert "retries of accepting connections on a closed server failed" in err  # and retried after closing
     assert "Traceback" not in err and len(err.splitlines()) < 20, err[-3000:]
