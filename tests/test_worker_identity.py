@@ -300,6 +300,22 @@ class _InfoOnly(pb.worker_pb2_grpc.WorkerServicer):
         return self.info
 
 
+async def _info_workers() -> tuple[list, dict[str, str]]:
+    """Two live gRPC workers that answer Info only: 'llama-a' with 40 free blocks, 'llama-b' with 60 (so
+    room alone would pick b). Returns their servers and each model's address."""
+    workers, addresses = [], {}
+    for model, free in (("llama-a", 40), ("llama-b", 60)):
+        w = grpc.aio.server()
+        port = w.add_insecure_port("127.0.0.1:0")
+        info = pb.worker_pb2.WorkerInfo(worker_id=model, model=model, num_blocks=64, block_size=BS,
+                                        free_blocks=free)
+        pb.worker_pb2_grpc.add_WorkerServicer_to_server(_InfoOnly(info), w)
+        await w.start()
+        workers.append(w)
+        addresses[model] = f"127.0.0.1:{port}"
+    return workers, addresses
+
+
 def test_a_router_sends_requests_only_to_the_workers_of_its_model():
     """Two live workers register with one manager, serving two models; the other model's worker holds the
     prompt's whole prefix and more free blocks, so by prefix and room it would win every time. A router
@@ -310,16 +326,8 @@ def test_a_router_sends_requests_only_to_the_workers_of_its_model():
     names = block_hashes(ids, BS)
 
     async def main() -> tuple[dict[str, list[str]], dict[str, str]]:
-        workers, addresses = [], {}
-        for model, free in (("llama-a", 40), ("llama-b", 60)):
-            w = grpc.aio.server()
-            port = w.add_insecure_port("127.0.0.1:0")
-            info = pb.worker_pb2.WorkerInfo(worker_id=model, model=model, num_blocks=64, block_size=BS,
-                                            free_blocks=free)
-            pb.worker_pb2_grpc.add_WorkerServicer_to_server(_InfoOnly(info), w)
-            await w.start()
-            workers.append(w)
-            addresses[model] = f"127.0.0.1:{port}"
+        workers, addresses = await _info_workers()
+        for model in addresses:
             client = InProcessClient(server.manager, model, addresses[model], 64, BS, model=model)
             assert not client.register()
             log = ReplicationLog(KVLedger(64, BS), client.session)
@@ -359,16 +367,7 @@ def test_a_static_worker_list_serves_only_the_workers_of_its_model(caplog):
     would pick it) never gets a request, and the router says so once."""
 
     async def main() -> tuple[list, dict[str, str]]:
-        workers, addresses = [], {}
-        for model, free in (("llama-a", 40), ("llama-b", 60)):
-            w = grpc.aio.server()
-            port = w.add_insecure_port("127.0.0.1:0")
-            info = pb.worker_pb2.WorkerInfo(worker_id=model, model=model, num_blocks=64, block_size=BS,
-                                            free_blocks=free)
-            pb.worker_pb2_grpc.add_WorkerServicer_to_server(_InfoOnly(info), w)
-            await w.start()
-            workers.append(w)
-            addresses[model] = f"127.0.0.1:{port}"
+        workers, addresses = await _info_workers()
         d = WorkerDirectory(list(addresses.values()), refresh_s=60, model="llama-a")
         chosen = []
         try:
