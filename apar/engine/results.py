@@ -49,9 +49,9 @@ class TokenResults:
         Bans known before the step are applied to all rows at once; greedy rows take one argmax
         together; a sampling request draws from its own generator, its threads in id order (and the
         first tokens of answers 1..n-1 right after the root's first, from the same row). A thread with a
-        draft gets the tokens its verification keeps (`_verify`), after those it holds ahead. The fork rules are checked again as
-        each token is applied (`_apply_rounds`), since a sibling's fork in the same step may have used
-        up a limit.
+        draft gets the tokens its verification keeps (`_verify`), after those it holds ahead. The fork
+        rules are checked again as each token is applied (`_apply_rounds`), since a sibling's fork in the
+        same step may have used up a limit.
         """
         main = logits[: len(samplers)]  # [S, V], a view: the bans below write through
         if self.keep_logits:

@@ -4,9 +4,9 @@ A thread's *kv tokens* are the tokens whose KV it writes: for the root the promp
 for a child its own tokens (the first is the forced `[Child]`). With speculation a thread may also hold
 tokens *ahead*: verified by the model, not yet applied (docs/design.md, "Speculation"); its token
 sequence is then `kv_tokens + ahead`, and `computed` counts the tokens of that sequence already in the
-cache (all but the last: its pending token). A thread runs when `computed` is short of its sequence. Positions are consecutive along the path
-from the root, so a kv token's position is also its index in the thread's context (docs/design.md,
-"Threads and blocks").
+cache (all but the last: its pending token). A thread runs when `computed` is short of its sequence.
+Positions are consecutive along the path from the root, so a kv token's position is also its index in
+the thread's context (docs/design.md, "Threads and blocks").
 
 A request for `n` answers has one tree per answer: the root (thread 0, holding the prompt) is answer 0;
 the roots of answers 1..n-1 are the root's children that read its prompt and nothing more, their first
