@@ -236,6 +236,10 @@ class Engine(SlotAllocation, TokenResults, Speculation):
         result = EngineOutput(events=[])
         work = self._schedule(result)
         if not work:  # nothing to run (at most forks of recomputed threads, which the ledger now has)
+            if self.drafter is not None and self._participants([]):  # only threads that hold tokens ahead
+                self.steps += 1
+                produced = self._apply_rounds([], None, self.ledger.num_free < self.fork_rules.watermark, result)[1]
+                self._end_step(produced, result)
             self.kv.flush()
             self.penalties.flush()
             return result
@@ -257,7 +261,11 @@ class Engine(SlotAllocation, TokenResults, Speculation):
         self.scheduler.plan_catch_up(work)
         need.update(self.scheduler.blocks_needed(work[decoding:]))  # catching up: other requests
         if sum(need.values()) > self.ledger.num_free and any(w.draft for w in work[:decoding]):
-            work = [replace(w, draft=()) for w in work]  # under pressure speculation goes first
+            work = [replace(w, draft=()) for w in work]  # under pressure speculation goes first: drafts,
+            need = self.scheduler.blocks_needed(work)
+        if self.drafter is not None and sum(need.values()) > self.ledger.num_free - self.fork_rules.watermark \
+                and self._trim_ahead():  # then the tokens held ahead, before forks are refused
+            work = [replace(w, draft=()) if w.draft else w for w in work]  # (a draft followed a dropped tip)
             need = self.scheduler.blocks_needed(work)
         work, full = self.pressure.make_room(work, need)
         if full is not None:  # alone, it does not fit: it has filled the pool
@@ -272,6 +280,10 @@ class Engine(SlotAllocation, TokenResults, Speculation):
         result.tokens = step.num_tokens
         self._name_prompts(prefilled)  # before sampling: a root may end there
         produced = self._sample(samplers, logits, result, drafts)
+        self._end_step(produced, result)
+
+    def _end_step(self, produced: set[str], result: EngineOutput) -> None:
+        """Count the step in the usage of the requests that produced; end the requests that are done."""
         for req in list(self.scheduler.running):
             if req.id in produced:
                 req.usage.steps += 1
@@ -284,7 +296,7 @@ class Engine(SlotAllocation, TokenResults, Speculation):
     def _build_step(self, work: list[Work]) -> tuple[ModelInputs, list[tuple[Request, Thread]], list[DraftRows],
                                                      list[Work]]:
         """The model inputs (`InputBuilder`), then count its tokens as computed (and in usage); also the
-        roots' chunks that complete their prompt. (A draft's tokens count once verified: `_settle_drafts`.)"""
+        roots' chunks that complete their prompt. (A draft's tokens count once verified: `_take_runs`.)"""
         step, samplers, drafts = self.input_builder.build(work, self.runner.backend.uses_runs)
         prefilled = []
         for w in work:

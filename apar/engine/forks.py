@@ -25,10 +25,13 @@ from apar.engine.sequence import Request, Thread
 def fork_allowed(req: Request, thread: Thread, fork_id: int, child_id: int, max_positions: int,
                  ahead: Sequence[int] = ()) -> bool:
     """Whether the thread may emit [Fork] next; `ahead`: draft tokens taken as already emitted (the row
-    after them is being verified, speculate.py), each spending one token of the answer's budget."""
+    after them is being verified, speculate.py), each spending one token of the answer's budget, after
+    the thread's own tokens ahead (verified, not yet applied: they are emitted first)."""
     p = req.params
     if not p.auto_parallel:
         return False
+    if thread.ahead:
+        ahead = [*thread.ahead, *ahead]
     last = ahead[-1] if ahead else thread.kv_tokens[-1]
     n_tokens = len(thread.kv_tokens) + len(ahead)
     next_pos = thread.start_pos + n_tokens  # where the [Fork] would sit
@@ -113,7 +116,10 @@ class ForkRules:
         self.refused += 1
 
     def fork(self, req: Request, parent: Thread) -> Thread:
-        """The child the [Fork] just applied to `parent` starts: its forced [Child] spent and counted."""
+        """The child the [Fork] just applied to `parent` starts: its forced [Child] spent and counted. (A
+        [Fork] is the last of a verified run, so nothing is ahead of it: the child starts after it.)"""
+        if parent.ahead:
+            raise RuntimeError(f"thread {parent.id} forks with {len(parent.ahead)} tokens ahead of its [Fork]")
         anchor = len(parent.output_tokens) - 1
         child = Thread(id=len(req.threads), parent=parent, anchor=anchor,
                        start_pos=parent.start_pos + len(parent.kv_tokens), depth=parent.depth + 1,

@@ -70,7 +70,7 @@ class InputBuilder:
             row = len(ids)
             first = t.computed + ahead.get(id(t), 0)
             ahead[id(t)] = first + n - t.computed
-            ids.extend(t.kv_tokens[first : first + n])
+            ids.extend(t.tokens(first, first + n))
             ids.extend(w.draft)
             pos0 = t.start_pos + first
             positions.extend(range(pos0, pos0 + m))
@@ -88,7 +88,7 @@ class InputBuilder:
                     runs.append(context_runs(t, pos0 + 1))
             else:
                 chunks.append(ChunkQuery(row, m, ctx.row, pos0 + m))
-            if t.running and len(t.kv_tokens) == first + n:  # its last pending token: it samples from this row
+            if t.running and t.n_tokens == first + n:  # its last pending token: it samples from this row
                 sample_rows.append(row + n - 1)
                 samplers.append((w.request, t))
                 if w.draft:

@@ -49,9 +49,9 @@ class TokenResults:
         Bans known before the step are applied to all rows at once; greedy rows take one argmax
         together; a sampling request draws from its own generator, its threads in id order (and the
         first tokens of answers 1..n-1 right after the root's first, from the same row). A thread with a
-        draft gets the tokens its verification keeps (`_verify`). The fork rules are checked again as
-        each token is applied (`_apply_rounds`), since a sibling's fork in the same step may have used
-        up a limit.
+        draft gets the tokens its verification keeps (`_verify`), after those it holds ahead. The fork
+        rules are checked again as each token is applied (`_apply_rounds`), since a sibling's fork in the
+        same step may have used up a limit.
         """
         main = logits[: len(samplers)]  # [S, V], a view: the bans below write through
         if self.keep_logits:
@@ -73,52 +73,74 @@ class TokenResults:
         emitted: list[list[int | None]] = [[tok] for tok in chosen]
         if drafts:
             self._verify(samplers, logits, drafts, emitted, result)
-        applied = self._apply_rounds(samplers, logits, drafts, emitted, tight, result)
+        lengths = self._take_runs(samplers, logits, drafts, emitted)
+        applied, produced = self._apply_rounds(samplers, logits, tight, result)
         if self.drafter is not None:  # (medusa guesses after every step, drafts or not)
-            self._settle_drafts(samplers, drafts, applied)
+            self._settle_drafts(samplers, drafts, lengths, applied)
         result.sampled += len(samplers)
-        return {req.id for req, _ in samplers}
+        return produced
 
-    def _apply_rounds(self, samplers: list[tuple[Request, Thread]], logits: torch.Tensor, drafts: list[DraftRows],
-                      emitted: list[list[int | None]], tight: bool, result: EngineOutput) -> list[int]:
-        """Apply the tokens in rounds: every thread's first token in row order (as without speculation),
-        then every thread's second, and so on, each answer's threads in lockstep (as many rounds as its
-        shortest run of tokens): round r is what the step r later would have applied, so the answer's
-        budget and fork limits see its tokens in the same order as without drafts. A fork (a new
-        thread) in round r ends the request's rounds there: its child's first token would have come in
-        round r + 1, so no later token of that request is applied in this step (its threads go on from
-        there in the next step, the child with them). Returns how many tokens each sampler's thread
-        was given."""
+    def _apply_rounds(self, samplers: list[tuple[Request, Thread]], logits: torch.Tensor | None, tight: bool,
+                      result: EngineOutput) -> tuple[dict[int, int], set[str]]:
+        """Apply the tokens ahead in rounds (docs/design.md, "Speculation"): every thread's first token
+        in thread order (as without speculation), then every thread's second, and so on. An answer takes
+        round r while each of its running threads has a token left for it, so its threads stay in
+        lockstep: round r is what the step r later would have applied, and the answer's budget and fork
+        limits see its tokens in the same order as without drafts. A fork (a new thread) in round r
+        ends the request's rounds there: its child's first token would have come in round r + 1. What a
+        thread's answer does not take stays ahead for the next step. The threads are the samplers' and
+        those that hold (tokens ahead, no forward: `_holds`); logits: [S, ...], the samplers' rows, or
+        None without them. Returns how many tokens each thread (by id) was given, and the ids of the
+        requests that produced."""
         rules, fork_id = self.fork_rules, self.fork_id
-        first_row = {d.sampler: d.first_row for d in drafts}
-
-        def row(i: int, r: int) -> torch.Tensor:  # [V], the row token r of sampler i came from
-            return logits[i] if r == 0 else logits[first_row[i] + r - 1]
-
-        applied = [0] * len(samplers)
-        rounds: dict[tuple[str, int], int] = {}  # (request, answer) -> its rounds in this step
-        if drafts:
-            for i, (req, t) in enumerate(samplers):
-                key = (req.id, t.answer)
-                rounds[key] = min(rounds.get(key, len(emitted[i])), len(emitted[i]))
+        sampler_row = {id(t): i for i, (_, t) in enumerate(samplers)}
+        parts = self._participants(samplers)
+        applied: dict[int, int] = {}
         last_round: dict[str, int] = {}  # request -> its last round, once a fork ended them
-        for r in range(max(rounds.values(), default=0) if drafts else 1):  # without drafts: one round
-            for i, (req, t) in enumerate(samplers):
-                if drafts and (r >= rounds[(req.id, t.answer)] or r > last_round.get(req.id, r)
-                               or (r and not t.running)):
+        r = 0
+        while True:
+            ready: dict[tuple[str, int], bool] = {}  # (request, answer) -> it takes round r
+            for req, t in parts:
+                if t.running:
+                    key = (req.id, t.answer)
+                    ready[key] = ready.get(key, True) and bool(t.ahead) and r <= last_round.get(req.id, r)
+            if not any(ready.values()):
+                break
+            for req, t in parts:
+                if not t.running or not ready[(req.id, t.answer)]:
                     continue
-                token = emitted[i][r]
+                token, drafted = t.ahead.pop(0), t.ahead_drafted.pop(0)
+                row, t.ahead_row = (t.ahead_row, None) if not t.ahead else (None, t.ahead_row)
                 if token == fork_id and (tight or not rules.may_fork(req, t)):
-                    token = rules.instead_of_fork(req, t, row(i, r), tight)
+                    token = rules.instead_of_fork(req, t, row, tight)
                 threads = len(req.threads)
                 if r == 0 and req.params.n > 1 and t.id == 0 and len(t.kv_tokens) == t.n_prompt:  # root's first
-                    self._open_answers(req, token, row(i, r), result)
+                    self._open_answers(req, token, logits[sampler_row[id(t)]], result)
                 else:
+                    if drafted and req.budget_left(t.answer) > 0:  # an accepted draft token, applied
+                        req.usage.accepted_tokens += 1
+                        self.spec_accepted_tokens += 1
                     self._apply(req, t, token, result)
-                applied[i] = r + 1
+                applied[id(t)] = r + 1
                 if len(req.threads) > threads:
                     last_round[req.id] = r
-        return applied
+            r += 1
+        return applied, {req.id for req, _ in parts}
+
+    def _participants(self, samplers: list[tuple[Request, Thread]]) -> list[tuple[Request, Thread]]:
+        """The threads with tokens ahead, each request's in thread order: the samplers' requests in
+        sampler order, then those whose threads all hold."""
+        reqs = [req for req, _ in samplers]
+        if self.drafter is not None:
+            reqs += [req for req in self.scheduler.running if not req.recomputing
+                     and any(t.ahead and t.running for t in req.threads)]
+        seen: set[str] = set()
+        parts = []
+        for req in reqs:
+            if req.id not in seen:
+                seen.add(req.id)
+                parts.extend((req, t) for t in req.threads if t.running and t.ahead)
+        return parts
 
     def _apply(self, req: Request, t: Thread, token: int | None, result: EngineOutput) -> None:
         """Add one sampled token to a thread: extend it, fork a child, or end it (its whole answer when
@@ -180,6 +202,7 @@ class TokenResults:
 
     def _finish_thread(self, req: Request, t: Thread, reason: FinishReason, result: EngineOutput) -> None:
         t.finish = reason
+        t.drop_ahead()  # (their KV goes with the thread's blocks)
         self.penalties.close_thread(t)
         if not req.admitted:  # never admitted, never announced: nothing to report
             return

@@ -1,10 +1,12 @@
 """Requests and their threads as the engine sees them: token lists, positions and counters.
 
 A thread's *kv tokens* are the tokens whose KV it writes: for the root the prompt then its own tokens,
-for a child its own tokens (the first is the forced `[Child]`). `computed` counts the kv tokens already
-in the cache; a thread runs when `computed < len(kv_tokens)`. Positions are consecutive along the path
-from the root, so a kv token's position is also its index in the thread's context (docs/design.md,
-"Threads and blocks").
+for a child its own tokens (the first is the forced `[Child]`). With speculation a thread may also hold
+tokens *ahead*: verified by the model, not yet applied (docs/design.md, "Speculation"); its token
+sequence is then `kv_tokens + ahead`, and `computed` counts the tokens of that sequence already in the
+cache (all but the last: its pending token). A thread runs when `computed` is short of its sequence.
+Positions are consecutive along the path from the root, so a kv token's position is also its index in
+the thread's context (docs/design.md, "Threads and blocks").
 
 A request for `n` answers has one tree per answer: the root (thread 0, holding the prompt) is answer 0;
 the roots of answers 1..n-1 are the root's children that read its prompt and nothing more, their first
@@ -77,6 +79,12 @@ class Thread:
     children: list["Thread"] = field(default_factory=list)  # in fork order
     recompute: Recompute = field(default_factory=Recompute)  # preemption's and the prefix cache's part
     penalty: PenaltyRow | None = None  # when its request has a penalty (apar/engine/penalties.py)
+    # speculation (apar/engine/speculation.py): verified tokens not yet applied, oldest first, their KV
+    # in the cache but the last's; whether each was an accepted draft token (usage counts it once
+    # applied); and the logits row ([V], bans applied) a last `[Fork]` came from, should it be refused
+    ahead: list[int] = field(default_factory=list)
+    ahead_drafted: list[bool] = field(default_factory=list)
+    ahead_row: torch.Tensor | None = None
 
     @property
     def running(self) -> bool:
@@ -94,8 +102,30 @@ class Thread:
         return self.kv_tokens[self.n_prompt + (not self.starts_answer) :]
 
     @property
+    def n_tokens(self) -> int:
+        """Its kv tokens and the tokens ahead of them: the length of its token sequence."""
+        return len(self.kv_tokens) + len(self.ahead)
+
+    @property
+    def tip(self) -> int:
+        """The last token of its sequence (its pending token while it decodes)."""
+        return self.ahead[-1] if self.ahead else self.kv_tokens[-1]
+
+    def tokens(self, start: int, stop: int) -> list[int]:
+        """Tokens start..stop-1 of its sequence (kv tokens, then those ahead)."""
+        if stop <= len(self.kv_tokens) or not self.ahead:
+            return self.kv_tokens[start:stop]
+        return (self.kv_tokens + self.ahead)[start:stop]
+
+    def drop_ahead(self) -> None:
+        """Forget the tokens ahead (the thread ended or lost its KV; their blocks go with it)."""
+        self.ahead.clear()
+        self.ahead_drafted.clear()
+        self.ahead_row = None
+
+    @property
     def pending(self) -> int:
-        return len(self.kv_tokens) - self.computed
+        return self.n_tokens - self.computed
 
     @property
     def in_prefill(self) -> bool:
@@ -105,7 +135,7 @@ class Thread:
     def target(self) -> int:
         """The kv tokens that must be in the cache: all of a running thread's, and of a finished one the
         part a running descendant still reads while it is being recomputed."""
-        return len(self.kv_tokens) if self.running else self.recompute.to
+        return self.n_tokens if self.running else self.recompute.to
 
     @property
     def live(self) -> bool:
@@ -126,8 +156,10 @@ class Thread:
 
     def forget_kv(self) -> None:
         """Its KV is gone (the request was preempted): nothing computed, no slots, unknown to the ledger
-        (the context table takes its row back at the next step)."""
-        self.recompute.mark = max(self.recompute.mark, self.computed)
+        (the context table takes its row back at the next step). The tokens ahead go too: from its last
+        kv token on, it decodes them again."""
+        self.recompute.mark = max(self.recompute.mark, min(self.computed, len(self.kv_tokens)))
+        self.drop_ahead()
         self.computed = 0
         self.recompute.reused = 0
         self.ctx.n_ctx = 0
@@ -182,8 +214,9 @@ class Request:
 
 def context_tokens(thread: Thread) -> list[int]:
     """The token ids of the thread's context as one ordinary sequence (prompt, ancestors up to each
-    [Fork], its own computed tokens): what the plain model must see to give the same logits."""
-    own = thread.kv_tokens[: thread.computed]
+    [Fork], its own computed tokens, those ahead included): what the plain model must see to give the
+    same logits."""
+    own = thread.tokens(0, thread.computed)
     if thread.parent is None:
         return own
     parent_ctx = context_tokens_upto(thread.parent, thread.start_pos)
@@ -191,8 +224,8 @@ def context_tokens(thread: Thread) -> list[int]:
 
 
 def context_tokens_upto(thread: Thread, n: int) -> list[int]:
-    """The first n tokens (positions 0..n-1) of the thread's context."""
+    """The first n tokens (positions 0..n-1) of the thread's context (its tokens ahead included)."""
     if thread.start_pos >= n:
         return context_tokens_upto(thread.parent, n)  # type: ignore[arg-type]
     head = [] if thread.parent is None else context_tokens_upto(thread.parent, thread.start_pos)
-    return head + thread.kv_tokens[: n - thread.start_pos]
+    return head + thread.tokens(0, n - thread.start_pos)
