@@ -28,10 +28,10 @@ BUCKET_CELLS = 256
 
 
 def length_buckets(lens: list[int], max_buckets: int | None = None, cost: int | None = None) -> list[list[int]]:
-    """The decode threads (indices into `lens`) in at most `max_buckets` (`MAX_BUCKETS`) groups of similar context length,
-    each padded to its longest: starting from one group of all, the split that saves the most padded
-    cells (beyond `cost`, `BUCKET_CELLS`) is made, while any does. O(buckets x threads) on the host. One group of all,
-    in order, when no split pays."""
+    """The decode threads (indices into `lens`) in at most `max_buckets` (`MAX_BUCKETS`) groups of similar
+    context length, each padded to its longest: starting from one group of all, the split that saves the
+    most padded cells (beyond `cost`, `BUCKET_CELLS`) is made, while any does. O(buckets x threads) on the
+    host. One group of all, in order, when no split pays."""
     max_buckets = MAX_BUCKETS if max_buckets is None else max_buckets
     cost = BUCKET_CELLS if cost is None else cost
     order = sorted(range(len(lens)), key=lens.__getitem__)
