@@ -25,7 +25,7 @@ from transformers import MistralConfig, Qwen2Config
 import tests.test_engine_golden as golden
 import tests.test_engine_n as answers
 import tests.test_engine_pressure as pressure
-from apar.engine.backends import BACKENDS, cascade, native
+from apar.engine.backends import BACKENDS, cascade, native, portable
 from apar.engine.backends.base import Run, attention_with_lse, merge_by_lse
 from apar.engine.backends.cascade import Span, plan_cascade
 from apar.engine.config import EngineConfig
@@ -122,6 +122,39 @@ def test_backends_pick_the_same_greedy_tokens(llama_dir, monkeypatch):
         if name == "cascade":
             assert eng.runner.backend.shared_steps > 20
     assert got["cascade"] == got["portable"] == got["flex"]
+
+
+@pytest.mark.parametrize("backend_name", ["portable", "cascade"])
+@pytest.mark.parametrize("arch", ["llama", "mistral_window"])
+def test_length_buckets_match_plain_model(backend_name, arch, request, monkeypatch):
+    """Every decode step split into length buckets (any split that saves a padded cell pays): the
+    replayed trees still match the plain model, windows included (cascade on its plain path)."""
+    monkeypatch.setattr(portable, "BUCKET_CELLS", 0)
+    monkeypatch.setattr(golden, "EngineConfig", functools.partial(EngineConfig, attention=backend_name))
+    counts = []
+    real = portable.gather_buckets
+
+    def counted(step):
+        buckets = real(step)
+        counts.append(len(buckets))
+        return buckets
+
+    monkeypatch.setattr(portable, "gather_buckets", counted)
+    monkeypatch.setattr(cascade, "gather_buckets", counted)
+    golden.test_replayed_trees_match_plain_model(arch, "cpu", request)
+    assert max(counts) > 1
+
+
+def test_length_buckets_split_where_padding_costs():
+    lens = [30, 5, 6, 400, 7, 31, 5, 29]
+    groups = portable.length_buckets(lens, cost=0)
+    assert sorted(i for g in groups for i in g) == list(range(len(lens)))  # every thread once
+    assert len(groups) <= portable.MAX_BUCKETS
+    spans = [(min(lens[i] for i in g), max(lens[i] for i in g)) for g in groups]
+    assert all(hi < lo for (_, hi), (lo, _) in zip(spans, spans[1:]))  # ascending, not overlapping
+    assert [3] in groups  # the long outlier alone: padding the others to 400 is what the split saves
+    assert portable.length_buckets([9, 9, 9]) == [[0, 1, 2]]  # nothing to save: one bucket, in order
+    assert portable.length_buckets(lens, cost=10**9) == [list(range(len(lens)))]  # no split pays
 
 
 # ---- the parts ----------------------------------------------------------------------------------------

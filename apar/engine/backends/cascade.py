@@ -15,17 +15,18 @@ parts, so the merged result equals attention over the whole context.
 
 Per step the groups and private parts become padded slot tables, expanded from their spans on the
 device (`_expand`); per layer: one batched product for all groups, one for all private parts, one merge.
+A step where sharing saves too little takes `portable`'s path: each thread's context gathered, in
+buckets of similar length (`gather_buckets`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from apar.engine.backends.base import (AttentionBackend, ChunkMeta, ModelInputs, Run, attention_with_lse,
                                            merge_by_lse)
-from apar.engine.backends.portable import gather_contexts
+from apar.engine.backends.portable import Bucket, attend_buckets, gather_buckets
 
 MIN_SHARED = 32  # positions: a shorter shared span is cheaper to read per thread than as its own group
 # K/V bytes per layer that sharing must save in a step (reads of the groups' spans by all but one reader),
@@ -138,15 +139,8 @@ class CascadeMeta:
     valid: torch.Tensor | None  # [V] flat indices into [G * R] of real readers
     owners: torch.Tensor | None  # [T + V]: the thread each part belongs to (private parts first)
     chunks: list[ChunkMeta] = field(default_factory=list)
-    keeps: dict = field(default_factory=dict)  # window -> (private keep, shared keep); (window, dtype) -> bias
-
-    def bias(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:
-        """[1, T, 1, Lp] additive: 0 on the private part (in the window), -inf elsewhere."""
-        if (window, dtype) not in self.keeps:
-            keep = self.keep(window)[0]  # [T, 1, Lp]
-            bias = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))
-            self.keeps[(window, dtype)] = bias[None]
-        return self.keeps[(window, dtype)]
+    buckets: list[Bucket] | None = None  # the plain path (nothing shared): `portable`'s length buckets
+    keeps: dict = field(default_factory=dict)  # window -> (private keep, shared keep)
 
     def keep(self, window: int | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """[T, 1, Lp] and [G, 1 or R, Ls] bool: on the context (and in the window)."""
@@ -188,9 +182,7 @@ class CascadeBackend(AttentionBackend):
             plan = plan_cascade(d.runs, d.host_table_rows, self.min_shared)
         saved = sum((len(key) - 1) * s.length for key, spans in plan.groups for s in spans)
         if not saved or saved * self.bytes_per_position < self.min_saved_bytes:  # all private: plain attention
-            slots, keep = gather_contexts(step)
-            positions = torch.arange(slots.shape[1], device=slots.device).expand_as(slots)
-            return CascadeMeta(rows, lens, Parts(slots, positions, keep), None, None, None, None, chunks)
+            return CascadeMeta(None, None, None, None, None, None, None, chunks, gather_buckets(step))
         self.shared_steps += 1
         n_thr = d.count
         width = max(len(key) for key, _ in plan.groups)
@@ -217,7 +209,9 @@ class CascadeBackend(AttentionBackend):
     def attend(self, meta: CascadeMeta, query, k_pool, v_pool, scaling, window):
         # query: [N, H, D] -> out: [N, H, D]
         out = torch.empty_like(query)
-        if meta.rows is not None:
+        if meta.buckets is not None:
+            attend_buckets(meta.buckets, query, k_pool, v_pool, scaling, window, out)
+        elif meta.rows is not None:
             out[meta.rows] = self._decode(meta, query[meta.rows], k_pool, v_pool, scaling, window)
         self.attend_chunks(meta.chunks, query, k_pool, v_pool, scaling, window, out)
         return out
@@ -229,11 +223,6 @@ class CascadeBackend(AttentionBackend):
         group = n_heads // kv_heads
         keep_priv, keep_shared = meta.keep(window)
         qh = q.view(n_thr, kv_heads, group, dim).transpose(0, 1)  # [Hkv, T, G, D]
-        if meta.shared is None:  # nothing shared: plain attention over each private part
-            slots = meta.private.slots
-            o = F.scaled_dot_product_attention(qh, _gather(k_pool, slots), _gather(v_pool, slots),
-                                               attn_mask=meta.bias(window, q.dtype), scale=scaling)  # [Hkv, T, G, D]
-            return o.transpose(0, 1).reshape(n_thr, n_heads, dim)
         if meta.private is not None:
             slots = meta.private.slots
             o, lse = attention_with_lse(qh, _gather(k_pool, slots), _gather(v_pool, slots), keep_priv, scaling)
