@@ -157,20 +157,21 @@ class Speculation:
 
     def _propose(self, samplers: list[tuple[Request, Thread]], drafts: list[DraftRows], applied: list[int]) -> None:
         """Medusa: the heads' guesses for every thread still running, from the hidden state of the row
-        its pending token came from (its sampled row, or the row of its last accepted draft token), for
-        the next step's drafts (apar/engine/medusa.py)."""
+        its pending token came from (its sampled row, or the row of its last accepted draft token) and
+        that pending token, for the next step's drafts (apar/engine/medusa.py)."""
         first_row = {d.sampler: d.first_row for d in drafts}
-        keys, lengths, rows = [], [], []
+        keys, lengths, rows, pending = [], [], [], []
         for i, (req, t) in enumerate(samplers):
             a = applied[i]
             if not a or not t.running:
                 continue
             keys.append((req.id, t.id))
             lengths.append(t.start_pos + len(t.kv_tokens))
+            pending.append(t.kv_tokens[-1])  # the token that row gave (hydra heads read it)
             rows.append(i if a == 1 else first_row[i] + a - 2)  # the row token a - 1 came from
         hidden = self.runner.last_hidden
         if not rows or hidden is None:
             self.drafter.propose([], [], None)
             return
         index = torch.tensor(rows, device=hidden.device)
-        self.drafter.propose(keys, lengths, hidden.index_select(0, index))
+        self.drafter.propose(keys, lengths, hidden.index_select(0, index), pending)
