@@ -30,9 +30,12 @@ from apar.train.medusa_data import Reading, control_ids, read_answers, read_reco
 
 def train_heads(reading: Reading, table: torch.Tensor, embed: torch.Tensor | None, vocab: list[int],
                 kind: str = "hydra", num_heads: int = 4, blocks: int | None = None, epochs: int = 3,
-                batch_size: int = 512, lr: float = 1e-3, seed: int = 0, log=print) -> tuple[Heads, list[float]]:
+                batch_size: int = 512, lr: float = 1e-3, seed: int = 0, log=print,
+                feature_loss: float = 0.0) -> tuple[Heads, list[float]]:
     """Fit K heads of `kind` on the reading's starting rows: table [V, H] the frozen LM head, embed [V, H]
     the frozen input embeddings (hydra), `vocab` the ids the softmax runs over (every target among them).
+    `feature_loss` > 0 (hydra, as EAGLE) adds that weight of a smooth L1 loss pulling head k's state
+    z_k towards the model's own hidden state k positions on (the one whose LM head gives its target).
     Returns the heads and each head's top-1 agreement with its targets (teacher-forced) on the last epoch."""
     torch.manual_seed(seed)
     heads = make_heads(kind, reading.hidden.shape[1], num_heads, blocks)
@@ -42,6 +45,7 @@ def train_heads(reading: Reading, table: torch.Tensor, embed: torch.Tensor | Non
     if not len(rows):
         raise UserError("no training positions: the threads are too short for the heads")
     inputs, targets = reading.heads_io(num_heads, rows)  # [P, K], [P, K]
+    later = reading.chains(num_heads, rows)[:, 1:]  # [P, K] the rows whose hidden state z_k stands for
     local_of = torch.full((max(max(vocab), int(targets.max())) + 1,), IGNORE, dtype=torch.long)
     local_of[torch.tensor(vocab)] = torch.arange(len(vocab))
     local = torch.where(targets != IGNORE, local_of[targets.clamp(min=0)], IGNORE)  # [P, K]
@@ -62,9 +66,15 @@ def train_heads(reading: Reading, table: torch.Tensor, embed: torch.Tensor | Non
             b = torch.tensor(order[i:i + batch_size])
             h, y = reading.hidden[rows[b]], local[b]  # [B, H], [B, K]
             e = None if kind != "hydra" else emb[inputs[b]]  # [B, K, H]
-            logits = heads(h, e) @ sub.T  # [B, K, V']
+            z = heads(h, e)  # [B, K, H]
+            logits = z @ sub.T  # [B, K, V']
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
                                                      ignore_index=IGNORE)
+            if feature_loss > 0:
+                at = later[b]  # [B, K]
+                ok = at >= 0
+                want = reading.hidden[at.clamp(min=0)]  # [B, K, H]
+                loss = loss + feature_loss * torch.nn.functional.smooth_l1_loss(z[ok], want[ok])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
