@@ -204,7 +204,8 @@ def test_train_hydra_on_the_models_own_answers_then_measure_on_test_prompts(llam
                for i, w in enumerate(words * 2)]
     logs: list[str] = []
     summary = train_medusa(model_dir, records, model_dir, num_heads=3, kind="hydra", answers=6, answer_tokens=40,
-                           epochs=30, batch_size=64, lr=3e-3, log=logs.append, cache=tmp_path / "reading.pt")
+                           max_records=0, epochs=30, batch_size=64, lr=3e-3, log=logs.append,
+                           cache=tmp_path / "reading.pt")
     assert "greedy answers" in logs[0] and "from 6 answers and 0 trees" in logs[1]
     first = [float(x) for x in logs[2].split("per head ")[1].split()]
     # the tiny model's answers hold about 80 distinct tokens: chance is about 1%

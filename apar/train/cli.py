@@ -62,10 +62,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     medusa.add_argument("--blocks", type=int, default=None,
                         help="hydra: 1 (one block for every head) or K (one per head, the default)")
     medusa.add_argument("--heads", type=int, default=4, help="K: heads, so the most tokens a draft may hold")
-    medusa.add_argument("--answers", type=int, default=96,
+    medusa.add_argument("--answers", type=int, default=64,
                         help="training-split prompts the model answers greedily (a random sample)")
     medusa.add_argument("--answer-tokens", type=int, default=256, help="max tokens of one answer")
-    medusa.add_argument("--records", type=int, default=0, help="training-split trees read (a random sample)")
+    medusa.add_argument("--records", type=int, default=32, help="training-split trees read (a random sample)")
     medusa.add_argument("--max-length", type=int, default=512, help="tokens of one packed tree")
     medusa.add_argument("--epochs", type=int, default=4)
     medusa.add_argument("--batch-size", type=int, default=128, help="positions per step")

@@ -116,7 +116,7 @@ def answers_reading(model_dir: Path, tokenizer, prompts: list[str], max_tokens: 
 
 
 def train_medusa(model_dir: Path, records: list[TreeRecord], out: Path, num_heads: int = 4, kind: str = "hydra",
-                 blocks: int | None = None, answers: int = 64, answer_tokens: int = 256, max_records: int = 0,
+                 blocks: int | None = None, answers: int = 64, answer_tokens: int = 256, max_records: int = 32,
                  max_length: int = 512, epochs: int = 4, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
                  fork: str = FORK, child: str = CHILD, log=print, cache: Path | None = None) -> dict:
     """Heads for the model in `model_dir`, written to `out` (the module's docstring); a summary. `answers`

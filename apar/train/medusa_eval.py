@@ -68,8 +68,8 @@ def measure(drafter: MedusaDrafter, reading: Reading, stop_ids, cuts=CUTS, chunk
 def report(result: dict, min_confidence: float, k: int) -> str:
     """A few lines: top-1 per head, then per K the drafted and accepted tokens and the speed-up estimate
     by cut, the engine's setting marked."""
-    lines = [f"{result['positions']} positions; top-1 per head (teacher-forced) "
-             + " ".join(f"{x:.2f}" for x in result["top1"]) + "; chain " + " ".join(f"{x:.2f}" for x in result["chain_top1"]),
+    top1, chain = (" ".join(f"{x:.2f}" for x in result[key]) for key in ("top1", "chain_top1"))
+    lines = [f"{result['positions']} positions; top-1 per head (teacher-forced) {top1}; chain {chain}",
              "K  cut   drafted/pos accepted/pos accepted/drafted est.speed-up"]
     for row in result["table"]:
         mark = " <- engine" if row["k"] == k and abs(row["cut"] - min_confidence) < 1e-9 else ""
