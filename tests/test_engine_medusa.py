@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from apar.engine.config import EngineConfig, SpeculativeConfig
 from apar.engine.engine import Engine
 from apar.engine.errors import UserError
-from apar.engine.medusa import CONFIG_FILE, HEADS_FILE, MedusaHeads, load_heads, save_heads
+from apar.engine.medusa import CONFIG_FILE, HEADS_FILE, HydraHeads, MedusaHeads, load_heads, save_heads
 from apar.engine.params import SamplingParams
 from tests import test_engine_speculation as ngram_tests
 from tests.test_engine_speculation import APAR, PROMPTS, _worst_gap, engine, run, same_answers
@@ -31,27 +31,43 @@ def _with_heads(model_dir, out, heads: MedusaHeads):
     return out
 
 
-@pytest.fixture(scope="module")
-def medusa_dir(llama_dir, tmp_path_factory):
-    """The test model with heads quickly trained (`train_heads`) on its own greedy continuations of a
-    few prompts, as one sequence each: most of its guesses in threads hold, some do not."""
-    from apar.train.medusa import train_heads
-
-    model = AutoModelForCausalLM.from_pretrained(str(llama_dir), dtype=torch.float32).eval()
-    hidden_rows, target_rows = [], []
+def _own_continuations(model_dir) -> list[tuple[torch.Tensor, list[int], list[int]]]:
+    """The test model's greedy continuations of a few prompts, as threads of a `Reading`: per position
+    the hidden state and the model's own next token."""
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    threads = []
     with torch.no_grad():
         for p in PROMPTS + [[i, i + 1, i + 2] for i in range(100, 400, 20)]:
             ids = model.generate(torch.tensor([p]), max_new_tokens=60, do_sample=False, min_new_tokens=60)
             h = model.get_decoder()(input_ids=ids).last_hidden_state[0]  # [n, H]
             guess = model.get_output_embeddings()(h).argmax(-1).tolist()
-            n = len(guess)
-            for u in range(len(p) - 1, n - 1):
-                hidden_rows.append(h[u])
-                target_rows.append([guess[u + k] if u + k < n else -100 for k in range(1, 5)])
-    heads, _ = train_heads(torch.stack(hidden_rows), torch.tensor(target_rows),
-                           model.get_output_embeddings().weight, list(range(model.config.vocab_size)),
-                           epochs=30, batch_size=128, lr=3e-3, log=lambda line: None)
-    return _with_heads(llama_dir, tmp_path_factory.mktemp("medusa") / "model", heads)
+            start = len(p) - 1
+            threads.append((h[start:-1], guess[start:-1], guess[start:-1]))
+    return threads
+
+
+def _trained(llama_dir, tmp_path_factory, kind: str):
+    """The test model with heads of `kind` quickly trained (`train_heads`) on its own greedy
+    continuations of a few prompts: most of their guesses in threads hold, some do not."""
+    from apar.train.medusa import train_heads
+    from apar.train.medusa_data import from_threads
+
+    model = AutoModelForCausalLM.from_pretrained(str(llama_dir), dtype=torch.float32).eval()
+    reading = from_threads(_own_continuations(llama_dir), [])
+    heads, _ = train_heads(reading, model.get_output_embeddings().weight, model.get_input_embeddings().weight,
+                           list(range(model.config.vocab_size)), kind, 4, epochs=30, batch_size=128, lr=3e-3,
+                           log=lambda line: None)
+    return _with_heads(llama_dir, tmp_path_factory.mktemp(kind) / "model", heads)
+
+
+@pytest.fixture(scope="module")
+def medusa_dir(llama_dir, tmp_path_factory):
+    return _trained(llama_dir, tmp_path_factory, "medusa")
+
+
+@pytest.fixture(scope="module")
+def hydra_dir(llama_dir, tmp_path_factory):
+    return _trained(llama_dir, tmp_path_factory, "hydra")
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +80,20 @@ def random_medusa_dir(llama_dir, tmp_path_factory):
     return _with_heads(llama_dir, tmp_path_factory.mktemp("random") / "model", heads)
 
 
-def test_greedy_with_medusa_drafts_is_the_answer_without_them_through_nested_forks(medusa_dir, random_medusa_dir,
-                                                                                   fork_string):
+@pytest.fixture(scope="module")
+def random_hydra_dir(llama_dir, tmp_path_factory):
+    """The test model with random hydra heads, one block for every head: their chains are mostly wrong."""
+    hidden = json.loads((llama_dir / "config.json").read_text())["hidden_size"]
+    heads = HydraHeads(hidden, 4, blocks=1)
+    with torch.no_grad():
+        heads.weight.copy_(torch.randn(heads.weight.shape, generator=torch.Generator().manual_seed(4)) * 0.05)
+    return _with_heads(llama_dir, tmp_path_factory.mktemp("random-hydra") / "model", heads)
+
+
+@pytest.mark.parametrize("kind", ["medusa", "hydra"])
+def test_greedy_with_medusa_drafts_is_the_answer_without_them_through_nested_forks(kind, request, fork_string):
+    medusa_dir = request.getfixturevalue(f"{kind}_dir")
+    random_medusa_dir = request.getfixturevalue(f"random_{kind}_dir")
     requests = [(p, APAR) for p in PROMPTS] + [(PROMPTS[0], SamplingParams(max_tokens=50, auto_parallel=False))]
     plain = run(engine(medusa_dir, fork_string), requests)
     wrong = engine(random_medusa_dir, fork_string, MEDUSA)
@@ -87,7 +115,9 @@ def test_greedy_with_medusa_drafts_is_the_answer_without_them_through_nested_for
     assert sum(u.steps for u in usage) < sum(r["finish"].usage.steps for r in plain.values())
 
 
-def test_greedy_with_medusa_drafts_survives_preemption_and_the_prefix_cache(medusa_dir, fork_string):
+@pytest.mark.parametrize("kind", ["medusa", "hydra"])
+def test_greedy_with_medusa_drafts_survives_preemption_and_the_prefix_cache(kind, request, fork_string):
+    medusa_dir = request.getfixturevalue(f"{kind}_dir")
     requests = [(p, APAR) for p in PROMPTS]
     plain = engine(medusa_dir, fork_string)
     roomy = run(plain, requests) | run(plain, requests)
@@ -97,7 +127,9 @@ def test_greedy_with_medusa_drafts_survives_preemption_and_the_prefix_cache(medu
     assert eng.preemptions > 0 and eng.prefix_hit_tokens > 0 and eng.spec_accepted_tokens > 0
 
 
-def test_every_row_of_a_medusa_drafting_step_equals_the_plain_model(medusa_dir, fork_string):
+@pytest.mark.parametrize("kind", ["medusa", "hydra"])
+def test_every_row_of_a_medusa_drafting_step_equals_the_plain_model(kind, request, fork_string):
+    medusa_dir = request.getfixturevalue(f"{kind}_dir")
     ref = AutoModelForCausalLM.from_pretrained(str(medusa_dir), dtype=torch.float32)
     worst, rows = 0.0, 0
 
@@ -134,10 +166,10 @@ def test_train_medusa_distills_the_frozen_model_and_the_engine_drafts_with_its_h
     records = [TreeRecord("t", f"say {w} {i}", Node([f"{w} " * 20 + f"then {words[(i + 1) % 6]} " * 10]), "train")
                for i, w in enumerate(words * 2)]
     logs: list[str] = []
-    summary = train_medusa(model_dir, records, model_dir, num_heads=3, max_records=12, max_length=128,
-                           epochs=8, batch_size=64, lr=3e-3, log=logs.append)
+    summary = train_medusa(model_dir, records, model_dir, num_heads=3, kind="medusa", answers=0, max_records=12,
+                           max_length=128, epochs=8, batch_size=64, lr=3e-3, log=logs.append)
     assert (model_dir / "model.safetensors").read_bytes() == before  # the base is frozen
-    assert "positions from 12 trees" in logs[0]
+    assert "positions from 0 answers and 12 trees" in logs[0]
     first, last = logs[1], logs[-1]
     assert first.startswith("epoch 1/8") and last.startswith("epoch 8/8")
     loss = lambda line: float(line.split("loss ")[1].split(",")[0])  # noqa: E731
@@ -153,6 +185,42 @@ def test_train_medusa_distills_the_frozen_model_and_the_engine_drafts_with_its_h
         eng.step()
         for _, toks in eng.drafter.proposals.values():
             assert set(toks) <= allowed
+    assert eng.spec_draft_tokens > 0 and eng.ledger.num_used == 0
+
+
+def test_train_hydra_on_the_models_own_answers_then_measure_on_test_prompts(llama_dir, tmp_path):
+    """`apar train-medusa --kind hydra` on the model's own greedy answers (through the engine): the
+    heads learn them, save with their kind,
+    and `evaluate_medusa` measures them on answers to test-split prompts: every figure in range, and
+    the accepted tokens never more than the drafted."""
+    from apar.data.pipeline import TreeRecord
+    from apar.data.tree import Node
+    from apar.train.medusa import evaluate_medusa, train_medusa
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(llama_dir, model_dir)
+    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma"]
+    records = [TreeRecord("t", f"say {w} {i}", Node([f"{w} " * 5]), "train" if i % 3 else "test")
+               for i, w in enumerate(words * 2)]
+    logs: list[str] = []
+    summary = train_medusa(model_dir, records, model_dir, num_heads=3, kind="hydra", answers=6, answer_tokens=40,
+                           max_records=0, epochs=30, batch_size=64, lr=3e-3, log=logs.append,
+                           cache=tmp_path / "reading.pt")
+    assert "greedy answers" in logs[0] and "from 6 answers and 0 trees" in logs[1]
+    first = [float(x) for x in logs[2].split("per head ")[1].split()]
+    # the tiny model's answers hold about 80 distinct tokens: chance is about 1%
+    assert summary["kind"] == "hydra" and summary["top1_per_head"][0] > max(0.35, first[0]), summary
+    heads, vocab, meta = load_heads(model_dir)
+    assert isinstance(heads, HydraHeads) and meta["kind"] == "hydra" and meta["blocks"] == 3
+    result, text = evaluate_medusa(model_dir, records, model_dir, prompts=2, max_tokens=30, log=logs.append)
+    assert result["positions"] > 20 and len(result["top1"]) == 3 and "top-1 per head" in text
+    for row in result["table"]:
+        assert 0 <= row["accepted"] <= row["drafted"] <= row["k"]
+    assert all(0.0 <= x <= 1.0 for x in result["top1"] + result["chain_top1"])
+    eng = Engine(model_dir, EngineConfig(block_size=4, num_blocks=128, speculate=SpeculativeConfig("medusa", 3)))
+    eng.add_request(PROMPTS[0], SamplingParams(max_tokens=40, auto_parallel=False))
+    while eng.has_work():
+        eng.step()
     assert eng.spec_draft_tokens > 0 and eng.ledger.num_used == 0
 
 

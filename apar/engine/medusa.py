@@ -1,17 +1,27 @@
-"""Medusa drafts: K small heads on the model's last hidden state guess a thread's next K tokens
+"""Draft heads: K small heads on the model's last hidden state guess a thread's next K tokens
 (docs/design.md, "Speculation"; trained by `apar train-medusa`, apar/train/medusa.py).
 
-Head k (k = 1..K) maps the final (normed) hidden state h_t at a thread's position t to SiLU(W_k h_t + b_k)
-+ h_t, which the model's own LM head turns into a guess at token t + k + 1 (the LM head on h_t itself
-gives token t + 1, the model's own next token). The heads run in the same step as the forward that
-produced h_t, on the row each sampling thread's next pending token came from (the sampled row, or the
-row of the last accepted draft token), so the next step's draft is ready before it is planned.
+Two kinds, named in `medusa.json` (`kind`):
+- `medusa`: head k (k = 1..K) maps the final (normed) hidden state h_t at a thread's position t to
+  SiLU(W_k h_t + b_k) + h_t, which the model's own LM head turns into a guess at token t + k + 1 (the LM
+  head on h_t itself gives token t + 1, the model's own next token). Head k does not know the tokens
+  before its target.
+- `hydra` (token-conditioned, as Hydra and EAGLE): a chain z_0 = h_t, z_k = z_{k-1} + SiLU(W_k [z_{k-1};
+  e_k] + b_k), where e_k is the model's own (frozen) input embedding of the token just before head k's
+  target: e_1 of the thread's pending token (known when the heads run: the model's token from h_t),
+  e_k of head k-1's guess. The LM head on z_k is head k's guess. `blocks` is 1 (one block for every
+  head, a recurrence) or K (a block per head).
+
+The heads run in the same step as the forward that produced h_t, on the row each sampling thread's
+next pending token came from (the sampled row, or the row of the last accepted draft token), so the
+next step's draft is ready before it is planned.
 
 Data flow, one step: the runner's LM head hook keeps the hidden rows it saw (`ModelRunner.keep_hidden`);
-after verification `Speculation._propose` picks each thread's row and calls `MedusaDrafter.propose`,
-which keeps the guesses per thread with the context length they follow; `_plan_drafts` takes them
-(`proposal`) when the thread's context still has that length. A guess never holds a control token (cut
-before the first), and any guess is verified, so wrong guesses cost speed, never output.
+after verification `Speculation._propose` picks each thread's row and pending token and calls
+`MedusaDrafter.propose`, which keeps the guesses per thread with the context length they follow;
+`_plan_drafts` takes them (`proposal`) when the thread's context still has that length. A guess never
+holds a control token (cut before the first), and any guess is verified, so wrong guesses cost speed,
+never output.
 
 A chain stops at the first head that is unsure of its token (`MIN_CONFIDENCE`): a wrong guess costs
 positions of the step (its KV written, its logits row computed) and saves nothing.
@@ -31,15 +41,18 @@ import torch
 from apar.engine.errors import UserError
 
 # a guess is cut at the first head whose probability of its own token is below this (docs/benchmarks.md,
-# "Speculation": the heads' accuracy by confidence on SmolLM2-135M)
+# "Speculation": acceptance and drafted tokens by confidence on SmolLM2-135M)
 MIN_CONFIDENCE = 0.3
 HEADS_FILE = "medusa_heads.safetensors"
 CONFIG_FILE = "medusa.json"
+KINDS = ("medusa", "hydra")
 
 
 class MedusaHeads(torch.nn.Module):
     """K residual blocks over the hidden state: [N, H] -> [N, K, H]. Zero weights make each head the
     identity (every head then guesses the model's own next token)."""
+
+    kind = "medusa"
 
     def __init__(self, hidden: int, num_heads: int) -> None:
         super().__init__()
@@ -47,14 +60,63 @@ class MedusaHeads(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.zeros(num_heads, hidden, hidden))  # [K, H_out, H_in]
         self.bias = torch.nn.Parameter(torch.zeros(num_heads, hidden))  # [K, H]
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, inputs: torch.Tensor | None = None) -> torch.Tensor:
+        """h: [N, H] -> [N, K, H]; `inputs` (the hydra heads' tokens) is not read."""
         z = torch.einsum("nh,kgh->nkg", h, self.weight) + self.bias  # [N, K, H]
         return torch.nn.functional.silu(z) + h[:, None, :]
 
+    def config(self) -> dict:
+        return {"kind": self.kind, "num_heads": self.num_heads, "hidden_size": self.hidden}
 
-def save_heads(out: Path, heads: MedusaHeads, vocab: Sequence[int] | None, meta: dict) -> None:
-    """The heads' weights (and their vocabulary) in `out/medusa_heads.safetensors`, their shape and how
-    they were made in `out/medusa.json`."""
+
+class HydraHeads(torch.nn.Module):
+    """The token-conditioned chain (the module's docstring): `blocks` residual blocks [2H] -> [H]. Zero
+    weights make each head repeat the model's next token."""
+
+    kind = "hydra"
+
+    def __init__(self, hidden: int, num_heads: int, blocks: int | None = None) -> None:
+        super().__init__()
+        blocks = num_heads if blocks is None else blocks
+        if blocks not in (1, num_heads):
+            raise UserError(f"hydra heads have 1 block or one per head ({num_heads}), not {blocks}")
+        self.hidden, self.num_heads, self.blocks = hidden, num_heads, blocks
+        self.weight = torch.nn.Parameter(torch.zeros(blocks, hidden, 2 * hidden))  # [B, H_out, 2H_in]
+        self.bias = torch.nn.Parameter(torch.zeros(blocks, hidden))  # [B, H]
+
+    def step(self, k: int, z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """Head k + 1's state from head k's (z: [N, H]) and the embedding of its input token (e: [N, H])."""
+        b = min(k, self.blocks - 1)
+        x = torch.cat([z, e], dim=-1)  # [N, 2H]
+        return z + torch.nn.functional.silu(x @ self.weight[b].T + self.bias[b])
+
+    def forward(self, h: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced chain: h [N, H], inputs [N, K, H] the embeddings of each head's input token ->
+        [N, K, H] the states the LM head reads."""
+        z, out = h, []
+        for k in range(self.num_heads):
+            z = self.step(k, z, inputs[:, k])
+            out.append(z)
+        return torch.stack(out, dim=1)
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "num_heads": self.num_heads, "hidden_size": self.hidden, "blocks": self.blocks}
+
+
+Heads = MedusaHeads | HydraHeads
+
+
+def make_heads(kind: str, hidden: int, num_heads: int, blocks: int | None = None) -> Heads:
+    if kind == "medusa":
+        return MedusaHeads(hidden, num_heads)
+    if kind == "hydra":
+        return HydraHeads(hidden, num_heads, blocks)
+    raise UserError(f"unknown kind of draft heads {kind!r} (one of {', '.join(KINDS)})")
+
+
+def save_heads(out: Path, heads: Heads, vocab: Sequence[int] | None, meta: dict) -> None:
+    """The heads' weights (and their vocabulary) in `out/medusa_heads.safetensors`, their kind, shape and
+    how they were made in `out/medusa.json`."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
@@ -62,12 +124,12 @@ def save_heads(out: Path, heads: MedusaHeads, vocab: Sequence[int] | None, meta:
     if vocab is not None:
         tensors["vocab"] = torch.tensor(sorted(set(vocab)), dtype=torch.int64)
     save_file(tensors, str(out / HEADS_FILE))
-    (out / CONFIG_FILE).write_text(json.dumps({"num_heads": heads.num_heads, "hidden_size": heads.hidden, **meta},
-                                              indent=2) + "\n")
+    (out / CONFIG_FILE).write_text(json.dumps({**heads.config(), **meta}, indent=2) + "\n")
 
 
-def load_heads(directory: Path) -> tuple[MedusaHeads, torch.Tensor | None, dict]:
-    """The heads saved in `directory` (and their vocabulary, or None); a clear error when there are none."""
+def load_heads(directory: Path) -> tuple[Heads, torch.Tensor | None, dict]:
+    """The heads saved in `directory` (and their vocabulary, or None); a clear error when there are none.
+    A `medusa.json` without `kind` holds medusa heads."""
     from safetensors.torch import load_file
 
     weights, config = directory / HEADS_FILE, directory / CONFIG_FILE
@@ -77,7 +139,8 @@ def load_heads(directory: Path) -> tuple[MedusaHeads, torch.Tensor | None, dict]
     try:
         meta = json.loads(config.read_text())
         tensors = load_file(str(weights))
-        heads = MedusaHeads(int(meta["hidden_size"]), int(meta["num_heads"]))
+        heads = make_heads(meta.get("kind", "medusa"), int(meta["hidden_size"]), int(meta["num_heads"]),
+                           meta.get("blocks"))
         heads.load_state_dict({"weight": tensors["weight"], "bias": tensors["bias"]})
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise UserError(f"cannot load the medusa heads in {directory}: {exc}") from None
@@ -89,51 +152,75 @@ class MedusaDrafter:
 
     by_thread = True  # drafts come from `proposal`, not from the context (`Drafter.draft`)
 
-    def __init__(self, heads: MedusaHeads, lm_weight: torch.Tensor, vocab: torch.Tensor | None,
-                 stop_ids: Sequence[int]) -> None:
+    def __init__(self, heads: Heads, lm_weight: torch.Tensor, vocab: torch.Tensor | None,
+                 stop_ids: Sequence[int], embed: torch.Tensor | None = None) -> None:
         device, dtype = lm_weight.device, lm_weight.dtype
         if heads.hidden != lm_weight.shape[1]:
             raise UserError(f"the medusa heads are for hidden size {heads.hidden}, the model's is {lm_weight.shape[1]}")
         if vocab is not None and (vocab.numel() == 0 or int(vocab.max()) >= lm_weight.shape[0] or int(vocab.min()) < 0):
             raise UserError("the medusa heads' vocabulary does not fit the model's")
+        if heads.kind == "hydra" and embed is None:
+            raise UserError("hydra heads read the model's input embeddings")
         self.heads = heads.to(device=device, dtype=dtype).eval()
         self.num_heads = heads.num_heads
         self.vocab = None if vocab is None else vocab.to(device)
         # [V', H]: the LM head's rows of the heads' vocabulary (a copy), or the whole LM head (a view)
         self.table = lm_weight.detach() if vocab is None else lm_weight.detach().index_select(0, self.vocab)
+        self.embed = None if embed is None else embed.detach()  # [V, H] the model's input embeddings
         self.stop_ids = frozenset(stop_ids)
         self.min_confidence = MIN_CONFIDENCE
         self.proposals: dict[tuple[str, int], tuple[int, list[int]]] = {}
 
     @classmethod
-    def load(cls, directory: Path, lm_weight: torch.Tensor, stop_ids: Sequence[int], k: int) -> MedusaDrafter:
+    def load(cls, directory: Path, lm_weight: torch.Tensor, stop_ids: Sequence[int], k: int,
+             embed: torch.Tensor | None = None) -> MedusaDrafter:
         heads, vocab, _ = load_heads(directory)
         if k > heads.num_heads:
             raise UserError(f"--num-speculative-tokens {k} asks for more tokens than the {heads.num_heads} "
                             f"medusa heads in {directory} guess")
-        return cls(heads, lm_weight, vocab, stop_ids)
+        return cls(heads, lm_weight, vocab, stop_ids, embed)
+
+    def _local(self, idx: torch.Tensor) -> torch.Tensor:
+        return idx if self.vocab is None else self.vocab[idx]
 
     @torch.inference_mode()
-    def guess(self, hidden: torch.Tensor) -> list[list[int]]:
-        """hidden: [M, H] final hidden states -> per row the K heads' tokens, up to the first head whose
-        own probability of its token is below `min_confidence` (a guess that would most likely be
-        rejected costs its positions in the step and saves nothing)."""
-        out = self.heads(hidden.to(self.table.dtype))  # [M, K, H]
-        probs = (out @ self.table.T).float().softmax(dim=-1)  # [M, K, V']
-        conf, idx = probs.max(dim=-1)  # [M, K]
-        if self.vocab is not None:
-            idx = self.vocab[idx]
+    def chain(self, hidden: torch.Tensor, pending: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden: [M, H] final hidden states, pending: [M] the token each row gave (the thread's pending
+        token) -> (tokens [M, K], each head's probability of its token [M, K]), uncut."""
+        h = hidden.to(self.table.dtype)
+        if self.heads.kind == "medusa":
+            probs = (self.heads(h) @ self.table.T).float().softmax(dim=-1)  # [M, K, V']
+            conf, idx = probs.max(dim=-1)  # [M, K]
+            return self._local(idx), conf
+        z, tok, toks, confs = h, pending.to(self.table.device), [], []
+        for k in range(self.num_heads):
+            z = self.heads.step(k, z, self.embed[tok])  # [M, H]
+            conf, idx = (z @ self.table.T).float().softmax(dim=-1).max(dim=-1)  # [M], [M]
+            tok = self._local(idx)
+            toks.append(tok)
+            confs.append(conf)
+        return torch.stack(toks, dim=1), torch.stack(confs, dim=1)
+
+    def guess(self, hidden: torch.Tensor, pending: Sequence[int] | torch.Tensor | None = None) -> list[list[int]]:
+        """hidden: [M, H] final hidden states, pending: [M] the thread's pending token of each row -> per
+        row the K heads' tokens, up to the first head whose own probability of its token is below
+        `min_confidence` (a guess that would most likely be rejected costs its positions in the step and
+        saves nothing)."""
+        pending = torch.zeros(len(hidden), dtype=torch.long) if pending is None else \
+            torch.as_tensor(pending, dtype=torch.long)  # [M] (medusa heads do not read it)
+        idx, conf = self.chain(hidden, pending)  # [M, K], [M, K]
         # each row's tokens before its first unconfident head
         keep = (conf >= self.min_confidence).int().cumprod(dim=-1).sum(dim=-1).tolist()  # [M]
         return [row[:n] for row, n in zip(idx.tolist(), keep)]
 
-    def propose(self, keys: list[tuple[str, int]], lengths: list[int], hidden: torch.Tensor) -> None:
+    def propose(self, keys: list[tuple[str, int]], lengths: list[int], hidden: torch.Tensor | None,
+                pending: list[int] | None = None) -> None:
         """Replace the guesses by those of this step: keys[i]'s thread, whose context has lengths[i]
-        tokens, from hidden row i ([M, H])."""
+        tokens (the last its pending token, pending[i]), from hidden row i ([M, H])."""
         self.proposals = {}
         if not keys:
             return
-        for key, length, toks in zip(keys, lengths, self.guess(hidden)):
+        for key, length, toks in zip(keys, lengths, self.guess(hidden, pending)):
             cut = []
             for tok in toks:
                 if tok in self.stop_ids:

@@ -229,20 +229,21 @@ class Speculation:
 
     def _propose(self, samplers: list[tuple[Request, Thread]], drafts: list[DraftRows], tips: list[int]) -> None:
         """Medusa: the heads' guesses for every sampling thread still running, from the hidden state of the
-        row its pending token came from (its sampled row, or the row of the run's token before it), for
-        the next step's drafts (apar/engine/medusa.py)."""
+        row its pending token came from (its sampled row, or the row of the run's token before it) and
+        that pending token, for the next step's drafts (apar/engine/medusa.py)."""
         first_row = {d.sampler: d.first_row for d in drafts}
-        keys, lengths, rows = [], [], []
+        keys, lengths, rows, pending = [], [], [], []
         for i, (req, t) in enumerate(samplers):
             a = tips[i]
             if not a or not t.running:
                 continue
             keys.append((req.id, t.id))
             lengths.append(t.start_pos + t.n_tokens)
+            pending.append(t.tip)  # the token that row gave (hydra heads read it)
             rows.append(i if a == 1 else first_row[i] + a - 2)  # the row token a - 1 of the run came from
         hidden = self.runner.last_hidden
         if not rows or hidden is None:
             self.drafter.propose([], [], None)
             return
         index = torch.tensor(rows, device=hidden.device)
-        self.drafter.propose(keys, lengths, hidden.index_select(0, index))
+        self.drafter.propose(keys, lengths, hidden.index_select(0, index), pending)

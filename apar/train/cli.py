@@ -46,28 +46,54 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.set_defaults(func=run_train)
 
     medusa = subparsers.add_parser(
-        "train-medusa", help="train Medusa draft heads on a frozen model (for --speculate medusa)",
-        description="Self-distillation: the frozen model reads the training split's trees once; K small heads "
-                    "on its last hidden state learn its own next-token guesses 2..K+1 positions ahead. "
-                    "Writes medusa_heads.safetensors and medusa.json to --out (default: MODEL_DIR, where "
-                    "--speculate medusa finds them).",
+        "train-medusa", help="train draft heads on a frozen model (for --speculate medusa)",
+        description="Self-distillation: the frozen model answers training-split prompts itself (greedy, "
+                    "through the engine; --answers) and/or reads training-split trees (--records); K small "
+                    "heads on its last hidden state learn its own tokens 2..K+1 positions ahead (hydra heads "
+                    "also read the tokens before their target). Writes medusa_heads.safetensors and "
+                    "medusa.json to --out (default: MODEL_DIR, where --speculate medusa finds them).",
     )
     medusa.add_argument("model", type=Path, metavar="MODEL_DIR", help="local Hugging Face model directory")
     medusa.add_argument("data", type=Path, metavar="DATA", nargs="?",
                         help="as for `apar train` (default: $APAR_DATA, else the repository's data/alpaca_eval)")
     medusa.add_argument("--out", type=Path, default=None, help="directory for the heads (default: MODEL_DIR)")
+    medusa.add_argument("--kind", choices=("hydra", "medusa"), default="hydra",
+                        help="hydra: each head reads the token before its target too; medusa: the hidden state only")
+    medusa.add_argument("--blocks", type=int, default=None,
+                        help="hydra: 1 (one block for every head) or K (one per head, the default)")
     medusa.add_argument("--heads", type=int, default=4, help="K: heads, so the most tokens a draft may hold")
-    medusa.add_argument("--records", type=int, default=64, help="training-split trees read (a random sample)")
+    medusa.add_argument("--answers", type=int, default=64,
+                        help="training-split prompts the model answers greedily (a random sample)")
+    medusa.add_argument("--answer-tokens", type=int, default=256, help="max tokens of one answer")
+    medusa.add_argument("--records", type=int, default=32, help="training-split trees read (a random sample)")
     medusa.add_argument("--max-length", type=int, default=512, help="tokens of one packed tree")
     medusa.add_argument("--epochs", type=int, default=4)
     medusa.add_argument("--batch-size", type=int, default=128, help="positions per step")
     medusa.add_argument("--lr", type=float, default=2e-3)
     medusa.add_argument("--seed", type=int, default=0)
     medusa.add_argument("--cache", type=Path, default=None, metavar="FILE",
-                        help="keep the frozen model's reading of the records here, and reuse it when it matches")
+                        help="keep the frozen model's reading here, and reuse it when it matches")
     medusa.add_argument("--fork-token", default="[Fork]", help="control token that forks a thread")
     medusa.add_argument("--child-token", default="[Child]", help="control token that starts a child")
     medusa.set_defaults(func=run_train_medusa)
+
+    check = subparsers.add_parser(
+        "eval-medusa", help="measure the draft heads on the model's own answers to test-split prompts",
+        description="The model answers --prompts test-split prompts greedily (never trained on); the heads "
+                    "saved in --heads-dir (default MODEL_DIR) are measured there: top-1 per head, and per K and "
+                    "confidence cut the drafted and accepted tokens per position, with a CPU speed-up estimate.",
+    )
+    check.add_argument("model", type=Path, metavar="MODEL_DIR", help="local Hugging Face model directory")
+    check.add_argument("data", type=Path, metavar="DATA", nargs="?", help="as for `apar train-medusa`")
+    check.add_argument("--heads-dir", type=Path, default=None, help="directory of the heads (default: MODEL_DIR)")
+    check.add_argument("--prompts", type=int, default=16, help="test-split prompts answered")
+    check.add_argument("--max-tokens", type=int, default=256, help="max tokens of one answer")
+    check.add_argument("--cache", type=Path, default=None, metavar="FILE",
+                       help="keep the answers' reading here, and reuse it when it matches")
+    check.add_argument("--json", action="store_true", help="print the figures as JSON")
+    check.add_argument("--fork-token", default="[Fork]", help="control token that forks a thread")
+    check.add_argument("--child-token", default="[Child]", help="control token that starts a child")
+    check.set_defaults(func=run_eval_medusa)
 
     demo = subparsers.add_parser(
         "demo-model", help="the demo APAR model (or its AR twin): SmolLM2 from a shipped delta, or trained here",
@@ -168,11 +194,30 @@ def run_train_medusa(args: argparse.Namespace) -> int:
         raise UserError(f"{args.model}: not a model directory (no config.json)")
     quiet_transformers()
     records = load_records(args.data if args.data is not None else data_dir())
-    summary = train_medusa(args.model, records, args.out or args.model, num_heads=args.heads,
+    summary = train_medusa(args.model, records, args.out or args.model, num_heads=args.heads, kind=args.kind,
+                           blocks=args.blocks, answers=args.answers, answer_tokens=args.answer_tokens,
                            max_records=args.records, max_length=args.max_length, epochs=args.epochs,
                            batch_size=args.batch_size, lr=args.lr, seed=args.seed, fork=args.fork_token,
                            child=args.child_token, cache=args.cache)
     print(json.dumps({"out": str(args.out or args.model), **summary}, indent=2))
+    return 0
+
+
+def run_eval_medusa(args: argparse.Namespace) -> int:
+    from apar.data.alpaca_split import data_dir
+    from apar.data.pipeline import load_records
+    from apar.quiet import quiet_transformers
+    from apar.train.medusa import evaluate_medusa
+
+    if not (args.model / "config.json").is_file():
+        raise UserError(f"{args.model}: not a model directory (no config.json)")
+    if args.prompts < 1 or args.max_tokens < 8:
+        raise UserError("--prompts must be positive, --max-tokens at least 8")
+    quiet_transformers()
+    records = load_records(args.data if args.data is not None else data_dir())
+    result, text = evaluate_medusa(args.model, records, args.heads_dir or args.model, args.prompts, args.max_tokens,
+                                   cache=args.cache, fork=args.fork_token, child=args.child_token)
+    print(json.dumps(result, indent=2) if args.json else text)
     return 0
 
 
