@@ -145,6 +145,27 @@ def test_length_buckets_match_plain_model(backend_name, arch, request, monkeypat
     assert max(counts) > 1
 
 
+@pytest.mark.parametrize("arch", ["llama", "mistral_window"])
+def test_cascade_private_buckets_match_plain_model(arch, request, monkeypatch):
+    """Sharing forced on and every private-part split that saves a padded cell made: several private
+    buckets beside the groups, merged by log-sum-exp; the replayed trees still match the plain model."""
+    monkeypatch.setattr(portable, "BUCKET_CELLS", 0)
+    monkeypatch.setattr(cascade, "MIN_SHARED", 4)
+    monkeypatch.setattr(cascade, "MIN_SAVED_BYTES", 0)
+    monkeypatch.setattr(golden, "EngineConfig", functools.partial(EngineConfig, attention="cascade"))
+    counts = []
+    real = cascade.length_buckets
+
+    def counted(lens):
+        groups = real(lens)
+        counts.append(len(groups))
+        return groups
+
+    monkeypatch.setattr(cascade, "length_buckets", counted)
+    golden.test_replayed_trees_match_plain_model(arch, "cpu", request)
+    assert counts and max(counts) > 1
+
+
 def test_length_buckets_split_where_padding_costs():
     lens = [30, 5, 6, 400, 7, 31, 5, 29]
     groups = portable.length_buckets(lens, cost=0)

@@ -14,7 +14,8 @@ into as few spans as its row allows. Every position of a thread's context lands 
 parts, so the merged result equals attention over the whole context.
 
 Per step the groups and private parts become padded slot tables, expanded from their spans on the
-device (`_expand`); per layer: one batched product for all groups, one for all private parts, one merge.
+device (`_expand`), the private parts in buckets of similar length (`length_buckets`); per layer: one
+batched product for all groups, one per private bucket, one merge.
 A step where sharing saves too little takes `portable`'s path: each thread's context gathered, in
 buckets of similar length (`gather_buckets`).
 """
@@ -26,14 +27,16 @@ import torch
 
 from apar.engine.backends.base import (AttentionBackend, ChunkMeta, ModelInputs, Run, attention_with_lse,
                                            merge_by_lse)
-from apar.engine.backends.portable import Bucket, attend_buckets, gather_buckets
+from apar.engine.backends.portable import Bucket, attend_buckets, gather_buckets, length_buckets
 
 MIN_SHARED = 32  # positions: a shorter shared span is cheaper to read per thread than as its own group
 # K/V bytes per layer that sharing must save in a step (reads of the groups' spans by all but one reader),
 # else the step takes the plain path (one gather per thread): the groups and the merge cost a dozen more
 # ops per layer. Measured on 2 CPU cores (`apar bench overhead --model` of width 256, 64 threads sharing
 # 33-token prompts, 2 MiB saved): the plain path was 6% faster; at 16 x 1,024 positions with 768 shared
-# in the 7B shape (360 MiB saved) cascade is 3x faster (`apar bench attention`).
+# in the 7B shape (360 MiB saved) cascade is 3x faster (`apar bench attention`). On SmolLM2-135M (1.5 KB a
+# position) a real APAR step at concurrency 16 saving 5 MiB was slower shared (2.10 against 1.71 ms a layer):
+# SDPA's work does not shrink with sharing, only the gather (docs/benchmarks.md, "Where an APAR step's time goes").
 MIN_SAVED_BYTES = 8 << 20
 
 
@@ -133,24 +136,25 @@ class Parts:
 class CascadeMeta:
     rows: torch.Tensor | None  # [T] decode rows of the flat batch
     lens: torch.Tensor | None  # [T] context lengths
-    private: Parts | None  # [T, Lp]
+    private: list[tuple[torch.Tensor, Parts]] | None  # per length bucket: its threads [Tb], parts [Tb, Lb]
     shared: Parts | None  # [G, Ls]
     readers: torch.Tensor | None  # [G, R] decode indices, padding -> T (a zero query)
     valid: torch.Tensor | None  # [V] flat indices into [G * R] of real readers
-    owners: torch.Tensor | None  # [T + V]: the thread each part belongs to (private parts first)
+    owners: torch.Tensor | None  # [Tp + V]: the thread each part belongs to (private parts first, by bucket)
     chunks: list[ChunkMeta] = field(default_factory=list)
     buckets: list[Bucket] | None = None  # the plain path (nothing shared): `portable`'s length buckets
-    keeps: dict = field(default_factory=dict)  # window -> (private keep, shared keep)
+    keeps: dict = field(default_factory=dict)  # window -> (private keeps, shared keep)
 
-    def keep(self, window: int | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """[T, 1, Lp] and [G, 1 or R, Ls] bool: on the context (and in the window)."""
+    def keep(self, window: int | None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """per private bucket [Tb, 1, Lb], and [G, 1 or R, Ls] bool: on the context (and in the window)."""
         if window not in self.keeps:
-            priv = shared = None
+            priv, shared = [], None
             qpos = self.lens - 1  # [T]
-            if self.private is not None:
-                priv = self.private.keep[:, None, :]
+            for index, part in self.private or []:
+                keep = part.keep[:, None, :]
                 if window is not None:
-                    priv = priv & (self.private.positions > (qpos - window)[:, None])[:, None, :]
+                    keep = keep & (part.positions > (qpos[index] - window)[:, None])[:, None, :]
+                priv.append(keep)
             if self.shared is not None:
                 shared = self.shared.keep[:, None, :]
                 if window is not None:
@@ -188,11 +192,17 @@ class CascadeBackend(AttentionBackend):
         width = max(len(key) for key, _ in plan.groups)
         flat = [r for key, _ in plan.groups for r in (*key, *[n_thr] * (width - len(key)))]
         where = [i for i, r in enumerate(flat) if r < n_thr]
-        private, shared, (readers, valid) = _expand(step, [plan.private, [spans for _, spans in plan.groups]],
-                                                    [flat, where])
+        # private parts in length buckets, as `portable` buckets whole contexts: padded to the step's longest
+        # private part (a thread not yet forked reads its whole context privately) most of the table was padding
+        buckets = [b for b in length_buckets([sum(s.length for s in p) for p in plan.private])
+                   if any(plan.private[i] for i in b)]  # a bucket of threads whose context is all shared: none
+        *privs, shared, (readers, valid, *index) = _expand(
+            step, [*[[plan.private[i] for i in b] for b in buckets], [spans for _, spans in plan.groups]],
+            [flat, where, *buckets])
         readers = readers.long().view(len(plan.groups), width)
         valid = valid.long()
-        owners = torch.cat([torch.arange(n_thr, device=rows.device), readers.view(-1)[valid]])
+        private = [(i.long(), p) for i, p in zip(index, privs)]
+        owners = torch.cat([*(i for i, _ in private), readers.view(-1)[valid]])
         return CascadeMeta(rows, lens, private, shared, readers, valid, owners, chunks)
 
     def _may_save(self, families: list[int], lens: list[int]) -> bool:
@@ -222,15 +232,13 @@ class CascadeBackend(AttentionBackend):
         kv_heads = k_pool.shape[0]
         group = n_heads // kv_heads
         keep_priv, keep_shared = meta.keep(window)
-        qh = q.view(n_thr, kv_heads, group, dim).transpose(0, 1)  # [Hkv, T, G, D]
-        if meta.private is not None:
-            slots = meta.private.slots
-            o, lse = attention_with_lse(qh, _gather(k_pool, slots), _gather(v_pool, slots), keep_priv, scaling)
-            outs = [o.transpose(0, 1).reshape(n_thr, n_heads, dim)]  # from [Hkv, T, G, D]
-            lses = [lse.transpose(0, 1).reshape(n_thr, n_heads)]
-        else:  # every position is shared: the private parts weigh nothing
-            outs = [q.new_zeros(n_thr, n_heads, dim, dtype=torch.float32)]
-            lses = [torch.full((n_thr, n_heads), float("-inf"), device=q.device)]
+        outs, lses = [], []  # a thread in no private bucket (all its context shared) has no private part
+        for (index, part), keep in zip(meta.private, keep_priv):
+            n_b = index.shape[0]
+            qh = q[index].view(n_b, kv_heads, group, dim).transpose(0, 1)  # [Hkv, Tb, G, D]
+            o, lse = attention_with_lse(qh, _gather(k_pool, part.slots), _gather(v_pool, part.slots), keep, scaling)
+            outs.append(o.transpose(0, 1).reshape(n_b, n_heads, dim))  # from [Hkv, Tb, G, D]
+            lses.append(lse.transpose(0, 1).reshape(n_b, n_heads))
         n_groups, width = meta.readers.shape
         qs = torch.cat([q, q.new_zeros(1, n_heads, dim)])[meta.readers]  # [Gr, R, H, D]
         qs = qs.view(n_groups, width, kv_heads, group, dim).permute(2, 0, 1, 3, 4)  # [Hkv, Gr, R, G, D]
