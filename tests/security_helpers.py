@@ -20,6 +20,18 @@ PROMPT = "Zebra-sentinel prompt: name three rivers."  # must never reach a log
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def auth(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture(scope="module")
+def keyfile(tmp_path_factory):
+    """A key file holding KEYS, one per line (`--api-key-file`)."""
+    path = tmp_path_factory.mktemp("keys") / "keys"
+    path.write_text("\n".join(KEYS) + "\n")
+    return path
+
+
 # ---------------------------------------------------------------- certificates
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 
 from apar.engine.config import ControlTokens, EngineConfig, SpeculativeConfig
 from apar.engine.engine import Engine
-from apar.engine.events import FinishReason, RequestFinished, ThreadStarted, TokenEvent
+from apar.engine.events import FinishReason
 from apar.engine.kv.step import apply
 from apar.engine.params import SamplingParams
 from apar.engine.sequence import Thread, context_tokens_upto
@@ -18,7 +18,7 @@ from services.kvmanager.json_forms import ops_from_bytes, ops_to_bytes
 from services.kvmanager.replica import ReplicaLedger
 from services.kvmanager.replication import Ack, ReplicationLog
 from tests import test_engine_speculation as ngram_tests
-from tests.test_engine_speculation import PROMPTS, same_answers
+from tests.test_engine_speculation import PROMPTS, collect, same_answers
 
 fork_string = ngram_tests.fork_string  # (the fixture: the model's most frequent token named [Fork])
 
@@ -80,26 +80,6 @@ def plain_run(model_dir, fork: str, requests) -> tuple[dict, Engine, list]:
     return out, eng, threads
 
 
-def collect(eng: Engine, ids, each_step=None) -> dict:
-    out = {rid: {"tokens": {}, "started": [], "finish": None} for rid in ids}
-    while eng.has_work():
-        if each_step is not None:
-            each_step("before")
-        res = eng.step()
-        for ev in res.events:
-            if isinstance(ev, TokenEvent):
-                out[ev.request]["tokens"].setdefault(ev.thread, []).append(ev.token)
-            elif isinstance(ev, ThreadStarted):
-                out[ev.request]["started"].append((ev.thread, ev.parent, ev.anchor))
-            elif isinstance(ev, RequestFinished) and ev.request in out:
-                out[ev.request]["finish"] = ev
-        eng.ledger.check()
-        if each_step is not None:
-            each_step("after")
-    assert eng.ledger.num_used == 0
-    return out
-
-
 class Replica:
     """The KV manager's replica of the engine's ledger, fed the worker's real outbox over the JSON wire."""
 
@@ -128,9 +108,7 @@ def lead_watch(eng: Engine, leads: list):
     """After each step: every thread holding 2+ tokens ahead (KV beyond its pending token) while a
     sibling of its answer that never drafts (odd id) runs, as (request, thread, tokens ahead)."""
 
-    def watch(when: str) -> None:
-        if when != "after":
-            return
+    def watch(_result) -> None:
         for req in eng.requests.values():
             for t in req.threads:
                 if t.running and len(t.ahead) >= 2 and any(s.running and s.id % 2 and s.answer == t.answer
@@ -147,7 +125,7 @@ def test_a_thread_with_drafts_runs_ahead_of_a_sibling_without_and_answers_stay_p
     eng.drafter = OracleDrafter(threads, {eng.fork_id, eng.child_id}, wrong_every)
     ids = [eng.add_request(p, params) for p, params in REQUESTS]
     leads: list = []
-    got = collect(eng, ids, lead_watch(eng, leads))
+    got = collect(eng, ids, after=lead_watch(eng, leads))
     same_answers(want, got)
     finishes = [r["finish"] for r in want.values()]
     assert all(f.reason == FinishReason.LENGTH and f.usage.threads >= 2 for f in finishes[:2])
@@ -185,11 +163,8 @@ def test_tokens_ahead_dropped_by_a_cancel_or_a_budget_leave_the_ledger_clean(lla
     ids = [eng.add_request(p, params) for p, params in REQUESTS]
     cancelled = None
 
-    def each_step(when: str) -> None:
+    def cancel_one_ahead() -> None:
         nonlocal cancelled
-        if when == "after":
-            replica.deliver()
-            return
         req = eng.requests.get(ids[0])
         if cancelled is None and req is not None and any(len(t.ahead) >= 3 for t in req.threads if t.running):
             before = eng.ledger.blocks_read(req.id)
@@ -199,7 +174,7 @@ def test_tokens_ahead_dropped_by_a_cancel_or_a_budget_leave_the_ledger_clean(lla
             assert before > 0 and eng.ledger.blocks_read(req.id) == 0
             replica.deliver()
 
-    got = collect(eng, ids, each_step)
+    got = collect(eng, ids, before=cancel_one_ahead, after=lambda _: replica.deliver())
     replica.deliver()
     assert cancelled and any(reason == FinishReason.CANCELLED and n >= 3 for reason, n in drops)
     assert got[ids[0]]["finish"] is None  # (its end was reported by `abort`)
@@ -235,7 +210,7 @@ def test_tokens_ahead_give_way_under_pressure_and_preemption_and_answers_stay_pl
     eng.drafter = OracleDrafter(threads, {eng.fork_id, eng.child_id}, wrong_every=4)
     replica = Replica(eng, logs[0])
     ids = [eng.add_request(p, params) for p, params in requests]
-    got = collect(eng, ids, lambda when: replica.deliver() if when == "after" else None)
+    got = collect(eng, ids, after=lambda _: replica.deliver())
     same_answers(want, got)
     assert eng.preemptions > 0 and any(trims) and eng.spec_accepted_tokens > 0
     assert any(reason is None for reason, _ in drops)  # a preemption dropped tokens ahead

@@ -48,20 +48,27 @@ def engine(model_dir, fork: str, speculate: SpeculativeConfig | None = None, **c
 def run(eng: Engine, requests: list[tuple[list[int], SamplingParams]], check=None) -> dict:
     """Each request's answer as the client sees it: per thread its tokens, every thread's start (parent,
     anchor) and the finish with its usage; the ledger checked after every step."""
-    ids = [eng.add_request(p, params) for p, params in requests]
+    return collect(eng, [eng.add_request(p, params) for p, params in requests], after=check)
+
+
+def collect(eng: Engine, ids, before=None, after=None) -> dict:
+    """`run`'s answers of requests already added (`ids`), stepping until the engine is idle; `before()`
+    is called before each step, `after(result)` after it and the ledger's check."""
     out = {rid: {"tokens": {}, "started": [], "finish": None} for rid in ids}
     while eng.has_work():
+        if before is not None:
+            before()
         res = eng.step()
         for ev in res.events:
             if isinstance(ev, TokenEvent):
                 out[ev.request]["tokens"].setdefault(ev.thread, []).append(ev.token)
             elif isinstance(ev, ThreadStarted):
                 out[ev.request]["started"].append((ev.thread, ev.parent, ev.anchor))
-            elif isinstance(ev, RequestFinished):
+            elif isinstance(ev, RequestFinished) and ev.request in out:
                 out[ev.request]["finish"] = ev
         eng.ledger.check()
-        if check is not None:
-            check(res)
+        if after is not None:
+            after(res)
     assert eng.ledger.num_used == 0
     return out
 

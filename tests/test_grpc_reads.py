@@ -19,6 +19,7 @@ class _Call:
         self.cancels = 0
         self.interrupted = 0
         self.waiting = asyncio.Event()
+        self.read_over = asyncio.Event()  # set when the pending read has ended, however it ended
         self._ended = asyncio.Event()
 
     async def read(self):
@@ -31,6 +32,8 @@ class _Call:
         except asyncio.CancelledError:
             self.interrupted += 1  # what leaks the batch in grpc.aio
             raise
+        finally:
+            self.read_over.set()
         raise asyncio.CancelledError  # the call was cancelled: the read ends by itself
 
     def cancel(self) -> bool:
@@ -57,8 +60,7 @@ async def _consume_then_cancel(call, wrap) -> list:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    for _ in range(5):  # let the read's own task see the call's cancellation
-        await asyncio.sleep(0)
+    await asyncio.wait_for(call.read_over.wait(), 5)  # the pending read has ended, in whichever task
     return got
 
 

@@ -14,21 +14,10 @@ import pytest
 
 from tests.faults import wait_until
 from tests.procs import Proc, free_port
+from tests.security_helpers import KEYS, auth, keyfile  # noqa: F401 (keyfile: a fixture)
 
-KEYS = ("k1-Alpha-7f3c9e2d1b", "k2-Bravo-0a8e4c6f2d")
 NOFILE = 256  # the server's descriptor limit: --http-max-connections is half of it
 HEADER_TIMEOUT_S = 2
-
-
-def auth(key: str) -> dict:
-    return {"Authorization": f"Bearer {key}"}
-
-
-@pytest.fixture(scope="module")
-def keyfile(tmp_path_factory):
-    path = tmp_path_factory.mktemp("keys") / "keys"
-    path.write_text("\n".join(KEYS) + "\n")
-    return path
 
 
 def closed_within(sock: socket.socket, deadline: float) -> bool:

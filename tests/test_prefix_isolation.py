@@ -13,10 +13,10 @@ import pytest
 
 from apar.protogen import stubs
 from tests.procs import Proc, free_port
+from tests.security_helpers import KEYS, keyfile  # noqa: F401 (keyfile: a fixture)
 
 pb = stubs()
 A = pb.apar_pb2
-KEYS = ("k1-Alpha-7f3c9e2d1b", "k2-Bravo-0a8e4c6f2d")
 # about 90 tokens: five or more full blocks of 16
 PROMPTS = [f"Key one's private note {n}: " + " ".join(f"item {i} costs {i * 7 + n} coins" for i in range(12))
            for n in range(4)]
@@ -39,13 +39,6 @@ def stop(s) -> None:
     s.http.close()
     s.channel.close()
     s.proc.stop()
-
-
-@pytest.fixture(scope="module")
-def keyfile(tmp_path_factory):
-    path = tmp_path_factory.mktemp("keys") / "keys"
-    path.write_text("\n".join(KEYS) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")

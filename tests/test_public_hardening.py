@@ -18,23 +18,12 @@ import pytest
 from apar.protogen import stubs
 from tests.faults import wait_until
 from tests.procs import Proc, free_port
+from tests.security_helpers import KEYS, auth, keyfile  # noqa: F401 (keyfile: a fixture)
 
 pb = stubs()
 A = pb.apar_pb2
-KEYS = ("k1-Alpha-7f3c9e2d1b", "k2-Bravo-0a8e4c6f2d")
 PROMPT = "The secret plan of the first key: " + " ".join(f"step {i} is to wait" for i in range(20))
 NOFILE = 256  # the half-open test's server: --http-max-connections defaults to half of it
-
-
-def auth(key: str) -> dict:
-    return {"Authorization": f"Bearer {key}"}
-
-
-@pytest.fixture(scope="module")
-def keyfile(tmp_path_factory):
-    path = tmp_path_factory.mktemp("keys") / "keys"
-    path.write_text("\n".join(KEYS) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import urllib.request
 
 import grpc
 import pytest
@@ -19,6 +18,7 @@ from apar.text.prompt import encode_prompt
 from apar.text.stream import RequestStream
 from tests.faults import Stream, wait_until
 from tests.gated import Gate
+from tests import security_helpers
 from tests.procs import Proc, free_port
 
 pb = stubs()
@@ -80,14 +80,7 @@ def blocks_in_use(stub) -> int:
 
 def metric_values(server) -> dict[str, float]:
     """The server's metrics, each summed over its series (every series carries model_name)."""
-    text = urllib.request.urlopen(METRICS_URL[server], timeout=5).read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            series, _, value = line.rpartition(" ")
-            name = series.split("{")[0]
-            out[name] = out.get(name, 0.0) + float(value)
-    return out
+    return security_helpers.metric_values(METRICS_URL[server])
 
 
 def wait_all_free(stub, timeout=5.0) -> None:
