@@ -66,7 +66,8 @@ class Component:
         self._cond = threading.Condition()
         self._ready_seen = False
         self._in_traceback = False
-        self._log = open(self.log_path, "a", encoding="utf-8", errors="replace")
+        # line-buffered: a reader of the log (a user's tail, a test) sees each line as it is written
+        self._log = open(self.log_path, "a", encoding="utf-8", errors="replace", buffering=1)
 
     def start(self, done: int, timeout: float = 120.0) -> None:
         self.launch(done)
