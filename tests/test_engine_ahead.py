@@ -64,7 +64,7 @@ def make_engine(model_dir, fork: str, spec: bool, replica: bool = False, **cfg) 
         logs.append(ReplicationLog(ledger, session=1))
         return logs[-1]
 
-    eng = Engine(model_dir, EngineConfig(**config, speculate=SpeculativeConfig("ngram", K) if spec else
+    eng = Engine(model_dir, EngineConfig(**config, speculate=SpeculativeConfig("ngram", K, policy="all") if spec else
                                          SpeculativeConfig()), kv_factory=kv_factory if replica else None)
     return eng, logs
 

@@ -22,7 +22,7 @@ from tests.test_engine_speculation import APAR, PROMPTS, _worst_gap, engine, run
 
 fork_string = ngram_tests.fork_string  # (the fixture: the model's most frequent token named [Fork])
 
-MEDUSA = SpeculativeConfig("medusa", num_tokens=4)
+MEDUSA = SpeculativeConfig("medusa", num_tokens=4, policy="all")  # every draft: the mechanics, not the policy
 
 
 def _with_heads(model_dir, out, heads: MedusaHeads):
@@ -178,12 +178,12 @@ def test_train_medusa_distills_the_frozen_model_and_the_engine_drafts_with_its_h
     heads, vocab, meta = load_heads(model_dir)
     assert heads.num_heads == 3 and vocab is not None and meta["trained"]["records"] == 12
     assert (model_dir / HEADS_FILE).is_file() and (model_dir / CONFIG_FILE).is_file()
-    eng = Engine(model_dir, EngineConfig(block_size=4, num_blocks=128, speculate=SpeculativeConfig("medusa", 3)))
+    eng = Engine(model_dir, EngineConfig(block_size=4, num_blocks=128, speculate=SpeculativeConfig("medusa", 3, policy="all")))
     allowed = set(vocab.tolist())
     eng.add_request(PROMPTS[0], SamplingParams(max_tokens=40, auto_parallel=False))
     while eng.has_work():
         eng.step()
-        for _, toks in eng.drafter.proposals.values():
+        for _, toks, _ in eng.drafter.proposals.values():
             assert set(toks) <= allowed
     assert eng.spec_draft_tokens > 0 and eng.ledger.num_used == 0
 
@@ -217,7 +217,7 @@ def test_train_hydra_on_the_models_own_answers_then_measure_on_test_prompts(llam
     for row in result["table"]:
         assert 0 <= row["accepted"] <= row["drafted"] <= row["k"]
     assert all(0.0 <= x <= 1.0 for x in result["top1"] + result["chain_top1"])
-    eng = Engine(model_dir, EngineConfig(block_size=4, num_blocks=128, speculate=SpeculativeConfig("medusa", 3)))
+    eng = Engine(model_dir, EngineConfig(block_size=4, num_blocks=128, speculate=SpeculativeConfig("medusa", 3, policy="all")))
     eng.add_request(PROMPTS[0], SamplingParams(max_tokens=40, auto_parallel=False))
     while eng.has_work():
         eng.step()

@@ -20,7 +20,7 @@ from services.kvmanager.json_forms import ops_from_bytes, ops_to_bytes
 from services.kvmanager.replica import ReplicaLedger
 from services.kvmanager.replication import Ack, ReplicationLog
 
-NGRAM = SpeculativeConfig("ngram", num_tokens=4)
+NGRAM = SpeculativeConfig("ngram", num_tokens=4, policy="all")  # every draft: the mechanics, not the policy
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30], [40, 41, 42],
            [60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70, 71, 72, 73, 74, 75, 76, 77]]
 

@@ -161,13 +161,16 @@ def _suite_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fork-token", default="[Fork]", help="'[SplitMask]' for the published APAR checkpoints")
     p.add_argument("--child-token", default="[Child]", help="'[SplitSop]' for the published APAR checkpoints")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    from apar.engine.config import SPECULATE_CHOICES
+    from apar.engine.config import DRAFT_POLICIES, SPECULATE_CHOICES
 
     p.add_argument("--speculate", default="off", choices=SPECULATE_CHOICES,
                    help="also run APAR with this speculation inside its threads, beside plain APAR and AR in the "
                         "same run (trace: the replayed threads draft, checked against their known tokens)")
     p.add_argument("--num-speculative-tokens", type=int, default=4, help="with --speculate: tokens drafted per "
                                                                           "thread and step")
+    p.add_argument("--draft-policy", default="pays", choices=DRAFT_POLICIES,
+                   help="with --speculate: pays, the drafted tokens that raise a step's expected tokens per "
+                        "second; all, every drafted token (as apar serve's flag)")
 
 
 def levels_arg(text: str) -> tuple[int, ...]:
@@ -200,7 +203,8 @@ def settings(args, table: dict[bool, Defaults]):
                          admit_watermark=args.admit_watermark, fork_watermark=args.fork_watermark, device=args.device,
                          dtype=args.dtype,
                          control=ControlTokens(args.fork_token, args.child_token), progress=not args.no_progress,
-                         data=args.data, speculate=SpeculativeConfig(args.speculate, args.num_speculative_tokens))
+                         data=args.data, speculate=SpeculativeConfig(args.speculate, args.num_speculative_tokens,
+                                                                     policy=args.draft_policy))
 
 
 def cpu_threads(threads: int | None, device: str | None) -> None:

@@ -67,7 +67,8 @@ class SuiteSettings:
                 "min_requests": p.min_requests, "block_size": self.block_size,
                 "max_batch_tokens": self.max_batch_tokens, "pool_fraction": self.pool_fraction,
                 "admit_watermark": self.admit_watermark, "fork_watermark": self.fork_watermark,
-                "speculate": self.speculate.method, "num_speculative_tokens": self.speculate.num_tokens}
+                "speculate": self.speculate.method, "num_speculative_tokens": self.speculate.num_tokens,
+                "draft_policy": self.speculate.policy}
 
 
 def warm_up(engine, jobs: list[Job]):

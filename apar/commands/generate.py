@@ -81,7 +81,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the cached KV blocks of a prompt's longest known prefix, prefill only the rest; "
                         "prompts' blocks stay cached until evicted (default on)")
-    from apar.engine.config import MAX_SPECULATIVE_TOKENS, SPECULATE_CHOICES
+    from apar.engine.config import DRAFT_POLICIES, MAX_SPECULATIVE_TOKENS, SPECULATE_CHOICES
 
     g.add_argument("--speculate", default="off", choices=SPECULATE_CHOICES,
                    help="speculation inside every thread: ngram drafts a thread's next tokens by looking its last "
@@ -90,6 +90,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "greedy answers stay token for token the same (default off)")
     g.add_argument("--num-speculative-tokens", type=int, default=4,
                    help=f"tokens a thread drafts per step, 1..{MAX_SPECULATIVE_TOKENS} (default 4)")
+    g.add_argument("--draft-policy", default="pays", choices=DRAFT_POLICIES,
+                   help="pays: a step takes the drafted tokens that raise its expected tokens per second, from "
+                        "what this engine's steps cost by rows and how often drafts held (a thread sampled "
+                        "with a seed drafts every token, so its seed repeats); all: every drafted token "
+                        "(default pays)")
 
 
 def engine_config(args):
@@ -100,7 +105,8 @@ def engine_config(args):
                         fork_watermark=args.fork_watermark, device=args.device, dtype=args.dtype,
                         attention=args.attention, cuda_graphs=args.cuda_graphs, compile=args.compile, prefix_cache=args.prefix_cache,
                         control=ControlTokens(fork=args.fork_token, child=args.child_token),
-                        speculate=SpeculativeConfig(args.speculate, args.num_speculative_tokens))
+                        speculate=SpeculativeConfig(args.speculate, args.num_speculative_tokens,
+                                                            policy=args.draft_policy))
 
 
 def sampling_params(args):

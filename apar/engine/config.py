@@ -25,6 +25,9 @@ class ControlTokens:
 
 
 SPECULATE_CHOICES = ("off", "ngram", "medusa")
+# which drafted tokens enter a step: "pays", those that raise the step's expected tokens per second
+# (apar/engine/draft_policy.py); "all", every token the drafter gives
+DRAFT_POLICIES = ("pays", "all")
 MAX_SPECULATIVE_TOKENS = 16  # a draft's length: each is a query position of every step it is in
 
 
@@ -38,6 +41,7 @@ class SpeculativeConfig:
     num_tokens: int = 4
     min_ngram: int = 1
     max_ngram: int = 4
+    policy: str = "pays"
 
     def __post_init__(self) -> None:
         if self.method not in SPECULATE_CHOICES:
@@ -49,6 +53,8 @@ class SpeculativeConfig:
         if not isinstance(self.min_ngram, int) or not isinstance(self.max_ngram, int) or \
                 not 1 <= self.min_ngram <= self.max_ngram:
             raise UserError(f"ngram sizes must satisfy 1 <= min <= max, got {self.min_ngram}..{self.max_ngram}")
+        if self.policy not in DRAFT_POLICIES:
+            raise UserError(f"draft policy must be one of {', '.join(DRAFT_POLICIES)}, got {self.policy!r}")
 
     @property
     def enabled(self) -> bool:

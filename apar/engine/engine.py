@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,6 +32,7 @@ import torch
 from apar.engine.allocation import SlotAllocation
 from apar.engine.backends.base import ModelInputs
 from apar.engine.config import EngineConfig
+from apar.engine.draft_policy import DraftOdds, StepCost
 from apar.engine.errors import UserError
 from apar.engine.events import Event, FinishReason, RequestFinished, ThreadStarted
 from apar.engine.forks import ForkRules
@@ -82,6 +84,10 @@ class Engine(SlotAllocation, TokenResults, Speculation):
         self.drafter = make_drafter(self.config.speculate, [t for t in (self.fork_id, self.child_id) if t is not None],
                                     self.runner)
         self.spec_draft_tokens = self.spec_accepted_tokens = 0
+        # what this engine's steps cost by rows, how often drafts hold: the drafts that pay (draft_policy.py)
+        self.step_cost = StepCost()
+        self.draft_odds = DraftOdds(self.config.speculate.num_tokens)
+        self._draft_scores: dict[tuple[str, int], list[float]] = {}
         self.keep_logits = keep_logits
         self.requests: dict[str, Request] = {}
         self.steps = 0
@@ -233,6 +239,7 @@ class Engine(SlotAllocation, TokenResults, Speculation):
     @torch.inference_mode()
     def step(self) -> EngineOutput:
         """One step: schedule the work (and its KV slots), run the model, apply the sampled tokens."""
+        started = time.perf_counter()
         result = EngineOutput(events=[])
         work = self._schedule(result)
         if not work:  # nothing to run (at most forks of recomputed threads, which the ledger now has)
@@ -246,6 +253,8 @@ class Engine(SlotAllocation, TokenResults, Speculation):
         step, samplers, drafts, prefilled = self._build_step(work)
         logits = self.runner.forward(step)  # [S + D, V]: one row per sampling thread, then one per draft token
         self._apply_results(step, samplers, drafts, prefilled, logits, result)
+        if self.drafter is not None:
+            self.step_cost.observe(step.num_tokens, time.perf_counter() - started)
         return result
 
     def _schedule(self, result: EngineOutput) -> list[Work]:

@@ -169,7 +169,8 @@ class MedusaDrafter:
         self.embed = None if embed is None else embed.detach()  # [V, H] the model's input embeddings
         self.stop_ids = frozenset(stop_ids)
         self.min_confidence = MIN_CONFIDENCE
-        self.proposals: dict[tuple[str, int], tuple[int, list[int]]] = {}
+        # thread -> (its context length, the guessed tokens after it, their scores)
+        self.proposals: dict[tuple[str, int], tuple[int, list[int], list[float]]] = {}
 
     @classmethod
     def load(cls, directory: Path, lm_weight: torch.Tensor, stop_ids: Sequence[int], k: int,
@@ -201,17 +202,23 @@ class MedusaDrafter:
             confs.append(conf)
         return torch.stack(toks, dim=1), torch.stack(confs, dim=1)
 
-    def guess(self, hidden: torch.Tensor, pending: Sequence[int] | torch.Tensor | None = None) -> list[list[int]]:
+    def guess(self, hidden: torch.Tensor, pending: Sequence[int] | torch.Tensor | None = None,
+              with_scores: bool = False):
         """hidden: [M, H] final hidden states, pending: [M] the thread's pending token of each row -> per
         row the K heads' tokens, up to the first head whose own probability of its token is below
         `min_confidence` (a guess that would most likely be rejected costs its positions in the step and
-        saves nothing)."""
+        saves nothing); with `with_scores`, also per row each token's score: the product of the heads'
+        probabilities up to it (apar/engine/draft_policy.py)."""
         pending = torch.zeros(len(hidden), dtype=torch.long) if pending is None else \
             torch.as_tensor(pending, dtype=torch.long)  # [M] (medusa heads do not read it)
         idx, conf = self.chain(hidden, pending)  # [M, K], [M, K]
         # each row's tokens before its first unconfident head
         keep = (conf >= self.min_confidence).int().cumprod(dim=-1).sum(dim=-1).tolist()  # [M]
-        return [row[:n] for row, n in zip(idx.tolist(), keep)]
+        tokens = [row[:n] for row, n in zip(idx.tolist(), keep)]
+        if not with_scores:
+            return tokens
+        scores = [row[:n] for row, n in zip(conf.cumprod(dim=-1).tolist(), keep)]
+        return tokens, scores
 
     def propose(self, keys: list[tuple[str, int]], lengths: list[int], hidden: torch.Tensor | None,
                 pending: list[int] | None = None) -> None:
@@ -220,13 +227,14 @@ class MedusaDrafter:
         self.proposals = {}
         if not keys:
             return
-        for key, length, toks in zip(keys, lengths, self.guess(hidden, pending)):
+        tokens, scores = self.guess(hidden, pending, with_scores=True)
+        for key, length, toks, score in zip(keys, lengths, tokens, scores):
             cut = []
             for tok in toks:
                 if tok in self.stop_ids:
                     break
                 cut.append(tok)
-            self.proposals[key] = (length, cut)
+            self.proposals[key] = (length, cut, score[: len(cut)])
 
     def proposal(self, key: tuple[str, int], length: int, k: int) -> list[int]:
         """Up to k guessed tokens after the thread's context of `length` tokens; [] when none was made
@@ -235,6 +243,11 @@ class MedusaDrafter:
         if found is None or found[0] != length or k <= 0:
             return []
         return found[1][:k]
+
+    def scores(self, key: tuple[str, int], length: int, n: int) -> list[float]:
+        """The scores of the first n tokens of `proposal(key, length, ...)`: the product of the heads'
+        probabilities up to each."""
+        return self.proposals[key][2][:n]
 
     def draft(self, context: Sequence[int], k: int) -> list[int]:  # the Drafter protocol: no thread, no guess
         return []

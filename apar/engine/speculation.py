@@ -29,6 +29,7 @@ from dataclasses import replace
 
 import torch
 
+from apar.engine.draft_policy import choose
 from apar.engine.input_builder import DraftRows
 from apar.engine.kv.ledger import ThreadRef
 from apar.engine.kv.ops import Truncate
@@ -54,7 +55,7 @@ class Speculation:
         work = [w for w in work if not self._holds(w)]
         room = self.config.max_batch_tokens - len(work)  # the step's tokens the drafts may take
         spare = self.ledger.num_free - sum(self.scheduler.blocks_needed(work).values()) - self.fork_rules.watermark
-        out = []
+        drafts = []
         for w in work:
             t = w.thread
             k = min(self._draft_limit(w), room)
@@ -64,6 +65,11 @@ class Speculation:
                 draft = self.drafter.proposal((w.request.id, t.id), t.start_pos + t.n_tokens, k)
             else:
                 draft = self.drafter.draft(context_tokens_upto(t, t.start_pos + t.n_tokens), k)
+            drafts.append(draft)
+        drafts = self._drafts_that_pay(work, drafts)
+        out = []
+        for w, draft in zip(work, drafts):
+            t = w.thread
             if draft:
                 ref = ThreadRef(w.request.id, t.id)
                 opened = self.ledger.blocks_needed(ref, 1 + len(draft)) - self.ledger.blocks_needed(ref, 1)
@@ -73,6 +79,29 @@ class Speculation:
                     w = replace(w, draft=tuple(draft))
             out.append(w)
         return out
+
+    def _drafts_that_pay(self, work: list[Work], drafts: list[list[int]]) -> list[list[int]]:
+        """Each thread's draft cut to the tokens that pay for their rows (apar/engine/draft_policy.py),
+        and each kept draft's scores noted for `_take_runs`; a thread sampled with a seed keeps its whole
+        draft (its seed repeats its answer)."""
+        self._draft_scores = {}
+        scores_of = getattr(self.drafter, "scores", None)
+        scores = []
+        for w, draft in zip(work, drafts):
+            t = w.thread
+            s = scores_of((w.request.id, t.id), t.start_pos + t.n_tokens, len(draft)) \
+                if scores_of is not None and draft else [1.0] * len(draft)
+            scores.append(s)
+        if self.config.speculate.policy == "pays":
+            free = [i for i, w in enumerate(work) if drafts[i] and
+                    (w.request.params.greedy or w.request.params.seed is None)]
+            take = choose(len(work), [self.draft_odds.odds(scores[i]) for i in free], self.step_cost)
+            for i, n in zip(free, take):
+                drafts[i], scores[i] = drafts[i][:n], scores[i][:n]
+        for w, s in zip(work, scores):
+            if s:
+                self._draft_scores[(w.request.id, w.thread.id)] = s
+        return drafts
 
     def _holds(self, w: Work) -> bool:
         """A thread with tokens ahead skips the forward when it would be of no use: its last token ahead
@@ -190,6 +219,9 @@ class Speculation:
             if d is None:
                 continue
             k = len(d.draft)
+            scores = self._draft_scores.get((req.id, t.id))
+            if scores is not None and len(scores) == k:
+                self.draft_odds.observe(scores, accepted)
             req.usage.drafted_tokens += k
             self.spec_draft_tokens += k
             if t.replay is None:

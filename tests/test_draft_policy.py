@@ -1,0 +1,104 @@
+"""The drafts that pay (apar/engine/draft_policy.py): a step takes draft tokens in order of their odds while
+its expected tokens per second grow, from what its steps cost by rows and how often drafts held. The
+engine tests fix the cost curve (the engine's own is learned from its steps' wall time) and check that
+the policy changes only how many tokens are drafted: greedy answers stay those without drafts."""
+from __future__ import annotations
+
+import pytest
+
+from apar.engine.config import SpeculativeConfig
+from apar.engine.draft_policy import DraftOdds, StepCost, bucket, choose
+from apar.engine.params import SamplingParams
+from tests.test_engine_speculation import APAR, PROMPTS, engine, fork_string, run, same_answers  # noqa: F401
+
+
+class FixedCost(StepCost):
+    """A step of r rows costs base + per_row * r seconds, whatever the engine measures."""
+
+    def __init__(self, base: float, per_row: float) -> None:
+        super().__init__()
+        self.base, self.per_row = base, per_row
+
+    def observe(self, rows: int, seconds: float) -> None:
+        pass
+
+    def of(self, rows: int) -> float:
+        return self.base + self.per_row * rows
+
+
+def test_buckets_are_exact_to_eight_rows_then_powers_of_two():
+    assert [bucket(r) for r in (1, 2, 8, 9, 16, 17, 64, 65)] == [1, 2, 8, 16, 16, 32, 64, 128]
+
+
+def test_a_bucket_not_seen_costs_what_the_nearest_smaller_one_does():
+    cost = StepCost()
+    assert cost.of(3) is None
+    cost.observe(2, 0.05)
+    cost.observe(12, 0.09)
+    assert cost.of(2) == 0.05 and cost.of(5) == 0.05 and cost.of(16) == 0.09 and cost.of(40) == 0.09
+    assert cost.of(1) is None
+    cost.observe(2, 0.10)  # a moving average: the new time moves it part of the way
+    assert 0.05 < cost.of(2) < 0.10
+
+
+def test_free_rows_take_every_token_and_dear_rows_only_likely_ones():
+    odds = [[0.9, 0.6, 0.2], [0.5], []]
+    assert choose(4, odds, FixedCost(1.0, 0.0)) == [3, 1, 0]
+    # a row costs a tenth of a step of 4 (4 tokens a second): a token pays when its odds pass a tenth of
+    # the rate with the tokens before it (about 0.46 here)
+    assert choose(4, [[0.9, 0.6, 0.2], [0.4], []], FixedCost(0.6, 0.1)) == [2, 0, 0]
+    assert choose(4, [[0.9, 0.6, 0.2], [0.5], []], FixedCost(0.6, 0.1)) == [2, 1, 0]
+    # a row costs as much as a token earns on average: nothing pays
+    assert choose(4, odds, FixedCost(0.0, 1.0)) == [0, 0, 0]
+    # nothing known of the step's cost yet: every token (its time will be known after it)
+    assert choose(4, odds, StepCost()) == [3, 1, 0]
+
+
+def test_a_threads_tokens_are_taken_in_draft_order():
+    # equal odds: a later token never comes before an earlier one of its thread
+    assert choose(1, [[0.5, 0.5, 0.5]], FixedCost(1.0, 0.0)) == [3]
+    taken = choose(2, [[0.7, 0.7], [0.7]], FixedCost(1.0, 0.05))
+    assert taken[0] >= 1 and sum(taken) >= 2
+
+
+def test_odds_follow_how_often_each_position_held():
+    odds = DraftOdds(3)
+    assert odds.odds([1.0, 1.0, 1.0]) == [1.0, 1.0, 1.0]  # the prior: trust the drafter's scores
+    for _ in range(400):
+        odds.observe([1.0, 1.0, 1.0], 1)  # the first token always holds, the second never
+    first, second, third = odds.odds([1.0, 1.0, 1.0])
+    assert first > 0.95 and second < 0.05 and third <= second
+    # scores scale the odds: a token the drafter is less sure of has lower odds at the same position
+    assert odds.odds([0.5])[0] < odds.odds([1.0])[0]
+
+
+@pytest.mark.parametrize("dear", [False, True])
+def test_the_policy_changes_how_much_is_drafted_never_the_greedy_answer(llama_dir, fork_string, dear):
+    requests = [(p, APAR) for p in PROMPTS]
+    plain = run(engine(llama_dir, fork_string), requests)
+    every = engine(llama_dir, fork_string, SpeculativeConfig("ngram", 4, policy="all"))
+    every_answers = run(every, requests)
+    pays = engine(llama_dir, fork_string, SpeculativeConfig("ngram", 4, policy="pays"))
+    pays.step_cost = FixedCost(0.0, 1.0) if dear else FixedCost(1.0, 0.0)
+    pays_answers = run(pays, requests)
+    same_answers(plain, every_answers)
+    same_answers(plain, pays_answers)
+    assert every.spec_draft_tokens > 50
+    if dear:  # a row costs what it earns: no draft pays
+        assert pays.spec_draft_tokens == 0
+    else:  # rows are free: every drafted token is taken, as with policy "all"
+        assert pays.spec_draft_tokens == every.spec_draft_tokens
+        assert pays.spec_accepted_tokens == every.spec_accepted_tokens
+
+
+def test_a_thread_sampled_with_a_seed_drafts_every_token(llama_dir, fork_string):
+    """Its answer depends on its drafts (the acceptance rule draws from its generator), so the policy,
+    which depends on timing, leaves it alone: the seed repeats the answer."""
+    seeded = SamplingParams(max_tokens=60, temperature=0.8, seed=7)
+    answers = []
+    for _ in range(2):
+        eng = engine(llama_dir, fork_string, SpeculativeConfig("ngram", 4, policy="pays"))
+        eng.step_cost = FixedCost(0.0, 1.0)  # no draft pays
+        answers.append(run(eng, [(PROMPTS[1], seeded)]))
+        assert eng.spec_draft_tokens > 0
+    same_answers(*answers)
