@@ -116,3 +116,24 @@ def test_heads_saved_without_a_kind_load_as_medusa(tmp_path):
     del config["kind"]
     (tmp_path / "medusa.json").write_text(json.dumps(config))
     assert isinstance(load_heads(tmp_path)[0], MedusaHeads)
+
+
+def test_a_bfloat16_drafter_leaves_its_heads_alone_and_cuts_the_chain_when_no_row_is_sure():
+    """The CPU may run the heads' guesses in bfloat16 (`MedusaDrafter.load` times both): building that
+    drafter copies the heads, so a float32 drafter over the same heads still works; and the chain, cut,
+    stops at the first head where no row is sure (the heads past it read probability 0)."""
+    heads = HydraHeads(H, 3)
+    with torch.no_grad():
+        heads.weight.normal_(0, 0.3)
+    table, embed = _tables()
+    h, pending = torch.randn(5, H), torch.tensor([1, 2, 3, 4, 5])
+    half = MedusaDrafter(heads, table, None, [], embed, dtype=torch.bfloat16)
+    full = MedusaDrafter(heads, table, None, [], embed)
+    assert half.heads.weight.dtype == half.table.dtype == torch.bfloat16
+    assert heads.weight.dtype == full.heads.weight.dtype == torch.float32
+    toks, conf = half.chain(h, pending)
+    assert toks.shape == conf.shape == (5, 3) and bool(((conf > 0) & (conf <= 1)).all())
+    full.min_confidence = 1.1  # no head is ever sure
+    toks, conf = full.chain(h, pending, cut=True)
+    assert bool((conf[:, 0] > 0).all()) and bool((conf[:, 1:] == 0).all())
+    assert full.guess(h, pending) == [[] for _ in range(5)]

@@ -32,6 +32,7 @@ and the product is then a fraction of the full vocabulary's.
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Sequence
@@ -153,19 +154,19 @@ class MedusaDrafter:
     by_thread = True  # drafts come from `proposal`, not from the context (`Drafter.draft`)
 
     def __init__(self, heads: Heads, lm_weight: torch.Tensor, vocab: torch.Tensor | None,
-                 stop_ids: Sequence[int], embed: torch.Tensor | None = None) -> None:
-        device, dtype = lm_weight.device, lm_weight.dtype
+                 stop_ids: Sequence[int], embed: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> None:
+        device, dtype = lm_weight.device, dtype or lm_weight.dtype
         if heads.hidden != lm_weight.shape[1]:
             raise UserError(f"the medusa heads are for hidden size {heads.hidden}, the model's is {lm_weight.shape[1]}")
         if vocab is not None and (vocab.numel() == 0 or int(vocab.max()) >= lm_weight.shape[0] or int(vocab.min()) < 0):
             raise UserError("the medusa heads' vocabulary does not fit the model's")
         if heads.kind == "hydra" and embed is None:
             raise UserError("hydra heads read the model's input embeddings")
-        self.heads = heads.to(device=device, dtype=dtype).eval()
+        self.heads = copy.deepcopy(heads).to(device=device, dtype=dtype).eval()  # (`to` moves a module in place)
         self.num_heads = heads.num_heads
         self.vocab = None if vocab is None else vocab.to(device)
         # [V', H]: the LM head's rows of the heads' vocabulary (a copy), or the whole LM head (a view)
-        self.table = lm_weight.detach() if vocab is None else lm_weight.detach().index_select(0, self.vocab)
+        self.table = (lm_weight.detach() if vocab is None else lm_weight.detach().index_select(0, self.vocab)).to(dtype)
         self.embed = None if embed is None else embed.detach()  # [V, H] the model's input embeddings
         self.stop_ids = frozenset(stop_ids)
         self.min_confidence = MIN_CONFIDENCE
@@ -179,27 +180,57 @@ class MedusaDrafter:
         if k > heads.num_heads:
             raise UserError(f"--num-speculative-tokens {k} asks for more tokens than the {heads.num_heads} "
                             f"medusa heads in {directory} guess")
-        return cls(heads, lm_weight, vocab, stop_ids, embed)
+        drafter = cls(heads, lm_weight, vocab, stop_ids, embed)
+        if lm_weight.device.type == "cpu" and lm_weight.dtype == torch.float32:
+            # the heads' guesses are only ever verified, so they may run in bfloat16 where that is faster:
+            # on a CPU with bfloat16 instructions a few rows' products run about 3x faster (docs/benchmarks.md,
+            # "Speculation that pays"); timed here, since a CPU without them runs bfloat16 slower
+            half = cls(heads, lm_weight, vocab, stop_ids, embed, dtype=torch.bfloat16)
+            if half.chain_seconds() < drafter.chain_seconds():
+                drafter = half
+        return drafter
+
+    def chain_seconds(self, rows: int = 4, repeats: int = 3) -> float:
+        """The best of `repeats` timings of the heads' chain on `rows` random rows (after one untimed)."""
+        import time
+
+        hidden = torch.randn(rows, self.heads.hidden, device=self.table.device)
+        pending = torch.zeros(rows, dtype=torch.long, device=self.table.device)
+        best = float("inf")
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            self.chain(hidden, pending)
+            if i:
+                best = min(best, time.perf_counter() - start)
+        return best
 
     def _local(self, idx: torch.Tensor) -> torch.Tensor:
         return idx if self.vocab is None else self.vocab[idx]
 
     @torch.inference_mode()
-    def chain(self, hidden: torch.Tensor, pending: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def chain(self, hidden: torch.Tensor, pending: torch.Tensor, cut: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden: [M, H] final hidden states, pending: [M] the token each row gave (the thread's pending
-        token) -> (tokens [M, K], each head's probability of its token [M, K]), uncut."""
+        token) -> (tokens [M, K], each head's probability of its token [M, K]). With `cut`, a hydra chain
+        stops once every row has had a head below `min_confidence` (the later heads' tokens are then
+        never drafted: their probabilities read 0)."""
         h = hidden.to(self.table.dtype)
         if self.heads.kind == "medusa":
             probs = (self.heads(h) @ self.table.T).float().softmax(dim=-1)  # [M, K, V']
             conf, idx = probs.max(dim=-1)  # [M, K]
             return self._local(idx), conf
         z, tok, toks, confs = h, pending.to(self.table.device), [], []
+        sure = torch.ones(len(h), dtype=torch.bool, device=h.device)  # rows whose heads so far were all sure
         for k in range(self.num_heads):
-            z = self.heads.step(k, z, self.embed[tok])  # [M, H]
+            z = self.heads.step(k, z, self.embed[tok].to(z.dtype))  # [M, H]
             conf, idx = (z @ self.table.T).float().softmax(dim=-1).max(dim=-1)  # [M], [M]
             tok = self._local(idx)
             toks.append(tok)
             confs.append(conf)
+            sure &= conf >= self.min_confidence
+            if cut and k + 1 < self.num_heads and not bool(sure.any()):
+                toks.extend([tok] * (self.num_heads - k - 1))
+                confs.extend([torch.zeros_like(conf)] * (self.num_heads - k - 1))
+                break
         return torch.stack(toks, dim=1), torch.stack(confs, dim=1)
 
     def guess(self, hidden: torch.Tensor, pending: Sequence[int] | torch.Tensor | None = None,
@@ -211,7 +242,7 @@ class MedusaDrafter:
         probabilities up to it (apar/engine/draft_policy.py)."""
         pending = torch.zeros(len(hidden), dtype=torch.long) if pending is None else \
             torch.as_tensor(pending, dtype=torch.long)  # [M] (medusa heads do not read it)
-        idx, conf = self.chain(hidden, pending)  # [M, K], [M, K]
+        idx, conf = self.chain(hidden, pending, cut=True)  # [M, K], [M, K]
         # each row's tokens before its first unconfident head
         keep = (conf >= self.min_confidence).int().cumprod(dim=-1).sum(dim=-1).tolist()  # [M]
         tokens = [row[:n] for row, n in zip(idx.tolist(), keep)]
