@@ -84,11 +84,25 @@ def test_the_policy_changes_how_much_is_drafted_never_the_greedy_answer(llama_di
     same_answers(plain, every_answers)
     same_answers(plain, pays_answers)
     assert every.spec_draft_tokens > 50
-    if dear:  # a row costs what it earns: no draft pays
-        assert pays.spec_draft_tokens == 0
+    assert every.spec_skipped_tokens == 0
+    if dear:  # a row costs what it earns: no draft pays, every drafted token is skipped
+        assert pays.spec_draft_tokens == 0 and pays.spec_skipped_tokens > 50
     else:  # rows are free: every drafted token is taken, as with policy "all"
-        assert pays.spec_draft_tokens == every.spec_draft_tokens
+        assert pays.spec_draft_tokens == every.spec_draft_tokens and pays.spec_skipped_tokens == 0
         assert pays.spec_accepted_tokens == every.spec_accepted_tokens
+
+
+def test_worker_metrics_count_the_skipped_draft_tokens(llama_dir, fork_string):
+    from services.worker.metrics import WorkerMetrics
+
+    eng = engine(llama_dir, fork_string, SpeculativeConfig("ngram", 4, policy="pays"))
+    eng.step_cost = FixedCost(0.0, 1.0)  # no draft pays
+    metrics = WorkerMetrics("m")
+    eng.add_request(PROMPTS[0], SamplingParams(max_tokens=40, auto_parallel=False))
+    while eng.has_work():
+        metrics.on_step(eng, 0.01, eng.step())
+    value = metrics.registry.get_sample_value("apar_spec_decode_num_skipped_tokens_total", {"model_name": "m"})
+    assert value == eng.spec_skipped_tokens > 0 and eng.spec_draft_tokens == 0
 
 
 def test_a_thread_sampled_with_a_seed_drafts_every_token(llama_dir, fork_string):

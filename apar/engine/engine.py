@@ -84,6 +84,7 @@ class Engine(SlotAllocation, TokenResults, Speculation):
         self.drafter = make_drafter(self.config.speculate, [t for t in (self.fork_id, self.child_id) if t is not None],
                                     self.runner)
         self.spec_draft_tokens = self.spec_accepted_tokens = 0
+        self.spec_skipped_tokens = 0  # drafted, but left out of their step: they did not pay (draft_policy.py)
         # what this engine's steps cost by rows, how often drafts hold: the drafts that pay (draft_policy.py)
         self.step_cost = StepCost()
         self.draft_odds = DraftOdds(self.config.speculate.num_tokens)

@@ -97,6 +97,7 @@ class Speculation:
                     (w.request.params.greedy or w.request.params.seed is None)]
             take = choose(len(work), [self.draft_odds.odds(scores[i]) for i in free], self.step_cost)
             for i, n in zip(free, take):
+                self.spec_skipped_tokens += len(drafts[i]) - n
                 drafts[i], scores[i] = drafts[i][:n], scores[i][:n]
         for w, s in zip(work, scores):
             if s:
