@@ -124,15 +124,6 @@ def test_backends_pick_the_same_greedy_tokens(llama_dir, monkeypatch):
     assert got["cascade"] == got["portable"] == got["flex"]
 
 
-def _counting(real, counts: list[int]):
-    """`real`, noting in `counts` how many groups each call returned."""
-    def counted(*args):
-        groups = real(*args)
-        counts.append(len(groups))
-        return groups
-    return counted
-
-
 @pytest.mark.parametrize("backend_name", ["portable", "cascade"])
 @pytest.mark.parametrize("arch", ["llama", "mistral_window"])
 def test_length_buckets_match_plain_model(backend_name, arch, request, monkeypatch):
@@ -141,7 +132,13 @@ def test_length_buckets_match_plain_model(backend_name, arch, request, monkeypat
     monkeypatch.setattr(portable, "BUCKET_CELLS", 0)
     monkeypatch.setattr(golden, "EngineConfig", functools.partial(EngineConfig, attention=backend_name))
     counts = []
-    counted = _counting(portable.gather_buckets, counts)
+    real = portable.gather_buckets
+
+    def counted(step):
+        buckets = real(step)
+        counts.append(len(buckets))
+        return buckets
+
     monkeypatch.setattr(portable, "gather_buckets", counted)
     monkeypatch.setattr(cascade, "gather_buckets", counted)
     golden.test_replayed_trees_match_plain_model(arch, "cpu", request)
@@ -157,7 +154,14 @@ def test_cascade_private_buckets_match_plain_model(arch, request, monkeypatch):
     monkeypatch.setattr(cascade, "MIN_SAVED_BYTES", 0)
     monkeypatch.setattr(golden, "EngineConfig", functools.partial(EngineConfig, attention="cascade"))
     counts = []
-    monkeypatch.setattr(cascade, "length_buckets", _counting(cascade.length_buckets, counts))
+    real = cascade.length_buckets
+
+    def counted(lens):
+        groups = real(lens)
+        counts.append(len(groups))
+        return groups
+
+    monkeypatch.setattr(cascade, "length_buckets", counted)
     golden.test_replayed_trees_match_plain_model(arch, "cpu", request)
     assert counts and max(counts) > 1
 

@@ -103,8 +103,8 @@ def test_saved_heads_load_as_they_were_and_guess_the_same(tmp_path, kind, blocks
     assert getattr(loaded, "blocks", None) == blocks and saved_vocab.tolist() == vocab
     assert torch.equal(loaded.weight, heads.weight) and torch.equal(loaded.bias, heads.bias)
     h, pending = torch.randn(4, H), torch.tensor([1, 2, 3, 4])
-    before = MedusaDrafter(heads, table, torch.tensor(vocab), [], embed).guess(h, pending)[0]
-    after = MedusaDrafter(loaded, table, saved_vocab, [], embed).guess(h, pending)[0]
+    before = MedusaDrafter(heads, table, torch.tensor(vocab), [], embed).guess(h, pending)
+    after = MedusaDrafter(loaded, table, saved_vocab, [], embed).guess(h, pending)
     assert before == after and all(set(g) <= set(vocab) for g in after)
 
 
@@ -136,4 +136,4 @@ def test_a_bfloat16_drafter_leaves_its_heads_alone_and_cuts_the_chain_when_no_ro
     full.min_confidence = 1.1  # no head is ever sure
     toks, conf = full.chain(h, pending, cut=True)
     assert bool((conf[:, 0] > 0).all()) and bool((conf[:, 1:] == 0).all())
-    assert full.guess(h, pending)[0] == [[] for _ in range(5)]
+    assert full.guess(h, pending) == [[] for _ in range(5)]

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -193,6 +192,8 @@ class MedusaDrafter:
 
     def chain_seconds(self, rows: int = 4, repeats: int = 3) -> float:
         """The best of `repeats` timings of the heads' chain on `rows` random rows (after one untimed)."""
+        import time
+
         hidden = torch.randn(rows, self.heads.hidden, device=self.table.device)
         pending = torch.zeros(rows, dtype=torch.long, device=self.table.device)
         best = float("inf")
@@ -232,19 +233,21 @@ class MedusaDrafter:
                 break
         return torch.stack(toks, dim=1), torch.stack(confs, dim=1)
 
-    def guess(self, hidden: torch.Tensor, pending: Sequence[int] | torch.Tensor | None = None
-              ) -> tuple[list[list[int]], list[list[float]]]:
+    def guess(self, hidden: torch.Tensor, pending: Sequence[int] | torch.Tensor | None = None,
+              with_scores: bool = False):
         """hidden: [M, H] final hidden states, pending: [M] the thread's pending token of each row -> per
         row the K heads' tokens, up to the first head whose own probability of its token is below
         `min_confidence` (a guess that would most likely be rejected costs its positions in the step and
-        saves nothing), and each token's score: the product of the heads' probabilities up to it
-        (apar/engine/draft_policy.py)."""
+        saves nothing); with `with_scores`, also per row each token's score: the product of the heads'
+        probabilities up to it (apar/engine/draft_policy.py)."""
         pending = torch.zeros(len(hidden), dtype=torch.long) if pending is None else \
             torch.as_tensor(pending, dtype=torch.long)  # [M] (medusa heads do not read it)
         idx, conf = self.chain(hidden, pending, cut=True)  # [M, K], [M, K]
         # each row's tokens before its first unconfident head
         keep = (conf >= self.min_confidence).int().cumprod(dim=-1).sum(dim=-1).tolist()  # [M]
         tokens = [row[:n] for row, n in zip(idx.tolist(), keep)]
+        if not with_scores:
+            return tokens
         scores = [row[:n] for row, n in zip(conf.cumprod(dim=-1).tolist(), keep)]
         return tokens, scores
 
@@ -255,7 +258,7 @@ class MedusaDrafter:
         self.proposals = {}
         if not keys:
             return
-        tokens, scores = self.guess(hidden, pending)
+        tokens, scores = self.guess(hidden, pending, with_scores=True)
         for key, length, toks, score in zip(keys, lengths, tokens, scores):
             cut = []
             for tok in toks:
