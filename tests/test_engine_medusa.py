@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 from apar.engine.config import EngineConfig, SpeculativeConfig
 from apar.engine.engine import Engine
 from apar.engine.errors import UserError
+from apar.engine.eagle import EagleDrafter, EagleHeads
 from apar.engine.medusa import CONFIG_FILE, HEADS_FILE, HydraHeads, MedusaHeads, load_heads, save_heads
 from apar.engine.params import SamplingParams
 from tests import test_engine_speculation as ngram_tests
@@ -54,6 +55,13 @@ def _trained(llama_dir, tmp_path_factory, kind: str):
 
     model = AutoModelForCausalLM.from_pretrained(str(llama_dir), dtype=torch.float32).eval()
     reading = from_threads(_own_continuations(llama_dir), [])
+    if kind == "eagle":
+        from apar.train.eagle import train_eagle
+
+        heads, _ = train_eagle(reading, model.get_output_embeddings().weight, model.get_input_embeddings().weight,
+                               list(range(model.config.vocab_size)), 4, epochs=30, tokens_per_batch=128, lr=3e-3,
+                               held_out=0.0, log=lambda line: None)
+        return _with_heads(llama_dir, tmp_path_factory.mktemp(kind) / "model", heads)
     heads, _ = train_heads(reading, model.get_output_embeddings().weight, model.get_input_embeddings().weight,
                            list(range(model.config.vocab_size)), kind, 4, epochs=30, batch_size=128, lr=3e-3,
                            log=lambda line: None)
@@ -68,6 +76,23 @@ def medusa_dir(llama_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def hydra_dir(llama_dir, tmp_path_factory):
     return _trained(llama_dir, tmp_path_factory, "hydra")
+
+
+@pytest.fixture(scope="module")
+def eagle_dir(llama_dir, tmp_path_factory):
+    return _trained(llama_dir, tmp_path_factory, "eagle")
+
+
+@pytest.fixture(scope="module")
+def random_eagle_dir(llama_dir, tmp_path_factory):
+    """The test model with a random eagle layer: its chains are mostly wrong."""
+    hidden = json.loads((llama_dir / "config.json").read_text())["hidden_size"]
+    torch.manual_seed(5)
+    heads = EagleHeads(hidden, 4, attn_heads=2)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(6)) * 0.05)
+    return _with_heads(llama_dir, tmp_path_factory.mktemp("random-eagle") / "model", heads)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +115,7 @@ def random_hydra_dir(llama_dir, tmp_path_factory):
     return _with_heads(llama_dir, tmp_path_factory.mktemp("random-hydra") / "model", heads)
 
 
-@pytest.mark.parametrize("kind", ["medusa", "hydra"])
+@pytest.mark.parametrize("kind", ["medusa", "hydra", "eagle"])
 def test_greedy_with_medusa_drafts_is_the_answer_without_them_through_nested_forks(kind, request, fork_string):
     medusa_dir = request.getfixturevalue(f"{kind}_dir")
     random_medusa_dir = request.getfixturevalue(f"random_{kind}_dir")
@@ -115,7 +140,7 @@ def test_greedy_with_medusa_drafts_is_the_answer_without_them_through_nested_for
     assert sum(u.steps for u in usage) < sum(r["finish"].usage.steps for r in plain.values())
 
 
-@pytest.mark.parametrize("kind", ["medusa", "hydra"])
+@pytest.mark.parametrize("kind", ["medusa", "hydra", "eagle"])
 def test_greedy_with_medusa_drafts_survives_preemption_and_the_prefix_cache(kind, request, fork_string):
     medusa_dir = request.getfixturevalue(f"{kind}_dir")
     requests = [(p, APAR) for p in PROMPTS]
@@ -127,7 +152,7 @@ def test_greedy_with_medusa_drafts_survives_preemption_and_the_prefix_cache(kind
     assert eng.preemptions > 0 and eng.prefix_hit_tokens > 0 and eng.spec_accepted_tokens > 0
 
 
-@pytest.mark.parametrize("kind", ["medusa", "hydra"])
+@pytest.mark.parametrize("kind", ["medusa", "hydra", "eagle"])
 def test_every_row_of_a_medusa_drafting_step_equals_the_plain_model(kind, request, fork_string):
     medusa_dir = request.getfixturevalue(f"{kind}_dir")
     ref = AutoModelForCausalLM.from_pretrained(str(medusa_dir), dtype=torch.float32)

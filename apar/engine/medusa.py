@@ -46,7 +46,7 @@ from apar.engine.errors import UserError
 MIN_CONFIDENCE = 0.3
 HEADS_FILE = "medusa_heads.safetensors"
 CONFIG_FILE = "medusa.json"
-KINDS = ("medusa", "hydra")
+KINDS = ("medusa", "hydra", "eagle")
 
 
 class MedusaHeads(torch.nn.Module):
@@ -104,14 +104,18 @@ class HydraHeads(torch.nn.Module):
         return {"kind": self.kind, "num_heads": self.num_heads, "hidden_size": self.hidden, "blocks": self.blocks}
 
 
-Heads = MedusaHeads | HydraHeads
+Heads = MedusaHeads | HydraHeads  # (and EagleHeads, apar/engine/eagle.py)
 
 
-def make_heads(kind: str, hidden: int, num_heads: int, blocks: int | None = None) -> Heads:
+def make_heads(kind: str, hidden: int, num_heads: int, blocks: int | None = None, **extra) -> Heads:
     if kind == "medusa":
         return MedusaHeads(hidden, num_heads)
     if kind == "hydra":
         return HydraHeads(hidden, num_heads, blocks)
+    if kind == "eagle":
+        from apar.engine.eagle import EagleHeads
+
+        return EagleHeads(hidden, num_heads, **extra)
     raise UserError(f"unknown kind of draft heads {kind!r} (one of {', '.join(KINDS)})")
 
 
@@ -121,7 +125,7 @@ def save_heads(out: Path, heads: Heads, vocab: Sequence[int] | None, meta: dict)
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {"weight": heads.weight.detach().float().contiguous(), "bias": heads.bias.detach().float().contiguous()}
+    tensors = {name: t.detach().float().contiguous() for name, t in heads.state_dict().items()}
     if vocab is not None:
         tensors["vocab"] = torch.tensor(sorted(set(vocab)), dtype=torch.int64)
     save_file(tensors, str(out / HEADS_FILE))
@@ -140,9 +144,10 @@ def load_heads(directory: Path) -> tuple[Heads, torch.Tensor | None, dict]:
     try:
         meta = json.loads(config.read_text())
         tensors = load_file(str(weights))
-        heads = make_heads(meta.get("kind", "medusa"), int(meta["hidden_size"]), int(meta["num_heads"]),
-                           meta.get("blocks"))
-        heads.load_state_dict({"weight": tensors["weight"], "bias": tensors["bias"]})
+        kind = meta.get("kind", "medusa")
+        extra = {k: int(meta[k]) for k in ("attn_heads", "intermediate") if kind == "eagle" and k in meta}
+        heads = make_heads(kind, int(meta["hidden_size"]), int(meta["num_heads"]), meta.get("blocks"), **extra)
+        heads.load_state_dict({name: t for name, t in tensors.items() if name != "vocab"})
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise UserError(f"cannot load the medusa heads in {directory}: {exc}") from None
     return heads, tensors.get("vocab"), meta
@@ -180,6 +185,10 @@ class MedusaDrafter:
         if k > heads.num_heads:
             raise UserError(f"--num-speculative-tokens {k} asks for more tokens than the {heads.num_heads} "
                             f"medusa heads in {directory} guess")
+        if heads.kind == "eagle":  # the layer that reads the thread's past (apar/engine/eagle.py)
+            from apar.engine.eagle import EagleDrafter
+
+            cls = EagleDrafter  # type: ignore[assignment]
         drafter = cls(heads, lm_weight, vocab, stop_ids, embed)
         if lm_weight.device.type == "cpu" and lm_weight.dtype == torch.float32:
             # the heads' guesses are only ever verified, so they may run in bfloat16 where that is faster:

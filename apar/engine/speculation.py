@@ -266,17 +266,26 @@ class Speculation:
         that pending token, for the next step's drafts (apar/engine/medusa.py)."""
         first_row = {d.sampler: d.first_row for d in drafts}
         keys, lengths, rows, pending = [], [], [], []
+        run_rows, run_tokens, counts = [], [], []  # every row of each run, for a drafter that reads them
         for i, (req, t) in enumerate(samplers):
             a = tips[i]
             if not a or not t.running:
                 continue
             keys.append((req.id, t.id))
-            lengths.append(t.start_pos + t.n_tokens)
+            length = t.start_pos + t.n_tokens
+            lengths.append(length)
             pending.append(t.tip)  # the token that row gave (hydra heads read it)
             rows.append(i if a == 1 else first_row[i] + a - 2)  # the row token a - 1 of the run came from
+            run_rows += [i] + [first_row[i] + j for j in range(a - 1)]  # token j + 1 of the run came from
+            run_tokens += t.tokens(length - a - t.start_pos, length - t.start_pos)
+            counts.append(a)
         hidden = self.runner.last_hidden
         if not rows or hidden is None:
             self.drafter.propose([], [], None)
             return
         index = torch.tensor(rows, device=hidden.device)
+        if getattr(self.drafter, "reads_runs", False):
+            runs = (hidden.index_select(0, torch.tensor(run_rows, device=hidden.device)), run_tokens, counts)
+            self.drafter.propose(keys, lengths, hidden.index_select(0, index), pending, runs=runs)
+            return
         self.drafter.propose(keys, lengths, hidden.index_select(0, index), pending)

@@ -57,8 +57,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     medusa.add_argument("data", type=Path, metavar="DATA", nargs="?",
                         help="as for `apar train` (default: $APAR_DATA, else the repository's data/alpaca_eval)")
     medusa.add_argument("--out", type=Path, default=None, help="directory for the heads (default: MODEL_DIR)")
-    medusa.add_argument("--kind", choices=("hydra", "medusa"), default="hydra",
-                        help="hydra: each head reads the token before its target too; medusa: the hidden state only")
+    medusa.add_argument("--kind", choices=("hydra", "medusa", "eagle"), default="hydra",
+                        help="hydra: each head reads the token before its target too; medusa: the hidden state "
+                             "only; eagle: one decoder layer that also attends to the thread's past")
     medusa.add_argument("--blocks", type=int, default=None,
                         help="hydra: 1 (one block for every head) or K (one per head, the default)")
     medusa.add_argument("--heads", type=int, default=4, help="K: heads, so the most tokens a draft may hold")
@@ -69,7 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     medusa.add_argument("--max-length", type=int, default=512, help="tokens of one packed tree")
     medusa.add_argument("--epochs", type=int, default=4)
     medusa.add_argument("--batch-size", type=int, default=128, help="positions per step")
-    medusa.add_argument("--lr", type=float, default=2e-3)
+    medusa.add_argument("--lr", type=float, default=None, help="learning rate (default 2e-3; eagle 1e-3)")
     medusa.add_argument("--seed", type=int, default=0)
     medusa.add_argument("--cache", type=Path, default=None, metavar="FILE",
                         help="keep the frozen model's reading here, and reuse it when it matches")

@@ -24,7 +24,7 @@ from apar.data.packing import IGNORE
 from apar.data.pipeline import TreeRecord
 from apar.data.tree import CHILD, FORK
 from apar.engine.errors import UserError
-from apar.engine.medusa import KINDS, Heads, make_heads, save_heads
+from apar.engine.medusa import KINDS, Heads, load_heads, make_heads, save_heads
 from apar.train.medusa_data import Reading, control_ids, read_answers, read_records
 
 
@@ -117,7 +117,7 @@ def answers_reading(model_dir: Path, tokenizer, prompts: list[str], max_tokens: 
 
 def train_medusa(model_dir: Path, records: list[TreeRecord], out: Path, num_heads: int = 4, kind: str = "hydra",
                  blocks: int | None = None, answers: int = 64, answer_tokens: int = 256, max_records: int = 32,
-                 max_length: int = 512, epochs: int = 4, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
+                 max_length: int = 512, epochs: int = 4, batch_size: int = 128, lr: float | None = None, seed: int = 0,
                  fork: str = FORK, child: str = CHILD, log=print, cache: Path | None = None) -> dict:
     """Heads for the model in `model_dir`, written to `out` (the module's docstring); a summary. `answers`
     training-split prompts answered by the model (up to `answer_tokens` each) and `max_records` packed
@@ -162,12 +162,21 @@ def train_medusa(model_dir: Path, records: list[TreeRecord], out: Path, num_head
     table = model.get_output_embeddings().weight  # [V, H]
     embed = model.get_input_embeddings().weight  # [V, H]
     vocab = sorted(t for t in reading.seen() if 0 <= t < table.shape[0])
-    heads, acc = train_heads(reading, table, embed, vocab, kind, num_heads, blocks, epochs, batch_size, lr, seed,
-                             log)
+    extra: dict = {}
+    if kind == "eagle":
+        from apar.train.eagle import train_eagle
+
+        lr = 1e-3 if lr is None else lr
+        heads, extra = train_eagle(reading, table, embed, vocab, num_heads, epochs, lr=lr, seed=seed, log=log)
+        acc = extra["epochs"][-1]["held_out_top1"]
+    else:
+        lr = 2e-3 if lr is None else lr
+        heads, acc = train_heads(reading, table, embed, vocab, kind, num_heads, blocks, epochs, batch_size, lr, seed,
+                                 log)
     summary = {"base_model": str(model_dir), "kind": kind, "answers": len(prompts), "answer_tokens": answer_tokens,
                "records": len(train), "positions": len(reading), "vocab": len(vocab), "epochs": epochs, "lr": lr,
                "max_length": max_length, "seed": seed, "top1_per_head": [round(a, 4) for a in acc],
-               "seconds": round(time.monotonic() - started, 1)}
+               "seconds": round(time.monotonic() - started, 1), **extra}
     save_heads(out, heads, vocab, {"trained": summary})
     return summary
 
@@ -189,6 +198,15 @@ def evaluate_medusa(model_dir: Path, records: list[TreeRecord], heads_dir: Path,
     control, _ = control_ids(tokenizer, fork, child)
     reading = answers_reading(model_dir, tokenizer, texts, max_tokens, cache, fork, child, log)
     stops = [t for t in (control.fork, control.child) if t >= 0]
+    heads, vocab, _ = load_heads(heads_dir)
+    if heads.kind == "eagle":  # the layer reads whole threads (apar/train/eagle.py)
+        from apar.train.eagle import measure_eagle
+
+        ids = vocab.tolist() if vocab is not None else list(range(model.get_output_embeddings().weight.shape[0]))
+        result = measure_eagle(heads, reading, model.get_output_embeddings().weight, model.get_input_embeddings().weight,
+                               ids)
+        result["prompts"] = len(texts)
+        return result, report(result, MIN_CONFIDENCE, heads.num_heads)
     drafter = MedusaDrafter.load(heads_dir, model.get_output_embeddings().weight, stops, 1,
                                  model.get_input_embeddings().weight)
     result = measure(drafter, reading, stops)
