@@ -40,7 +40,7 @@ def measure(drafter: MedusaDrafter, reading: Reading, stop_ids, cuts=CUTS, chunk
         inputs, targets = reading.heads_io(k, r)  # [R, K] each
         h = reading.hidden[r].to(dtype)
         # teacher-forced top-1
-        e = None if drafter.embed is None else drafter.embed[inputs]  # [R, K, H]
+        e = None if drafter.embed is None else drafter.embed[inputs].to(dtype)  # [R, K, H]
         forced = drafter._local((heads(h, e) @ drafter.table.T).argmax(-1))  # [R, K]
         valid = targets != IGNORE
         hits += ((forced == targets) & valid).sum(0).float()
