@@ -115,3 +115,49 @@ def test_a_saved_layer_loads_as_it_was_and_guesses_the_same(tmp_path):
         drafter.propose([("r", 0)], [6], None, None, runs=(f, y, [6]))
         guesses.append(drafter.proposals[("r", 0)][1])
     assert guesses[0] == guesses[1] and set(guesses[0]) <= set(vocab) and len(guesses[0]) == K
+
+
+def test_train_medusa_kind_eagle_on_the_models_own_answers_with_a_smaller_vocabulary(llama_dir, tmp_path):
+    """`apar train-medusa --kind eagle --vocab N` end to end on the test model: the layer is saved with the
+    N tokens the model wrote most, `eval-medusa` measures it, and an engine drafts with it and frees
+    every block; --vocab is refused for the heads."""
+    import shutil
+
+    import pytest
+
+    from apar.data.pipeline import TreeRecord
+    from apar.data.tree import Node
+    from apar.engine.config import EngineConfig, SpeculativeConfig
+    from apar.engine.engine import Engine
+    from apar.engine.errors import UserError
+    from apar.engine.params import SamplingParams
+    from apar.train.medusa import evaluate_medusa, train_medusa
+    from tests.test_engine_speculation import PROMPTS
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(llama_dir, model_dir)
+    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma"]
+    records = [TreeRecord("t", f"say {w} {i}", Node([f"{w} " * 5]), "train" if i % 3 else "test")
+               for i, w in enumerate(words * 2)]
+    logs: list[str] = []
+    summary = train_medusa(model_dir, records, model_dir, num_heads=3, kind="eagle", answers=6, answer_tokens=40,
+                           max_records=0, epochs=3, batch_size=64, lr=3e-3, log=logs.append, vocab_size=20)
+    assert summary["kind"] == "eagle" and summary["vocab"] == 20 and len(summary["epochs"]) == 3
+    assert any(line.startswith("epoch 3/3") for line in logs)
+    heads, vocab, meta = load_heads(model_dir)
+    assert isinstance(heads, EagleHeads) and meta["kind"] == "eagle" and len(vocab) == 20
+    result, text = evaluate_medusa(model_dir, records, model_dir, prompts=2, max_tokens=30, log=logs.append)
+    assert result["positions"] > 20 and len(result["top1"]) == 3 and "top-1 per head" in text
+    for row in result["table"]:
+        assert 0 <= row["accepted"] <= row["drafted"] <= row["k"]
+    eng = Engine(model_dir, EngineConfig(block_size=4, num_blocks=128, speculate=SpeculativeConfig("medusa", 3, policy="all")))
+    assert isinstance(eng.drafter, EagleDrafter)
+    eng.drafter.min_confidence = 0.0
+    eng.add_request(PROMPTS[0], SamplingParams(max_tokens=40, auto_parallel=False))
+    while eng.has_work():
+        eng.step()
+        for _, toks, _ in eng.drafter.proposals.values():
+            assert set(toks) <= set(vocab.tolist())
+    assert eng.spec_draft_tokens > 0 and eng.ledger.num_used == 0
+    with pytest.raises(UserError, match="--vocab is for --kind eagle"):
+        train_medusa(model_dir, records, model_dir, kind="hydra", answers=1, max_records=0, vocab_size=20)

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from apar.engine.config import EngineConfig, SpeculativeConfig
 from apar.engine.engine import Engine
 from apar.engine.errors import UserError
-from apar.engine.eagle import EagleDrafter, EagleHeads
+from apar.engine.eagle import EagleHeads
 from apar.engine.medusa import CONFIG_FILE, HEADS_FILE, HydraHeads, MedusaHeads, load_heads, save_heads
 from apar.engine.params import SamplingParams
 from tests import test_engine_speculation as ngram_tests

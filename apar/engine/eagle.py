@@ -30,6 +30,9 @@ from apar.engine.errors import UserError
 
 IDLE_STEPS = 512
 EPS = 1e-6
+# the chain stops at the first token below this probability: the layer is surer of its guesses than the
+# hydra heads, and past 0.5 its extra drafts hold rarely (docs/benchmarks.md, "EAGLE drafts")
+MIN_CONFIDENCE = 0.5
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -164,7 +167,7 @@ class EagleDrafter:
 
     def __init__(self, heads: EagleHeads, lm_weight: torch.Tensor, vocab: torch.Tensor | None,
                  stop_ids: Sequence[int], embed: torch.Tensor, dtype: torch.dtype | None = None,
-                 min_confidence: float = 0.3) -> None:
+                 min_confidence: float = MIN_CONFIDENCE) -> None:
         import copy
 
         device, dtype = lm_weight.device, dtype or lm_weight.dtype

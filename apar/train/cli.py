@@ -69,8 +69,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     medusa.add_argument("--records", type=int, default=32, help="training-split trees read (a random sample)")
     medusa.add_argument("--max-length", type=int, default=512, help="tokens of one packed tree")
     medusa.add_argument("--epochs", type=int, default=4)
-    medusa.add_argument("--batch-size", type=int, default=128, help="positions per step")
-    medusa.add_argument("--lr", type=float, default=None, help="learning rate (default 2e-3; eagle 1e-3)")
+    medusa.add_argument("--batch-size", type=int, default=128,
+                        help="positions per step (eagle: whole threads, about twice this many positions)")
+    medusa.add_argument("--lr", type=float, default=2e-3)
+    medusa.add_argument("--vocab", type=int, default=None, metavar="N",
+                        help="eagle: guess among the N tokens the model itself writes most often (a smaller LM "
+                             "head product a draft token; default: every token of the reading)")
     medusa.add_argument("--seed", type=int, default=0)
     medusa.add_argument("--cache", type=Path, default=None, metavar="FILE",
                         help="keep the frozen model's reading here, and reuse it when it matches")
@@ -199,7 +203,7 @@ def run_train_medusa(args: argparse.Namespace) -> int:
                            blocks=args.blocks, answers=args.answers, answer_tokens=args.answer_tokens,
                            max_records=args.records, max_length=args.max_length, epochs=args.epochs,
                            batch_size=args.batch_size, lr=args.lr, seed=args.seed, fork=args.fork_token,
-                           child=args.child_token, cache=args.cache)
+                           child=args.child_token, cache=args.cache, vocab_size=args.vocab)
     print(json.dumps({"out": str(args.out or args.model), **summary}, indent=2))
     return 0
 

@@ -127,10 +127,12 @@ def _accuracy(heads: EagleHeads, reading: Reading, threads: list[torch.Tensor], 
 
 
 def train_eagle(reading: Reading, table: torch.Tensor, embed: torch.Tensor, vocab: list[int], num_heads: int = 4,
-                epochs: int = 6, tokens_per_batch: int = 1024, lr: float = 1e-3, seed: int = 0,
-                feature_loss: float = 0.1, held_out: float = 0.05, log=print) -> tuple[EagleHeads, dict]:
-    """Fit the layer (the module's docstring). Returns it and a summary: per epoch the held-out top-1
-    per depth and accepted tokens per position."""
+                epochs: int = 8, tokens_per_batch: int = 256, lr: float = 2e-3, seed: int = 0,
+                feature_loss: float = 0.1, held_out: float = 0.05, depth: int = 2,
+                log=print) -> tuple[EagleHeads, dict]:
+    """Fit the layer (the module's docstring), unrolled to `depth` drafts (the later ones run the same
+    weights on their own guesses; each needs every one before it to hold, so they weigh less). Returns
+    it and a summary: per epoch the held-out top-1 per depth and accepted tokens per position."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     threads = [t for t in threads_of(reading) if len(t) >= 2]
@@ -144,7 +146,7 @@ def train_eagle(reading: Reading, table: torch.Tensor, embed: torch.Tensor, voca
     local_of[torch.tensor(vocab)] = torch.arange(len(vocab))
     sub = table.detach().index_select(0, torch.tensor(vocab)).contiguous()  # [V', H]
     emb = embed.detach()
-    depth = num_heads
+    depth = max(1, min(depth, num_heads))
     weights = [1.0 / (d + 1) for d in range(depth)]  # later drafts matter less: each needs the ones before
     opt = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=0.01)
     n_batches = len(_batches(train, tokens_per_batch, None))
@@ -176,7 +178,7 @@ def train_eagle(reading: Reading, table: torch.Tensor, embed: torch.Tensor, voca
             total += float(loss.detach())
             seen += 1
         heads.eval()
-        acc, per_pos, _ = _accuracy(heads, reading, val or train, emb, sub, local_of, depth)
+        acc, per_pos, _ = _accuracy(heads, reading, val or train, emb, sub, local_of, num_heads)
         history.append({"epoch": epoch + 1, "loss": round(total / max(1, seen), 4),
                         "held_out_top1": [round(a, 4) for a in acc], "held_out_accepted_per_position": round(per_pos, 4)})
         log(f"epoch {epoch + 1}/{epochs}: loss {total / max(1, seen):.3f}, held-out top-1 per depth "

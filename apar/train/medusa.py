@@ -117,8 +117,9 @@ def answers_reading(model_dir: Path, tokenizer, prompts: list[str], max_tokens: 
 
 def train_medusa(model_dir: Path, records: list[TreeRecord], out: Path, num_heads: int = 4, kind: str = "hydra",
                  blocks: int | None = None, answers: int = 64, answer_tokens: int = 256, max_records: int = 32,
-                 max_length: int = 512, epochs: int = 4, batch_size: int = 128, lr: float | None = None, seed: int = 0,
-                 fork: str = FORK, child: str = CHILD, log=print, cache: Path | None = None) -> dict:
+                 max_length: int = 512, epochs: int = 4, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
+                 fork: str = FORK, child: str = CHILD, log=print, cache: Path | None = None,
+                 vocab_size: int | None = None) -> dict:
     """Heads for the model in `model_dir`, written to `out` (the module's docstring); a summary. `answers`
     training-split prompts answered by the model (up to `answer_tokens` each) and `max_records` packed
     training-split trees. `cache`: a file keeping the reading for later runs with the same model and
@@ -131,6 +132,8 @@ def train_medusa(model_dir: Path, records: list[TreeRecord], out: Path, num_head
         raise UserError("--heads must be at least 1")
     if answers < 0 or max_records < 0 or answers + max_records == 0:
         raise UserError("--answers and --records must not be negative, and one of them positive")
+    if vocab_size is not None and (kind != "eagle" or vocab_size < 1):
+        raise UserError("--vocab is for --kind eagle, and positive")
     if epochs < 1 or batch_size < 1 or max_length < 16 or answer_tokens < 8:
         raise UserError("--epochs and --batch-size must be positive, --max-length at least 16, "
                         "--answer-tokens at least 8")
@@ -162,18 +165,21 @@ def train_medusa(model_dir: Path, records: list[TreeRecord], out: Path, num_head
     table = model.get_output_embeddings().weight  # [V, H]
     embed = model.get_input_embeddings().weight  # [V, H]
     vocab = sorted(t for t in reading.seen() if 0 <= t < table.shape[0])
+    if vocab_size:  # the eagle layer's guesses within the most frequent of the model's own tokens
+        counts = torch.bincount(reading.argmax.clamp(min=0), minlength=table.shape[0])[: table.shape[0]]
+        vocab = sorted(counts.argsort(descending=True)[: min(vocab_size, int((counts > 0).sum()))].tolist())
     extra: dict = {}
     if kind == "eagle":
         from apar.train.eagle import train_eagle
 
-        lr = 1e-3 if lr is None else lr
-        heads, extra = train_eagle(reading, table, embed, vocab, num_heads, epochs, lr=lr, seed=seed, log=log)
+        heads, extra = train_eagle(reading, table, embed, vocab, num_heads, epochs, lr=lr, seed=seed, log=log,
+                                   tokens_per_batch=2 * batch_size)
         acc = extra["epochs"][-1]["held_out_top1"]
     else:
-        lr = 2e-3 if lr is None else lr
         heads, acc = train_heads(reading, table, embed, vocab, kind, num_heads, blocks, epochs, batch_size, lr, seed,
                                  log)
     summary = {"base_model": str(model_dir), "kind": kind, "answers": len(prompts), "answer_tokens": answer_tokens,
+               "vocab_size": vocab_size,
                "records": len(train), "positions": len(reading), "vocab": len(vocab), "epochs": epochs, "lr": lr,
                "max_length": max_length, "seed": seed, "top1_per_head": [round(a, 4) for a in acc],
                "seconds": round(time.monotonic() - started, 1), **extra}
