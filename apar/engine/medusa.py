@@ -1,7 +1,8 @@
 """Draft heads: K small heads on the model's last hidden state guess a thread's next K tokens
 (docs/design.md, "Speculation"; trained by `apar train-medusa`, apar/train/medusa.py).
 
-Two kinds, named in `medusa.json` (`kind`):
+Two kinds of heads, named in `medusa.json` (`kind`; a third kind, `eagle`, is one decoder layer over the
+thread's past, apar/engine/eagle.py, loaded through `MedusaDrafter.load` as well):
 - `medusa`: head k (k = 1..K) maps the final (normed) hidden state h_t at a thread's position t to
   SiLU(W_k h_t + b_k) + h_t, which the model's own LM head turns into a guess at token t + k + 1 (the LM
   head on h_t itself gives token t + 1, the model's own next token). Head k does not know the tokens

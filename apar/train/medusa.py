@@ -211,8 +211,10 @@ def evaluate_medusa(model_dir: Path, records: list[TreeRecord], heads_dir: Path,
         ids = vocab.tolist() if vocab is not None else list(range(model.get_output_embeddings().weight.shape[0]))
         result = measure_eagle(heads, reading, model.get_output_embeddings().weight, model.get_input_embeddings().weight,
                                ids)
+        from apar.engine.eagle import MIN_CONFIDENCE as EAGLE_MIN_CONFIDENCE
+
         result["prompts"] = len(texts)
-        return result, report(result, MIN_CONFIDENCE, heads.num_heads)
+        return result, report(result, EAGLE_MIN_CONFIDENCE, heads.num_heads)
     drafter = MedusaDrafter.load(heads_dir, model.get_output_embeddings().weight, stops, 1,
                                  model.get_input_embeddings().weight)
     result = measure(drafter, reading, stops)
