@@ -121,24 +121,17 @@ def test_train_medusa_kind_eagle_on_the_models_own_answers_with_a_smaller_vocabu
     """`apar train-medusa --kind eagle --vocab N` end to end on the test model: the layer is saved with the
     N tokens the model wrote most, `eval-medusa` measures it, and an engine drafts with it and frees
     every block; --vocab is refused for the heads."""
-    import shutil
-
     import pytest
 
-    from apar.data.pipeline import TreeRecord
-    from apar.data.tree import Node
     from apar.engine.config import EngineConfig, SpeculativeConfig
     from apar.engine.engine import Engine
     from apar.engine.errors import UserError
     from apar.engine.params import SamplingParams
     from apar.train.medusa import evaluate_medusa, train_medusa
+    from tests.test_engine_medusa import short_answers_setup
     from tests.test_engine_speculation import PROMPTS
 
-    model_dir = tmp_path / "model"
-    shutil.copytree(llama_dir, model_dir)
-    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma"]
-    records = [TreeRecord("t", f"say {w} {i}", Node([f"{w} " * 5]), "train" if i % 3 else "test")
-               for i, w in enumerate(words * 2)]
+    model_dir, records = short_answers_setup(llama_dir, tmp_path)
     logs: list[str] = []
     summary = train_medusa(model_dir, records, model_dir, num_heads=3, kind="eagle", answers=6, answer_tokens=40,
                            max_records=0, epochs=3, batch_size=64, lr=3e-3, log=logs.append, vocab_size=20)

@@ -218,15 +218,9 @@ def test_train_hydra_on_the_models_own_answers_then_measure_on_test_prompts(llam
     heads learn them, save with their kind,
     and `evaluate_medusa` measures them on answers to test-split prompts: every figure in range, and
     the accepted tokens never more than the drafted."""
-    from apar.data.pipeline import TreeRecord
-    from apar.data.tree import Node
     from apar.train.medusa import evaluate_medusa, train_medusa
 
-    model_dir = tmp_path / "model"
-    shutil.copytree(llama_dir, model_dir)
-    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma"]
-    records = [TreeRecord("t", f"say {w} {i}", Node([f"{w} " * 5]), "train" if i % 3 else "test")
-               for i, w in enumerate(words * 2)]
+    model_dir, records = short_answers_setup(llama_dir, tmp_path)
     logs: list[str] = []
     summary = train_medusa(model_dir, records, model_dir, num_heads=3, kind="hydra", answers=6, answer_tokens=40,
                            max_records=0, epochs=30, batch_size=64, lr=3e-3, log=logs.append,
@@ -247,6 +241,19 @@ def test_train_hydra_on_the_models_own_answers_then_measure_on_test_prompts(llam
     while eng.has_work():
         eng.step()
     assert eng.spec_draft_tokens > 0 and eng.ledger.num_used == 0
+
+
+def short_answers_setup(llama_dir, tmp_path):
+    """A copy of the test model, and records of short answers: two in three of the training split."""
+    from apar.data.pipeline import TreeRecord
+    from apar.data.tree import Node
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(llama_dir, model_dir)
+    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma"]
+    records = [TreeRecord("t", f"say {w} {i}", Node([f"{w} " * 5]), "train" if i % 3 else "test")
+               for i, w in enumerate(words * 2)]
+    return model_dir, records
 
 
 @pytest.mark.parametrize("window", [None, 3])
