@@ -50,7 +50,7 @@ def test_the_engines_chain_equals_the_layer_over_the_whole_thread_after_rollback
     key, base = ("r", 0), 40  # the thread's first decoded position in its context
 
     def observe(first: int, stop: int) -> list[int]:  # pairs first..stop-1 seen in one step
-        drafter.propose([key], [base + stop], None, None, runs=(f[first:stop], y[first:stop].tolist(), [stop - first]))
+        drafter.propose([key], [base + stop], f[first:stop], y[first:stop].tolist(), [stop - first])
         return drafter.proposals[key][1]
 
     observe(0, 5)
@@ -60,12 +60,12 @@ def test_the_engines_chain_equals_the_layer_over_the_whole_thread_after_rollback
     toks = observe(6, 11)
     assert toks == _unrolled_guesses(heads, table, embed, f, y, 10, toks)
     assert drafter.caches[key].k.shape[0] == 11
-    drafter.propose([key], [base + 15], None, None, runs=(f[14:15], y[14:15].tolist(), [1]))  # a gap
+    drafter.propose([key], [base + 15], f[14:15], y[14:15].tolist(), [1])  # a gap
     assert drafter.caches[key].first == base + 14 and drafter.caches[key].k.shape[0] == 1
     # two threads in one step, each over its own past
     other = ("r", 1)
-    drafter.propose([key, other], [base + 16, 7], None, None,
-                    runs=(torch.cat([f[15:16], f[:3]]), y[15:16].tolist() + y[:3].tolist(), [1, 3]))
+    drafter.propose([key, other], [base + 16, 7], torch.cat([f[15:16], f[:3]]), y[15:16].tolist() + y[:3].tolist(),
+                    [1, 3])
     assert drafter.proposals[other][1] == _unrolled_guesses(heads, table, embed, f, y, 2, drafter.proposals[other][1])
 
 
@@ -112,7 +112,7 @@ def test_a_saved_layer_loads_as_it_was_and_guesses_the_same(tmp_path):
     guesses = []
     for h in (heads, loaded):
         drafter = EagleDrafter(h, table, torch.tensor(vocab), [], embed, min_confidence=0.0)
-        drafter.propose([("r", 0)], [6], None, None, runs=(f, y, [6]))
+        drafter.propose([("r", 0)], [6], f, y, [6])
         guesses.append(drafter.proposals[("r", 0)][1])
     assert guesses[0] == guesses[1] and set(guesses[0]) <= set(vocab) and len(guesses[0]) == K
 

@@ -11,8 +11,8 @@ one. To guess further, the guess and its token are fed back as the next position
 does): draft token k comes from k passes of one row per thread.
 
 Per thread the drafter keeps the keys and values of the pairs it has seen (`_Cache`), by position, so
-each step adds only the new positions: the rows of the step's verified run, which the engine hands over
-in `propose(..., runs=...)`. A position seen again (a run rolled back, a thread recomputed after
+each step adds only the new positions: the rows of the step's verified run, which the engine hands
+every drafter (`ByThread.propose`, apar/engine/medusa.py). A position seen again (a run rolled back, a thread recomputed after
 preemption) replaces what was kept from there on; a gap starts the cache afresh. A cache covers the
 thread's decoded positions only (not the prompt, not its parent's): training reads the same
 (apar/train/medusa_data.py, `read_answers`). Caches not touched for `IDLE_STEPS` steps are dropped
@@ -27,6 +27,7 @@ from typing import Sequence
 import torch
 
 from apar.engine.errors import UserError
+from apar.engine.medusa import ByThread
 
 IDLE_STEPS = 512
 EPS = 1e-6
@@ -158,12 +159,9 @@ class _Cache:
         self.touched = step
 
 
-class EagleDrafter:
-    """Guesses from the layer, kept per thread (the module's docstring; the interface of
-    `MedusaDrafter`: `propose`, `proposal`, `scores`)."""
-
-    by_thread = True
-    reads_runs = True  # `Speculation._propose` hands over every row of a verified run
+class EagleDrafter(ByThread):
+    """Guesses from the layer, kept per thread (the module's docstring; `propose`, `proposal` and
+    `scores` as every `ByThread` drafter)."""
 
     def __init__(self, heads: EagleHeads, lm_weight: torch.Tensor, vocab: torch.Tensor | None,
                  stop_ids: Sequence[int], embed: torch.Tensor, dtype: torch.dtype | None = None,
@@ -185,9 +183,6 @@ class EagleDrafter:
         self.caches: dict[tuple[str, int], _Cache] = {}
         self.steps = 0
         self.proposals: dict[tuple[str, int], tuple[int, list[int], list[float]]] = {}
-
-    def _local(self, idx: torch.Tensor) -> torch.Tensor:
-        return idx if self.vocab is None else self.vocab[idx]
 
     def _e(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.embed[tokens].to(self.table.dtype)
@@ -291,36 +286,12 @@ class EagleDrafter:
         return torch.stack(toks, dim=1), torch.stack(confs, dim=1)
 
     def propose(self, keys: list[tuple[str, int]], lengths: list[int], hidden: torch.Tensor | None,
-                pending: list[int] | None = None, runs: tuple[torch.Tensor, list[int], list[int]] | None = None) -> None:
-        """Replace the guesses by those of this step. `runs`: (hidden [N, H] every row of each thread's
-        verified run in order, their tokens [N], rows per thread); without it, each thread's one row
-        `hidden[i]` and its pending token."""
-        self.proposals = {}
+                tokens: list[int], counts: list[int]) -> None:
+        """Replace the guesses by those of this step (`ByThread`): every row of each verified run goes
+        into its thread's cache, then the chain runs from each thread's last pair."""
         if not keys:
+            self.proposals = {}
             self.steps += 1
             return
-        if runs is None:
-            runs = (hidden, list(pending or []), [1] * len(keys))
-        rows, tokens, counts = runs
-        self._observe(keys, lengths, rows, tokens, counts)
-        idx, conf = self.chain(keys, cut=True)
-        keep = (conf >= self.min_confidence).int().cumprod(dim=-1).sum(dim=-1).tolist()
-        for key, length, row, score, n in zip(keys, lengths, idx.tolist(), conf.cumprod(dim=-1).tolist(), keep):
-            cut = []
-            for tok in row[:n]:
-                if tok in self.stop_ids:
-                    break
-                cut.append(tok)
-            self.proposals[key] = (length, cut, score[: len(cut)])
-
-    def proposal(self, key: tuple[str, int], length: int, k: int) -> list[int]:
-        found = self.proposals.get(key)
-        if found is None or found[0] != length or k <= 0:
-            return []
-        return found[1][:k]
-
-    def scores(self, key: tuple[str, int], length: int, n: int) -> list[float]:
-        return self.proposals[key][2][:n]
-
-    def draft(self, context: Sequence[int], k: int) -> list[int]:
-        return []
+        self._observe(keys, lengths, hidden, tokens, counts)
+        self._keep(keys, lengths, *self.chain(keys, cut=True))

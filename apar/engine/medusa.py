@@ -18,8 +18,9 @@ next pending token came from (the sampled row, or the row of the last accepted d
 next step's draft is ready before it is planned.
 
 Data flow, one step: the runner's LM head hook keeps the hidden rows it saw (`ModelRunner.keep_hidden`);
-after verification `Speculation._propose` picks each thread's row and pending token and calls
-`MedusaDrafter.propose`, which keeps the guesses per thread with the context length they follow;
+after verification `Speculation._propose` hands `MedusaDrafter.propose` each thread's verified run (its
+rows and tokens, `ByThread`); the heads read the run's last row and its pending token, and the guesses
+are kept per thread with the context length they follow;
 `_plan_drafts` takes them (`proposal`) when the thread's context still has that length. A guess never
 holds a control token (cut before the first), and any guess is verified, so wrong guesses cost speed,
 never output.
@@ -154,10 +155,63 @@ def load_heads(directory: Path) -> tuple[Heads, torch.Tensor | None, dict]:
     return heads, tensors.get("vocab"), meta
 
 
-class MedusaDrafter:
-    """Guesses from the heads, kept per thread (the module's docstring)."""
+class ByThread:
+    """What every drafter that guesses per thread shares: its guesses of the last step, kept by thread
+    with the context length they follow (`propose` replaces them, `proposal` and `scores` read them), and
+    the cut of a chain of guesses. A subclass sets `vocab`, `stop_ids` and `min_confidence`.
+
+    `propose(keys, lengths, hidden, tokens, counts)`, after every step: thread keys[i], whose context now
+    has lengths[i] tokens, verified a run of counts[i] tokens; `hidden` [N, H] holds every run's rows in
+    order (the row each token came from) and `tokens` [N] those tokens, a run's last its pending token."""
 
     by_thread = True  # drafts come from `proposal`, not from the context (`Drafter.draft`)
+    vocab: torch.Tensor | None
+    stop_ids: frozenset[int]
+    min_confidence: float
+    # thread -> (its context length, the guessed tokens after it, their scores)
+    proposals: dict[tuple[str, int], tuple[int, list[int], list[float]]]
+
+    def _local(self, idx: torch.Tensor) -> torch.Tensor:
+        return idx if self.vocab is None else self.vocab[idx]
+
+    def _cut(self, idx: torch.Tensor, conf: torch.Tensor) -> list[tuple[list[int], list[float]]]:
+        """Per row of a chain (idx [M, K] its tokens, conf [M, K] each token's own probability): its tokens
+        up to the first below `min_confidence` or before a control token, each scored with the product of
+        the probabilities up to it (apar/engine/draft_policy.py)."""
+        keep = (conf >= self.min_confidence).int().cumprod(dim=-1).sum(dim=-1).tolist()  # [M]
+        out = []
+        for row, score, n in zip(idx.tolist(), conf.cumprod(dim=-1).tolist(), keep):
+            cut = []
+            for tok in row[:n]:
+                if tok in self.stop_ids:
+                    break
+                cut.append(tok)
+            out.append((cut, score[: len(cut)]))
+        return out
+
+    def _keep(self, keys: list[tuple[str, int]], lengths: list[int], idx: torch.Tensor, conf: torch.Tensor) -> None:
+        """The step's guesses replace the last: thread keys[i], after its context of lengths[i] tokens."""
+        self.proposals = {key: (length, *found) for key, length, found in zip(keys, lengths, self._cut(idx, conf))}
+
+    def proposal(self, key: tuple[str, int], length: int, k: int) -> list[int]:
+        """Up to k guessed tokens after the thread's context of `length` tokens; [] when none was made
+        after exactly that context."""
+        found = self.proposals.get(key)
+        if found is None or found[0] != length or k <= 0:
+            return []
+        return found[1][:k]
+
+    def scores(self, key: tuple[str, int], length: int, n: int) -> list[float]:
+        """The scores of the first n tokens of `proposal(key, length, ...)`: the product of the chain's
+        probabilities up to each."""
+        return self.proposals[key][2][:n]
+
+    def draft(self, context: Sequence[int], k: int) -> list[int]:  # the Drafter protocol: no thread, no guess
+        return []
+
+
+class MedusaDrafter(ByThread):
+    """Guesses from the heads, kept per thread (the module's docstring)."""
 
     def __init__(self, heads: Heads, lm_weight: torch.Tensor, vocab: torch.Tensor | None,
                  stop_ids: Sequence[int], embed: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> None:
@@ -176,8 +230,7 @@ class MedusaDrafter:
         self.embed = None if embed is None else embed.detach()  # [V, H] the model's input embeddings
         self.stop_ids = frozenset(stop_ids)
         self.min_confidence = MIN_CONFIDENCE
-        # thread -> (its context length, the guessed tokens after it, their scores)
-        self.proposals: dict[tuple[str, int], tuple[int, list[int], list[float]]] = {}
+        self.proposals = {}
 
     @classmethod
     def load(cls, directory: Path, lm_weight: torch.Tensor, stop_ids: Sequence[int], k: int,
@@ -214,9 +267,6 @@ class MedusaDrafter:
                 best = min(best, time.perf_counter() - start)
         return best
 
-    def _local(self, idx: torch.Tensor) -> torch.Tensor:
-        return idx if self.vocab is None else self.vocab[idx]
-
     @torch.inference_mode()
     def chain(self, hidden: torch.Tensor, pending: torch.Tensor, cut: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden: [M, H] final hidden states, pending: [M] the token each row gave (the thread's pending
@@ -243,52 +293,22 @@ class MedusaDrafter:
                 break
         return torch.stack(toks, dim=1), torch.stack(confs, dim=1)
 
-    def guess(self, hidden: torch.Tensor, pending: Sequence[int] | torch.Tensor | None = None,
-              with_scores: bool = False):
+    def guess(self, hidden: torch.Tensor, pending: Sequence[int] | torch.Tensor | None = None) -> list[list[int]]:
         """hidden: [M, H] final hidden states, pending: [M] the thread's pending token of each row -> per
         row the K heads' tokens, up to the first head whose own probability of its token is below
         `min_confidence` (a guess that would most likely be rejected costs its positions in the step and
-        saves nothing); with `with_scores`, also per row each token's score: the product of the heads'
-        probabilities up to it (apar/engine/draft_policy.py)."""
+        saves nothing) or before a control token."""
         pending = torch.zeros(len(hidden), dtype=torch.long) if pending is None else \
             torch.as_tensor(pending, dtype=torch.long)  # [M] (medusa heads do not read it)
-        idx, conf = self.chain(hidden, pending, cut=True)  # [M, K], [M, K]
-        # each row's tokens before its first unconfident head
-        keep = (conf >= self.min_confidence).int().cumprod(dim=-1).sum(dim=-1).tolist()  # [M]
-        tokens = [row[:n] for row, n in zip(idx.tolist(), keep)]
-        if not with_scores:
-            return tokens
-        scores = [row[:n] for row, n in zip(conf.cumprod(dim=-1).tolist(), keep)]
-        return tokens, scores
+        return [tokens for tokens, _ in self._cut(*self.chain(hidden, pending, cut=True))]
 
     def propose(self, keys: list[tuple[str, int]], lengths: list[int], hidden: torch.Tensor | None,
-                pending: list[int] | None = None) -> None:
-        """Replace the guesses by those of this step: keys[i]'s thread, whose context has lengths[i]
-        tokens (the last its pending token, pending[i]), from hidden row i ([M, H])."""
+                tokens: list[int], counts: list[int]) -> None:
+        """Replace the guesses by those of this step (`ByThread`): the heads read each run's last row and
+        its pending token."""
         self.proposals = {}
         if not keys:
             return
-        tokens, scores = self.guess(hidden, pending, with_scores=True)
-        for key, length, toks, score in zip(keys, lengths, tokens, scores):
-            cut = []
-            for tok in toks:
-                if tok in self.stop_ids:
-                    break
-                cut.append(tok)
-            self.proposals[key] = (length, cut, score[: len(cut)])
-
-    def proposal(self, key: tuple[str, int], length: int, k: int) -> list[int]:
-        """Up to k guessed tokens after the thread's context of `length` tokens; [] when none was made
-        after exactly that context."""
-        found = self.proposals.get(key)
-        if found is None or found[0] != length or k <= 0:
-            return []
-        return found[1][:k]
-
-    def scores(self, key: tuple[str, int], length: int, n: int) -> list[float]:
-        """The scores of the first n tokens of `proposal(key, length, ...)`: the product of the heads'
-        probabilities up to each."""
-        return self.proposals[key][2][:n]
-
-    def draft(self, context: Sequence[int], k: int) -> list[int]:  # the Drafter protocol: no thread, no guess
-        return []
+        last = torch.tensor(counts).cumsum(0) - 1  # [M] each run's last row
+        pending = torch.tensor(tokens)[last]
+        self._keep(keys, lengths, *self.chain(hidden.index_select(0, last.to(hidden.device)), pending, cut=True))

@@ -261,31 +261,23 @@ class Speculation:
             self._propose(samplers, drafts, tips)
 
     def _propose(self, samplers: list[tuple[Request, Thread]], drafts: list[DraftRows], tips: list[int]) -> None:
-        """Medusa: the heads' guesses for every sampling thread still running, from the hidden state of the
-        row its pending token came from (its sampled row, or the row of the run's token before it) and
-        that pending token, for the next step's drafts (apar/engine/medusa.py)."""
+        """The drafter's guesses for every sampling thread still running (`ByThread.propose`,
+        apar/engine/medusa.py): each thread's verified run up to its new pending token, every token with
+        the row it came from (its sampled row, then the rows of its accepted draft tokens)."""
         first_row = {d.sampler: d.first_row for d in drafts}
-        keys, lengths, rows, pending = [], [], [], []
-        run_rows, run_tokens, counts = [], [], []  # every row of each run, for a drafter that reads them
+        keys, lengths, rows, tokens, counts = [], [], [], [], []
         for i, (req, t) in enumerate(samplers):
             a = tips[i]
             if not a or not t.running:
                 continue
             keys.append((req.id, t.id))
-            length = t.start_pos + t.n_tokens
-            lengths.append(length)
-            pending.append(t.tip)  # the token that row gave (hydra heads read it)
-            rows.append(i if a == 1 else first_row[i] + a - 2)  # the row token a - 1 of the run came from
-            run_rows += [i] + [first_row[i] + j for j in range(a - 1)]  # token j + 1 of the run came from
-            run_tokens += t.tokens(length - a - t.start_pos, length - t.start_pos)
+            lengths.append(t.start_pos + t.n_tokens)
+            rows += [i] + [first_row[i] + j for j in range(a - 1)]  # token j + 1 of the run came from row j
+            tokens += t.tokens(t.n_tokens - a, t.n_tokens)
             counts.append(a)
         hidden = self.runner.last_hidden
         if not rows or hidden is None:
-            self.drafter.propose([], [], None)
+            self.drafter.propose([], [], None, [], [])
             return
-        index = torch.tensor(rows, device=hidden.device)
-        if getattr(self.drafter, "reads_runs", False):
-            runs = (hidden.index_select(0, torch.tensor(run_rows, device=hidden.device)), run_tokens, counts)
-            self.drafter.propose(keys, lengths, hidden.index_select(0, index), pending, runs=runs)
-            return
-        self.drafter.propose(keys, lengths, hidden.index_select(0, index), pending)
+        self.drafter.propose(keys, lengths, hidden.index_select(0, torch.tensor(rows, device=hidden.device)),
+                             tokens, counts)

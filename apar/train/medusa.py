@@ -206,13 +206,12 @@ def evaluate_medusa(model_dir: Path, records: list[TreeRecord], heads_dir: Path,
     stops = [t for t in (control.fork, control.child) if t >= 0]
     heads, vocab, _ = load_heads(heads_dir)
     if heads.kind == "eagle":  # the layer reads whole threads (apar/train/eagle.py)
+        from apar.engine.eagle import MIN_CONFIDENCE as EAGLE_MIN_CONFIDENCE
         from apar.train.eagle import measure_eagle
 
         ids = vocab.tolist() if vocab is not None else list(range(model.get_output_embeddings().weight.shape[0]))
         result = measure_eagle(heads, reading, model.get_output_embeddings().weight, model.get_input_embeddings().weight,
                                ids)
-        from apar.engine.eagle import MIN_CONFIDENCE as EAGLE_MIN_CONFIDENCE
-
         result["prompts"] = len(texts)
         return result, report(result, EAGLE_MIN_CONFIDENCE, heads.num_heads)
     drafter = MedusaDrafter.load(heads_dir, model.get_output_embeddings().weight, stops, 1,

@@ -157,16 +157,21 @@ def read_records(model, tokenizer, records: list[TreeRecord], max_length: int, f
 
 class Recorder:
     """Stands in for the engine's drafter (it drafts nothing): after every step `Speculation._propose`
-    hands it each running thread's hidden row and pending token, kept here by thread."""
+    hands it each running thread's verified run (`ByThread.propose`): every hidden row with the token
+    it gave, kept here by thread with the context length that token ends."""
 
     by_thread = True
 
     def __init__(self) -> None:
         self.rows: dict[tuple[str, int], list[tuple[int, int, torch.Tensor]]] = {}
 
-    def propose(self, keys, lengths, hidden, pending=None) -> None:
-        for i, key in enumerate(keys or []):
-            self.rows.setdefault(key, []).append((lengths[i], pending[i], hidden[i].detach().float().clone()))
+    def propose(self, keys, lengths, hidden, tokens, counts) -> None:
+        at = 0
+        for key, length, n in zip(keys, lengths, counts):
+            for j in range(n):
+                self.rows.setdefault(key, []).append((length - n + 1 + j, tokens[at + j],
+                                                      hidden[at + j].detach().float().clone()))
+            at += n
 
     def proposal(self, key, length, k) -> list[int]:
         return []
