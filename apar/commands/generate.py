@@ -15,8 +15,9 @@ def register(subparsers) -> None:
                               description="Generate one answer. Temperature 0 (the default) is greedy.")
     p.add_argument("--model", help="local Hugging Face model directory (in-process generation)")
     p.add_argument("--server", help="HOST:PORT of an `apar serve` or `apar router` to stream from instead")
-    p.add_argument("--connect-timeout", type=float, default=60.0,
-                   help="with --server: seconds to wait for a server that is still starting")
+    p.add_argument("--connect-timeout", type=float, default=180.0,
+                   help="with --server: seconds to wait for a server that is still starting (a first start on "
+                        "a CPU builds the rows kernel, about a minute)")
     p.add_argument("--tls", action="store_true", help="with --server: connect over TLS (the system's CAs)")
     p.add_argument("--ca", default=None, metavar="PEM", help="with --server: TLS, trusting this CA (implies --tls)")
     p.add_argument("--tls-server-name", default=None, metavar="NAME",
@@ -78,6 +79,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="torch.compile each decoder layer as one graph (the attention an opaque op): norms, rotary "
                         "embedding with the K/V write, activation and residual adds fuse into a few kernels; the "
                         "engine compiles in a warm-up before its first request (default: on with CUDA, off on the CPU)")
+    g.add_argument("--rows-kernel", action=argparse.BooleanOptionalAction, default=True,
+                   help="on the CPU in float32: matrix products of up to 32 rows (decode steps, drafted tokens) "
+                        "through the project's AVX2 kernel, built once per machine (about a minute); torch's "
+                        "BLAS multiplies 2-16 rows 2-3x slower than one (default on)")
     g.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the cached KV blocks of a prompt's longest known prefix, prefill only the rest; "
                         "prompts' blocks stay cached until evicted (default on)")
@@ -103,7 +108,8 @@ def engine_config(args):
     return EngineConfig(block_size=args.block_size, num_blocks=args.kv_blocks, kv_memory_mb=args.kv_memory_mb,
                         max_batch_tokens=args.max_batch_tokens, admit_watermark=args.admit_watermark,
                         fork_watermark=args.fork_watermark, device=args.device, dtype=args.dtype,
-                        attention=args.attention, cuda_graphs=args.cuda_graphs, compile=args.compile, prefix_cache=args.prefix_cache,
+                        attention=args.attention, cuda_graphs=args.cuda_graphs, compile=args.compile,
+                        rows_kernel=args.rows_kernel, prefix_cache=args.prefix_cache,
                         control=ControlTokens(fork=args.fork_token, child=args.child_token),
                         speculate=SpeculativeConfig(args.speculate, args.num_speculative_tokens,
                                                             policy=args.draft_policy))

@@ -83,6 +83,9 @@ class EngineConfig:
     # between the matrix products (norms, rotary embedding with the K/V write, activation, residual adds)
     # fuse into a few kernels; None: on cuda (where a decode step is hundreds of small kernels), off on the cpu
     compile: bool | None = None
+    # on the cpu in float32: products of a few rows (decode steps, drafts) through the AVX2 kernel of
+    # apar/engine/rows_gemm.py, built once per machine; off: torch's own products everywhere
+    rows_kernel: bool = True
     # a new request reads the cached blocks of its prompt's longest known prefix and prefills only the
     # rest; a prompt's full blocks stay cached (evictable) after its request ends
     prefix_cache: bool = True

@@ -31,9 +31,10 @@ class FusedHead(nn.Module):
         self.bias = None if bias[0] is None else nn.Parameter(torch.cat([b.detach() for b in bias]),
                                                               requires_grad=False)
         self.kept: tuple[torch.Tensor, list[torch.Tensor]] | None = None  # (input, the tails' outputs)
+        self.product = F.linear  # apar/engine/rows_gemm.py may route it through its kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        first, *rest = F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+        first, *rest = self.product(x, self.weight, self.bias).split(self.sizes, dim=-1)
         self.kept = (x, rest)
         return first
 
@@ -49,6 +50,7 @@ class FusedTail(nn.Module):
         self.weight = nn.Parameter(head.weight[a:b], requires_grad=False)  # views of the head's rows
         self.bias = None if head.bias is None else nn.Parameter(head.bias[a:b], requires_grad=False)
         self.last = index == len(head.sizes) - 1
+        self.product = F.linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kept = self.head.kept
@@ -57,7 +59,7 @@ class FusedTail(nn.Module):
             if self.last:
                 self.head.kept = None
             return out
-        return F.linear(x, self.weight, self.bias)
+        return self.product(x, self.weight, self.bias)
 
 
 def fuse_projections(model: nn.Module) -> int:

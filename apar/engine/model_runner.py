@@ -21,6 +21,7 @@ from apar.engine.config import EngineConfig
 from apar.engine.context_table import ContextTable
 from apar.engine.errors import UserError
 from apar.engine.fusion import fuse_projections
+from apar.engine.rows_gemm import use_rows_kernel
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,8 @@ class ModelRunner:
         self.compiled = config.compile if config.compile is not None else self.device.type == "cuda"
         if self.compiled:
             self._compile()
+        self.rows_kernel = (config.rows_kernel and not self.compiled and self.device.type == "cpu"
+                            and self.dtype == torch.float32 and use_rows_kernel(self.model) > 0)
         self.hf_config = hf_config
         text_cfg = hf_config.get_text_config()
         self.num_layers = text_cfg.num_hidden_layers
@@ -108,9 +111,9 @@ class ModelRunner:
             from apar.engine.cuda_graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(self)
-        log.info("loaded %s on %s (%s): %d KV blocks of %d tokens, %s attention%s%s", path, self.device, self.dtype,
-                 num_blocks, config.block_size, self.backend.name, ", CUDA graphs" if self.graphs else "",
-                 ", compiled layers" if self.compiled else "")
+        log.info("loaded %s on %s (%s): %d KV blocks of %d tokens, %s attention%s%s%s", path, self.device,
+                 self.dtype, num_blocks, config.block_size, self.backend.name, ", CUDA graphs" if self.graphs else "",
+                 ", compiled layers" if self.compiled else "", ", rows kernel" if self.rows_kernel else "")
 
     @property
     def num_blocks(self) -> int:

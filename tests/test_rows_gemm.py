@@ -1,0 +1,108 @@
+"""Products of a few rows on the CPU (apar/engine/rows_gemm.py): the kernel against a float64 reference,
+each row the same bits whatever else is in its batch, torch's own products past its limits, and a model
+routed through it giving the plain model's outputs."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from apar.engine import rows_gemm
+from apar.engine.config import EngineConfig
+from apar.engine.fusion import FusedHead, fuse_projections
+from apar.engine.rows_gemm import MAX_ROWS, RowsLinear, linear, use_rows_kernel
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    # this project's machines and CI have AVX2 and a C++ compiler (.ci/run checks for g++); a machine
+    # without them serves through torch's products, which the last test below covers
+    assert rows_gemm.supported(), f"this CPU reports {torch.backends.cpu.get_cpu_capability()}, not AVX2"
+    fn = rows_gemm.kernel()
+    assert fn is not None, "the rows kernel did not build (see the warning logged above)"
+    return fn
+
+
+@pytest.mark.parametrize("rows,k,n", [(1, 576, 960), (2, 8, 1), (3, 13, 5), (5, 1536, 7), (7, 9, 4),
+                                      (16, 100, 33), (32, 64, 3)])
+def test_kernel_matches_a_float64_product(kernel, rows, k, n):
+    g = torch.Generator().manual_seed(rows * 1000 + k + n)
+    x, w, b = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    want = F.linear(x.double(), w.double(), b.double())
+    scale = (x.double().abs() @ w.double().abs().T).max().item()  # the sums' magnitude, for float32's error
+    for bias, ref in ((None, want - b.double()), (b, want)):
+        got = kernel(x, w, bias)
+        assert got.shape == (rows, n) and got.dtype == torch.float32
+        assert (got.double() - ref).abs().max().item() <= 1e-5 * scale + 1e-6
+
+
+def test_a_row_gives_the_same_bits_alone_and_in_any_batch(kernel):
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(37, 584, generator=g)  # neither a multiple of the kernel's 4 weight rows nor of 8 lanes
+    x = torch.randn(MAX_ROWS, 584, generator=g)
+    alone = torch.cat([kernel(x[i:i + 1].contiguous(), w, None) for i in range(MAX_ROWS)])
+    for rows in (2, 3, 4, 5, 8, 13, MAX_ROWS):
+        for start in (0, MAX_ROWS - rows):
+            got = kernel(x[start:start + rows].contiguous(), w, None)
+            assert torch.equal(got, alone[start:start + rows]), (rows, start)
+
+
+def test_linear_routes_few_float32_rows_and_leaves_the_rest_to_torch(kernel, monkeypatch):
+    calls = []
+    monkeypatch.setattr(rows_gemm, "_kernel", lambda *a: calls.append(a[0].shape) or kernel(*a))
+    w, b = torch.randn(6, 16), torch.randn(6)
+    x = torch.randn(2, 3, 16)  # leading dimensions flattened into rows, and restored
+    out = linear(x, w, b)
+    assert out.shape == (2, 3, 6) and calls == [(6, 16)]
+    assert torch.allclose(out, F.linear(x, w, b), atol=1e-5)
+    strided, w8 = x[:, :, ::2], w[:, :8].contiguous()  # an input that is not contiguous
+    assert torch.allclose(linear(strided, w8), F.linear(strided, w8), atol=1e-5)
+    calls.clear()
+    many = torch.randn(MAX_ROWS + 1, 16)
+    assert torch.allclose(linear(many, w, b), F.linear(many, w, b))  # a prefill chunk: torch's product
+    linear(x.double(), w.double())  # not float32
+    linear(x, w.T.contiguous().T)  # a weight that is not contiguous
+    xg = x.clone().requires_grad_()
+    linear(xg, w).sum().backward()  # training needs autograd
+    assert calls == [] and xg.grad is not None
+
+
+def test_a_model_routed_through_the_kernel_gives_the_plain_models_outputs(kernel, llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(str(llama_dir), dtype=torch.float32).eval()
+    routed = AutoModelForCausalLM.from_pretrained(str(llama_dir), dtype=torch.float32).eval()
+    fuse_projections(routed)
+    linears = sum(type(m) is nn.Linear for m in routed.modules())
+    fused = sum(isinstance(m, FusedHead) for m in routed.modules())
+    head = routed.lm_head.weight
+    assert use_rows_kernel(routed) >= linears + fused > 0
+    assert not any(type(m) is nn.Linear for m in routed.modules())
+    assert isinstance(routed.lm_head, RowsLinear) and routed.lm_head.weight is head  # nothing copied
+    assert all(m.product is linear for m in routed.modules() if isinstance(m, FusedHead))
+    ids = torch.randint(0, plain.config.vocab_size, (1, 9))
+    with torch.no_grad():
+        want, got = plain(ids).logits, routed(ids).logits  # 9 rows: every product through the kernel
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_the_engine_uses_the_kernel_on_the_cpu_unless_told_not_to(kernel, llama_dir):
+    from apar.engine.model_runner import ModelRunner
+
+    on = ModelRunner(llama_dir, EngineConfig(num_blocks=8))
+    off = ModelRunner(llama_dir, EngineConfig(num_blocks=8, rows_kernel=False))
+    assert on.rows_kernel and isinstance(on.model.lm_head, RowsLinear)
+    assert not off.rows_kernel and type(off.model.lm_head) is nn.Linear
+
+
+def test_without_the_kernel_products_stay_torchs(monkeypatch, llama_dir):
+    from apar.engine.model_runner import ModelRunner
+
+    monkeypatch.setattr(rows_gemm, "_kernel", None)
+    monkeypatch.setattr(rows_gemm, "_tried", True)  # as on a machine where it could not be built
+    runner = ModelRunner(llama_dir, EngineConfig(num_blocks=8))
+    assert not runner.rows_kernel and type(runner.model.lm_head) is nn.Linear
+    x, w = torch.randn(3, 8), torch.randn(4, 8)
+    assert torch.equal(linear(x, w), F.linear(x, w))
