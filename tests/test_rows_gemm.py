@@ -106,3 +106,34 @@ def test_without_the_kernel_products_stay_torchs(monkeypatch, llama_dir):
     assert not runner.rows_kernel and type(runner.model.lm_head) is nn.Linear
     x, w = torch.randn(3, 8), torch.randn(4, 8)
     assert torch.equal(linear(x, w), F.linear(x, w))
+
+
+def test_drafters_route_their_products_and_guess_as_without(kernel):
+    from apar.engine.eagle import EagleDrafter, EagleHeads
+    from apar.engine.medusa import HydraHeads, MedusaDrafter
+
+    torch.manual_seed(3)
+    H, V = 32, 50
+    table, embed = torch.randn(V, H), torch.randn(V, H)
+    eagle, hydra = EagleHeads(H, 3, attn_heads=4), HydraHeads(H, 3)
+    with torch.no_grad():
+        for p in [*eagle.parameters(), *hydra.parameters()]:
+            p.add_(torch.randn_like(p) * 0.3)
+    keys, hidden = [("a", 0), ("b", 0)], torch.randn(7, H)
+    tokens = torch.randint(0, V, (7,)).tolist()
+    guesses = []
+    for routed in (False, True):
+        drafters = [EagleDrafter(eagle, table, None, [], embed, min_confidence=0.0),
+                    MedusaDrafter(hydra, table, None, [], embed)]
+        for d in drafters:
+            d.min_confidence = 0.0
+            if routed:
+                d.use_rows_kernel()
+                assert d.product is linear and not any(type(m) is nn.Linear for m in d.heads.modules())
+                assert d.heads.product is linear if isinstance(d.heads, HydraHeads) else True
+            d.propose(keys, [20, 30], hidden, tokens, [4, 3])  # two threads' runs of 4 and 3 rows
+        guesses.append([d.proposals for d in drafters])
+    for plain, routed in zip(*guesses):
+        for key in keys:
+            assert plain[key][:2] == routed[key][:2] and len(routed[key][1]) == 3  # length, tokens
+            assert routed[key][2] == pytest.approx(plain[key][2], abs=1e-4)  # scores, to rounding

@@ -270,7 +270,7 @@ class EagleDrafter(ByThread):
             for i, vv in enumerate(vs):
                 attn = attn + p[..., T + i, None] * vv
             f = self.heads.finish(x, attn)  # [M, H] the guess at the next position's feature
-            conf, idx = (f @ self.table.T).float().softmax(dim=-1).max(dim=-1)
+            conf, idx = self._logits(f).float().softmax(dim=-1).max(dim=-1)
             tok = self._local(idx)
             toks.append(tok)
             confs.append(conf)

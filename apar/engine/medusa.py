@@ -40,8 +40,10 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from apar.engine.errors import UserError
+from apar.engine.rows_gemm import linear, use_rows_kernel
 
 # a guess is cut at the first head whose probability of its own token is below this (docs/benchmarks.md,
 # "Speculation": acceptance and drafted tokens by confidence on SmolLM2-135M)
@@ -86,12 +88,13 @@ class HydraHeads(torch.nn.Module):
         self.hidden, self.num_heads, self.blocks = hidden, num_heads, blocks
         self.weight = torch.nn.Parameter(torch.zeros(blocks, hidden, 2 * hidden))  # [B, H_out, 2H_in]
         self.bias = torch.nn.Parameter(torch.zeros(blocks, hidden))  # [B, H]
+        self.product = F.linear  # apar/engine/rows_gemm.py may route it through its kernel
 
     def step(self, k: int, z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """Head k + 1's state from head k's (z: [N, H]) and the embedding of its input token (e: [N, H])."""
         b = min(k, self.blocks - 1)
         x = torch.cat([z, e], dim=-1)  # [N, 2H]
-        return z + torch.nn.functional.silu(x @ self.weight[b].T + self.bias[b])
+        return z + F.silu(self.product(x, self.weight[b], self.bias[b]))
 
     def forward(self, h: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         """Teacher-forced chain: h [N, H], inputs [N, K, H] the embeddings of each head's input token ->
@@ -171,6 +174,19 @@ class ByThread:
     # thread -> (its context length, the guessed tokens after it, their scores)
     proposals: dict[tuple[str, int], tuple[int, list[int], list[float]]]
 
+    table: torch.Tensor  # [V', H] the LM head's rows the drafter guesses among
+    heads: torch.nn.Module
+    product = staticmethod(F.linear)
+
+    def use_rows_kernel(self) -> None:
+        """Route the float32 CPU products (the drafter's layers, its LM head rows) through the kernel of
+        apar/engine/rows_gemm.py, as the model's own."""
+        if self.table.device.type == "cpu" and self.table.dtype == torch.float32 and use_rows_kernel(self.heads):
+            self.product = linear
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.product(x, self.table)
+
     def _local(self, idx: torch.Tensor) -> torch.Tensor:
         return idx if self.vocab is None else self.vocab[idx]
 
@@ -234,7 +250,7 @@ class MedusaDrafter(ByThread):
 
     @classmethod
     def load(cls, directory: Path, lm_weight: torch.Tensor, stop_ids: Sequence[int], k: int,
-             embed: torch.Tensor | None = None) -> MedusaDrafter:
+             embed: torch.Tensor | None = None, rows_kernel: bool = False) -> MedusaDrafter:
         heads, vocab, _ = load_heads(directory)
         if k > heads.num_heads:
             raise UserError(f"--num-speculative-tokens {k} asks for more tokens than the {heads.num_heads} "
@@ -244,6 +260,8 @@ class MedusaDrafter(ByThread):
 
             cls = EagleDrafter  # type: ignore[assignment]
         drafter = cls(heads, lm_weight, vocab, stop_ids, embed)
+        if rows_kernel:  # the model's products run through apar/engine/rows_gemm.py: the drafter's too
+            drafter.use_rows_kernel()
         if lm_weight.device.type == "cpu" and lm_weight.dtype == torch.float32:
             # the heads' guesses are only ever verified, so they may run in bfloat16 where that is faster:
             # on a CPU with bfloat16 instructions a few rows' products run about 3x faster (docs/benchmarks.md,
@@ -275,14 +293,14 @@ class MedusaDrafter(ByThread):
         never drafted: their probabilities read 0)."""
         h = hidden.to(self.table.dtype)
         if self.heads.kind == "medusa":
-            probs = (self.heads(h) @ self.table.T).float().softmax(dim=-1)  # [M, K, V']
+            probs = self._logits(self.heads(h)).float().softmax(dim=-1)  # [M, K, V']
             conf, idx = probs.max(dim=-1)  # [M, K]
             return self._local(idx), conf
         z, tok, toks, confs = h, pending.to(self.table.device), [], []
         sure = torch.ones(len(h), dtype=torch.bool, device=h.device)  # rows whose heads so far were all sure
         for k in range(self.num_heads):
             z = self.heads.step(k, z, self.embed[tok].to(z.dtype))  # [M, H]
-            conf, idx = (z @ self.table.T).float().softmax(dim=-1).max(dim=-1)  # [M], [M]
+            conf, idx = self._logits(z).float().softmax(dim=-1).max(dim=-1)  # [M], [M]
             tok = self._local(idx)
             toks.append(tok)
             confs.append(conf)

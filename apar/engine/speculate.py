@@ -99,7 +99,8 @@ def make_drafter(config: SpeculativeConfig, stop_ids: Sequence[int], runner=None
         if runner is None:
             raise ValueError("medusa drafts need the model runner")
         drafter = MedusaDrafter.load(runner.path, runner.model.get_output_embeddings().weight, stop_ids,
-                                     config.num_tokens, runner.model.get_input_embeddings().weight)
+                                     config.num_tokens, runner.model.get_input_embeddings().weight,
+                                     rows_kernel=runner.rows_kernel)
         runner.keep_hidden()
         return drafter
     return None
