@@ -137,3 +137,21 @@ def test_drafters_route_their_products_and_guess_as_without(kernel):
         for key in keys:
             assert plain[key][:2] == routed[key][:2] and len(routed[key][1]) == 3  # length, tokens
             assert routed[key][2] == pytest.approx(plain[key][2], abs=1e-4)  # scores, to rounding
+
+
+def test_bench_rows_times_both_products_and_refuses_bad_rows(kernel):
+    import json
+    import subprocess
+    import sys
+
+    def bench(*args):
+        return subprocess.run([sys.executable, "-m", "apar.cli", "bench", "rows", "--layers", "1", "--vocab", "64",
+                               "--repeats", "1", *args], capture_output=True, text=True, timeout=120)
+
+    done = bench("--rows", "1,3", "--json")
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)["rows"]
+    assert set(rows) == {"1", "3"} and all(r["torch_ms"] > 0 and r["kernel_ms"] > 0 for r in rows.values())
+    for bad in (str(MAX_ROWS + 1), "0", "two"):
+        refused = bench("--rows", bad)
+        assert refused.returncode != 0 and "--rows" in refused.stderr and "Traceback" not in refused.stderr

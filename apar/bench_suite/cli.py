@@ -158,6 +158,8 @@ def _suite_args(p: argparse.ArgumentParser) -> None:
                    "refused")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
+    p.add_argument("--rows-kernel", action=argparse.BooleanOptionalAction, default=True,
+                   help="the engines' CPU products of a few rows through the project's kernel (default on)")
     p.add_argument("--fork-token", default="[Fork]", help="'[SplitMask]' for the published APAR checkpoints")
     p.add_argument("--child-token", default="[Child]", help="'[SplitSop]' for the published APAR checkpoints")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -201,7 +203,7 @@ def settings(args, table: dict[bool, Defaults]):
     return SuiteSettings(plan, kv_blocks=args.kv_blocks, pool_fraction=args.pool_fraction,
                          block_size=args.block_size, max_batch_tokens=args.max_batch_tokens,
                          admit_watermark=args.admit_watermark, fork_watermark=args.fork_watermark, device=args.device,
-                         dtype=args.dtype,
+                         dtype=args.dtype, rows_kernel=args.rows_kernel,
                          control=ControlTokens(args.fork_token, args.child_token), progress=not args.no_progress,
                          data=args.data, speculate=SpeculativeConfig(args.speculate, args.num_speculative_tokens,
                                                                      policy=args.draft_policy))

@@ -38,6 +38,7 @@ class SuiteSettings:
     fork_watermark: float = 0.01
     device: str | None = None
     dtype: str = "auto"
+    rows_kernel: bool = True  # `EngineConfig.rows_kernel`: CPU products of a few rows through the kernel
     attention: str = "auto"
     compile: bool | None = None  # torch.compile the decoder layers (`EngineConfig.compile`; None: on CUDA)
     control: ControlTokens = field(default_factory=ControlTokens)
@@ -57,6 +58,7 @@ class SuiteSettings:
                                               admit_watermark=self.admit_watermark,
                                               fork_watermark=self.fork_watermark, device=self.device,
                                               dtype=self.dtype, attention=self.attention, compile=self.compile,
+                                              rows_kernel=self.rows_kernel,
                                               control=self.control,
                                               prefix_cache=self.prefix_cache,
                                               speculate=self.speculate if speculate else SpeculativeConfig()))
@@ -68,7 +70,7 @@ class SuiteSettings:
                 "max_batch_tokens": self.max_batch_tokens, "pool_fraction": self.pool_fraction,
                 "admit_watermark": self.admit_watermark, "fork_watermark": self.fork_watermark,
                 "speculate": self.speculate.method, "num_speculative_tokens": self.speculate.num_tokens,
-                "draft_policy": self.speculate.policy}
+                "draft_policy": self.speculate.policy, "rows_kernel": self.rows_kernel}
 
 
 def warm_up(engine, jobs: list[Job]):

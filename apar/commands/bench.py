@@ -50,11 +50,13 @@ def register(subparsers) -> None:
     from apar.bench_suite.kv_outage import register as register_kv_outage
     from apar.bench_suite.kvmanager import register as register_kvmanager
     from apar.bench_suite.prefix import register as register_prefix
+    from apar.bench_suite.rows import register as register_rows
     from apar.bench_suite.served import register as register_served
 
     register_suite(sub)
     register_kvmanager(sub)
     register_prefix(sub)
+    register_rows(sub)
     register_served(sub)
     register_chaos(sub)
     register_kv_outage(sub)
