@@ -80,7 +80,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "embedding with the K/V write, activation and residual adds fuse into a few kernels; the "
                         "engine compiles in a warm-up before its first request (default: on with CUDA, off on the CPU)")
     g.add_argument("--rows-kernel", action=argparse.BooleanOptionalAction, default=True,
-                   help="on the CPU in float32: matrix products of up to 32 rows (decode steps, drafted tokens) "
+                   help="on the CPU in float32: matrix products of up to 16 rows (decode steps, drafted tokens) "
                         "through the project's AVX2 kernel, built once per machine (about a minute); torch's "
                         "BLAS multiplies 2-16 rows 2-3x slower than one (default on)")
     g.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=True,
