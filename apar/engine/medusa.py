@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from apar.engine.errors import UserError
-from apar.engine.rows_gemm import linear, use_rows_kernel
+from apar.engine import rows_gemm
 
 # a guess is cut at the first head whose probability of its own token is below this (docs/benchmarks.md,
 # "Speculation": acceptance and drafted tokens by confidence on SmolLM2-135M)
@@ -181,8 +181,9 @@ class ByThread:
     def use_rows_kernel(self) -> None:
         """Route the float32 CPU products (the drafter's layers, its LM head rows) through the kernel of
         apar/engine/rows_gemm.py, as the model's own."""
-        if self.table.device.type == "cpu" and self.table.dtype == torch.float32 and use_rows_kernel(self.heads):
-            self.product = linear
+        if self.table.device.type == "cpu" and self.table.dtype == torch.float32 and rows_gemm.kernel() is not None:
+            rows_gemm.use_rows_kernel(self.heads)
+            self.product = rows_gemm.linear
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.product(x, self.table)
