@@ -21,6 +21,14 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"skipped, which APAR_REQUIRE_ALL=1 does not allow: {report.longrepr}"
 
 
+def pytest_sessionstart(session):
+    """Build the engine's CPU rows kernel (apar/engine/rows_gemm.py) once before any test: on a fresh
+    machine a worker process that a test starts would otherwise build it inside its start-up wait."""
+    from apar.engine import rows_gemm
+
+    rows_gemm.kernel()
+
+
 @pytest.fixture(scope="module")
 def redis_server():
     """A private redis-server on a free loopback port, no persistence, for one test module."""
