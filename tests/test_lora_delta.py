@@ -15,7 +15,8 @@ from apar.engine.errors import UserError
 from apar.importer import import_gguf
 from apar.data.alpaca_split import data_dir
 from apar.train import lora
-from apar.train.smol import build_from_delta, read_checked_delta, write_manifest
+from apar.train.smol import (DELTAS, DRAFTER_NAME, MANIFEST, build_from_delta, delta_dir, drafter_dir, read_checked_delta,
+                             ship_heads, write_manifest)
 from apar.train.trainer import TrainConfig, train_records
 from tests.gguf_tiny import write_tiny_gguf
 
@@ -86,6 +87,74 @@ def test_a_damaged_delta_is_refused_and_writes_nothing(base, tmp_path):
     with pytest.raises(UserError, match="SHA-256"):
         build_from_delta(tmp_path / "model", folder, gguf=gguf)
     assert not (tmp_path / "model").exists()
+
+
+def test_shipped_heads_go_into_the_model_built_from_their_delta(base, tmp_path):
+    from apar.engine.medusa import CONFIG_FILE, HEADS_FILE, MedusaDrafter, load_heads, make_heads, save_heads
+    from apar.importer import sha256
+
+    gguf, base_dir = base
+    model = load(base_dir)
+    rows = AutoTokenizer.from_pretrained(str(base_dir)).convert_tokens_to_ids(["[Fork]", "[Child]"])
+    lora.attach_lora(model, rank=2, alpha=2.0)
+    random_delta(model, min(rows))
+    folder = tmp_path / "delta"
+    lora.write_delta(model, folder, rows, {"rank": 2, "alpha": 2.0})
+    delta_sha = write_manifest(folder, "a test", None, None)["sha256"]
+    trained_on = build_from_delta(tmp_path / "trained-on", folder, gguf=gguf)
+    hidden = model.config.hidden_size
+    heads = make_heads("eagle", hidden, 2, attn_heads=2)
+    save_heads(tmp_path / "heads", heads, [3, 9, 40], {"trained": {"command": "apar train-medusa test"}})
+    shipped = tmp_path / "shipped"
+    manifest = ship_heads(tmp_path / "heads", shipped, trained_on, "apar ship-heads test")
+    assert manifest["sha256"] == sha256(shipped / HEADS_FILE) and manifest["delta_sha256"] == delta_sha
+    assert manifest["command"] == "apar train-medusa test" and manifest["ship_command"] == "apar ship-heads test"
+    assert (shipped / HEADS_FILE).stat().st_size < (tmp_path / "heads" / HEADS_FILE).stat().st_size * 0.6
+
+    out = build_from_delta(tmp_path / "model", folder, gguf=gguf, drafter=shipped)
+    assert (out / CONFIG_FILE).read_text() == (tmp_path / "heads" / CONFIG_FILE).read_text()
+    loaded, vocab, _ = load_heads(out)
+    assert vocab.tolist() == [3, 9, 40]
+    for name, t in heads.state_dict().items():  # the weights, rounded to float16 and back
+        assert torch.equal(loaded.state_dict()[name], t.half().float()), name
+    assert json.loads((out / "provenance.json").read_text())["drafter"]["sha256"] == manifest["sha256"]
+    lm = load(out).get_output_embeddings().weight
+    drafter = MedusaDrafter.load(out, lm, [0], 2, embed=load(out).get_input_embeddings().weight)
+    drafter.min_confidence = 0.0  # every guess kept, so each thread's shows
+    drafter.propose([("a", 0), ("b", 0)], [3, 2], torch.randn(5, hidden), [3, 9, 40, 9, 3], [3, 2])
+    guesses = [drafter.proposal(("a", 0), 3, 2), drafter.proposal(("b", 0), 2, 2)]
+    assert all(len(g) == 2 and set(g) <= {3, 9, 40} for g in guesses), guesses
+
+    damaged = bytearray((shipped / HEADS_FILE).read_bytes())
+    damaged[-1] ^= 1
+    (shipped / HEADS_FILE).write_bytes(bytes(damaged))
+    with pytest.raises(UserError, match="SHA-256"):
+        build_from_delta(tmp_path / "refused", folder, gguf=gguf, drafter=shipped)
+    assert not (tmp_path / "refused").exists()
+    ship_heads(tmp_path / "heads", shipped, trained_on, "apar ship-heads test")
+    other = tmp_path / "other"  # another delta: the heads read another model's states
+    lora.write_delta(load(base_dir), other, rows, {"rank": 2, "alpha": 2.0})
+    write_manifest(other, "another", None, None)
+    with pytest.raises(UserError, match="another delta"):
+        build_from_delta(tmp_path / "refused", other, gguf=gguf, drafter=shipped)
+    assert not (tmp_path / "refused").exists()
+    with pytest.raises(UserError, match="train-command"):  # heads that do not say how they were made
+        save_heads(tmp_path / "bare", heads, None, {})
+        ship_heads(tmp_path / "bare", tmp_path / "bare-shipped", trained_on, "apar ship-heads test")
+    with pytest.raises(UserError, match="shipped delta"):  # a model the heads cannot name a delta of
+        ship_heads(tmp_path / "heads", tmp_path / "x", base_dir, "apar ship-heads test")
+
+
+def test_the_shipped_drafter_belongs_to_the_shipped_apar_delta():
+    """The repository's own drafter: intact, and made for the APAR model's delta (not the twin's)."""
+    from apar.engine.medusa import HEADS_FILE
+    from apar.importer import sha256
+
+    assert drafter_dir() == DELTAS / DRAFTER_NAME
+    manifest = json.loads((drafter_dir() / MANIFEST).read_text())
+    assert sha256(drafter_dir() / HEADS_FILE) == manifest["sha256"]
+    assert manifest["delta_sha256"] == json.loads((delta_dir(False) / MANIFEST).read_text())["sha256"]
+    assert manifest["command"].startswith("apar train-medusa ") and "--kind eagle" in manifest["command"]
 
 
 def test_lora_training_moves_only_adapters_and_new_rows(base, tmp_path):

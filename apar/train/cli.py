@@ -82,6 +82,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     medusa.add_argument("--child-token", default="[Child]", help="control token that starts a child")
     medusa.set_defaults(func=run_train_medusa)
 
+    ship = subparsers.add_parser(
+        "ship-heads", help="pack trained draft heads beside the shipped delta of the model they read",
+        description="Write the heads apar train-medusa left in HEADS_DIR (trained on MODEL_DIR, a model built "
+                    "by apar demo-model --preset smol) to --out in float16, with a manifest: their SHA-256, "
+                    "the delta they belong to and the commands that made them. apar demo-model --preset smol "
+                    "checks them and writes them into the model it builds.",
+    )
+    ship.add_argument("heads", type=Path, metavar="HEADS_DIR", help="where apar train-medusa wrote the heads")
+    ship.add_argument("--model", type=Path, required=True, metavar="MODEL_DIR",
+                      help="the model they were trained on")
+    ship.add_argument("--out", type=Path, required=True, help="folder to write (apar/deltas/smol-eagle ships)")
+    ship.add_argument("--train-command", default=None, metavar="COMMAND",
+                      help="the command that trained them, where their medusa.json does not record it")
+    ship.set_defaults(func=run_ship_heads)
+
     check = subparsers.add_parser(
         "eval-medusa", help="measure the draft heads on the model's own answers to test-split prompts",
         description="The model answers --prompts test-split prompts greedily (never trained on); the heads "
@@ -112,6 +127,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                            "full: about half an hour, for quality")
     demo.add_argument("--out", type=Path, required=True, help="model directory to write")
     demo.add_argument("--ar", action="store_true", help="the auto-regressive twin (responses flattened)")
+    demo.add_argument("--no-drafter", action="store_true",
+                      help="smol: leave out the shipped draft layer (--speculate medusa reads it)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--steps", type=int, help="override the preset's training steps")
     demo.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
@@ -190,6 +207,9 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_train_medusa(args: argparse.Namespace) -> int:
+    import shlex
+    import sys
+
     from apar.data.alpaca_split import data_dir
     from apar.data.pipeline import load_records
     from apar.quiet import quiet_transformers
@@ -203,8 +223,21 @@ def run_train_medusa(args: argparse.Namespace) -> int:
                            blocks=args.blocks, answers=args.answers, answer_tokens=args.answer_tokens,
                            max_records=args.records, max_length=args.max_length, epochs=args.epochs,
                            batch_size=args.batch_size, lr=args.lr, seed=args.seed, fork=args.fork_token,
-                           child=args.child_token, cache=args.cache, vocab_size=args.vocab)
+                           child=args.child_token, cache=args.cache, vocab_size=args.vocab,
+                           command="apar " + shlex.join(sys.argv[1:]))
     print(json.dumps({"out": str(args.out or args.model), **summary}, indent=2))
+    return 0
+
+
+def run_ship_heads(args: argparse.Namespace) -> int:
+    import shlex
+    import sys
+
+    from apar.train.smol import ship_heads
+
+    manifest = ship_heads(args.heads, args.out, args.model, "apar " + shlex.join(sys.argv[1:]),
+                          train_command=args.train_command)
+    print(json.dumps({"out": str(args.out), **manifest}, indent=2))
     return 0
 
 
@@ -244,15 +277,17 @@ def _run_smol(args: argparse.Namespace) -> int:
 
     from apar.importer import require_readers
     from apar.quiet import quiet_transformers
-    from apar.train.smol import build_from_delta, delta_dir
+    from apar.train.smol import build_from_delta, delta_dir, drafter_dir
 
     if args.steps is not None:
         raise UserError("--steps has no meaning for --preset smol (nothing is trained)")
     require_readers()
     quiet_transformers()
     started = time.monotonic()
-    out = build_from_delta(args.out, delta_dir(args.ar))
+    drafter = None if args.ar or args.no_drafter else drafter_dir()
+    out = build_from_delta(args.out, delta_dir(args.ar), drafter=drafter)
     print(json.dumps({"out": str(out), "form": "ar" if args.ar else "apar", "delta": delta_dir(args.ar).name,
+                      "drafter": drafter.name if drafter else None,
                       "seconds": round(time.monotonic() - started, 1)}, indent=2))
     return 0
 

@@ -119,11 +119,11 @@ def train_medusa(model_dir: Path, records: list[TreeRecord], out: Path, num_head
                  blocks: int | None = None, answers: int = 64, answer_tokens: int = 256, max_records: int = 32,
                  max_length: int = 512, epochs: int = 4, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
                  fork: str = FORK, child: str = CHILD, log=print, cache: Path | None = None,
-                 vocab_size: int | None = None) -> dict:
+                 vocab_size: int | None = None, command: str | None = None) -> dict:
     """Heads for the model in `model_dir`, written to `out` (the module's docstring); a summary. `answers`
     training-split prompts answered by the model (up to `answer_tokens` each) and `max_records` packed
     training-split trees. `cache`: a file keeping the reading for later runs with the same model and
-    data (read when it holds them, written otherwise)."""
+    data (read when it holds them, written otherwise). `command`: the command line, kept in the summary."""
     from apar.train.trainer import load_model
 
     if kind not in KINDS:
@@ -183,6 +183,8 @@ def train_medusa(model_dir: Path, records: list[TreeRecord], out: Path, num_head
                "records": len(train), "positions": len(reading), "vocab": len(vocab), "epochs": epochs, "lr": lr,
                "max_length": max_length, "seed": seed, "top1_per_head": [round(a, 4) for a in acc],
                "seconds": round(time.monotonic() - started, 1), **extra}
+    if command:
+        summary["command"] = command
     save_heads(out, heads, vocab, {"trained": summary})
     return summary
 
