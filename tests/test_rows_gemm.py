@@ -48,10 +48,45 @@ def test_a_row_gives_the_same_bits_alone_and_in_any_batch(kernel):
             assert torch.equal(got, alone[start:start + rows]), (rows, start)
 
 
+def test_the_avx512_kernel_runs_exactly_where_the_cpu_has_avx512(kernel):
+    assert (rows_gemm.packed_kernel() is not None) == (torch.backends.cpu.get_cpu_capability() == "AVX512")
+
+
+@pytest.mark.parametrize("n,k", [(960, 576), (8, 16), (4, 1536), (37, 584), (12, 24)])
+def test_linear_matches_a_float64_product_and_keeps_a_rows_bits_in_any_batch(kernel, n, k):
+    """Through `linear`: packed weights where the CPU has AVX-512 and the shape packs (N a multiple of 4,
+    K of 16), the AVX2 kernel otherwise; either way every row alone and in batches of 2-16."""
+    g = torch.Generator().manual_seed(n + k)
+    w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    x = torch.randn(MAX_ROWS, k, generator=g)
+    want = F.linear(x.double(), w.double(), b.double())
+    scale = (x.double().abs() @ w.double().abs().T).max().item()
+    packs = n % 4 == 0 and k % 16 == 0 and rows_gemm.packed_kernel() is not None
+    assert (rows_gemm.packed_weight(w) is not None) == packs
+    alone = torch.cat([linear(x[i:i + 1], w, b) for i in range(MAX_ROWS)])
+    assert (alone.double() - want).abs().max().item() <= 1e-5 * scale + 1e-6
+    for rows in (2, 3, 4, 5, 6, 7, 8, 11, 13, MAX_ROWS):
+        for start in (0, MAX_ROWS - rows):
+            assert torch.equal(linear(x[start:start + rows], w, b), alone[start:start + rows]), (rows, start)
+
+
+def test_a_packed_weight_is_made_once_and_again_after_it_changes(kernel):
+    w3 = torch.randn(3, 8, 32)  # the hydra heads' weights: each head's a view of one parameter
+    x = torch.randn(2, 32)
+    first = rows_gemm.packed_weight(w3[1])
+    if rows_gemm.packed_kernel() is None:  # an AVX2 machine: nothing is packed, weights are read as they are
+        assert first is None
+    else:
+        assert first is not None and rows_gemm.packed_weight(w3[1]) is first  # a new view, the same copy
+    before = linear(x, w3[1])
+    w3.mul_(2)  # in place (the weights of a model being trained): the copy is made again
+    assert torch.allclose(linear(x, w3[1]), 2 * before, atol=1e-5)
+
+
 def test_linear_routes_few_float32_rows_and_leaves_the_rest_to_torch(kernel, monkeypatch):
     calls = []
     monkeypatch.setattr(rows_gemm, "_kernel", lambda *a: calls.append(a[0].shape) or kernel(*a))
-    w, b = torch.randn(6, 16), torch.randn(6)
+    w, b = torch.randn(6, 16), torch.randn(6)  # 6 weight rows: never packed, so always the AVX2 kernel
     x = torch.randn(2, 3, 16)  # leading dimensions flattened into rows, and restored
     out = linear(x, w, b)
     assert out.shape == (2, 3, 6) and calls == [(6, 16)]
@@ -151,6 +186,7 @@ def test_bench_rows_times_both_products_and_refuses_bad_rows(kernel):
     done = bench("--rows", "1,3", "--json")
     assert done.returncode == 0, done.stderr
     rows = json.loads(done.stdout)["rows"]
+    assert json.loads(done.stdout)["kernel"] == ("avx2" if rows_gemm.packed_kernel() is None else "avx512")
     assert set(rows) == {"1", "3"} and all(r["torch_ms"] > 0 and r["kernel_ms"] > 0 for r in rows.values())
     for bad in ("257", "0", "two", ""):
         refused = bench("--rows", bad)

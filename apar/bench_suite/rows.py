@@ -21,7 +21,8 @@ def register(sub) -> None:
     r.add_argument("--rows", default=ROWS, help=f"row counts to time (default {ROWS})")
     r.add_argument("--repeats", type=int, default=5, help="timings of each, alternating; the fastest counts")
     r.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, as the engine on a CPU)")
-    r.add_argument("--json", action="store_true", help='print {"rows": {M: {"torch_ms": ..., "kernel_ms": ...}}}')
+    r.add_argument("--json", action="store_true",
+                   help='print {"rows": {M: {"torch_ms": ..., "kernel_ms": ...}}, "kernel": "avx2" or "avx512"}')
     r.set_defaults(func=run_rows_cmd)
 
 
@@ -54,6 +55,15 @@ def run_rows_cmd(args: argparse.Namespace) -> int:
         fn()
         return (time.perf_counter() - start) * 1e3
 
+    packed = rows_gemm.packed_kernel()  # AVX-512: the weights packed once, as the engine does at load
+    kind = "avx2" if packed is None else "avx512"
+    for w in [*(w for layer in layers for w in layer), head]:
+        rows_gemm.packed_weight(w)
+
+    def product(x, w):
+        p = rows_gemm.packed_weight(w)
+        return kernel(x, w, None) if p is None else packed(x, p, None)
+
     for m in rows:
         xs = {k: torch.randn(m, k) for k in (h, i)}
 
@@ -66,15 +76,16 @@ def run_rows_cmd(args: argparse.Namespace) -> int:
         best = {"torch": float("inf"), "kernel": float("inf")}
         for _ in range(args.repeats):
             best["torch"] = min(best["torch"], timed(lambda: step(F.linear)))
-            best["kernel"] = min(best["kernel"], timed(lambda: step(lambda x, w: kernel(x, w, None))))
+            best["kernel"] = min(best["kernel"], timed(lambda: step(product)))
         out[m] = {"torch_ms": round(best["torch"], 2), "kernel_ms": round(best["kernel"], 2)}
     if args.json:
-        print(json.dumps({"rows": out, "threads": args.threads}))
+        print(json.dumps({"rows": out, "threads": args.threads, "kernel": kind}))
         return 0
     mb = (sum(n * k for n, k in shapes) * args.layers + args.vocab * h) * 4 / 2**20
     print(f"{args.layers} layers of hidden {h} and the LM head ({mb:.0f} MB of float32 weights), "
           f"{args.threads} thread(s); ms a step's products, the fastest of {args.repeats}; the engine uses "
-          f"the kernel up to {rows_gemm.MAX_ROWS} rows")
+          f"the kernel up to {rows_gemm.MAX_ROWS} rows; kernel: "
+          + ("AVX2" if packed is None else "AVX-512 over packed weights"))
     print(f"{'rows':>5} {'torch':>9} {'kernel':>9} {'torch/kernel':>13} {'kernel/1 row':>13}")
     for m, r in out.items():
         print(f"{m:>5} {r['torch_ms']:>9.1f} {r['kernel_ms']:>9.1f} {r['torch_ms'] / r['kernel_ms']:>12.2f}x "
