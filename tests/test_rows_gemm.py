@@ -11,7 +11,7 @@ from torch import nn
 from apar.engine import rows_gemm
 from apar.engine.config import EngineConfig
 from apar.engine.fusion import FusedHead, fuse_projections
-from apar.engine.rows_gemm import MAX_ROWS, RowsLinear, linear, use_rows_kernel
+from apar.engine.rows_gemm import MAX_PACKED_ROWS, MAX_ROWS, RowsLinear, linear, use_rows_kernel
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,11 @@ def test_linear_matches_a_float64_product_and_keeps_a_rows_bits_in_any_batch(ker
     for rows in (2, 3, 4, 5, 6, 7, 8, 11, 13, MAX_ROWS):
         for start in (0, MAX_ROWS - rows):
             assert torch.equal(linear(x[start:start + rows], w, b), alone[start:start + rows]), (rows, start)
+    many = torch.cat([x] * (MAX_PACKED_ROWS // MAX_ROWS))  # packed weights: the kernel's up to 128 rows
+    got = linear(many, w, b)
+    if packs:
+        assert torch.equal(got, torch.cat([alone] * (MAX_PACKED_ROWS // MAX_ROWS)))
+    assert (got.double() - F.linear(many.double(), w.double(), b.double())).abs().max().item() <= 1e-5 * scale + 1e-6
 
 
 def test_a_packed_weight_is_made_once_and_again_after_it_changes(kernel):
@@ -96,6 +101,15 @@ def test_linear_routes_few_float32_rows_and_leaves_the_rest_to_torch(kernel, mon
     calls.clear()
     many = torch.randn(MAX_ROWS + 1, 16)
     assert torch.allclose(linear(many, w, b), F.linear(many, w, b))  # a prefill chunk: torch's product
+    packed_calls = []
+    if rows_gemm.packed_kernel() is not None:
+        real = rows_gemm.packed_kernel()
+        monkeypatch.setattr(rows_gemm, "_packed_kernel", lambda *a: packed_calls.append(a[0].shape) or real(*a))
+    w8 = torch.randn(8, 16)  # a weight that packs: with AVX-512 the kernel's up to MAX_PACKED_ROWS rows
+    for rows in (MAX_PACKED_ROWS, MAX_PACKED_ROWS + 1):
+        xr = torch.randn(rows, 16)
+        assert torch.allclose(linear(xr, w8), F.linear(xr, w8), atol=1e-5)
+    assert packed_calls == ([] if rows_gemm.packed_kernel() is None else [(MAX_PACKED_ROWS, 16)])
     linear(x.double(), w.double())  # not float32
     linear(x, w.T.contiguous().T)  # a weight that is not contiguous
     xg = x.clone().requires_grad_()

@@ -1,5 +1,5 @@
 """Matrix products of a few rows on the CPU: a small AVX2 kernel (csrc/rows_gemm.cpp) for the model's
-linear layers when a step multiplies at most `MAX_ROWS` rows in float32.
+linear layers when a step multiplies at most `MAX_ROWS` rows in float32 (`MAX_PACKED_ROWS` with AVX-512).
 
 Why our own kernel (docs/design.md, "Products of a few rows on the CPU"): the BLAS that torch's CPU wheel
 ships multiplies 2 to 16 rows 2-3x slower than one row, while a decode step of a few rows is bound by
@@ -9,9 +9,9 @@ one row's. Each output row is the same sequence of operations whatever else is i
 
 On a CPU with AVX-512 the products run a second kernel of the same source over a packed copy of each
 weight (`packed_weight`: made once per weight, kept beside it, so the weights then take twice their
-memory): tiles of 4 weight rows by up to 6 input rows, fed by one sequential stream, keep 2-16 rows'
-products near the cost of reading the weights once, where the AVX2 kernel's cost grows with the rows
-once they are past the memory's speed (docs/benchmarks.md, "Products of a few rows on the CPU"). A weight
+memory): tiles of 4 weight rows by up to 6 input rows, fed by one sequential stream, keep 2-3 rows'
+products near the cost of reading the weights once and 8 rows' at 2.6x (the AVX2 kernel's: 3.8x), and
+stay ahead of torch's BLAS up to `MAX_PACKED_ROWS` rows (docs/benchmarks.md, "Products of a few rows on the CPU"). A weight
 takes one of the two paths always, so a row's bits never depend on its batch.
 
 It is compiled once per machine on first use (torch's C++ extension loader, about a minute; cached under
@@ -32,6 +32,9 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 16  # above this torch's BLAS is about as fast, at 32 faster (prefill chunks, busy steps)
+# the AVX-512 kernel over packed weights beats torch's BLAS by 1.2x from 16 to 128 rows on a Zen 4 core
+# (docs/benchmarks.md, "Products of a few rows on the CPU"); past that the rows no longer stay in its caches
+MAX_PACKED_ROWS = 128
 SOURCE = Path(__file__).parent / "csrc" / "rows_gemm.cpp"
 
 _lock = threading.Lock()
@@ -96,14 +99,15 @@ def packed_weight(weight: torch.Tensor) -> torch.Tensor | None:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, through the kernel where the rows are few and everything is float32 on the CPU."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (0 < rows <= MAX_ROWS and _kernel is not None and x.dtype == torch.float32
+    if (0 < rows <= MAX_PACKED_ROWS and _kernel is not None and x.dtype == torch.float32
             and weight.dtype == torch.float32 and x.device.type == "cpu" and weight.is_contiguous()
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
-        x2 = x.reshape(rows, x.shape[-1]).contiguous()
-        b = None if bias is None else bias.contiguous()
         packed = packed_weight(weight)
-        out = _kernel(x2, weight, b) if packed is None else _packed_kernel(x2, packed, b)
-        return out.view(*x.shape[:-1], weight.shape[0])
+        if packed is not None or rows <= MAX_ROWS:
+            x2 = x.reshape(rows, x.shape[-1]).contiguous()
+            b = None if bias is None else bias.contiguous()
+            out = _kernel(x2, weight, b) if packed is None else _packed_kernel(x2, packed, b)
+            return out.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 
 
