@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from apar.engine.config import SpeculativeConfig
-from apar.engine.draft_policy import DraftOdds, StepCost, bucket, choose
+from apar.engine.draft_policy import GATE_WINDOW, PAUSE_STEPS, DraftGate, DraftOdds, StepCost, bucket, choose
 from apar.engine.params import SamplingParams
 from tests.test_engine_speculation import APAR, PROMPTS, engine, fork_string, run, same_answers  # noqa: F401
 
@@ -116,3 +116,71 @@ def test_a_thread_sampled_with_a_seed_drafts_every_token(llama_dir, fork_string)
         answers.append(run(eng, [(PROMPTS[1], seeded)]))
         assert eng.spec_draft_tokens > 0
     same_answers(*answers)
+
+
+def test_the_gate_pauses_a_drafter_whose_work_does_not_pay_then_looks_again():
+    gate, cost = DraftGate(), FixedCost(0.05, 0.001)  # a step of r rows: 50 ms + 1 ms a row
+    gate.observe_work(0.02)  # the drafter's work: 20 ms of every step
+    for _ in range(GATE_WINDOW - 1):  # 4 threads, 2 tokens drafted, 0.3 expected to hold: 4.3 tokens in
+        gate.observe_step(4, 4.3, cost, 6)  # 56 ms against 4 tokens in 34 ms without the drafter
+        assert gate.guesses()  # a window decides, not one step
+    gate.observe_step(4, 4.3, cost, 6)
+    assert [gate.guesses() for _ in range(PAUSE_STEPS)] == [False] * PAUSE_STEPS
+    gate.observe_step(4, 4.0, cost, 4)  # the step after a pause has no guesses: not judged
+    assert gate.guesses() and gate.paused_steps == PAUSE_STEPS and gate.gains == []
+    for _ in range(GATE_WINDOW):  # drafts that hold: 4 threads, 8 tokens drafted, 7 expected
+        gate.observe_step(4, 11.0, cost, 12)
+        assert gate.guesses()
+    assert gate.pause == 0 and gate.paused_steps == PAUSE_STEPS
+    cheap = DraftGate()  # measured steps without the drafter's work come first
+    cheap.observe_work(0.001)
+    cheap.plain.observe(4, 0.03)
+    for _ in range(GATE_WINDOW):
+        cheap.observe_step(4, 4.3, cost, 6)  # against 4 tokens in 30 ms measured: 4.3 in 56 ms loses
+    assert not cheap.guesses()
+
+
+@pytest.mark.parametrize("dear", [False, True])
+def test_a_paused_drafter_changes_the_steps_never_the_greedy_answer(llama_dir, fork_string, tmp_path, dear):
+    """The eagle layer (it keeps each thread's past) behind the gate: where no draft pays it is paused,
+    still reading the threads' states; the answers are those without drafts."""
+    import json
+
+    import torch
+
+    from apar.engine.eagle import EagleHeads
+    from tests.test_engine_medusa import _with_heads
+
+    hidden = json.loads((llama_dir / "config.json").read_text())["hidden_size"]
+    torch.manual_seed(5)
+    model_dir = _with_heads(llama_dir, tmp_path / "model", EagleHeads(hidden, 4, attn_heads=2))
+    requests = [(p, APAR) for p in PROMPTS]
+    plain = run(engine(model_dir, fork_string), requests)
+    gated = engine(model_dir, fork_string, SpeculativeConfig("medusa", 4, policy="pays"))
+    gated.drafter.min_confidence = 0.0  # a guess at every step
+    gated.step_cost = FixedCost(0.0, 1.0) if dear else FixedCost(1.0, 0.0)
+    answers = run(gated, requests)
+    same_answers(plain, answers)
+    if dear:  # no draft pays its row, so the drafter's work earns nothing: paused most of the time
+        assert gated.draft_gate.paused_steps > gated.steps / 2 and gated.spec_draft_tokens == 0
+    else:  # free rows: every guess is drafted and the drafter is never paused
+        assert gated.draft_gate.paused_steps == 0 and gated.spec_draft_tokens > 50
+
+
+def test_worker_metrics_count_the_steps_the_drafter_was_paused(llama_dir, fork_string, tmp_path):
+    import json
+
+    from apar.engine.eagle import EagleHeads
+    from services.worker.metrics import WorkerMetrics
+    from tests.test_engine_medusa import _with_heads
+
+    hidden = json.loads((llama_dir / "config.json").read_text())["hidden_size"]
+    eng = engine(_with_heads(llama_dir, tmp_path / "model", EagleHeads(hidden, 4, attn_heads=2)), fork_string,
+                 SpeculativeConfig("medusa", 4, policy="pays"))
+    eng.step_cost = FixedCost(0.0, 1.0)  # no draft pays, so neither does the drafter's work
+    metrics = WorkerMetrics("m")
+    eng.add_request(PROMPTS[0], SamplingParams(max_tokens=60, auto_parallel=False))
+    while eng.has_work():
+        metrics.on_step(eng, 0.01, eng.step())
+    value = metrics.registry.get_sample_value("apar_spec_decode_paused_steps_total", {"model_name": "m"})
+    assert value == eng.draft_gate.paused_steps > 0

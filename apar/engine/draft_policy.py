@@ -19,6 +19,15 @@ So the engine learns both sides as it runs:
 after those before it) as long as the step's expected tokens per second still grow: the step's rows
 each give a token, a draft token its odds, and the step costs `StepCost` of its rows.
 
+The drafter's own work (a by-thread drafter's chain: the eagle layer's passes, the hydra heads) runs after
+every step whatever the next step takes, so `choose` cannot weigh it. `DraftGate` does: after each step
+that drafted it notes the gain it expected from drafting, the step's expected tokens per second with its
+drafts over those of a step of its base rows without the drafter's work, and after `GATE_WINDOW` such
+steps whose gains average below 1 it pauses the drafter's guesses for `PAUSE_STEPS` steps (the threads'
+states still go into a drafter that keeps them, so its guesses resume where they would be), then drafts
+again to look afresh. So on a machine where drafting does not pay even its chain, speculation costs a
+probe in every few dozen steps instead of a tenth of every step.
+
 The choice depends on timing, so it applies to greedy threads (whose answers never depend on their
 drafts) and to sampled ones without a seed; a thread sampled with a seed drafts as without this policy,
 so that its seed repeats its answer.
@@ -36,6 +45,9 @@ _COST_ALPHA = 0.2
 # the answers being written; a new position starts from the prior below (as if `_PRIOR` tokens held)
 _ODDS_DECAY = 0.995
 _PRIOR = 4.0
+# `DraftGate`: steps that drafted whose expected gains decide together; steps then without the drafter
+GATE_WINDOW = 8
+PAUSE_STEPS = 32
 
 
 def bucket(rows: int) -> int:
@@ -105,3 +117,41 @@ def choose(base_rows: int, odds: Sequence[Sequence[float]], cost: StepCost) -> l
     for _, i, j in order[:best_n]:
         take[i] = max(take[i], j + 1)
     return take
+
+
+class DraftGate:
+    """Whether the drafter guesses after this step (the module's docstring)."""
+
+    def __init__(self) -> None:
+        self.work: float | None = None  # moving average of the drafter's seconds a step
+        self.plain = StepCost()  # what steps cost without the drafter's work, by rows (from paused steps)
+        self.gains: list[float] = []  # the current window's
+        self.pause = 0  # steps left without the drafter's guesses
+        self.paused_steps = 0  # in all
+        self.guessed = True  # whether the drafter guessed after the last step (its guesses are this step's)
+
+    def observe_work(self, seconds: float) -> None:
+        """The drafter's work after a step took this long."""
+        self.work = seconds if self.work is None else self.work + _COST_ALPHA * (seconds - self.work)
+
+    def observe_step(self, base_rows: int, tokens: float, cost: StepCost, rows: int) -> None:
+        """A step of `base_rows` rows that took draft tokens up to `rows` rows, expecting `tokens` tokens
+        (a row each, a draft token its odds); `cost` its costs by rows, the drafter's work included."""
+        with_drafts, base = cost.of(rows), cost.of(base_rows)
+        if not self.guessed or not base_rows or with_drafts is None or base is None or self.work is None:
+            return  # (a step after a paused one has no guesses to judge)
+        plain = self.plain.of(base_rows)
+        plain = plain if plain is not None else max(base - self.work, 0.1 * base)
+        self.gains.append((tokens / with_drafts) / (base_rows / plain))
+        if len(self.gains) >= GATE_WINDOW:
+            if sum(self.gains) < len(self.gains):
+                self.pause = PAUSE_STEPS
+            self.gains = []
+
+    def guesses(self) -> bool:
+        """After this step: True when the drafter guesses, False during a pause (counted)."""
+        self.guessed = self.pause <= 0
+        if not self.guessed:
+            self.pause -= 1
+            self.paused_steps += 1
+        return self.guessed

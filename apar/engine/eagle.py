@@ -285,6 +285,16 @@ class EagleDrafter(ByThread):
             pos = pos + 1
         return torch.stack(toks, dim=1), torch.stack(confs, dim=1)
 
+    def skip(self, keys: list[tuple[str, int]], lengths: list[int], hidden: torch.Tensor | None,
+             tokens: list[int], counts: list[int]) -> None:
+        """A step without guesses (`ByThread.skip`): the pairs still go into the threads' caches, so the
+        guesses resume over the whole past."""
+        self.proposals = {}
+        if keys:
+            self._observe(keys, lengths, hidden, tokens, counts)
+        else:
+            self.steps += 1
+
     def propose(self, keys: list[tuple[str, int]], lengths: list[int], hidden: torch.Tensor | None,
                 tokens: list[int], counts: list[int]) -> None:
         """Replace the guesses by those of this step (`ByThread`): every row of each verified run goes

@@ -226,6 +226,12 @@ class ByThread:
     def draft(self, context: Sequence[int], k: int) -> list[int]:  # the Drafter protocol: no thread, no guess
         return []
 
+    def skip(self, keys: list[tuple[str, int]], lengths: list[int], hidden: torch.Tensor | None,
+             tokens: list[int], counts: list[int]) -> None:
+        """A step without guesses (apar/engine/draft_policy.py, `DraftGate`): as `propose`, but nothing is
+        guessed; a drafter that keeps the threads' past (eagle) still takes it in."""
+        self.proposals = {}
+
 
 class MedusaDrafter(ByThread):
     """Guesses from the heads, kept per thread (the module's docstring)."""

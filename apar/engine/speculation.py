@@ -19,12 +19,14 @@ Data flow, one step:
   `_apply_rounds`  (results.py) the tokens ahead, in rounds, as the steps without drafts would have
   `_settle_drafts` a replayed thread keeps nothing ahead: what the rounds did not apply is rolled back
   `_propose`       medusa: the heads guess each thread's next draft from the hidden state of the row
-                   its new pending token came from (apar/engine/medusa.py)
+                   its new pending token came from (apar/engine/medusa.py); timed for `DraftGate`, which
+                   may pause the guesses (the drafter then only keeps the threads' states: `skip`)
 
 `Speculation` holds the `Engine`'s own methods (a mixin over the engine's state, not used alone).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import torch
@@ -99,6 +101,9 @@ class Speculation:
             for i, n in zip(free, take):
                 self.spec_skipped_tokens += len(drafts[i]) - n
                 drafts[i], scores[i] = drafts[i][:n], scores[i][:n]
+            expected = sum(sum(self.draft_odds.odds(s)) for s in scores)  # what the drafts should earn
+            self.draft_gate.observe_step(len(work), len(work) + expected, self.step_cost,
+                                         len(work) + sum(len(d) for d in drafts))
         for w, s in zip(work, scores):
             if s:
                 self._draft_scores[(w.request.id, w.thread.id)] = s
@@ -279,5 +284,12 @@ class Speculation:
         if not rows or hidden is None:
             self.drafter.propose([], [], None, [], [])
             return
-        self.drafter.propose(keys, lengths, hidden.index_select(0, torch.tensor(rows, device=hidden.device)),
-                             tokens, counts)
+        hidden = hidden.index_select(0, torch.tensor(rows, device=hidden.device))
+        seeded = any(not req.params.greedy and req.params.seed is not None for req, _ in samplers)
+        if self.config.speculate.policy == "pays" and not seeded and not self.draft_gate.guesses():
+            self._guessed = False  # paused: the drafter keeps the threads' states, guesses nothing
+            self.drafter.skip(keys, lengths, hidden, tokens, counts)
+            return
+        started = time.perf_counter()
+        self.drafter.propose(keys, lengths, hidden, tokens, counts)
+        self.draft_gate.observe_work(time.perf_counter() - started)

@@ -173,6 +173,9 @@ class Recorder:
                                                       hidden[at + j].detach().float().clone()))
             at += n
 
+    def skip(self, keys, lengths, hidden, tokens, counts) -> None:  # a paused step is recorded all the same
+        self.propose(keys, lengths, hidden, tokens, counts)
+
     def proposal(self, key, length, k) -> list[int]:
         return []
 

@@ -74,13 +74,15 @@ class WorkerMetrics:
                                        "saved its thread a step")
         self.skipped_tokens = counter("apar_spec_decode_num_skipped_tokens_total", "Tokens drafted but left out of "
                                       "their step: their odds did not pay for their rows (--draft-policy pays)")
+        self.paused_steps = counter("apar_spec_decode_paused_steps_total", "Steps after which the drafter made "
+                                    "no guesses: its own work did not pay (--draft-policy pays)")
         self.step_seconds = histogram("apar_worker_step_seconds", "Wall time of one engine step (forward pass "
                                       "included)", STEP_SECONDS)
         self.kv_rtt = histogram("apar_kvmanager_rtt_seconds", "Round trip of one Step message to the KV manager "
                                 "(cluster mode; in-process under apar serve)", RTT_SECONDS)
         self._totals = {"forks": 0, "early": 0, "preemptions": 0, "forks_refused": 0, "recomputed": 0,
                         "prefix_queries": 0, "prefix_hits": 0, "evictions": 0, "draft_tokens": 0,
-                        "accepted_tokens": 0, "skipped_tokens": 0}
+                        "accepted_tokens": 0, "skipped_tokens": 0, "paused_steps": 0}
         self._depths: dict[int, int] = {}
         self._hooked = None
 
@@ -100,7 +102,8 @@ class WorkerMetrics:
                "forks_refused": engine.forks_refused, "recomputed": engine.recomputed_tokens,
                "prefix_queries": engine.prefix_queried_tokens, "prefix_hits": engine.prefix_hit_tokens,
                "evictions": ledger.evictions, "draft_tokens": engine.spec_draft_tokens,
-               "accepted_tokens": engine.spec_accepted_tokens, "skipped_tokens": engine.spec_skipped_tokens}
+               "accepted_tokens": engine.spec_accepted_tokens, "skipped_tokens": engine.spec_skipped_tokens,
+               "paused_steps": engine.draft_gate.paused_steps}
         for key, total in now.items():
             if total > self._totals[key]:
                 getattr(self, key).inc(total - self._totals[key])
