@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from apar.engine.config import SpeculativeConfig
-from apar.engine.draft_policy import GATE_WINDOW, PAUSE_STEPS, DraftGate, DraftOdds, StepCost, bucket, choose
+from apar.engine.draft_policy import GATE_WINDOW, MAX_PAUSE_STEPS, PAUSE_STEPS, DraftGate, DraftOdds, StepCost, bucket, choose
 from apar.engine.params import SamplingParams
 from tests.test_engine_speculation import APAR, PROMPTS, engine, fork_string, run, same_answers  # noqa: F401
 
@@ -128,10 +128,19 @@ def test_the_gate_pauses_a_drafter_whose_work_does_not_pay_then_looks_again():
     assert [gate.guesses() for _ in range(PAUSE_STEPS)] == [False] * PAUSE_STEPS
     gate.observe_step(4, 4.0, cost, 4)  # the step after a pause has no guesses: not judged
     assert gate.guesses() and gate.paused_steps == PAUSE_STEPS and gate.gains == []
+    for _ in range(GATE_WINDOW):  # another window that does not pay: a pause twice as long
+        gate.observe_step(4, 4.3, cost, 6)
+    assert sum(not gate.guesses() for _ in range(4 * PAUSE_STEPS)) == 2 * PAUSE_STEPS
     for _ in range(GATE_WINDOW):  # drafts that hold: 4 threads, 8 tokens drafted, 7 expected
         gate.observe_step(4, 11.0, cost, 12)
         assert gate.guesses()
-    assert gate.pause == 0 and gate.paused_steps == PAUSE_STEPS
+    assert gate.pause == 0 and gate.paused_steps == 3 * PAUSE_STEPS and gate.next_pause == PAUSE_STEPS
+    for _ in range(12):  # windows that never pay: pauses double, up to the most
+        for _ in range(GATE_WINDOW):
+            gate.observe_step(4, 4.3, cost, 6)
+        while not gate.guesses():
+            pass
+    assert gate.next_pause == MAX_PAUSE_STEPS
     cheap = DraftGate()  # measured steps without the drafter's work come first
     cheap.observe_work(0.001)
     cheap.plain.observe(4, 0.03)

@@ -25,8 +25,9 @@ that drafted it notes the gain it expected from drafting, the step's expected to
 drafts over those of a step of its base rows without the drafter's work, and after `GATE_WINDOW` such
 steps whose gains average below 1 it pauses the drafter's guesses for `PAUSE_STEPS` steps (the threads'
 states still go into a drafter that keeps them, so its guesses resume where they would be), then drafts
-again to look afresh. So on a machine where drafting does not pay even its chain, speculation costs a
-probe in every few dozen steps instead of a tenth of every step.
+again to look afresh; each further window in a row that does not pay doubles the pause, up to
+`MAX_PAUSE_STEPS`. So on a machine where drafting does not pay even its chain, speculation costs a probe
+of a few steps in hundreds instead of a tenth of every step.
 
 The choice depends on timing, so it applies to greedy threads (whose answers never depend on their
 drafts) and to sampled ones without a seed; a thread sampled with a seed drafts as without this policy,
@@ -45,9 +46,11 @@ _COST_ALPHA = 0.2
 # the answers being written; a new position starts from the prior below (as if `_PRIOR` tokens held)
 _ODDS_DECAY = 0.995
 _PRIOR = 4.0
-# `DraftGate`: steps that drafted whose expected gains decide together; steps then without the drafter
+# `DraftGate`: steps that drafted whose expected gains decide together; steps then without the drafter,
+# doubled after each window in a row that did not pay, up to the most
 GATE_WINDOW = 8
 PAUSE_STEPS = 32
+MAX_PAUSE_STEPS = 1024
 
 
 def bucket(rows: int) -> int:
@@ -127,6 +130,7 @@ class DraftGate:
         self.plain = StepCost()  # what steps cost without the drafter's work, by rows (from paused steps)
         self.gains: list[float] = []  # the current window's
         self.pause = 0  # steps left without the drafter's guesses
+        self.next_pause = PAUSE_STEPS  # the pause after a window that does not pay
         self.paused_steps = 0  # in all
         self.guessed = True  # whether the drafter guessed after the last step (its guesses are this step's)
 
@@ -145,7 +149,9 @@ class DraftGate:
         self.gains.append((tokens / with_drafts) / (base_rows / plain))
         if len(self.gains) >= GATE_WINDOW:
             if sum(self.gains) < len(self.gains):
-                self.pause = PAUSE_STEPS
+                self.pause, self.next_pause = self.next_pause, min(2 * self.next_pause, MAX_PAUSE_STEPS)
+            else:
+                self.next_pause = PAUSE_STEPS
             self.gains = []
 
     def guesses(self) -> bool:
