@@ -32,7 +32,9 @@ from apar.engine.config import SpeculativeConfig
 
 class Drafter(Protocol):
     """Proposes a thread's next tokens from its context. (A drafter with `by_thread` true guesses per
-    thread instead, from the step that gave the thread its pending token: `MedusaDrafter`.)"""
+    thread instead, from the step that gave the thread its pending token: `MedusaDrafter`, `EagleDrafter`,
+    `ByThread` in apar/engine/medusa.py: `propose` after a step, or `skip` where the draft gate pauses its
+    guesses, apar/engine/draft_policy.py.)"""
 
     def draft(self, context: Sequence[int], k: int) -> list[int]:
         """Up to `k` tokens that may follow `context` (the thread's whole context, its last token
