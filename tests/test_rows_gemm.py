@@ -52,16 +52,16 @@ def test_the_avx512_kernel_runs_exactly_where_the_cpu_has_avx512(kernel):
     assert (rows_gemm.packed_kernel() is not None) == (torch.backends.cpu.get_cpu_capability() == "AVX512")
 
 
-@pytest.mark.parametrize("n,k", [(960, 576), (8, 16), (4, 1536), (37, 584), (12, 24)])
+@pytest.mark.parametrize("n,k", [(960, 576), (64, 16), (128, 1536), (37, 584), (12, 24), (64, 7)])
 def test_linear_matches_a_float64_product_and_keeps_a_rows_bits_in_any_batch(kernel, n, k):
-    """Through `linear`: packed weights where the CPU has AVX-512 and the shape packs (N a multiple of 4,
-    K of 16), the AVX2 kernel otherwise; either way every row alone and in batches of 2-16."""
+    """Through `linear`: packed weights where the CPU has AVX-512 and the shape packs (N a multiple of
+    64), the AVX2 kernel otherwise; either way every row alone and in batches of 2-16 (and up to 128)."""
     g = torch.Generator().manual_seed(n + k)
     w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
     x = torch.randn(MAX_ROWS, k, generator=g)
     want = F.linear(x.double(), w.double(), b.double())
     scale = (x.double().abs() @ w.double().abs().T).max().item()
-    packs = n % 4 == 0 and k % 16 == 0 and rows_gemm.packed_kernel() is not None
+    packs = n % rows_gemm.PACK_BLOCK == 0 and rows_gemm.packed_kernel() is not None
     assert (rows_gemm.packed_weight(w) is not None) == packs
     alone = torch.cat([linear(x[i:i + 1], w, b) for i in range(MAX_ROWS)])
     assert (alone.double() - want).abs().max().item() <= 1e-5 * scale + 1e-6
@@ -76,7 +76,7 @@ def test_linear_matches_a_float64_product_and_keeps_a_rows_bits_in_any_batch(ker
 
 
 def test_a_packed_weight_is_made_once_and_again_after_it_changes(kernel):
-    w3 = torch.randn(3, 8, 32)  # the hydra heads' weights: each head's a view of one parameter
+    w3 = torch.randn(3, 64, 32)  # the hydra heads' weights: each head's a view of one parameter
     x = torch.randn(2, 32)
     first = rows_gemm.packed_weight(w3[1])
     if rows_gemm.packed_kernel() is None:  # an AVX2 machine: nothing is packed, weights are read as they are
@@ -105,10 +105,10 @@ def test_linear_routes_few_float32_rows_and_leaves_the_rest_to_torch(kernel, mon
     if rows_gemm.packed_kernel() is not None:
         real = rows_gemm.packed_kernel()
         monkeypatch.setattr(rows_gemm, "_packed_kernel", lambda *a: packed_calls.append(a[0].shape) or real(*a))
-    w8 = torch.randn(8, 16)  # a weight that packs: with AVX-512 the kernel's up to MAX_PACKED_ROWS rows
+    w64 = torch.randn(64, 16)  # a weight that packs: with AVX-512 the kernel's up to MAX_PACKED_ROWS rows
     for rows in (MAX_PACKED_ROWS, MAX_PACKED_ROWS + 1):
         xr = torch.randn(rows, 16)
-        assert torch.allclose(linear(xr, w8), F.linear(xr, w8), atol=1e-5)
+        assert torch.allclose(linear(xr, w64), F.linear(xr, w64), atol=1e-5)
     assert packed_calls == ([] if rows_gemm.packed_kernel() is None else [(MAX_PACKED_ROWS, 16)])
     linear(x.double(), w.double())  # not float32
     linear(x, w.T.contiguous().T)  # a weight that is not contiguous

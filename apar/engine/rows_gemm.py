@@ -9,9 +9,9 @@ one row's. Each output row is the same sequence of operations whatever else is i
 
 On a CPU with AVX-512 the products run a second kernel of the same source over a packed copy of each
 weight (`packed_weight`: made once per weight, kept beside it, so the weights then take twice their
-memory): tiles of 4 weight rows by up to 6 input rows, fed by one sequential stream, keep 2-3 rows'
-products near the cost of reading the weights once and 8 rows' at 2.6x (the AVX2 kernel's: 3.8x), and
-stay ahead of torch's BLAS up to `MAX_PACKED_ROWS` rows (docs/benchmarks.md, "Products of a few rows on the CPU"). A weight
+memory): tiles of up to 6 input rows by 64 outputs, fed by one sequential stream, keep up to 6 rows'
+products near the cost of reading the weights once and 8 rows' at about 1.5x (the AVX2 kernel's: 3.8x),
+and stay ahead of torch's BLAS up to `MAX_PACKED_ROWS` rows (docs/benchmarks.md, "Products of a few rows on the CPU"). A weight
 takes one of the two paths always, so a row's bits never depend on its batch.
 
 It is compiled once per machine on first use (torch's C++ extension loader, about a minute; cached under
@@ -35,6 +35,7 @@ MAX_ROWS = 16  # above this torch's BLAS is about as fast, at 32 faster (prefill
 # the AVX-512 kernel over packed weights beats torch's BLAS by 1.2x from 16 to 128 rows on a Zen 4 core
 # (docs/benchmarks.md, "Products of a few rows on the CPU"); past that the rows no longer stay in its caches
 MAX_PACKED_ROWS = 128
+PACK_BLOCK = 64  # output rows a block of the packed layout holds (csrc/rows_gemm.cpp)
 SOURCE = Path(__file__).parent / "csrc" / "rows_gemm.cpp"
 
 _lock = threading.Lock()
@@ -83,8 +84,8 @@ def packed_kernel():
 def packed_weight(weight: torch.Tensor) -> torch.Tensor | None:
     """`weight` [N, K] in the AVX-512 kernel's layout: packed on first use and kept while the weight lives
     and is not changed in place (its version); None where that kernel is not available or the shape does
-    not pack (N not a multiple of 4, K not of 16: such a weight always takes the AVX2 kernel)."""
-    if _pack is None or weight.dim() != 2 or weight.shape[0] % 4 or weight.shape[1] % 16:
+    not pack (N not a multiple of `PACK_BLOCK`: such a weight always takes the AVX2 kernel)."""
+    if _pack is None or weight.dim() != 2 or weight.shape[0] % PACK_BLOCK or not weight.shape[1]:
         return None
     key = (weight.data_ptr(), tuple(weight.shape))
     owner = weight if weight._base is None else weight._base  # a view's memory lives as long as its base

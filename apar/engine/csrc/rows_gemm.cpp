@@ -88,45 +88,47 @@ torch::Tensor rows_linear(const torch::Tensor& x, const torch::Tensor& w, const 
 }
 
 // ---- AVX-512, weights packed --------------------------------------------------------------------------
-// Where the CPU has AVX-512 (32 vector registers), tiles of 4 weight rows by up to 6 input rows keep 24
-// accumulators in registers, so a weight read feeds up to 6 rows' products and an input read 4 weight
-// rows'. Reading 4 weight rows side by side from their own places in memory is slow (several streams,
-// measured: docs/benchmarks.md, "Products of a few rows on the CPU"), so the weights are packed once,
-// [N / 4, K / 16, 4, 16]: the 4 rows' first 16 values, then their next 16, ... one sequential stream.
-// Every y[m, n] is again one fixed sequence (16 lanes over k in order, AVX-512's reduction, then the
-// bias) whatever the tile it falls in.
+// Where the CPU has AVX-512 (32 vector registers), each weight is packed once into [N / 64, K, 64]: for a
+// block of 64 output rows, their 64 values at k = 0, then at k = 1, ... one sequential stream. A tile of
+// up to 6 input rows by the block's 64 outputs keeps 24 accumulators in registers; at each k, 4 vector
+// reads of the weights feed 6 rows' products (each input value broadcast), and no horizontal sum is
+// left to do. Reading several weight rows side by side from their own places in memory is slow (several
+// streams, measured: docs/benchmarks.md, "Products of a few rows on the CPU"), hence the packing. Every
+// y[m, n] is one fused multiply-add per k in order from k = 0, then the bias, whatever the tile it
+// falls in: a row's bits never depend on its batch.
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma")
 namespace {
 
-constexpr int PACK_N = 4, LANES = 16, MAX_TILE = 6;
+constexpr int BLOCK = 64, VECS = BLOCK / 16, MAX_TILE = 6;
 
 template <int mr>
 inline void packed_tile(const float* x, const float* block, const float* b, float* y, int64_t K, int64_t N,
                         int64_t m0, int64_t n0) {
-  __m512 acc[mr][PACK_N];
+  __m512 acc[mr][VECS];
 #pragma GCC unroll 8
   for (int i = 0; i < mr; ++i)
 #pragma GCC unroll 4
-    for (int j = 0; j < PACK_N; ++j) acc[i][j] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += LANES) {
-    const float* wk = block + k * PACK_N;
-    __m512 wv[PACK_N];
+    for (int j = 0; j < VECS; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const float* wk = block + k * BLOCK;
+    __m512 wv[VECS];
 #pragma GCC unroll 4
-    for (int j = 0; j < PACK_N; ++j) wv[j] = _mm512_loadu_ps(wk + LANES * j);
+    for (int j = 0; j < VECS; ++j) wv[j] = _mm512_loadu_ps(wk + 16 * j);
 #pragma GCC unroll 8
     for (int i = 0; i < mr; ++i) {
-      const __m512 xv = _mm512_loadu_ps(x + (m0 + i) * K + k);
+      const __m512 xv = _mm512_set1_ps(x[(m0 + i) * K + k]);
 #pragma GCC unroll 4
-      for (int j = 0; j < PACK_N; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+      for (int j = 0; j < VECS; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
     }
   }
 #pragma GCC unroll 8
   for (int i = 0; i < mr; ++i)
 #pragma GCC unroll 4
-    for (int j = 0; j < PACK_N; ++j) {
-      const float v = _mm512_reduce_add_ps(acc[i][j]);
-      y[(m0 + i) * N + n0 + j] = b ? v + b[n0 + j] : v;
+    for (int j = 0; j < VECS; ++j) {
+      __m512 v = acc[i][j];
+      if (b) v = _mm512_add_ps(v, _mm512_loadu_ps(b + n0 + 16 * j));
+      _mm512_storeu_ps(y + (m0 + i) * N + n0 + 16 * j, v);
     }
 }
 
@@ -145,11 +147,11 @@ inline void packed_rows(const float* x, const float* block, const float* b, floa
 }  // namespace
 
 torch::Tensor rows_linear_packed(const torch::Tensor& x, const torch::Tensor& wp, const c10::optional<torch::Tensor>& b) {
-  TORCH_CHECK(x.dim() == 2 && wp.dim() == 4 && wp.size(2) == PACK_N && wp.size(3) == LANES &&
-              x.size(1) == wp.size(1) * LANES, "rows_linear_packed: x [M, K], packed w [N / 4, K / 16, 4, 16]");
+  TORCH_CHECK(x.dim() == 2 && wp.dim() == 3 && wp.size(2) == BLOCK && x.size(1) == wp.size(1),
+              "rows_linear_packed: x [M, K], packed w [N / 64, K, 64]");
   TORCH_CHECK(x.scalar_type() == at::kFloat && wp.scalar_type() == at::kFloat, "rows_linear_packed: float32 only");
   TORCH_CHECK(x.is_contiguous() && wp.is_contiguous(), "rows_linear_packed: contiguous x and packed w");
-  const int64_t M = x.size(0), K = x.size(1), N = wp.size(0) * PACK_N;
+  const int64_t M = x.size(0), K = x.size(1), N = wp.size(0) * BLOCK;
   const float* bp = nullptr;
   if (b.has_value() && b->defined()) {
     TORCH_CHECK(b->scalar_type() == at::kFloat && b->is_contiguous() && b->numel() == N, "rows_linear_packed: bias [N]");
@@ -161,12 +163,12 @@ torch::Tensor rows_linear_packed(const torch::Tensor& x, const torch::Tensor& wp
   float* yp = y.data_ptr<float>();
   // the rows in tiles of at most MAX_TILE, as even as they split (8 rows: 4 + 4, not 6 + 2)
   const int64_t tiles = (M + MAX_TILE - 1) / MAX_TILE;
-  at::parallel_for(0, N / PACK_N, 16, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, N / BLOCK, 4, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
       int64_t m = 0;
       for (int64_t t = 0; t < tiles; ++t) {
         const int mr = static_cast<int>(M / tiles + (t < M % tiles ? 1 : 0));
-        packed_rows(xp, wpp + blk * PACK_N * K, bp, yp, K, N, m, mr, blk * PACK_N);
+        packed_rows(xp, wpp + blk * BLOCK * K, bp, yp, K, N, m, mr, blk * BLOCK);
         m += mr;
       }
     }
@@ -175,11 +177,11 @@ torch::Tensor rows_linear_packed(const torch::Tensor& x, const torch::Tensor& wp
 }
 #pragma GCC pop_options
 
-// [N, K] -> [N / 4, K / 16, 4, 16] (rows_linear_packed's layout); N a multiple of 4, K of 16
+// [N, K] -> [N / 64, K, 64] (rows_linear_packed's layout); N a multiple of 64
 torch::Tensor pack_weight(const torch::Tensor& w) {
-  TORCH_CHECK(w.dim() == 2 && w.size(0) % PACK_N == 0 && w.size(1) % LANES == 0 && w.scalar_type() == at::kFloat,
-              "pack_weight: float32 [N, K], N a multiple of 4 and K of 16");
-  return w.reshape({w.size(0) / PACK_N, PACK_N, w.size(1) / LANES, LANES}).permute({0, 2, 1, 3}).contiguous();
+  TORCH_CHECK(w.dim() == 2 && w.size(0) % BLOCK == 0 && w.scalar_type() == at::kFloat,
+              "pack_weight: float32 [N, K], N a multiple of 64");
+  return w.reshape({w.size(0) / BLOCK, BLOCK, w.size(1)}).permute({0, 2, 1}).contiguous();
 }
 
 bool has_avx512() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq"); }
