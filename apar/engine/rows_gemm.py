@@ -11,8 +11,8 @@ On a CPU with AVX-512 the products run a second kernel of the same source over a
 weight (`packed_weight`: made once per weight, kept beside it, so the weights then take twice their
 memory): tiles of up to 6 input rows by 64 outputs, fed by one sequential stream, keep up to 6 rows'
 products near the cost of reading the weights once and 8 rows' at about 1.5x (the AVX2 kernel's: 3.8x),
-and stay ahead of torch's BLAS up to `MAX_PACKED_ROWS` rows (docs/benchmarks.md, "Products of a few rows on the CPU"). A weight
-takes one of the two paths always, so a row's bits never depend on its batch.
+and stay ahead of torch's BLAS up to `MAX_PACKED_ROWS` rows (docs/benchmarks.md, "Products of a few
+rows on the CPU"). A weight takes one of the two paths always, so a row's bits never depend on its batch.
 
 It is compiled once per machine on first use (torch's C++ extension loader, about a minute; cached under
 ~/.cache/torch_extensions); where it cannot be (no compiler, no AVX2 and FMA), products stay torch's own.
@@ -32,7 +32,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 16  # above this torch's BLAS is about as fast, at 32 faster (prefill chunks, busy steps)
-# the AVX-512 kernel over packed weights beats torch's BLAS by 1.2x from 16 to 128 rows on a Zen 4 core
+# the AVX-512 kernel over packed weights beats torch's BLAS by 1.4-2.3x from 16 to 128 rows on a Zen 4 core
 # (docs/benchmarks.md, "Products of a few rows on the CPU"); past that the rows no longer stay in its caches
 MAX_PACKED_ROWS = 128
 PACK_BLOCK = 64  # output rows a block of the packed layout holds (csrc/rows_gemm.cpp)
