@@ -154,9 +154,10 @@ class DraftGate:
                 self.next_pause = PAUSE_STEPS
             self.gains = []
 
-    def guesses(self) -> bool:
-        """After this step: True when the drafter guesses, False during a pause (counted)."""
-        self.guessed = self.pause <= 0
+    def guesses(self, must: bool = False) -> bool:
+        """After this step: True when the drafter guesses, False during a pause (counted); `must`: it
+        guesses whatever the pause (which then waits)."""
+        self.guessed = must or self.pause <= 0
         if not self.guessed:
             self.pause -= 1
             self.paused_steps += 1

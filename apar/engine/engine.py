@@ -89,7 +89,6 @@ class Engine(SlotAllocation, TokenResults, Speculation):
         self.step_cost = StepCost()
         self.draft_odds = DraftOdds(self.config.speculate.num_tokens)
         self.draft_gate = DraftGate()  # pauses a drafter whose own work does not pay (draft_policy.py)
-        self._guessed = True  # whether the drafter guessed after this step (its work is in the step's time)
         self._draft_scores: dict[tuple[str, int], list[float]] = {}
         self.keep_logits = keep_logits
         self.requests: dict[str, Request] = {}
@@ -255,10 +254,9 @@ class Engine(SlotAllocation, TokenResults, Speculation):
             return result
         step, samplers, drafts, prefilled = self._build_step(work)
         logits = self.runner.forward(step)  # [S + D, V]: one row per sampling thread, then one per draft token
-        self._guessed = True
         self._apply_results(step, samplers, drafts, prefilled, logits, result)
         if self.drafter is not None:  # a step without the drafter's guesses costs the gate's plain steps
-            cost = self.step_cost if self._guessed else self.draft_gate.plain
+            cost = self.step_cost if self.draft_gate.guessed else self.draft_gate.plain
             cost.observe(step.num_tokens, time.perf_counter() - started)
         return result
 

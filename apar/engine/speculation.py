@@ -97,11 +97,12 @@ class Speculation:
         if self.config.speculate.policy == "pays":
             free = [i for i, w in enumerate(work) if drafts[i] and
                     (w.request.params.greedy or w.request.params.seed is None)]
-            take = choose(len(work), [self.draft_odds.odds(scores[i]) for i in free], self.step_cost)
+            odds = [self.draft_odds.odds(s) for s in scores]
+            take = choose(len(work), [odds[i] for i in free], self.step_cost)
             for i, n in zip(free, take):
                 self.spec_skipped_tokens += len(drafts[i]) - n
-                drafts[i], scores[i] = drafts[i][:n], scores[i][:n]
-            expected = sum(sum(self.draft_odds.odds(s)) for s in scores)  # what the drafts should earn
+                drafts[i], scores[i], odds[i] = drafts[i][:n], scores[i][:n], odds[i][:n]
+            expected = sum(sum(o) for o in odds)  # what the drafts taken should earn, for the gate
             self.draft_gate.observe_step(len(work), len(work) + expected, self.step_cost,
                                          len(work) + sum(len(d) for d in drafts))
         for w, s in zip(work, scores):
@@ -286,9 +287,8 @@ class Speculation:
             return
         hidden = hidden.index_select(0, torch.tensor(rows, device=hidden.device))
         seeded = any(not req.params.greedy and req.params.seed is not None for req, _ in samplers)
-        if self.config.speculate.policy == "pays" and not seeded and not self.draft_gate.guesses():
-            self._guessed = False  # paused: the drafter keeps the threads' states, guesses nothing
-            self.drafter.skip(keys, lengths, hidden, tokens, counts)
+        if self.config.speculate.policy == "pays" and not self.draft_gate.guesses(must=seeded):
+            self.drafter.skip(keys, lengths, hidden, tokens, counts)  # keeps the threads' states, guesses nothing
             return
         started = time.perf_counter()
         self.drafter.propose(keys, lengths, hidden, tokens, counts)

@@ -32,21 +32,28 @@ def drafter_dir() -> Path | None:
     return folder if (folder / MANIFEST).is_file() else None
 
 
+def checked_manifest(folder: Path, what: str, files: tuple[str, ...]) -> dict:
+    """`folder`'s manifest, after checking that `files` are there and that the first one's SHA-256 is the
+    manifest's (`what` names the folder's kind in the error)."""
+    from apar.importer import sha256
+
+    if not (folder / MANIFEST).is_file() or not all((folder / f).is_file() for f in files):
+        raise UserError(f"{folder}: no shipped {what} ({', '.join((MANIFEST, *files))} expected)")
+    manifest = json.loads((folder / MANIFEST).read_text())
+    found = sha256(folder / files[0])
+    if found != manifest.get("sha256"):
+        raise UserError(f"{folder / files[0]}: SHA-256 {found} is not the manifest's {manifest.get('sha256')}; "
+                        "the file is damaged (a Git LFS pointer?)")
+    return manifest
+
+
 def read_checked_delta(folder: Path) -> tuple[dict, dict]:
     """The delta's tensors and metadata, after checking the file's SHA-256 against the manifest."""
     from safetensors.torch import load_file
 
-    from apar.importer import sha256
     from apar.train.lora import DELTA_META, DELTA_TENSORS
 
-    manifest_path = folder / MANIFEST
-    if not manifest_path.is_file() or not (folder / DELTA_TENSORS).is_file():
-        raise UserError(f"{folder}: no shipped delta ({MANIFEST} and {DELTA_TENSORS} expected)")
-    manifest = json.loads(manifest_path.read_text())
-    found = sha256(folder / DELTA_TENSORS)
-    if found != manifest["sha256"]:
-        raise UserError(f"{folder / DELTA_TENSORS}: SHA-256 {found} is not the manifest's {manifest['sha256']}; "
-                        "the file is damaged (a Git LFS pointer?)")
+    manifest = checked_manifest(folder, "delta", (DELTA_TENSORS,))
     meta = json.loads((folder / DELTA_META).read_text())
     return load_file(str(folder / DELTA_TENSORS)), {**meta, "manifest": manifest}
 
@@ -147,15 +154,8 @@ def check_shipped_heads(folder: Path, delta_sha: str) -> dict:
     """The manifest of the heads shipped in `folder`, after checking their SHA-256 and that they were
     trained on the model of the delta whose SHA-256 is `delta_sha`."""
     from apar.engine.medusa import CONFIG_FILE, HEADS_FILE
-    from apar.importer import sha256
 
-    if not (folder / MANIFEST).is_file() or not (folder / HEADS_FILE).is_file() or not (folder / CONFIG_FILE).is_file():
-        raise UserError(f"{folder}: no shipped heads ({MANIFEST}, {HEADS_FILE} and {CONFIG_FILE} expected)")
-    manifest = json.loads((folder / MANIFEST).read_text())
-    found = sha256(folder / HEADS_FILE)
-    if found != manifest.get("sha256"):
-        raise UserError(f"{folder / HEADS_FILE}: SHA-256 {found} is not the manifest's {manifest.get('sha256')}; "
-                        "the file is damaged (a Git LFS pointer?)")
+    manifest = checked_manifest(folder, "heads", (HEADS_FILE, CONFIG_FILE))
     if manifest.get("delta_sha256") != delta_sha:
         raise UserError(f"{folder}: these heads were trained on the model of another delta "
                         f"({manifest.get('delta')}, SHA-256 {manifest.get('delta_sha256')})")
